@@ -1,0 +1,367 @@
+//! create, read, vread, update, delete.
+
+use super::negotiate::read_resource_body;
+use super::{blocking, etag, http_date, ApiError, AppState, Format, Prefer};
+use crate::fhir::resource::{self, identifier_tokens, is_valid_id, token_query_key};
+use crate::fhir::{Issue, IssueType, OperationOutcome};
+use crate::store::{Condition, Content, CreateOutcome, DeleteOutcome, StoreError, StoredVersion, Written};
+use actix_web::http::header::{self, HeaderMap};
+use actix_web::http::StatusCode;
+use actix_web::{web, HttpRequest, HttpResponse};
+use chrono::NaiveDateTime;
+use serde_json::{Map, Value};
+
+/// Checks a submitted body: `resourceType` names the URL's type, then the R4 JSON Schema.
+fn check_body(state: &AppState, resource_type: &str, body: &Map<String, Value>) -> Result<(), ApiError> {
+    match body.get("resourceType").and_then(Value::as_str) {
+        Some(t) if t == resource_type => {}
+        Some(_) => {
+            return Err(ApiError::BadRequest(vec![Issue::error(
+                IssueType::Invalid,
+                "resourceType does not match the type in the URL",
+            )
+            .at("resourceType")]))
+        }
+        None => {
+            return Err(ApiError::BadRequest(vec![
+                Issue::error(IssueType::Required, "resourceType is required").at("resourceType")
+            ]))
+        }
+    }
+    // The server owns versionId and lastUpdated; drop what the client sent before validating
+    // so that a stale value cannot fail validation.
+    let mut probe = body.clone();
+    if let Some(Value::Object(meta)) = probe.get_mut("meta") {
+        meta.remove("versionId");
+        meta.remove("lastUpdated");
+    }
+    let issues = state.validator.validate(resource_type, &Value::Object(probe));
+    if issues.is_empty() {
+        Ok(())
+    } else {
+        Err(ApiError::BadRequest(issues))
+    }
+}
+
+/// Parses `If-Match: W/"3"` (or `"3"`).
+fn if_match(headers: &HeaderMap) -> Result<Option<i64>, ApiError> {
+    let Some(v) = headers.get(header::IF_MATCH) else { return Ok(None) };
+    parse_etag(v.to_str().unwrap_or(""))
+        .map(Some)
+        .ok_or_else(|| ApiError::bad_request(IssueType::Invalid, "If-Match must be an ETag such as W/\"1\""))
+}
+
+fn parse_etag(s: &str) -> Option<i64> {
+    let s = s.trim();
+    let s = s.strip_prefix("W/").unwrap_or(s);
+    s.strip_prefix('"')?.strip_suffix('"')?.parse().ok()
+}
+
+/// `If-None-Exist: identifier=sys|val&_id=…` → a condition on identity.
+fn parse_condition(query: &str) -> Result<Condition, ApiError> {
+    let mut cond = Condition::default();
+    let pairs: Vec<(String, String)> = query
+        .trim_start_matches('?')
+        .split('&')
+        .filter(|s| !s.is_empty())
+        .map(|kv| {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            (super::negotiate::percent_decode(k), super::negotiate::percent_decode(v))
+        })
+        .collect();
+    if pairs.is_empty() {
+        return Err(ApiError::bad_request(IssueType::Invalid, "If-None-Exist has no search parameters"));
+    }
+    for (k, v) in pairs {
+        let values: Vec<&str> = v.split(',').collect();
+        match k.as_str() {
+            "_id" => {
+                let ids: Vec<String> = values.iter().map(|s| s.to_string()).collect();
+                if ids.iter().any(|i| !is_valid_id(i)) {
+                    return Err(ApiError::bad_request(IssueType::Invalid, "If-None-Exist: _id has an invalid id"));
+                }
+                cond.ids = Some(match cond.ids.take() {
+                    Some(prev) => prev.into_iter().filter(|p| ids.contains(p)).collect(),
+                    None => ids,
+                });
+            }
+            "identifier" => {
+                let keys: Option<Vec<String>> = values.iter().map(|s| token_query_key(s)).collect();
+                let keys = keys
+                    .ok_or_else(|| ApiError::bad_request(IssueType::Invalid, "If-None-Exist: identifier needs [system]|value"))?;
+                cond.tokens.push(("identifier", keys));
+            }
+            _ => {
+                return Err(ApiError::bad_request(
+                    IssueType::NotSupported,
+                    "If-None-Exist supports the parameters _id and identifier",
+                ))
+            }
+        }
+    }
+    Ok(cond)
+}
+
+/// Builds a read/write response with ETag, Last-Modified and the body the client prefers.
+fn resource_response(
+    status: StatusCode,
+    fmt: Format,
+    prefer: Prefer,
+    version_id: i64,
+    last_updated: &NaiveDateTime,
+    location: Option<String>,
+    json: Vec<u8>,
+) -> HttpResponse {
+    let mut b = HttpResponse::build(status);
+    b.insert_header((header::ETAG, etag(version_id)))
+        .insert_header((header::LAST_MODIFIED, http_date(last_updated)));
+    if let Some(loc) = location {
+        if status == StatusCode::CREATED {
+            b.insert_header((header::LOCATION, loc.clone()));
+        }
+        b.insert_header((header::CONTENT_LOCATION, loc));
+    }
+    match prefer {
+        Prefer::Minimal => b.finish(),
+        Prefer::Representation => b.content_type(fmt.content_type()).body(fmt.render_stored(json)),
+        Prefer::OperationOutcome => {
+            let text = if status == StatusCode::CREATED { "created" } else { "ok" };
+            b.content_type(fmt.content_type()).body(fmt.render(&OperationOutcome::information(text)))
+        }
+    }
+}
+
+fn version_location(base: &str, t: &str, id: &str, v: i64) -> String {
+    format!("{base}/{t}/{id}/_history/{v}")
+}
+
+fn content_for(body: &mut Map<String, Value>, id: &str, version: i64, ts: NaiveDateTime) -> Content {
+    let json = resource::stamp(body, id, version, &ts);
+    let tokens = identifier_tokens(body);
+    Content { json, tokens }
+}
+
+pub async fn create(
+    req: HttpRequest,
+    path: web::Path<String>,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let resource_type = state.resource_type(&path)?.to_string();
+    let fmt = Format::negotiate(&req)?;
+    let prefer = Prefer::from_request(&req);
+    let mut body = read_resource_body(&req, payload, state.config.max_body_bytes).await?;
+    check_body(&state, &resource_type, &body)?;
+    let condition = match req.headers().get("if-none-exist") {
+        Some(v) => Some(parse_condition(
+            v.to_str()
+                .map_err(|_| ApiError::bad_request(IssueType::Invalid, "If-None-Exist is not valid text"))?,
+        )?),
+        None => None,
+    };
+    // The server assigns the id of a created resource; any id sent is ignored (FHIR 3.1.0.7).
+    let id = uuid::Uuid::new_v4().to_string();
+    let st = state.clone();
+    let t = resource_type.clone();
+    let outcome = blocking(move || {
+        st.store
+            .create(&t, &id, condition.as_ref(), |v, ts| content_for(&mut body, &id, v, ts))
+            .map_err(ApiError::from)
+    })
+    .await?;
+    let base = state.base_url(&req);
+    Ok(match outcome {
+        CreateOutcome::Created(Written { version_id, last_updated, json, .. }) => {
+            let id = logical_id_of(&json);
+            let loc = version_location(&base, &resource_type, &id, version_id);
+            resource_response(StatusCode::CREATED, fmt, prefer, version_id, &last_updated, Some(loc), json)
+        }
+        CreateOutcome::Existing(existing) => {
+            let loc = version_location(&base, &resource_type, &existing.logical_id, existing.version_id);
+            let json = existing.content.unwrap_or_default();
+            resource_response(StatusCode::OK, fmt, prefer, existing.version_id, &existing.last_updated, Some(loc), json)
+        }
+    })
+}
+
+fn logical_id_of(json: &[u8]) -> String {
+    #[derive(serde::Deserialize)]
+    struct IdOnly {
+        id: String,
+    }
+    serde_json::from_slice::<IdOnly>(json).map(|i| i.id).unwrap_or_default()
+}
+
+pub async fn read(
+    req: HttpRequest,
+    path: web::Path<(String, String)>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let (t, id) = path.into_inner();
+    state.resource_type(&t)?;
+    let fmt = Format::negotiate(&req)?;
+    if !is_valid_id(&id) {
+        return Err(ApiError::NotFound("resource not found"));
+    }
+    let st = state.clone();
+    let tt = t.clone();
+    let found = blocking(move || st.store.read(&tt, &id).map_err(ApiError::from)).await?;
+    respond_read(&req, fmt, found)
+}
+
+pub async fn vread(
+    req: HttpRequest,
+    path: web::Path<(String, String, String)>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let (t, id, vid) = path.into_inner();
+    state.resource_type(&t)?;
+    let fmt = Format::negotiate(&req)?;
+    let vid: i64 = match vid.parse() {
+        Ok(v) if v > 0 && is_valid_id(&id) => v,
+        _ => return Err(ApiError::NotFound("resource version not found")),
+    };
+    let st = state.clone();
+    let found = blocking(move || st.store.vread(&t, &id, vid).map_err(ApiError::from)).await?;
+    respond_read(&req, fmt, found)
+}
+
+/// Answers a read, honouring `If-None-Match` and `If-Modified-Since` (304).
+fn respond_read(req: &HttpRequest, fmt: Format, found: StoredVersion) -> Result<HttpResponse, ApiError> {
+    let not_modified = if let Some(inm) = req.headers().get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok()) {
+        inm.split(',').any(|t| t.trim() == "*" || parse_etag(t) == Some(found.version_id))
+    } else if let Some(ims) = req.headers().get(header::IF_MODIFIED_SINCE).and_then(|v| v.to_str().ok()) {
+        match httpdate::parse_http_date(ims) {
+            Ok(since) => {
+                let since = since.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
+                found.last_updated.and_utc().timestamp() <= since
+            }
+            Err(_) => false,
+        }
+    } else {
+        false
+    };
+    if not_modified {
+        return Ok(HttpResponse::NotModified()
+            .insert_header((header::ETAG, etag(found.version_id)))
+            .insert_header((header::LAST_MODIFIED, http_date(&found.last_updated)))
+            .finish());
+    }
+    let json = found.content.ok_or(ApiError::Internal)?;
+    if req.method() == actix_web::http::Method::HEAD {
+        return Ok(HttpResponse::Ok()
+            .insert_header((header::ETAG, etag(found.version_id)))
+            .insert_header((header::LAST_MODIFIED, http_date(&found.last_updated)))
+            .content_type(fmt.content_type())
+            .finish());
+    }
+    Ok(resource_response(
+        StatusCode::OK,
+        fmt,
+        Prefer::Representation,
+        found.version_id,
+        &found.last_updated,
+        None,
+        json,
+    ))
+}
+
+pub async fn update(
+    req: HttpRequest,
+    path: web::Path<(String, String)>,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let (t, id) = path.into_inner();
+    state.resource_type(&t)?;
+    let fmt = Format::negotiate(&req)?;
+    let prefer = Prefer::from_request(&req);
+    if !is_valid_id(&id) {
+        return Err(ApiError::BadRequest(vec![
+            Issue::error(IssueType::Invalid, "the id in the URL is not a valid FHIR id").at("id")
+        ]));
+    }
+    let expected = if_match(req.headers())?;
+    let body = read_resource_body(&req, payload, state.config.max_body_bytes).await?;
+    check_body(&state, &t, &body)?;
+    match body.get("id").and_then(Value::as_str) {
+        Some(body_id) if body_id == id => {}
+        Some(_) => {
+            return Err(ApiError::BadRequest(vec![
+                Issue::error(IssueType::Invalid, "the id in the body does not match the id in the URL").at(format!("{t}.id"))
+            ]))
+        }
+        None => {
+            return Err(ApiError::BadRequest(vec![
+                Issue::error(IssueType::Required, "an update must carry the resource id").at(format!("{t}.id"))
+            ]))
+        }
+    }
+    let st = state.clone();
+    let (tt, iid) = (t.clone(), id.clone());
+    let written = blocking(move || {
+        st.store
+            .update(&tt, &iid, expected, |v, ts| {
+                let mut b = body.clone();
+                content_for(&mut b, &iid, v, ts)
+            })
+            .map_err(|e| match e {
+                StoreError::VersionConflict { current: None } => {
+                    ApiError::PreconditionFailed(IssueType::Conflict, "If-Match was given for a resource that does not exist")
+                }
+                other => ApiError::from(other),
+            })
+    })
+    .await?;
+    let status = if written.created { StatusCode::CREATED } else { StatusCode::OK };
+    let loc = version_location(&state.base_url(&req), &t, &id, written.version_id);
+    Ok(resource_response(status, fmt, prefer, written.version_id, &written.last_updated, Some(loc), written.json))
+}
+
+pub async fn delete(
+    req: HttpRequest,
+    path: web::Path<(String, String)>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let (t, id) = path.into_inner();
+    state.resource_type(&t)?;
+    let fmt = Format::negotiate(&req)?;
+    if !is_valid_id(&id) {
+        return Err(ApiError::NotFound("resource not found"));
+    }
+    let expected = if_match(req.headers())?;
+    let st = state.clone();
+    let outcome = blocking(move || st.store.delete(&t, &id, expected).map_err(ApiError::from)).await?;
+    // Like HAPI: 200 with an OperationOutcome; deleting what is absent or already deleted succeeds too.
+    let mut b = HttpResponse::Ok();
+    let text = match outcome {
+        DeleteOutcome::Deleted { version_id } => {
+            b.insert_header((header::ETAG, etag(version_id)));
+            "resource deleted"
+        }
+        DeleteOutcome::NothingToDelete => "nothing to delete: the resource does not exist or is already deleted",
+    };
+    Ok(b.content_type(fmt.content_type()).body(fmt.render(&OperationOutcome::information(text))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn etags_parse() {
+        assert_eq!(parse_etag("W/\"3\""), Some(3));
+        assert_eq!(parse_etag("\"12\""), Some(12));
+        assert_eq!(parse_etag("3"), None);
+        assert_eq!(parse_etag("W/\"x\""), None);
+    }
+
+    #[test]
+    fn conditions_parse() {
+        let c = parse_condition("identifier=urn%3As%7C1&_id=a").unwrap();
+        assert_eq!(c.ids, Some(vec!["a".to_string()]));
+        assert_eq!(c.tokens[0].1, vec!["sys|urn:s|1".to_string()]);
+        assert!(parse_condition("name=x").is_err());
+        assert!(parse_condition("").is_err());
+    }
+}

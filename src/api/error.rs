@@ -1,0 +1,171 @@
+//! The API error type and its one rendering as an OperationOutcome.
+//!
+//! | variant               | status | issue code        |
+//! |-----------------------|--------|-------------------|
+//! | `BadRequest`          | 400    | given per issue   |
+//! | `NotFound`            | 404    | not-found         |
+//! | `MethodNotAllowed`    | 405    | not-supported     |
+//! | `NotAcceptable`       | 406    | not-supported     |
+//! | `Gone`                | 410    | deleted           |
+//! | `PreconditionFailed`  | 412    | conflict / multiple-matches |
+//! | `PayloadTooLarge`     | 413    | too-long          |
+//! | `UnsupportedMediaType`| 415    | not-supported     |
+//! | `Unprocessable`       | 422    | given per issue   |
+//! | `Unavailable`         | 503    | transient → exception |
+//! | `Internal`            | 500    | exception         |
+//!
+//! Texts are fixed strings chosen here: never the submitted data, never internal error text.
+//! A 5xx is logged (without PHI) with the request's span; the client sees a generic message.
+
+use crate::fhir::{Issue, IssueType, OperationOutcome};
+use crate::store::StoreError;
+use actix_web::http::header::{self, HeaderValue};
+use actix_web::http::StatusCode;
+use actix_web::{HttpResponse, ResponseError};
+use chrono::NaiveDateTime;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("bad request")]
+    BadRequest(Vec<Issue>),
+    #[error("not found")]
+    NotFound(&'static str),
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    #[error("not acceptable")]
+    NotAcceptable,
+    #[error("gone")]
+    Gone { version_id: i64, last_updated: NaiveDateTime },
+    #[error("precondition failed")]
+    PreconditionFailed(IssueType, &'static str),
+    #[error("payload too large")]
+    PayloadTooLarge(usize),
+    #[error("unsupported media type")]
+    UnsupportedMediaType,
+    #[error("unprocessable")]
+    Unprocessable(Vec<Issue>),
+    #[error("service unavailable")]
+    Unavailable,
+    #[error("internal error")]
+    Internal,
+}
+
+impl ApiError {
+    pub fn bad_request(code: IssueType, text: &'static str) -> ApiError {
+        ApiError::BadRequest(vec![Issue::error(code, text)])
+    }
+
+    pub fn outcome(&self) -> OperationOutcome {
+        let issues = match self {
+            ApiError::BadRequest(issues) | ApiError::Unprocessable(issues) => issues.clone(),
+            ApiError::NotFound(what) => vec![Issue::error(IssueType::NotFound, *what)],
+            ApiError::MethodNotAllowed => vec![Issue::error(IssueType::NotSupported, "this interaction is not supported on this URL")],
+            ApiError::NotAcceptable => vec![Issue::error(
+                IssueType::NotSupported,
+                "only JSON is supported: application/fhir+json or application/json",
+            )],
+            ApiError::Gone { .. } => vec![Issue::error(IssueType::Deleted, "the resource has been deleted")],
+            ApiError::PreconditionFailed(code, text) => vec![Issue::error(*code, *text)],
+            ApiError::PayloadTooLarge(limit) => {
+                vec![Issue::error(IssueType::TooLong, format!("the request body exceeds the limit of {limit} bytes"))]
+            }
+            ApiError::UnsupportedMediaType => vec![Issue::error(
+                IssueType::NotSupported,
+                "request bodies must be application/fhir+json or application/json",
+            )],
+            ApiError::Unavailable => vec![Issue::error(IssueType::Exception, "the server is busy; retry later")],
+            ApiError::Internal => vec![Issue::error(IssueType::Exception, "internal server error")],
+        };
+        OperationOutcome::new(issues)
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        match self {
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::NotAcceptable => StatusCode::NOT_ACCEPTABLE,
+            ApiError::Gone { .. } => StatusCode::GONE,
+            ApiError::PreconditionFailed(..) => StatusCode::PRECONDITION_FAILED,
+            ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let mut resp = HttpResponse::build(self.status_code());
+        resp.insert_header((header::CONTENT_TYPE, super::FHIR_JSON));
+        if let ApiError::Gone { version_id, last_updated } = self {
+            resp.insert_header((header::ETAG, super::etag(*version_id)));
+            resp.insert_header((header::LAST_MODIFIED, super::http_date(last_updated)));
+        }
+        if matches!(self, ApiError::Unavailable) {
+            resp.insert_header((header::RETRY_AFTER, HeaderValue::from_static("1")));
+        }
+        resp.body(serde_json::to_vec(&self.outcome()).expect("OperationOutcome serializes"))
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> ApiError {
+        match e {
+            StoreError::NotFound => ApiError::NotFound("resource not found"),
+            StoreError::Gone { version_id, last_updated } => ApiError::Gone { version_id, last_updated },
+            StoreError::VersionConflict { .. } => {
+                ApiError::PreconditionFailed(IssueType::Conflict, "the resource version does not match If-Match")
+            }
+            StoreError::MultipleMatches => {
+                ApiError::PreconditionFailed(IssueType::MultipleMatches, "the condition matched more than one resource")
+            }
+            StoreError::Pool(_) => {
+                tracing::warn!("database pool exhausted or unreachable");
+                ApiError::Unavailable
+            }
+            other => {
+                // Store errors carry no PHI (values are bound parameters, never in messages).
+                tracing::error!(error = %other, "storage failure");
+                ApiError::Internal
+            }
+        }
+    }
+}
+
+impl From<actix_web::error::BlockingError> for ApiError {
+    fn from(_: actix_web::error::BlockingError) -> ApiError {
+        tracing::error!("blocking task failed");
+        ApiError::Internal
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_variant_maps_to_its_status() {
+        let ts = chrono::DateTime::from_timestamp(0, 0).unwrap().naive_utc();
+        let cases: Vec<(ApiError, u16)> = vec![
+            (ApiError::bad_request(IssueType::Invalid, "x"), 400),
+            (ApiError::NotFound("x"), 404),
+            (ApiError::MethodNotAllowed, 405),
+            (ApiError::NotAcceptable, 406),
+            (ApiError::Gone { version_id: 2, last_updated: ts }, 410),
+            (ApiError::PreconditionFailed(IssueType::Conflict, "x"), 412),
+            (ApiError::PayloadTooLarge(10), 413),
+            (ApiError::UnsupportedMediaType, 415),
+            (ApiError::Unprocessable(vec![]), 422),
+            (ApiError::Unavailable, 503),
+            (ApiError::Internal, 500),
+        ];
+        for (e, status) in cases {
+            assert_eq!(e.status_code().as_u16(), status);
+            let resp = e.error_response();
+            assert_eq!(resp.headers().get("content-type").unwrap(), super::super::FHIR_JSON);
+        }
+    }
+}

@@ -1,0 +1,212 @@
+//! The HTTP edge: thin actix handlers that parse a request into one interaction, make one call
+//! into the domain, and shape the response. Errors leave as OperationOutcome (see [`error`]).
+
+pub mod crud;
+pub mod error;
+pub mod history;
+pub mod metadata;
+mod negotiate;
+
+pub use error::ApiError;
+pub use negotiate::{Format, Prefer};
+
+use crate::config::Config;
+use crate::fhir::{IssueType, OperationOutcome, Validator};
+use crate::store::Store;
+use actix_web::body::{BoxBody, MessageBody};
+use actix_web::dev::{ServiceFactory, ServiceRequest, ServiceResponse};
+use actix_web::http::header::{self, HeaderValue};
+use actix_web::http::StatusCode;
+use actix_web::middleware::{from_fn, DefaultHeaders, ErrorHandlerResponse, ErrorHandlers, Next};
+use actix_web::{web, App, HttpRequest, HttpResponse};
+use chrono::NaiveDateTime;
+use futures_util::FutureExt;
+use std::collections::HashSet;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+
+pub const FHIR_JSON: &str = "application/fhir+json; charset=utf-8";
+
+/// Everything a handler needs, shared by all workers.
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub store: Arc<Store>,
+    pub validator: Arc<Validator>,
+    pub resource_types: HashSet<String>,
+    /// The CapabilityStatement, rendered once at start-up.
+    pub capability: Vec<u8>,
+}
+
+impl AppState {
+    pub fn new(config: Arc<Config>, store: Arc<Store>, validator: Arc<Validator>) -> AppState {
+        let resource_types = validator.resource_types().map(str::to_string).collect();
+        let capability = metadata::capability_statement(&config, &validator);
+        AppState {
+            config,
+            store,
+            validator,
+            resource_types,
+            capability: serde_json::to_vec(&capability).expect("CapabilityStatement serializes"),
+        }
+    }
+
+    /// Checks `{type}` against the R4 resource types (an unknown type is a 404, as in HAPI).
+    pub fn resource_type<'a>(&self, name: &'a str) -> Result<&'a str, ApiError> {
+        if self.resource_types.contains(name) {
+            Ok(name)
+        } else {
+            Err(ApiError::NotFound("unknown resource type"))
+        }
+    }
+
+    /// The base URL used in `Location` and `fullUrl`: the configured public URL, else the
+    /// request's scheme and host plus the FHIR base path.
+    pub fn base_url(&self, req: &HttpRequest) -> String {
+        match &self.config.public_url {
+            Some(u) => u.clone(),
+            None => {
+                let info = req.connection_info();
+                format!("{}://{}{}", info.scheme(), info.host(), self.config.base_path)
+            }
+        }
+    }
+}
+
+/// `W/"<version>"`
+pub fn etag(version_id: i64) -> String {
+    format!("W/\"{version_id}\"")
+}
+
+/// RFC 7231 date for `Last-Modified`.
+pub fn http_date(ts: &NaiveDateTime) -> String {
+    let secs = ts.and_utc().timestamp().max(0) as u64;
+    httpdate::fmt_http_date(std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs))
+}
+
+/// Runs blocking (database, crypto) work off the async workers.
+pub async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    web::block(f).await?
+}
+
+/// Builds the application: the FHIR routes under the configured base path, middleware for
+/// request ids and PHI-safe tracing, security headers, panic containment, and OperationOutcome
+/// for every error, including those raised by actix itself (unknown route, bad method …).
+pub fn app(
+    state: web::Data<AppState>,
+) -> App<
+    impl ServiceFactory<ServiceRequest, Config = (), Response = ServiceResponse<impl MessageBody>, Error = actix_web::Error, InitError = ()>,
+> {
+    let base = state.config.base_path.clone();
+    App::new()
+        .app_data(state.clone())
+        .app_data(web::PayloadConfig::new(state.config.max_body_bytes))
+        .wrap(ErrorHandlers::new().default_handler(ensure_operation_outcome))
+        .wrap(from_fn(contain_panics))
+        .wrap(
+            DefaultHeaders::new()
+                .add((header::X_CONTENT_TYPE_OPTIONS, "nosniff"))
+                .add((header::CACHE_CONTROL, "no-store"))
+                .add((header::CONTENT_SECURITY_POLICY, "default-src 'none'; frame-ancestors 'none'"))
+                .add((header::X_FRAME_OPTIONS, "DENY"))
+                .add((header::REFERRER_POLICY, "no-referrer")),
+        )
+        .wrap(from_fn(request_id_header))
+        .wrap(tracing_actix_web::TracingLogger::<crate::telemetry::PhiSafeRootSpan>::new())
+        .service(
+            web::scope(&base)
+                .route("/metadata", web::get().to(metadata::capabilities))
+                .route("/_history", web::get().to(history::system_history))
+                .route("/{type}/_history", web::get().to(history::type_history))
+                .route("/{type}/{id}/_history", web::get().to(history::instance_history))
+                .route("/{type}/{id}/_history/{vid}", web::get().to(crud::vread))
+                .route("/{type}", web::post().to(crud::create))
+                .service(
+                    web::resource("/{type}/{id}")
+                        .route(web::get().to(crud::read))
+                        .route(web::head().to(crud::read))
+                        .route(web::put().to(crud::update))
+                        .route(web::delete().to(crud::delete)),
+                ),
+        )
+        .default_service(web::to(not_found))
+}
+
+async fn not_found(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    Err(route_error(&req, &state))
+}
+
+fn route_error(req: &HttpRequest, state: &AppState) -> ApiError {
+    // A known FHIR path with an unsupported method is a 405; anything else is a 404.
+    let path = req.path();
+    let base = &state.config.base_path;
+    if let Some(rest) = path.strip_prefix(base.as_str()) {
+        let segs: Vec<&str> = rest.trim_start_matches('/').split('/').collect();
+        let known_type = segs.first().map(|t| state.resource_types.contains(*t)).unwrap_or(false);
+        if (known_type && segs.len() <= 2) || rest.is_empty() || rest == "/" || rest == "/metadata" {
+            return ApiError::MethodNotAllowed;
+        }
+    }
+    ApiError::NotFound("no such endpoint")
+}
+
+/// A panic in a handler becomes a 500 OperationOutcome rather than a dropped connection.
+async fn contain_panics(
+    req: ServiceRequest,
+    next: Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<BoxBody>, actix_web::Error> {
+    // The request cannot be kept for the response (routing needs it unshared), so a panic
+    // becomes an error that actix renders through `ApiError::error_response`.
+    match AssertUnwindSafe(next.call(req)).catch_unwind().await {
+        Ok(res) => res.map(|r| r.map_into_boxed_body()),
+        Err(_) => Err(ApiError::Internal.into()),
+    }
+}
+
+async fn request_id_header(
+    req: ServiceRequest,
+    next: Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    let id = actix_web::HttpMessage::extensions(&req)
+        .get::<tracing_actix_web::RequestId>()
+        .map(|r| r.to_string());
+    let mut res = next.call(req).await?;
+    if let Some(id) = id.and_then(|i| HeaderValue::from_str(&i).ok()) {
+        res.headers_mut().insert(header::HeaderName::from_static("x-request-id"), id);
+    }
+    Ok(res)
+}
+
+/// Any error response not already an OperationOutcome (actix's own 404/405/413/400 from
+/// extractors …) is replaced by one, with a fixed text for its status.
+fn ensure_operation_outcome<B: MessageBody + 'static>(
+    res: ServiceResponse<B>,
+) -> actix_web::Result<ErrorHandlerResponse<B>> {
+    let is_fhir = res
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/fhir+json"));
+    if is_fhir {
+        return Ok(ErrorHandlerResponse::Response(res.map_into_left_body()));
+    }
+    let status = res.status();
+    let (code, text) = match status {
+        StatusCode::NOT_FOUND => (IssueType::NotFound, "no such endpoint"),
+        StatusCode::METHOD_NOT_ALLOWED => (IssueType::NotSupported, "this interaction is not supported on this URL"),
+        StatusCode::PAYLOAD_TOO_LARGE => (IssueType::TooLong, "the request body is too large"),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => (IssueType::NotSupported, "unsupported media type"),
+        s if s.is_server_error() => (IssueType::Exception, "internal server error"),
+        _ => (IssueType::Invalid, "the request could not be processed"),
+    };
+    let body = serde_json::to_vec(&OperationOutcome::single(crate::fhir::Issue::error(code, text)))
+        .expect("OperationOutcome serializes");
+    let (req, _) = res.into_parts();
+    let resp = HttpResponse::build(status)
+        .insert_header((header::CONTENT_TYPE, FHIR_JSON))
+        .insert_header((header::CACHE_CONTROL, "no-store"))
+        .insert_header((header::X_CONTENT_TYPE_OPTIONS, "nosniff"))
+        .body(body);
+    Ok(ErrorHandlerResponse::Response(ServiceResponse::new(req, resp).map_into_right_body()))
+}

@@ -1,0 +1,299 @@
+//! One typed configuration, assembled from (lowest to highest precedence) built-in defaults,
+//! a TOML file (`--config FILE`), `FHIRVAULT_*` environment variables and command-line flags.
+//!
+//! Every value is checked at start-up; an error names the setting it came from. Key material is
+//! never part of the configuration: only the path of the key file is.
+
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// An error naming the setting at fault.
+#[derive(Debug, thiserror::Error)]
+#[error("configuration setting `{setting}`: {message}")]
+pub struct ConfigError {
+    pub setting: String,
+    pub message: String,
+}
+
+fn cerr(setting: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        setting: setting.into(),
+        message: message.into(),
+    }
+}
+
+/// The settings as given by one source; `None` means "not set here".
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigLayer {
+    pub listen: Option<String>,
+    pub base_path: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    pub database_url: Option<String>,
+    pub key_file: Option<PathBuf>,
+    pub public_url: Option<String>,
+    pub max_body_bytes: Option<usize>,
+    pub pool_size: Option<u32>,
+    pub behind_tls_proxy: Option<bool>,
+    pub log_format: Option<String>,
+    pub default_page_size: Option<u32>,
+    pub max_page_size: Option<u32>,
+}
+
+impl ConfigLayer {
+    /// Reads a TOML file. Unknown keys are refused so that a typo does not silently fall back to a default.
+    pub fn from_toml_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| cerr("--config", format!("cannot read {}: {e}", path.display())))?;
+        toml::from_str(&text).map_err(|e| {
+            let setting = e
+                .span()
+                .and_then(|s| text.get(s))
+                .map(|s| s.trim().to_string())
+                .unwrap_or_else(|| "--config".into());
+            cerr(setting, format!("in {}: {}", path.display(), e.message()))
+        })
+    }
+
+    /// Reads `FHIRVAULT_<SETTING>` variables from the given environment.
+    pub fn from_env(vars: impl IntoIterator<Item = (String, String)>) -> Result<Self, ConfigError> {
+        let mut layer = ConfigLayer::default();
+        for (key, value) in vars {
+            let Some(name) = key.strip_prefix("FHIRVAULT_") else { continue };
+            let parse_num = |v: &str| v.parse::<u64>().map_err(|_| cerr(&key, "expected a whole number"));
+            match name {
+                "LISTEN" => layer.listen = Some(value),
+                "BASE_PATH" => layer.base_path = Some(value),
+                "DATA_DIR" => layer.data_dir = Some(value.into()),
+                "DATABASE_URL" => layer.database_url = Some(value),
+                "KEY_FILE" => layer.key_file = Some(value.into()),
+                "PUBLIC_URL" => layer.public_url = Some(value),
+                "MAX_BODY_BYTES" => layer.max_body_bytes = Some(parse_num(&value)? as usize),
+                "POOL_SIZE" => layer.pool_size = Some(parse_num(&value)?.try_into().map_err(|_| cerr(&key, "too large"))?),
+                "DEFAULT_PAGE_SIZE" => layer.default_page_size = Some(parse_num(&value)?.try_into().map_err(|_| cerr(&key, "too large"))?),
+                "MAX_PAGE_SIZE" => layer.max_page_size = Some(parse_num(&value)?.try_into().map_err(|_| cerr(&key, "too large"))?),
+                "BEHIND_TLS_PROXY" => {
+                    layer.behind_tls_proxy = Some(match value.as_str() {
+                        "1" | "true" | "yes" => true,
+                        "0" | "false" | "no" | "" => false,
+                        _ => return Err(cerr(&key, "expected true or false")),
+                    })
+                }
+                "LOG_FORMAT" => layer.log_format = Some(value),
+                // Key material must never come from the environment.
+                "KEY" | "MASTER_KEY" | "ENCRYPTION_KEY" => {
+                    return Err(cerr(&key, "key material is never read from the environment; use key_file"))
+                }
+                "LOG" => {} // tracing filter, read by the logger
+                _ => return Err(cerr(&key, "unknown setting")),
+            }
+        }
+        Ok(layer)
+    }
+
+    /// Overlays `other` on `self`: values set in `other` win.
+    pub fn overlay(mut self, other: ConfigLayer) -> Self {
+        macro_rules! take {
+            ($($f:ident),*) => { $( if other.$f.is_some() { self.$f = other.$f; } )* };
+        }
+        take!(
+            listen, base_path, data_dir, database_url, key_file, public_url, max_body_bytes, pool_size,
+            behind_tls_proxy, log_format, default_page_size, max_page_size
+        );
+        self
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    /// FHIR base path, for example `/fhir` (no trailing slash).
+    pub base_path: String,
+    pub data_dir: PathBuf,
+    pub database_url: String,
+    pub key_file: PathBuf,
+    /// The externally visible base URL (scheme, host, port, base path) used in `Location` and
+    /// `fullUrl`. When unset, it is derived from each request's `Host`.
+    pub public_url: Option<String>,
+    pub max_body_bytes: usize,
+    pub pool_size: u32,
+    pub behind_tls_proxy: bool,
+    pub log_format: LogFormat,
+    pub default_page_size: u32,
+    pub max_page_size: u32,
+}
+
+impl Config {
+    pub fn resolve(layer: ConfigLayer) -> Result<Config, ConfigError> {
+        let listen_s = layer.listen.unwrap_or_else(|| "127.0.0.1:8080".into());
+        let listen: SocketAddr = listen_s
+            .parse()
+            .map_err(|_| cerr("listen", "expected an address and port, for example 127.0.0.1:8080"))?;
+        let base_path = layer.base_path.unwrap_or_else(|| "/fhir".into());
+        let base_path = base_path.trim_end_matches('/').to_string();
+        if !base_path.starts_with('/')
+            || base_path.len() < 2
+            || !base_path[1..].split('/').all(|s| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)))
+        {
+            return Err(cerr("base_path", "expected a path such as /fhir"));
+        }
+        let data_dir = layer.data_dir.unwrap_or_else(|| PathBuf::from("./data"));
+        if data_dir.as_os_str().is_empty() {
+            return Err(cerr("data_dir", "must not be empty"));
+        }
+        let database_url = match layer.database_url {
+            Some(url) => {
+                if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+                    url
+                } else if let Some(path) = url.strip_prefix("sqlite://") {
+                    if path.is_empty() {
+                        return Err(cerr("database_url", "sqlite:// needs a file path"));
+                    }
+                    url
+                } else {
+                    return Err(cerr("database_url", "expected postgres://… or sqlite://PATH"));
+                }
+            }
+            None => format!("sqlite://{}", data_dir.join("fhirvault.db").display()),
+        };
+        let key_file = layer.key_file.unwrap_or_else(|| data_dir.join("fhirvault.key"));
+        let public_url = match layer.public_url {
+            Some(u) if u.starts_with("https://") || u.starts_with("http://") => Some(u.trim_end_matches('/').to_string()),
+            Some(_) => return Err(cerr("public_url", "expected an http:// or https:// URL")),
+            None => None,
+        };
+        let max_body_bytes = layer.max_body_bytes.unwrap_or(16 * 1024 * 1024);
+        if max_body_bytes < 1024 {
+            return Err(cerr("max_body_bytes", "must be at least 1024"));
+        }
+        let pool_size = layer.pool_size.unwrap_or(16);
+        if !(1..=1024).contains(&pool_size) {
+            return Err(cerr("pool_size", "must be between 1 and 1024"));
+        }
+        let log_format = match layer.log_format.as_deref().unwrap_or("text") {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            _ => return Err(cerr("log_format", "expected text or json")),
+        };
+        let default_page_size = layer.default_page_size.unwrap_or(20);
+        let max_page_size = layer.max_page_size.unwrap_or(1000);
+        if max_page_size == 0 || max_page_size > 10_000 {
+            return Err(cerr("max_page_size", "must be between 1 and 10000"));
+        }
+        if default_page_size == 0 || default_page_size > max_page_size {
+            return Err(cerr("default_page_size", "must be between 1 and max_page_size"));
+        }
+        Ok(Config {
+            listen,
+            base_path,
+            data_dir,
+            database_url,
+            key_file,
+            public_url,
+            max_body_bytes,
+            pool_size,
+            behind_tls_proxy: layer.behind_tls_proxy.unwrap_or(false),
+            log_format,
+            default_page_size,
+            max_page_size,
+        })
+    }
+
+    /// True when the database URL names PostgreSQL.
+    pub fn is_postgres(&self) -> bool {
+        self.database_url.starts_with("postgres")
+    }
+
+    /// Checks that the listening address is safe: plaintext HTTP is only for loopback, unless
+    /// the operator says a TLS gateway sits in front (invariant 7).
+    pub fn check_listen_safety(&self) -> Result<(), ConfigError> {
+        if !self.listen.ip().is_loopback() && !self.behind_tls_proxy {
+            return Err(cerr(
+                "listen",
+                format!(
+                    "{} is not a loopback address and TLS is not configured; plaintext HTTP would expose PHI. \
+                     Pass --behind-tls-proxy only if a TLS gateway terminates connections in front of fhirvault",
+                    self.listen
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults() {
+        let c = Config::resolve(ConfigLayer::default()).unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.base_path, "/fhir");
+        assert_eq!(c.data_dir, PathBuf::from("./data"));
+        assert_eq!(c.database_url, "sqlite://./data/fhirvault.db");
+        assert!(c.check_listen_safety().is_ok());
+    }
+
+    #[test]
+    fn layers_override_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, "listen = \"127.0.0.1:9000\"\ndata_dir = \"/tmp/a\"\npool_size = 3\n").unwrap();
+        let from_file = ConfigLayer::from_toml_file(&file).unwrap();
+        let from_env = ConfigLayer::from_env([("FHIRVAULT_DATA_DIR".to_string(), "/tmp/b".to_string())]).unwrap();
+        let from_flags = ConfigLayer {
+            pool_size: Some(5),
+            ..Default::default()
+        };
+        let c = Config::resolve(from_file.overlay(from_env).overlay(from_flags)).unwrap();
+        assert_eq!(c.listen.port(), 9000);
+        assert_eq!(c.data_dir, PathBuf::from("/tmp/b"));
+        assert_eq!(c.pool_size, 5);
+        assert_eq!(c.database_url, "sqlite:///tmp/b/fhirvault.db");
+    }
+
+    #[test]
+    fn bad_values_name_the_setting() {
+        let e = Config::resolve(ConfigLayer {
+            listen: Some("nope".into()),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert_eq!(e.setting, "listen");
+        let e = ConfigLayer::from_env([("FHIRVAULT_POOL_SIZE".to_string(), "x".to_string())]).unwrap_err();
+        assert_eq!(e.setting, "FHIRVAULT_POOL_SIZE");
+        let e = ConfigLayer::from_env([("FHIRVAULT_KEY".to_string(), "secret".to_string())]).unwrap_err();
+        assert!(!e.to_string().contains("secret"));
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, "lisen = \"x\"\n").unwrap();
+        let e = ConfigLayer::from_toml_file(&file).unwrap_err();
+        assert!(e.to_string().contains("lisen"), "{e}");
+        let e = Config::resolve(ConfigLayer {
+            database_url: Some("mysql://x".into()),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert_eq!(e.setting, "database_url");
+    }
+
+    #[test]
+    fn non_loopback_needs_tls_or_explicit_proxy() {
+        let mut c = Config::resolve(ConfigLayer {
+            listen: Some("0.0.0.0:8080".into()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(c.check_listen_safety().is_err());
+        c.behind_tls_proxy = true;
+        assert!(c.check_listen_safety().is_ok());
+    }
+}

@@ -1,0 +1,253 @@
+//! Validation of resources against the official R4 JSON Schema.
+//!
+//! Validating against the schema's root (a `oneOf` over all resource types) gives useless errors,
+//! so one validator is compiled per resource type, from that type's definition with the shared
+//! definitions, once at start-up. Issue texts name the element and the rule broken but never
+//! echo the submitted value (it may be PHI).
+
+use super::outcome::{Issue, IssueType};
+use jsonschema::error::ValidationErrorKind;
+use serde_json::Value;
+use std::collections::BTreeSet;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SchemaError {
+    #[error("the bundled R4 JSON Schema is not valid JSON: {0}")]
+    Parse(String),
+    #[error("the bundled R4 JSON Schema lacks the resource type list")]
+    NoTypes,
+    #[error("compiling the schema of {0} failed: {1}")]
+    Compile(String, String),
+}
+
+pub struct Validator {
+    all: jsonschema::Validator,
+    by_type: BTreeSet<String>,
+}
+
+impl std::fmt::Debug for Validator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Validator({} resource types)", self.by_type.len())
+    }
+}
+
+impl Validator {
+    /// Compiles one validator per resource type from the bundled official R4 schema.
+    pub fn r4() -> Result<Validator, SchemaError> {
+        Self::from_schema_text(super::R4_SCHEMA_JSON)
+    }
+
+    pub fn from_schema_text(text: &str) -> Result<Validator, SchemaError> {
+        let mut root: Value = serde_json::from_str(text).map_err(|e| SchemaError::Parse(e.to_string()))?;
+        let types: Vec<String> = root
+            .pointer("/discriminator/mapping")
+            .and_then(Value::as_object)
+            .ok_or(SchemaError::NoTypes)?
+            .keys()
+            .cloned()
+            .collect();
+        let obj = root.as_object_mut().ok_or(SchemaError::NoTypes)?;
+        obj.remove("oneOf");
+        obj.remove("discriminator");
+        obj.remove("id");
+        obj.remove("$id");
+        // `ResourceList` (contained resources, Bundle.entry.resource, Parameters.parameter.resource,
+        // Bundle.entry.response.outcome) is a oneOf over every resource type: compiled into each
+        // type's validator it costs gigabytes and yields useless errors. Here it only checks that a
+        // nested resource names a known type; `validate` then checks each nested resource with
+        // the validator of its own type, with precise paths.
+        let defs = obj
+            .get_mut("definitions")
+            .and_then(Value::as_object_mut)
+            .ok_or(SchemaError::NoTypes)?;
+        defs.insert(
+            "ResourceList".into(),
+            serde_json::json!({
+                "type": "object",
+                "required": ["resourceType"],
+                "properties": {"resourceType": {"enum": types}},
+            }),
+        );
+        // One validator for all types: `allOf` of `if resourceType = T then T`, so that the
+        // element definitions shared by all types (Extension, CodeableConcept …) are compiled once.
+        let branches: Vec<Value> = types
+            .iter()
+            .map(|t| {
+                serde_json::json!({
+                    "if": {"properties": {"resourceType": {"const": t}}, "required": ["resourceType"]},
+                    "then": {"$ref": format!("#/definitions/{t}")},
+                })
+            })
+            .collect();
+        root["allOf"] = Value::Array(branches);
+        root["$schema"] = Value::String("http://json-schema.org/draft-07/schema#".into());
+        let all = jsonschema::options()
+            .should_validate_formats(false)
+            .build(&root)
+            .map_err(|e| SchemaError::Compile("R4".into(), e.to_string()))?;
+        let by_type = types.into_iter().collect();
+        Ok(Validator { all, by_type })
+    }
+
+    /// Every resource type of the schema, in alphabetical order.
+    pub fn resource_types(&self) -> impl Iterator<Item = &str> {
+        self.by_type.iter().map(String::as_str)
+    }
+
+    pub fn is_resource_type(&self, name: &str) -> bool {
+        self.by_type.contains(name)
+    }
+
+    /// Validates `resource` as `resource_type`. An empty list means valid.
+    pub fn validate(&self, resource_type: &str, resource: &Value) -> Vec<Issue> {
+        let mut issues = Vec::new();
+        self.validate_at(resource_type, resource, resource_type, &mut issues, 0);
+        issues.dedup();
+        issues.truncate(100);
+        issues
+    }
+
+    fn validate_at(&self, resource_type: &str, resource: &Value, root: &str, out: &mut Vec<Issue>, depth: usize) {
+        if depth > 16 {
+            out.push(Issue::error(IssueType::TooCostly, "resources are nested too deeply").at(root.to_string()));
+            return;
+        }
+        if !self.by_type.contains(resource_type) {
+            out.push(Issue::error(IssueType::NotSupported, "unknown resource type").at(root.to_string()));
+            return;
+        }
+        let v = &self.all;
+        if !v.is_valid(resource) {
+            out.extend(v.iter_errors(resource).flat_map(|e| describe(root, e.instance_path().as_str(), e.kind())));
+        }
+        self.validate_nested(resource, root, out, depth);
+    }
+
+    /// Finds nested resources (in `contained`, `resource` and `outcome` elements) and validates
+    /// each with the validator of its own type.
+    fn validate_nested(&self, node: &Value, path: &str, out: &mut Vec<Issue>, depth: usize) {
+        match node {
+            Value::Object(map) => {
+                for (k, child) in map {
+                    let nested_slot = matches!(k.as_str(), "contained" | "resource" | "outcome");
+                    let items: Vec<(String, &Value)> = match child {
+                        Value::Array(a) => a.iter().enumerate().map(|(i, c)| (format!("{path}.{k}[{i}]"), c)).collect(),
+                        other => vec![(format!("{path}.{k}"), other)],
+                    };
+                    for (child_path, item) in items {
+                        match item.get("resourceType").and_then(Value::as_str) {
+                            Some(t) if nested_slot && self.by_type.contains(t) => {
+                                self.validate_at(t, item, &child_path, out, depth + 1)
+                            }
+                            _ => self.validate_nested(item, &child_path, out, depth),
+                        }
+                    }
+                }
+            }
+            Value::Array(a) => {
+                for (i, c) in a.iter().enumerate() {
+                    self.validate_nested(c, &format!("{path}[{i}]"), out, depth);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Turns a JSON pointer into a FHIRPath-style expression: `/name/0/given` → `Patient.name[0].given`.
+pub fn pointer_to_expression(root: &str, pointer: &str) -> String {
+    let mut out = String::from(root);
+    for raw in pointer.split('/').skip(1) {
+        let seg = raw.replace("~1", "/").replace("~0", "~");
+        if !seg.is_empty() && seg.bytes().all(|b| b.is_ascii_digit()) {
+            out.push('[');
+            out.push_str(&seg);
+            out.push(']');
+        } else {
+            out.push('.');
+            out.push_str(&seg);
+        }
+    }
+    out
+}
+
+fn describe(root: &str, pointer: &str, kind: &ValidationErrorKind) -> Vec<Issue> {
+    let at = pointer_to_expression(root, pointer);
+    let one = |code: IssueType, text: &str| vec![Issue::error(code, text).at(at.clone())];
+    match kind {
+        ValidationErrorKind::AdditionalProperties { unexpected } => unexpected
+            .iter()
+            .map(|name| {
+                // Element names are structure, not data; still, keep them short and printable.
+                let safe: String = name.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '_').take(64).collect();
+                Issue::error(IssueType::Structure, "unknown element").at(format!("{at}.{safe}"))
+            })
+            .collect(),
+        ValidationErrorKind::Required { property } => {
+            let name = property.as_str().unwrap_or("?");
+            vec![Issue::error(IssueType::Required, "missing required element").at(format!("{at}.{name}"))]
+        }
+        ValidationErrorKind::Type { kind } => one(IssueType::Structure, &format!("wrong JSON type: expected {kind:?}").to_lowercase()),
+        ValidationErrorKind::Enum { .. } => one(IssueType::Value, "value is not one of the allowed codes"),
+        ValidationErrorKind::Constant { .. } => one(IssueType::Value, "value differs from the fixed value"),
+        ValidationErrorKind::Pattern { .. } => one(IssueType::Value, "value does not match the syntax of its data type"),
+        ValidationErrorKind::MinItems { .. } => one(IssueType::Structure, "array must not be empty"),
+        ValidationErrorKind::MaxItems { .. } => one(IssueType::Structure, "too many repetitions"),
+        ValidationErrorKind::MinLength { .. } => one(IssueType::Value, "value is too short"),
+        ValidationErrorKind::MaxLength { .. } => one(IssueType::Value, "value is too long"),
+        ValidationErrorKind::OneOfNotValid { .. } | ValidationErrorKind::AnyOf { .. } => {
+            one(IssueType::Structure, "content matches none of the allowed types (for a resource: unknown type or invalid content)")
+        }
+        ValidationErrorKind::OneOfMultipleValid { .. } => one(IssueType::Structure, "content matches more than one allowed type"),
+        ValidationErrorKind::FalseSchema => one(IssueType::Structure, "element is not allowed here"),
+        _ => one(IssueType::Invalid, "value is invalid"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use std::sync::OnceLock;
+
+    fn v() -> &'static Validator {
+        static V: OnceLock<Validator> = OnceLock::new();
+        V.get_or_init(|| Validator::r4().unwrap())
+    }
+
+    #[test]
+    fn knows_all_r4_resource_types() {
+        assert_eq!(v().resource_types().count(), 146);
+        assert!(v().is_resource_type("Patient"));
+        assert!(!v().is_resource_type("Element"));
+    }
+
+    #[test]
+    fn errors_carry_paths_and_never_values() {
+        let p = json!({"resourceType":"Patient","gender":"SECRET-GENDER","birthDate":"SECRET-DATE","name":[{"given":"SECRET-NAME"}],"bogus":1});
+        let issues = v().validate("Patient", &p);
+        let text = serde_json::to_string(&issues).unwrap();
+        assert!(!text.contains("SECRET"), "{text}");
+        let exprs: Vec<&str> = issues.iter().flat_map(|i| i.expression.iter().map(String::as_str)).collect();
+        for e in ["Patient.gender", "Patient.birthDate", "Patient.name[0].given", "Patient.bogus"] {
+            assert!(exprs.contains(&e), "{e} not in {exprs:?}");
+        }
+    }
+
+    #[test]
+    fn nested_resources_are_checked_by_their_own_type() {
+        let b = json!({"resourceType":"Bundle","type":"collection","entry":[{"resource":{"resourceType":"Patient","gender":1}}]});
+        let issues = v().validate("Bundle", &b);
+        assert_eq!(issues[0].expression, vec!["Bundle.entry[0].resource.gender".to_string()], "{issues:?}");
+        let p = json!({"resourceType":"Patient","contained":[{"resourceType":"Nope"}]});
+        assert!(!v().validate("Patient", &p).is_empty());
+        let p = json!({"resourceType":"Patient","contained":[{"resourceType":"Organization","name":"x"}]});
+        assert!(v().validate("Patient", &p).is_empty());
+    }
+
+    #[test]
+    fn valid_resource_passes() {
+        let p = json!({"resourceType":"Patient","name":[{"family":"X","given":["Y"]}],"birthDate":"1970-01-01"});
+        assert!(v().validate("Patient", &p).is_empty());
+    }
+}

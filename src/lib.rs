@@ -1,0 +1,12 @@
+//! fhirvault: a FHIR R4 server built to hold protected health information.
+//!
+//! Module map (see ../shared/design.md): `api` (HTTP) ▸ `store` (database), `fhir` (FHIR rules),
+//! `crypto` (encryption). `fhir` and `crypto` know nothing of HTTP or the database.
+
+pub mod api;
+pub mod config;
+pub mod crypto;
+pub mod fhir;
+pub mod store;
+pub mod server;
+pub mod telemetry;

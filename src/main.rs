@@ -1,0 +1,120 @@
+//! The `fhirvault` command line.
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use fhirvault::config::{Config, ConfigLayer};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    name = "fhirvault",
+    version,
+    about = "A FHIR R4 server for protected health information: encrypted at rest, safe by default.",
+    long_about = "A FHIR R4 server for protected health information.\n\n\
+        Settings come from (lowest to highest precedence) built-in defaults, a TOML file given with --config, \
+        FHIRVAULT_* environment variables, and the flags below. Key material never comes from any of them: it is \
+        read from the key file (created with mode 0600 in the data directory on first run)."
+)]
+struct Cli {
+    #[command(flatten)]
+    common: CommonArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args)]
+struct CommonArgs {
+    /// TOML configuration file.
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1:8080].
+    #[arg(long, global = true, value_name = "ADDR")]
+    listen: Option<String>,
+    /// Data directory: SQLite database and key file [default: ./data].
+    #[arg(long, global = true, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// Database: postgres://… for PostgreSQL, sqlite://PATH for SQLite [default: sqlite://DATA_DIR/fhirvault.db].
+    #[arg(long, global = true, value_name = "URL")]
+    database_url: Option<String>,
+    /// Key file [default: DATA_DIR/fhirvault.key].
+    #[arg(long, global = true, value_name = "FILE")]
+    key_file: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the FHIR server (applies pending migrations first).
+    Serve {
+        /// Allow plaintext HTTP on a non-loopback address because a TLS gateway terminates
+        /// connections in front of fhirvault.
+        #[arg(long)]
+        behind_tls_proxy: bool,
+    },
+    /// Apply pending database migrations and exit.
+    Migrate,
+}
+
+fn load_config(common: &CommonArgs, behind_tls_proxy: Option<bool>) -> anyhow::Result<Config> {
+    let file = match &common.config {
+        Some(path) => ConfigLayer::from_toml_file(path)?,
+        None => ConfigLayer::default(),
+    };
+    let env = ConfigLayer::from_env(std::env::vars())?;
+    let flags = ConfigLayer {
+        listen: common.listen.clone(),
+        data_dir: common.data_dir.clone(),
+        database_url: common.database_url.clone(),
+        key_file: common.key_file.clone(),
+        behind_tls_proxy,
+        ..Default::default()
+    };
+    Ok(Config::resolve(file.overlay(env).overlay(flags))?)
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve { behind_tls_proxy } => {
+            let config = load_config(&cli.common, behind_tls_proxy.then_some(true))?;
+            fhirvault::telemetry::init(config.log_format);
+            config.check_listen_safety()?;
+            serve(config)
+        }
+        Command::Migrate => {
+            let config = load_config(&cli.common, None)?;
+            fhirvault::telemetry::init(config.log_format);
+            fhirvault::server::ensure_data_dir(&config)?;
+            let manager = fhirvault::store::DbManager::new(&config.database_url).context("database_url")?;
+            let mut conn = manager.connect().context("connecting to the database")?;
+            let applied = fhirvault::store::run_migrations(&mut conn)?;
+            if applied.is_empty() {
+                println!("database is up to date");
+            } else {
+                for m in applied {
+                    println!("applied {m}");
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+fn serve(config: Config) -> anyhow::Result<()> {
+    let listen = config.listen;
+    let started = std::time::Instant::now();
+    let state = actix_web::web::Data::new(fhirvault::server::build_state(config)?);
+    tracing::info!(
+        %listen,
+        backend = ?state.store.backend(),
+        startup_ms = started.elapsed().as_millis() as u64,
+        "fhirvault ready"
+    );
+    actix_web::rt::System::new().block_on(async move {
+        actix_web::HttpServer::new(move || fhirvault::api::app(state.clone()))
+            .bind(listen)
+            .with_context(|| format!("binding {listen}"))?
+            .run()
+            .await
+            .context("server stopped with an error")
+    })
+}

@@ -1,0 +1,56 @@
+//! Start-up: the one place that turns a [`Config`] into a running service, shared by the
+//! binary and the tests so that both exercise the same wiring.
+
+use crate::api::AppState;
+use crate::config::Config;
+use crate::crypto::{Cipher, LocalKeyFile};
+use crate::fhir::Validator;
+use crate::store::Store;
+use anyhow::Context;
+use std::os::unix::fs::DirBuilderExt;
+use std::sync::{Arc, OnceLock};
+
+/// The compiled R4 schema, shared by every state built in this process (tests build many).
+pub fn shared_validator() -> anyhow::Result<Arc<Validator>> {
+    static V: OnceLock<Arc<Validator>> = OnceLock::new();
+    if let Some(v) = V.get() {
+        return Ok(v.clone());
+    }
+    let v = Arc::new(Validator::r4().context("compiling the R4 JSON Schema")?);
+    Ok(V.get_or_init(|| v).clone())
+}
+
+/// Creates the data directory (mode 0700) if needed.
+pub fn ensure_data_dir(config: &Config) -> anyhow::Result<()> {
+    if !config.data_dir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&config.data_dir)
+            .with_context(|| format!("creating the data directory {}", config.data_dir.display()))?;
+    }
+    Ok(())
+}
+
+/// Opens the key provider and derives the cipher.
+pub fn open_cipher(config: &Config) -> anyhow::Result<Arc<Cipher>> {
+    ensure_data_dir(config)?;
+    let provider = LocalKeyFile::open_or_create(&config.key_file).context("opening the key file")?;
+    Ok(Arc::new(Cipher::from_provider(&provider).context("deriving keys")?))
+}
+
+/// Opens the store (applying migrations).
+pub fn open_store(config: &Config, cipher: Arc<Cipher>) -> anyhow::Result<Arc<Store>> {
+    ensure_data_dir(config)?;
+    let store = Store::open(&config.database_url, config.pool_size, cipher).context("opening the database")?;
+    Ok(Arc::new(store))
+}
+
+/// Everything `serve` needs, built from the configuration.
+pub fn build_state(config: Config) -> anyhow::Result<AppState> {
+    let config = Arc::new(config);
+    let cipher = open_cipher(&config)?;
+    let validator = shared_validator()?;
+    let store = open_store(&config, cipher)?;
+    Ok(AppState::new(config, store, validator))
+}

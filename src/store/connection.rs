@@ -1,0 +1,98 @@
+//! One Diesel connection type over SQLite and PostgreSQL, and an r2d2 manager that picks the
+//! backend from the URL scheme and keeps the real connection error (the derived `establish`
+//! tries each backend in turn and loses it).
+
+use diesel::connection::SimpleConnection;
+use diesel::pg::PgConnection;
+use diesel::sqlite::SqliteConnection;
+use diesel::Connection;
+
+#[derive(diesel::MultiConnection)]
+pub enum DbConnection {
+    Pg(PgConnection),
+    Sqlite(SqliteConnection),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+impl Backend {
+    pub fn of_url(url: &str) -> Option<Backend> {
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Some(Backend::Postgres)
+        } else if url.starts_with("sqlite://") {
+            Some(Backend::Sqlite)
+        } else {
+            None
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("unsupported database URL scheme (expected postgres:// or sqlite://)")]
+    Scheme,
+    #[error("{0}")]
+    Connection(#[from] diesel::ConnectionError),
+    #[error("{0}")]
+    Query(#[from] diesel::result::Error),
+}
+
+pub struct DbManager {
+    url: String,
+    backend: Backend,
+}
+
+impl std::fmt::Debug for DbManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The URL may hold a password: never print it.
+        f.debug_struct("DbManager").field("backend", &self.backend).finish_non_exhaustive()
+    }
+}
+
+impl DbManager {
+    pub fn new(url: &str) -> Result<Self, ConnectError> {
+        let backend = Backend::of_url(url).ok_or(ConnectError::Scheme)?;
+        Ok(DbManager {
+            url: url.to_string(),
+            backend,
+        })
+    }
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+    pub fn connect(&self) -> Result<DbConnection, ConnectError> {
+        match self.backend {
+            Backend::Postgres => Ok(DbConnection::Pg(PgConnection::establish(&self.url)?)),
+            Backend::Sqlite => {
+                let path = self.url.trim_start_matches("sqlite://");
+                let mut c = SqliteConnection::establish(path)?;
+                // WAL lets readers proceed beside the one writer; FULL makes each commit durable
+                // before we answer (an acknowledged write or audit event must survive power loss).
+                c.batch_execute(
+                    "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA busy_timeout = 10000; \
+                     PRAGMA foreign_keys = ON; PRAGMA secure_delete = ON;",
+                )?;
+                Ok(DbConnection::Sqlite(c))
+            }
+        }
+    }
+}
+
+impl r2d2::ManageConnection for DbManager {
+    type Connection = DbConnection;
+    type Error = ConnectError;
+
+    fn connect(&self) -> Result<DbConnection, ConnectError> {
+        DbManager::connect(self)
+    }
+    fn is_valid(&self, conn: &mut DbConnection) -> Result<(), ConnectError> {
+        conn.batch_execute("SELECT 1").map_err(ConnectError::Query)
+    }
+    fn has_broken(&self, _conn: &mut DbConnection) -> bool {
+        false
+    }
+}

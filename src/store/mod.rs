@@ -1,0 +1,639 @@
+//! Storage: Diesel over SQLite and PostgreSQL through one code path ([`DbConnection`]), an r2d2
+//! pool, embedded migrations, and the transactional resource repository.
+//!
+//! Every version of every resource is appended to `resource_versions` (encrypted content,
+//! SHA-256 of the stored plaintext, key version); `resources` holds the current version of each
+//! logical resource and is what optimistic locking and uniqueness work on.
+//!
+//! SQLite allows one writer at a time: writes on SQLite are serialized in-process by a mutex so
+//! that they never spin on `SQLITE_BUSY`; reads go through the pool in parallel (WAL).
+
+pub mod connection;
+pub mod encrypted;
+pub mod schema;
+
+pub use connection::{Backend, DbConnection, DbManager};
+
+use crate::crypto::{sha256, Aad, Cipher, CryptoError};
+use chrono::{NaiveDateTime, Timelike, Utc};
+use diesel::prelude::*;
+use diesel::result::{DatabaseErrorKind, Error as DieselError};
+use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
+use encrypted::EncryptedColumn;
+use schema::{resource_versions as rv, resources as cur, token_index as ti};
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+const SQLITE_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/sqlite");
+const PG_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/postgres");
+
+/// The table name bound into the AAD of resource content.
+pub const VERSIONS_TABLE: &str = "resource_versions";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("resource not found")]
+    NotFound,
+    #[error("resource deleted")]
+    Gone { version_id: i64, last_updated: NaiveDateTime },
+    #[error("version conflict")]
+    VersionConflict { current: Option<i64> },
+    #[error("the condition matched more than one resource")]
+    MultipleMatches,
+    #[error("database: {0}")]
+    Database(#[from] DieselError),
+    #[error("connection pool: {0}")]
+    Pool(#[from] r2d2::Error),
+    #[error("connect: {0}")]
+    Connect(#[from] connection::ConnectError),
+    #[error("crypto: {0}")]
+    Crypto(#[from] CryptoError),
+    #[error("integrity check failed for a stored resource version")]
+    Integrity,
+    #[error("migration: {0}")]
+    Migration(String),
+}
+
+/// The plaintext of one version, ready to be sealed, plus its token index entries
+/// (parameter, normalized value) that will be stored as blind indexes.
+pub struct Content {
+    pub json: Vec<u8>,
+    pub tokens: Vec<(&'static str, String)>,
+}
+
+/// One stored version, decrypted.
+#[derive(Debug, Clone)]
+pub struct StoredVersion {
+    pub row_id: i64,
+    pub resource_type: String,
+    pub logical_id: String,
+    pub version_id: i64,
+    pub last_updated: NaiveDateTime,
+    pub deleted: bool,
+    pub method: String,
+    /// The JSON of the version (with `meta` as stamped at write time); `None` for a deletion.
+    pub content: Option<Vec<u8>>,
+}
+
+/// The outcome of a successful write.
+#[derive(Debug, Clone)]
+pub struct Written {
+    pub version_id: i64,
+    pub last_updated: NaiveDateTime,
+    pub created: bool,
+    pub json: Vec<u8>,
+}
+
+pub enum CreateOutcome {
+    Created(Written),
+    /// A conditional create matched this existing resource; nothing was written.
+    Existing(StoredVersion),
+}
+
+pub enum DeleteOutcome {
+    Deleted { version_id: i64 },
+    /// Nothing to delete: the resource never existed or is already deleted.
+    NothingToDelete,
+}
+
+/// A condition on identity (conditional create/update/delete): every listed parameter must
+/// match (AND); within one parameter any of the values may match (OR).
+#[derive(Debug, Clone, Default)]
+pub struct Condition {
+    pub ids: Option<Vec<String>>,
+    pub tokens: Vec<(&'static str, Vec<String>)>,
+}
+
+/// What to list in a history query.
+#[derive(Debug, Clone)]
+pub enum HistoryScope {
+    System,
+    Type(String),
+    Instance(String, String),
+}
+
+#[derive(Debug, Clone)]
+pub struct HistoryQuery {
+    pub scope: HistoryScope,
+    pub since: Option<NaiveDateTime>,
+    /// Only rows older than this row id (the paging cursor).
+    pub before_row: Option<i64>,
+    pub count: u32,
+}
+
+pub struct HistoryPage {
+    pub entries: Vec<StoredVersion>,
+    pub total: i64,
+    /// The cursor for the next page, if any.
+    pub next_before_row: Option<i64>,
+}
+
+type Pool = r2d2::Pool<DbManager>;
+
+pub struct Store {
+    pool: Pool,
+    backend: Backend,
+    cipher: Arc<Cipher>,
+    sqlite_writer: Mutex<()>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("backend", &self.backend).finish_non_exhaustive()
+    }
+}
+
+/// Current time in UTC at microsecond precision (what both backends store exactly).
+pub fn now() -> NaiveDateTime {
+    let t = Utc::now().naive_utc();
+    t.with_nanosecond(t.nanosecond() / 1000 * 1000).unwrap_or(t)
+}
+
+fn is_unique_violation(e: &StoreError) -> bool {
+    matches!(e, StoreError::Database(DieselError::DatabaseError(DatabaseErrorKind::UniqueViolation, _)))
+}
+
+/// Runs the migrations of the backend `conn` is on.
+pub fn run_migrations(conn: &mut DbConnection) -> Result<Vec<String>, StoreError> {
+    let applied = match conn {
+        DbConnection::Pg(c) => c.run_pending_migrations(PG_MIGRATIONS),
+        DbConnection::Sqlite(c) => c.run_pending_migrations(SQLITE_MIGRATIONS),
+    }
+    .map_err(|e| StoreError::Migration(e.to_string()))?;
+    Ok(applied.iter().map(|m| m.to_string()).collect())
+}
+
+impl Store {
+    /// Opens the pool (failing at once if the database cannot be reached) and applies pending migrations.
+    pub fn open(database_url: &str, pool_size: u32, cipher: Arc<Cipher>) -> Result<Store, StoreError> {
+        let manager = DbManager::new(database_url)?;
+        let backend = manager.backend();
+        // Open one connection by hand first: r2d2 would retry until its timeout and then report
+        // only "timed out", hiding the reason (bad password, no such host …).
+        let mut first = manager.connect()?;
+        run_migrations(&mut first)?;
+        drop(first);
+        let pool = r2d2::Pool::builder()
+            .max_size(pool_size)
+            .min_idle(Some(pool_size.min(2)))
+            .connection_timeout(Duration::from_secs(10))
+            .build(manager)?;
+        Ok(Store {
+            pool,
+            backend,
+            cipher,
+            sqlite_writer: Mutex::new(()),
+        })
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    pub fn cipher(&self) -> &Cipher {
+        &self.cipher
+    }
+
+    /// A pooled connection for read-only work.
+    pub fn conn(&self) -> Result<r2d2::PooledConnection<DbManager>, StoreError> {
+        Ok(self.pool.get()?)
+    }
+
+    /// Runs `f` in one write transaction (serialized on SQLite).
+    fn write_tx<T>(&self, f: impl FnOnce(&mut DbConnection) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        let _guard = match self.backend {
+            Backend::Sqlite => Some(self.sqlite_writer.lock().unwrap_or_else(|p| p.into_inner())),
+            Backend::Postgres => None,
+        };
+        let mut conn = self.pool.get()?;
+        (*conn).transaction(f)
+    }
+
+    fn decrypt_row(&self, row: VersionRow) -> Result<StoredVersion, StoreError> {
+        let content = match (&row.content, &row.content_sha256) {
+            (Some(sealed), Some(digest)) => {
+                let aad = Aad {
+                    table: VERSIONS_TABLE,
+                    resource_type: &row.resource_type,
+                    logical_id: &row.logical_id,
+                    version_id: row.version_id,
+                };
+                let plain = self.cipher.open(&aad, &sealed.0)?;
+                if sha256(&plain).as_slice() != digest.as_slice() {
+                    return Err(StoreError::Integrity);
+                }
+                Some(plain)
+            }
+            (None, None) if row.deleted => None,
+            _ => return Err(StoreError::Integrity),
+        };
+        Ok(StoredVersion {
+            row_id: row.id,
+            resource_type: row.resource_type,
+            logical_id: row.logical_id,
+            version_id: row.version_id,
+            last_updated: row.last_updated,
+            deleted: row.deleted,
+            method: row.method,
+            content,
+        })
+    }
+
+    /// The current version: one indexed query and one decrypt.
+    pub fn read(&self, resource_type: &str, id: &str) -> Result<StoredVersion, StoreError> {
+        let mut conn = self.conn()?;
+        let row: Option<VersionRow> = rv::table
+            .filter(rv::resource_type.eq(resource_type).and(rv::logical_id.eq(id)))
+            .order(rv::version_id.desc())
+            .select(VersionRow::as_select())
+            .first(&mut *conn)
+            .optional()?;
+        drop(conn);
+        let row = row.ok_or(StoreError::NotFound)?;
+        if row.deleted {
+            return Err(StoreError::Gone {
+                version_id: row.version_id,
+                last_updated: row.last_updated,
+            });
+        }
+        self.decrypt_row(row)
+    }
+
+    /// One specific version.
+    pub fn vread(&self, resource_type: &str, id: &str, version_id: i64) -> Result<StoredVersion, StoreError> {
+        let mut conn = self.conn()?;
+        let row: Option<VersionRow> = rv::table
+            .filter(
+                rv::resource_type
+                    .eq(resource_type)
+                    .and(rv::logical_id.eq(id))
+                    .and(rv::version_id.eq(version_id)),
+            )
+            .select(VersionRow::as_select())
+            .first(&mut *conn)
+            .optional()?;
+        drop(conn);
+        let row = row.ok_or(StoreError::NotFound)?;
+        if row.deleted {
+            return Err(StoreError::Gone {
+                version_id: row.version_id,
+                last_updated: row.last_updated,
+            });
+        }
+        self.decrypt_row(row)
+    }
+
+    /// Creates a resource with the given id, or (with a condition) returns the one existing match.
+    /// `make` builds the content once the version and timestamp are known.
+    pub fn create(
+        &self,
+        resource_type: &str,
+        id: &str,
+        condition: Option<&Condition>,
+        make: impl FnOnce(i64, NaiveDateTime) -> Content,
+    ) -> Result<CreateOutcome, StoreError> {
+        self.write_tx(|conn| {
+            if let Some(cond) = condition {
+                self.lock_condition(conn, resource_type, cond)?;
+                let matches = self.matching_ids(conn, resource_type, cond, 2)?;
+                match matches.len() {
+                    0 => {}
+                    1 => {
+                        let id = matches.into_iter().next().expect("one match");
+                        let row: VersionRow = rv::table
+                            .filter(rv::resource_type.eq(resource_type).and(rv::logical_id.eq(&id)))
+                            .order(rv::version_id.desc())
+                            .select(VersionRow::as_select())
+                            .first(conn)?;
+                        return Ok(CreateOutcome::Existing(self.decrypt_row(row)?));
+                    }
+                    _ => return Err(StoreError::MultipleMatches),
+                }
+            }
+            let ts = now();
+            diesel::insert_into(cur::table)
+                .values((
+                    cur::resource_type.eq(resource_type),
+                    cur::logical_id.eq(id),
+                    cur::version_id.eq(1i64),
+                    cur::last_updated.eq(ts),
+                    cur::deleted.eq(false),
+                ))
+                .execute(conn)?;
+            let content = make(1, ts);
+            self.append_version(conn, resource_type, id, 1, ts, "POST", Some(&content))?;
+            self.replace_index(conn, resource_type, id, Some(&content))?;
+            Ok(CreateOutcome::Created(Written {
+                version_id: 1,
+                last_updated: ts,
+                created: true,
+                json: content.json,
+            }))
+        })
+    }
+
+    /// Updates (or, when it does not exist yet, creates) the resource with this id.
+    /// With `if_match`, the write happens only if the current version is that one.
+    pub fn update(
+        &self,
+        resource_type: &str,
+        id: &str,
+        if_match: Option<i64>,
+        make: impl Fn(i64, NaiveDateTime) -> Content,
+    ) -> Result<Written, StoreError> {
+        // A concurrent update-as-create of the same new id makes one of two INSERTs fail on
+        // the primary key; the loser retries, and then finds the row and updates it.
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let result = self.write_tx(|conn| {
+                let ts = now();
+                let mut q = diesel::update(cur::table)
+                    .filter(cur::resource_type.eq(resource_type).and(cur::logical_id.eq(id)))
+                    .into_boxed();
+                if let Some(v) = if_match {
+                    q = q.filter(cur::version_id.eq(v));
+                }
+                let bumped: Option<i64> = q
+                    .set((
+                        cur::version_id.eq(cur::version_id + 1),
+                        cur::last_updated.eq(ts),
+                        cur::deleted.eq(false),
+                    ))
+                    .returning(cur::version_id)
+                    .get_result(conn)
+                    .optional()?;
+                let (version, created) = match bumped {
+                    Some(v) => (v, false),
+                    None => {
+                        if if_match.is_some() {
+                            let current: Option<i64> = cur::table
+                                .filter(cur::resource_type.eq(resource_type).and(cur::logical_id.eq(id)))
+                                .select(cur::version_id)
+                                .first(conn)
+                                .optional()?;
+                            return Err(StoreError::VersionConflict { current });
+                        }
+                        // The version numbering continues after a delete, so a resource that
+                        // exists only as history never reuses a version id.
+                        diesel::insert_into(cur::table)
+                            .values((
+                                cur::resource_type.eq(resource_type),
+                                cur::logical_id.eq(id),
+                                cur::version_id.eq(1i64),
+                                cur::last_updated.eq(ts),
+                                cur::deleted.eq(false),
+                            ))
+                            .execute(conn)?;
+                        (1, true)
+                    }
+                };
+                let content = make(version, ts);
+                self.append_version(conn, resource_type, id, version, ts, if created { "PUT" } else { "PUT" }, Some(&content))?;
+                self.replace_index(conn, resource_type, id, Some(&content))?;
+                Ok(Written {
+                    version_id: version,
+                    last_updated: ts,
+                    created,
+                    json: content.json,
+                })
+            });
+            match result {
+                Err(e) if attempts < 3 && is_unique_violation(&e) => continue,
+                other => return other,
+            }
+        }
+    }
+
+    /// Deletes the resource: appends a tombstone version and drops its index entries.
+    pub fn delete(&self, resource_type: &str, id: &str, if_match: Option<i64>) -> Result<DeleteOutcome, StoreError> {
+        self.write_tx(|conn| {
+            let ts = now();
+            let mut q = diesel::update(cur::table)
+                .filter(
+                    cur::resource_type
+                        .eq(resource_type)
+                        .and(cur::logical_id.eq(id))
+                        .and(cur::deleted.eq(false)),
+                )
+                .into_boxed();
+            if let Some(v) = if_match {
+                q = q.filter(cur::version_id.eq(v));
+            }
+            let bumped: Option<i64> = q
+                .set((
+                    cur::version_id.eq(cur::version_id + 1),
+                    cur::last_updated.eq(ts),
+                    cur::deleted.eq(true),
+                ))
+                .returning(cur::version_id)
+                .get_result(conn)
+                .optional()?;
+            let Some(version) = bumped else {
+                if if_match.is_some() {
+                    let current: Option<(i64, bool)> = cur::table
+                        .filter(cur::resource_type.eq(resource_type).and(cur::logical_id.eq(id)))
+                        .select((cur::version_id, cur::deleted))
+                        .first(conn)
+                        .optional()?;
+                    if let Some((v, false)) = current {
+                        return Err(StoreError::VersionConflict { current: Some(v) });
+                    }
+                }
+                return Ok(DeleteOutcome::NothingToDelete);
+            };
+            self.append_version(conn, resource_type, id, version, ts, "DELETE", None)?;
+            self.replace_index(conn, resource_type, id, None)?;
+            Ok(DeleteOutcome::Deleted { version_id: version })
+        })
+    }
+
+    /// History, newest first, paged by row id.
+    pub fn history(&self, q: &HistoryQuery) -> Result<HistoryPage, StoreError> {
+        let mut conn = self.conn()?;
+        let base = || {
+            let mut b = rv::table.into_boxed();
+            match &q.scope {
+                HistoryScope::System => {}
+                HistoryScope::Type(t) => b = b.filter(rv::resource_type.eq(t.clone())),
+                HistoryScope::Instance(t, id) => {
+                    b = b.filter(rv::resource_type.eq(t.clone()).and(rv::logical_id.eq(id.clone())))
+                }
+            }
+            if let Some(since) = q.since {
+                b = b.filter(rv::last_updated.ge(since));
+            }
+            b
+        };
+        let total: i64 = base().count().get_result(&mut *conn)?;
+        let mut page = base();
+        if let Some(before) = q.before_row {
+            page = page.filter(rv::id.lt(before));
+        }
+        let rows: Vec<VersionRow> = page
+            .order(rv::id.desc())
+            .limit(i64::from(q.count) + 1)
+            .select(VersionRow::as_select())
+            .load(&mut *conn)?;
+        drop(conn);
+        let has_more = rows.len() > q.count as usize;
+        let mut entries = Vec::with_capacity(rows.len().min(q.count as usize));
+        for row in rows.into_iter().take(q.count as usize) {
+            entries.push(self.decrypt_row(row)?);
+        }
+        let next_before_row = if has_more { entries.last().map(|e| e.row_id) } else { None };
+        Ok(HistoryPage {
+            entries,
+            total,
+            next_before_row,
+        })
+    }
+
+    /// Ids of current (not deleted) resources of a type matching `cond`, at most `limit`.
+    fn matching_ids(
+        &self,
+        conn: &mut DbConnection,
+        resource_type: &str,
+        cond: &Condition,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        let mut candidates: Option<BTreeSet<String>> = None;
+        if let Some(ids) = &cond.ids {
+            let found: Vec<String> = cur::table
+                .filter(
+                    cur::resource_type
+                        .eq(resource_type)
+                        .and(cur::logical_id.eq_any(ids))
+                        .and(cur::deleted.eq(false)),
+                )
+                .select(cur::logical_id)
+                .load(conn)?;
+            candidates = Some(found.into_iter().collect());
+        }
+        for (param, values) in &cond.tokens {
+            let blinds: Vec<Vec<u8>> = values.iter().map(|v| self.cipher.blind_index(param, v).to_vec()).collect();
+            let mut q = ti::table
+                .filter(ti::resource_type.eq(resource_type).and(ti::param.eq(*param)).and(ti::value.eq_any(blinds)))
+                .select(ti::logical_id)
+                .distinct()
+                .into_boxed();
+            if let Some(c) = &candidates {
+                q = q.filter(ti::logical_id.eq_any(c.iter().cloned().collect::<Vec<_>>()));
+            }
+            let found: Vec<String> = q.load(conn)?;
+            candidates = Some(found.into_iter().collect());
+        }
+        Ok(candidates.unwrap_or_default().into_iter().take(limit).collect())
+    }
+
+    /// Serializes concurrent conditional writes on the same condition (PostgreSQL: a
+    /// transaction-scoped advisory lock; SQLite: already serialized by the writer mutex).
+    fn lock_condition(&self, conn: &mut DbConnection, resource_type: &str, cond: &Condition) -> Result<(), StoreError> {
+        if let DbConnection::Pg(pg) = conn {
+            let mut key = String::from(resource_type);
+            if let Some(ids) = &cond.ids {
+                key.push_str("|_id=");
+                key.push_str(&ids.join(","));
+            }
+            for (p, vs) in &cond.tokens {
+                key.push('|');
+                key.push_str(p);
+                key.push('=');
+                key.push_str(&vs.join(","));
+            }
+            // A keyed hash, so the lock id reveals nothing of the (possibly PHI) condition.
+            let h = self.cipher.blind_index("condition-lock", &key);
+            let lock_id = i64::from_be_bytes([h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7]]);
+            diesel::sql_query("SELECT pg_advisory_xact_lock($1)")
+                .bind::<diesel::sql_types::BigInt, _>(lock_id)
+                .execute(pg)?;
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn append_version(
+        &self,
+        conn: &mut DbConnection,
+        resource_type: &str,
+        id: &str,
+        version: i64,
+        ts: NaiveDateTime,
+        method: &str,
+        content: Option<&Content>,
+    ) -> Result<(), StoreError> {
+        let (sealed, digest, key_version) = match content {
+            Some(c) => {
+                let aad = Aad {
+                    table: VERSIONS_TABLE,
+                    resource_type,
+                    logical_id: id,
+                    version_id: version,
+                };
+                let sealed = self.cipher.seal(&aad, &c.json);
+                (
+                    Some(EncryptedColumn(sealed)),
+                    Some(sha256(&c.json).to_vec()),
+                    Some(self.cipher.current_version() as i32),
+                )
+            }
+            None => (None, None, None),
+        };
+        diesel::insert_into(rv::table)
+            .values((
+                rv::resource_type.eq(resource_type),
+                rv::logical_id.eq(id),
+                rv::version_id.eq(version),
+                rv::last_updated.eq(ts),
+                rv::deleted.eq(content.is_none()),
+                rv::method.eq(method),
+                rv::key_version.eq(key_version),
+                rv::content.eq(sealed),
+                rv::content_sha256.eq(digest),
+            ))
+            .execute(conn)?;
+        Ok(())
+    }
+
+    fn replace_index(
+        &self,
+        conn: &mut DbConnection,
+        resource_type: &str,
+        id: &str,
+        content: Option<&Content>,
+    ) -> Result<(), StoreError> {
+        diesel::delete(ti::table.filter(ti::resource_type.eq(resource_type).and(ti::logical_id.eq(id)))).execute(conn)?;
+        let Some(content) = content else { return Ok(()) };
+        let entries: BTreeSet<(&str, Vec<u8>)> = content
+            .tokens
+            .iter()
+            .map(|(p, v)| (*p, self.cipher.blind_index(p, v).to_vec()))
+            .collect();
+        for (param, value) in entries {
+            diesel::insert_into(ti::table)
+                .values((
+                    ti::resource_type.eq(resource_type),
+                    ti::logical_id.eq(id),
+                    ti::param.eq(param),
+                    ti::value.eq(value),
+                ))
+                .execute(conn)?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Queryable, Selectable)]
+#[diesel(table_name = rv)]
+struct VersionRow {
+    id: i64,
+    resource_type: String,
+    logical_id: String,
+    version_id: i64,
+    last_updated: NaiveDateTime,
+    deleted: bool,
+    method: String,
+    content: Option<EncryptedColumn>,
+    content_sha256: Option<Vec<u8>>,
+}

@@ -1,0 +1,69 @@
+//! Structured logs that never contain PHI: no request bodies, no query strings, no paths with
+//! ids (the route pattern, such as `/fhir/{type}/{id}`, is logged instead), no panic payloads.
+
+use actix_web::body::MessageBody;
+use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::HttpMessage;
+use tracing::Span;
+use tracing_actix_web::{RequestId, RootSpanBuilder};
+
+use crate::config::LogFormat;
+
+/// Installs the global subscriber. `FHIRVAULT_LOG` (an `EnvFilter` directive) sets the level.
+pub fn init(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FHIRVAULT_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+    install_panic_hook();
+}
+
+/// A panic message may quote data being processed: log only where it happened.
+pub fn install_panic_hook() {
+    std::panic::set_hook(Box::new(|info| {
+        let location = info
+            .location()
+            .map(|l| format!("{}:{}", l.file(), l.line()))
+            .unwrap_or_else(|| "unknown".into());
+        tracing::error!(%location, "panic (message withheld: it may contain PHI)");
+    }));
+}
+
+/// The root span of every request: method, route pattern, request id, status, latency.
+pub struct PhiSafeRootSpan;
+
+impl RootSpanBuilder for PhiSafeRootSpan {
+    fn on_request_start(request: &ServiceRequest) -> Span {
+        let route = request.match_pattern().unwrap_or_else(|| "(unmatched)".to_string());
+        let request_id = request
+            .extensions()
+            .get::<RequestId>()
+            .map(|r| r.to_string())
+            .unwrap_or_default();
+        tracing::info_span!(
+            "http",
+            method = %request.method(),
+            route = %route,
+            request_id = %request_id,
+            status = tracing::field::Empty,
+        )
+    }
+
+    fn on_request_end<B: MessageBody>(span: Span, outcome: &Result<ServiceResponse<B>, actix_web::Error>) {
+        let status = match outcome {
+            Ok(r) => r.status().as_u16(),
+            Err(e) => e.as_response_error().status_code().as_u16(),
+        };
+        span.record("status", status);
+        span.in_scope(|| {
+            if status >= 500 {
+                tracing::error!(status, "request failed");
+            } else {
+                tracing::info!(status, "request");
+            }
+        });
+    }
+}

@@ -1,0 +1,389 @@
+//! Test harness: a throwaway PostgreSQL cluster (started once per test binary, removed when the
+//! binary exits), a fresh database or SQLite file per test, and a real fhirvault HTTP server on
+//! a loopback port driven with a blocking HTTP client.
+#![allow(dead_code)]
+
+use diesel::connection::SimpleConnection;
+use diesel::Connection;
+use fhirvault::config::{Config, ConfigLayer};
+use reqwest::blocking::{Client, Response};
+use reqwest::header::HeaderMap;
+use serde_json::Value;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::OnceLock;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Db {
+    Sqlite,
+    Postgres,
+}
+
+/// Declares a test that runs once on SQLite and once on PostgreSQL:
+/// `on_both_backends!(name);` with `fn name(db: Db)` in scope.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                #[test]
+                fn sqlite() {
+                    super::$name($crate::common::Db::Sqlite)
+                }
+                #[test]
+                fn postgres() {
+                    super::$name($crate::common::Db::Postgres)
+                }
+            }
+        )*
+    };
+}
+
+pub struct PgCluster {
+    pub bin: PathBuf,
+    pub port: u16,
+    pub dir: PathBuf,
+}
+
+fn find_pg_bin() -> PathBuf {
+    if let Ok(dir) = std::env::var("PG_BIN") {
+        return PathBuf::from(dir);
+    }
+    let mut candidates: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.path().join("bin")).collect())
+        .unwrap_or_default();
+    candidates.sort();
+    if let Some(dir) = candidates.into_iter().rev().find(|d| d.join("initdb").exists() && d.join("pg_ctl").exists()) {
+        return dir;
+    }
+    if let Ok(out) = Command::new("sh").args(["-c", "command -v initdb"]).output() {
+        let p = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        if !p.is_empty() {
+            return Path::new(&p).parent().unwrap().to_path_buf();
+        }
+    }
+    panic!(
+        "PostgreSQL server binaries (initdb, pg_ctl, postgres, pg_dump) were not found in /usr/lib/postgresql/*/bin \
+         or on PATH. Install them (Debian: apt-get install postgresql) or set PG_BIN to their directory. \
+         The storage tests run on SQLite and PostgreSQL and are never skipped."
+    );
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn is_root() -> bool {
+    Command::new("id").arg("-u").output().map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0").unwrap_or(false)
+}
+
+/// Runs a PostgreSQL binary, as the `postgres` user when we are root (the server refuses root).
+fn pg_cmd(bin: &Path, prog: &str) -> Command {
+    if is_root() {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(bin.join(prog));
+        c
+    } else {
+        Command::new(bin.join(prog))
+    }
+}
+
+pub fn pg() -> &'static PgCluster {
+    static PG: OnceLock<PgCluster> = OnceLock::new();
+    PG.get_or_init(|| {
+        let bin = find_pg_bin();
+        let dir = std::env::temp_dir().join(format!("fhirvault-pg-{}-{}", std::process::id(), free_port()));
+        std::fs::create_dir_all(&dir).unwrap();
+        if is_root() {
+            let ok = Command::new("chown").args(["-R", "postgres:postgres"]).arg(&dir).status().unwrap().success();
+            assert!(ok, "cannot hand the cluster directory to the postgres user");
+        }
+        let data = dir.join("data");
+        let out = pg_cmd(&bin, "initdb")
+            .args(["-U", "postgres", "--auth=trust", "--no-sync", "-E", "UTF8", "-D"])
+            .arg(&data)
+            .output()
+            .expect("running initdb");
+        assert!(out.status.success(), "initdb failed: {}", String::from_utf8_lossy(&out.stderr));
+        let port = free_port();
+        let opts = format!(
+            "-c listen_addresses=127.0.0.1 -p {port} -k {} -c max_connections=400 -c fsync=off -c full_page_writes=off",
+            dir.display()
+        );
+        let out = pg_cmd(&bin, "pg_ctl")
+            .arg("-D")
+            .arg(&data)
+            .args(["-o", &opts, "-l"])
+            .arg(dir.join("log"))
+            .args(["-w", "start"])
+            .output()
+            .expect("running pg_ctl");
+        assert!(
+            out.status.success(),
+            "pg_ctl start failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            std::fs::read_to_string(dir.join("log")).unwrap_or_default()
+        );
+        // A watchdog stops and removes the cluster when this test process exits, however it exits.
+        let stop = format!(
+            "while kill -0 {pid} 2>/dev/null; do sleep 0.5; done; {runas}{pg_ctl} -D {data} -m immediate stop >/dev/null 2>&1; rm -rf {dir}",
+            pid = std::process::id(),
+            runas = if is_root() { "runuser -u postgres -- " } else { "" },
+            pg_ctl = bin.join("pg_ctl").display(),
+            data = data.display(),
+            dir = dir.display()
+        );
+        Command::new("sh")
+            .args(["-c", &format!("({stop}) </dev/null >/dev/null 2>&1 &")])
+            .status()
+            .unwrap();
+        PgCluster { bin, port, dir }
+    })
+}
+
+impl PgCluster {
+    pub fn admin_url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+    pub fn url(&self, db: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
+    }
+    /// A new empty database.
+    pub fn create_db(&self) -> String {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let name = format!("t{}_{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst));
+        let mut c = diesel::PgConnection::establish(&self.admin_url()).expect("connect to test cluster");
+        c.batch_execute(&format!("CREATE DATABASE {name}")).unwrap();
+        name
+    }
+    /// `pg_dump` of a database, as text.
+    pub fn dump(&self, db: &str) -> Vec<u8> {
+        let out = Command::new(self.bin.join("pg_dump"))
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "postgres", db])
+            .output()
+            .expect("running pg_dump");
+        assert!(out.status.success(), "pg_dump failed: {}", String::from_utf8_lossy(&out.stderr));
+        out.stdout
+    }
+}
+
+/// A fresh place to store data: a temp dir, plus a database on the chosen backend.
+pub struct TestDb {
+    pub db: Db,
+    pub dir: tempfile::TempDir,
+    pub database_url: String,
+    pub pg_name: Option<String>,
+}
+
+impl TestDb {
+    pub fn new(db: Db) -> TestDb {
+        let dir = tempfile::tempdir().unwrap();
+        let (database_url, pg_name) = match db {
+            Db::Sqlite => (format!("sqlite://{}", dir.path().join("fhirvault.db").display()), None),
+            Db::Postgres => {
+                let name = pg().create_db();
+                (pg().url(&name), Some(name))
+            }
+        };
+        TestDb {
+            db,
+            dir,
+            database_url,
+            pg_name,
+        }
+    }
+
+    pub fn config(&self, layer: ConfigLayer) -> Config {
+        let base = ConfigLayer {
+            data_dir: Some(self.dir.path().join("data")),
+            database_url: Some(self.database_url.clone()),
+            pool_size: Some(4),
+            ..Default::default()
+        };
+        Config::resolve(base.overlay(layer)).unwrap()
+    }
+
+    /// Every byte the database holds at rest: the SQLite files, or a pg_dump.
+    pub fn bytes_at_rest(&self) -> Vec<u8> {
+        match self.db {
+            Db::Sqlite => {
+                let mut all = Vec::new();
+                for suffix in ["", "-wal", "-shm", "-journal"] {
+                    let p = self.dir.path().join(format!("fhirvault.db{suffix}"));
+                    if let Ok(b) = std::fs::read(&p) {
+                        all.extend(b);
+                    }
+                }
+                all
+            }
+            Db::Postgres => pg().dump(self.pg_name.as_ref().unwrap()),
+        }
+    }
+
+    /// Runs SQL directly against the test database, returning whether it succeeded.
+    pub fn exec(&self, sql: &str) -> Result<(), String> {
+        match self.db {
+            Db::Sqlite => {
+                let path = self.database_url.trim_start_matches("sqlite://");
+                let mut c = diesel::SqliteConnection::establish(path).map_err(|e| e.to_string())?;
+                c.batch_execute(sql).map_err(|e| e.to_string())
+            }
+            Db::Postgres => {
+                let mut c = diesel::PgConnection::establish(&self.database_url).map_err(|e| e.to_string())?;
+                c.batch_execute(sql).map_err(|e| e.to_string())
+            }
+        }
+    }
+}
+
+/// A running fhirvault on a loopback port.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub base: String,
+    pub client: Client,
+    pub store: std::sync::Arc<fhirvault::store::Store>,
+    handle: actix_web::dev::ServerHandle,
+    pub db: TestDb,
+}
+
+impl TestServer {
+    pub fn start(db: Db) -> TestServer {
+        Self::start_with(db, ConfigLayer::default())
+    }
+
+    pub fn start_with(db: Db, layer: ConfigLayer) -> TestServer {
+        let tdb = TestDb::new(db);
+        let config = tdb.config(layer);
+        let base_path = config.base_path.clone();
+        let state = actix_web::web::Data::new(fhirvault::server::build_state(config).expect("server state"));
+        let store = state.store.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            actix_web::rt::System::new().block_on(async move {
+                let srv = actix_web::HttpServer::new(move || fhirvault::api::app(state.clone()))
+                    .workers(2)
+                    .disable_signals()
+                    .bind("127.0.0.1:0")
+                    .unwrap();
+                let addr = srv.addrs()[0];
+                let srv = srv.run();
+                tx.send((addr, srv.handle())).unwrap();
+                let _ = srv.await;
+            })
+        });
+        let (addr, handle) = rx.recv().unwrap();
+        TestServer {
+            addr,
+            base: format!("http://{addr}{base_path}"),
+            client: Client::builder().timeout(std::time::Duration::from_secs(60)).build().unwrap(),
+            store,
+            handle,
+            db: tdb,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    pub fn get(&self, path: &str) -> Reply {
+        Reply::from(self.client.get(self.url(path)).send().unwrap())
+    }
+
+    pub fn get_with(&self, path: &str, headers: &[(&str, &str)]) -> Reply {
+        let mut r = self.client.get(self.url(path));
+        for (k, v) in headers {
+            r = r.header(*k, *v);
+        }
+        Reply::from(r.send().unwrap())
+    }
+
+    pub fn send(&self, method: &str, path: &str, body: Option<&Value>, headers: &[(&str, &str)]) -> Reply {
+        let mut r = self.client.request(method.parse().unwrap(), self.url(path));
+        if let Some(b) = body {
+            r = r.header("content-type", "application/fhir+json").body(serde_json::to_vec(b).unwrap());
+        }
+        for (k, v) in headers {
+            r = r.header(*k, *v);
+        }
+        Reply::from(r.send().unwrap())
+    }
+
+    pub fn post(&self, path: &str, body: &Value) -> Reply {
+        self.send("POST", path, Some(body), &[])
+    }
+
+    pub fn put(&self, path: &str, body: &Value) -> Reply {
+        self.send("PUT", path, Some(body), &[])
+    }
+
+    pub fn delete(&self, path: &str) -> Reply {
+        self.send("DELETE", path, None, &[])
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        let handle = self.handle.clone();
+        let _ = std::thread::spawn(move || actix_web::rt::System::new().block_on(handle.stop(false))).join();
+    }
+}
+
+/// A response, read whole.
+pub struct Reply {
+    pub status: u16,
+    pub headers: HeaderMap,
+    pub body: Vec<u8>,
+}
+
+impl From<Response> for Reply {
+    fn from(r: Response) -> Reply {
+        let status = r.status().as_u16();
+        let headers = r.headers().clone();
+        let body = r.bytes().unwrap().to_vec();
+        Reply { status, headers, body }
+    }
+}
+
+impl Reply {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|_| panic!("not JSON (status {}): {}", self.status, String::from_utf8_lossy(&self.body)))
+    }
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+    /// Asserts the body is an OperationOutcome with the FHIR content type, and returns it.
+    pub fn outcome(&self) -> Value {
+        assert!(
+            self.header("content-type").unwrap_or("").starts_with("application/fhir+json"),
+            "content type {:?}",
+            self.header("content-type")
+        );
+        let v = self.json();
+        assert_eq!(v["resourceType"], "OperationOutcome", "{v}");
+        assert!(v["issue"].as_array().is_some_and(|a| !a.is_empty()));
+        v
+    }
+}
+
+/// The official R4 examples committed under tests/data/r4-examples (one per resource type).
+pub fn r4_examples() -> Vec<(String, Value)> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/r4-examples");
+    let mut out: Vec<(String, Value)> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .map(|p| {
+            let v: Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+            (p.file_name().unwrap().to_string_lossy().into_owned(), v)
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}

@@ -44,12 +44,23 @@ pub struct ConfigLayer {
 impl ConfigLayer {
     /// Reads a TOML file. Unknown keys are refused so that a typo does not silently fall back to a default.
     pub fn from_toml_file(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| cerr("--config", format!("cannot read {}: {e}", path.display())))?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| cerr("--config", format!("cannot read {}: {e}", path.display())))?;
         toml::from_str(&text).map_err(|e| {
+            // Name the key on the line the error points at (the span may cover only the value).
             let setting = e
                 .span()
-                .and_then(|s| text.get(s))
-                .map(|s| s.trim().to_string())
+                .map(|s| {
+                    let line_start = text[..s.start].rfind('\n').map(|i| i + 1).unwrap_or(0);
+                    let line = text[line_start..].lines().next().unwrap_or("");
+                    line.split('=')
+                        .next()
+                        .unwrap_or("")
+                        .trim()
+                        .trim_matches('"')
+                        .to_string()
+                })
+                .filter(|k| !k.is_empty())
                 .unwrap_or_else(|| "--config".into());
             cerr(setting, format!("in {}: {}", path.display(), e.message()))
         })
@@ -59,7 +70,9 @@ impl ConfigLayer {
     pub fn from_env(vars: impl IntoIterator<Item = (String, String)>) -> Result<Self, ConfigError> {
         let mut layer = ConfigLayer::default();
         for (key, value) in vars {
-            let Some(name) = key.strip_prefix("FHIRVAULT_") else { continue };
+            let Some(name) = key.strip_prefix("FHIRVAULT_") else {
+                continue;
+            };
             let parse_num = |v: &str| v.parse::<u64>().map_err(|_| cerr(&key, "expected a whole number"));
             match name {
                 "LISTEN" => layer.listen = Some(value),
@@ -69,9 +82,15 @@ impl ConfigLayer {
                 "KEY_FILE" => layer.key_file = Some(value.into()),
                 "PUBLIC_URL" => layer.public_url = Some(value),
                 "MAX_BODY_BYTES" => layer.max_body_bytes = Some(parse_num(&value)? as usize),
-                "POOL_SIZE" => layer.pool_size = Some(parse_num(&value)?.try_into().map_err(|_| cerr(&key, "too large"))?),
-                "DEFAULT_PAGE_SIZE" => layer.default_page_size = Some(parse_num(&value)?.try_into().map_err(|_| cerr(&key, "too large"))?),
-                "MAX_PAGE_SIZE" => layer.max_page_size = Some(parse_num(&value)?.try_into().map_err(|_| cerr(&key, "too large"))?),
+                "POOL_SIZE" => {
+                    layer.pool_size = Some(parse_num(&value)?.try_into().map_err(|_| cerr(&key, "too large"))?)
+                }
+                "DEFAULT_PAGE_SIZE" => {
+                    layer.default_page_size = Some(parse_num(&value)?.try_into().map_err(|_| cerr(&key, "too large"))?)
+                }
+                "MAX_PAGE_SIZE" => {
+                    layer.max_page_size = Some(parse_num(&value)?.try_into().map_err(|_| cerr(&key, "too large"))?)
+                }
                 "BEHIND_TLS_PROXY" => {
                     layer.behind_tls_proxy = Some(match value.as_str() {
                         "1" | "true" | "yes" => true,
@@ -82,7 +101,10 @@ impl ConfigLayer {
                 "LOG_FORMAT" => layer.log_format = Some(value),
                 // Key material must never come from the environment.
                 "KEY" | "MASTER_KEY" | "ENCRYPTION_KEY" => {
-                    return Err(cerr(&key, "key material is never read from the environment; use key_file"))
+                    return Err(cerr(
+                        &key,
+                        "key material is never read from the environment; use key_file",
+                    ))
                 }
                 "LOG" => {} // tracing filter, read by the logger
                 _ => return Err(cerr(&key, "unknown setting")),
@@ -97,8 +119,18 @@ impl ConfigLayer {
             ($($f:ident),*) => { $( if other.$f.is_some() { self.$f = other.$f; } )* };
         }
         take!(
-            listen, base_path, data_dir, database_url, key_file, public_url, max_body_bytes, pool_size,
-            behind_tls_proxy, log_format, default_page_size, max_page_size
+            listen,
+            base_path,
+            data_dir,
+            database_url,
+            key_file,
+            public_url,
+            max_body_bytes,
+            pool_size,
+            behind_tls_proxy,
+            log_format,
+            default_page_size,
+            max_page_size
         );
         self
     }
@@ -140,7 +172,9 @@ impl Config {
         let base_path = base_path.trim_end_matches('/').to_string();
         if !base_path.starts_with('/')
             || base_path.len() < 2
-            || !base_path[1..].split('/').all(|s| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)))
+            || !base_path[1..]
+                .split('/')
+                .all(|s| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)))
         {
             return Err(cerr("base_path", "expected a path such as /fhir"));
         }
@@ -165,7 +199,9 @@ impl Config {
         };
         let key_file = layer.key_file.unwrap_or_else(|| data_dir.join("fhirvault.key"));
         let public_url = match layer.public_url {
-            Some(u) if u.starts_with("https://") || u.starts_with("http://") => Some(u.trim_end_matches('/').to_string()),
+            Some(u) if u.starts_with("https://") || u.starts_with("http://") => {
+                Some(u.trim_end_matches('/').to_string())
+            }
             Some(_) => return Err(cerr("public_url", "expected an http:// or https:// URL")),
             None => None,
         };
@@ -246,7 +282,11 @@ mod tests {
     fn layers_override_in_order() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("c.toml");
-        std::fs::write(&file, "listen = \"127.0.0.1:9000\"\ndata_dir = \"/tmp/a\"\npool_size = 3\n").unwrap();
+        std::fs::write(
+            &file,
+            "listen = \"127.0.0.1:9000\"\ndata_dir = \"/tmp/a\"\npool_size = 3\n",
+        )
+        .unwrap();
         let from_file = ConfigLayer::from_toml_file(&file).unwrap();
         let from_env = ConfigLayer::from_env([("FHIRVAULT_DATA_DIR".to_string(), "/tmp/b".to_string())]).unwrap();
         let from_flags = ConfigLayer {
@@ -277,6 +317,9 @@ mod tests {
         std::fs::write(&file, "lisen = \"x\"\n").unwrap();
         let e = ConfigLayer::from_toml_file(&file).unwrap_err();
         assert!(e.to_string().contains("lisen"), "{e}");
+        std::fs::write(&file, "listen = \"127.0.0.1:1\"\npool_size = \"many\"\n").unwrap();
+        let e = ConfigLayer::from_toml_file(&file).unwrap_err();
+        assert_eq!(e.setting, "pool_size");
         let e = Config::resolve(ConfigLayer {
             database_url: Some("mysql://x".into()),
             ..Default::default()

@@ -7,6 +7,6 @@ pub mod api;
 pub mod config;
 pub mod crypto;
 pub mod fhir;
-pub mod store;
 pub mod server;
+pub mod store;
 pub mod telemetry;

@@ -71,8 +71,16 @@ fn load_config(common: &CommonArgs, behind_tls_proxy: Option<bool>) -> anyhow::R
     Ok(Config::resolve(file.overlay(env).overlay(flags))?)
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() {
     let cli = Cli::parse();
+    if let Err(e) = run(cli) {
+        // `{:#}` prints the cause chain on one line; no backtrace for operator errors.
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve { behind_tls_proxy } => {
             let config = load_config(&cli.common, behind_tls_proxy.then_some(true))?;

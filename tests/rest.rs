@@ -45,7 +45,10 @@ fn crud_lifecycle(db: Db) {
     let r = s.put(&format!("/Patient/{id}"), &upd);
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.header("etag"), Some("W/\"2\""));
-    assert_eq!(r.header("content-location").unwrap(), s.url(&format!("/Patient/{id}/_history/2")));
+    assert_eq!(
+        r.header("content-location").unwrap(),
+        s.url(&format!("/Patient/{id}/_history/2"))
+    );
     assert_eq!(r.json()["meta"]["versionId"], "2");
 
     // vread of both versions
@@ -114,10 +117,22 @@ fn update_rules(db: Db) {
     // If-Match on a resource that does not exist
     let mut n = patient("New");
     n["id"] = json!("nope");
-    assert_eq!(s.send("PUT", "/Patient/nope", Some(&n), &[("If-Match", "W/\"1\"")]).status, 412);
+    assert_eq!(
+        s.send("PUT", "/Patient/nope", Some(&n), &[("If-Match", "W/\"1\"")])
+            .status,
+        412
+    );
     // conditional delete with If-Match
-    assert_eq!(s.send("DELETE", "/Patient/client-1", None, &[("If-Match", "W/\"1\"")]).status, 412);
-    assert_eq!(s.send("DELETE", "/Patient/client-1", None, &[("If-Match", "W/\"2\"")]).status, 200);
+    assert_eq!(
+        s.send("DELETE", "/Patient/client-1", None, &[("If-Match", "W/\"1\"")])
+            .status,
+        412
+    );
+    assert_eq!(
+        s.send("DELETE", "/Patient/client-1", None, &[("If-Match", "W/\"2\"")])
+            .status,
+        200
+    );
 }
 
 /// Many clients update the same resource with If-Match at once: every successful update gets
@@ -170,17 +185,32 @@ fn conditional_create(db: Db) {
     let s = TestServer::start(db);
     let mut p = patient("Cond");
     p["identifier"] = json!([{"system": "urn:mrn", "value": "12345"}]);
-    let first = s.send("POST", "/Patient", Some(&p), &[("If-None-Exist", "identifier=urn:mrn|12345")]);
+    let first = s.send(
+        "POST",
+        "/Patient",
+        Some(&p),
+        &[("If-None-Exist", "identifier=urn:mrn|12345")],
+    );
     let id = created_id(&first);
     // one match: 200 with the existing resource, nothing written
-    for cond in ["identifier=urn:mrn|12345", "identifier=12345", "identifier=urn%3Amrn%7C12345", &format!("_id={id}")] {
+    for cond in [
+        "identifier=urn:mrn|12345",
+        "identifier=12345",
+        "identifier=urn%3Amrn%7C12345",
+        &format!("_id={id}"),
+    ] {
         let r = s.send("POST", "/Patient", Some(&p), &[("If-None-Exist", cond)]);
         assert_eq!(r.status, 200, "{cond}: {}", r.text());
         assert_eq!(r.json()["id"], id.as_str());
     }
     assert_eq!(s.get("/Patient/_history").json()["total"], 1);
     // a different system does not match
-    let r = s.send("POST", "/Patient", Some(&p), &[("If-None-Exist", "identifier=urn:other|12345")]);
+    let r = s.send(
+        "POST",
+        "/Patient",
+        Some(&p),
+        &[("If-None-Exist", "identifier=urn:other|12345")],
+    );
     assert_eq!(r.status, 201);
     // now two resources carry value 12345: ambiguous
     let r = s.send("POST", "/Patient", Some(&p), &[("If-None-Exist", "identifier=12345")]);
@@ -204,7 +234,15 @@ fn conditional_create_is_race_free(db: Db) {
         let hs: Vec<_> = (0..12)
             .map(|_| {
                 let (s, p) = (&s, &p);
-                scope.spawn(move || s.send("POST", "/Patient", Some(p), &[("If-None-Exist", "identifier=urn:mrn|race-1")]).status)
+                scope.spawn(move || {
+                    s.send(
+                        "POST",
+                        "/Patient",
+                        Some(p),
+                        &[("If-None-Exist", "identifier=urn:mrn|race-1")],
+                    )
+                    .status
+                })
             })
             .collect();
         hs.into_iter().map(|h| h.join().unwrap()).collect()
@@ -237,7 +275,10 @@ fn history_and_paging(db: Db) {
     assert_eq!(h["entry"][1]["request"]["method"], "POST");
     assert_eq!(h["entry"][1]["response"]["status"], "201 Created");
     assert_eq!(h["entry"][0]["response"]["etag"], "W/\"2\"");
-    assert_eq!(h["entry"][0]["fullUrl"], s.url(&format!("/Patient/{}", ids[0])).as_str());
+    assert_eq!(
+        h["entry"][0]["fullUrl"],
+        s.url(&format!("/Patient/{}", ids[0])).as_str()
+    );
     // deleted version appears without a resource
     let h = s.get(&format!("/Patient/{}/_history", ids[1])).json();
     assert_eq!(h["entry"][0]["request"]["method"], "DELETE");
@@ -245,7 +286,10 @@ fn history_and_paging(db: Db) {
 
     // type and system history
     assert_eq!(s.get("/Patient/_history").json()["total"], 7);
-    assert_eq!(s.get("/Observation/_history").json()["entry"][0]["resource"]["id"], oid.as_str());
+    assert_eq!(
+        s.get("/Observation/_history").json()["entry"][0]["resource"]["id"],
+        oid.as_str()
+    );
     assert_eq!(s.get("/_history").json()["total"], 8);
 
     // paging with _count through next links visits every version once
@@ -258,11 +302,18 @@ fn history_and_paging(db: Db) {
         for e in page["entry"].as_array().unwrap() {
             seen.push(format!("{}|{}", e["fullUrl"], e["response"]["etag"]));
         }
-        let next = page["link"].as_array().unwrap().iter().find(|l| l["relation"] == "next");
+        let next = page["link"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["relation"] == "next");
         match next {
             Some(l) => {
                 let u = l["url"].as_str().unwrap().to_string();
-                assert!(!u.contains("P0") && !u.contains("Ada"), "page links carry no resource content");
+                assert!(
+                    !u.contains("P0") && !u.contains("Ada"),
+                    "page links carry no resource content"
+                );
                 url = u;
             }
             None => break,
@@ -292,19 +343,37 @@ fn http_semantics(db: Db) {
     assert_eq!(s.get_with(&path, &[("If-None-Match", "W/\"1\"")]).status, 304);
     assert_eq!(s.get_with(&path, &[("If-None-Match", "W/\"2\"")]).status, 200);
     assert_eq!(s.get_with(&path, &[("If-Modified-Since", &lm)]).status, 304);
-    assert_eq!(s.get_with(&path, &[("If-Modified-Since", "Sat, 01 Jan 2000 00:00:00 GMT")]).status, 200);
+    assert_eq!(
+        s.get_with(&path, &[("If-Modified-Since", "Sat, 01 Jan 2000 00:00:00 GMT")])
+            .status,
+        200
+    );
     // Prefer
     let r = s.send("POST", "/Patient", Some(&patient("M")), &[("Prefer", "return=minimal")]);
     assert_eq!(r.status, 201);
     assert!(r.body.is_empty());
     assert!(r.header("location").is_some());
-    let r = s.send("POST", "/Patient", Some(&patient("O")), &[("Prefer", "return=OperationOutcome")]);
+    let r = s.send(
+        "POST",
+        "/Patient",
+        Some(&patient("O")),
+        &[("Prefer", "return=OperationOutcome")],
+    );
     assert_eq!(r.status, 201);
     r.outcome();
-    let r = s.send("POST", "/Patient", Some(&patient("R")), &[("Prefer", "return=representation")]);
+    let r = s.send(
+        "POST",
+        "/Patient",
+        Some(&patient("R")),
+        &[("Prefer", "return=representation")],
+    );
     assert_eq!(r.json()["resourceType"], "Patient");
     // formats
-    assert!(s.get(&path).header("content-type").unwrap().starts_with("application/fhir+json"));
+    assert!(s
+        .get(&path)
+        .header("content-type")
+        .unwrap()
+        .starts_with("application/fhir+json"));
     let r = s.get_with(&path, &[("Accept", "application/json")]);
     assert_eq!(r.status, 200);
     assert!(r.header("content-type").unwrap().starts_with("application/json"));
@@ -316,7 +385,11 @@ fn http_semantics(db: Db) {
     assert_eq!(s.get(&format!("{path}?_format=xml")).status, 406);
     assert_eq!(s.get(&format!("{path}?_format=json")).status, 200);
     assert_eq!(
-        s.get_with(&format!("{path}?_format=application/fhir%2Bjson"), &[("Accept", "application/xml")]).status,
+        s.get_with(
+            &format!("{path}?_format=application/fhir%2Bjson"),
+            &[("Accept", "application/xml")]
+        )
+        .status,
         200,
         "_format overrides Accept"
     );
@@ -333,7 +406,13 @@ fn http_semantics(db: Db) {
         .send()
         .unwrap();
     assert_eq!(r.status().as_u16(), 415);
-    let r = s.client.post(s.url("/Patient")).header("content-type", "application/json").body(serde_json::to_vec(&patient("J")).unwrap()).send().unwrap();
+    let r = s
+        .client
+        .post(s.url("/Patient"))
+        .header("content-type", "application/json")
+        .body(serde_json::to_vec(&patient("J")).unwrap())
+        .send()
+        .unwrap();
     assert_eq!(r.status().as_u16(), 201);
     // security headers on every response
     let r = s.get(&path);
@@ -381,8 +460,19 @@ fn validation_and_errors(db: Db) {
     assert_eq!(r.status, 400);
     let oo = r.outcome();
     assert!(!r.text().contains("SENTINEL"), "{}", r.text());
-    let exprs: Vec<String> = oo["issue"].as_array().unwrap().iter().flat_map(|i| i["expression"].as_array().cloned().unwrap_or_default()).map(|e| e.as_str().unwrap().to_string()).collect();
-    for e in ["Patient.gender", "Patient.birthDate", "Patient.name[0].given", "Patient.unknownThing"] {
+    let exprs: Vec<String> = oo["issue"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|i| i["expression"].as_array().cloned().unwrap_or_default())
+        .map(|e| e.as_str().unwrap().to_string())
+        .collect();
+    for e in [
+        "Patient.gender",
+        "Patient.birthDate",
+        "Patient.name[0].given",
+        "Patient.unknownThing",
+    ] {
         assert!(exprs.contains(&e.to_string()), "{e} missing from {exprs:?}");
     }
     // resourceType mismatch and absence
@@ -392,7 +482,13 @@ fn validation_and_errors(db: Db) {
     assert_eq!(s.post("/Patient", &json!({"name": []})).status, 400);
     // malformed JSON, wrong JSON shape, empty body
     for raw in ["{\"resourceType\": \"Patient\", SENTINEL", "[1,2]", "", "\"SENTINEL\""] {
-        let r = s.client.post(s.url("/Patient")).header("content-type", "application/fhir+json").body(raw.to_string()).send().unwrap();
+        let r = s
+            .client
+            .post(s.url("/Patient"))
+            .header("content-type", "application/fhir+json")
+            .body(raw.to_string())
+            .send()
+            .unwrap();
         let reply = common::Reply::from(r);
         assert_eq!(reply.status, 400, "{raw}");
         reply.outcome();
@@ -435,10 +531,25 @@ fn capability_statement(db: Db) {
     assert!(v.validate("CapabilityStatement", &cs).is_empty());
     // nothing listed that is not implemented: search is not yet, so no search-type / searchParam
     for res in resources {
-        let codes: BTreeSet<&str> = res["interaction"].as_array().unwrap().iter().map(|i| i["code"].as_str().unwrap()).collect();
+        let codes: BTreeSet<&str> = res["interaction"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["code"].as_str().unwrap())
+            .collect();
         assert_eq!(
             codes,
-            ["create", "delete", "history-instance", "history-type", "read", "update", "vread"].into_iter().collect()
+            [
+                "create",
+                "delete",
+                "history-instance",
+                "history-type",
+                "read",
+                "update",
+                "vread"
+            ]
+            .into_iter()
+            .collect()
         );
         assert!(res.get("searchParam").is_none());
     }
@@ -464,7 +575,10 @@ fn official_examples_round_trip(db: Db) {
     ] {
         examples.push((format!("{}.json", extra["resourceType"].as_str().unwrap()), extra));
     }
-    let types: BTreeSet<String> = examples.iter().map(|(_, v)| v["resourceType"].as_str().unwrap().to_string()).collect();
+    let types: BTreeSet<String> = examples
+        .iter()
+        .map(|(_, v)| v["resourceType"].as_str().unwrap().to_string())
+        .collect();
     assert_eq!(types.len(), 146, "one example for every R4 resource type");
     let mut failures = Vec::new();
     for (file, example) in &examples {
@@ -493,7 +607,13 @@ fn official_examples_round_trip(db: Db) {
             failures.push(format!("{file}: read back differs"));
         }
     }
-    assert!(failures.is_empty(), "{} of {} failed:\n{}", failures.len(), examples.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} of {} failed:\n{}",
+        failures.len(),
+        examples.len(),
+        failures.join("\n")
+    );
 }
 
 /// Invariant 1: a name written through the API never appears in the database at rest.
@@ -509,7 +629,10 @@ fn no_plaintext_phi_at_rest(db: Db) {
     assert_eq!(s.get(&format!("/Patient/{id}")).json()["name"][0]["family"], sentinel);
     let bytes = s.db.bytes_at_rest();
     assert!(bytes.len() > 1000);
-    assert!(!bytes.windows(sentinel.len()).any(|w| w == sentinel.as_bytes()), "plaintext PHI found at rest");
+    assert!(
+        !bytes.windows(sentinel.len()).any(|w| w == sentinel.as_bytes()),
+        "plaintext PHI found at rest"
+    );
     // the resource id and type are stored (they are not PHI); proves we looked at the right data
     assert!(bytes.windows(id.len()).any(|w| w == id.as_bytes()));
 }
@@ -520,12 +643,17 @@ fn ciphertext_bound_to_row_and_history_append_only(db: Db) {
     let s = TestServer::start(db);
     let a = created_id(&s.post("/Patient", &patient("Alpha")));
     let b = created_id(&s.post("/Patient", &patient("Bravo")));
-    let err = s
-        .db
-        .exec(&format!("UPDATE resource_versions SET deleted = TRUE WHERE logical_id = '{a}'"))
+    let err =
+        s.db.exec(&format!(
+            "UPDATE resource_versions SET deleted = TRUE WHERE logical_id = '{a}'"
+        ))
         .unwrap_err();
     assert!(err.contains("append-only"), "{err}");
-    assert!(s.db.exec("DELETE FROM resource_versions").unwrap_err().contains("append-only"));
+    assert!(s
+        .db
+        .exec("DELETE FROM resource_versions")
+        .unwrap_err()
+        .contains("append-only"));
     // Move b's ciphertext into a's row, by re-creating the table content without the trigger.
     let swap = match db {
         Db::Sqlite => format!(
@@ -547,7 +675,77 @@ fn ciphertext_bound_to_row_and_history_append_only(db: Db) {
     assert_eq!(s.get(&format!("/Patient/{b}")).status, 200);
 }
 
+/// Hostile or odd requests get 4xx OperationOutcomes, never a 5xx, a panic or a dropped connection.
+fn hostile_inputs_never_fail_the_server(db: Db) {
+    let s = TestServer::start(db);
+    let deep = format!(
+        "{{\"resourceType\":\"Patient\",\"extension\":{}{}}}",
+        "[".repeat(5000),
+        "]".repeat(5000)
+    );
+    let mut nested = json!({"resourceType": "Patient"});
+    for _ in 0..40 {
+        nested = json!({"resourceType": "Patient", "contained": [nested]});
+    }
+    let bodies: Vec<Vec<u8>> = vec![
+        deep.into_bytes(),
+        vec![0xff, 0xfe, 0x00, 0x7b],
+        b"{\"resourceType\":\"Observation\",\"status\":\"final\",\"code\":{\"text\":\"x\"},\"valueQuantity\":{\"value\":1e400}}".to_vec(),
+        b"{\"resourceType\":\"Patient\",\"resourceType\":\"Patient\"}".to_vec(),
+        b"{\"resourceType\":null}".to_vec(),
+        b"{\"resourceType\":\"Patient\",\"meta\":\"x\"}".to_vec(),
+        serde_json::to_vec(&nested).unwrap(),
+    ];
+    for body in bodies {
+        for (m, p) in [("POST", "/Patient"), ("PUT", "/Patient/x1")] {
+            let r = s
+                .client
+                .request(m.parse().unwrap(), s.url(p))
+                .header("content-type", "application/fhir+json")
+                .body(body.clone())
+                .send()
+                .unwrap();
+            let status = r.status().as_u16();
+            assert!(
+                (400..500).contains(&status),
+                "{m} {p} gave {status} for {}",
+                String::from_utf8_lossy(&body).chars().take(60).collect::<String>()
+            );
+        }
+    }
+    let long_id = "a".repeat(65);
+    for path in [
+        format!("/Patient/{long_id}"),
+        "/Patient/%00".to_string(),
+        "/Patient/..%2F..%2Fetc".to_string(),
+        format!("/Patient/x?{}", "a=b&".repeat(2000)),
+        "/Patient/x/_history/99999999999999999999999".to_string(),
+        "/_history?_count=-1".to_string(),
+        "/_history?_count=99999999999".to_string(),
+    ] {
+        let r = s.get(&path);
+        assert!(r.status < 500, "{path} gave {}", r.status);
+    }
+    let r = s
+        .client
+        .get(s.url("/Patient/x"))
+        .header("If-None-Match", b"\xff\xfe".as_slice())
+        .send()
+        .unwrap();
+    assert!(r.status().as_u16() < 500);
+    let r = s.send(
+        "PUT",
+        "/Patient/x2",
+        Some(&json!({"resourceType": "Patient", "id": "x2"})),
+        &[("If-Match", "W/\"99999999999999999999\"")],
+    );
+    assert_eq!(r.status, 400);
+    // and the server still works
+    assert_eq!(s.post("/Patient", &patient("Still")).status, 201);
+}
+
 on_both_backends!(
+    hostile_inputs_never_fail_the_server,
     crud_lifecycle,
     update_rules,
     concurrent_updates_never_lose_a_write,

@@ -23,9 +23,11 @@ fn check_body(state: &AppState, resource_type: &str, body: &Map<String, Value>) 
             .at("resourceType")]))
         }
         None => {
-            return Err(ApiError::BadRequest(vec![
-                Issue::error(IssueType::Required, "resourceType is required").at("resourceType")
-            ]))
+            return Err(ApiError::BadRequest(vec![Issue::error(
+                IssueType::Required,
+                "resourceType is required",
+            )
+            .at("resourceType")]))
         }
     }
     // The server owns versionId and lastUpdated; drop what the client sent before validating
@@ -45,7 +47,9 @@ fn check_body(state: &AppState, resource_type: &str, body: &Map<String, Value>) 
 
 /// Parses `If-Match: W/"3"` (or `"3"`).
 fn if_match(headers: &HeaderMap) -> Result<Option<i64>, ApiError> {
-    let Some(v) = headers.get(header::IF_MATCH) else { return Ok(None) };
+    let Some(v) = headers.get(header::IF_MATCH) else {
+        return Ok(None);
+    };
     parse_etag(v.to_str().unwrap_or(""))
         .map(Some)
         .ok_or_else(|| ApiError::bad_request(IssueType::Invalid, "If-Match must be an ETag such as W/\"1\""))
@@ -70,7 +74,10 @@ fn parse_condition(query: &str) -> Result<Condition, ApiError> {
         })
         .collect();
     if pairs.is_empty() {
-        return Err(ApiError::bad_request(IssueType::Invalid, "If-None-Exist has no search parameters"));
+        return Err(ApiError::bad_request(
+            IssueType::Invalid,
+            "If-None-Exist has no search parameters",
+        ));
     }
     for (k, v) in pairs {
         let values: Vec<&str> = v.split(',').collect();
@@ -78,7 +85,10 @@ fn parse_condition(query: &str) -> Result<Condition, ApiError> {
             "_id" => {
                 let ids: Vec<String> = values.iter().map(|s| s.to_string()).collect();
                 if ids.iter().any(|i| !is_valid_id(i)) {
-                    return Err(ApiError::bad_request(IssueType::Invalid, "If-None-Exist: _id has an invalid id"));
+                    return Err(ApiError::bad_request(
+                        IssueType::Invalid,
+                        "If-None-Exist: _id has an invalid id",
+                    ));
                 }
                 cond.ids = Some(match cond.ids.take() {
                     Some(prev) => prev.into_iter().filter(|p| ids.contains(p)).collect(),
@@ -87,8 +97,9 @@ fn parse_condition(query: &str) -> Result<Condition, ApiError> {
             }
             "identifier" => {
                 let keys: Option<Vec<String>> = values.iter().map(|s| token_query_key(s)).collect();
-                let keys = keys
-                    .ok_or_else(|| ApiError::bad_request(IssueType::Invalid, "If-None-Exist: identifier needs [system]|value"))?;
+                let keys = keys.ok_or_else(|| {
+                    ApiError::bad_request(IssueType::Invalid, "If-None-Exist: identifier needs [system]|value")
+                })?;
                 cond.tokens.push(("identifier", keys));
             }
             _ => {
@@ -126,7 +137,8 @@ fn resource_response(
         Prefer::Representation => b.content_type(fmt.content_type()).body(fmt.render_stored(json)),
         Prefer::OperationOutcome => {
             let text = if status == StatusCode::CREATED { "created" } else { "ok" };
-            b.content_type(fmt.content_type()).body(fmt.render(&OperationOutcome::information(text)))
+            b.content_type(fmt.content_type())
+                .body(fmt.render(&OperationOutcome::information(text)))
         }
     }
 }
@@ -153,10 +165,9 @@ pub async fn create(
     let mut body = read_resource_body(&req, payload, state.config.max_body_bytes).await?;
     check_body(&state, &resource_type, &body)?;
     let condition = match req.headers().get("if-none-exist") {
-        Some(v) => Some(parse_condition(
-            v.to_str()
-                .map_err(|_| ApiError::bad_request(IssueType::Invalid, "If-None-Exist is not valid text"))?,
-        )?),
+        Some(v) => Some(parse_condition(v.to_str().map_err(|_| {
+            ApiError::bad_request(IssueType::Invalid, "If-None-Exist is not valid text")
+        })?)?),
         None => None,
     };
     // The server assigns the id of a created resource; any id sent is ignored (FHIR 3.1.0.7).
@@ -171,15 +182,36 @@ pub async fn create(
     .await?;
     let base = state.base_url(&req);
     Ok(match outcome {
-        CreateOutcome::Created(Written { version_id, last_updated, json, .. }) => {
+        CreateOutcome::Created(Written {
+            version_id,
+            last_updated,
+            json,
+            ..
+        }) => {
             let id = logical_id_of(&json);
             let loc = version_location(&base, &resource_type, &id, version_id);
-            resource_response(StatusCode::CREATED, fmt, prefer, version_id, &last_updated, Some(loc), json)
+            resource_response(
+                StatusCode::CREATED,
+                fmt,
+                prefer,
+                version_id,
+                &last_updated,
+                Some(loc),
+                json,
+            )
         }
         CreateOutcome::Existing(existing) => {
             let loc = version_location(&base, &resource_type, &existing.logical_id, existing.version_id);
             let json = existing.content.unwrap_or_default();
-            resource_response(StatusCode::OK, fmt, prefer, existing.version_id, &existing.last_updated, Some(loc), json)
+            resource_response(
+                StatusCode::OK,
+                fmt,
+                prefer,
+                existing.version_id,
+                &existing.last_updated,
+                Some(loc),
+                json,
+            )
         }
     })
 }
@@ -229,11 +261,19 @@ pub async fn vread(
 /// Answers a read, honouring `If-None-Match` and `If-Modified-Since` (304).
 fn respond_read(req: &HttpRequest, fmt: Format, found: StoredVersion) -> Result<HttpResponse, ApiError> {
     let not_modified = if let Some(inm) = req.headers().get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok()) {
-        inm.split(',').any(|t| t.trim() == "*" || parse_etag(t) == Some(found.version_id))
-    } else if let Some(ims) = req.headers().get(header::IF_MODIFIED_SINCE).and_then(|v| v.to_str().ok()) {
+        inm.split(',')
+            .any(|t| t.trim() == "*" || parse_etag(t) == Some(found.version_id))
+    } else if let Some(ims) = req
+        .headers()
+        .get(header::IF_MODIFIED_SINCE)
+        .and_then(|v| v.to_str().ok())
+    {
         match httpdate::parse_http_date(ims) {
             Ok(since) => {
-                let since = since.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
+                let since = since
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs() as i64)
+                    .unwrap_or(0);
                 found.last_updated.and_utc().timestamp() <= since
             }
             Err(_) => false,
@@ -277,9 +317,11 @@ pub async fn update(
     let fmt = Format::negotiate(&req)?;
     let prefer = Prefer::from_request(&req);
     if !is_valid_id(&id) {
-        return Err(ApiError::BadRequest(vec![
-            Issue::error(IssueType::Invalid, "the id in the URL is not a valid FHIR id").at("id")
-        ]));
+        return Err(ApiError::BadRequest(vec![Issue::error(
+            IssueType::Invalid,
+            "the id in the URL is not a valid FHIR id",
+        )
+        .at("id")]));
     }
     let expected = if_match(req.headers())?;
     let body = read_resource_body(&req, payload, state.config.max_body_bytes).await?;
@@ -287,14 +329,18 @@ pub async fn update(
     match body.get("id").and_then(Value::as_str) {
         Some(body_id) if body_id == id => {}
         Some(_) => {
-            return Err(ApiError::BadRequest(vec![
-                Issue::error(IssueType::Invalid, "the id in the body does not match the id in the URL").at(format!("{t}.id"))
-            ]))
+            return Err(ApiError::BadRequest(vec![Issue::error(
+                IssueType::Invalid,
+                "the id in the body does not match the id in the URL",
+            )
+            .at(format!("{t}.id"))]))
         }
         None => {
-            return Err(ApiError::BadRequest(vec![
-                Issue::error(IssueType::Required, "an update must carry the resource id").at(format!("{t}.id"))
-            ]))
+            return Err(ApiError::BadRequest(vec![Issue::error(
+                IssueType::Required,
+                "an update must carry the resource id",
+            )
+            .at(format!("{t}.id"))]))
         }
     }
     let st = state.clone();
@@ -306,16 +352,29 @@ pub async fn update(
                 content_for(&mut b, &iid, v, ts)
             })
             .map_err(|e| match e {
-                StoreError::VersionConflict { current: None } => {
-                    ApiError::PreconditionFailed(IssueType::Conflict, "If-Match was given for a resource that does not exist")
-                }
+                StoreError::VersionConflict { current: None } => ApiError::PreconditionFailed(
+                    IssueType::Conflict,
+                    "If-Match was given for a resource that does not exist",
+                ),
                 other => ApiError::from(other),
             })
     })
     .await?;
-    let status = if written.created { StatusCode::CREATED } else { StatusCode::OK };
+    let status = if written.created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
     let loc = version_location(&state.base_url(&req), &t, &id, written.version_id);
-    Ok(resource_response(status, fmt, prefer, written.version_id, &written.last_updated, Some(loc), written.json))
+    Ok(resource_response(
+        status,
+        fmt,
+        prefer,
+        written.version_id,
+        &written.last_updated,
+        Some(loc),
+        written.json,
+    ))
 }
 
 pub async fn delete(
@@ -341,7 +400,8 @@ pub async fn delete(
         }
         DeleteOutcome::NothingToDelete => "nothing to delete: the resource does not exist or is already deleted",
     };
-    Ok(b.content_type(fmt.content_type()).body(fmt.render(&OperationOutcome::information(text))))
+    Ok(b.content_type(fmt.content_type())
+        .body(fmt.render(&OperationOutcome::information(text))))
 }
 
 #[cfg(test)]

@@ -35,7 +35,10 @@ pub enum ApiError {
     #[error("not acceptable")]
     NotAcceptable,
     #[error("gone")]
-    Gone { version_id: i64, last_updated: NaiveDateTime },
+    Gone {
+        version_id: i64,
+        last_updated: NaiveDateTime,
+    },
     #[error("precondition failed")]
     PreconditionFailed(IssueType, &'static str),
     #[error("payload too large")]
@@ -59,7 +62,10 @@ impl ApiError {
         let issues = match self {
             ApiError::BadRequest(issues) | ApiError::Unprocessable(issues) => issues.clone(),
             ApiError::NotFound(what) => vec![Issue::error(IssueType::NotFound, *what)],
-            ApiError::MethodNotAllowed => vec![Issue::error(IssueType::NotSupported, "this interaction is not supported on this URL")],
+            ApiError::MethodNotAllowed => vec![Issue::error(
+                IssueType::NotSupported,
+                "this interaction is not supported on this URL",
+            )],
             ApiError::NotAcceptable => vec![Issue::error(
                 IssueType::NotSupported,
                 "only JSON is supported: application/fhir+json or application/json",
@@ -67,7 +73,10 @@ impl ApiError {
             ApiError::Gone { .. } => vec![Issue::error(IssueType::Deleted, "the resource has been deleted")],
             ApiError::PreconditionFailed(code, text) => vec![Issue::error(*code, *text)],
             ApiError::PayloadTooLarge(limit) => {
-                vec![Issue::error(IssueType::TooLong, format!("the request body exceeds the limit of {limit} bytes"))]
+                vec![Issue::error(
+                    IssueType::TooLong,
+                    format!("the request body exceeds the limit of {limit} bytes"),
+                )]
             }
             ApiError::UnsupportedMediaType => vec![Issue::error(
                 IssueType::NotSupported,
@@ -100,7 +109,11 @@ impl ResponseError for ApiError {
     fn error_response(&self) -> HttpResponse {
         let mut resp = HttpResponse::build(self.status_code());
         resp.insert_header((header::CONTENT_TYPE, super::FHIR_JSON));
-        if let ApiError::Gone { version_id, last_updated } = self {
+        if let ApiError::Gone {
+            version_id,
+            last_updated,
+        } = self
+        {
             resp.insert_header((header::ETAG, super::etag(*version_id)));
             resp.insert_header((header::LAST_MODIFIED, super::http_date(last_updated)));
         }
@@ -115,13 +128,20 @@ impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> ApiError {
         match e {
             StoreError::NotFound => ApiError::NotFound("resource not found"),
-            StoreError::Gone { version_id, last_updated } => ApiError::Gone { version_id, last_updated },
+            StoreError::Gone {
+                version_id,
+                last_updated,
+            } => ApiError::Gone {
+                version_id,
+                last_updated,
+            },
             StoreError::VersionConflict { .. } => {
                 ApiError::PreconditionFailed(IssueType::Conflict, "the resource version does not match If-Match")
             }
-            StoreError::MultipleMatches => {
-                ApiError::PreconditionFailed(IssueType::MultipleMatches, "the condition matched more than one resource")
-            }
+            StoreError::MultipleMatches => ApiError::PreconditionFailed(
+                IssueType::MultipleMatches,
+                "the condition matched more than one resource",
+            ),
             StoreError::Pool(_) => {
                 tracing::warn!("database pool exhausted or unreachable");
                 ApiError::Unavailable
@@ -154,7 +174,13 @@ mod tests {
             (ApiError::NotFound("x"), 404),
             (ApiError::MethodNotAllowed, 405),
             (ApiError::NotAcceptable, 406),
-            (ApiError::Gone { version_id: 2, last_updated: ts }, 410),
+            (
+                ApiError::Gone {
+                    version_id: 2,
+                    last_updated: ts,
+                },
+                410,
+            ),
             (ApiError::PreconditionFailed(IssueType::Conflict, "x"), 412),
             (ApiError::PayloadTooLarge(10), 413),
             (ApiError::UnsupportedMediaType, 415),

@@ -70,25 +70,32 @@ async fn history(
     for (k, v) in query_pairs(&req) {
         match k.as_str() {
             "_count" => {
-                let n: u32 = v
-                    .parse()
-                    .map_err(|_| ApiError::bad_request(IssueType::Invalid, "_count must be a non-negative whole number"))?;
+                let n: u32 = v.parse().map_err(|_| {
+                    ApiError::bad_request(IssueType::Invalid, "_count must be a non-negative whole number")
+                })?;
                 count = n.clamp(1, cfg.max_page_size);
             }
             "_since" => {
                 since = Some(parse_instant(&v).ok_or_else(|| {
-                    ApiError::bad_request(IssueType::Invalid, "_since must be an instant such as 2024-01-01T00:00:00Z")
+                    ApiError::bad_request(
+                        IssueType::Invalid,
+                        "_since must be an instant such as 2024-01-01T00:00:00Z",
+                    )
                 })?);
                 since_raw = Some(v);
             }
             "_page" => {
                 before_row = Some(
-                    decode_cursor(&v).ok_or_else(|| ApiError::bad_request(IssueType::Invalid, "invalid or expired page token"))?,
+                    decode_cursor(&v)
+                        .ok_or_else(|| ApiError::bad_request(IssueType::Invalid, "invalid or expired page token"))?,
                 )
             }
             "_format" | "_pretty" => {}
             "_at" | "_list" | "_sort" => {
-                return Err(ApiError::bad_request(IssueType::NotSupported, "this history parameter is not supported"))
+                return Err(ApiError::bad_request(
+                    IssueType::NotSupported,
+                    "this history parameter is not supported",
+                ))
             }
             _ => {}
         }
@@ -131,7 +138,9 @@ async fn history(
         "link": links,
         "entry": entries,
     });
-    Ok(HttpResponse::Ok().content_type(fmt.content_type()).body(fmt.render(&bundle)))
+    Ok(HttpResponse::Ok()
+        .content_type(fmt.content_type())
+        .body(fmt.render(&bundle)))
 }
 
 fn entry(base: &str, v: &StoredVersion) -> Result<Value, ApiError> {

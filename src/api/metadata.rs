@@ -9,7 +9,15 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use serde_json::{json, Value};
 
 /// The interactions `api::app` routes for every resource type.
-pub const TYPE_INTERACTIONS: &[&str] = &["read", "vread", "update", "delete", "history-instance", "history-type", "create"];
+pub const TYPE_INTERACTIONS: &[&str] = &[
+    "read",
+    "vread",
+    "update",
+    "delete",
+    "history-instance",
+    "history-type",
+    "create",
+];
 /// The system-level interactions routed.
 pub const SYSTEM_INTERACTIONS: &[&str] = &["history-system"];
 

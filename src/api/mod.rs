@@ -96,7 +96,13 @@ pub async fn blocking<T: Send + 'static>(
 pub fn app(
     state: web::Data<AppState>,
 ) -> App<
-    impl ServiceFactory<ServiceRequest, Config = (), Response = ServiceResponse<impl MessageBody>, Error = actix_web::Error, InitError = ()>,
+    impl ServiceFactory<
+        ServiceRequest,
+        Config = (),
+        Response = ServiceResponse<impl MessageBody>,
+        Error = actix_web::Error,
+        InitError = (),
+    >,
 > {
     let base = state.config.base_path.clone();
     App::new()
@@ -108,7 +114,10 @@ pub fn app(
             DefaultHeaders::new()
                 .add((header::X_CONTENT_TYPE_OPTIONS, "nosniff"))
                 .add((header::CACHE_CONTROL, "no-store"))
-                .add((header::CONTENT_SECURITY_POLICY, "default-src 'none'; frame-ancestors 'none'"))
+                .add((
+                    header::CONTENT_SECURITY_POLICY,
+                    "default-src 'none'; frame-ancestors 'none'",
+                ))
                 .add((header::X_FRAME_OPTIONS, "DENY"))
                 .add((header::REFERRER_POLICY, "no-referrer")),
         )
@@ -173,7 +182,8 @@ async fn request_id_header(
         .map(|r| r.to_string());
     let mut res = next.call(req).await?;
     if let Some(id) = id.and_then(|i| HeaderValue::from_str(&i).ok()) {
-        res.headers_mut().insert(header::HeaderName::from_static("x-request-id"), id);
+        res.headers_mut()
+            .insert(header::HeaderName::from_static("x-request-id"), id);
     }
     Ok(res)
 }
@@ -208,5 +218,7 @@ fn ensure_operation_outcome<B: MessageBody + 'static>(
         .insert_header((header::CACHE_CONTROL, "no-store"))
         .insert_header((header::X_CONTENT_TYPE_OPTIONS, "nosniff"))
         .body(body);
-    Ok(ErrorHandlerResponse::Response(ServiceResponse::new(req, resp).map_into_right_body()))
+    Ok(ErrorHandlerResponse::Response(
+        ServiceResponse::new(req, resp).map_into_right_body(),
+    ))
 }

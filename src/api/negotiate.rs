@@ -51,7 +51,9 @@ pub fn percent_decode(s: &str) -> String {
         match bytes[i] {
             b'+' => out.push(b' '),
             b'%' if i + 2 < bytes.len() => {
-                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok().and_then(|h| u8::from_str_radix(h, 16).ok());
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3])
+                    .ok()
+                    .and_then(|h| u8::from_str_radix(h, 16).ok());
                 match hex {
                     Some(b) => {
                         out.push(b);
@@ -174,7 +176,10 @@ pub async fn read_resource_body(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
     let essence = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
-    if !matches!(essence.as_str(), "application/fhir+json" | "application/json" | "application/json+fhir") {
+    if !matches!(
+        essence.as_str(),
+        "application/fhir+json" | "application/json" | "application/json+fhir"
+    ) {
         return Err(ApiError::UnsupportedMediaType);
     }
     if let Some(len) = req
@@ -189,21 +194,32 @@ pub async fn read_resource_body(
     }
     let mut body = web::BytesMut::new();
     while let Some(chunk) = payload.next().await {
-        let chunk = chunk.map_err(|_| ApiError::bad_request(IssueType::Structure, "the request body could not be read"))?;
+        let chunk =
+            chunk.map_err(|_| ApiError::bad_request(IssueType::Structure, "the request body could not be read"))?;
         if body.len() + chunk.len() > limit {
             return Err(ApiError::PayloadTooLarge(limit));
         }
         body.extend_from_slice(&chunk);
     }
     if body.is_empty() {
-        return Err(ApiError::bad_request(IssueType::Required, "a resource body is required"));
+        return Err(ApiError::bad_request(
+            IssueType::Required,
+            "a resource body is required",
+        ));
     }
-    match serde_json::from_slice::<Value>(&body) {
+    match crate::fhir::json::parse_strict(&body) {
         Ok(Value::Object(m)) => Ok(m),
-        Ok(_) => Err(ApiError::bad_request(IssueType::Structure, "the body must be a JSON object (a FHIR resource)")),
+        Ok(_) => Err(ApiError::bad_request(
+            IssueType::Structure,
+            "the body must be a JSON object (a FHIR resource)",
+        )),
         Err(e) => Err(ApiError::BadRequest(vec![Issue::error(
             IssueType::Structure,
-            format!("malformed JSON at line {} column {}", e.line(), e.column()),
+            if e.duplicate_key {
+                format!("duplicate JSON property at line {} column {}", e.line, e.column)
+            } else {
+                format!("malformed JSON at line {} column {}", e.line, e.column)
+            },
         )])),
     }
 }

@@ -94,7 +94,10 @@ impl LocalKeyFile {
         }
         let mut keys = BTreeMap::new();
         for (version, b64) in &contents.keys {
-            let bytes = Zeroizing::new(B64.decode(b64).map_err(|_| err(format!("key version {version} is not base64")))?);
+            let bytes = Zeroizing::new(
+                B64.decode(b64)
+                    .map_err(|_| err(format!("key version {version} is not base64")))?,
+            );
             if bytes.len() != 32 || *version == 0 {
                 return Err(err(format!("key version {version} is not a 256-bit key")));
             }

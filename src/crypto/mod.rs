@@ -204,8 +204,7 @@ impl Cipher {
     /// A blind index: truncated HMAC-SHA256 of `value` in the named domain (for example a
     /// search parameter), so equal values can be matched without storing them.
     pub fn blind_index(&self, domain: &str, value: &str) -> [u8; BLIND_INDEX_LEN] {
-        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(self.blind.as_ref())
-            .expect("HMAC accepts any key length");
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(self.blind.as_ref()).expect("HMAC accepts any key length");
         mac.update(&(domain.len() as u32).to_be_bytes());
         mac.update(domain.as_bytes());
         mac.update(value.as_bytes());

@@ -50,7 +50,9 @@ pub fn identifier_tokens(body: &Map<String, Value>) -> Vec<(&'static str, String
         _ => vec![],
     };
     for ident in list {
-        let Some(value) = ident.get("value").and_then(Value::as_str) else { continue };
+        let Some(value) = ident.get("value").and_then(Value::as_str) else {
+            continue;
+        };
         out.extend(token_keys(ident.get("system").and_then(Value::as_str), value));
     }
     out
@@ -95,19 +97,26 @@ mod tests {
             .as_object()
             .cloned()
             .unwrap();
-        let ts = chrono::DateTime::from_timestamp(1_700_000_000, 123_456_000).unwrap().naive_utc();
+        let ts = chrono::DateTime::from_timestamp(1_700_000_000, 123_456_000)
+            .unwrap()
+            .naive_utc();
         let bytes = stamp(&mut body, "p1", 3, &ts);
         let v: Value = serde_json::from_slice(&bytes).unwrap();
         assert_eq!(v["meta"]["versionId"], "3");
         assert_eq!(v["meta"]["lastUpdated"], "2023-11-14T22:13:20.123456Z");
         assert_eq!(v["meta"]["tag"][0]["code"], "x");
         assert_eq!(v["id"], "p1");
-        assert!(std::str::from_utf8(&bytes).unwrap().starts_with("{\"resourceType\":\"Patient\",\"id\":\"p1\""));
+        assert!(std::str::from_utf8(&bytes)
+            .unwrap()
+            .starts_with("{\"resourceType\":\"Patient\",\"id\":\"p1\""));
     }
 
     #[test]
     fn identifier_keys_match_queries() {
-        let body = json!({"identifier":[{"system":"urn:s","value":"1"},{"value":"2"}]}).as_object().cloned().unwrap();
+        let body = json!({"identifier":[{"system":"urn:s","value":"1"},{"value":"2"}]})
+            .as_object()
+            .cloned()
+            .unwrap();
         let keys: Vec<String> = identifier_tokens(&body).into_iter().map(|(_, k)| k).collect();
         for q in ["urn:s|1", "1", "2", "|2"] {
             assert!(keys.contains(&token_query_key(q).unwrap()), "{q}");

@@ -118,7 +118,10 @@ impl Validator {
         }
         let v = &self.all;
         if !v.is_valid(resource) {
-            out.extend(v.iter_errors(resource).flat_map(|e| describe(root, e.instance_path().as_str(), e.kind())));
+            out.extend(
+                v.iter_errors(resource)
+                    .flat_map(|e| describe(root, e.instance_path().as_str(), e.kind())),
+            );
         }
         self.validate_nested(resource, root, out, depth);
     }
@@ -131,7 +134,11 @@ impl Validator {
                 for (k, child) in map {
                     let nested_slot = matches!(k.as_str(), "contained" | "resource" | "outcome");
                     let items: Vec<(String, &Value)> = match child {
-                        Value::Array(a) => a.iter().enumerate().map(|(i, c)| (format!("{path}.{k}[{i}]"), c)).collect(),
+                        Value::Array(a) => a
+                            .iter()
+                            .enumerate()
+                            .map(|(i, c)| (format!("{path}.{k}[{i}]"), c))
+                            .collect(),
                         other => vec![(format!("{path}.{k}"), other)],
                     };
                     for (child_path, item) in items {
@@ -179,7 +186,11 @@ fn describe(root: &str, pointer: &str, kind: &ValidationErrorKind) -> Vec<Issue>
             .iter()
             .map(|name| {
                 // Element names are structure, not data; still, keep them short and printable.
-                let safe: String = name.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '_').take(64).collect();
+                let safe: String = name
+                    .chars()
+                    .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .take(64)
+                    .collect();
                 Issue::error(IssueType::Structure, "unknown element").at(format!("{at}.{safe}"))
             })
             .collect(),
@@ -187,18 +198,26 @@ fn describe(root: &str, pointer: &str, kind: &ValidationErrorKind) -> Vec<Issue>
             let name = property.as_str().unwrap_or("?");
             vec![Issue::error(IssueType::Required, "missing required element").at(format!("{at}.{name}"))]
         }
-        ValidationErrorKind::Type { kind } => one(IssueType::Structure, &format!("wrong JSON type: expected {kind:?}").to_lowercase()),
+        ValidationErrorKind::Type { kind } => one(
+            IssueType::Structure,
+            &format!("wrong JSON type: expected {kind:?}").to_lowercase(),
+        ),
         ValidationErrorKind::Enum { .. } => one(IssueType::Value, "value is not one of the allowed codes"),
         ValidationErrorKind::Constant { .. } => one(IssueType::Value, "value differs from the fixed value"),
-        ValidationErrorKind::Pattern { .. } => one(IssueType::Value, "value does not match the syntax of its data type"),
+        ValidationErrorKind::Pattern { .. } => {
+            one(IssueType::Value, "value does not match the syntax of its data type")
+        }
         ValidationErrorKind::MinItems { .. } => one(IssueType::Structure, "array must not be empty"),
         ValidationErrorKind::MaxItems { .. } => one(IssueType::Structure, "too many repetitions"),
         ValidationErrorKind::MinLength { .. } => one(IssueType::Value, "value is too short"),
         ValidationErrorKind::MaxLength { .. } => one(IssueType::Value, "value is too long"),
-        ValidationErrorKind::OneOfNotValid { .. } | ValidationErrorKind::AnyOf { .. } => {
-            one(IssueType::Structure, "content matches none of the allowed types (for a resource: unknown type or invalid content)")
+        ValidationErrorKind::OneOfNotValid { .. } | ValidationErrorKind::AnyOf { .. } => one(
+            IssueType::Structure,
+            "content matches none of the allowed types (for a resource: unknown type or invalid content)",
+        ),
+        ValidationErrorKind::OneOfMultipleValid { .. } => {
+            one(IssueType::Structure, "content matches more than one allowed type")
         }
-        ValidationErrorKind::OneOfMultipleValid { .. } => one(IssueType::Structure, "content matches more than one allowed type"),
         ValidationErrorKind::FalseSchema => one(IssueType::Structure, "element is not allowed here"),
         _ => one(IssueType::Invalid, "value is invalid"),
     }
@@ -228,8 +247,16 @@ mod tests {
         let issues = v().validate("Patient", &p);
         let text = serde_json::to_string(&issues).unwrap();
         assert!(!text.contains("SECRET"), "{text}");
-        let exprs: Vec<&str> = issues.iter().flat_map(|i| i.expression.iter().map(String::as_str)).collect();
-        for e in ["Patient.gender", "Patient.birthDate", "Patient.name[0].given", "Patient.bogus"] {
+        let exprs: Vec<&str> = issues
+            .iter()
+            .flat_map(|i| i.expression.iter().map(String::as_str))
+            .collect();
+        for e in [
+            "Patient.gender",
+            "Patient.birthDate",
+            "Patient.name[0].given",
+            "Patient.bogus",
+        ] {
             assert!(exprs.contains(&e), "{e} not in {exprs:?}");
         }
     }
@@ -238,7 +265,11 @@ mod tests {
     fn nested_resources_are_checked_by_their_own_type() {
         let b = json!({"resourceType":"Bundle","type":"collection","entry":[{"resource":{"resourceType":"Patient","gender":1}}]});
         let issues = v().validate("Bundle", &b);
-        assert_eq!(issues[0].expression, vec!["Bundle.entry[0].resource.gender".to_string()], "{issues:?}");
+        assert_eq!(
+            issues[0].expression,
+            vec!["Bundle.entry[0].resource.gender".to_string()],
+            "{issues:?}"
+        );
         let p = json!({"resourceType":"Patient","contained":[{"resourceType":"Nope"}]});
         assert!(!v().validate("Patient", &p).is_empty());
         let p = json!({"resourceType":"Patient","contained":[{"resourceType":"Organization","name":"x"}]});

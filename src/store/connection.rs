@@ -49,7 +49,9 @@ pub struct DbManager {
 impl std::fmt::Debug for DbManager {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // The URL may hold a password: never print it.
-        f.debug_struct("DbManager").field("backend", &self.backend).finish_non_exhaustive()
+        f.debug_struct("DbManager")
+            .field("backend", &self.backend)
+            .finish_non_exhaustive()
     }
 }
 

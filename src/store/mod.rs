@@ -36,7 +36,10 @@ pub enum StoreError {
     #[error("resource not found")]
     NotFound,
     #[error("resource deleted")]
-    Gone { version_id: i64, last_updated: NaiveDateTime },
+    Gone {
+        version_id: i64,
+        last_updated: NaiveDateTime,
+    },
     #[error("version conflict")]
     VersionConflict { current: Option<i64> },
     #[error("the condition matched more than one resource")]
@@ -92,7 +95,9 @@ pub enum CreateOutcome {
 }
 
 pub enum DeleteOutcome {
-    Deleted { version_id: i64 },
+    Deleted {
+        version_id: i64,
+    },
     /// Nothing to delete: the resource never existed or is already deleted.
     NothingToDelete,
 }
@@ -140,7 +145,9 @@ pub struct Store {
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store").field("backend", &self.backend).finish_non_exhaustive()
+        f.debug_struct("Store")
+            .field("backend", &self.backend)
+            .finish_non_exhaustive()
     }
 }
 
@@ -151,7 +158,10 @@ pub fn now() -> NaiveDateTime {
 }
 
 fn is_unique_violation(e: &StoreError) -> bool {
-    matches!(e, StoreError::Database(DieselError::DatabaseError(DatabaseErrorKind::UniqueViolation, _)))
+    matches!(
+        e,
+        StoreError::Database(DieselError::DatabaseError(DatabaseErrorKind::UniqueViolation, _))
+    )
 }
 
 /// Runs the migrations of the backend `conn` is on.
@@ -390,7 +400,7 @@ impl Store {
                     }
                 };
                 let content = make(version, ts);
-                self.append_version(conn, resource_type, id, version, ts, if created { "PUT" } else { "PUT" }, Some(&content))?;
+                self.append_version(conn, resource_type, id, version, ts, "PUT", Some(&content))?;
                 self.replace_index(conn, resource_type, id, Some(&content))?;
                 Ok(Written {
                     version_id: version,
@@ -482,7 +492,11 @@ impl Store {
         for row in rows.into_iter().take(q.count as usize) {
             entries.push(self.decrypt_row(row)?);
         }
-        let next_before_row = if has_more { entries.last().map(|e| e.row_id) } else { None };
+        let next_before_row = if has_more {
+            entries.last().map(|e| e.row_id)
+        } else {
+            None
+        };
         Ok(HistoryPage {
             entries,
             total,
@@ -512,9 +526,17 @@ impl Store {
             candidates = Some(found.into_iter().collect());
         }
         for (param, values) in &cond.tokens {
-            let blinds: Vec<Vec<u8>> = values.iter().map(|v| self.cipher.blind_index(param, v).to_vec()).collect();
+            let blinds: Vec<Vec<u8>> = values
+                .iter()
+                .map(|v| self.cipher.blind_index(param, v).to_vec())
+                .collect();
             let mut q = ti::table
-                .filter(ti::resource_type.eq(resource_type).and(ti::param.eq(*param)).and(ti::value.eq_any(blinds)))
+                .filter(
+                    ti::resource_type
+                        .eq(resource_type)
+                        .and(ti::param.eq(*param))
+                        .and(ti::value.eq_any(blinds)),
+                )
                 .select(ti::logical_id)
                 .distinct()
                 .into_boxed();
@@ -603,7 +625,8 @@ impl Store {
         id: &str,
         content: Option<&Content>,
     ) -> Result<(), StoreError> {
-        diesel::delete(ti::table.filter(ti::resource_type.eq(resource_type).and(ti::logical_id.eq(id)))).execute(conn)?;
+        diesel::delete(ti::table.filter(ti::resource_type.eq(resource_type).and(ti::logical_id.eq(id))))
+            .execute(conn)?;
         let Some(content) = content else { return Ok(()) };
         let entries: BTreeSet<(&str, Vec<u8>)> = content
             .tokens

@@ -55,7 +55,11 @@ fn find_pg_bin() -> PathBuf {
         .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.path().join("bin")).collect())
         .unwrap_or_default();
     candidates.sort();
-    if let Some(dir) = candidates.into_iter().rev().find(|d| d.join("initdb").exists() && d.join("pg_ctl").exists()) {
+    if let Some(dir) = candidates
+        .into_iter()
+        .rev()
+        .find(|d| d.join("initdb").exists() && d.join("pg_ctl").exists())
+    {
         return dir;
     }
     if let Ok(out) = Command::new("sh").args(["-c", "command -v initdb"]).output() {
@@ -72,11 +76,19 @@ fn find_pg_bin() -> PathBuf {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn is_root() -> bool {
-    Command::new("id").arg("-u").output().map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0").unwrap_or(false)
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
 }
 
 /// Runs a PostgreSQL binary, as the `postgres` user when we are root (the server refuses root).
@@ -164,7 +176,11 @@ impl PgCluster {
             .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "postgres", db])
             .output()
             .expect("running pg_dump");
-        assert!(out.status.success(), "pg_dump failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "pg_dump failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         out.stdout
     }
 }
@@ -277,7 +293,10 @@ impl TestServer {
         TestServer {
             addr,
             base: format!("http://{addr}{base_path}"),
-            client: Client::builder().timeout(std::time::Duration::from_secs(60)).build().unwrap(),
+            client: Client::builder()
+                .timeout(std::time::Duration::from_secs(60))
+                .build()
+                .unwrap(),
             store,
             handle,
             db: tdb,
@@ -303,7 +322,9 @@ impl TestServer {
     pub fn send(&self, method: &str, path: &str, body: Option<&Value>, headers: &[(&str, &str)]) -> Reply {
         let mut r = self.client.request(method.parse().unwrap(), self.url(path));
         if let Some(b) = body {
-            r = r.header("content-type", "application/fhir+json").body(serde_json::to_vec(b).unwrap());
+            r = r
+                .header("content-type", "application/fhir+json")
+                .body(serde_json::to_vec(b).unwrap());
         }
         for (k, v) in headers {
             r = r.header(*k, *v);
@@ -349,8 +370,13 @@ impl From<Response> for Reply {
 
 impl Reply {
     pub fn json(&self) -> Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|_| panic!("not JSON (status {}): {}", self.status, String::from_utf8_lossy(&self.body)))
+        serde_json::from_slice(&self.body).unwrap_or_else(|_| {
+            panic!(
+                "not JSON (status {}): {}",
+                self.status,
+                String::from_utf8_lossy(&self.body)
+            )
+        })
     }
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers.get(name).and_then(|v| v.to_str().ok())
@@ -361,7 +387,9 @@ impl Reply {
     /// Asserts the body is an OperationOutcome with the FHIR content type, and returns it.
     pub fn outcome(&self) -> Value {
         assert!(
-            self.header("content-type").unwrap_or("").starts_with("application/fhir+json"),
+            self.header("content-type")
+                .unwrap_or("")
+                .starts_with("application/fhir+json"),
             "content type {:?}",
             self.header("content-type")
         );

@@ -222,3 +222,39 @@ fn ensure_operation_outcome<B: MessageBody + 'static>(
         ServiceResponse::new(req, resp).map_into_right_body(),
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use actix_web::test as atest;
+
+    async fn boom() -> HttpResponse {
+        panic!("a panic message that could quote PHI: Zorblax");
+    }
+
+    #[actix_web::test]
+    async fn a_panicking_handler_yields_a_500_operation_outcome() {
+        let app = atest::init_service(
+            App::new()
+                .wrap(ErrorHandlers::new().default_handler(ensure_operation_outcome))
+                .wrap(from_fn(contain_panics))
+                .route("/boom", web::get().to(boom)),
+        )
+        .await;
+        // The server renders an error leaving the middleware stack with its `error_response`.
+        let err = atest::try_call_service(&app, atest::TestRequest::get().uri("/boom").to_request())
+            .await
+            .err()
+            .expect("the panic becomes an error");
+        let resp = err.error_response();
+        assert_eq!(resp.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let body = actix_web::body::to_bytes(resp.into_body()).await.unwrap();
+        let text = std::str::from_utf8(&body).unwrap();
+        assert!(text.contains("OperationOutcome") && !text.contains("Zorblax"), "{text}");
+        // the service keeps answering
+        let resp = atest::call_service(&app, atest::TestRequest::get().uri("/nothing").to_request()).await;
+        assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+        let body = atest::read_body(resp).await;
+        assert!(std::str::from_utf8(&body).unwrap().contains("OperationOutcome"));
+    }
+}

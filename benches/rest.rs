@@ -1,0 +1,358 @@
+//! REST core bench: reads by id and creates through the full HTTP stack, against raw database
+//! baselines measured in the same run on the same rows, on SQLite and PostgreSQL; and the idle
+//! resident memory of the server with the R4 schema compiled.
+//!
+//! Figures are ratios (fhirvault / baseline) because these machines are noisy. Run:
+//! `cargo bench --bench rest` (optionally `BENCH_SECS=5 BENCH_ROWS=5000`).
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use common::{Db, TestServer};
+use diesel::prelude::*;
+use fhirvault::config::ConfigLayer;
+use fhirvault::crypto::Aad;
+use fhirvault::store::encrypted::EncryptedColumn;
+use fhirvault::store::schema::{resource_versions as rv, resources as cur};
+use fhirvault::store::{DbConnection, DbManager};
+use serde_json::json;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+fn env_num(name: &str, default: u64) -> u64 {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// Runs `op` on `threads` threads for `secs` seconds; returns operations per second.
+fn throughput<S: Send>(
+    threads: usize,
+    secs: u64,
+    setup: impl Fn(usize) -> S + Sync,
+    op: impl Fn(&mut S, u64) + Sync,
+) -> f64 {
+    let count = AtomicU64::new(0);
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let started = Instant::now();
+    std::thread::scope(|scope| {
+        for t in 0..threads {
+            let (count, setup, op) = (&count, &setup, &op);
+            scope.spawn(move || {
+                let mut state = setup(t);
+                let mut i = t as u64 * 1_000_003;
+                while Instant::now() < deadline {
+                    op(&mut state, i);
+                    i += 1;
+                    count.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+        }
+    });
+    count.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64()
+}
+
+fn patient(i: u64) -> serde_json::Value {
+    json!({
+        "resourceType": "Patient",
+        "identifier": [{"system": "urn:bench", "value": format!("mrn-{i}")}],
+        "name": [{"family": format!("Family{i}"), "given": ["Given", "Middle"]}],
+        "gender": "female",
+        "birthDate": "1980-02-03",
+        "address": [{"line": ["1 Main Street"], "city": "Springfield", "postalCode": "12345"}],
+        "telecom": [{"system": "phone", "value": "555-0100"}]
+    })
+}
+
+fn raw_conn(url: &str) -> DbConnection {
+    DbManager::new(url).unwrap().connect().unwrap()
+}
+
+fn bench_backend(db: Db, rows: u64, secs: u64, conc: usize) -> serde_json::Value {
+    let s = TestServer::start_with(
+        db,
+        ConfigLayer {
+            pool_size: Some(conc as u32),
+            ..Default::default()
+        },
+    );
+    // preload
+    let started = Instant::now();
+    let ids: Vec<String> = std::thread::scope(|scope| {
+        let hs: Vec<_> = (0..4u64)
+            .map(|t| {
+                let s = &s;
+                scope.spawn(move || {
+                    (0..rows / 4)
+                        .map(|i| {
+                            s.post("/Patient", &patient(t * rows + i)).json()["id"]
+                                .as_str()
+                                .unwrap()
+                                .to_string()
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        hs.into_iter().flat_map(|h| h.join().unwrap()).collect()
+    });
+    eprintln!(
+        "  preloaded {} patients in {:.1}s",
+        ids.len(),
+        started.elapsed().as_secs_f64()
+    );
+    let url = s.db.database_url.clone();
+    let cipher = s.store.cipher();
+
+    // reads: fhirvault over HTTP
+    let base = s.base.clone();
+    let http_reads = throughput(
+        conc,
+        secs,
+        |_| reqwest::blocking::Client::new(),
+        |c, i| {
+            let id = &ids[(i.wrapping_mul(2654435761) % ids.len() as u64) as usize];
+            let r = c.get(format!("{base}/Patient/{id}")).send().unwrap();
+            assert_eq!(r.status().as_u16(), 200);
+            let _ = r.bytes().unwrap();
+        },
+    );
+    // baseline: raw primary-key SELECT of the same encrypted rows
+    let select = |c: &mut DbConnection, id: &str| -> (i64, EncryptedColumn) {
+        let (v, content): (i64, Option<EncryptedColumn>) = rv::table
+            .filter(rv::resource_type.eq("Patient").and(rv::logical_id.eq(id)))
+            .order(rv::version_id.desc())
+            .select((rv::version_id, rv::content))
+            .first(c)
+            .unwrap();
+        (v, content.unwrap())
+    };
+    let raw_reads = throughput(
+        conc,
+        secs,
+        |_| raw_conn(&url),
+        |c, i| {
+            let id = &ids[(i.wrapping_mul(2654435761) % ids.len() as u64) as usize];
+            std::hint::black_box(select(c, id));
+        },
+    );
+    let raw_reads_decrypt = throughput(
+        conc,
+        secs,
+        |_| raw_conn(&url),
+        |c, i| {
+            let id = &ids[(i.wrapping_mul(2654435761) % ids.len() as u64) as usize];
+            let (v, sealed) = select(c, id);
+            let aad = Aad {
+                table: "resource_versions",
+                resource_type: "Patient",
+                logical_id: id,
+                version_id: v,
+            };
+            std::hint::black_box(cipher.open(&aad, &sealed.0).unwrap());
+        },
+    );
+
+    // creates: fhirvault over HTTP
+    let http_creates = throughput(
+        conc,
+        secs,
+        |_| reqwest::blocking::Client::new(),
+        |c, i| {
+            let r = c
+                .post(format!("{base}/Patient"))
+                .header("content-type", "application/fhir+json")
+                .body(patient(i).to_string())
+                .send()
+                .unwrap();
+            assert_eq!(r.status().as_u16(), 201);
+        },
+    );
+    // baseline: the same rows (current-version row + version row with ciphertext of the same
+    // size + digest + one index row) inserted raw in one transaction each
+    let sample = patient(1).to_string().into_bytes();
+    let raw_creates = throughput(
+        conc,
+        secs,
+        |t| (raw_conn(&url), t),
+        |(c, t), i| {
+            let id = format!("raw-{t}-{i}");
+            let now = fhirvault::store::now();
+            let aad = Aad {
+                table: "resource_versions",
+                resource_type: "Patient",
+                logical_id: &id,
+                version_id: 1,
+            };
+            let sealed = cipher.seal(&aad, &sample);
+            let digest = fhirvault::crypto::sha256(&sample).to_vec();
+            c.transaction::<_, diesel::result::Error, _>(|c| {
+                diesel::insert_into(cur::table)
+                    .values((
+                        cur::resource_type.eq("Patient"),
+                        cur::logical_id.eq(&id),
+                        cur::version_id.eq(1i64),
+                        cur::last_updated.eq(now),
+                        cur::deleted.eq(false),
+                    ))
+                    .execute(c)?;
+                diesel::insert_into(rv::table)
+                    .values((
+                        rv::resource_type.eq("Patient"),
+                        rv::logical_id.eq(&id),
+                        rv::version_id.eq(1i64),
+                        rv::last_updated.eq(now),
+                        rv::deleted.eq(false),
+                        rv::method.eq("POST"),
+                        rv::key_version.eq(Some(1)),
+                        rv::content.eq(Some(EncryptedColumn(sealed))),
+                        rv::content_sha256.eq(Some(digest)),
+                    ))
+                    .execute(c)?;
+                Ok(())
+            })
+            .unwrap();
+        },
+    );
+    let r = json!({
+        "backend": format!("{db:?}"),
+        "rows": ids.len(),
+        "concurrency": conc,
+        "reads_per_sec": {"fhirvault_http": http_reads, "raw_pk_select": raw_reads, "raw_pk_select_plus_decrypt": raw_reads_decrypt},
+        "read_ratio_vs_raw_select": http_reads / raw_reads,
+        "read_ratio_vs_raw_select_plus_decrypt": http_reads / raw_reads_decrypt,
+        "creates_per_sec": {"fhirvault_http": http_creates, "raw_insert": raw_creates},
+        "create_ratio_vs_raw_insert": http_creates / raw_creates,
+    });
+    eprintln!(
+        "  reads/s  c{conc}: fhirvault {http_reads:>8.0}  raw select {raw_reads:>8.0}  raw select+decrypt {raw_reads_decrypt:>8.0}  ratio {:.2} / {:.2}",
+        http_reads / raw_reads,
+        http_reads / raw_reads_decrypt
+    );
+    eprintln!(
+        "  creates/s c{conc}: fhirvault {http_creates:>8.0}  raw insert {raw_creates:>8.0}  ratio {:.2}",
+        http_creates / raw_creates
+    );
+    r
+}
+
+/// The in-memory HTTP ceiling: an actix route returning the same bytes, with the same client.
+fn http_ceiling(secs: u64, conc: usize) -> f64 {
+    let body = patient(1).to_string();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        actix_web::rt::System::new().block_on(async move {
+            let srv = actix_web::HttpServer::new(move || {
+                let body = body.clone();
+                actix_web::App::new().route(
+                    "/fhir/Patient/{id}",
+                    actix_web::web::get().to(move || {
+                        let body = body.clone();
+                        async move {
+                            actix_web::HttpResponse::Ok()
+                                .content_type("application/fhir+json")
+                                .body(body)
+                        }
+                    }),
+                )
+            })
+            .workers(2)
+            .disable_signals()
+            .bind("127.0.0.1:0")
+            .unwrap();
+            tx.send(srv.addrs()[0]).unwrap();
+            let _ = srv.run().await;
+        })
+    });
+    let addr = rx.recv().unwrap();
+    throughput(
+        conc,
+        secs,
+        |_| reqwest::blocking::Client::new(),
+        |c, i| {
+            let _ = c
+                .get(format!("http://{addr}/fhir/Patient/{i}"))
+                .send()
+                .unwrap()
+                .bytes()
+                .unwrap();
+        },
+    )
+}
+
+fn idle_rss_kb() -> u64 {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_fhirvault"))
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
+        .arg(dir.path())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline && reqwest::blocking::get(format!("http://127.0.0.1:{port}/fhir/metadata")).is_err()
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // one write and one read, so the schema and the pool have been used, then idle
+    let c = reqwest::blocking::Client::new();
+    let _ = c
+        .post(format!("http://127.0.0.1:{port}/fhir/Patient"))
+        .header("content-type", "application/fhir+json")
+        .body(patient(1).to_string())
+        .send();
+    std::thread::sleep(Duration::from_secs(2));
+    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return; // `cargo test --benches` asks benches to list their tests
+    }
+    let secs = env_num("BENCH_SECS", 3);
+    let rows = env_num("BENCH_ROWS", 2000);
+    let conc = env_num("BENCH_CONCURRENCY", 16) as usize;
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_default();
+    eprintln!("fhirvault REST bench: {rows} patients, {secs}s per figure, concurrency {conc}, CPU {cpu}");
+    let ceiling = http_ceiling(secs, conc);
+    eprintln!("  HTTP ceiling (in-memory actix route, same client): {ceiling:.0} req/s");
+    let mut results = Vec::new();
+    for db in [Db::Sqlite, Db::Postgres] {
+        eprintln!("{db:?}:");
+        let mut r = bench_backend(db, rows, secs, conc);
+        r["read_ratio_vs_http_ceiling"] = json!(r["reads_per_sec"]["fhirvault_http"].as_f64().unwrap() / ceiling);
+        results.push(r);
+    }
+    let rss = idle_rss_kb();
+    eprintln!(
+        "idle server RSS with the R4 schema compiled: {:.1} MB",
+        rss as f64 / 1024.0
+    );
+    let out = json!({
+        "bench": "rest",
+        "git_revision": std::process::Command::new("git").args(["rev-parse", "HEAD"]).output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default(),
+        "cpu": cpu,
+        "loadavg": std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim(),
+        "http_ceiling_per_sec": ceiling,
+        "backends": results,
+        "idle_rss_mb": rss as f64 / 1024.0,
+    });
+    println!("{}", serde_json::to_string_pretty(&out).unwrap());
+}

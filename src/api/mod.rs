@@ -242,10 +242,9 @@ mod tests {
         )
         .await;
         // The server renders an error leaving the middleware stack with its `error_response`.
-        let err = atest::try_call_service(&app, atest::TestRequest::get().uri("/boom").to_request())
-            .await
-            .err()
-            .expect("the panic becomes an error");
+        let Err(err) = atest::try_call_service(&app, atest::TestRequest::get().uri("/boom").to_request()).await else {
+            panic!("the panic should become an error");
+        };
         let resp = err.error_response();
         assert_eq!(resp.status(), StatusCode::INTERNAL_SERVER_ERROR);
         let body = actix_web::body::to_bytes(resp.into_body()).await.unwrap();

@@ -12,7 +12,9 @@ use chrono::NaiveDateTime;
 use serde_json::{Map, Value};
 
 /// Checks a submitted body: `resourceType` names the URL's type, then the R4 JSON Schema.
-fn check_body(state: &AppState, resource_type: &str, body: &Map<String, Value>) -> Result<(), ApiError> {
+/// `meta.versionId` and `meta.lastUpdated` belong to the server: they are dropped first, so a
+/// stale or malformed client value neither fails validation nor survives.
+fn check_body(state: &AppState, resource_type: &str, body: &mut Map<String, Value>) -> Result<(), ApiError> {
     match body.get("resourceType").and_then(Value::as_str) {
         Some(t) if t == resource_type => {}
         Some(_) => {
@@ -30,14 +32,16 @@ fn check_body(state: &AppState, resource_type: &str, body: &Map<String, Value>) 
             .at("resourceType")]))
         }
     }
-    // The server owns versionId and lastUpdated; drop what the client sent before validating
-    // so that a stale value cannot fail validation.
-    let mut probe = body.clone();
-    if let Some(Value::Object(meta)) = probe.get_mut("meta") {
+    if let Some(Value::Object(meta)) = body.get_mut("meta") {
         meta.remove("versionId");
         meta.remove("lastUpdated");
     }
-    let issues = state.validator.validate(resource_type, &Value::Object(probe));
+    // Validation wants a `Value`; move the map in and out rather than copying it.
+    let value = Value::Object(std::mem::take(body));
+    let issues = state.validator.validate(resource_type, &value);
+    if let Value::Object(m) = value {
+        *body = m;
+    }
     if issues.is_empty() {
         Ok(())
     } else {
@@ -163,7 +167,7 @@ pub async fn create(
     let fmt = Format::negotiate(&req)?;
     let prefer = Prefer::from_request(&req);
     let mut body = read_resource_body(&req, payload, state.config.max_body_bytes).await?;
-    check_body(&state, &resource_type, &body)?;
+    check_body(&state, &resource_type, &mut body)?;
     let condition = match req.headers().get("if-none-exist") {
         Some(v) => Some(parse_condition(v.to_str().map_err(|_| {
             ApiError::bad_request(IssueType::Invalid, "If-None-Exist is not valid text")
@@ -324,8 +328,8 @@ pub async fn update(
         .at("id")]));
     }
     let expected = if_match(req.headers())?;
-    let body = read_resource_body(&req, payload, state.config.max_body_bytes).await?;
-    check_body(&state, &t, &body)?;
+    let mut body = read_resource_body(&req, payload, state.config.max_body_bytes).await?;
+    check_body(&state, &t, &mut body)?;
     match body.get("id").and_then(Value::as_str) {
         Some(body_id) if body_id == id => {}
         Some(_) => {

@@ -73,7 +73,8 @@ async fn history(
                 let n: u32 = v.parse().map_err(|_| {
                     ApiError::bad_request(IssueType::Invalid, "_count must be a non-negative whole number")
                 })?;
-                count = n.clamp(1, cfg.max_page_size);
+                // `_count=0` asks for the total only.
+                count = n.min(cfg.max_page_size);
             }
             "_since" => {
                 since = Some(parse_instant(&v).ok_or_else(|| {

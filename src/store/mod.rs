@@ -333,7 +333,7 @@ impl Store {
                 .execute(conn)?;
             let content = make(1, ts);
             self.append_version(conn, resource_type, id, 1, ts, "POST", Some(&content))?;
-            self.replace_index(conn, resource_type, id, Some(&content))?;
+            self.replace_index(conn, resource_type, id, Some(&content), true)?;
             Ok(CreateOutcome::Created(Written {
                 version_id: 1,
                 last_updated: ts,
@@ -401,7 +401,7 @@ impl Store {
                 };
                 let content = make(version, ts);
                 self.append_version(conn, resource_type, id, version, ts, "PUT", Some(&content))?;
-                self.replace_index(conn, resource_type, id, Some(&content))?;
+                self.replace_index(conn, resource_type, id, Some(&content), created)?;
                 Ok(Written {
                     version_id: version,
                     last_updated: ts,
@@ -454,7 +454,7 @@ impl Store {
                 return Ok(DeleteOutcome::NothingToDelete);
             };
             self.append_version(conn, resource_type, id, version, ts, "DELETE", None)?;
-            self.replace_index(conn, resource_type, id, None)?;
+            self.replace_index(conn, resource_type, id, None, false)?;
             Ok(DeleteOutcome::Deleted { version_id: version })
         })
     }
@@ -618,31 +618,45 @@ impl Store {
         Ok(())
     }
 
+    /// Replaces the index entries of a resource; `fresh` when it cannot have any yet.
     fn replace_index(
         &self,
         conn: &mut DbConnection,
         resource_type: &str,
         id: &str,
         content: Option<&Content>,
+        fresh: bool,
     ) -> Result<(), StoreError> {
-        diesel::delete(ti::table.filter(ti::resource_type.eq(resource_type).and(ti::logical_id.eq(id))))
-            .execute(conn)?;
+        if !fresh {
+            diesel::delete(ti::table.filter(ti::resource_type.eq(resource_type).and(ti::logical_id.eq(id))))
+                .execute(conn)?;
+        }
         let Some(content) = content else { return Ok(()) };
         let entries: BTreeSet<(&str, Vec<u8>)> = content
             .tokens
             .iter()
             .map(|(p, v)| (*p, self.cipher.blind_index(p, v).to_vec()))
             .collect();
-        for (param, value) in entries {
-            diesel::insert_into(ti::table)
-                .values((
+        if entries.is_empty() {
+            return Ok(());
+        }
+        // One multi-row INSERT: one round trip however many entries. MultiConnection has no
+        // batch insert, so this one statement is issued per backend.
+        let rows: Vec<_> = entries
+            .into_iter()
+            .map(|(param, value)| {
+                (
                     ti::resource_type.eq(resource_type),
                     ti::logical_id.eq(id),
                     ti::param.eq(param),
                     ti::value.eq(value),
-                ))
-                .execute(conn)?;
-        }
+                )
+            })
+            .collect();
+        match conn {
+            DbConnection::Pg(c) => diesel::insert_into(ti::table).values(&rows).execute(c)?,
+            DbConnection::Sqlite(c) => diesel::insert_into(ti::table).values(&rows).execute(c)?,
+        };
         Ok(())
     }
 }

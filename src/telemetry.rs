@@ -39,7 +39,6 @@ pub struct PhiSafeRootSpan;
 
 impl RootSpanBuilder for PhiSafeRootSpan {
     fn on_request_start(request: &ServiceRequest) -> Span {
-        let route = request.match_pattern().unwrap_or_else(|| "(unmatched)".to_string());
         let request_id = request
             .extensions()
             .get::<RequestId>()
@@ -48,7 +47,8 @@ impl RootSpanBuilder for PhiSafeRootSpan {
         tracing::info_span!(
             "http",
             method = %request.method(),
-            route = %route,
+            // the FHIR interaction, recorded by the router: never the path (it holds ids)
+            route = tracing::field::Empty,
             request_id = %request_id,
             status = tracing::field::Empty,
         )

@@ -17,23 +17,17 @@ pub async fn system_history(req: HttpRequest, state: web::Data<AppState>) -> Res
     history(req, state, HistoryScope::System, "_history".into()).await
 }
 
-pub async fn type_history(
-    req: HttpRequest,
-    path: web::Path<String>,
-    state: web::Data<AppState>,
-) -> Result<HttpResponse, ApiError> {
-    let t = state.resource_type(&path)?.to_string();
+pub async fn type_history(req: HttpRequest, t: String, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let rel = format!("{t}/_history");
     history(req, state, HistoryScope::Type(t), rel).await
 }
 
 pub async fn instance_history(
     req: HttpRequest,
-    path: web::Path<(String, String)>,
+    t: String,
+    id: String,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    let (t, id) = path.into_inner();
-    state.resource_type(&t)?;
     if !is_valid_id(&id) {
         return Err(ApiError::NotFound("resource not found"));
     }
@@ -130,15 +124,18 @@ async fn history(
         links.push(json!({"relation": "next", "url": link(Some(next))}));
     }
     let entries: Vec<Value> = page.entries.iter().map(|e| entry(&base, e)).collect::<Result<_, _>>()?;
-    let bundle = json!({
+    let mut bundle = json!({
         "resourceType": "Bundle",
         "id": uuid::Uuid::new_v4().to_string(),
         "meta": {"lastUpdated": instant(&now())},
         "type": "history",
         "total": page.total,
         "link": links,
-        "entry": entries,
     });
+    // FHIR JSON never has empty arrays.
+    if !entries.is_empty() {
+        bundle["entry"] = Value::Array(entries);
+    }
     Ok(HttpResponse::Ok()
         .content_type(fmt.content_type())
         .body(fmt.render(&bundle)))

@@ -6,6 +6,7 @@ pub mod error;
 pub mod history;
 pub mod metadata;
 mod negotiate;
+pub mod route;
 
 pub use error::ApiError;
 pub use negotiate::{Format, Prefer};
@@ -123,41 +124,12 @@ pub fn app(
         )
         .wrap(from_fn(request_id_header))
         .wrap(tracing_actix_web::TracingLogger::<crate::telemetry::PhiSafeRootSpan>::new())
-        .service(
-            web::scope(&base)
-                .route("/metadata", web::get().to(metadata::capabilities))
-                .route("/_history", web::get().to(history::system_history))
-                .route("/{type}/_history", web::get().to(history::type_history))
-                .route("/{type}/{id}/_history", web::get().to(history::instance_history))
-                .route("/{type}/{id}/_history/{vid}", web::get().to(crud::vread))
-                .route("/{type}", web::post().to(crud::create))
-                .service(
-                    web::resource("/{type}/{id}")
-                        .route(web::get().to(crud::read))
-                        .route(web::head().to(crud::read))
-                        .route(web::put().to(crud::update))
-                        .route(web::delete().to(crud::delete)),
-                ),
-        )
+        .service(web::scope(&base).default_service(web::to(route::dispatch)))
         .default_service(web::to(not_found))
 }
 
-async fn not_found(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
-    Err(route_error(&req, &state))
-}
-
-fn route_error(req: &HttpRequest, state: &AppState) -> ApiError {
-    // A known FHIR path with an unsupported method is a 405; anything else is a 404.
-    let path = req.path();
-    let base = &state.config.base_path;
-    if let Some(rest) = path.strip_prefix(base.as_str()) {
-        let segs: Vec<&str> = rest.trim_start_matches('/').split('/').collect();
-        let known_type = segs.first().map(|t| state.resource_types.contains(*t)).unwrap_or(false);
-        if (known_type && segs.len() <= 2) || rest.is_empty() || rest == "/" || rest == "/metadata" {
-            return ApiError::MethodNotAllowed;
-        }
-    }
-    ApiError::NotFound("no such endpoint")
+async fn not_found() -> Result<HttpResponse, ApiError> {
+    Err(ApiError::NotFound("no such endpoint"))
 }
 
 /// A panic in a handler becomes a 500 OperationOutcome rather than a dropped connection.

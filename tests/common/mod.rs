@@ -120,8 +120,11 @@ pub fn pg() -> &'static PgCluster {
             .expect("running initdb");
         assert!(out.status.success(), "initdb failed: {}", String::from_utf8_lossy(&out.stderr));
         let port = free_port();
+        // Tests run without fsync (speed; nothing to survive); benches set PG_FSYNC=on so that
+        // commits cost what they cost in production.
+        let fsync = std::env::var("PG_FSYNC").unwrap_or_else(|_| "off".into());
         let opts = format!(
-            "-c listen_addresses=127.0.0.1 -p {port} -k {} -c max_connections=400 -c fsync=off -c full_page_writes=off",
+            "-c listen_addresses=127.0.0.1 -p {port} -k {} -c max_connections=400 -c fsync={fsync} -c full_page_writes={fsync}",
             dir.display()
         );
         let out = pg_cmd(&bin, "pg_ctl")

@@ -1,0 +1,187 @@
+//! Parses a request under the FHIR base into one typed [`Interaction`] and dispatches it.
+//!
+//! Routing is a split on `/` and a match, not actix's pattern routes: those are regular
+//! expressions tried one after another (and again for logging), which cost more than the
+//! database read behind a `GET [type]/[id]`.
+
+use super::{crud, history, metadata, ApiError, AppState};
+use actix_web::http::Method;
+use actix_web::{web, HttpMessage, HttpRequest, HttpResponse};
+
+/// One FHIR interaction, with its path parameters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Interaction {
+    Capabilities,
+    HistorySystem,
+    HistoryType {
+        resource_type: String,
+    },
+    HistoryInstance {
+        resource_type: String,
+        id: String,
+    },
+    Read {
+        resource_type: String,
+        id: String,
+    },
+    VRead {
+        resource_type: String,
+        id: String,
+        version: String,
+    },
+    Create {
+        resource_type: String,
+    },
+    Update {
+        resource_type: String,
+        id: String,
+    },
+    Delete {
+        resource_type: String,
+        id: String,
+    },
+}
+
+impl Interaction {
+    /// The interaction's name (FHIR's codes): what the logs record instead of the path.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Interaction::Capabilities => "capabilities",
+            Interaction::HistorySystem => "history-system",
+            Interaction::HistoryType { .. } => "history-type",
+            Interaction::HistoryInstance { .. } => "history-instance",
+            Interaction::Read { .. } => "read",
+            Interaction::VRead { .. } => "vread",
+            Interaction::Create { .. } => "create",
+            Interaction::Update { .. } => "update",
+            Interaction::Delete { .. } => "delete",
+        }
+    }
+
+    /// Maps a method and the path below the base (`Patient/1/_history`) to an interaction.
+    /// A known path with another method is a 405; an unknown type or path a 404.
+    pub fn parse(method: &Method, rest: &str, is_type: impl Fn(&str) -> bool) -> Result<Interaction, ApiError> {
+        let segs: Vec<&str> = if rest.is_empty() {
+            Vec::new()
+        } else {
+            rest.split('/').collect()
+        };
+        let get = method == Method::GET || method == Method::HEAD;
+        let known = |t: &str| -> Result<String, ApiError> {
+            if is_type(t) {
+                Ok(t.to_string())
+            } else {
+                Err(ApiError::NotFound("unknown resource type"))
+            }
+        };
+        let only = |ok: bool, i: Interaction| if ok { Ok(i) } else { Err(ApiError::MethodNotAllowed) };
+        match segs.as_slice() {
+            [] => Err(ApiError::MethodNotAllowed),
+            ["metadata"] => only(get, Interaction::Capabilities),
+            ["_history"] => only(get, Interaction::HistorySystem),
+            [t] => {
+                let resource_type = known(t)?;
+                only(method == Method::POST, Interaction::Create { resource_type })
+            }
+            [t, "_history"] => only(
+                get,
+                Interaction::HistoryType {
+                    resource_type: known(t)?,
+                },
+            ),
+            [t, id] => {
+                let (resource_type, id) = (known(t)?, id.to_string());
+                match *method {
+                    Method::GET | Method::HEAD => Ok(Interaction::Read { resource_type, id }),
+                    Method::PUT => Ok(Interaction::Update { resource_type, id }),
+                    Method::DELETE => Ok(Interaction::Delete { resource_type, id }),
+                    _ => Err(ApiError::MethodNotAllowed),
+                }
+            }
+            [t, id, "_history"] => only(
+                get,
+                Interaction::HistoryInstance {
+                    resource_type: known(t)?,
+                    id: id.to_string(),
+                },
+            ),
+            [t, id, "_history", v] => only(
+                get,
+                Interaction::VRead {
+                    resource_type: known(t)?,
+                    id: id.to_string(),
+                    version: v.to_string(),
+                },
+            ),
+            _ => Err(ApiError::NotFound("no such endpoint")),
+        }
+    }
+}
+
+/// The one handler for everything under the FHIR base path.
+pub async fn dispatch(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let base = state.config.base_path.as_str();
+    let rest = req.path().strip_prefix(base).unwrap_or("").trim_start_matches('/');
+    let interaction = Interaction::parse(req.method(), rest, |t| state.resource_types.contains(t))?;
+    if let Some(span) = req.extensions().get::<tracing_actix_web::RootSpan>() {
+        span.record("route", interaction.name());
+    }
+    match interaction {
+        Interaction::Capabilities => metadata::capabilities(req, state).await,
+        Interaction::HistorySystem => history::system_history(req, state).await,
+        Interaction::HistoryType { resource_type } => history::type_history(req, resource_type, state).await,
+        Interaction::HistoryInstance { resource_type, id } => {
+            history::instance_history(req, resource_type, id, state).await
+        }
+        Interaction::Read { resource_type, id } => crud::read(req, resource_type, id, state).await,
+        Interaction::VRead {
+            resource_type,
+            id,
+            version,
+        } => crud::vread(req, resource_type, id, version, state).await,
+        Interaction::Create { resource_type } => crud::create(req, resource_type, payload, state).await,
+        Interaction::Update { resource_type, id } => crud::update(req, resource_type, id, payload, state).await,
+        Interaction::Delete { resource_type, id } => crud::delete(req, resource_type, id, state).await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(m: Method, p: &str) -> Result<Interaction, u16> {
+        Interaction::parse(&m, p, |t| t == "Patient").map_err(|e| actix_web::ResponseError::status_code(&e).as_u16())
+    }
+
+    #[test]
+    fn paths_map_to_interactions() {
+        assert_eq!(parse(Method::GET, "metadata"), Ok(Interaction::Capabilities));
+        assert_eq!(parse(Method::GET, "Patient/1").unwrap().name(), "read");
+        assert_eq!(parse(Method::HEAD, "Patient/1").unwrap().name(), "read");
+        assert_eq!(parse(Method::PUT, "Patient/1").unwrap().name(), "update");
+        assert_eq!(parse(Method::DELETE, "Patient/1").unwrap().name(), "delete");
+        assert_eq!(parse(Method::POST, "Patient").unwrap().name(), "create");
+        assert_eq!(parse(Method::GET, "Patient/_history").unwrap().name(), "history-type");
+        assert_eq!(
+            parse(Method::GET, "Patient/1/_history").unwrap().name(),
+            "history-instance"
+        );
+        assert_eq!(parse(Method::GET, "Patient/1/_history/2").unwrap().name(), "vread");
+        assert_eq!(parse(Method::GET, "_history").unwrap().name(), "history-system");
+    }
+
+    #[test]
+    fn wrong_methods_and_unknown_paths() {
+        assert_eq!(parse(Method::PATCH, "Patient/1"), Err(405));
+        assert_eq!(parse(Method::GET, "Patient"), Err(405));
+        assert_eq!(parse(Method::POST, ""), Err(405));
+        assert_eq!(parse(Method::PUT, "metadata"), Err(405));
+        assert_eq!(parse(Method::GET, "Nope/1"), Err(404));
+        assert_eq!(parse(Method::GET, "Patient/1/_history/2/x"), Err(404));
+        assert_eq!(parse(Method::GET, "Patient/1/other"), Err(404));
+    }
+}

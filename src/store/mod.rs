@@ -25,6 +25,18 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+/// Runs one Diesel query expression on the concrete connection behind a [`DbConnection`].
+/// The query is written once; this only skips the MultiConnection layer, which renders the SQL
+/// text anew on every call. Used on the hot read path.
+macro_rules! per_backend {
+    ($conn:expr, |$c:ident| $body:expr) => {
+        match $conn {
+            DbConnection::Pg($c) => $body,
+            DbConnection::Sqlite($c) => $body,
+        }
+    };
+}
+
 const SQLITE_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/sqlite");
 const PG_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/postgres");
 
@@ -272,12 +284,12 @@ impl Store {
         resource_type: &str,
         id: &str,
     ) -> Result<StoredVersion, StoreError> {
-        let row: Option<VersionRow> = rv::table
+        let row: Option<VersionRow> = per_backend!(&mut *conn, |c| rv::table
             .filter(rv::resource_type.eq(resource_type).and(rv::logical_id.eq(id)))
             .order(rv::version_id.desc())
             .select(VersionRow::as_select())
-            .first(&mut *conn)
-            .optional()?;
+            .first(c)
+            .optional())?;
         drop(conn);
         let row = row.ok_or(StoreError::NotFound)?;
         if row.deleted {

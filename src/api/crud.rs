@@ -234,9 +234,6 @@ pub async fn read(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     let fmt = Format::negotiate(&req)?;
-    if !is_valid_id(&id) {
-        return Err(ApiError::NotFound("resource not found"));
-    }
     // A read by id is one indexed query: when a connection is idle it runs right here, since
     // handing it to the blocking pool costs two thread switches, more than the query itself.
     // Otherwise (pool busy) it waits on a blocking thread, never on the async worker.
@@ -259,7 +256,7 @@ pub async fn vread(
 ) -> Result<HttpResponse, ApiError> {
     let fmt = Format::negotiate(&req)?;
     let vid: i64 = match vid.parse() {
-        Ok(v) if v > 0 && is_valid_id(&id) => v,
+        Ok(v) if v > 0 => v,
         _ => return Err(ApiError::NotFound("resource version not found")),
     };
     let st = state.clone();
@@ -324,13 +321,6 @@ pub async fn update(
 ) -> Result<HttpResponse, ApiError> {
     let fmt = Format::negotiate(&req)?;
     let prefer = Prefer::from_request(&req);
-    if !is_valid_id(&id) {
-        return Err(ApiError::BadRequest(vec![Issue::error(
-            IssueType::Invalid,
-            "the id in the URL is not a valid FHIR id",
-        )
-        .at("id")]));
-    }
     let expected = if_match(req.headers())?;
     let mut body = read_resource_body(&req, payload, state.config.max_body_bytes).await?;
     check_body(&state, &t, &mut body)?;
@@ -392,9 +382,6 @@ pub async fn delete(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     let fmt = Format::negotiate(&req)?;
-    if !is_valid_id(&id) {
-        return Err(ApiError::NotFound("resource not found"));
-    }
     let expected = if_match(req.headers())?;
     let st = state.clone();
     let outcome = blocking(move || st.store.delete(&t, &id, expected).map_err(ApiError::from)).await?;

@@ -5,7 +5,7 @@
 
 use super::negotiate::query_pairs;
 use super::{blocking, etag, ApiError, AppState, Format};
-use crate::fhir::resource::{instant, is_valid_id};
+use crate::fhir::resource::instant;
 use crate::fhir::IssueType;
 use crate::store::{now, HistoryQuery, HistoryScope, StoredVersion};
 use actix_web::{web, HttpRequest, HttpResponse};
@@ -28,9 +28,6 @@ pub async fn instance_history(
     id: String,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    if !is_valid_id(&id) {
-        return Err(ApiError::NotFound("resource not found"));
-    }
     let rel = format!("{t}/{id}/_history");
     history(req, state, HistoryScope::Instance(t, id), rel).await
 }

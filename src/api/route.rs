@@ -5,6 +5,8 @@
 //! database read behind a `GET [type]/[id]`.
 
 use super::{crud, history, metadata, ApiError, AppState};
+use crate::fhir::resource::is_valid_id;
+use crate::fhir::{Issue, IssueType};
 use actix_web::http::Method;
 use actix_web::{web, HttpMessage, HttpRequest, HttpResponse};
 
@@ -90,7 +92,16 @@ impl Interaction {
                 },
             ),
             [t, id] => {
-                let (resource_type, id) = (known(t)?, id.to_string());
+                let resource_type = known(t)?;
+                if *method == Method::PUT && !is_valid_id(id) {
+                    // An update names the id it wants to create or replace: a bad one is the client's error.
+                    return Err(ApiError::BadRequest(vec![Issue::error(
+                        IssueType::Invalid,
+                        "the id in the URL is not a valid FHIR id",
+                    )
+                    .at("id")]));
+                }
+                let id = existing_id(id)?;
                 match *method {
                     Method::GET | Method::HEAD => Ok(Interaction::Read { resource_type, id }),
                     Method::PUT => Ok(Interaction::Update { resource_type, id }),
@@ -102,19 +113,28 @@ impl Interaction {
                 get,
                 Interaction::HistoryInstance {
                     resource_type: known(t)?,
-                    id: id.to_string(),
+                    id: existing_id(id)?,
                 },
             ),
             [t, id, "_history", v] => only(
                 get,
                 Interaction::VRead {
                     resource_type: known(t)?,
-                    id: id.to_string(),
+                    id: existing_id(id)?,
                     version: v.to_string(),
                 },
             ),
             _ => Err(ApiError::NotFound("no such endpoint")),
         }
+    }
+}
+
+/// An id that could name a stored resource; anything else cannot exist (404).
+fn existing_id(id: &str) -> Result<String, ApiError> {
+    if is_valid_id(id) {
+        Ok(id.to_string())
+    } else {
+        Err(ApiError::NotFound("resource not found"))
     }
 }
 
@@ -183,5 +203,9 @@ mod tests {
         assert_eq!(parse(Method::GET, "Nope/1"), Err(404));
         assert_eq!(parse(Method::GET, "Patient/1/_history/2/x"), Err(404));
         assert_eq!(parse(Method::GET, "Patient/1/other"), Err(404));
+        assert_eq!(parse(Method::GET, "Patient/bad%20id"), Err(404));
+        assert_eq!(parse(Method::DELETE, "Patient/bad%20id"), Err(404));
+        assert_eq!(parse(Method::GET, "Patient/bad%20id/_history"), Err(404));
+        assert_eq!(parse(Method::PUT, "Patient/bad%20id"), Err(400));
     }
 }

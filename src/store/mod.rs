@@ -353,15 +353,7 @@ impl Store {
                 }
             }
             let ts = now();
-            diesel::insert_into(cur::table)
-                .values((
-                    cur::resource_type.eq(resource_type),
-                    cur::logical_id.eq(id),
-                    cur::version_id.eq(1i64),
-                    cur::last_updated.eq(ts),
-                    cur::deleted.eq(false),
-                ))
-                .execute(conn)?;
+            insert_current(conn, resource_type, id, ts)?;
             let content = make(1, ts);
             self.append_version(conn, resource_type, id, 1, ts, "POST", Some(&content))?;
             self.replace_index(conn, resource_type, id, Some(&content), true)?;
@@ -390,43 +382,17 @@ impl Store {
             attempts += 1;
             let result = self.write_tx(|conn| {
                 let ts = now();
-                let mut q = diesel::update(cur::table)
-                    .filter(cur::resource_type.eq(resource_type).and(cur::logical_id.eq(id)))
-                    .into_boxed();
-                if let Some(v) = if_match {
-                    q = q.filter(cur::version_id.eq(v));
-                }
-                let bumped: Option<i64> = q
-                    .set((
-                        cur::version_id.eq(cur::version_id + 1),
-                        cur::last_updated.eq(ts),
-                        cur::deleted.eq(false),
-                    ))
-                    .returning(cur::version_id)
-                    .get_result(conn)
-                    .optional()?;
+                // A deleted resource is brought back by an update: its numbering continues,
+                // so a version id is never reused.
+                let bumped = bump_current(conn, resource_type, id, if_match, false, ts)?;
                 let (version, created) = match bumped {
                     Some(v) => (v, false),
                     None => {
                         if if_match.is_some() {
-                            let current: Option<i64> = cur::table
-                                .filter(cur::resource_type.eq(resource_type).and(cur::logical_id.eq(id)))
-                                .select(cur::version_id)
-                                .first(conn)
-                                .optional()?;
+                            let current = current_version(conn, resource_type, id)?.map(|(v, _)| v);
                             return Err(StoreError::VersionConflict { current });
                         }
-                        // The version numbering continues after a delete, so a resource that
-                        // exists only as history never reuses a version id.
-                        diesel::insert_into(cur::table)
-                            .values((
-                                cur::resource_type.eq(resource_type),
-                                cur::logical_id.eq(id),
-                                cur::version_id.eq(1i64),
-                                cur::last_updated.eq(ts),
-                                cur::deleted.eq(false),
-                            ))
-                            .execute(conn)?;
+                        insert_current(conn, resource_type, id, ts)?;
                         (1, true)
                     }
                 };
@@ -451,34 +417,10 @@ impl Store {
     pub fn delete(&self, resource_type: &str, id: &str, if_match: Option<i64>) -> Result<DeleteOutcome, StoreError> {
         self.write_tx(|conn| {
             let ts = now();
-            let mut q = diesel::update(cur::table)
-                .filter(
-                    cur::resource_type
-                        .eq(resource_type)
-                        .and(cur::logical_id.eq(id))
-                        .and(cur::deleted.eq(false)),
-                )
-                .into_boxed();
-            if let Some(v) = if_match {
-                q = q.filter(cur::version_id.eq(v));
-            }
-            let bumped: Option<i64> = q
-                .set((
-                    cur::version_id.eq(cur::version_id + 1),
-                    cur::last_updated.eq(ts),
-                    cur::deleted.eq(true),
-                ))
-                .returning(cur::version_id)
-                .get_result(conn)
-                .optional()?;
+            let bumped = bump_current(conn, resource_type, id, if_match, true, ts)?;
             let Some(version) = bumped else {
                 if if_match.is_some() {
-                    let current: Option<(i64, bool)> = cur::table
-                        .filter(cur::resource_type.eq(resource_type).and(cur::logical_id.eq(id)))
-                        .select((cur::version_id, cur::deleted))
-                        .first(conn)
-                        .optional()?;
-                    if let Some((v, false)) = current {
+                    if let Some((v, false)) = current_version(conn, resource_type, id)? {
                         return Err(StoreError::VersionConflict { current: Some(v) });
                     }
                 }
@@ -690,6 +632,59 @@ impl Store {
         };
         Ok(())
     }
+}
+
+/// Inserts the current-version row of a new resource (version 1).
+fn insert_current(conn: &mut DbConnection, resource_type: &str, id: &str, ts: NaiveDateTime) -> Result<(), StoreError> {
+    diesel::insert_into(cur::table)
+        .values((
+            cur::resource_type.eq(resource_type),
+            cur::logical_id.eq(id),
+            cur::version_id.eq(1i64),
+            cur::last_updated.eq(ts),
+            cur::deleted.eq(false),
+        ))
+        .execute(conn)?;
+    Ok(())
+}
+
+/// Moves the current-version row on by one version, atomically (the row lock serializes
+/// concurrent writers): only from version `if_match` when given; `delete` marks it deleted and
+/// applies only to a live resource. Returns the new version, or `None` when no row qualified.
+fn bump_current(
+    conn: &mut DbConnection,
+    resource_type: &str,
+    id: &str,
+    if_match: Option<i64>,
+    delete: bool,
+    ts: NaiveDateTime,
+) -> Result<Option<i64>, StoreError> {
+    let mut q = diesel::update(cur::table)
+        .filter(cur::resource_type.eq(resource_type).and(cur::logical_id.eq(id)))
+        .into_boxed();
+    if let Some(v) = if_match {
+        q = q.filter(cur::version_id.eq(v));
+    }
+    if delete {
+        q = q.filter(cur::deleted.eq(false));
+    }
+    Ok(q.set((
+        cur::version_id.eq(cur::version_id + 1),
+        cur::last_updated.eq(ts),
+        cur::deleted.eq(delete),
+    ))
+    .returning(cur::version_id)
+    .get_result(conn)
+    .optional()?)
+}
+
+/// The current version and deleted flag of a resource, if it was ever written.
+fn current_version(conn: &mut DbConnection, resource_type: &str, id: &str) -> Result<Option<(i64, bool)>, StoreError> {
+    Ok(cur::table
+        .filter(cur::resource_type.eq(resource_type).and(cur::logical_id.eq(id)))
+        .select((cur::version_id, cur::deleted))
+        .first(conn)
+        .optional()?)
 }
 
 #[derive(Queryable, Selectable)]

@@ -167,6 +167,14 @@ fn serve_creates_key_and_logs_no_phi(db: Db) {
     let (mut child, base) = spawn_server(&t, &log_path);
     let key = t.dir.path().join("data/fhirvault.key");
     assert_eq!(std::fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
+    if db == Db::Sqlite {
+        let data = t.dir.path().join("data");
+        assert_eq!(std::fs::metadata(&data).unwrap().permissions().mode() & 0o777, 0o700);
+        for f in ["fhirvault.db", "fhirvault.db-wal", "fhirvault.db-shm"] {
+            let mode = std::fs::metadata(t.dir.path().join(f)).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode & 0o077, 0, "{f} has mode {mode:o}");
+        }
+    }
     let sentinel = "Qwzxlogsentinel";
     let client = reqwest::blocking::Client::new();
     let body = serde_json::json!({"resourceType": "Patient", "name": [{"family": sentinel}], "identifier": [{"value": format!("{sentinel}-id")}]});

@@ -39,6 +39,8 @@ pub enum ConnectError {
     Connection(#[from] diesel::ConnectionError),
     #[error("{0}")]
     Query(#[from] diesel::result::Error),
+    #[error("cannot create the database file: {0}")]
+    File(String),
 }
 
 pub struct DbManager {
@@ -71,6 +73,7 @@ impl DbManager {
             Backend::Postgres => Ok(DbConnection::Pg(PgConnection::establish(&self.url)?)),
             Backend::Sqlite => {
                 let path = self.url.trim_start_matches("sqlite://");
+                create_private_file(path)?;
                 let mut c = SqliteConnection::establish(path)?;
                 // WAL lets readers proceed beside the one writer; FULL makes each commit durable
                 // before we answer (an acknowledged write or audit event must survive power loss).
@@ -81,6 +84,22 @@ impl DbManager {
                 Ok(DbConnection::Sqlite(c))
             }
         }
+    }
+}
+
+/// Creates the SQLite file readable by its owner only (SQLite gives its -wal and -shm files the
+/// same mode) when it does not exist yet; an existing file is left as the operator set it.
+fn create_private_file(path: &str) -> Result<(), ConnectError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(ConnectError::File(e.to_string())),
     }
 }
 

@@ -234,9 +234,9 @@ pub async fn read(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     let fmt = Format::negotiate(&req)?;
-    // A read by id is one indexed query: when a connection is idle it runs right here, since
-    // handing it to the blocking pool costs two thread switches, more than the query itself.
-    // Otherwise (pool busy) it waits on a blocking thread, never on the async worker.
+    // A read by id is one indexed query: on SQLite, with a connection idle, it runs right here,
+    // since handing it to the blocking pool costs two thread switches, more than the query.
+    // Otherwise it waits on a blocking thread, never on the async worker.
     let found = match state.store.read_if_idle(&t, &id) {
         Some(result) => result?,
         None => {

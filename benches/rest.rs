@@ -25,22 +25,24 @@ use std::time::{Duration, Instant};
 struct LeanClient {
     stream: std::io::BufReader<std::net::TcpStream>,
     host: String,
+    auth: String,
 }
 
 impl LeanClient {
-    fn connect(addr: std::net::SocketAddr) -> LeanClient {
+    fn connect(addr: std::net::SocketAddr, token: &str) -> LeanClient {
         let s = std::net::TcpStream::connect(addr).unwrap();
         s.set_nodelay(true).unwrap();
         LeanClient {
             stream: std::io::BufReader::with_capacity(64 * 1024, s),
             host: addr.to_string(),
+            auth: format!("Authorization: Bearer {token}\r\n"),
         }
     }
 
     /// Sends a request and returns the status, discarding the body.
     fn request(&mut self, method: &str, path: &str, body: Option<&[u8]>) -> u16 {
         use std::io::{BufRead, Read, Write};
-        let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {}\r\n", self.host);
+        let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {}\r\n{}", self.host, self.auth);
         if let Some(b) = body {
             req.push_str(&format!(
                 "Content-Type: application/fhir+json\r\nContent-Length: {}\r\n",
@@ -162,12 +164,13 @@ fn bench_backend(db: Db, rows: u64, secs: u64, conc: usize) -> serde_json::Value
     let url = s.db.database_url.clone();
     let cipher = s.store.cipher();
 
-    // reads: fhirvault over HTTP
+    // reads: fhirvault over HTTP, with a bearer token (verified once, then cached)
     let addr = s.addr;
+    let token = s.token("system/*.cruds", None);
     let http_reads = throughput(
         conc,
         secs,
-        |_| LeanClient::connect(addr),
+        |_| LeanClient::connect(addr, &token),
         |c, i| {
             let id = &ids[(i.wrapping_mul(2654435761) % ids.len() as u64) as usize];
             assert_eq!(c.request("GET", &format!("/fhir/Patient/{id}"), None), 200);
@@ -233,7 +236,7 @@ fn bench_backend(db: Db, rows: u64, secs: u64, conc: usize) -> serde_json::Value
     let http_creates = throughput(
         conc,
         secs,
-        |_| LeanClient::connect(addr),
+        |_| LeanClient::connect(addr, &token),
         |c, i| {
             assert_eq!(
                 c.request("POST", "/fhir/Patient", Some(patient(i).to_string().as_bytes())),
@@ -355,7 +358,7 @@ fn http_ceiling(secs: u64, conc: usize) -> f64 {
     throughput(
         conc,
         secs,
-        |_| LeanClient::connect(addr),
+        |_| LeanClient::connect(addr, "unused"),
         |c, i| {
             assert_eq!(c.request("GET", &format!("/fhir/Patient/{i}"), None), 200);
         },
@@ -380,13 +383,22 @@ fn idle_rss_kb() -> u64 {
     {
         std::thread::sleep(Duration::from_millis(50));
     }
-    // one write and one read, so the schema and the pool have been used, then idle
+    // one authenticated write, so the schema, the issuer and the pool have been used, then idle
+    let token = std::process::Command::new(env!("CARGO_BIN_EXE_fhirvault"))
+        .args(["token", "--scope", "system/*.cruds", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let token = String::from_utf8_lossy(&token.stdout).trim().to_string();
     let c = reqwest::blocking::Client::new();
-    let _ = c
+    let r = c
         .post(format!("http://127.0.0.1:{port}/fhir/Patient"))
         .header("content-type", "application/fhir+json")
+        .header("authorization", format!("Bearer {token}"))
         .body(patient(1).to_string())
-        .send();
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 201);
     std::thread::sleep(Duration::from_secs(2));
     let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
     let _ = child.kill();

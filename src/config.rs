@@ -39,6 +39,10 @@ pub struct ConfigLayer {
     pub log_format: Option<String>,
     pub default_page_size: Option<u32>,
     pub max_page_size: Option<u32>,
+    pub token_issuer: Option<String>,
+    pub token_audience: Option<String>,
+    pub signing_key_file: Option<PathBuf>,
+    pub max_token_lifetime_secs: Option<u64>,
 }
 
 impl ConfigLayer {
@@ -99,6 +103,10 @@ impl ConfigLayer {
                     })
                 }
                 "LOG_FORMAT" => layer.log_format = Some(value),
+                "TOKEN_ISSUER" => layer.token_issuer = Some(value),
+                "TOKEN_AUDIENCE" => layer.token_audience = Some(value),
+                "SIGNING_KEY_FILE" => layer.signing_key_file = Some(value.into()),
+                "MAX_TOKEN_LIFETIME_SECS" => layer.max_token_lifetime_secs = Some(parse_num(&value)?),
                 // Key material must never come from the environment.
                 "KEY" | "MASTER_KEY" | "ENCRYPTION_KEY" => {
                     return Err(cerr(
@@ -130,7 +138,11 @@ impl ConfigLayer {
             behind_tls_proxy,
             log_format,
             default_page_size,
-            max_page_size
+            max_page_size,
+            token_issuer,
+            token_audience,
+            signing_key_file,
+            max_token_lifetime_secs
         );
         self
     }
@@ -160,6 +172,14 @@ pub struct Config {
     pub log_format: LogFormat,
     pub default_page_size: u32,
     pub max_page_size: u32,
+    /// `iss` of the built-in issuer's tokens (default: the public URL, else `urn:fhirvault:local`).
+    pub token_issuer: String,
+    /// `aud` the server requires (default: the public URL, else `urn:fhirvault:local:fhir`).
+    pub token_audience: String,
+    /// The built-in issuer's ES256 signing key (created with mode 0600 on first use).
+    pub signing_key_file: PathBuf,
+    /// Longest lifetime of an access token from the built-in issuer (default 900 s).
+    pub max_token_lifetime_secs: i64,
 }
 
 impl Config {
@@ -226,7 +246,32 @@ impl Config {
         if default_page_size == 0 || default_page_size > max_page_size {
             return Err(cerr("default_page_size", "must be between 1 and max_page_size"));
         }
+        let token_issuer = layer
+            .token_issuer
+            .or_else(|| public_url.clone())
+            .unwrap_or_else(|| "urn:fhirvault:local".into());
+        let token_audience = layer
+            .token_audience
+            .or_else(|| public_url.clone())
+            .unwrap_or_else(|| "urn:fhirvault:local:fhir".into());
+        if token_issuer.is_empty() {
+            return Err(cerr("token_issuer", "must not be empty"));
+        }
+        if token_audience.is_empty() {
+            return Err(cerr("token_audience", "must not be empty"));
+        }
+        let signing_key_file = layer
+            .signing_key_file
+            .unwrap_or_else(|| data_dir.join("issuer-es256.pem"));
+        let max_token_lifetime_secs = layer.max_token_lifetime_secs.unwrap_or(900);
+        if !(60..=86_400).contains(&max_token_lifetime_secs) {
+            return Err(cerr("max_token_lifetime_secs", "must be between 60 and 86400"));
+        }
         Ok(Config {
+            token_issuer,
+            token_audience,
+            signing_key_file,
+            max_token_lifetime_secs: max_token_lifetime_secs as i64,
             listen,
             base_path,
             data_dir,

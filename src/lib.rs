@@ -4,6 +4,7 @@
 //! `crypto` (encryption). `fhir` and `crypto` know nothing of HTTP or the database.
 
 pub mod api;
+pub mod auth;
 pub mod config;
 pub mod crypto;
 pub mod fhir;

@@ -52,6 +52,28 @@ enum Command {
     },
     /// Apply pending database migrations and exit.
     Migrate,
+    /// Print an access token from the built-in issuer (for development and scripts):
+    /// `curl -H "Authorization: Bearer $(fhirvault token --scope 'system/*.cruds')" …`
+    Token {
+        /// Space-separated SMART scopes, for example "patient/*.rs" or "system/Patient.cruds".
+        #[arg(long)]
+        scope: String,
+        /// Launch patient (the `patient` claim): limits patient/ scopes to this patient.
+        #[arg(long, value_name = "ID")]
+        patient: Option<String>,
+        /// The user (`fhirUser` claim), for example Practitioner/123.
+        #[arg(long, value_name = "TYPE/ID")]
+        user: Option<String>,
+        /// Client id (`client_id` claim).
+        #[arg(long, value_name = "ID")]
+        client: Option<String>,
+        /// Lifetime in seconds [default and maximum: max_token_lifetime_secs].
+        #[arg(long, value_name = "SECS")]
+        expires_in: Option<i64>,
+        /// Authentication methods (`amr` claim), for example mfa.
+        #[arg(long, value_name = "METHOD")]
+        amr: Vec<String>,
+    },
 }
 
 fn load_config(common: &CommonArgs, behind_tls_proxy: Option<bool>) -> anyhow::Result<Config> {
@@ -87,6 +109,37 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             fhirvault::telemetry::init(config.log_format);
             config.check_listen_safety()?;
             serve(config)
+        }
+        Command::Token {
+            scope,
+            patient,
+            user,
+            client,
+            expires_in,
+            amr,
+        } => {
+            let config = load_config(&cli.common, None)?;
+            if let Some(p) = &patient {
+                anyhow::ensure!(fhirvault::fhir::resource::is_valid_id(p), "--patient must be a FHIR id");
+            }
+            if let Some(u) = &user {
+                let ok = u
+                    .split_once('/')
+                    .is_some_and(|(t, id)| !t.is_empty() && fhirvault::fhir::resource::is_valid_id(id));
+                anyhow::ensure!(ok, "--user must be a reference such as Practitioner/123");
+            }
+            let issuer = fhirvault::server::open_issuer(&config)?;
+            let token = issuer.issue(&fhirvault::auth::TokenRequest {
+                scope,
+                patient,
+                fhir_user: user,
+                client_id: client,
+                subject: None,
+                expires_in: expires_in.unwrap_or(config.max_token_lifetime_secs),
+                amr,
+            })?;
+            println!("{token}");
+            Ok(())
         }
         Command::Migrate => {
             let config = load_config(&cli.common, None)?;

@@ -46,11 +46,24 @@ pub fn open_store(config: &Config, cipher: Arc<Cipher>) -> anyhow::Result<Arc<St
     Ok(Arc::new(store))
 }
 
+/// Opens the built-in token issuer (creating its signing key on first use).
+pub fn open_issuer(config: &Config) -> anyhow::Result<crate::auth::Issuer> {
+    ensure_data_dir(config)?;
+    crate::auth::Issuer::open_or_create(
+        &config.signing_key_file,
+        &config.token_issuer,
+        &config.token_audience,
+        config.max_token_lifetime_secs,
+    )
+    .context("opening the token signing key")
+}
+
 /// Everything `serve` needs, built from the configuration.
 pub fn build_state(config: Config) -> anyhow::Result<AppState> {
     let config = Arc::new(config);
     let cipher = open_cipher(&config)?;
     let validator = shared_validator()?;
     let store = open_store(&config, cipher)?;
-    Ok(AppState::new(config, store, validator))
+    let issuer = Arc::new(open_issuer(&config)?);
+    Ok(AppState::new(config, store, validator, issuer))
 }

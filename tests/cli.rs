@@ -176,7 +176,31 @@ fn serve_creates_key_and_logs_no_phi(db: Db) {
         }
     }
     let sentinel = "Qwzxlogsentinel";
-    let client = reqwest::blocking::Client::new();
+    // `fhirvault token` reads the same settings as `serve` and prints a token it accepts.
+    let out = bin()
+        .args([
+            "token",
+            "--scope",
+            "system/*.cruds",
+            "--client",
+            "cli-test",
+            "--data-dir",
+        ])
+        .arg(t.dir.path().join("data"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    assert_eq!(token.split('.').count(), 3, "a JWT on stdout");
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert("authorization", format!("Bearer {token}").parse().unwrap());
+    let client = reqwest::blocking::Client::builder()
+        .default_headers(headers)
+        .build()
+        .unwrap();
+    // without the token: 401
+    let r = reqwest::blocking::get(format!("{base}/Patient/x")).unwrap();
+    assert_eq!(r.status().as_u16(), 401);
     let body = serde_json::json!({"resourceType": "Patient", "name": [{"family": sentinel}], "identifier": [{"value": format!("{sentinel}-id")}]});
     let r = client
         .post(format!("{base}/Patient"))
@@ -209,6 +233,10 @@ fn serve_creates_key_and_logs_no_phi(db: Db) {
     let log = std::fs::read_to_string(&log_path).unwrap();
     assert!(log.contains("\"route\""), "expected structured request logs:\n{log}");
     assert!(!log.contains(sentinel), "PHI in logs:\n{log}");
+    assert!(
+        !log.contains(&token) && !log.contains(&token[token.len() - 20..]),
+        "token in logs"
+    );
     assert!(
         !log.contains("_pretty") && !log.contains("_since"),
         "query string in logs:\n{log}"

@@ -3,6 +3,8 @@
 //! | variant               | status | issue code        |
 //! |-----------------------|--------|-------------------|
 //! | `BadRequest`          | 400    | given per issue   |
+//! | `Unauthorized`        | 401    | login (+ `WWW-Authenticate: Bearer …`) |
+//! | `Forbidden`           | 403    | forbidden (+ `WWW-Authenticate: Bearer error="insufficient_scope"`) |
 //! | `NotFound`            | 404    | not-found         |
 //! | `MethodNotAllowed`    | 405    | not-supported     |
 //! | `NotAcceptable`       | 406    | not-supported     |
@@ -28,6 +30,11 @@ use chrono::NaiveDateTime;
 pub enum ApiError {
     #[error("bad request")]
     BadRequest(Vec<Issue>),
+    /// No credentials (`reason` None) or invalid ones (`reason` says which check failed).
+    #[error("unauthorized")]
+    Unauthorized { reason: Option<&'static str> },
+    #[error("forbidden")]
+    Forbidden,
     #[error("not found")]
     NotFound(&'static str),
     #[error("method not allowed")]
@@ -62,6 +69,22 @@ impl ApiError {
         let issues = match self {
             ApiError::BadRequest(issues) | ApiError::Unprocessable(issues) => issues.clone(),
             ApiError::NotFound(what) => vec![Issue::error(IssueType::NotFound, *what)],
+            ApiError::Unauthorized { reason: None } => {
+                vec![Issue::error(
+                    IssueType::Login,
+                    "authentication required: send Authorization: Bearer <token>",
+                )]
+            }
+            ApiError::Unauthorized { reason: Some(r) } => {
+                vec![Issue::error(
+                    IssueType::Login,
+                    format!("the access token is not valid: {r}"),
+                )]
+            }
+            ApiError::Forbidden => vec![Issue::error(
+                IssueType::Forbidden,
+                "the access token's scopes do not allow this interaction",
+            )],
             ApiError::MethodNotAllowed => vec![Issue::error(
                 IssueType::NotSupported,
                 "this interaction is not supported on this URL",
@@ -93,6 +116,8 @@ impl ResponseError for ApiError {
     fn status_code(&self) -> StatusCode {
         match self {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::NotAcceptable => StatusCode::NOT_ACCEPTABLE,
@@ -116,6 +141,24 @@ impl ResponseError for ApiError {
         {
             resp.insert_header((header::ETAG, super::etag(*version_id)));
             resp.insert_header((header::LAST_MODIFIED, super::http_date(last_updated)));
+        }
+        match self {
+            ApiError::Unauthorized { reason: None } => {
+                resp.insert_header((header::WWW_AUTHENTICATE, "Bearer realm=\"fhirvault\""));
+            }
+            ApiError::Unauthorized { reason: Some(_) } => {
+                resp.insert_header((
+                    header::WWW_AUTHENTICATE,
+                    "Bearer realm=\"fhirvault\", error=\"invalid_token\"",
+                ));
+            }
+            ApiError::Forbidden => {
+                resp.insert_header((
+                    header::WWW_AUTHENTICATE,
+                    "Bearer realm=\"fhirvault\", error=\"insufficient_scope\"",
+                ));
+            }
+            _ => {}
         }
         if matches!(self, ApiError::Unavailable) {
             resp.insert_header((header::RETRY_AFTER, HeaderValue::from_static("1")));
@@ -155,6 +198,22 @@ impl From<StoreError> for ApiError {
     }
 }
 
+impl From<crate::auth::AuthError> for ApiError {
+    fn from(e: crate::auth::AuthError) -> ApiError {
+        use crate::auth::AuthError;
+        match e {
+            AuthError::Missing => ApiError::Unauthorized { reason: None },
+            AuthError::InvalidToken(r) => ApiError::Unauthorized { reason: Some(r) },
+            AuthError::InsufficientScope => ApiError::Forbidden,
+            AuthError::Hidden => ApiError::NotFound("resource not found"),
+            AuthError::Setup(msg) => {
+                tracing::error!(error = %msg, "auth setup failure");
+                ApiError::Internal
+            }
+        }
+    }
+}
+
 impl From<actix_web::error::BlockingError> for ApiError {
     fn from(_: actix_web::error::BlockingError) -> ApiError {
         tracing::error!("blocking task failed");
@@ -172,6 +231,9 @@ mod tests {
         let cases: Vec<(ApiError, u16)> = vec![
             (ApiError::bad_request(IssueType::Invalid, "x"), 400),
             (ApiError::NotFound("x"), 404),
+            (ApiError::Unauthorized { reason: None }, 401),
+            (ApiError::Unauthorized { reason: Some("x") }, 401),
+            (ApiError::Forbidden, 403),
             (ApiError::MethodNotAllowed, 405),
             (ApiError::NotAcceptable, 406),
             (

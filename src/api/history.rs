@@ -5,6 +5,8 @@
 
 use super::negotiate::query_pairs;
 use super::{blocking, etag, ApiError, AppState, Format};
+use crate::auth::policy::authorize;
+use crate::auth::{Permission, Principal};
 use crate::fhir::resource::instant;
 use crate::fhir::IssueType;
 use crate::store::{now, HistoryQuery, HistoryScope, StoredVersion};
@@ -12,22 +14,44 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
 use base64::Engine;
 use serde_json::{json, Value};
+use std::sync::Arc;
 
-pub async fn system_history(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+pub async fn system_history(
+    req: HttpRequest,
+    p: Arc<Principal>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    // It lists every type: the token must be able to search every type without restriction.
+    for t in &state.resource_types {
+        if !authorize(&p, t, Permission::Search)?.unrestricted {
+            return Err(ApiError::Forbidden);
+        }
+    }
     history(req, state, HistoryScope::System, "_history".into()).await
 }
 
-pub async fn type_history(req: HttpRequest, t: String, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+pub async fn type_history(
+    req: HttpRequest,
+    p: Arc<Principal>,
+    t: String,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    // A listing of the type: patient-context filtering needs stored compartments (not yet).
+    if !authorize(&p, &t, Permission::Search)?.unrestricted {
+        return Err(ApiError::Forbidden);
+    }
     let rel = format!("{t}/_history");
     history(req, state, HistoryScope::Type(t), rel).await
 }
 
 pub async fn instance_history(
     req: HttpRequest,
+    p: Arc<Principal>,
     t: String,
     id: String,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
+    authorize(&p, &t, Permission::Read)?.check_resource(&t, &id)?;
     let rel = format!("{t}/{id}/_history");
     history(req, state, HistoryScope::Instance(t, id), rel).await
 }

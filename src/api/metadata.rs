@@ -51,6 +51,9 @@ pub fn capability_statement(config: &Config, validator: &Validator) -> Value {
         "format": ["application/fhir+json", "application/json", "json"],
         "rest": [{
             "mode": "server",
+            "security": {
+                "description": "Every interaction but capabilities requires an OAuth 2 bearer token (ES256 JWT from the server's issuer) whose SMART App Launch scopes allow it.",
+            },
             "resource": resources,
             "interaction": SYSTEM_INTERACTIONS.iter().map(|i| json!({"code": i})).collect::<Vec<_>>(),
         }],

@@ -33,19 +33,26 @@ pub struct AppState {
     pub config: Arc<Config>,
     pub store: Arc<Store>,
     pub validator: Arc<Validator>,
+    pub issuer: Arc<crate::auth::Issuer>,
     pub resource_types: HashSet<String>,
     /// The CapabilityStatement, rendered once at start-up.
     pub capability: Vec<u8>,
 }
 
 impl AppState {
-    pub fn new(config: Arc<Config>, store: Arc<Store>, validator: Arc<Validator>) -> AppState {
+    pub fn new(
+        config: Arc<Config>,
+        store: Arc<Store>,
+        validator: Arc<Validator>,
+        issuer: Arc<crate::auth::Issuer>,
+    ) -> AppState {
         let resource_types = validator.resource_types().map(str::to_string).collect();
         let capability = metadata::capability_statement(&config, &validator);
         AppState {
             config,
             store,
             validator,
+            issuer,
             resource_types,
             capability: serde_json::to_vec(&capability).expect("CapabilityStatement serializes"),
         }
@@ -58,6 +65,22 @@ impl AppState {
         } else {
             Err(ApiError::NotFound("unknown resource type"))
         }
+    }
+
+    /// Validates the request's bearer token.
+    pub fn authenticate(&self, req: &HttpRequest) -> Result<Arc<crate::auth::Principal>, ApiError> {
+        let header = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .ok_or(crate::auth::AuthError::Missing)?;
+        let value = header
+            .to_str()
+            .map_err(|_| crate::auth::AuthError::InvalidToken("malformed Authorization header"))?;
+        let token = match value.split_once(' ') {
+            Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() => token.trim(),
+            _ => return Err(crate::auth::AuthError::InvalidToken("expected the Bearer scheme").into()),
+        };
+        Ok(self.issuer.authenticate(token, |t| self.resource_types.contains(t))?)
     }
 
     /// The base URL used in `Location` and `fullUrl`: the configured public URL, else the

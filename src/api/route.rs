@@ -150,22 +150,27 @@ pub async fn dispatch(
     if let Some(span) = req.extensions().get::<tracing_actix_web::RootSpan>() {
         span.record("route", interaction.name());
     }
+    if interaction == Interaction::Capabilities {
+        return metadata::capabilities(req, state).await;
+    }
+    // Everything else acts on PHI: a valid token first, then each handler asks the policy.
+    let p = state.authenticate(&req)?;
     match interaction {
-        Interaction::Capabilities => metadata::capabilities(req, state).await,
-        Interaction::HistorySystem => history::system_history(req, state).await,
-        Interaction::HistoryType { resource_type } => history::type_history(req, resource_type, state).await,
+        Interaction::Capabilities => unreachable!("answered above"),
+        Interaction::HistorySystem => history::system_history(req, p, state).await,
+        Interaction::HistoryType { resource_type } => history::type_history(req, p, resource_type, state).await,
         Interaction::HistoryInstance { resource_type, id } => {
-            history::instance_history(req, resource_type, id, state).await
+            history::instance_history(req, p, resource_type, id, state).await
         }
-        Interaction::Read { resource_type, id } => crud::read(req, resource_type, id, state).await,
+        Interaction::Read { resource_type, id } => crud::read(req, p, resource_type, id, state).await,
         Interaction::VRead {
             resource_type,
             id,
             version,
-        } => crud::vread(req, resource_type, id, version, state).await,
-        Interaction::Create { resource_type } => crud::create(req, resource_type, payload, state).await,
-        Interaction::Update { resource_type, id } => crud::update(req, resource_type, id, payload, state).await,
-        Interaction::Delete { resource_type, id } => crud::delete(req, resource_type, id, state).await,
+        } => crud::vread(req, p, resource_type, id, version, state).await,
+        Interaction::Create { resource_type } => crud::create(req, p, resource_type, payload, state).await,
+        Interaction::Update { resource_type, id } => crud::update(req, p, resource_type, id, payload, state).await,
+        Interaction::Delete { resource_type, id } => crud::delete(req, p, resource_type, id, state).await,
     }
 }
 

@@ -56,6 +56,8 @@ pub enum StoreError {
     VersionConflict { current: Option<i64> },
     #[error("the condition matched more than one resource")]
     MultipleMatches,
+    #[error("the update would create the resource, which the caller may not do")]
+    CreateNotAllowed,
     #[error("database: {0}")]
     Database(#[from] DieselError),
     #[error("connection pool: {0}")]
@@ -379,13 +381,14 @@ impl Store {
         })
     }
 
-    /// Updates (or, when it does not exist yet, creates) the resource with this id.
-    /// With `if_match`, the write happens only if the current version is that one.
+    /// Updates (or, when it does not exist yet and `may_create`, creates) the resource with
+    /// this id. With `if_match`, the write happens only if the current version is that one.
     pub fn update(
         &self,
         resource_type: &str,
         id: &str,
         if_match: Option<i64>,
+        may_create: bool,
         make: impl Fn(i64, NaiveDateTime) -> Content,
     ) -> Result<Written, StoreError> {
         // A concurrent update-as-create of the same new id makes one of two INSERTs fail on
@@ -404,6 +407,9 @@ impl Store {
                         if if_match.is_some() {
                             let current = current_version(conn, resource_type, id)?.map(|(v, _)| v);
                             return Err(StoreError::VersionConflict { current });
+                        }
+                        if !may_create {
+                            return Err(StoreError::CreateNotAllowed);
                         }
                         insert_current(conn, resource_type, id, ts)?;
                         (1, true)

@@ -261,8 +261,10 @@ impl TestDb {
 pub struct TestServer {
     pub addr: SocketAddr,
     pub base: String,
+    /// Sends `Authorization: Bearer <token for system/*.cruds>` with every request.
     pub client: Client,
     pub store: std::sync::Arc<fhirvault::store::Store>,
+    pub issuer: std::sync::Arc<fhirvault::auth::Issuer>,
     handle: actix_web::dev::ServerHandle,
     pub db: TestDb,
 }
@@ -278,6 +280,7 @@ impl TestServer {
         let base_path = config.base_path.clone();
         let state = actix_web::web::Data::new(fhirvault::server::build_state(config).expect("server state"));
         let store = state.store.clone();
+        let issuer = state.issuer.clone();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             actix_web::rt::System::new().block_on(async move {
@@ -293,17 +296,27 @@ impl TestServer {
             })
         });
         let (addr, handle) = rx.recv().unwrap();
+        let token = mint(&issuer, "system/*.cruds", None);
+        let mut headers = HeaderMap::new();
+        headers.insert("authorization", format!("Bearer {token}").parse().unwrap());
         TestServer {
             addr,
             base: format!("http://{addr}{base_path}"),
             client: Client::builder()
                 .timeout(std::time::Duration::from_secs(60))
+                .default_headers(headers)
                 .build()
                 .unwrap(),
             store,
+            issuer,
             handle,
             db: tdb,
         }
+    }
+
+    /// A token from the server's issuer.
+    pub fn token(&self, scope: &str, patient: Option<&str>) -> String {
+        mint(&self.issuer, scope, patient)
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -353,6 +366,19 @@ impl Drop for TestServer {
         let handle = self.handle.clone();
         let _ = std::thread::spawn(move || actix_web::rt::System::new().block_on(handle.stop(false))).join();
     }
+}
+
+/// Mints an access token (15 minutes) from an issuer.
+pub fn mint(issuer: &fhirvault::auth::Issuer, scope: &str, patient: Option<&str>) -> String {
+    issuer
+        .issue(&fhirvault::auth::TokenRequest {
+            scope: scope.to_string(),
+            patient: patient.map(str::to_string),
+            client_id: Some("test-client".into()),
+            expires_in: 900,
+            ..Default::default()
+        })
+        .unwrap()
 }
 
 /// A response, read whole.

@@ -1,0 +1,256 @@
+//! The built-in token issuer: ES256 access tokens signed with a P-256 key kept in the data
+//! directory (mode 0600), and their validation. Used by `fhirvault token` and by the server.
+//!
+//! Validation pins the algorithm to ES256 (so `alg: none` and HS/RS confusion fail), checks the
+//! key id, issuer, audience, `exp` and `nbf`, and requires `sub`, `exp`, `iss` and `aud`.
+
+use super::scope::ScopeSet;
+use super::{AuthError, Principal, PrincipalKind};
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use p256::pkcs8::{DecodePrivateKey, EncodePrivateKey, EncodePublicKey, LineEnding};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use zeroize::Zeroizing;
+
+/// The claims of an access token.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Claims {
+    pub iss: String,
+    pub sub: String,
+    pub aud: String,
+    pub exp: i64,
+    pub nbf: i64,
+    pub iat: i64,
+    pub jti: String,
+    pub scope: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub patient: Option<String>,
+    #[serde(default, rename = "fhirUser", skip_serializing_if = "Option::is_none")]
+    pub fhir_user: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub amr: Vec<String>,
+}
+
+/// What to put in a new token.
+#[derive(Debug, Clone, Default)]
+pub struct TokenRequest {
+    pub scope: String,
+    pub patient: Option<String>,
+    pub fhir_user: Option<String>,
+    pub client_id: Option<String>,
+    pub subject: Option<String>,
+    pub expires_in: i64,
+    pub amr: Vec<String>,
+}
+
+const CACHE_MAX: usize = 10_000;
+
+pub struct Issuer {
+    issuer: String,
+    audience: String,
+    kid: String,
+    encoding: EncodingKey,
+    decoding: DecodingKey,
+    validation: Validation,
+    max_lifetime: i64,
+    /// Verified tokens by SHA-256 of their text: an ECDSA verification costs more than the
+    /// read it guards, so each token is verified once until it expires.
+    cache: Mutex<HashMap<[u8; 32], Arc<Principal>>>,
+}
+
+impl std::fmt::Debug for Issuer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Issuer")
+            .field("issuer", &self.issuer)
+            .field("kid", &self.kid)
+            .finish_non_exhaustive()
+    }
+}
+
+fn err(msg: impl Into<String>) -> AuthError {
+    AuthError::Setup(msg.into())
+}
+
+impl Issuer {
+    /// Opens the signing key file, creating a new P-256 key (mode 0600) on first use.
+    pub fn open_or_create(
+        key_file: &Path,
+        issuer: &str,
+        audience: &str,
+        max_lifetime: i64,
+    ) -> Result<Issuer, AuthError> {
+        let pem: Zeroizing<String> = match std::fs::metadata(key_file) {
+            Ok(meta) => {
+                if meta.permissions().mode() & 0o077 != 0 {
+                    return Err(err(format!(
+                        "{} must be readable by its owner only (chmod 600)",
+                        key_file.display()
+                    )));
+                }
+                Zeroizing::new(
+                    std::fs::read_to_string(key_file)
+                        .map_err(|e| err(format!("reading {}: {e}", key_file.display())))?,
+                )
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let key = p256::SecretKey::random(&mut rand::rngs::OsRng);
+                let pem = key
+                    .to_pkcs8_pem(LineEnding::LF)
+                    .map_err(|_| err("encoding the new signing key"))?;
+                let mut f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(key_file)
+                    .map_err(|e| err(format!("creating {}: {e}", key_file.display())))?;
+                f.write_all(pem.as_bytes())
+                    .and_then(|_| f.sync_all())
+                    .map_err(|e| err(format!("writing {}: {e}", key_file.display())))?;
+                tracing::info!(path = %key_file.display(), "created a new token signing key");
+                Zeroizing::new(pem.to_string())
+            }
+            Err(e) => return Err(err(format!("reading {}: {e}", key_file.display()))),
+        };
+        let secret =
+            p256::SecretKey::from_pkcs8_pem(&pem).map_err(|_| err("the signing key file is not a P-256 PKCS#8 key"))?;
+        let public_pem = secret
+            .public_key()
+            .to_public_key_pem(LineEnding::LF)
+            .map_err(|_| err("encoding the public key"))?;
+        let public_der = secret
+            .public_key()
+            .to_public_key_der()
+            .map_err(|_| err("encoding the public key"))?;
+        let kid = hex(&Sha256::digest(public_der.as_bytes())[..16]);
+        let encoding = EncodingKey::from_ec_pem(pem.as_bytes()).map_err(|_| err("loading the signing key"))?;
+        let decoding =
+            DecodingKey::from_ec_pem(public_pem.as_bytes()).map_err(|_| err("loading the verification key"))?;
+        let mut validation = Validation::new(Algorithm::ES256);
+        validation.algorithms = vec![Algorithm::ES256];
+        validation.set_issuer(&[issuer]);
+        validation.set_audience(&[audience]);
+        validation.validate_nbf = true;
+        validation.leeway = 5;
+        validation.set_required_spec_claims(&["exp", "nbf", "iss", "aud", "sub"]);
+        Ok(Issuer {
+            issuer: issuer.to_string(),
+            audience: audience.to_string(),
+            kid,
+            encoding,
+            decoding,
+            validation,
+            max_lifetime,
+            cache: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn issuer(&self) -> &str {
+        &self.issuer
+    }
+
+    /// Signs a new access token. Lifetimes above the configured maximum are refused.
+    pub fn issue(&self, req: &TokenRequest) -> Result<String, AuthError> {
+        if req.expires_in <= 0 || req.expires_in > self.max_lifetime {
+            return Err(AuthError::Setup(format!(
+                "expires-in must be between 1 and {} seconds (max_token_lifetime_secs)",
+                self.max_lifetime
+            )));
+        }
+        let now = chrono::Utc::now().timestamp();
+        let subject = req
+            .subject
+            .clone()
+            .or_else(|| req.fhir_user.clone())
+            .or_else(|| req.client_id.clone())
+            .unwrap_or_else(|| "fhirvault-cli".into());
+        let claims = Claims {
+            iss: self.issuer.clone(),
+            sub: subject,
+            aud: self.audience.clone(),
+            exp: now + req.expires_in,
+            nbf: now,
+            iat: now,
+            jti: uuid::Uuid::new_v4().to_string(),
+            scope: req.scope.clone(),
+            patient: req.patient.clone(),
+            fhir_user: req.fhir_user.clone(),
+            client_id: req.client_id.clone(),
+            amr: req.amr.clone(),
+        };
+        let mut header = Header::new(Algorithm::ES256);
+        header.kid = Some(self.kid.clone());
+        header.typ = Some("at+jwt".into());
+        jsonwebtoken::encode(&header, &claims, &self.encoding).map_err(|_| AuthError::Setup("signing failed".into()))
+    }
+
+    /// Validates a bearer token and returns who it speaks for.
+    pub fn authenticate(&self, token: &str, is_type: impl Fn(&str) -> bool) -> Result<Arc<Principal>, AuthError> {
+        let key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let now = chrono::Utc::now().timestamp();
+        if let Some(p) = self.cache.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
+            if p.expires_at > now {
+                return Ok(p.clone());
+            }
+        }
+        let header = jsonwebtoken::decode_header(token).map_err(|_| AuthError::InvalidToken("malformed token"))?;
+        if header.alg != Algorithm::ES256 {
+            return Err(AuthError::InvalidToken("unexpected signing algorithm"));
+        }
+        if header.kid.as_deref() != Some(self.kid.as_str()) {
+            return Err(AuthError::InvalidToken("unknown signing key"));
+        }
+        let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation).map_err(|e| {
+            use jsonwebtoken::errors::ErrorKind as K;
+            AuthError::InvalidToken(match e.kind() {
+                K::ExpiredSignature => "token expired",
+                K::ImmatureSignature => "token not yet valid",
+                K::InvalidIssuer => "wrong issuer",
+                K::InvalidAudience => "wrong audience",
+                K::InvalidSignature => "bad signature",
+                K::InvalidAlgorithm => "unexpected signing algorithm",
+                K::MissingRequiredClaim(_) => "missing required claim",
+                _ => "malformed token",
+            })
+        })?;
+        let c = data.claims;
+        let scopes = ScopeSet::parse(&c.scope, &is_type);
+        let kind = if c.patient.is_some() {
+            PrincipalKind::Patient
+        } else if c.fhir_user.is_some() {
+            PrincipalKind::User
+        } else {
+            PrincipalKind::System
+        };
+        let principal = Arc::new(Principal {
+            subject: c.sub,
+            kind,
+            scopes,
+            patient: c.patient,
+            fhir_user: c.fhir_user,
+            client_id: c.client_id,
+            amr: c.amr,
+            token_id: c.jti,
+            expires_at: c.exp,
+        });
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.len() >= CACHE_MAX {
+            cache.retain(|_, p| p.expires_at > now);
+            if cache.len() >= CACHE_MAX {
+                cache.clear();
+            }
+        }
+        cache.insert(key, principal.clone());
+        Ok(principal)
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

@@ -1,0 +1,57 @@
+//! Authentication and authorization: bearer tokens turned into a [`Principal`], SMART scopes
+//! ([`scope`]), and the policy that decides each interaction ([`policy`]).
+//!
+//! What is enforced today, and how it fails closed where the machinery is not built yet:
+//! * every FHIR endpoint but `metadata` needs a valid bearer token from the built-in issuer;
+//! * resource scopes decide by resource type and interaction (SMART v2 letters, v1 words);
+//! * a `patient/` scope grants access only to the patient's own Patient resource: the patient
+//!   compartment of other resources is not computed yet, so they are refused rather than risked;
+//! * granular scopes (`?category=…`) grant nothing until search can evaluate them.
+
+pub mod issuer;
+pub mod policy;
+pub mod scope;
+
+pub use issuer::{Issuer, TokenRequest};
+pub use scope::{Context, Permission, ScopeSet};
+
+/// Who a request acts for, from a validated token.
+#[derive(Debug, Clone)]
+pub struct Principal {
+    pub subject: String,
+    pub kind: PrincipalKind,
+    pub scopes: ScopeSet,
+    /// The launch patient (SMART `patient` claim).
+    pub patient: Option<String>,
+    pub fhir_user: Option<String>,
+    pub client_id: Option<String>,
+    pub amr: Vec<String>,
+    pub token_id: String,
+    pub expires_at: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PrincipalKind {
+    Patient,
+    User,
+    System,
+}
+
+/// Errors of authentication and authorization. Texts are fixed: never a token, never PHI.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    /// No `Authorization: Bearer` header.
+    #[error("authentication required")]
+    Missing,
+    #[error("invalid token: {0}")]
+    InvalidToken(&'static str),
+    /// The token is valid but its scopes do not allow the interaction.
+    #[error("insufficient scope")]
+    InsufficientScope,
+    /// Allowed by type, but the resource is outside the token's rights: answered as absent,
+    /// so that a token cannot learn which resources exist.
+    #[error("not found")]
+    Hidden,
+    #[error("auth setup: {0}")]
+    Setup(String),
+}

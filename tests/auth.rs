@@ -1,0 +1,346 @@
+//! Authentication and authorization at the HTTP edge, on SQLite and PostgreSQL.
+
+mod common;
+
+use common::{Db, Reply, TestServer};
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde_json::{json, Value};
+
+fn call(s: &TestServer, method: &str, path: &str, auth: Option<&str>, body: Option<&Value>) -> Reply {
+    // A client without the harness's default token.
+    let c = reqwest::blocking::Client::new();
+    let mut r = c.request(method.parse().unwrap(), s.url(path));
+    if let Some(a) = auth {
+        r = r.header("authorization", a);
+    }
+    if let Some(b) = body {
+        r = r.header("content-type", "application/fhir+json").body(b.to_string());
+    }
+    Reply::from(r.send().unwrap())
+}
+
+fn bearer(t: &str) -> String {
+    format!("Bearer {t}")
+}
+
+/// The server's own signing key, to forge tokens that differ in one claim only.
+fn signing_key(s: &TestServer) -> EncodingKey {
+    let pem = std::fs::read(s.db.dir.path().join("data/issuer-es256.pem")).unwrap();
+    EncodingKey::from_ec_pem(&pem).unwrap()
+}
+
+fn kid_of(token: &str) -> String {
+    jsonwebtoken::decode_header(token).unwrap().kid.unwrap()
+}
+
+fn claims(now: i64) -> Value {
+    json!({
+        "iss": "urn:fhirvault:local", "aud": "urn:fhirvault:local:fhir", "sub": "x",
+        "exp": now + 300, "nbf": now - 10, "iat": now - 10, "jti": "j", "scope": "system/*.cruds"
+    })
+}
+
+fn b64(v: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v)
+}
+
+fn assert_invalid_token(r: &Reply, what: &str) {
+    assert_eq!(r.status, 401, "{what}: {}", r.text());
+    let www = r.header("www-authenticate").unwrap_or("");
+    assert!(
+        www.starts_with("Bearer") && www.contains("error=\"invalid_token\""),
+        "{what}: {www}"
+    );
+    r.outcome();
+}
+
+fn every_token_fault_is_a_401(db: Db) {
+    let s = TestServer::start(db);
+    let id = s.post("/Patient", &json!({"resourceType": "Patient"})).json()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let path = format!("/Patient/{id}");
+    // no credentials: 401 with a bare challenge
+    let r = call(&s, "GET", &path, None, None);
+    assert_eq!(r.status, 401);
+    assert_eq!(r.header("www-authenticate"), Some("Bearer realm=\"fhirvault\""));
+    r.outcome();
+    // metadata needs none
+    assert_eq!(call(&s, "GET", "/metadata", None, None).status, 200);
+
+    let good = s.token("system/*.cruds", None);
+    assert_eq!(call(&s, "GET", &path, Some(&bearer(&good)), None).status, 200);
+    let key = signing_key(&s);
+    let kid = kid_of(&good);
+    let now = chrono::Utc::now().timestamp();
+    let forge = |claims: &Value| {
+        let mut h = Header::new(Algorithm::ES256);
+        h.kid = Some(kid.clone());
+        jsonwebtoken::encode(&h, claims, &key).unwrap()
+    };
+    // sanity: a forged token with the right claims is accepted, so each case below fails for its one fault
+    assert_eq!(
+        call(&s, "GET", &path, Some(&bearer(&forge(&claims(now)))), None).status,
+        200
+    );
+
+    let mut cases: Vec<(&str, String)> = vec![
+        ("malformed", "Bearer not.a.token".into()),
+        ("not a JWT", "Bearer abc".into()),
+        ("empty bearer", "Bearer ".into()),
+        ("wrong scheme", format!("Basic {good}")),
+    ];
+    let mut c = claims(now);
+    c["exp"] = json!(now - 60);
+    cases.push(("expired", bearer(&forge(&c))));
+    let mut c = claims(now);
+    c["nbf"] = json!(now + 600);
+    cases.push(("not yet valid", bearer(&forge(&c))));
+    let mut c = claims(now);
+    c["iss"] = json!("https://evil.example");
+    cases.push(("wrong issuer", bearer(&forge(&c))));
+    let mut c = claims(now);
+    c["aud"] = json!("https://other.example/fhir");
+    cases.push(("wrong audience", bearer(&forge(&c))));
+    let mut c = claims(now);
+    c.as_object_mut().unwrap().remove("sub");
+    cases.push(("missing sub", bearer(&forge(&c))));
+    // alg none
+    let none = format!(
+        "{}.{}.",
+        b64(json!({"alg": "none", "typ": "JWT", "kid": kid}).to_string().as_bytes()),
+        b64(claims(now).to_string().as_bytes())
+    );
+    cases.push(("alg none", bearer(&none)));
+    // HS256 keyed with the public key (algorithm confusion)
+    let secret = p256::pkcs8::DecodePrivateKey::from_pkcs8_pem(
+        &std::fs::read_to_string(s.db.dir.path().join("data/issuer-es256.pem")).unwrap(),
+    )
+    .map(|k: p256::SecretKey| {
+        use p256::pkcs8::EncodePublicKey;
+        k.public_key().to_public_key_pem(p256::pkcs8::LineEnding::LF).unwrap()
+    })
+    .unwrap();
+    let mut h = Header::new(Algorithm::HS256);
+    h.kid = Some(kid.clone());
+    let hs = jsonwebtoken::encode(&h, &claims(now), &EncodingKey::from_secret(secret.as_bytes())).unwrap();
+    cases.push(("HS/ES confusion", bearer(&hs)));
+    // a signature that does not match
+    let mut parts: Vec<String> = good.split('.').map(str::to_string).collect();
+    let mut payload: Value = serde_json::from_slice(
+        &base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, &parts[1]).unwrap(),
+    )
+    .unwrap();
+    payload["scope"] = json!("system/*.cruds user/*.cruds");
+    parts[1] = b64(payload.to_string().as_bytes());
+    cases.push(("bad signature", bearer(&parts.join("."))));
+    // another key, same kid
+    let other = p256::SecretKey::random(&mut rand::rngs::OsRng);
+    let other_pem = p256::pkcs8::EncodePrivateKey::to_pkcs8_pem(&other, p256::pkcs8::LineEnding::LF).unwrap();
+    let mut h = Header::new(Algorithm::ES256);
+    h.kid = Some(kid.clone());
+    let foreign = jsonwebtoken::encode(
+        &h,
+        &claims(now),
+        &EncodingKey::from_ec_pem(other_pem.as_bytes()).unwrap(),
+    )
+    .unwrap();
+    cases.push(("foreign key", bearer(&foreign)));
+    for (what, auth) in &cases {
+        let r = call(&s, "GET", &path, Some(auth), None);
+        if *what == "wrong scheme" || *what == "empty bearer" {
+            assert_eq!(r.status, 401, "{what}");
+            r.outcome();
+        } else {
+            assert_invalid_token(&r, what);
+        }
+        assert!(!r.text().contains(&good), "the token is never echoed");
+    }
+    // every interaction is guarded, not only read
+    for (m, p) in [
+        ("GET", format!("{path}/_history")),
+        ("GET", format!("{path}/_history/1")),
+        ("GET", "/Patient/_history".to_string()),
+        ("GET", "/_history".to_string()),
+        ("DELETE", path.clone()),
+    ] {
+        assert_eq!(call(&s, m, &p, None, None).status, 401, "{m} {p}");
+    }
+    let body = json!({"resourceType": "Patient", "id": id});
+    assert_eq!(call(&s, "PUT", &path, None, Some(&body)).status, 401);
+    assert_eq!(call(&s, "POST", "/Patient", None, Some(&body)).status, 401);
+    // nothing was changed by the refused requests
+    assert_eq!(s.get(&format!("{path}/_history")).json()["total"], 1);
+}
+
+fn scopes_decide_by_type_and_interaction(db: Db) {
+    let s = TestServer::start(db);
+    let pid = s.post("/Patient", &json!({"resourceType": "Patient"})).json()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let obs = json!({"resourceType": "Observation", "status": "final", "code": {"text": "x"}});
+    let oid = s.post("/Observation", &obs).json()["id"].as_str().unwrap().to_string();
+    let read_patients = bearer(&s.token("system/Patient.r", None));
+    assert_eq!(
+        call(&s, "GET", &format!("/Patient/{pid}"), Some(&read_patients), None).status,
+        200
+    );
+    assert_eq!(
+        call(
+            &s,
+            "GET",
+            &format!("/Patient/{pid}/_history/1"),
+            Some(&read_patients),
+            None
+        )
+        .status,
+        200
+    );
+    let r = call(&s, "GET", &format!("/Observation/{oid}"), Some(&read_patients), None);
+    assert_eq!(r.status, 403);
+    assert!(r.header("www-authenticate").unwrap().contains("insufficient_scope"));
+    r.outcome();
+    assert_eq!(
+        call(
+            &s,
+            "POST",
+            "/Patient",
+            Some(&read_patients),
+            Some(&json!({"resourceType": "Patient"}))
+        )
+        .status,
+        403
+    );
+    assert_eq!(
+        call(&s, "DELETE", &format!("/Patient/{pid}"), Some(&read_patients), None).status,
+        403
+    );
+    assert_eq!(
+        call(&s, "GET", "/Patient/_history", Some(&read_patients), None).status,
+        403,
+        "type history needs s"
+    );
+    // v1 scopes
+    let v1 = bearer(&s.token("user/Observation.read", None));
+    assert_eq!(
+        call(&s, "GET", &format!("/Observation/{oid}"), Some(&v1), None).status,
+        200
+    );
+    assert_eq!(call(&s, "GET", "/Observation/_history", Some(&v1), None).status, 200);
+    assert_eq!(
+        call(&s, "GET", "/_history", Some(&v1), None).status,
+        403,
+        "system history needs every type"
+    );
+    // unknown and granular scopes grant nothing
+    for scope in [
+        "system/Observation.rs?category=laboratory",
+        "system/Observatio.rs",
+        "sys/*.cruds",
+        "system/*.rx",
+    ] {
+        let t = bearer(&s.token(scope, None));
+        assert_eq!(
+            call(&s, "GET", &format!("/Observation/{oid}"), Some(&t), None).status,
+            403,
+            "{scope}"
+        );
+    }
+    // update-as-create needs c as well as u, and leaves nothing behind when refused
+    let u_only = bearer(&s.token("system/Patient.ru", None));
+    let body = json!({"resourceType": "Patient", "id": "new-one"});
+    assert_eq!(
+        call(&s, "PUT", "/Patient/new-one", Some(&u_only), Some(&body)).status,
+        403
+    );
+    assert_eq!(s.get("/Patient/new-one").status, 404);
+    let mut existing = s.get(&format!("/Patient/{pid}")).json();
+    existing["active"] = json!(true);
+    assert_eq!(
+        call(&s, "PUT", &format!("/Patient/{pid}"), Some(&u_only), Some(&existing)).status,
+        200
+    );
+    // conditional create is also a search and a read
+    let c_only = bearer(&s.token("system/Patient.c", None));
+    let c = reqwest::blocking::Client::new()
+        .post(s.url("/Patient"))
+        .header("authorization", &c_only)
+        .header("content-type", "application/fhir+json")
+        .header("if-none-exist", format!("_id={pid}"))
+        .body(json!({"resourceType": "Patient"}).to_string())
+        .send()
+        .unwrap();
+    assert_eq!(c.status().as_u16(), 403);
+    assert_eq!(
+        call(
+            &s,
+            "POST",
+            "/Patient",
+            Some(&c_only),
+            Some(&json!({"resourceType": "Patient"}))
+        )
+        .status,
+        201
+    );
+}
+
+/// A patient-context token reaches only that patient; other resources look absent (404), and
+/// listings and writes it cannot be restricted yet are refused (403).
+fn patient_context_sees_only_its_patient(db: Db) {
+    let s = TestServer::start(db);
+    let mut p1 = json!({"resourceType": "Patient", "id": "p1"});
+    assert_eq!(s.put("/Patient/p1", &p1).status, 201);
+    assert_eq!(
+        s.put("/Patient/p2", &json!({"resourceType": "Patient", "id": "p2"}))
+            .status,
+        201
+    );
+    let obs = json!({"resourceType": "Observation", "status": "final", "code": {"text": "x"}, "subject": {"reference": "Patient/p1"}});
+    let oid = s.post("/Observation", &obs).json()["id"].as_str().unwrap().to_string();
+    let t = bearer(&s.token("patient/*.rs launch/patient", Some("p1")));
+    assert_eq!(call(&s, "GET", "/Patient/p1", Some(&t), None).status, 200);
+    assert_eq!(call(&s, "GET", "/Patient/p1/_history", Some(&t), None).status, 200);
+    assert_eq!(call(&s, "GET", "/Patient/p1/_history/1", Some(&t), None).status, 200);
+    // another patient looks exactly like one that does not exist
+    let other = call(&s, "GET", "/Patient/p2", Some(&t), None);
+    let absent = call(&s, "GET", "/Patient/nobody", Some(&t), None);
+    assert_eq!(other.status, 404);
+    assert_eq!(other.text(), absent.text());
+    assert_eq!(call(&s, "GET", "/Patient/p2/_history", Some(&t), None).status, 404);
+    // resources in the compartment are not readable until compartments are stored: refused, not risked
+    assert_eq!(
+        call(&s, "GET", &format!("/Observation/{oid}"), Some(&t), None).status,
+        404
+    );
+    assert_eq!(call(&s, "GET", "/Patient/_history", Some(&t), None).status, 403);
+    assert_eq!(call(&s, "GET", "/_history", Some(&t), None).status, 403);
+    assert_eq!(call(&s, "POST", "/Observation", Some(&t), Some(&obs)).status, 403);
+    p1["active"] = json!(true);
+    assert_eq!(
+        call(&s, "PUT", "/Patient/p1", Some(&t), Some(&p1)).status,
+        403,
+        "no u in the scope"
+    );
+    let tw = bearer(&s.token("patient/Patient.rus", Some("p1")));
+    assert_eq!(call(&s, "PUT", "/Patient/p1", Some(&tw), Some(&p1)).status, 200);
+    let mut p2 = json!({"resourceType": "Patient", "id": "p2", "active": false});
+    assert_eq!(call(&s, "PUT", "/Patient/p2", Some(&tw), Some(&p2)).status, 404);
+    p2["id"] = json!("p3");
+    assert_eq!(
+        call(&s, "PUT", "/Patient/p3", Some(&tw), Some(&p2)).status,
+        404,
+        "cannot create another patient"
+    );
+    // a patient scope without a launch patient grants nothing
+    let unbound = bearer(&s.token("patient/*.rs", None));
+    assert_eq!(call(&s, "GET", "/Patient/p1", Some(&unbound), None).status, 403);
+}
+
+on_both_backends!(
+    every_token_fault_is_a_401,
+    scopes_decide_by_type_and_interaction,
+    patient_context_sees_only_its_patient,
+);

@@ -43,6 +43,7 @@ pub struct ConfigLayer {
     pub token_audience: Option<String>,
     pub signing_key_file: Option<PathBuf>,
     pub max_token_lifetime_secs: Option<u64>,
+    pub workers: Option<usize>,
 }
 
 impl ConfigLayer {
@@ -107,6 +108,7 @@ impl ConfigLayer {
                 "TOKEN_AUDIENCE" => layer.token_audience = Some(value),
                 "SIGNING_KEY_FILE" => layer.signing_key_file = Some(value.into()),
                 "MAX_TOKEN_LIFETIME_SECS" => layer.max_token_lifetime_secs = Some(parse_num(&value)?),
+                "WORKERS" => layer.workers = Some(parse_num(&value)? as usize),
                 // Key material must never come from the environment.
                 "KEY" | "MASTER_KEY" | "ENCRYPTION_KEY" => {
                     return Err(cerr(
@@ -142,7 +144,8 @@ impl ConfigLayer {
             token_issuer,
             token_audience,
             signing_key_file,
-            max_token_lifetime_secs
+            max_token_lifetime_secs,
+            workers
         );
         self
     }
@@ -180,6 +183,9 @@ pub struct Config {
     pub signing_key_file: PathBuf,
     /// Longest lifetime of an access token from the built-in issuer (default 900 s).
     pub max_token_lifetime_secs: i64,
+    /// HTTP worker threads. Reads by id run on them (see api::crud::read), so the default is
+    /// four per CPU: a worker waiting on PostgreSQL then leaves others to use the core.
+    pub workers: usize,
 }
 
 impl Config {
@@ -267,7 +273,13 @@ impl Config {
         if !(60..=86_400).contains(&max_token_lifetime_secs) {
             return Err(cerr("max_token_lifetime_secs", "must be between 60 and 86400"));
         }
+        let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+        let workers = layer.workers.unwrap_or((4 * cpus).clamp(4, 64));
+        if !(1..=256).contains(&workers) {
+            return Err(cerr("workers", "must be between 1 and 256"));
+        }
         Ok(Config {
+            workers,
             token_issuer,
             token_audience,
             signing_key_file,

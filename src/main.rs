@@ -162,6 +162,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 
 fn serve(config: Config) -> anyhow::Result<()> {
     let listen = config.listen;
+    let workers = config.workers;
     let started = std::time::Instant::now();
     let state = actix_web::web::Data::new(fhirvault::server::build_state(config)?);
     tracing::info!(
@@ -172,6 +173,7 @@ fn serve(config: Config) -> anyhow::Result<()> {
     );
     actix_web::rt::System::new().block_on(async move {
         actix_web::HttpServer::new(move || fhirvault::api::app(state.clone()))
+            .workers(workers)
             .bind(listen)
             .with_context(|| format!("binding {listen}"))?
             .run()

@@ -253,9 +253,10 @@ pub async fn read(
 ) -> Result<HttpResponse, ApiError> {
     authorize(&p, &t, Permission::Read)?.check_resource(&t, &id)?;
     let fmt = Format::negotiate(&req)?;
-    // A read by id is one indexed query: on SQLite, with a connection idle, it runs right here,
-    // since handing it to the blocking pool costs two thread switches, more than the query.
-    // Otherwise it waits on a blocking thread, never on the async worker.
+    // A read by id is one indexed query: with a connection idle it runs right here, since
+    // handing it to the blocking pool costs thread switches that cost more than the query.
+    // The server runs several workers per core (`workers`) so that one waiting on PostgreSQL
+    // does not idle the CPU. Without an idle connection it waits on a blocking thread instead.
     let found = match state.store.read_if_idle(&t, &id) {
         Some(result) => result?,
         None => {

@@ -273,15 +273,9 @@ impl Store {
         self.read_on(conn, resource_type, id)
     }
 
-    /// Like [`Store::read`], but only on SQLite and only if a pooled connection is idle right now
-    /// (never waits); `None` means "use `read` from a blocking thread".
+    /// Like [`Store::read`], but only if a pooled connection is idle right now (never waits);
+    /// `None` means "use `read` from a blocking thread".
     pub fn read_if_idle(&self, resource_type: &str, id: &str) -> Option<Result<StoredVersion, StoreError>> {
-        // Only SQLite: its read is a local B-tree lookup of microseconds. A PostgreSQL read waits
-        // on the network, which must not stall the async worker; measured, both ways give the
-        // same throughput (benches/rest.rs), so PostgreSQL keeps the blocking pool.
-        if self.backend == Backend::Postgres {
-            return None;
-        }
         let conn = self.pool.try_get()?;
         Some(self.read_on(conn, resource_type, id))
     }

@@ -278,6 +278,7 @@ impl TestServer {
         let tdb = TestDb::new(db);
         let config = tdb.config(layer);
         let base_path = config.base_path.clone();
+        let workers = config.workers;
         let state = actix_web::web::Data::new(fhirvault::server::build_state(config).expect("server state"));
         let store = state.store.clone();
         let issuer = state.issuer.clone();
@@ -285,7 +286,7 @@ impl TestServer {
         std::thread::spawn(move || {
             actix_web::rt::System::new().block_on(async move {
                 let srv = actix_web::HttpServer::new(move || fhirvault::api::app(state.clone()))
-                    .workers(2)
+                    .workers(workers)
                     .disable_signals()
                     .bind("127.0.0.1:0")
                     .unwrap();

@@ -65,5 +65,6 @@ pub fn build_state(config: Config) -> anyhow::Result<AppState> {
     let validator = shared_validator()?;
     let store = open_store(&config, cipher)?;
     let issuer = Arc::new(open_issuer(&config)?);
-    Ok(AppState::new(config, store, validator, issuer))
+    let compartment = Arc::new(crate::fhir::compartment::PatientCompartment::r4()?);
+    Ok(AppState::new(config, store, validator, issuer, compartment))
 }

@@ -287,9 +287,10 @@ fn scopes_decide_by_type_and_interaction(db: Db) {
     );
 }
 
-/// A patient-context token reaches only that patient; other resources look absent (404), and
-/// listings and writes it cannot be restricted yet are refused (403).
-fn patient_context_sees_only_its_patient(db: Db) {
+/// A patient-context token reaches its patient's compartment and nothing else: other patients'
+/// data answers exactly like absent data (404); writes must stay inside the compartment, before
+/// and after; listings it cannot be restricted yet are refused (403).
+fn patient_context_sees_only_its_compartment(db: Db) {
     let s = TestServer::start(db);
     let mut p1 = json!({"resourceType": "Patient", "id": "p1"});
     assert_eq!(s.put("/Patient/p1", &p1).status, 201);
@@ -298,42 +299,147 @@ fn patient_context_sees_only_its_patient(db: Db) {
             .status,
         201
     );
-    let obs = json!({"resourceType": "Observation", "status": "final", "code": {"text": "x"}, "subject": {"reference": "Patient/p1"}});
-    let oid = s.post("/Observation", &obs).json()["id"].as_str().unwrap().to_string();
+    let obs = |patient: &str| {
+        json!({"resourceType": "Observation", "status": "final", "code": {"text": "x"},
+               "subject": {"reference": format!("Patient/{patient}")}})
+    };
+    let mine = s.post("/Observation", &obs("p1")).json()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let theirs = s.post("/Observation", &obs("p2")).json()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let org = s
+        .post("/Organization", &json!({"resourceType": "Organization", "name": "x"}))
+        .json()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let t = bearer(&s.token("patient/*.rs launch/patient", Some("p1")));
-    assert_eq!(call(&s, "GET", "/Patient/p1", Some(&t), None).status, 200);
-    assert_eq!(call(&s, "GET", "/Patient/p1/_history", Some(&t), None).status, 200);
-    assert_eq!(call(&s, "GET", "/Patient/p1/_history/1", Some(&t), None).status, 200);
-    // another patient looks exactly like one that does not exist
-    let other = call(&s, "GET", "/Patient/p2", Some(&t), None);
-    let absent = call(&s, "GET", "/Patient/nobody", Some(&t), None);
-    assert_eq!(other.status, 404);
-    assert_eq!(other.text(), absent.text());
-    assert_eq!(call(&s, "GET", "/Patient/p2/_history", Some(&t), None).status, 404);
-    // resources in the compartment are not readable until compartments are stored: refused, not risked
+    for path in ["/Patient/p1", "/Patient/p1/_history", "/Patient/p1/_history/1"] {
+        assert_eq!(call(&s, "GET", path, Some(&t), None).status, 200, "{path}");
+    }
     assert_eq!(
-        call(&s, "GET", &format!("/Observation/{oid}"), Some(&t), None).status,
+        call(&s, "GET", &format!("/Observation/{mine}"), Some(&t), None).status,
+        200
+    );
+    assert_eq!(
+        call(&s, "GET", &format!("/Observation/{mine}/_history/1"), Some(&t), None).status,
+        200
+    );
+    // restricted history carries no total (it could count versions the token cannot see)
+    let h = call(&s, "GET", &format!("/Observation/{mine}/_history"), Some(&t), None).json();
+    assert!(h.get("total").is_none());
+    assert_eq!(h["entry"].as_array().unwrap().len(), 1);
+    // other patients' data, and data outside any compartment, looks exactly like absent data
+    let absent = call(&s, "GET", "/Observation/nobody", Some(&t), None);
+    for path in [
+        "/Patient/p2".to_string(),
+        format!("/Observation/{theirs}"),
+        format!("/Observation/{theirs}/_history/1"),
+        format!("/Organization/{org}"),
+    ] {
+        let r = call(&s, "GET", &path, Some(&t), None);
+        assert_eq!(r.status, 404, "{path}");
+        assert_eq!(r.text(), absent.text(), "{path}");
+    }
+    assert_eq!(
+        call(&s, "GET", &format!("/Observation/{theirs}/_history"), Some(&t), None).status,
         404
     );
+    // a resource moved out of the compartment disappears from the patient's view, history included
+    let mut moved = s.get(&format!("/Observation/{mine}")).json();
+    moved["subject"] = json!({"reference": "Patient/p2"});
+    assert_eq!(s.put(&format!("/Observation/{mine}"), &moved).status, 200);
+    assert_eq!(
+        call(&s, "GET", &format!("/Observation/{mine}"), Some(&t), None).status,
+        404
+    );
+    let h = call(&s, "GET", &format!("/Observation/{mine}/_history"), Some(&t), None).json();
+    assert_eq!(
+        h["entry"].as_array().unwrap().len(),
+        1,
+        "only the version that was in the compartment"
+    );
+    // listings are refused until compartments are indexed
     assert_eq!(call(&s, "GET", "/Patient/_history", Some(&t), None).status, 403);
     assert_eq!(call(&s, "GET", "/_history", Some(&t), None).status, 403);
-    assert_eq!(call(&s, "POST", "/Observation", Some(&t), Some(&obs)).status, 403);
-    p1["active"] = json!(true);
+    // writes: scope letters first
     assert_eq!(
-        call(&s, "PUT", "/Patient/p1", Some(&t), Some(&p1)).status,
+        call(&s, "POST", "/Observation", Some(&t), Some(&obs("p1"))).status,
         403,
-        "no u in the scope"
+        "no c"
     );
-    let tw = bearer(&s.token("patient/Patient.rus", Some("p1")));
-    assert_eq!(call(&s, "PUT", "/Patient/p1", Some(&tw), Some(&p1)).status, 200);
-    let mut p2 = json!({"resourceType": "Patient", "id": "p2", "active": false});
-    assert_eq!(call(&s, "PUT", "/Patient/p2", Some(&tw), Some(&p2)).status, 404);
-    p2["id"] = json!("p3");
+    p1["active"] = json!(true);
+    assert_eq!(call(&s, "PUT", "/Patient/p1", Some(&t), Some(&p1)).status, 403, "no u");
+    let tw = bearer(&s.token("patient/*.cruds", Some("p1")));
+    // create inside the compartment only
     assert_eq!(
-        call(&s, "PUT", "/Patient/p3", Some(&tw), Some(&p2)).status,
-        404,
-        "cannot create another patient"
+        call(&s, "POST", "/Observation", Some(&tw), Some(&obs("p1"))).status,
+        201
     );
+    assert_eq!(
+        call(&s, "POST", "/Observation", Some(&tw), Some(&obs("p2"))).status,
+        403
+    );
+    assert_eq!(
+        call(
+            &s,
+            "POST",
+            "/Organization",
+            Some(&tw),
+            Some(&json!({"resourceType": "Organization"}))
+        )
+        .status,
+        403
+    );
+    // update: old and new content inside
+    assert_eq!(call(&s, "PUT", "/Patient/p1", Some(&tw), Some(&p1)).status, 200);
+    let mut own = call(&s, "POST", "/Observation", Some(&tw), Some(&obs("p1"))).json();
+    let own_id = own["id"].as_str().unwrap().to_string();
+    own["status"] = json!("amended");
+    assert_eq!(
+        call(&s, "PUT", &format!("/Observation/{own_id}"), Some(&tw), Some(&own)).status,
+        200
+    );
+    own["subject"] = json!({"reference": "Patient/p2"});
+    assert_eq!(
+        call(&s, "PUT", &format!("/Observation/{own_id}"), Some(&tw), Some(&own)).status,
+        403,
+        "cannot move a resource out of its compartment"
+    );
+    let mut other = s.get(&format!("/Observation/{theirs}")).json();
+    other["subject"] = json!({"reference": "Patient/p1"});
+    assert_eq!(
+        call(&s, "PUT", &format!("/Observation/{theirs}"), Some(&tw), Some(&other)).status,
+        404,
+        "cannot pull another patient's resource into its compartment"
+    );
+    let p3 = json!({"resourceType": "Patient", "id": "p3"});
+    // content outside the compartment is refused before existence is looked at (nothing leaks)
+    assert_eq!(call(&s, "PUT", "/Patient/p3", Some(&tw), Some(&p3)).status, 403);
+    let linked = json!({"resourceType": "Observation", "id": "new-obs", "status": "final", "code": {"text": "x"},
+                        "subject": {"reference": "Patient/p1"}});
+    assert_eq!(
+        call(&s, "PUT", "/Observation/new-obs", Some(&tw), Some(&linked)).status,
+        404,
+        "no update-as-create in patient context"
+    );
+    // delete: only inside
+    assert_eq!(
+        call(&s, "DELETE", &format!("/Observation/{theirs}"), Some(&tw), None).status,
+        404
+    );
+    assert_eq!(s.get(&format!("/Observation/{theirs}")).status, 200, "untouched");
+    assert_eq!(
+        call(&s, "DELETE", &format!("/Observation/{own_id}"), Some(&tw), None).status,
+        200
+    );
+    // none of the refused writes changed anything
+    assert_eq!(s.get(&format!("/Observation/{theirs}/_history")).json()["total"], 1);
+    assert_eq!(s.get("/Patient/p3").status, 404);
     // a patient scope without a launch patient grants nothing
     let unbound = bearer(&s.token("patient/*.rs", None));
     assert_eq!(call(&s, "GET", "/Patient/p1", Some(&unbound), None).status, 403);
@@ -342,5 +448,5 @@ fn patient_context_sees_only_its_patient(db: Db) {
 on_both_backends!(
     every_token_fault_is_a_401,
     scopes_decide_by_type_and_interaction,
-    patient_context_sees_only_its_patient,
+    patient_context_sees_only_its_compartment,
 );

@@ -2,7 +2,7 @@
 
 use super::negotiate::read_resource_body;
 use super::{blocking, etag, http_date, ApiError, AppState, Format, Prefer};
-use crate::auth::policy::authorize;
+use crate::auth::policy::{authorize, Decision};
 use crate::auth::{Permission, Principal};
 use crate::fhir::resource::{self, identifier_tokens, is_valid_id, token_query_key};
 use crate::fhir::{Issue, IssueType, OperationOutcome};
@@ -167,15 +167,24 @@ pub async fn create(
     payload: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    // A patient-context create would need the new resource's compartment, which is not computed
-    // yet: only user/ and system/ scopes may create.
-    if !authorize(&p, &resource_type, Permission::Create)?.unrestricted {
-        return Err(ApiError::Forbidden);
-    }
+    let decision = authorize(&p, &resource_type, Permission::Create)?;
     let fmt = Format::negotiate(&req)?;
     let prefer = Prefer::from_request(&req);
     let mut body = read_resource_body(&req, payload, state.config.max_body_bytes).await?;
     check_body(&state, &resource_type, &mut body)?;
+    // The server assigns the id (FHIR 3.1.0.7): drop the client's before anything looks at it.
+    body.remove("id");
+    if !decision.unrestricted {
+        // A patient-context token creates only inside its own compartment.
+        let value = Value::Object(std::mem::take(&mut body));
+        let inside = decision.admits(&state.compartment, &resource_type, "", Some(&value));
+        if let Value::Object(m) = value {
+            body = m;
+        }
+        if !inside {
+            return Err(ApiError::Forbidden);
+        }
+    }
     let condition = match req.headers().get("if-none-exist") {
         Some(v) => {
             // A conditional create is a search, and may answer with the match: it needs both.
@@ -251,19 +260,21 @@ pub async fn read(
     id: String,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    authorize(&p, &t, Permission::Read)?.check_resource(&t, &id)?;
+    let decision = authorize(&p, &t, Permission::Read)?;
     let fmt = Format::negotiate(&req)?;
     // A read by id is one indexed query: with a connection idle it runs right here, since
     // handing it to the blocking pool costs thread switches that cost more than the query.
     // The server runs several workers per core (`workers`) so that one waiting on PostgreSQL
     // does not idle the CPU. Without an idle connection it waits on a blocking thread instead.
     let found = match state.store.read_if_idle(&t, &id) {
-        Some(result) => result?,
+        Some(result) => result.map_err(ApiError::from),
         None => {
             let st = state.clone();
-            blocking(move || st.store.read(&t, &id).map_err(ApiError::from)).await?
+            let (tt, iid) = (t.clone(), id.clone());
+            blocking(move || st.store.read(&tt, &iid).map_err(ApiError::from)).await
         }
     };
+    let found = admit_read(&state, &decision, &t, &id, found)?;
     respond_read(&req, fmt, found)
 }
 
@@ -275,15 +286,56 @@ pub async fn vread(
     vid: String,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    authorize(&p, &t, Permission::Read)?.check_resource(&t, &id)?;
+    let decision = authorize(&p, &t, Permission::Read)?;
     let fmt = Format::negotiate(&req)?;
     let vid: i64 = match vid.parse() {
         Ok(v) if v > 0 => v,
         _ => return Err(ApiError::NotFound("resource version not found")),
     };
     let st = state.clone();
-    let found = blocking(move || st.store.vread(&t, &id, vid).map_err(ApiError::from)).await?;
+    let (tt, iid) = (t.clone(), id.clone());
+    let found = blocking(move || st.store.vread(&tt, &iid, vid).map_err(ApiError::from)).await;
+    let found = admit_read(&state, &decision, &t, &id, found)?;
     respond_read(&req, fmt, found)
+}
+
+/// Applies a read decision to what storage returned: a resource outside the token's rights
+/// answers exactly as an absent one (404), and so does a deletion the token cannot see.
+fn admit_read(
+    state: &AppState,
+    decision: &Decision,
+    t: &str,
+    id: &str,
+    found: Result<StoredVersion, ApiError>,
+) -> Result<StoredVersion, ApiError> {
+    if decision.unrestricted {
+        return found;
+    }
+    match found {
+        Ok(v) if decision.admits_stored(&state.compartment, t, id, v.content.as_deref()) => Ok(v),
+        Ok(_) => Err(ApiError::NotFound("resource not found")),
+        Err(gone @ ApiError::Gone { .. }) if decision.admits(&state.compartment, t, id, None) => Err(gone),
+        Err(ApiError::Gone { .. }) => Err(ApiError::NotFound("resource not found")),
+        Err(other) => Err(other),
+    }
+}
+
+/// For a restricted decision: the current version of a resource the token may write, or the
+/// same 404 an absent resource gets.
+async fn current_admitted(
+    state: &web::Data<AppState>,
+    decision: &Decision,
+    t: &str,
+    id: &str,
+) -> Result<i64, ApiError> {
+    let st = state.clone();
+    let (tt, iid) = (t.to_string(), id.to_string());
+    let found = blocking(move || st.store.read(&tt, &iid).map_err(ApiError::from)).await;
+    match admit_read(state, decision, t, id, found) {
+        Ok(v) => Ok(v.version_id),
+        Err(ApiError::Gone { .. }) => Err(ApiError::NotFound("resource not found")),
+        Err(e) => Err(e),
+    }
 }
 
 /// Answers a read, honouring `If-None-Match` and `If-Modified-Since` (304).
@@ -342,12 +394,13 @@ pub async fn update(
     payload: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    authorize(&p, &t, Permission::Update)?.check_resource(&t, &id)?;
-    // Update-as-create also needs the right to create (decided in the write transaction).
+    let decision = authorize(&p, &t, Permission::Update)?;
+    // Update-as-create also needs the right to create (decided in the write transaction); a
+    // patient-context token only updates what exists and is already in its compartment.
     let may_create = authorize(&p, &t, Permission::Create).is_ok_and(|d| d.unrestricted);
     let fmt = Format::negotiate(&req)?;
     let prefer = Prefer::from_request(&req);
-    let expected = if_match(req.headers())?;
+    let mut expected = if_match(req.headers())?;
     let mut body = read_resource_body(&req, payload, state.config.max_body_bytes).await?;
     check_body(&state, &t, &mut body)?;
     match body.get("id").and_then(Value::as_str) {
@@ -366,6 +419,20 @@ pub async fn update(
             )
             .at(format!("{t}.id"))]))
         }
+    }
+    if !decision.unrestricted {
+        // The new content must stay inside the compartment, and so must the old one: the
+        // write is pinned to the version checked, so it cannot slip out in between.
+        let value = Value::Object(std::mem::take(&mut body));
+        let inside = decision.admits(&state.compartment, &t, &id, Some(&value));
+        if let Value::Object(m) = value {
+            body = m;
+        }
+        if !inside {
+            return Err(ApiError::Forbidden);
+        }
+        let current = current_admitted(&state, &decision, &t, &id).await?;
+        expected = expected.or(Some(current));
     }
     let st = state.clone();
     let (tt, iid) = (t.clone(), id.clone());
@@ -409,9 +476,12 @@ pub async fn delete(
     id: String,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    authorize(&p, &t, Permission::Delete)?.check_resource(&t, &id)?;
+    let decision = authorize(&p, &t, Permission::Delete)?;
     let fmt = Format::negotiate(&req)?;
-    let expected = if_match(req.headers())?;
+    let mut expected = if_match(req.headers())?;
+    if !decision.unrestricted {
+        expected = expected.or(Some(current_admitted(&state, &decision, &t, &id).await?));
+    }
     let st = state.clone();
     let outcome = blocking(move || st.store.delete(&t, &id, expected).map_err(ApiError::from)).await?;
     // Like HAPI: 200 with an OperationOutcome; deleting what is absent or already deleted succeeds too.

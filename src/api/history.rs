@@ -5,7 +5,7 @@
 
 use super::negotiate::query_pairs;
 use super::{blocking, etag, ApiError, AppState, Format};
-use crate::auth::policy::authorize;
+use crate::auth::policy::{authorize, Decision};
 use crate::auth::{Permission, Principal};
 use crate::fhir::resource::instant;
 use crate::fhir::IssueType;
@@ -27,7 +27,7 @@ pub async fn system_history(
             return Err(ApiError::Forbidden);
         }
     }
-    history(req, state, HistoryScope::System, "_history".into()).await
+    history(req, state, HistoryScope::System, "_history".into(), None).await
 }
 
 pub async fn type_history(
@@ -41,7 +41,7 @@ pub async fn type_history(
         return Err(ApiError::Forbidden);
     }
     let rel = format!("{t}/_history");
-    history(req, state, HistoryScope::Type(t), rel).await
+    history(req, state, HistoryScope::Type(t), rel, None).await
 }
 
 pub async fn instance_history(
@@ -51,9 +51,11 @@ pub async fn instance_history(
     id: String,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    authorize(&p, &t, Permission::Read)?.check_resource(&t, &id)?;
+    let decision = authorize(&p, &t, Permission::Read)?;
     let rel = format!("{t}/{id}/_history");
-    history(req, state, HistoryScope::Instance(t, id), rel).await
+    // Each version is authorized on its own content; a restricted token sees no total.
+    let restricted = (!decision.unrestricted).then_some(decision);
+    history(req, state, HistoryScope::Instance(t, id), rel, restricted).await
 }
 
 fn encode_cursor(row: i64) -> String {
@@ -75,6 +77,7 @@ async fn history(
     state: web::Data<AppState>,
     scope: HistoryScope,
     relative: String,
+    restricted: Option<Decision>,
 ) -> Result<HttpResponse, ApiError> {
     let fmt = Format::negotiate(&req)?;
     let cfg = &state.config;
@@ -123,7 +126,20 @@ async fn history(
         count,
     };
     let st = state.clone();
-    let page = blocking(move || st.store.history(&query).map_err(ApiError::from)).await?;
+    let mut page = blocking(move || st.store.history(&query).map_err(ApiError::from)).await?;
+    if let Some(d) = &restricted {
+        page.entries.retain(|v| {
+            d.admits_stored(
+                &state.compartment,
+                &v.resource_type,
+                &v.logical_id,
+                v.content.as_deref(),
+            )
+        });
+        if page.entries.is_empty() && page.next_before_row.is_none() {
+            return Err(ApiError::NotFound("resource not found"));
+        }
+    }
     let base = state.base_url(&req);
     let link = |cursor: Option<i64>| {
         let mut url = format!("{base}/{relative}?_count={count}");
@@ -150,9 +166,11 @@ async fn history(
         "id": uuid::Uuid::new_v4().to_string(),
         "meta": {"lastUpdated": instant(&now())},
         "type": "history",
-        "total": page.total,
         "link": links,
     });
+    if restricted.is_none() {
+        bundle["total"] = json!(page.total);
+    }
     // FHIR JSON never has empty arrays.
     if !entries.is_empty() {
         bundle["entry"] = Value::Array(entries);

@@ -34,6 +34,7 @@ pub struct AppState {
     pub store: Arc<Store>,
     pub validator: Arc<Validator>,
     pub issuer: Arc<crate::auth::Issuer>,
+    pub compartment: Arc<crate::fhir::compartment::PatientCompartment>,
     pub resource_types: HashSet<String>,
     /// The CapabilityStatement, rendered once at start-up.
     pub capability: Vec<u8>,
@@ -45,6 +46,7 @@ impl AppState {
         store: Arc<Store>,
         validator: Arc<Validator>,
         issuer: Arc<crate::auth::Issuer>,
+        compartment: Arc<crate::fhir::compartment::PatientCompartment>,
     ) -> AppState {
         let resource_types = validator.resource_types().map(str::to_string).collect();
         let capability = metadata::capability_statement(&config, &validator);
@@ -53,6 +55,7 @@ impl AppState {
             store,
             validator,
             issuer,
+            compartment,
             resource_types,
             capability: serde_json::to_vec(&capability).expect("CapabilityStatement serializes"),
         }

@@ -4,8 +4,9 @@
 //! What is enforced today, and how it fails closed where the machinery is not built yet:
 //! * every FHIR endpoint but `metadata` needs a valid bearer token from the built-in issuer;
 //! * resource scopes decide by resource type and interaction (SMART v2 letters, v1 words);
-//! * a `patient/` scope grants access only to the patient's own Patient resource: the patient
-//!   compartment of other resources is not computed yet, so they are refused rather than risked;
+//! * a `patient/` scope reaches the patient's compartment (official CompartmentDefinition),
+//!   decided on the resource content for reads and writes (old and new content alike); listings
+//!   (type and system history) are refused to it until compartments are indexed;
 //! * granular scopes (`?category=…`) grant nothing until search can evaluate them.
 
 pub mod issuer;

@@ -4,6 +4,8 @@
 
 use super::scope::{Context, Permission};
 use super::{AuthError, Principal};
+use crate::fhir::compartment::PatientCompartment;
+use serde_json::Value;
 
 /// What a token may do for one interaction on one resource type.
 #[derive(Debug, Clone)]
@@ -32,20 +34,42 @@ pub fn authorize(principal: &Principal, resource_type: &str, needed: Permission)
 }
 
 impl Decision {
-    /// Whether a resource identified by type and id may be touched. Until the patient
-    /// compartment is stored with each resource, a patient-context decision admits only the
-    /// patient's own Patient resource.
-    pub fn admits(&self, resource_type: &str, id: &str) -> bool {
-        self.unrestricted || (resource_type == "Patient" && self.patient.as_deref() == Some(id))
+    /// Whether a resource is inside the token's rights: any resource for an unrestricted
+    /// decision; for a patient-context one, the patient's own Patient resource and resources
+    /// whose content places them in the patient's compartment. Without content (a deletion)
+    /// only the Patient itself qualifies.
+    pub fn admits(
+        &self,
+        compartment: &PatientCompartment,
+        resource_type: &str,
+        id: &str,
+        content: Option<&Value>,
+    ) -> bool {
+        if self.unrestricted {
+            return true;
+        }
+        let Some(patient) = self.patient.as_deref() else {
+            return false;
+        };
+        if resource_type == "Patient" && id == patient {
+            return true;
+        }
+        content.is_some_and(|c| compartment.patients_of(resource_type, c).contains(patient))
     }
 
-    /// [`Decision::admits`] as an error answering "absent".
-    pub fn check_resource(&self, resource_type: &str, id: &str) -> Result<(), AuthError> {
-        if self.admits(resource_type, id) {
-            Ok(())
-        } else {
-            Err(AuthError::Hidden)
+    /// [`Decision::admits`] on stored JSON.
+    pub fn admits_stored(
+        &self,
+        compartment: &PatientCompartment,
+        resource_type: &str,
+        id: &str,
+        content: Option<&[u8]>,
+    ) -> bool {
+        if self.unrestricted {
+            return true;
         }
+        let parsed = content.and_then(|c| serde_json::from_slice::<Value>(c).ok());
+        self.admits(compartment, resource_type, id, parsed.as_ref())
     }
 }
 
@@ -75,9 +99,10 @@ mod tests {
     #[test]
     fn system_scopes_are_by_type() {
         let p = principal("system/Patient.r", None);
+        let c = PatientCompartment::default();
         assert!(authorize(&p, "Patient", Permission::Read)
             .unwrap()
-            .admits("Patient", "any"));
+            .admits(&c, "Patient", "any", None));
         assert!(matches!(
             authorize(&p, "Patient", Permission::Update),
             Err(AuthError::InsufficientScope)
@@ -86,13 +111,18 @@ mod tests {
     }
 
     #[test]
-    fn patient_scopes_admit_only_the_patient_until_compartments_exist() {
+    fn patient_scopes_admit_the_patient_compartment() {
+        let c = PatientCompartment::r4().unwrap();
         let p = principal("patient/*.rs", Some("p1"));
         let d = authorize(&p, "Patient", Permission::Read).unwrap();
-        assert!(d.admits("Patient", "p1"));
-        assert!(!d.admits("Patient", "p2"));
+        assert!(d.admits(&c, "Patient", "p1", None));
+        assert!(!d.admits(&c, "Patient", "p2", None));
         let d = authorize(&p, "Observation", Permission::Read).unwrap();
-        assert!(!d.admits("Observation", "o1"));
+        let mine = serde_json::json!({"subject": {"reference": "Patient/p1"}});
+        let theirs = serde_json::json!({"subject": {"reference": "Patient/p2"}});
+        assert!(d.admits(&c, "Observation", "o1", Some(&mine)));
+        assert!(!d.admits(&c, "Observation", "o2", Some(&theirs)));
+        assert!(!d.admits(&c, "Observation", "o1", None));
         // a patient scope without a patient claim grants nothing
         let p = principal("patient/*.rs", None);
         assert!(authorize(&p, "Patient", Permission::Read).is_err());

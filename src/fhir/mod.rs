@@ -2,6 +2,7 @@
 //! validation against the official JSON Schema plus the rules it cannot express, the envelope
 //! helpers (ids, meta) and OperationOutcome.
 
+pub mod compartment;
 pub mod json;
 pub mod outcome;
 pub mod resource;

@@ -1,0 +1,165 @@
+//! The Patient compartment (official R4 CompartmentDefinition): which patients a resource
+//! belongs to, computed from the resource itself.
+//!
+//! Each compartment parameter names a search parameter whose FHIRPath expression, for these
+//! parameters, is a plain element path, optionally narrowed by `.where(resolve() is Patient)`.
+//! Only references of the form `Patient/{id}` (relative, absolute or versioned) count, so the
+//! `where` narrowing holds by construction. An expression of any other shape is not used:
+//! membership is then under-, never over-computed, and access fails closed.
+
+use serde_json::Value;
+use std::collections::{BTreeSet, HashMap};
+
+const COMPARTMENT_JSON: &str = include_str!("../../fhir-schemas/CompartmentDefinition-patient.json");
+const SEARCH_PARAMETERS_JSON: &str = include_str!("../../fhir-schemas/search-parameters.json");
+
+#[derive(Debug, thiserror::Error)]
+#[error("the bundled Patient CompartmentDefinition or search parameters are unreadable: {0}")]
+pub struct CompartmentError(String);
+
+/// For each resource type, the element paths (below the resource) that link it to a patient.
+#[derive(Debug, Clone, Default)]
+pub struct PatientCompartment {
+    paths: HashMap<String, Vec<Vec<String>>>,
+}
+
+impl PatientCompartment {
+    pub fn r4() -> Result<PatientCompartment, CompartmentError> {
+        let def: Value = serde_json::from_str(COMPARTMENT_JSON).map_err(|e| CompartmentError(e.to_string()))?;
+        let params: Value =
+            serde_json::from_str(SEARCH_PARAMETERS_JSON).map_err(|e| CompartmentError(e.to_string()))?;
+        let mut expressions: HashMap<(String, String), String> = HashMap::new();
+        for entry in params["entry"].as_array().into_iter().flatten() {
+            let r = &entry["resource"];
+            let (Some(code), Some(expr)) = (r["code"].as_str(), r["expression"].as_str()) else {
+                continue;
+            };
+            for base in r["base"].as_array().into_iter().flatten().filter_map(Value::as_str) {
+                expressions.insert((base.to_string(), code.to_string()), expr.to_string());
+            }
+        }
+        let mut paths: HashMap<String, Vec<Vec<String>>> = HashMap::new();
+        for res in def["resource"].as_array().into_iter().flatten() {
+            let Some(t) = res["code"].as_str() else { continue };
+            for p in res["param"].as_array().into_iter().flatten().filter_map(Value::as_str) {
+                let Some(expr) = expressions.get(&(t.to_string(), p.to_string())) else {
+                    continue;
+                };
+                for part in expr.split('|').map(str::trim) {
+                    if let Some(path) = element_path(t, part) {
+                        paths.entry(t.to_string()).or_default().push(path);
+                    }
+                }
+            }
+        }
+        Ok(PatientCompartment { paths })
+    }
+
+    /// Whether resources of this type can be in a patient compartment at all.
+    pub fn applies_to(&self, resource_type: &str) -> bool {
+        resource_type == "Patient" || self.paths.contains_key(resource_type)
+    }
+
+    /// The ids of the patients whose compartment holds this resource.
+    pub fn patients_of(&self, resource_type: &str, resource: &Value) -> BTreeSet<String> {
+        let mut out = BTreeSet::new();
+        if resource_type == "Patient" {
+            if let Some(id) = resource.get("id").and_then(Value::as_str) {
+                out.insert(id.to_string());
+            }
+        }
+        for path in self.paths.get(resource_type).into_iter().flatten() {
+            let mut nodes = vec![resource];
+            for seg in path {
+                let mut next = Vec::new();
+                for n in nodes {
+                    match n.get(seg.as_str()) {
+                        Some(Value::Array(items)) => next.extend(items.iter()),
+                        Some(v) => next.push(v),
+                        None => {}
+                    }
+                }
+                nodes = next;
+            }
+            for n in nodes {
+                if let Some(id) = n.get("reference").and_then(Value::as_str).and_then(patient_id) {
+                    out.insert(id);
+                }
+            }
+        }
+        out
+    }
+}
+
+/// `Observation.subject.where(resolve() is Patient)` → `["subject"]`, for the given type only.
+fn element_path(resource_type: &str, expr: &str) -> Option<Vec<String>> {
+    let rest = expr.strip_prefix(resource_type)?.strip_prefix('.')?;
+    let rest = rest.strip_suffix(".where(resolve() is Patient)").unwrap_or(rest);
+    let segs: Vec<String> = rest.split('.').map(str::to_string).collect();
+    segs.iter()
+        .all(|s| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric()))
+        .then_some(segs)
+}
+
+/// `Patient/1`, `Patient/1/_history/2`, `https://x/fhir/Patient/1` → `1`.
+fn patient_id(reference: &str) -> Option<String> {
+    let segs: Vec<&str> = reference.split('/').collect();
+    let i = segs.iter().rposition(|s| *s == "Patient")?;
+    let id = segs.get(i + 1)?;
+    let tail = &segs[i + 2..];
+    let ok_tail = tail.is_empty() || (tail.len() == 2 && tail[0] == "_history");
+    (ok_tail && super::resource::is_valid_id(id)).then(|| id.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn c() -> PatientCompartment {
+        PatientCompartment::r4().unwrap()
+    }
+
+    #[test]
+    fn official_definition_loads_for_many_types() {
+        let c = c();
+        for t in [
+            "Observation",
+            "Condition",
+            "Encounter",
+            "AllergyIntolerance",
+            "Appointment",
+            "Group",
+            "Patient",
+        ] {
+            assert!(c.applies_to(t), "{t}");
+        }
+        assert!(!c.applies_to("Organization"));
+    }
+
+    #[test]
+    fn references_place_resources_in_compartments() {
+        let c = c();
+        let o = json!({"resourceType": "Observation", "subject": {"reference": "Patient/p1"}, "performer": [{"reference": "https://h/fhir/Patient/p2/_history/3"}, {"reference": "Practitioner/x"}]});
+        assert_eq!(
+            c.patients_of("Observation", &o),
+            ["p1", "p2"].iter().map(|s| s.to_string()).collect()
+        );
+        let g = json!({"resourceType": "Group", "member": [{"entity": {"reference": "Patient/g1"}}]});
+        assert!(c.patients_of("Group", &g).contains("g1"));
+        let p = json!({"resourceType": "Patient", "id": "me", "link": [{"other": {"reference": "Patient/other"}}]});
+        assert!(c.patients_of("Patient", &p).contains("me"));
+        let none = json!({"resourceType": "Observation", "subject": {"reference": "Group/1"}});
+        assert!(c.patients_of("Observation", &none).is_empty());
+    }
+
+    #[test]
+    fn reference_forms() {
+        assert_eq!(patient_id("Patient/1").as_deref(), Some("1"));
+        assert_eq!(patient_id("Patient/1/_history/2").as_deref(), Some("1"));
+        assert_eq!(patient_id("http://x/fhir/Patient/a-b").as_deref(), Some("a-b"));
+        assert_eq!(patient_id("Patient/1/extra"), None);
+        assert_eq!(patient_id("Patient/"), None);
+        assert_eq!(patient_id("#contained"), None);
+    }
+}

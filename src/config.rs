@@ -23,6 +23,14 @@ fn cerr(setting: impl Into<String>, message: impl Into<String>) -> ConfigError {
     }
 }
 
+fn parse_bool(key: &str, value: &str) -> Result<bool, ConfigError> {
+    match value {
+        "1" | "true" | "yes" => Ok(true),
+        "0" | "false" | "no" | "" => Ok(false),
+        _ => Err(cerr(key, "expected true or false")),
+    }
+}
+
 /// The settings as given by one source; `None` means "not set here".
 #[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -44,6 +52,8 @@ pub struct ConfigLayer {
     pub signing_key_file: Option<PathBuf>,
     pub max_token_lifetime_secs: Option<u64>,
     pub workers: Option<usize>,
+    pub require_mfa: Option<bool>,
+    pub auth_failure_limit: Option<u32>,
 }
 
 impl ConfigLayer {
@@ -96,19 +106,17 @@ impl ConfigLayer {
                 "MAX_PAGE_SIZE" => {
                     layer.max_page_size = Some(parse_num(&value)?.try_into().map_err(|_| cerr(&key, "too large"))?)
                 }
-                "BEHIND_TLS_PROXY" => {
-                    layer.behind_tls_proxy = Some(match value.as_str() {
-                        "1" | "true" | "yes" => true,
-                        "0" | "false" | "no" | "" => false,
-                        _ => return Err(cerr(&key, "expected true or false")),
-                    })
-                }
+                "BEHIND_TLS_PROXY" => layer.behind_tls_proxy = Some(parse_bool(&key, &value)?),
                 "LOG_FORMAT" => layer.log_format = Some(value),
                 "TOKEN_ISSUER" => layer.token_issuer = Some(value),
                 "TOKEN_AUDIENCE" => layer.token_audience = Some(value),
                 "SIGNING_KEY_FILE" => layer.signing_key_file = Some(value.into()),
                 "MAX_TOKEN_LIFETIME_SECS" => layer.max_token_lifetime_secs = Some(parse_num(&value)?),
                 "WORKERS" => layer.workers = Some(parse_num(&value)? as usize),
+                "REQUIRE_MFA" => layer.require_mfa = Some(parse_bool(&key, &value)?),
+                "AUTH_FAILURE_LIMIT" => {
+                    layer.auth_failure_limit = Some(parse_num(&value)?.try_into().map_err(|_| cerr(&key, "too large"))?)
+                }
                 // Key material must never come from the environment.
                 "KEY" | "MASTER_KEY" | "ENCRYPTION_KEY" => {
                     return Err(cerr(
@@ -145,7 +153,9 @@ impl ConfigLayer {
             token_audience,
             signing_key_file,
             max_token_lifetime_secs,
-            workers
+            workers,
+            require_mfa,
+            auth_failure_limit
         );
         self
     }
@@ -186,6 +196,10 @@ pub struct Config {
     /// HTTP worker threads. Reads by id run on them (see api::crud::read), so the default is
     /// four per CPU: a worker waiting on PostgreSQL then leaves others to use the core.
     pub workers: usize,
+    /// User tokens (with `fhirUser`) must carry `amr` mfa, otp or hwk to touch PHI.
+    pub require_mfa: bool,
+    /// Failed authentications per client address per minute before it gets 429s.
+    pub auth_failure_limit: u32,
 }
 
 impl Config {
@@ -278,7 +292,13 @@ impl Config {
         if !(1..=256).contains(&workers) {
             return Err(cerr("workers", "must be between 1 and 256"));
         }
+        let auth_failure_limit = layer.auth_failure_limit.unwrap_or(50);
+        if auth_failure_limit == 0 {
+            return Err(cerr("auth_failure_limit", "must be at least 1"));
+        }
         Ok(Config {
+            require_mfa: layer.require_mfa.unwrap_or(false),
+            auth_failure_limit,
             workers,
             token_issuer,
             token_audience,

@@ -445,7 +445,90 @@ fn patient_context_sees_only_its_compartment(db: Db) {
     assert_eq!(call(&s, "GET", "/Patient/p1", Some(&unbound), None).status, 403);
 }
 
+/// With `require_mfa`, a user token must say it was obtained with more than one factor.
+fn user_tokens_need_mfa_when_required(db: Db) {
+    let s = TestServer::start_with(
+        db,
+        fhirvault::config::ConfigLayer {
+            require_mfa: Some(true),
+            ..Default::default()
+        },
+    );
+    let user_token = |amr: &[&str]| {
+        bearer(
+            &s.issuer
+                .issue(&fhirvault::auth::TokenRequest {
+                    scope: "user/*.cruds".into(),
+                    fhir_user: Some("Practitioner/dr1".into()),
+                    expires_in: 300,
+                    amr: amr.iter().map(|a| a.to_string()).collect(),
+                    ..Default::default()
+                })
+                .unwrap(),
+        )
+    };
+    let r = call(&s, "GET", "/Patient/_history", Some(&user_token(&["pwd"])), None);
+    assert_eq!(r.status, 401);
+    assert!(r
+        .header("www-authenticate")
+        .unwrap()
+        .contains("insufficient_user_authentication"));
+    r.outcome();
+    assert_eq!(
+        call(&s, "GET", "/Patient/_history", Some(&user_token(&["pwd", "otp"])), None).status,
+        200
+    );
+    assert_eq!(
+        call(&s, "GET", "/Patient/_history", Some(&user_token(&["mfa"])), None).status,
+        200
+    );
+    // backend services (no user) are not subject to it
+    assert_eq!(
+        call(
+            &s,
+            "GET",
+            "/Patient/_history",
+            Some(&bearer(&s.token("system/*.rs", None))),
+            None
+        )
+        .status,
+        200
+    );
+}
+
+/// Repeated failed authentications from one address are throttled (429), valid token or not,
+/// and the token is never logged.
+fn repeated_failures_are_throttled(db: Db) {
+    let s = TestServer::start_with(
+        db,
+        fhirvault::config::ConfigLayer {
+            auth_failure_limit: Some(5),
+            ..Default::default()
+        },
+    );
+    for _ in 0..5 {
+        assert_eq!(call(&s, "GET", "/Patient/x", Some("Bearer guess"), None).status, 401);
+    }
+    let r = call(&s, "GET", "/Patient/x", Some("Bearer guess"), None);
+    assert_eq!(r.status, 401, "the sixth failure is still answered");
+    let r2 = call(
+        &s,
+        "GET",
+        "/Patient/x",
+        Some(&bearer(&s.token("system/*.cruds", None))),
+        None,
+    );
+    assert_eq!(r2.status, 429, "{}", r2.text());
+    assert!(r2.header("retry-after").unwrap().parse::<u64>().unwrap() >= 1);
+    r2.outcome();
+    // capabilities stay reachable
+    assert_eq!(call(&s, "GET", "/metadata", None, None).status, 200);
+    drop(r);
+}
+
 on_both_backends!(
+    user_tokens_need_mfa_when_required,
+    repeated_failures_are_throttled,
     every_token_fault_is_a_401,
     scopes_decide_by_type_and_interaction,
     patient_context_sees_only_its_compartment,

@@ -5,6 +5,8 @@
 //! | `BadRequest`          | 400    | given per issue   |
 //! | `Unauthorized`        | 401    | login (+ `WWW-Authenticate: Bearer …`) |
 //! | `Forbidden`           | 403    | forbidden (+ `WWW-Authenticate: Bearer error="insufficient_scope"`) |
+//! | `InsufficientAuthentication` | 401 | login (+ `error="insufficient_user_authentication"`) |
+//! | `TooManyRequests`     | 429    | throttled (+ `Retry-After`) |
 //! | `NotFound`            | 404    | not-found         |
 //! | `MethodNotAllowed`    | 405    | not-supported     |
 //! | `NotAcceptable`       | 406    | not-supported     |
@@ -35,6 +37,10 @@ pub enum ApiError {
     Unauthorized { reason: Option<&'static str> },
     #[error("forbidden")]
     Forbidden,
+    #[error("insufficient user authentication")]
+    InsufficientAuthentication,
+    #[error("too many requests")]
+    TooManyRequests { retry_after: u64 },
     #[error("not found")]
     NotFound(&'static str),
     #[error("method not allowed")]
@@ -81,6 +87,14 @@ impl ApiError {
                     format!("the access token is not valid: {r}"),
                 )]
             }
+            ApiError::InsufficientAuthentication => vec![Issue::error(
+                IssueType::Login,
+                "multi-factor authentication is required for user access to this server",
+            )],
+            ApiError::TooManyRequests { .. } => vec![Issue::error(
+                IssueType::Throttled,
+                "too many failed authentication attempts from this address; retry later",
+            )],
             ApiError::Forbidden => vec![Issue::error(
                 IssueType::Forbidden,
                 "the access token's scopes do not allow this interaction",
@@ -118,6 +132,8 @@ impl ResponseError for ApiError {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden => StatusCode::FORBIDDEN,
+            ApiError::InsufficientAuthentication => StatusCode::UNAUTHORIZED,
+            ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::NotAcceptable => StatusCode::NOT_ACCEPTABLE,
@@ -157,6 +173,15 @@ impl ResponseError for ApiError {
                     header::WWW_AUTHENTICATE,
                     "Bearer realm=\"fhirvault\", error=\"insufficient_scope\"",
                 ));
+            }
+            ApiError::InsufficientAuthentication => {
+                resp.insert_header((
+                    header::WWW_AUTHENTICATE,
+                    "Bearer realm=\"fhirvault\", error=\"insufficient_user_authentication\"",
+                ));
+            }
+            ApiError::TooManyRequests { retry_after } => {
+                resp.insert_header((header::RETRY_AFTER, retry_after.to_string()));
             }
             _ => {}
         }
@@ -206,6 +231,8 @@ impl From<crate::auth::AuthError> for ApiError {
             AuthError::InvalidToken(r) => ApiError::Unauthorized { reason: Some(r) },
             AuthError::InsufficientScope => ApiError::Forbidden,
             AuthError::Hidden => ApiError::NotFound("resource not found"),
+            AuthError::InsufficientAuthentication => ApiError::InsufficientAuthentication,
+            AuthError::TooManyFailures { retry_after } => ApiError::TooManyRequests { retry_after },
             AuthError::Setup(msg) => {
                 tracing::error!(error = %msg, "auth setup failure");
                 ApiError::Internal
@@ -234,6 +261,8 @@ mod tests {
             (ApiError::Unauthorized { reason: None }, 401),
             (ApiError::Unauthorized { reason: Some("x") }, 401),
             (ApiError::Forbidden, 403),
+            (ApiError::InsufficientAuthentication, 401),
+            (ApiError::TooManyRequests { retry_after: 5 }, 429),
             (ApiError::MethodNotAllowed, 405),
             (ApiError::NotAcceptable, 406),
             (

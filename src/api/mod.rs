@@ -35,6 +35,7 @@ pub struct AppState {
     pub validator: Arc<Validator>,
     pub issuer: Arc<crate::auth::Issuer>,
     pub compartment: Arc<crate::fhir::compartment::PatientCompartment>,
+    pub auth_failures: crate::auth::limiter::FailureLimiter,
     pub resource_types: HashSet<String>,
     /// The CapabilityStatement, rendered once at start-up.
     pub capability: Vec<u8>,
@@ -49,6 +50,7 @@ impl AppState {
         compartment: Arc<crate::fhir::compartment::PatientCompartment>,
     ) -> AppState {
         let resource_types = validator.resource_types().map(str::to_string).collect();
+        let auth_failure_limit = config.auth_failure_limit;
         let capability = metadata::capability_statement(&config, &validator);
         AppState {
             config,
@@ -56,6 +58,7 @@ impl AppState {
             validator,
             issuer,
             compartment,
+            auth_failures: crate::auth::limiter::FailureLimiter::new(auth_failure_limit),
             resource_types,
             capability: serde_json::to_vec(&capability).expect("CapabilityStatement serializes"),
         }
@@ -70,20 +73,48 @@ impl AppState {
         }
     }
 
-    /// Validates the request's bearer token.
+    /// Validates the request's bearer token and the authentication policy. Failures are logged
+    /// (reason and client address, never the token) and counted per address; an address over
+    /// the limit gets 429 without its token being looked at.
     pub fn authenticate(&self, req: &HttpRequest) -> Result<Arc<crate::auth::Principal>, ApiError> {
-        let header = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .ok_or(crate::auth::AuthError::Missing)?;
+        use crate::auth::AuthError;
+        let peer = req.peer_addr().map(|a| a.ip());
+        if let Some(retry_after) = peer.and_then(|ip| self.auth_failures.blocked(ip)) {
+            return Err(AuthError::TooManyFailures { retry_after }.into());
+        }
+        let result = self.check_token(req).and_then(|p| {
+            if self.config.require_mfa && p.kind == crate::auth::PrincipalKind::User && !p.has_mfa() {
+                Err(AuthError::InsufficientAuthentication)
+            } else {
+                Ok(p)
+            }
+        });
+        match result {
+            Ok(p) => Ok(p),
+            Err(e) => {
+                let failures = peer.map(|ip| self.auth_failures.record_failure(ip)).unwrap_or(0);
+                tracing::warn!(
+                    peer = %peer.map(|ip| ip.to_string()).unwrap_or_default(),
+                    reason = %e,
+                    failures_this_minute = failures,
+                    "authentication failed"
+                );
+                Err(e.into())
+            }
+        }
+    }
+
+    fn check_token(&self, req: &HttpRequest) -> Result<Arc<crate::auth::Principal>, crate::auth::AuthError> {
+        use crate::auth::AuthError;
+        let header = req.headers().get(header::AUTHORIZATION).ok_or(AuthError::Missing)?;
         let value = header
             .to_str()
-            .map_err(|_| crate::auth::AuthError::InvalidToken("malformed Authorization header"))?;
+            .map_err(|_| AuthError::InvalidToken("malformed Authorization header"))?;
         let token = match value.split_once(' ') {
             Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() => token.trim(),
-            _ => return Err(crate::auth::AuthError::InvalidToken("expected the Bearer scheme").into()),
+            _ => return Err(AuthError::InvalidToken("expected the Bearer scheme")),
         };
-        Ok(self.issuer.authenticate(token, |t| self.resource_types.contains(t))?)
+        self.issuer.authenticate(token, |t| self.resource_types.contains(t))
     }
 
     /// The base URL used in `Location` and `fullUrl`: the configured public URL, else the

@@ -10,6 +10,7 @@
 //! * granular scopes (`?category=…`) grant nothing until search can evaluate them.
 
 pub mod issuer;
+pub mod limiter;
 pub mod policy;
 pub mod scope;
 
@@ -29,6 +30,13 @@ pub struct Principal {
     pub amr: Vec<String>,
     pub token_id: String,
     pub expires_at: i64,
+}
+
+impl Principal {
+    /// Whether the token says the user authenticated with more than one factor.
+    pub fn has_mfa(&self) -> bool {
+        self.amr.iter().any(|m| matches!(m.as_str(), "mfa" | "otp" | "hwk"))
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,6 +61,12 @@ pub enum AuthError {
     /// so that a token cannot learn which resources exist.
     #[error("not found")]
     Hidden,
+    /// A user token without multi-factor authentication where policy requires it.
+    #[error("multi-factor authentication required")]
+    InsufficientAuthentication,
+    /// Too many failed authentications from this address.
+    #[error("too many failed authentications")]
+    TooManyFailures { retry_after: u64 },
     #[error("auth setup: {0}")]
     Setup(String),
 }

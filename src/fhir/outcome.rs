@@ -33,6 +33,7 @@ pub enum IssueType {
     Processing,
     Exception,
     TooCostly,
+    Throttled,
     Informational,
 }
 

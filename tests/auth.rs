@@ -289,7 +289,7 @@ fn scopes_decide_by_type_and_interaction(db: Db) {
 
 /// A patient-context token reaches its patient's compartment and nothing else: other patients'
 /// data answers exactly like absent data (404); writes must stay inside the compartment, before
-/// and after; listings it cannot be restricted yet are refused (403).
+/// and after; listings (type and system history) hold only the compartment.
 fn patient_context_sees_only_its_compartment(db: Db) {
     let s = TestServer::start(db);
     let mut p1 = json!({"resourceType": "Patient", "id": "p1"});
@@ -363,9 +363,41 @@ fn patient_context_sees_only_its_compartment(db: Db) {
         1,
         "only the version that was in the compartment"
     );
-    // listings are refused until compartments are indexed
-    assert_eq!(call(&s, "GET", "/Patient/_history", Some(&t), None).status, 403);
-    assert_eq!(call(&s, "GET", "/_history", Some(&t), None).status, 403);
+    // listings hold only the compartment, filtered in the query, totals included
+    let h = call(&s, "GET", "/Patient/_history", Some(&t), None).json();
+    assert_eq!(h["total"], 1, "{h}");
+    assert_eq!(h["entry"][0]["resource"]["id"], "p1");
+    let h = call(&s, "GET", "/Observation/_history", Some(&t), None).json();
+    assert_eq!(
+        h["total"], 1,
+        "only the version of {mine} that was in the compartment: {h}"
+    );
+    let h = call(&s, "GET", "/_history?_count=1", Some(&t), None).json();
+    assert_eq!(h["total"], 2, "{h}");
+    let next = h["link"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["relation"] == "next")
+        .unwrap()["url"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let r = reqwest::blocking::Client::new()
+        .get(&next)
+        .header("authorization", &t)
+        .send()
+        .unwrap();
+    let page2: Value = r.json().unwrap();
+    assert_eq!(page2["entry"].as_array().unwrap().len(), 1);
+    let seen: Vec<&str> = [&h, &page2]
+        .iter()
+        .map(|b| b["entry"][0]["resource"]["resourceType"].as_str().unwrap())
+        .collect();
+    assert!(seen.contains(&"Patient") && seen.contains(&"Observation"), "{seen:?}");
+    // a scope for some types only does not open the system history
+    let t_obs = bearer(&s.token("patient/Observation.rs", Some("p1")));
+    assert_eq!(call(&s, "GET", "/_history", Some(&t_obs), None).status, 403);
     // writes: scope letters first
     assert_eq!(
         call(&s, "POST", "/Observation", Some(&t), Some(&obs("p1"))).status,

@@ -4,6 +4,7 @@ use super::negotiate::read_resource_body;
 use super::{blocking, etag, http_date, ApiError, AppState, Format, Prefer};
 use crate::auth::policy::{authorize, Decision};
 use crate::auth::{Permission, Principal};
+use crate::fhir::compartment::PatientCompartment;
 use crate::fhir::resource::{self, identifier_tokens, is_valid_id, token_query_key};
 use crate::fhir::{Issue, IssueType, OperationOutcome};
 use crate::store::{Condition, Content, CreateOutcome, DeleteOutcome, StoreError, StoredVersion, Written};
@@ -154,10 +155,26 @@ fn version_location(base: &str, t: &str, id: &str, v: i64) -> String {
     format!("{base}/{t}/{id}/_history/{v}")
 }
 
-fn content_for(body: &mut Map<String, Value>, id: &str, version: i64, ts: NaiveDateTime) -> Content {
+fn content_for(
+    compartment: &PatientCompartment,
+    resource_type: &str,
+    body: &mut Map<String, Value>,
+    id: &str,
+    version: i64,
+    ts: NaiveDateTime,
+) -> Content {
     let json = resource::stamp(body, id, version, &ts);
     let tokens = identifier_tokens(body);
-    Content { json, tokens }
+    let value = Value::Object(std::mem::take(body));
+    let compartments = compartment.patients_of(resource_type, &value).into_iter().collect();
+    if let Value::Object(m) = value {
+        *body = m;
+    }
+    Content {
+        json,
+        tokens,
+        compartments,
+    }
 }
 
 pub async fn create(
@@ -205,7 +222,9 @@ pub async fn create(
     let t = resource_type.clone();
     let outcome = blocking(move || {
         st.store
-            .create(&t, &id, condition.as_ref(), |v, ts| content_for(&mut body, &id, v, ts))
+            .create(&t, &id, condition.as_ref(), |v, ts| {
+                content_for(&st.compartment, &t, &mut body, &id, v, ts)
+            })
             .map_err(ApiError::from)
     })
     .await?;
@@ -440,7 +459,7 @@ pub async fn update(
         st.store
             .update(&tt, &iid, expected, may_create, |v, ts| {
                 let mut b = body.clone();
-                content_for(&mut b, &iid, v, ts)
+                content_for(&st.compartment, &tt, &mut b, &iid, v, ts)
             })
             .map_err(|e| match e {
                 StoreError::CreateNotAllowed => ApiError::Forbidden,

@@ -21,13 +21,16 @@ pub async fn system_history(
     p: Arc<Principal>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    // It lists every type: the token must be able to search every type without restriction.
+    // It lists every type: the token must be able to search every type; where any of them is
+    // granted only in patient context, the whole listing is limited to the compartment.
+    let mut patient = None;
     for t in &state.resource_types {
-        if !authorize(&p, t, Permission::Search)?.unrestricted {
-            return Err(ApiError::Forbidden);
+        let d = authorize(&p, t, Permission::Search)?;
+        if !d.unrestricted {
+            patient = d.patient;
         }
     }
-    history(req, state, HistoryScope::System, "_history".into(), None).await
+    history(req, state, HistoryScope::System, "_history".into(), None, patient).await
 }
 
 pub async fn type_history(
@@ -36,12 +39,11 @@ pub async fn type_history(
     t: String,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    // A listing of the type: patient-context filtering needs stored compartments (not yet).
-    if !authorize(&p, &t, Permission::Search)?.unrestricted {
-        return Err(ApiError::Forbidden);
-    }
+    // A patient-context token lists only its compartment, filtered in the query (counts too).
+    let d = authorize(&p, &t, Permission::Search)?;
+    let patient = if d.unrestricted { None } else { d.patient };
     let rel = format!("{t}/_history");
-    history(req, state, HistoryScope::Type(t), rel, None).await
+    history(req, state, HistoryScope::Type(t), rel, None, patient).await
 }
 
 pub async fn instance_history(
@@ -55,7 +57,7 @@ pub async fn instance_history(
     let rel = format!("{t}/{id}/_history");
     // Each version is authorized on its own content; a restricted token sees no total.
     let restricted = (!decision.unrestricted).then_some(decision);
-    history(req, state, HistoryScope::Instance(t, id), rel, restricted).await
+    history(req, state, HistoryScope::Instance(t, id), rel, restricted, None).await
 }
 
 fn encode_cursor(row: i64) -> String {
@@ -78,6 +80,7 @@ async fn history(
     scope: HistoryScope,
     relative: String,
     restricted: Option<Decision>,
+    patient: Option<String>,
 ) -> Result<HttpResponse, ApiError> {
     let fmt = Format::negotiate(&req)?;
     let cfg = &state.config;
@@ -120,6 +123,7 @@ async fn history(
         }
     }
     let query = HistoryQuery {
+        patient,
         scope,
         since,
         before_row,

@@ -5,8 +5,8 @@
 //! * every FHIR endpoint but `metadata` needs a valid bearer token from the built-in issuer;
 //! * resource scopes decide by resource type and interaction (SMART v2 letters, v1 words);
 //! * a `patient/` scope reaches the patient's compartment (official CompartmentDefinition),
-//!   decided on the resource content for reads and writes (old and new content alike); listings
-//!   (type and system history) are refused to it until compartments are indexed;
+//!   decided on the resource content for reads and writes (old and new content alike), and on
+//!   the stored `resource_compartments` of each version for listings (filtered in the query);
 //! * granular scopes (`?category=…`) grant nothing until search can evaluate them.
 
 pub mod issuer;

@@ -20,7 +20,7 @@ use diesel::prelude::*;
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 use encrypted::EncryptedColumn;
-use schema::{resource_versions as rv, resources as cur, token_index as ti};
+use schema::{resource_compartments as rc, resource_versions as rv, resources as cur, token_index as ti};
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -77,6 +77,8 @@ pub enum StoreError {
 pub struct Content {
     pub json: Vec<u8>,
     pub tokens: Vec<(&'static str, String)>,
+    /// The patients whose compartment holds this version.
+    pub compartments: Vec<String>,
 }
 
 /// One stored version, decrypted.
@@ -139,6 +141,8 @@ pub struct HistoryQuery {
     /// Only rows older than this row id (the paging cursor).
     pub before_row: Option<i64>,
     pub count: u32,
+    /// Only versions in this patient's compartment (filtered in the query, counts included).
+    pub patient: Option<String>,
 }
 
 pub struct HistoryPage {
@@ -460,6 +464,17 @@ impl Store {
             if let Some(since) = q.since {
                 b = b.filter(rv::last_updated.ge(since));
             }
+            if let Some(patient) = &q.patient {
+                b = b.filter(diesel::dsl::exists(
+                    rc::table.filter(
+                        rc::resource_type
+                            .eq(rv::resource_type)
+                            .and(rc::logical_id.eq(rv::logical_id))
+                            .and(rc::version_id.eq(rv::version_id))
+                            .and(rc::patient_id.eq(patient.clone())),
+                    ),
+                ));
+            }
             b
         };
         let total: i64 = base().count().get_result(&mut *conn)?;
@@ -601,6 +616,39 @@ impl Store {
                 rv::content_sha256.eq(digest),
             ))
             .execute(conn)?;
+        // The version's compartments: computed from the content, or for a deletion carried over
+        // from the version it deletes (so a patient still sees the tombstone of its own data).
+        let patients: Vec<String> = match content {
+            Some(c) => c.compartments.clone(),
+            None => rc::table
+                .filter(
+                    rc::resource_type
+                        .eq(resource_type)
+                        .and(rc::logical_id.eq(id))
+                        .and(rc::version_id.eq(version - 1)),
+                )
+                .select(rc::patient_id)
+                .load(conn)?,
+        };
+        let rows: Vec<_> = patients
+            .iter()
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .map(|p| {
+                (
+                    rc::resource_type.eq(resource_type),
+                    rc::logical_id.eq(id),
+                    rc::version_id.eq(version),
+                    rc::patient_id.eq(p.as_str()),
+                )
+            })
+            .collect();
+        if !rows.is_empty() {
+            match conn {
+                DbConnection::Pg(c) => diesel::insert_into(rc::table).values(&rows).execute(c)?,
+                DbConnection::Sqlite(c) => diesel::insert_into(rc::table).values(&rows).execute(c)?,
+            };
+        }
         Ok(())
     }
 

@@ -37,4 +37,13 @@ diesel::table! {
     }
 }
 
-diesel::allow_tables_to_appear_in_same_query!(resource_versions, resources, token_index);
+diesel::table! {
+    resource_compartments (resource_type, logical_id, version_id, patient_id) {
+        resource_type -> Text,
+        logical_id -> Text,
+        version_id -> BigInt,
+        patient_id -> Text,
+    }
+}
+
+diesel::allow_tables_to_appear_in_same_query!(resource_versions, resources, token_index, resource_compartments);

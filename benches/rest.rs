@@ -228,7 +228,7 @@ fn bench_backend(db: Db, rows: u64, secs: u64, conc: usize) -> serde_json::Value
         |_| (),
         |_, i| {
             let id = &ids[(i.wrapping_mul(2654435761) % ids.len() as u64) as usize];
-            std::hint::black_box(store.read("Patient", id).unwrap());
+            std::hint::black_box(store.read(&fhirvault::store::Access::All, "Patient", id).unwrap());
         },
     );
 

@@ -54,6 +54,7 @@ pub struct ConfigLayer {
     pub workers: Option<usize>,
     pub require_mfa: Option<bool>,
     pub auth_failure_limit: Option<u32>,
+    pub migration_database_url: Option<String>,
 }
 
 impl ConfigLayer {
@@ -114,6 +115,7 @@ impl ConfigLayer {
                 "MAX_TOKEN_LIFETIME_SECS" => layer.max_token_lifetime_secs = Some(parse_num(&value)?),
                 "WORKERS" => layer.workers = Some(parse_num(&value)? as usize),
                 "REQUIRE_MFA" => layer.require_mfa = Some(parse_bool(&key, &value)?),
+                "MIGRATION_DATABASE_URL" => layer.migration_database_url = Some(value),
                 "AUTH_FAILURE_LIMIT" => {
                     layer.auth_failure_limit = Some(parse_num(&value)?.try_into().map_err(|_| cerr(&key, "too large"))?)
                 }
@@ -155,7 +157,8 @@ impl ConfigLayer {
             max_token_lifetime_secs,
             workers,
             require_mfa,
-            auth_failure_limit
+            auth_failure_limit,
+            migration_database_url
         );
         self
     }
@@ -167,8 +170,8 @@ pub enum LogFormat {
     Json,
 }
 
-/// The validated configuration.
-#[derive(Debug, Clone)]
+/// The validated configuration. Its `Debug` hides database passwords.
+#[derive(Clone)]
 pub struct Config {
     pub listen: SocketAddr,
     /// FHIR base path, for example `/fhir` (no trailing slash).
@@ -200,6 +203,40 @@ pub struct Config {
     pub require_mfa: bool,
     /// Failed authentications per client address per minute before it gets 429s.
     pub auth_failure_limit: u32,
+    /// PostgreSQL: the table owner's URL, for migrations and grants; the server itself then
+    /// connects with `database_url` as a role row-level security binds. Defaults to `database_url`.
+    pub migration_database_url: Option<String>,
+}
+
+/// `postgres://user:secret@host/db` → `postgres://user:***@host/db`.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            match creds.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("listen", &self.listen)
+            .field("base_path", &self.base_path)
+            .field("data_dir", &self.data_dir)
+            .field("database_url", &redact_url(&self.database_url))
+            .field(
+                "migration_database_url",
+                &self.migration_database_url.as_deref().map(redact_url),
+            )
+            .field("key_file", &self.key_file)
+            .field("workers", &self.workers)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Config {
@@ -296,7 +333,16 @@ impl Config {
         if auth_failure_limit == 0 {
             return Err(cerr("auth_failure_limit", "must be at least 1"));
         }
+        let migration_database_url = match layer.migration_database_url {
+            Some(u) if u.starts_with("postgres://") || u.starts_with("postgresql://") => Some(u),
+            Some(_) => return Err(cerr("migration_database_url", "expected postgres://…")),
+            None => None,
+        };
+        if migration_database_url.is_some() && !database_url.starts_with("postgres") {
+            return Err(cerr("migration_database_url", "only applies to PostgreSQL"));
+        }
         Ok(Config {
+            migration_database_url,
             require_mfa: layer.require_mfa.unwrap_or(false),
             auth_failure_limit,
             workers,
@@ -403,6 +449,19 @@ mod tests {
         })
         .unwrap_err();
         assert_eq!(e.setting, "database_url");
+    }
+
+    #[test]
+    fn debug_hides_database_passwords() {
+        let c = Config::resolve(ConfigLayer {
+            database_url: Some("postgres://app:s3cret@db/fhir".into()),
+            migration_database_url: Some("postgres://owner:0wner-pw@db/fhir".into()),
+            ..Default::default()
+        })
+        .unwrap();
+        let text = format!("{c:?}");
+        assert!(!text.contains("s3cret") && !text.contains("0wner-pw"), "{text}");
+        assert!(text.contains("postgres://app:***@db/fhir"));
     }
 
     #[test]

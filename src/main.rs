@@ -145,7 +145,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let config = load_config(&cli.common, None)?;
             fhirvault::telemetry::init(config.log_format);
             fhirvault::server::ensure_data_dir(&config)?;
-            let manager = fhirvault::store::DbManager::new(&config.database_url).context("database_url")?;
+            // Migrations run as the tables' owner when one is configured.
+            let url = config.migration_database_url.as_deref().unwrap_or(&config.database_url);
+            let manager = fhirvault::store::DbManager::new(url).context("database_url")?;
             let mut conn = manager.connect().context("connecting to the database")?;
             let applied = fhirvault::store::run_migrations(&mut conn)?;
             if applied.is_empty() {

@@ -42,7 +42,13 @@ pub fn open_cipher(config: &Config) -> anyhow::Result<Arc<Cipher>> {
 /// Opens the store (applying migrations).
 pub fn open_store(config: &Config, cipher: Arc<Cipher>) -> anyhow::Result<Arc<Store>> {
     ensure_data_dir(config)?;
-    let store = Store::open(&config.database_url, config.pool_size, cipher).context("opening the database")?;
+    let store = Store::open(
+        &config.database_url,
+        config.migration_database_url.as_deref(),
+        config.pool_size,
+        cipher,
+    )
+    .context("opening the database")?;
     Ok(Arc::new(store))
 }
 

@@ -220,9 +220,10 @@ pub async fn create(
     let id = uuid::Uuid::new_v4().to_string();
     let st = state.clone();
     let t = resource_type.clone();
+    let access = decision.access();
     let outcome = blocking(move || {
         st.store
-            .create(&t, &id, condition.as_ref(), |v, ts| {
+            .create(&access, &t, &id, condition.as_ref(), |v, ts| {
                 content_for(&st.compartment, &t, &mut body, &id, v, ts)
             })
             .map_err(ApiError::from)
@@ -285,12 +286,13 @@ pub async fn read(
     // handing it to the blocking pool costs thread switches that cost more than the query.
     // The server runs several workers per core (`workers`) so that one waiting on PostgreSQL
     // does not idle the CPU. Without an idle connection it waits on a blocking thread instead.
-    let found = match state.store.read_if_idle(&t, &id) {
+    let access = decision.access();
+    let found = match state.store.read_if_idle(&access, &t, &id) {
         Some(result) => result.map_err(ApiError::from),
         None => {
             let st = state.clone();
             let (tt, iid) = (t.clone(), id.clone());
-            blocking(move || st.store.read(&tt, &iid).map_err(ApiError::from)).await
+            blocking(move || st.store.read(&access, &tt, &iid).map_err(ApiError::from)).await
         }
     };
     let found = admit_read(&state, &decision, &t, &id, found)?;
@@ -313,7 +315,8 @@ pub async fn vread(
     };
     let st = state.clone();
     let (tt, iid) = (t.clone(), id.clone());
-    let found = blocking(move || st.store.vread(&tt, &iid, vid).map_err(ApiError::from)).await;
+    let access = decision.access();
+    let found = blocking(move || st.store.vread(&access, &tt, &iid, vid).map_err(ApiError::from)).await;
     let found = admit_read(&state, &decision, &t, &id, found)?;
     respond_read(&req, fmt, found)
 }
@@ -349,7 +352,8 @@ async fn current_admitted(
 ) -> Result<i64, ApiError> {
     let st = state.clone();
     let (tt, iid) = (t.to_string(), id.to_string());
-    let found = blocking(move || st.store.read(&tt, &iid).map_err(ApiError::from)).await;
+    let access = decision.access();
+    let found = blocking(move || st.store.read(&access, &tt, &iid).map_err(ApiError::from)).await;
     match admit_read(state, decision, t, id, found) {
         Ok(v) => Ok(v.version_id),
         Err(ApiError::Gone { .. }) => Err(ApiError::NotFound("resource not found")),
@@ -455,9 +459,10 @@ pub async fn update(
     }
     let st = state.clone();
     let (tt, iid) = (t.clone(), id.clone());
+    let access = decision.access();
     let written = blocking(move || {
         st.store
-            .update(&tt, &iid, expected, may_create, |v, ts| {
+            .update(&access, &tt, &iid, expected, may_create, |v, ts| {
                 let mut b = body.clone();
                 content_for(&st.compartment, &tt, &mut b, &iid, v, ts)
             })
@@ -502,7 +507,8 @@ pub async fn delete(
         expected = expected.or(Some(current_admitted(&state, &decision, &t, &id).await?));
     }
     let st = state.clone();
-    let outcome = blocking(move || st.store.delete(&t, &id, expected).map_err(ApiError::from)).await?;
+    let access = decision.access();
+    let outcome = blocking(move || st.store.delete(&access, &t, &id, expected).map_err(ApiError::from)).await?;
     // Like HAPI: 200 with an OperationOutcome; deleting what is absent or already deleted succeeds too.
     let mut b = HttpResponse::Ok();
     let text = match outcome {

@@ -9,6 +9,7 @@ use crate::auth::policy::{authorize, Decision};
 use crate::auth::{Permission, Principal};
 use crate::fhir::resource::instant;
 use crate::fhir::IssueType;
+use crate::store::Access;
 use crate::store::{now, HistoryQuery, HistoryScope, StoredVersion};
 use actix_web::{web, HttpRequest, HttpResponse};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
@@ -130,7 +131,15 @@ async fn history(
         count,
     };
     let st = state.clone();
-    let mut page = blocking(move || st.store.history(&query).map_err(ApiError::from)).await?;
+    let access = match query
+        .patient
+        .clone()
+        .or_else(|| restricted.as_ref().and_then(|d| d.patient.clone()))
+    {
+        Some(p) => Access::Patient(p),
+        None => Access::All,
+    };
+    let mut page = blocking(move || st.store.history(&access, &query).map_err(ApiError::from)).await?;
     if let Some(d) = &restricted {
         page.entries.retain(|v| {
             d.admits_stored(

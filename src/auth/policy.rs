@@ -5,6 +5,7 @@
 use super::scope::{Context, Permission};
 use super::{AuthError, Principal};
 use crate::fhir::compartment::PatientCompartment;
+use crate::store::Access;
 use serde_json::Value;
 
 /// What a token may do for one interaction on one resource type.
@@ -55,6 +56,14 @@ impl Decision {
             return true;
         }
         content.is_some_and(|c| compartment.patients_of(resource_type, c).contains(patient))
+    }
+
+    /// The storage access context for this decision (row-level security on PostgreSQL).
+    pub fn access(&self) -> Access {
+        match (&self.patient, self.unrestricted) {
+            (Some(p), false) => Access::Patient(p.clone()),
+            _ => Access::All,
+        }
     }
 
     /// [`Decision::admits`] on stored JSON.

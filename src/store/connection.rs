@@ -103,17 +103,27 @@ fn create_private_file(path: &str) -> Result<(), ConnectError> {
     }
 }
 
+/// A pooled connection and the row-level-security access context its session carries
+/// (PostgreSQL), so that the context is set only when it changes.
+pub struct Session {
+    pub(super) conn: DbConnection,
+    pub(super) access: Option<String>,
+}
+
 impl r2d2::ManageConnection for DbManager {
-    type Connection = DbConnection;
+    type Connection = Session;
     type Error = ConnectError;
 
-    fn connect(&self) -> Result<DbConnection, ConnectError> {
-        DbManager::connect(self)
+    fn connect(&self) -> Result<Session, ConnectError> {
+        Ok(Session {
+            conn: DbManager::connect(self)?,
+            access: None,
+        })
     }
-    fn is_valid(&self, conn: &mut DbConnection) -> Result<(), ConnectError> {
-        conn.batch_execute("SELECT 1").map_err(ConnectError::Query)
+    fn is_valid(&self, s: &mut Session) -> Result<(), ConnectError> {
+        s.conn.batch_execute("SELECT 1").map_err(ConnectError::Query)
     }
-    fn has_broken(&self, _conn: &mut DbConnection) -> bool {
+    fn has_broken(&self, _s: &mut Session) -> bool {
         false
     }
 }

@@ -16,6 +16,7 @@ pub use connection::{Backend, DbConnection, DbManager};
 
 use crate::crypto::{sha256, Aad, Cipher, CryptoError};
 use chrono::{NaiveDateTime, Timelike, Utc};
+use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
@@ -70,6 +71,28 @@ pub enum StoreError {
     Integrity,
     #[error("migration: {0}")]
     Migration(String),
+}
+
+/// Whose data a store operation may touch. Every store function takes it first; on PostgreSQL
+/// it becomes the session's `fhirvault.access` setting, which the row-level-security policy on
+/// `resource_versions` enforces (see migrations/postgres/*_row_level_security), so a wrong
+/// query still cannot return another patient's rows. SQLite has no RLS: there the API layer's
+/// checks are the only guard, and production PHI belongs on PostgreSQL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Access {
+    /// Any resource (user/ and system/ scopes, the server's own work).
+    All,
+    /// Only resources in this patient's compartment.
+    Patient(String),
+}
+
+impl Access {
+    fn setting(&self) -> String {
+        match self {
+            Access::All => "all".into(),
+            Access::Patient(p) => format!("patient:{p}"),
+        }
+    }
 }
 
 /// The plaintext of one version, ready to be sealed, plus its token index entries
@@ -182,6 +205,50 @@ fn is_unique_violation(e: &StoreError) -> bool {
     )
 }
 
+/// The owner grants the server's role row access (PostgreSQL): no DDL, no ownership, and
+/// versions and compartments are insert-only.
+fn grant_server_role(owner: &mut DbConnection, server: &mut DbConnection) -> Result<(), StoreError> {
+    let (DbConnection::Pg(owner), DbConnection::Pg(server)) = (owner, server) else {
+        return Ok(());
+    };
+    #[derive(QueryableByName)]
+    struct Role {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        name: String,
+    }
+    let role: Role = diesel::sql_query("SELECT current_user::text AS name").get_result(server)?;
+    let ident = format!("\"{}\"", role.name.replace('"', "\"\""));
+    owner.batch_execute(&format!(
+        "GRANT SELECT, INSERT, UPDATE, DELETE ON resources, token_index TO {ident}; \
+         GRANT SELECT, INSERT ON resource_versions, resource_compartments TO {ident}; \
+         GRANT USAGE, SELECT ON SEQUENCE resource_versions_id_seq TO {ident}; \
+         GRANT EXECUTE ON FUNCTION fhirvault_access_allows(TEXT, TEXT, BIGINT) TO {ident};"
+    ))?;
+    Ok(())
+}
+
+/// Says at start-up when PostgreSQL's row-level security cannot bind the server's role.
+fn warn_if_rls_bypassed(conn: &mut DbConnection) -> Result<(), StoreError> {
+    let DbConnection::Pg(pg) = conn else { return Ok(()) };
+    #[derive(QueryableByName)]
+    struct Bypass {
+        #[diesel(sql_type = diesel::sql_types::Bool)]
+        bypass: bool,
+    }
+    let b: Bypass = diesel::sql_query(
+        "SELECT (r.rolsuper OR r.rolbypassrls OR t.tableowner = current_user) AS bypass \
+         FROM pg_roles r, pg_tables t WHERE r.rolname = current_user AND t.tablename = 'resource_versions'",
+    )
+    .get_result(pg)?;
+    if b.bypass {
+        tracing::warn!(
+            "row-level security does not bind this database role (superuser, BYPASSRLS or table owner): \
+             serve as a dedicated role and run migrations with migration_database_url"
+        );
+    }
+    Ok(())
+}
+
 /// Runs the migrations of the backend `conn` is on.
 pub fn run_migrations(conn: &mut DbConnection) -> Result<Vec<String>, StoreError> {
     let applied = match conn {
@@ -194,13 +261,32 @@ pub fn run_migrations(conn: &mut DbConnection) -> Result<Vec<String>, StoreError
 
 impl Store {
     /// Opens the pool (failing at once if the database cannot be reached) and applies pending migrations.
-    pub fn open(database_url: &str, pool_size: u32, cipher: Arc<Cipher>) -> Result<Store, StoreError> {
+    ///
+    /// With `migration_url` (PostgreSQL), migrations run as that role (the tables' owner), which
+    /// then grants the server's role what it needs; row-level security binds the server's role
+    /// only when it neither owns the tables nor bypasses RLS, and start-up says so when it does.
+    pub fn open(
+        database_url: &str,
+        migration_url: Option<&str>,
+        pool_size: u32,
+        cipher: Arc<Cipher>,
+    ) -> Result<Store, StoreError> {
         let manager = DbManager::new(database_url)?;
         let backend = manager.backend();
         // Open one connection by hand first: r2d2 would retry until its timeout and then report
         // only "timed out", hiding the reason (bad password, no such host …).
         let mut first = manager.connect()?;
-        run_migrations(&mut first)?;
+        match migration_url {
+            Some(url) => {
+                let mut owner = DbManager::new(url)?.connect()?;
+                run_migrations(&mut owner)?;
+                grant_server_role(&mut owner, &mut first)?;
+            }
+            None => {
+                run_migrations(&mut first)?;
+            }
+        }
+        warn_if_rls_bypassed(&mut first)?;
         drop(first);
         let pool = r2d2::Pool::builder()
             .max_size(pool_size)
@@ -226,19 +312,25 @@ impl Store {
         &self.cipher
     }
 
-    /// A pooled connection for read-only work.
-    pub fn conn(&self) -> Result<r2d2::PooledConnection<DbManager>, StoreError> {
-        Ok(self.pool.get()?)
+    /// A pooled connection whose session carries `access` (set only when it changes).
+    fn checkout(&self, access: &Access) -> Result<r2d2::PooledConnection<DbManager>, StoreError> {
+        let mut conn = self.pool.get()?;
+        apply_access(&mut conn, access)?;
+        Ok(conn)
     }
 
     /// Runs `f` in one write transaction (serialized on SQLite).
-    fn write_tx<T>(&self, f: impl FnOnce(&mut DbConnection) -> Result<T, StoreError>) -> Result<T, StoreError> {
+    fn write_tx<T>(
+        &self,
+        access: &Access,
+        f: impl FnOnce(&mut DbConnection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
         let _guard = match self.backend {
             Backend::Sqlite => Some(self.sqlite_writer.lock().unwrap_or_else(|p| p.into_inner())),
             Backend::Postgres => None,
         };
-        let mut conn = self.pool.get()?;
-        (*conn).transaction(f)
+        let mut conn = self.checkout(access)?;
+        conn.conn.transaction(f)
     }
 
     fn decrypt_row(&self, row: VersionRow) -> Result<StoredVersion, StoreError> {
@@ -272,15 +364,23 @@ impl Store {
     }
 
     /// The current version: one indexed query and one decrypt.
-    pub fn read(&self, resource_type: &str, id: &str) -> Result<StoredVersion, StoreError> {
-        let conn = self.conn()?;
+    pub fn read(&self, access: &Access, resource_type: &str, id: &str) -> Result<StoredVersion, StoreError> {
+        let conn = self.checkout(access)?;
         self.read_on(conn, resource_type, id)
     }
 
     /// Like [`Store::read`], but only if a pooled connection is idle right now (never waits);
     /// `None` means "use `read` from a blocking thread".
-    pub fn read_if_idle(&self, resource_type: &str, id: &str) -> Option<Result<StoredVersion, StoreError>> {
-        let conn = self.pool.try_get()?;
+    pub fn read_if_idle(
+        &self,
+        access: &Access,
+        resource_type: &str,
+        id: &str,
+    ) -> Option<Result<StoredVersion, StoreError>> {
+        let mut conn = self.pool.try_get()?;
+        if let Err(e) = apply_access(&mut conn, access) {
+            return Some(Err(e));
+        }
         Some(self.read_on(conn, resource_type, id))
     }
 
@@ -297,7 +397,7 @@ impl Store {
             .filter(cur::resource_type.eq(resource_type).and(cur::logical_id.eq(id)))
             .select(cur::version_id)
             .single_value();
-        let row: Option<VersionRow> = per_backend!(&mut *conn, |c| rv::table
+        let row: Option<VersionRow> = per_backend!(&mut conn.conn, |c| rv::table
             .filter(rv::resource_type.eq(resource_type).and(rv::logical_id.eq(id)))
             .filter(rv::version_id.nullable().eq(current))
             .select(VersionRow::as_select())
@@ -315,8 +415,14 @@ impl Store {
     }
 
     /// One specific version.
-    pub fn vread(&self, resource_type: &str, id: &str, version_id: i64) -> Result<StoredVersion, StoreError> {
-        let mut conn = self.conn()?;
+    pub fn vread(
+        &self,
+        access: &Access,
+        resource_type: &str,
+        id: &str,
+        version_id: i64,
+    ) -> Result<StoredVersion, StoreError> {
+        let mut conn = self.checkout(access)?;
         let row: Option<VersionRow> = rv::table
             .filter(
                 rv::resource_type
@@ -325,7 +431,7 @@ impl Store {
                     .and(rv::version_id.eq(version_id)),
             )
             .select(VersionRow::as_select())
-            .get_result(&mut *conn)
+            .get_result(&mut conn.conn)
             .optional()?;
         drop(conn);
         let row = row.ok_or(StoreError::NotFound)?;
@@ -342,12 +448,13 @@ impl Store {
     /// `make` builds the content once the version and timestamp are known.
     pub fn create(
         &self,
+        access: &Access,
         resource_type: &str,
         id: &str,
         condition: Option<&Condition>,
         make: impl FnOnce(i64, NaiveDateTime) -> Content,
     ) -> Result<CreateOutcome, StoreError> {
-        self.write_tx(|conn| {
+        self.write_tx(access, |conn| {
             if let Some(cond) = condition {
                 self.lock_condition(conn, resource_type, cond)?;
                 let matches = self.matching_ids(conn, resource_type, cond, 2)?;
@@ -383,6 +490,7 @@ impl Store {
     /// this id. With `if_match`, the write happens only if the current version is that one.
     pub fn update(
         &self,
+        access: &Access,
         resource_type: &str,
         id: &str,
         if_match: Option<i64>,
@@ -394,7 +502,7 @@ impl Store {
         let mut attempts = 0;
         loop {
             attempts += 1;
-            let result = self.write_tx(|conn| {
+            let result = self.write_tx(access, |conn| {
                 let ts = now();
                 // A deleted resource is brought back by an update: its numbering continues,
                 // so a version id is never reused.
@@ -431,8 +539,14 @@ impl Store {
     }
 
     /// Deletes the resource: appends a tombstone version and drops its index entries.
-    pub fn delete(&self, resource_type: &str, id: &str, if_match: Option<i64>) -> Result<DeleteOutcome, StoreError> {
-        self.write_tx(|conn| {
+    pub fn delete(
+        &self,
+        access: &Access,
+        resource_type: &str,
+        id: &str,
+        if_match: Option<i64>,
+    ) -> Result<DeleteOutcome, StoreError> {
+        self.write_tx(access, |conn| {
             let ts = now();
             let bumped = bump_current(conn, resource_type, id, if_match, true, ts)?;
             let Some(version) = bumped else {
@@ -450,8 +564,8 @@ impl Store {
     }
 
     /// History, newest first, paged by row id.
-    pub fn history(&self, q: &HistoryQuery) -> Result<HistoryPage, StoreError> {
-        let mut conn = self.conn()?;
+    pub fn history(&self, access: &Access, q: &HistoryQuery) -> Result<HistoryPage, StoreError> {
+        let mut conn = self.checkout(access)?;
         let base = || {
             let mut b = rv::table.into_boxed();
             match &q.scope {
@@ -477,7 +591,7 @@ impl Store {
             }
             b
         };
-        let total: i64 = base().count().get_result(&mut *conn)?;
+        let total: i64 = base().count().get_result(&mut conn.conn)?;
         let mut page = base();
         if let Some(before) = q.before_row {
             page = page.filter(rv::id.lt(before));
@@ -486,7 +600,7 @@ impl Store {
             .order(rv::id.desc())
             .limit(i64::from(q.count) + 1)
             .select(VersionRow::as_select())
-            .load(&mut *conn)?;
+            .load(&mut conn.conn)?;
         drop(conn);
         let has_more = rows.len() > q.count as usize;
         let mut entries = Vec::with_capacity(rows.len().min(q.count as usize));
@@ -603,20 +717,8 @@ impl Store {
             }
             None => (None, None, None),
         };
-        diesel::insert_into(rv::table)
-            .values((
-                rv::resource_type.eq(resource_type),
-                rv::logical_id.eq(id),
-                rv::version_id.eq(version),
-                rv::last_updated.eq(ts),
-                rv::deleted.eq(content.is_none()),
-                rv::method.eq(method),
-                rv::key_version.eq(key_version),
-                rv::content.eq(sealed),
-                rv::content_sha256.eq(digest),
-            ))
-            .execute(conn)?;
-        // The version's compartments: computed from the content, or for a deletion carried over
+        // The version's compartments first (row-level security checks the version row against
+        // them): computed from the content, or for a deletion carried over
         // from the version it deletes (so a patient still sees the tombstone of its own data).
         let patients: Vec<String> = match content {
             Some(c) => c.compartments.clone(),
@@ -649,6 +751,19 @@ impl Store {
                 DbConnection::Sqlite(c) => diesel::insert_into(rc::table).values(&rows).execute(c)?,
             };
         }
+        diesel::insert_into(rv::table)
+            .values((
+                rv::resource_type.eq(resource_type),
+                rv::logical_id.eq(id),
+                rv::version_id.eq(version),
+                rv::last_updated.eq(ts),
+                rv::deleted.eq(content.is_none()),
+                rv::method.eq(method),
+                rv::key_version.eq(key_version),
+                rv::content.eq(sealed),
+                rv::content_sha256.eq(digest),
+            ))
+            .execute(conn)?;
         Ok(())
     }
 
@@ -693,6 +808,25 @@ impl Store {
         };
         Ok(())
     }
+}
+
+/// Gives the session the access context (PostgreSQL; a no-op on SQLite). Session-level rather
+/// than per transaction so that a read stays one round trip; every checkout goes through here,
+/// so a connection never carries a previous request's context into a query.
+fn apply_access(session: &mut connection::Session, access: &Access) -> Result<(), StoreError> {
+    let DbConnection::Pg(pg) = &mut session.conn else {
+        return Ok(());
+    };
+    let setting = access.setting();
+    if session.access.as_deref() != Some(setting.as_str()) {
+        // Forget the cached context first: if setting it fails, the next checkout sets it again.
+        session.access = None;
+        diesel::sql_query("SELECT set_config('fhirvault.access', $1, false)")
+            .bind::<diesel::sql_types::Text, _>(&setting)
+            .execute(pg)?;
+        session.access = Some(setting);
+    }
+    Ok(())
 }
 
 /// Inserts the current-version row of a new resource (version 1).

@@ -165,6 +165,15 @@ impl PgCluster {
     pub fn url(&self, db: &str) -> String {
         format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
     }
+    /// The URL of a database as another role.
+    pub fn url_as(&self, role: &str, db: &str) -> String {
+        format!("postgres://{role}@127.0.0.1:{}/{db}", self.port)
+    }
+    /// Runs SQL as the superuser on the `postgres` database.
+    pub fn admin(&self, sql: &str) {
+        let mut c = diesel::PgConnection::establish(&self.admin_url()).expect("connect to test cluster");
+        c.batch_execute(sql).unwrap();
+    }
     /// A new empty database.
     pub fn create_db(&self) -> String {
         static N: AtomicU32 = AtomicU32::new(0);
@@ -275,7 +284,11 @@ impl TestServer {
     }
 
     pub fn start_with(db: Db, layer: ConfigLayer) -> TestServer {
-        let tdb = TestDb::new(db);
+        Self::start_on(TestDb::new(db), layer)
+    }
+
+    /// Starts on a prepared database (`layer` may override its URL, for example with a role).
+    pub fn start_on(tdb: TestDb, layer: ConfigLayer) -> TestServer {
         let config = tdb.config(layer);
         let base_path = config.base_path.clone();
         let workers = config.workers;

@@ -1,0 +1,112 @@
+//! PostgreSQL row-level security: the server's role cannot see another patient's rows even
+//! with raw SQL, and cannot switch the protection off. (SQLite has no RLS; the same rule is
+//! enforced by the API layer, tested on both backends in tests/auth.rs.)
+
+mod common;
+
+use common::{pg, Db, TestDb, TestServer};
+use diesel::connection::SimpleConnection;
+use diesel::prelude::*;
+use fhirvault::config::ConfigLayer;
+use serde_json::json;
+
+#[derive(QueryableByName)]
+struct Row {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    logical_id: String,
+}
+
+fn visible(c: &mut PgConnection) -> Vec<String> {
+    let mut ids: Vec<String> = diesel::sql_query("SELECT logical_id FROM resource_versions")
+        .load::<Row>(c)
+        .unwrap()
+        .into_iter()
+        .map(|r| r.logical_id)
+        .collect();
+    ids.sort();
+    ids
+}
+
+#[test]
+fn server_role_sees_only_its_access_context_even_with_raw_sql() {
+    let tdb = TestDb::new(Db::Postgres);
+    let name = tdb.pg_name.clone().unwrap();
+    let role = format!("app_{name}");
+    pg().admin(&format!("CREATE ROLE {role} LOGIN NOSUPERUSER NOBYPASSRLS"));
+    let app_url = pg().url_as(&role, &name);
+    let s = TestServer::start_on(
+        tdb,
+        ConfigLayer {
+            database_url: Some(app_url.clone()),
+            migration_database_url: Some(pg().url(&name)),
+            ..Default::default()
+        },
+    );
+    for p in ["p1", "p2"] {
+        assert_eq!(
+            s.put(&format!("/Patient/{p}"), &json!({"resourceType": "Patient", "id": p}))
+                .status,
+            201
+        );
+        let o = json!({"resourceType": "Observation", "id": format!("o-{p}"), "status": "final",
+                       "code": {"text": "x"}, "subject": {"reference": format!("Patient/{p}")}});
+        assert_eq!(s.put(&format!("/Observation/o-{p}"), &o).status, 201);
+    }
+    let o = json!({"resourceType": "Organization", "id": "org", "name": "x"});
+    assert_eq!(s.put("/Organization/org", &o).status, 201);
+
+    // Raw SQL through the server's role.
+    let mut c = PgConnection::establish(&app_url).unwrap();
+    assert!(visible(&mut c).is_empty(), "no access context: nothing (fail closed)");
+    c.batch_execute("SELECT set_config('fhirvault.access', 'patient:p1', false)")
+        .unwrap();
+    assert_eq!(
+        visible(&mut c),
+        vec!["o-p1", "p1"],
+        "a forgotten WHERE still cannot reach p2"
+    );
+    c.batch_execute("SELECT set_config('fhirvault.access', 'patient:p2', false)")
+        .unwrap();
+    assert_eq!(visible(&mut c), vec!["o-p2", "p2"]);
+    c.batch_execute("SELECT set_config('fhirvault.access', 'all', false)")
+        .unwrap();
+    assert_eq!(visible(&mut c).len(), 5);
+    // The role can neither lift the protection nor rewrite history.
+    for sql in [
+        "ALTER TABLE resource_versions DISABLE ROW LEVEL SECURITY",
+        "ALTER TABLE resource_versions NO FORCE ROW LEVEL SECURITY",
+        "DROP POLICY fhirvault_access ON resource_versions",
+        "UPDATE resource_versions SET deleted = TRUE",
+        "DELETE FROM resource_versions",
+        "DELETE FROM resource_compartments",
+    ] {
+        assert!(c.batch_execute(sql).is_err(), "{sql} must be refused");
+    }
+    // Writing a row outside the context is refused by the policy's check.
+    c.batch_execute("SELECT set_config('fhirvault.access', 'patient:p1', false)")
+        .unwrap();
+    let forged = c.batch_execute(
+        "INSERT INTO resource_versions (resource_type, logical_id, version_id, last_updated, deleted, method) \
+         VALUES ('Organization', 'org', 99, now(), TRUE, 'DELETE')",
+    );
+    assert!(
+        forged.is_err(),
+        "insert outside the compartment must fail the policy check"
+    );
+
+    // And the server works under it: a patient token reads its own data, not the other's.
+    let t = format!("Bearer {}", s.token("patient/*.rs", Some("p1")));
+    let get = |path: &str| {
+        reqwest::blocking::Client::new()
+            .get(s.url(path))
+            .header("authorization", &t)
+            .send()
+            .unwrap()
+    };
+    assert_eq!(get("/Observation/o-p1").status().as_u16(), 200);
+    assert_eq!(get("/Observation/o-p2").status().as_u16(), 404);
+    let h: serde_json::Value = get("/Observation/_history").json().unwrap();
+    assert_eq!(h["total"], 1);
+    // system tokens still see everything
+    assert_eq!(s.get("/_history").json()["total"], 5);
+}

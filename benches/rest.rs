@@ -129,13 +129,21 @@ fn raw_conn(url: &str) -> DbConnection {
 }
 
 fn bench_backend(db: Db, rows: u64, secs: u64, conc: usize) -> serde_json::Value {
-    let s = TestServer::start_with(
-        db,
-        ConfigLayer {
-            pool_size: Some(conc as u32),
-            ..Default::default()
-        },
-    );
+    // As in production: on PostgreSQL the server runs as a role that row-level security binds
+    // (migrations as the owner); the raw baselines below run as the owner, without RLS.
+    let tdb = common::TestDb::new(db);
+    let mut layer = ConfigLayer {
+        pool_size: Some(conc as u32),
+        ..Default::default()
+    };
+    if db == Db::Postgres {
+        let name = tdb.pg_name.clone().unwrap();
+        let role = format!("app_{name}");
+        common::pg().admin(&format!("CREATE ROLE {role} LOGIN NOSUPERUSER NOBYPASSRLS"));
+        layer.database_url = Some(common::pg().url_as(&role, &name));
+        layer.migration_database_url = Some(common::pg().url(&name));
+    }
+    let s = TestServer::start_on(tdb, layer);
     // preload
     let started = Instant::now();
     let ids: Vec<String> = std::thread::scope(|scope| {
@@ -161,6 +169,7 @@ fn bench_backend(db: Db, rows: u64, secs: u64, conc: usize) -> serde_json::Value
         ids.len(),
         started.elapsed().as_secs_f64()
     );
+    // the owner's URL (TestDb keeps it), for the raw baselines
     let url = s.db.database_url.clone();
     let cipher = s.store.cipher();
 

@@ -221,8 +221,7 @@ fn grant_server_role(owner: &mut DbConnection, server: &mut DbConnection) -> Res
     owner.batch_execute(&format!(
         "GRANT SELECT, INSERT, UPDATE, DELETE ON resources, token_index TO {ident}; \
          GRANT SELECT, INSERT ON resource_versions, resource_compartments TO {ident}; \
-         GRANT USAGE, SELECT ON SEQUENCE resource_versions_id_seq TO {ident}; \
-         GRANT EXECUTE ON FUNCTION fhirvault_access_allows(TEXT, TEXT, BIGINT) TO {ident};"
+         GRANT USAGE, SELECT ON SEQUENCE resource_versions_id_seq TO {ident};"
     ))?;
     Ok(())
 }

@@ -1,4 +1,3 @@
 DROP POLICY fhirvault_access ON resource_versions;
 ALTER TABLE resource_versions NO FORCE ROW LEVEL SECURITY;
 ALTER TABLE resource_versions DISABLE ROW LEVEL SECURITY;
-DROP FUNCTION fhirvault_access_allows(TEXT, TEXT, BIGINT);

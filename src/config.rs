@@ -55,6 +55,7 @@ pub struct ConfigLayer {
     pub require_mfa: Option<bool>,
     pub auth_failure_limit: Option<u32>,
     pub migration_database_url: Option<String>,
+    pub policy_file: Option<PathBuf>,
 }
 
 impl ConfigLayer {
@@ -116,6 +117,7 @@ impl ConfigLayer {
                 "WORKERS" => layer.workers = Some(parse_num(&value)? as usize),
                 "REQUIRE_MFA" => layer.require_mfa = Some(parse_bool(&key, &value)?),
                 "MIGRATION_DATABASE_URL" => layer.migration_database_url = Some(value),
+                "POLICY_FILE" => layer.policy_file = Some(value.into()),
                 "AUTH_FAILURE_LIMIT" => {
                     layer.auth_failure_limit = Some(parse_num(&value)?.try_into().map_err(|_| cerr(&key, "too large"))?)
                 }
@@ -158,7 +160,8 @@ impl ConfigLayer {
             workers,
             require_mfa,
             auth_failure_limit,
-            migration_database_url
+            migration_database_url,
+            policy_file
         );
         self
     }
@@ -206,6 +209,8 @@ pub struct Config {
     /// PostgreSQL: the table owner's URL, for migrations and grants; the server itself then
     /// connects with `database_url` as a role row-level security binds. Defaults to `database_url`.
     pub migration_database_url: Option<String>,
+    /// Attribute-level access rules (see `auth::attributes`); none when unset.
+    pub policy_file: Option<PathBuf>,
 }
 
 /// `postgres://user:secret@host/db` → `postgres://user:***@host/db`.
@@ -342,6 +347,7 @@ impl Config {
             return Err(cerr("migration_database_url", "only applies to PostgreSQL"));
         }
         Ok(Config {
+            policy_file: layer.policy_file,
             migration_database_url,
             require_mfa: layer.require_mfa.unwrap_or(false),
             auth_failure_limit,

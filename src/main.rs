@@ -73,6 +73,9 @@ enum Command {
         /// Authentication methods (`amr` claim), for example mfa.
         #[arg(long, value_name = "METHOD")]
         amr: Vec<String>,
+        /// Roles (`roles` claim), for attribute-level rules in the policy file.
+        #[arg(long, value_name = "ROLE")]
+        role: Vec<String>,
     },
 }
 
@@ -117,6 +120,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             client,
             expires_in,
             amr,
+            role,
         } => {
             let config = load_config(&cli.common, None)?;
             if let Some(p) = &patient {
@@ -137,6 +141,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 subject: None,
                 expires_in: expires_in.unwrap_or(config.max_token_lifetime_secs),
                 amr,
+                roles: role,
             })?;
             println!("{token}");
             Ok(())

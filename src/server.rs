@@ -72,5 +72,10 @@ pub fn build_state(config: Config) -> anyhow::Result<AppState> {
     let store = open_store(&config, cipher)?;
     let issuer = Arc::new(open_issuer(&config)?);
     let compartment = Arc::new(crate::fhir::compartment::PatientCompartment::r4()?);
-    Ok(AppState::new(config, store, validator, issuer, compartment))
+    let attributes = Arc::new(match &config.policy_file {
+        Some(path) => crate::auth::attributes::AttributePolicy::load(path, |t| validator.is_resource_type(t))
+            .map_err(|e| anyhow::anyhow!("configuration setting `policy_file`: {e}"))?,
+        None => Default::default(),
+    });
+    Ok(AppState::new(config, store, validator, issuer, compartment, attributes))
 }

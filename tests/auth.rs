@@ -558,7 +558,156 @@ fn repeated_failures_are_throttled(db: Db) {
     drop(r);
 }
 
+/// The attribute policy: hidden elements (SUBSETTED), read-only elements, label-protected
+/// resources; exempt roles see and change everything.
+fn attribute_policy_masks_and_protects(db: Db) {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.toml");
+    std::fs::write(
+        &policy,
+        r#"
+[[element_rule]]
+resource = "Patient"
+hide = ["telecom", "identifier[system=http://hl7.org/fhir/sid/us-ssn]"]
+read_only = ["birthDate"]
+exempt_roles = ["registrar"]
+
+[[label_rule]]
+system = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
+code = "HIV"
+require_roles = ["hiv-care"]
+"#,
+    )
+    .unwrap();
+    let s = TestServer::start_with(
+        db,
+        fhirvault::config::ConfigLayer {
+            policy_file: Some(policy),
+            ..Default::default()
+        },
+    );
+    let user = |roles: &[&str]| {
+        bearer(
+            &s.issuer
+                .issue(&fhirvault::auth::TokenRequest {
+                    scope: "user/*.cruds".into(),
+                    fhir_user: Some("Practitioner/u".into()),
+                    expires_in: 300,
+                    roles: roles.iter().map(|r| r.to_string()).collect(),
+                    ..Default::default()
+                })
+                .unwrap(),
+        )
+    };
+    let (registrar, clinician, hiv) = (user(&["registrar"]), user(&[]), user(&["hiv-care"]));
+    let patient = json!({"resourceType": "Patient", "id": "pp", "birthDate": "1970-01-01",
+        "telecom": [{"system": "phone", "value": "555-0100"}],
+        "identifier": [{"system": "http://hl7.org/fhir/sid/us-ssn", "value": "123-45-6789"},
+                       {"system": "urn:mrn", "value": "M1"}]});
+    assert_eq!(
+        call(&s, "PUT", "/Patient/pp", Some(&registrar), Some(&patient)).status,
+        201
+    );
+    let labelled = json!({"resourceType": "Observation", "id": "hivobs", "status": "final", "code": {"text": "x"},
+        "meta": {"security": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "HIV"}]}});
+    assert_eq!(
+        call(&s, "PUT", "/Observation/hivobs", Some(&hiv), Some(&labelled)).status,
+        201
+    );
+    let plain = json!({"resourceType": "Observation", "id": "plain", "status": "final", "code": {"text": "x"}});
+    assert_eq!(
+        call(&s, "PUT", "/Observation/plain", Some(&hiv), Some(&plain)).status,
+        201
+    );
+
+    // hidden elements are gone for the clinician, and the response says it is a subset
+    for path in ["/Patient/pp", "/Patient/pp/_history/1"] {
+        let r = call(&s, "GET", path, Some(&clinician), None);
+        assert_eq!(r.status, 200);
+        let text = r.text();
+        assert!(
+            !text.contains("555-0100") && !text.contains("123-45-6789"),
+            "{path}: {text}"
+        );
+        let v = r.json();
+        assert_eq!(v["identifier"], json!([{"system": "urn:mrn", "value": "M1"}]));
+        assert!(v["meta"]["tag"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t["code"] == "SUBSETTED"));
+    }
+    let h = call(&s, "GET", "/Patient/_history", Some(&clinician), None).text();
+    assert!(!h.contains("555-0100") && !h.contains("123-45-6789"));
+    let full = call(&s, "GET", "/Patient/pp", Some(&registrar), None).json();
+    assert_eq!(full["telecom"][0]["value"], "555-0100");
+    assert!(full["meta"].get("tag").is_none());
+    // label-protected resources are absent to those without the role, listings included
+    assert_eq!(
+        call(&s, "GET", "/Observation/hivobs", Some(&clinician), None).status,
+        404
+    );
+    assert_eq!(call(&s, "GET", "/Observation/hivobs", Some(&hiv), None).status, 200);
+    let h = call(&s, "GET", "/Observation/_history", Some(&clinician), None).json();
+    let ids: Vec<&str> = h["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["resource"]["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, vec!["plain"]);
+    assert!(h.get("total").is_none(), "a total would count the hidden resource");
+    assert_eq!(
+        call(&s, "DELETE", "/Observation/hivobs", Some(&clinician), None).status,
+        404
+    );
+    assert_eq!(
+        call(
+            &s,
+            "PUT",
+            "/Observation/plain",
+            Some(&clinician),
+            Some(&labelled.clone())
+        )
+        .status,
+        400,
+        "id mismatch"
+    );
+    let mut relabel = plain.clone();
+    relabel["meta"] = labelled["meta"].clone();
+    assert_eq!(
+        call(&s, "PUT", "/Observation/plain", Some(&clinician), Some(&relabel)).status,
+        403
+    );
+    // read-only elements cannot be changed or set; hidden ones cannot be erased or overwritten
+    let mut seen = call(&s, "GET", "/Patient/pp", Some(&clinician), None).json();
+    seen["birthDate"] = json!("1999-09-09");
+    assert_eq!(
+        call(&s, "PUT", "/Patient/pp", Some(&clinician), Some(&seen)).status,
+        403
+    );
+    seen["birthDate"] = json!("1970-01-01");
+    seen["telecom"] = json!([{"system": "phone", "value": "attacker"}]);
+    seen["active"] = json!(true);
+    assert_eq!(
+        call(&s, "PUT", "/Patient/pp", Some(&clinician), Some(&seen)).status,
+        200
+    );
+    let after = call(&s, "GET", "/Patient/pp", Some(&registrar), None).json();
+    assert_eq!(after["active"], true);
+    assert_eq!(after["telecom"], json!([{"system": "phone", "value": "555-0100"}]));
+    assert_eq!(after["identifier"].as_array().unwrap().len(), 2);
+    let newp = json!({"resourceType": "Patient", "birthDate": "2000-01-01"});
+    assert_eq!(call(&s, "POST", "/Patient", Some(&clinician), Some(&newp)).status, 403);
+    assert_eq!(call(&s, "POST", "/Patient", Some(&registrar), Some(&newp)).status, 201);
+    assert_eq!(
+        call(&s, "POST", "/Observation", Some(&clinician), Some(&labelled)).status,
+        403
+    );
+}
+
 on_both_backends!(
+    attribute_policy_masks_and_protects,
     user_tokens_need_mfa_when_required,
     repeated_failures_are_throttled,
     every_token_fault_is_a_401,

@@ -202,6 +202,14 @@ pub async fn create(
             return Err(ApiError::Forbidden);
         }
     }
+    {
+        let mut value = Value::Object(std::mem::take(&mut body));
+        let checked = state.attributes.check_write(&p, &resource_type, None, &mut value);
+        if let Value::Object(m) = value {
+            body = m;
+        }
+        checked?;
+    }
     let condition = match req.headers().get("if-none-exist") {
         Some(v) => {
             // A conditional create is a search, and may answer with the match: it needs both.
@@ -295,7 +303,7 @@ pub async fn read(
             blocking(move || st.store.read(&access, &tt, &iid).map_err(ApiError::from)).await
         }
     };
-    let found = admit_read(&state, &decision, &t, &id, found)?;
+    let found = shape(&state, &p, &t, admit_read(&state, &decision, &t, &id, found)?)?;
     respond_read(&req, fmt, found)
 }
 
@@ -317,8 +325,22 @@ pub async fn vread(
     let (tt, iid) = (t.clone(), id.clone());
     let access = decision.access();
     let found = blocking(move || st.store.vread(&access, &tt, &iid, vid).map_err(ApiError::from)).await;
-    let found = admit_read(&state, &decision, &t, &id, found)?;
+    let found = shape(&state, &p, &t, admit_read(&state, &decision, &t, &id, found)?)?;
     respond_read(&req, fmt, found)
+}
+
+/// Applies the attribute policy to a version about to be returned: hidden by its labels
+/// answers as absent; hidden elements are removed (and the resource tagged SUBSETTED).
+fn shape(state: &AppState, p: &Principal, t: &str, mut v: StoredVersion) -> Result<StoredVersion, ApiError> {
+    if let Some(json) = v.content.take() {
+        v.content = Some(
+            state
+                .attributes
+                .shape_stored(p, t, json)
+                .ok_or(ApiError::NotFound("resource not found"))?,
+        );
+    }
+    Ok(v)
 }
 
 /// Applies a read decision to what storage returned: a resource outside the token's rights
@@ -346,16 +368,26 @@ fn admit_read(
 /// same 404 an absent resource gets.
 async fn current_admitted(
     state: &web::Data<AppState>,
+    p: &Principal,
     decision: &Decision,
     t: &str,
     id: &str,
-) -> Result<i64, ApiError> {
+) -> Result<StoredVersion, ApiError> {
     let st = state.clone();
     let (tt, iid) = (t.to_string(), id.to_string());
     let access = decision.access();
     let found = blocking(move || st.store.read(&access, &tt, &iid).map_err(ApiError::from)).await;
     match admit_read(state, decision, t, id, found) {
-        Ok(v) => Ok(v.version_id),
+        Ok(v) => {
+            // a resource its labels hide is absent to this principal, for writes too
+            if let Some(json) = &v.content {
+                let value: Value = serde_json::from_slice(json).map_err(|_| ApiError::Internal)?;
+                if !state.attributes.labels_allow(p, &value) {
+                    return Err(ApiError::NotFound("resource not found"));
+                }
+            }
+            Ok(v)
+        }
         Err(ApiError::Gone { .. }) => Err(ApiError::NotFound("resource not found")),
         Err(e) => Err(e),
     }
@@ -454,13 +486,48 @@ pub async fn update(
         if !inside {
             return Err(ApiError::Forbidden);
         }
-        let current = current_admitted(&state, &decision, &t, &id).await?;
-        expected = expected.or(Some(current));
+    }
+    // Set when the write was checked against "no stored version": it may then only create.
+    let mut create_only = false;
+    if !decision.unrestricted || state.attributes.needs_old_content(&p, &t) {
+        // Compare with (and restore from) the stored version; the write is pinned to it.
+        let old: Option<Value> = match current_admitted(&state, &p, &decision, &t, &id).await {
+            Ok(current) => {
+                expected = expected.or(Some(current.version_id));
+                current.content.as_deref().and_then(|c| serde_json::from_slice(c).ok())
+            }
+            // Nothing stored (or nothing this token may see): an unrestricted token creates, and
+            // only creates, so a version written meanwhile is never overwritten unchecked.
+            Err(ApiError::NotFound(_)) if decision.unrestricted && may_create && expected.is_none() => {
+                create_only = true;
+                None
+            }
+            Err(e) => return Err(e),
+        };
+        let mut value = Value::Object(std::mem::take(&mut body));
+        let checked = state.attributes.check_write(&p, &t, old.as_ref(), &mut value);
+        if let Value::Object(m) = value {
+            body = m;
+        }
+        checked?;
     }
     let st = state.clone();
     let (tt, iid) = (t.clone(), id.clone());
     let access = decision.access();
     let written = blocking(move || {
+        if create_only {
+            return match st.store.create(&access, &tt, &iid, None, |v, ts| {
+                content_for(&st.compartment, &tt, &mut body, &iid, v, ts)
+            }) {
+                Ok(CreateOutcome::Created(w)) => Ok(w),
+                Ok(CreateOutcome::Existing(_)) => Err(ApiError::Internal),
+                Err(e) if e.is_unique_violation() => Err(ApiError::PreconditionFailed(
+                    IssueType::Conflict,
+                    "the resource was created concurrently; read it and retry",
+                )),
+                Err(e) => Err(ApiError::from(e)),
+            };
+        }
         st.store
             .update(&access, &tt, &iid, expected, may_create, |v, ts| {
                 let mut b = body.clone();
@@ -503,8 +570,8 @@ pub async fn delete(
     let decision = authorize(&p, &t, Permission::Delete)?;
     let fmt = Format::negotiate(&req)?;
     let mut expected = if_match(req.headers())?;
-    if !decision.unrestricted {
-        expected = expected.or(Some(current_admitted(&state, &decision, &t, &id).await?));
+    if !decision.unrestricted || state.attributes.label_rules_bind(&p) {
+        expected = expected.or(Some(current_admitted(&state, &p, &decision, &t, &id).await?.version_id));
     }
     let st = state.clone();
     let access = decision.access();

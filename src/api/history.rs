@@ -31,7 +31,7 @@ pub async fn system_history(
             patient = d.patient;
         }
     }
-    history(req, state, HistoryScope::System, "_history".into(), None, patient).await
+    history(req, p, state, HistoryScope::System, "_history".into(), None, patient).await
 }
 
 pub async fn type_history(
@@ -44,7 +44,7 @@ pub async fn type_history(
     let d = authorize(&p, &t, Permission::Search)?;
     let patient = if d.unrestricted { None } else { d.patient };
     let rel = format!("{t}/_history");
-    history(req, state, HistoryScope::Type(t), rel, None, patient).await
+    history(req, p, state, HistoryScope::Type(t), rel, None, patient).await
 }
 
 pub async fn instance_history(
@@ -58,7 +58,7 @@ pub async fn instance_history(
     let rel = format!("{t}/{id}/_history");
     // Each version is authorized on its own content; a restricted token sees no total.
     let restricted = (!decision.unrestricted).then_some(decision);
-    history(req, state, HistoryScope::Instance(t, id), rel, restricted, None).await
+    history(req, p, state, HistoryScope::Instance(t, id), rel, restricted, None).await
 }
 
 fn encode_cursor(row: i64) -> String {
@@ -75,8 +75,10 @@ fn parse_instant(s: &str) -> Option<chrono::NaiveDateTime> {
     chrono::DateTime::parse_from_rfc3339(s).ok().map(|d| d.naive_utc())
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn history(
     req: HttpRequest,
+    p: Arc<Principal>,
     state: web::Data<AppState>,
     scope: HistoryScope,
     relative: String,
@@ -153,6 +155,22 @@ async fn history(
             return Err(ApiError::NotFound("resource not found"));
         }
     }
+    // Attribute policy: versions hidden by their labels are left out, hidden elements masked.
+    let labels_bind = state.attributes.label_rules_bind(&p);
+    for v in std::mem::take(&mut page.entries) {
+        let mut v = v;
+        match v.content.take() {
+            Some(json) => {
+                if let Some(shaped) = state.attributes.shape_stored(&p, &v.resource_type, json) {
+                    v.content = Some(shaped);
+                    page.entries.push(v);
+                }
+            }
+            // a deletion says nothing of the labels it had: shown only where no label rule binds
+            None if !labels_bind => page.entries.push(v),
+            None => {}
+        }
+    }
     let base = state.base_url(&req);
     let link = |cursor: Option<i64>| {
         let mut url = format!("{base}/{relative}?_count={count}");
@@ -181,7 +199,8 @@ async fn history(
         "type": "history",
         "link": links,
     });
-    if restricted.is_none() {
+    // A total that counts versions the token cannot see would leak them: omitted then.
+    if restricted.is_none() && !labels_bind {
         bundle["total"] = json!(page.total);
     }
     // FHIR JSON never has empty arrays.

@@ -35,6 +35,7 @@ pub struct AppState {
     pub validator: Arc<Validator>,
     pub issuer: Arc<crate::auth::Issuer>,
     pub compartment: Arc<crate::fhir::compartment::PatientCompartment>,
+    pub attributes: Arc<crate::auth::attributes::AttributePolicy>,
     pub auth_failures: crate::auth::limiter::FailureLimiter,
     pub resource_types: HashSet<String>,
     /// The CapabilityStatement, rendered once at start-up.
@@ -48,6 +49,7 @@ impl AppState {
         validator: Arc<Validator>,
         issuer: Arc<crate::auth::Issuer>,
         compartment: Arc<crate::fhir::compartment::PatientCompartment>,
+        attributes: Arc<crate::auth::attributes::AttributePolicy>,
     ) -> AppState {
         let resource_types = validator.resource_types().map(str::to_string).collect();
         let auth_failure_limit = config.auth_failure_limit;
@@ -58,6 +60,7 @@ impl AppState {
             validator,
             issuer,
             compartment,
+            attributes,
             auth_failures: crate::auth::limiter::FailureLimiter::new(auth_failure_limit),
             resource_types,
             capability: serde_json::to_vec(&capability).expect("CapabilityStatement serializes"),

@@ -36,6 +36,8 @@ pub struct Claims {
     pub client_id: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub amr: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub roles: Vec<String>,
 }
 
 /// What to put in a new token.
@@ -48,6 +50,7 @@ pub struct TokenRequest {
     pub subject: Option<String>,
     pub expires_in: i64,
     pub amr: Vec<String>,
+    pub roles: Vec<String>,
 }
 
 const CACHE_MAX: usize = 10_000;
@@ -183,6 +186,7 @@ impl Issuer {
             fhir_user: req.fhir_user.clone(),
             client_id: req.client_id.clone(),
             amr: req.amr.clone(),
+            roles: req.roles.clone(),
         };
         let mut header = Header::new(Algorithm::ES256);
         header.kid = Some(self.kid.clone());
@@ -236,6 +240,7 @@ impl Issuer {
             fhir_user: c.fhir_user,
             client_id: c.client_id,
             amr: c.amr,
+            roles: c.roles,
             token_id: c.jti,
             expires_at: c.exp,
         });

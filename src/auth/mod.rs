@@ -9,6 +9,7 @@
 //!   the stored `resource_compartments` of each version for listings (filtered in the query);
 //! * granular scopes (`?category=…`) grant nothing until search can evaluate them.
 
+pub mod attributes;
 pub mod issuer;
 pub mod limiter;
 pub mod policy;
@@ -28,6 +29,8 @@ pub struct Principal {
     pub fhir_user: Option<String>,
     pub client_id: Option<String>,
     pub amr: Vec<String>,
+    /// Roles from the token (`roles` claim), for attribute-level rules.
+    pub roles: Vec<String>,
     pub token_id: String,
     pub expires_at: i64,
 }

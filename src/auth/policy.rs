@@ -100,6 +100,7 @@ mod tests {
             fhir_user: None,
             client_id: None,
             amr: vec![],
+            roles: vec![],
             token_id: "j".into(),
             expires_at: i64::MAX,
         }

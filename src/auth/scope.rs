@@ -129,6 +129,8 @@ pub struct ScopeSet {
     pub online_access: bool,
     /// Scopes not understood; they grant nothing.
     pub ignored: Vec<String>,
+    /// Every scope as written (for policy rules that name a scope exactly).
+    pub raw: Vec<String>,
 }
 
 impl ScopeSet {
@@ -136,6 +138,7 @@ impl ScopeSet {
     pub fn parse(scopes: &str, is_type: impl Fn(&str) -> bool) -> ScopeSet {
         let mut set = ScopeSet::default();
         for token in scopes.split(' ').filter(|s| !s.is_empty()) {
+            set.raw.push(token.chars().take(200).collect());
             match token {
                 "launch" => set.launch = true,
                 "launch/patient" => set.launch_patient = true,

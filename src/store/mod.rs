@@ -198,6 +198,13 @@ pub fn now() -> NaiveDateTime {
     t.with_nanosecond(t.nanosecond() / 1000 * 1000).unwrap_or(t)
 }
 
+impl StoreError {
+    /// A primary-key or unique constraint refused the write (a concurrent writer won).
+    pub fn is_unique_violation(&self) -> bool {
+        is_unique_violation(self)
+    }
+}
+
 fn is_unique_violation(e: &StoreError) -> bool {
     matches!(
         e,

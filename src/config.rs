@@ -56,6 +56,7 @@ pub struct ConfigLayer {
     pub auth_failure_limit: Option<u32>,
     pub migration_database_url: Option<String>,
     pub policy_file: Option<PathBuf>,
+    pub break_glass_secs: Option<u64>,
 }
 
 impl ConfigLayer {
@@ -118,6 +119,7 @@ impl ConfigLayer {
                 "REQUIRE_MFA" => layer.require_mfa = Some(parse_bool(&key, &value)?),
                 "MIGRATION_DATABASE_URL" => layer.migration_database_url = Some(value),
                 "POLICY_FILE" => layer.policy_file = Some(value.into()),
+                "BREAK_GLASS_SECS" => layer.break_glass_secs = Some(parse_num(&value)?),
                 "AUTH_FAILURE_LIMIT" => {
                     layer.auth_failure_limit = Some(parse_num(&value)?.try_into().map_err(|_| cerr(&key, "too large"))?)
                 }
@@ -161,7 +163,8 @@ impl ConfigLayer {
             require_mfa,
             auth_failure_limit,
             migration_database_url,
-            policy_file
+            policy_file,
+            break_glass_secs
         );
         self
     }
@@ -211,6 +214,8 @@ pub struct Config {
     pub migration_database_url: Option<String>,
     /// Attribute-level access rules (see `auth::attributes`); none when unset.
     pub policy_file: Option<PathBuf>,
+    /// How long after its issue a break-glass token widens access (default 3600 s).
+    pub break_glass_secs: i64,
 }
 
 /// `postgres://user:secret@host/db` → `postgres://user:***@host/db`.
@@ -346,7 +351,12 @@ impl Config {
         if migration_database_url.is_some() && !database_url.starts_with("postgres") {
             return Err(cerr("migration_database_url", "only applies to PostgreSQL"));
         }
+        let break_glass_secs = layer.break_glass_secs.unwrap_or(3600);
+        if break_glass_secs > 86_400 {
+            return Err(cerr("break_glass_secs", "must be at most 86400"));
+        }
         Ok(Config {
+            break_glass_secs: break_glass_secs as i64,
             policy_file: layer.policy_file,
             migration_database_url,
             require_mfa: layer.require_mfa.unwrap_or(false),

@@ -76,6 +76,12 @@ enum Command {
         /// Roles (`roles` claim), for attribute-level rules in the policy file.
         #[arg(long, value_name = "ROLE")]
         role: Vec<String>,
+        /// Purpose of use; `BTG` declares a break-glass access (needs --user and --reason).
+        #[arg(long, value_name = "CODE")]
+        purpose_of_use: Option<String>,
+        /// Why break-glass access is needed (stored in the token, never logged).
+        #[arg(long, value_name = "TEXT")]
+        reason: Option<String>,
     },
 }
 
@@ -121,6 +127,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             expires_in,
             amr,
             role,
+            purpose_of_use,
+            reason,
         } => {
             let config = load_config(&cli.common, None)?;
             if let Some(p) = &patient {
@@ -142,6 +150,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 expires_in: expires_in.unwrap_or(config.max_token_lifetime_secs),
                 amr,
                 roles: role,
+                purpose_of_use,
+                btg_reason: reason,
             })?;
             println!("{token}");
             Ok(())

@@ -60,6 +60,7 @@ pub fn open_issuer(config: &Config) -> anyhow::Result<crate::auth::Issuer> {
         &config.token_issuer,
         &config.token_audience,
         config.max_token_lifetime_secs,
+        config.break_glass_secs,
     )
     .context("opening the token signing key")
 }

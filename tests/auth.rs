@@ -706,7 +706,59 @@ require_roles = ["hiv-care"]
     );
 }
 
+/// Break-glass: a user's declared emergency (BTG + reason) widens the compartment check for
+/// its window, and nothing else.
+fn break_glass_widens_the_compartment_only(db: Db) {
+    let s = TestServer::start(db);
+    for p in ["p1", "p2"] {
+        s.put(&format!("/Patient/{p}"), &json!({"resourceType": "Patient", "id": p}));
+        let o = json!({"resourceType": "Observation", "id": format!("o-{p}"), "status": "final",
+                       "code": {"text": "x"}, "subject": {"reference": format!("Patient/{p}")}});
+        s.put(&format!("/Observation/o-{p}"), &o);
+    }
+    let token = |purpose: Option<&str>, reason: Option<&str>, user: bool| {
+        s.issuer.issue(&fhirvault::auth::TokenRequest {
+            scope: "patient/*.rs".into(),
+            patient: Some("p1".into()),
+            fhir_user: user.then(|| "Practitioner/er-doc".into()),
+            expires_in: 300,
+            purpose_of_use: purpose.map(str::to_string),
+            btg_reason: reason.map(str::to_string),
+            ..Default::default()
+        })
+    };
+    let normal = bearer(&token(None, None, true).unwrap());
+    let btg = bearer(&token(Some("BTG"), Some("unconscious patient in ED"), true).unwrap());
+    assert_eq!(call(&s, "GET", "/Observation/o-p2", Some(&normal), None).status, 404);
+    assert_eq!(call(&s, "GET", "/Observation/o-p2", Some(&btg), None).status, 200);
+    assert_eq!(
+        call(&s, "GET", "/Observation/_history", Some(&btg), None).json()["total"],
+        2
+    );
+    // scope letters still hold
+    let o = json!({"resourceType": "Observation", "status": "final", "code": {"text": "x"}});
+    assert_eq!(call(&s, "POST", "/Observation", Some(&btg), Some(&o)).status, 403);
+    // no reason: not a valid token; not a user: no widening
+    let no_reason = bearer(&token(Some("BTG"), Some("  "), true).unwrap());
+    assert_eq!(call(&s, "GET", "/Observation/o-p1", Some(&no_reason), None).status, 401);
+    let service = bearer(&token(Some("BTG"), Some("why"), false).unwrap());
+    assert_eq!(call(&s, "GET", "/Observation/o-p2", Some(&service), None).status, 404);
+    // outside its window (issued two hours ago) it widens nothing
+    let key = signing_key(&s);
+    let kid = kid_of(btg.trim_start_matches("Bearer "));
+    let now = chrono::Utc::now().timestamp();
+    let old = json!({"iss": "urn:fhirvault:local", "aud": "urn:fhirvault:local:fhir", "sub": "er-doc",
+        "exp": now + 300, "nbf": now - 7200, "iat": now - 7200, "jti": "old", "scope": "patient/*.rs",
+        "patient": "p1", "fhirUser": "Practitioner/er-doc", "purpose_of_use": "BTG", "btg_reason": "x"});
+    let mut h = Header::new(Algorithm::ES256);
+    h.kid = Some(kid);
+    let stale = bearer(&jsonwebtoken::encode(&h, &old, &key).unwrap());
+    assert_eq!(call(&s, "GET", "/Observation/o-p2", Some(&stale), None).status, 404);
+    assert_eq!(call(&s, "GET", "/Observation/o-p1", Some(&stale), None).status, 200);
+}
+
 on_both_backends!(
+    break_glass_widens_the_compartment_only,
     attribute_policy_masks_and_protects,
     user_tokens_need_mfa_when_required,
     repeated_failures_are_throttled,

@@ -155,6 +155,17 @@ pub async fn dispatch(
     }
     // Everything else acts on PHI: a valid token first, then each handler asks the policy.
     let p = state.authenticate(&req)?;
+    if p.break_glass {
+        // An alert on every break-glass request: who, which client, what kind of access; never
+        // the reason (free text) nor the resource.
+        tracing::warn!(
+            alert = "break-glass",
+            subject = %p.subject,
+            client = %p.client_id.as_deref().unwrap_or(""),
+            interaction = interaction.name(),
+            "break-glass access"
+        );
+    }
     match interaction {
         Interaction::Capabilities => unreachable!("answered above"),
         Interaction::HistorySystem => history::system_history(req, p, state).await,

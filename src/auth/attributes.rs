@@ -418,6 +418,7 @@ mod tests {
             client_id: None,
             amr: vec![],
             roles: roles.iter().map(|r| r.to_string()).collect(),
+            break_glass: false,
             token_id: "j".into(),
             expires_at: i64::MAX,
         }

@@ -38,6 +38,12 @@ pub struct Claims {
     pub amr: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub roles: Vec<String>,
+    /// Declared purpose of use (`BTG` for break-glass).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub purpose_of_use: Option<String>,
+    /// The reason a break-glass access was declared (required with `BTG`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub btg_reason: Option<String>,
 }
 
 /// What to put in a new token.
@@ -51,6 +57,8 @@ pub struct TokenRequest {
     pub expires_in: i64,
     pub amr: Vec<String>,
     pub roles: Vec<String>,
+    pub purpose_of_use: Option<String>,
+    pub btg_reason: Option<String>,
 }
 
 const CACHE_MAX: usize = 10_000;
@@ -63,6 +71,7 @@ pub struct Issuer {
     decoding: DecodingKey,
     validation: Validation,
     max_lifetime: i64,
+    break_glass_secs: i64,
     /// Verified tokens by SHA-256 of their text: an ECDSA verification costs more than the
     /// read it guards, so each token is verified once until it expires.
     cache: Mutex<HashMap<[u8; 32], Arc<Principal>>>,
@@ -88,6 +97,7 @@ impl Issuer {
         issuer: &str,
         audience: &str,
         max_lifetime: i64,
+        break_glass_secs: i64,
     ) -> Result<Issuer, AuthError> {
         let pem: Zeroizing<String> = match std::fs::metadata(key_file) {
             Ok(meta) => {
@@ -150,6 +160,7 @@ impl Issuer {
             decoding,
             validation,
             max_lifetime,
+            break_glass_secs,
             cache: Mutex::new(HashMap::new()),
         })
     }
@@ -187,6 +198,8 @@ impl Issuer {
             client_id: req.client_id.clone(),
             amr: req.amr.clone(),
             roles: req.roles.clone(),
+            purpose_of_use: req.purpose_of_use.clone(),
+            btg_reason: req.btg_reason.clone(),
         };
         let mut header = Header::new(Algorithm::ES256);
         header.kid = Some(self.kid.clone());
@@ -224,6 +237,17 @@ impl Issuer {
             })
         })?;
         let c = data.claims;
+        // Break-glass: only for a user, only with a stated reason, only within the window after
+        // the token was issued; a token that declares it without a reason is not accepted.
+        let break_glass = match c.purpose_of_use.as_deref() {
+            Some("BTG") => {
+                if c.btg_reason.as_deref().is_none_or(|r| r.trim().is_empty()) {
+                    return Err(AuthError::InvalidToken("break-glass requires a reason"));
+                }
+                c.fhir_user.is_some() && now - c.iat <= self.break_glass_secs
+            }
+            _ => false,
+        };
         let scopes = ScopeSet::parse(&c.scope, &is_type);
         let kind = if c.patient.is_some() {
             PrincipalKind::Patient
@@ -241,6 +265,7 @@ impl Issuer {
             client_id: c.client_id,
             amr: c.amr,
             roles: c.roles,
+            break_glass,
             token_id: c.jti,
             expires_at: c.exp,
         });

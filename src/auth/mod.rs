@@ -31,6 +31,9 @@ pub struct Principal {
     pub amr: Vec<String>,
     /// Roles from the token (`roles` claim), for attribute-level rules.
     pub roles: Vec<String>,
+    /// A declared emergency access (purpose of use BTG, with a reason, within its window):
+    /// widens the patient-compartment check only, and is logged as an alert on every use.
+    pub break_glass: bool,
     pub token_id: String,
     pub expires_at: i64,
 }

@@ -22,7 +22,10 @@ pub fn authorize(principal: &Principal, resource_type: &str, needed: Permission)
     let contexts = principal.scopes.contexts_granting(resource_type, needed);
     // A user/ scope applies to the user's access; a system/ scope to a backend service. Both are
     // unrestricted by compartment here (user-level policy comes with attribute rules).
-    let unrestricted = contexts.contains(&Context::User) || contexts.contains(&Context::System);
+    let unrestricted = contexts.contains(&Context::User)
+        || contexts.contains(&Context::System)
+        // break-glass widens the compartment check, nothing else (scope letters and labels hold)
+        || (principal.break_glass && contexts.contains(&Context::Patient));
     let patient = if contexts.contains(&Context::Patient) {
         principal.patient.clone()
     } else {
@@ -101,6 +104,7 @@ mod tests {
             client_id: None,
             amr: vec![],
             roles: vec![],
+            break_glass: false,
             token_id: "j".into(),
             expires_at: i64::MAX,
         }

@@ -41,6 +41,8 @@ struct CommonArgs {
     key_file: Option<PathBuf>,
 }
 
+// Parsed once at start-up: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Run the FHIR server (applies pending migrations first).

@@ -57,6 +57,8 @@ pub struct ConfigLayer {
     pub migration_database_url: Option<String>,
     pub policy_file: Option<PathBuf>,
     pub break_glass_secs: Option<u64>,
+    /// External OpenID Connect providers (TOML `[[oidc_provider]]` tables only).
+    pub oidc_provider: Option<Vec<crate::auth::oidc::ProviderConfig>>,
 }
 
 impl ConfigLayer {
@@ -164,7 +166,8 @@ impl ConfigLayer {
             auth_failure_limit,
             migration_database_url,
             policy_file,
-            break_glass_secs
+            break_glass_secs,
+            oidc_provider
         );
         self
     }
@@ -216,6 +219,8 @@ pub struct Config {
     pub policy_file: Option<PathBuf>,
     /// How long after its issue a break-glass token widens access (default 3600 s).
     pub break_glass_secs: i64,
+    /// External OpenID Connect providers whose access tokens are accepted beside the built-in issuer's.
+    pub oidc_providers: Vec<crate::auth::oidc::ProviderConfig>,
 }
 
 /// `postgres://user:secret@host/db` → `postgres://user:***@host/db`.
@@ -355,7 +360,26 @@ impl Config {
         if break_glass_secs > 86_400 {
             return Err(cerr("break_glass_secs", "must be at most 86400"));
         }
+        let oidc_providers = layer.oidc_provider.unwrap_or_default();
+        for p in &oidc_providers {
+            let loopback = ["http://127.0.0.1", "http://localhost", "http://[::1]"]
+                .iter()
+                .any(|prefix| p.issuer.starts_with(prefix));
+            if !(p.issuer.starts_with("https://") || loopback) {
+                return Err(cerr(
+                    "oidc_provider.issuer",
+                    "must be an https:// URL (http only on loopback)",
+                ));
+            }
+            if p.audience.is_empty() {
+                return Err(cerr("oidc_provider.audience", "must not be empty"));
+            }
+            if p.issuer == token_issuer {
+                return Err(cerr("oidc_provider.issuer", "must differ from token_issuer"));
+            }
+        }
         Ok(Config {
+            oidc_providers,
             break_glass_secs: break_glass_secs as i64,
             policy_file: layer.policy_file,
             migration_database_url,

@@ -78,5 +78,15 @@ pub fn build_state(config: Config) -> anyhow::Result<AppState> {
             .map_err(|e| anyhow::anyhow!("configuration setting `policy_file`: {e}"))?,
         None => Default::default(),
     });
-    Ok(AppState::new(config, store, validator, issuer, compartment, attributes))
+    let providers = crate::auth::oidc::Providers::discover_all(&config.oidc_providers)
+        .context("configuration setting `oidc_provider`")?;
+    Ok(AppState::new(
+        config,
+        store,
+        validator,
+        issuer,
+        compartment,
+        attributes,
+        providers,
+    ))
 }

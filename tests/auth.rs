@@ -757,7 +757,124 @@ fn break_glass_widens_the_compartment_only(db: Db) {
     assert_eq!(call(&s, "GET", "/Observation/o-p1", Some(&stale), None).status, 200);
 }
 
+/// A stand-in OpenID Connect provider on loopback: discovery document and JWKS, nothing else.
+fn fake_provider(jwk: Value) -> String {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        actix_web::rt::System::new().block_on(async move {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let issuer = format!("http://{}", listener.local_addr().unwrap());
+            tx.send(issuer.clone()).unwrap();
+            let srv = actix_web::HttpServer::new(move || {
+                let (issuer, jwk) = (issuer.clone(), jwk.clone());
+                actix_web::App::new()
+                    .route(
+                        "/.well-known/openid-configuration",
+                        actix_web::web::get().to(move || {
+                            let issuer = issuer.clone();
+                            async move {
+                                actix_web::HttpResponse::Ok().json(json!({
+                                    "issuer": issuer,
+                                    "authorization_endpoint": format!("{issuer}/authorize"),
+                                    "jwks_uri": format!("{issuer}/jwks"),
+                                    "response_types_supported": ["code"],
+                                    "subject_types_supported": ["public"],
+                                    "id_token_signing_alg_values_supported": ["ES256"]
+                                }))
+                            }
+                        }),
+                    )
+                    .route(
+                        "/jwks",
+                        actix_web::web::get().to(move || {
+                            let jwk = jwk.clone();
+                            async move { actix_web::HttpResponse::Ok().json(json!({"keys": [jwk]})) }
+                        }),
+                    )
+            })
+            .workers(1)
+            .disable_signals()
+            .listen(listener)
+            .unwrap();
+            let _ = srv.run().await;
+        })
+    });
+    rx.recv().unwrap()
+}
+
+/// Tokens from an external OpenID Connect provider (discovery + JWKS via openidconnect) are
+/// accepted with configurable claim names, and held to the same checks as our own.
+fn external_oidc_provider_tokens(db: Db) {
+    use p256::elliptic_curve::sec1::ToEncodedPoint;
+    let key = p256::SecretKey::random(&mut rand::rngs::OsRng);
+    let point = key.public_key().to_encoded_point(false);
+    let jwk = json!({"kty": "EC", "crv": "P-256", "kid": "k1", "alg": "ES256", "use": "sig",
+                     "x": b64(point.x().unwrap()), "y": b64(point.y().unwrap())});
+    let issuer = fake_provider(jwk);
+    let s = TestServer::start_with(
+        db,
+        fhirvault::config::ConfigLayer {
+            oidc_provider: Some(vec![fhirvault::auth::oidc::ProviderConfig {
+                issuer: issuer.clone(),
+                audience: "https://fhir.example/r4".into(),
+                scope_claim: "scp".into(),
+                patient_claim: "patient_id".into(),
+                fhir_user_claim: "fhirUser".into(),
+                roles_claim: "roles".into(),
+            }]),
+            ..Default::default()
+        },
+    );
+    for p in ["p1", "p2"] {
+        s.put(&format!("/Patient/{p}"), &json!({"resourceType": "Patient", "id": p}));
+    }
+    let pem = p256::pkcs8::EncodePrivateKey::to_pkcs8_pem(&key, p256::pkcs8::LineEnding::LF).unwrap();
+    let enc = EncodingKey::from_ec_pem(pem.as_bytes()).unwrap();
+    let now = chrono::Utc::now().timestamp();
+    let claims = |f: &dyn Fn(&mut Value)| {
+        let mut c = json!({"iss": issuer, "aud": "https://fhir.example/r4", "sub": "ext-user", "exp": now + 300,
+                           "iat": now, "scp": ["patient/*.rs"], "patient_id": "p1"});
+        f(&mut c);
+        c
+    };
+    let sign = |c: &Value, kid: &str| {
+        let mut h = Header::new(Algorithm::ES256);
+        h.kid = Some(kid.into());
+        bearer(&jsonwebtoken::encode(&h, c, &enc).unwrap())
+    };
+    let good = sign(&claims(&|_| {}), "k1");
+    assert_eq!(call(&s, "GET", "/Patient/p1", Some(&good), None).status, 200);
+    assert_eq!(
+        call(&s, "GET", "/Patient/p2", Some(&good), None).status,
+        404,
+        "patient claim mapped"
+    );
+    for (what, token) in [
+        (
+            "wrong audience",
+            sign(&claims(&|c| c["aud"] = json!("https://other")), "k1"),
+        ),
+        ("expired", sign(&claims(&|c| c["exp"] = json!(now - 60)), "k1")),
+        ("unknown kid", sign(&claims(&|_| {}), "k9")),
+        (
+            "unknown issuer",
+            sign(&claims(&|c| c["iss"] = json!("http://127.0.0.1:1")), "k1"),
+        ),
+    ] {
+        let r = call(&s, "GET", "/Patient/p1", Some(&token), None);
+        assert_invalid_token(&r, what);
+    }
+    // an HMAC token keyed with anything is refused whatever its issuer claims
+    let mut h = Header::new(Algorithm::HS256);
+    h.kid = Some("k1".into());
+    let hs = jsonwebtoken::encode(&h, &claims(&|_| {}), &EncodingKey::from_secret(b"k1")).unwrap();
+    assert_invalid_token(&call(&s, "GET", "/Patient/p1", Some(&bearer(&hs)), None), "HS256");
+    // the built-in issuer keeps working beside it
+    assert_eq!(s.get("/Patient/p2").status, 200);
+}
+
 on_both_backends!(
+    external_oidc_provider_tokens,
     break_glass_widens_the_compartment_only,
     attribute_policy_masks_and_protects,
     user_tokens_need_mfa_when_required,

@@ -36,6 +36,7 @@ pub struct AppState {
     pub issuer: Arc<crate::auth::Issuer>,
     pub compartment: Arc<crate::fhir::compartment::PatientCompartment>,
     pub attributes: Arc<crate::auth::attributes::AttributePolicy>,
+    pub providers: crate::auth::oidc::Providers,
     pub auth_failures: crate::auth::limiter::FailureLimiter,
     pub resource_types: HashSet<String>,
     /// The CapabilityStatement, rendered once at start-up.
@@ -50,6 +51,7 @@ impl AppState {
         issuer: Arc<crate::auth::Issuer>,
         compartment: Arc<crate::fhir::compartment::PatientCompartment>,
         attributes: Arc<crate::auth::attributes::AttributePolicy>,
+        providers: crate::auth::oidc::Providers,
     ) -> AppState {
         let resource_types = validator.resource_types().map(str::to_string).collect();
         let auth_failure_limit = config.auth_failure_limit;
@@ -61,6 +63,7 @@ impl AppState {
             issuer,
             compartment,
             attributes,
+            providers,
             auth_failures: crate::auth::limiter::FailureLimiter::new(auth_failure_limit),
             resource_types,
             capability: serde_json::to_vec(&capability).expect("CapabilityStatement serializes"),
@@ -117,7 +120,15 @@ impl AppState {
             Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() => token.trim(),
             _ => return Err(AuthError::InvalidToken("expected the Bearer scheme")),
         };
-        self.issuer.authenticate(token, |t| self.resource_types.contains(t))
+        let is_type = |t: &str| self.resource_types.contains(t);
+        // The unverified issuer only picks who verifies; the verifier checks it again.
+        match crate::auth::oidc::unverified_issuer(token) {
+            Some(iss) if iss != self.issuer.issuer() => match self.providers.for_issuer(&iss) {
+                Some(provider) => provider.authenticate(token, is_type),
+                None => Err(AuthError::InvalidToken("wrong issuer")),
+            },
+            _ => self.issuer.authenticate(token, is_type),
+        }
     }
 
     /// The base URL used in `Location` and `fullUrl`: the configured public URL, else the

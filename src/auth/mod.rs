@@ -12,6 +12,7 @@
 pub mod attributes;
 pub mod issuer;
 pub mod limiter;
+pub mod oidc;
 pub mod policy;
 pub mod scope;
 

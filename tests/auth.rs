@@ -558,6 +558,31 @@ fn repeated_failures_are_throttled(db: Db) {
     drop(r);
 }
 
+/// Repeated refused authorizations (403) by one client are throttled too: probing what a token
+/// may do costs like guessing tokens.
+fn repeated_denials_are_throttled(db: Db) {
+    let s = TestServer::start_with(
+        db,
+        fhirvault::config::ConfigLayer {
+            auth_failure_limit: Some(5),
+            ..Default::default()
+        },
+    );
+    let t = bearer(&s.token("system/Patient.r", None));
+    for _ in 0..6 {
+        let r = call(
+            &s,
+            "POST",
+            "/Patient",
+            Some(&t),
+            Some(&json!({"resourceType": "Patient"})),
+        );
+        assert_eq!(r.status, 403);
+    }
+    let r = call(&s, "GET", "/Patient/x", Some(&t), None);
+    assert_eq!(r.status, 429, "{}", r.text());
+}
+
 /// The attribute policy: hidden elements (SUBSETTED), read-only elements, label-protected
 /// resources; exempt roles see and change everything.
 fn attribute_policy_masks_and_protects(db: Db) {
@@ -874,6 +899,7 @@ fn external_oidc_provider_tokens(db: Db) {
 }
 
 on_both_backends!(
+    repeated_denials_are_throttled,
     external_oidc_provider_tokens,
     break_glass_widens_the_compartment_only,
     attribute_policy_masks_and_protects,

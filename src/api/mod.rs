@@ -83,9 +83,10 @@ impl AppState {
     /// (reason and client address, never the token) and counted per address; an address over
     /// the limit gets 429 without its token being looked at.
     pub fn authenticate(&self, req: &HttpRequest) -> Result<Arc<crate::auth::Principal>, ApiError> {
+        use crate::auth::limiter::FailureKey;
         use crate::auth::AuthError;
         let peer = req.peer_addr().map(|a| a.ip());
-        if let Some(retry_after) = peer.and_then(|ip| self.auth_failures.blocked(ip)) {
+        if let Some(retry_after) = peer.and_then(|ip| self.auth_failures.blocked(&FailureKey::Address(ip))) {
             return Err(AuthError::TooManyFailures { retry_after }.into());
         }
         let result = self.check_token(req).and_then(|p| {
@@ -96,9 +97,20 @@ impl AppState {
             }
         });
         match result {
-            Ok(p) => Ok(p),
+            Ok(p) => {
+                if let Some(retry_after) = p
+                    .client_id
+                    .as_ref()
+                    .and_then(|c| self.auth_failures.blocked(&FailureKey::Client(c.clone())))
+                {
+                    return Err(AuthError::TooManyFailures { retry_after }.into());
+                }
+                Ok(p)
+            }
             Err(e) => {
-                let failures = peer.map(|ip| self.auth_failures.record_failure(ip)).unwrap_or(0);
+                let failures = peer
+                    .map(|ip| self.auth_failures.record_failure(FailureKey::Address(ip)))
+                    .unwrap_or(0);
                 tracing::warn!(
                     peer = %peer.map(|ip| ip.to_string()).unwrap_or_default(),
                     reason = %e,
@@ -108,6 +120,29 @@ impl AppState {
                 Err(e.into())
             }
         }
+    }
+
+    /// Records a refused authorization (403) against the client and the address, and logs it
+    /// without token or PHI: repeated probing of what a token may do is throttled like guessing.
+    pub fn record_denial(&self, req: &HttpRequest, p: &crate::auth::Principal, interaction: &'static str) {
+        use crate::auth::limiter::FailureKey;
+        let peer = req.peer_addr().map(|a| a.ip());
+        if let Some(ip) = peer {
+            self.auth_failures.record_failure(FailureKey::Address(ip));
+        }
+        let by_client = p
+            .client_id
+            .as_ref()
+            .map(|c| self.auth_failures.record_failure(FailureKey::Client(c.clone())))
+            .unwrap_or(0);
+        tracing::warn!(
+            peer = %peer.map(|ip| ip.to_string()).unwrap_or_default(),
+            client = %p.client_id.as_deref().unwrap_or(""),
+            subject = %p.subject,
+            interaction,
+            failures_this_minute = by_client,
+            "authorization refused"
+        );
     }
 
     fn check_token(&self, req: &HttpRequest) -> Result<Arc<crate::auth::Principal>, crate::auth::AuthError> {

@@ -166,7 +166,9 @@ pub async fn dispatch(
             "break-glass access"
         );
     }
-    match interaction {
+    let name = interaction.name();
+    let (req_for_log, p_for_log, st) = (req.clone(), p.clone(), state.clone());
+    let result = match interaction {
         Interaction::Capabilities => unreachable!("answered above"),
         Interaction::HistorySystem => history::system_history(req, p, state).await,
         Interaction::HistoryType { resource_type } => history::type_history(req, p, resource_type, state).await,
@@ -182,7 +184,11 @@ pub async fn dispatch(
         Interaction::Create { resource_type } => crud::create(req, p, resource_type, payload, state).await,
         Interaction::Update { resource_type, id } => crud::update(req, p, resource_type, id, payload, state).await,
         Interaction::Delete { resource_type, id } => crud::delete(req, p, resource_type, id, state).await,
+    };
+    if matches!(result, Err(ApiError::Forbidden)) {
+        st.record_denial(&req_for_log, &p_for_log, name);
     }
+    result
 }
 
 #[cfg(test)]

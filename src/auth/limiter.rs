@@ -1,9 +1,17 @@
-//! Counts failed authentications per client address and refuses an address (429) once it has
-//! failed more than the limit within a minute, until that minute is over. In memory, per node:
-//! enough to stop token guessing against one server; a shared limit belongs in the gateway.
+//! Counts failed authentications and authorizations per client address and per client id, and
+//! refuses a key (429) once it has failed more than the limit within a minute, until that minute
+//! is over. In memory, per node: enough to stop token guessing and scope probing against one
+//! server; a shared limit belongs in the gateway.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+
+/// What failures are counted against.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum FailureKey {
+    Address(IpAddr),
+    Client(String),
+}
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -13,7 +21,7 @@ const MAX_TRACKED: usize = 100_000;
 #[derive(Debug)]
 pub struct FailureLimiter {
     limit: u32,
-    windows: Mutex<HashMap<IpAddr, (Instant, u32)>>,
+    windows: Mutex<HashMap<FailureKey, (Instant, u32)>>,
 }
 
 impl FailureLimiter {
@@ -25,20 +33,20 @@ impl FailureLimiter {
     }
 
     /// `Some(seconds to wait)` when the address is over its limit.
-    pub fn blocked(&self, addr: IpAddr) -> Option<u64> {
+    pub fn blocked(&self, key: &FailureKey) -> Option<u64> {
         let map = self.windows.lock().unwrap_or_else(|p| p.into_inner());
-        let (start, count) = map.get(&addr)?;
+        let (start, count) = map.get(key)?;
         let elapsed = start.elapsed();
         (elapsed < WINDOW && *count > self.limit).then(|| (WINDOW - elapsed).as_secs().max(1))
     }
 
     /// Records one failure; returns the failures of this address in the current window.
-    pub fn record_failure(&self, addr: IpAddr) -> u32 {
+    pub fn record_failure(&self, key: FailureKey) -> u32 {
         let mut map = self.windows.lock().unwrap_or_else(|p| p.into_inner());
         if map.len() >= MAX_TRACKED {
             map.retain(|_, (start, _)| start.elapsed() < WINDOW);
         }
-        let entry = map.entry(addr).or_insert((Instant::now(), 0));
+        let entry = map.entry(key).or_insert((Instant::now(), 0));
         if entry.0.elapsed() >= WINDOW {
             *entry = (Instant::now(), 0);
         }
@@ -54,14 +62,16 @@ mod tests {
     #[test]
     fn blocks_after_the_limit_per_address() {
         let l = FailureLimiter::new(3);
-        let a: IpAddr = "10.0.0.1".parse().unwrap();
-        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        let a = FailureKey::Address("10.0.0.1".parse().unwrap());
+        let b = FailureKey::Address("10.0.0.2".parse().unwrap());
+        let c = FailureKey::Client("app".into());
         for _ in 0..3 {
-            l.record_failure(a);
+            l.record_failure(a.clone());
         }
-        assert_eq!(l.blocked(a), None);
-        l.record_failure(a);
-        assert!(l.blocked(a).is_some());
-        assert_eq!(l.blocked(b), None);
+        assert_eq!(l.blocked(&a), None);
+        l.record_failure(a.clone());
+        assert!(l.blocked(&a).is_some());
+        assert_eq!(l.blocked(&b), None);
+        assert_eq!(l.blocked(&c), None);
     }
 }

@@ -228,6 +228,9 @@ impl TestDb {
             data_dir: Some(self.dir.path().join("data")),
             database_url: Some(self.database_url.clone()),
             pool_size: Some(4),
+            // Tests drive many refused requests from one address on purpose; the throttle has
+            // its own test with a low limit.
+            auth_failure_limit: Some(1_000_000),
             ..Default::default()
         };
         Config::resolve(base.overlay(layer)).unwrap()

@@ -5,16 +5,15 @@
 //! key id, issuer, audience, `exp` and `nbf`, and requires `sub`, `exp`, `iss` and `aud`.
 
 use super::scope::ScopeSet;
-use super::{AuthError, Principal, PrincipalKind};
+use super::{AuthError, Principal, PrincipalKind, TokenCache};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use p256::pkcs8::{DecodePrivateKey, EncodePrivateKey, EncodePublicKey, LineEnding};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use std::collections::HashMap;
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use zeroize::Zeroizing;
 
 /// The claims of an access token.
@@ -61,8 +60,6 @@ pub struct TokenRequest {
     pub btg_reason: Option<String>,
 }
 
-const CACHE_MAX: usize = 10_000;
-
 pub struct Issuer {
     issuer: String,
     audience: String,
@@ -72,9 +69,7 @@ pub struct Issuer {
     validation: Validation,
     max_lifetime: i64,
     break_glass_secs: i64,
-    /// Verified tokens by SHA-256 of their text: an ECDSA verification costs more than the
-    /// read it guards, so each token is verified once until it expires.
-    cache: Mutex<HashMap<[u8; 32], Arc<Principal>>>,
+    cache: TokenCache,
 }
 
 impl std::fmt::Debug for Issuer {
@@ -161,7 +156,7 @@ impl Issuer {
             validation,
             max_lifetime,
             break_glass_secs,
-            cache: Mutex::new(HashMap::new()),
+            cache: TokenCache::default(),
         })
     }
 
@@ -209,12 +204,10 @@ impl Issuer {
 
     /// Validates a bearer token and returns who it speaks for.
     pub fn authenticate(&self, token: &str, is_type: impl Fn(&str) -> bool) -> Result<Arc<Principal>, AuthError> {
-        let key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let key = TokenCache::key(token);
         let now = chrono::Utc::now().timestamp();
-        if let Some(p) = self.cache.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
-            if p.expires_at > now {
-                return Ok(p.clone());
-            }
+        if let Some(p) = self.cache.get(&key, now) {
+            return Ok(p);
         }
         let header = jsonwebtoken::decode_header(token).map_err(|_| AuthError::InvalidToken("malformed token"))?;
         if header.alg != Algorithm::ES256 {
@@ -223,19 +216,8 @@ impl Issuer {
         if header.kid.as_deref() != Some(self.kid.as_str()) {
             return Err(AuthError::InvalidToken("unknown signing key"));
         }
-        let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation).map_err(|e| {
-            use jsonwebtoken::errors::ErrorKind as K;
-            AuthError::InvalidToken(match e.kind() {
-                K::ExpiredSignature => "token expired",
-                K::ImmatureSignature => "token not yet valid",
-                K::InvalidIssuer => "wrong issuer",
-                K::InvalidAudience => "wrong audience",
-                K::InvalidSignature => "bad signature",
-                K::InvalidAlgorithm => "unexpected signing algorithm",
-                K::MissingRequiredClaim(_) => "missing required claim",
-                _ => "malformed token",
-            })
-        })?;
+        let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
+            .map_err(|e| super::jwt_error(&e))?;
         let c = data.claims;
         // Break-glass: only for a user, only with a stated reason, only within the window after
         // the token was issued; a token that declares it without a reason is not accepted.
@@ -269,14 +251,7 @@ impl Issuer {
             token_id: c.jti,
             expires_at: c.exp,
         });
-        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        if cache.len() >= CACHE_MAX {
-            cache.retain(|_, p| p.expires_at > now);
-            if cache.len() >= CACHE_MAX {
-                cache.clear();
-            }
-        }
-        cache.insert(key, principal.clone());
+        self.cache.insert(key, principal.clone(), now);
         Ok(principal)
     }
 }

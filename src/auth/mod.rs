@@ -19,6 +19,54 @@ pub mod scope;
 pub use issuer::{Issuer, TokenRequest};
 pub use scope::{Context, Permission, ScopeSet};
 
+/// Verified tokens by SHA-256 of their text, until they expire: an ECDSA or RSA verification
+/// costs more than the read it guards, so each token is verified once.
+#[derive(Debug, Default)]
+pub struct TokenCache {
+    entries: std::sync::Mutex<std::collections::HashMap<[u8; 32], std::sync::Arc<Principal>>>,
+}
+
+const TOKEN_CACHE_MAX: usize = 10_000;
+
+impl TokenCache {
+    pub fn key(token: &str) -> [u8; 32] {
+        use sha2::Digest;
+        sha2::Sha256::digest(token.as_bytes()).into()
+    }
+
+    /// The principal of a token verified before, if it has not expired since.
+    pub fn get(&self, key: &[u8; 32], now: i64) -> Option<std::sync::Arc<Principal>> {
+        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        entries.get(key).filter(|p| p.expires_at > now).cloned()
+    }
+
+    pub fn insert(&self, key: [u8; 32], principal: std::sync::Arc<Principal>, now: i64) {
+        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        if entries.len() >= TOKEN_CACHE_MAX {
+            entries.retain(|_, p| p.expires_at > now);
+            if entries.len() >= TOKEN_CACHE_MAX {
+                entries.clear();
+            }
+        }
+        entries.insert(key, principal);
+    }
+}
+
+/// The fixed, token-free reason for a JWT that did not verify.
+pub fn jwt_error(e: &jsonwebtoken::errors::Error) -> AuthError {
+    use jsonwebtoken::errors::ErrorKind as K;
+    AuthError::InvalidToken(match e.kind() {
+        K::ExpiredSignature => "token expired",
+        K::ImmatureSignature => "token not yet valid",
+        K::InvalidIssuer => "wrong issuer",
+        K::InvalidAudience => "wrong audience",
+        K::InvalidSignature => "bad signature",
+        K::InvalidAlgorithm => "unexpected signing algorithm",
+        K::MissingRequiredClaim(_) => "missing required claim",
+        _ => "malformed token",
+    })
+}
+
 /// Who a request acts for, from a validated token.
 #[derive(Debug, Clone)]
 pub struct Principal {

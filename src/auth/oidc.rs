@@ -4,7 +4,7 @@
 //! (at most once a minute per provider, so a flood of bogus kids cannot hammer the provider).
 
 use super::scope::ScopeSet;
-use super::{AuthError, Principal, PrincipalKind};
+use super::{AuthError, Principal, PrincipalKind, TokenCache};
 use jsonwebtoken::jwk::Jwk;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use openidconnect::core::CoreProviderMetadata;
@@ -68,8 +68,7 @@ pub struct ExternalProvider {
     config: ProviderConfig,
     http: openidconnect::reqwest::blocking::Client,
     keys: Mutex<Keys>,
-    /// Verified tokens by SHA-256 of their text, until they expire (as for the built-in issuer).
-    cache: Mutex<HashMap<[u8; 32], Arc<Principal>>>,
+    cache: TokenCache,
 }
 
 impl std::fmt::Debug for ExternalProvider {
@@ -123,7 +122,7 @@ impl ExternalProvider {
                 by_kid,
                 fetched: Instant::now(),
             }),
-            cache: Mutex::new(HashMap::new()),
+            cache: TokenCache::default(),
         })
     }
 
@@ -156,20 +155,13 @@ impl ExternalProvider {
 
     /// Verifies an access token from this provider and maps its claims (cached until expiry).
     pub fn authenticate(&self, token: &str, is_type: impl Fn(&str) -> bool) -> Result<Arc<Principal>, AuthError> {
-        use sha2::Digest;
-        let digest: [u8; 32] = sha2::Sha256::digest(token.as_bytes()).into();
+        let key = TokenCache::key(token);
         let now = chrono::Utc::now().timestamp();
-        if let Some(p) = self.cache.lock().unwrap_or_else(|p| p.into_inner()).get(&digest) {
-            if p.expires_at > now {
-                return Ok(p.clone());
-            }
+        if let Some(p) = self.cache.get(&key, now) {
+            return Ok(p);
         }
         let principal = Arc::new(self.verify(token, is_type)?);
-        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        if cache.len() >= 10_000 {
-            cache.retain(|_, p| p.expires_at > now);
-        }
-        cache.insert(digest, principal.clone());
+        self.cache.insert(key, principal.clone(), now);
         Ok(principal)
     }
 
@@ -192,18 +184,7 @@ impl ExternalProvider {
         validation.leeway = 5;
         validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
         let claims = jsonwebtoken::decode::<HashMap<String, Value>>(token, &key, &validation)
-            .map_err(|e| {
-                use jsonwebtoken::errors::ErrorKind as K;
-                AuthError::InvalidToken(match e.kind() {
-                    K::ExpiredSignature => "token expired",
-                    K::ImmatureSignature => "token not yet valid",
-                    K::InvalidIssuer => "wrong issuer",
-                    K::InvalidAudience => "wrong audience",
-                    K::InvalidSignature => "bad signature",
-                    K::MissingRequiredClaim(_) => "missing required claim",
-                    _ => "malformed token",
-                })
-            })?
+            .map_err(|e| super::jwt_error(&e))?
             .claims;
         let text = |name: &str| claims.get(name).and_then(Value::as_str).map(str::to_string);
         let list = |name: &str| -> Vec<String> {

@@ -898,7 +898,63 @@ fn external_oidc_provider_tokens(db: Db) {
     assert_eq!(s.get("/Patient/p2").status, 200);
 }
 
+/// A page link works for the subject it was made for, not for another token's subject.
+fn page_links_are_bound_to_the_subject(db: Db) {
+    let s = TestServer::start(db);
+    for i in 0..3 {
+        s.put(
+            &format!("/Patient/pl{i}"),
+            &json!({"resourceType": "Patient", "id": format!("pl{i}")}),
+        );
+    }
+    let as_subject = |sub: &str| {
+        bearer(
+            &s.issuer
+                .issue(&fhirvault::auth::TokenRequest {
+                    scope: "system/*.rs".into(),
+                    subject: Some(sub.into()),
+                    expires_in: 300,
+                    ..Default::default()
+                })
+                .unwrap(),
+        )
+    };
+    let (alice, bob) = (as_subject("alice"), as_subject("bob"));
+    let first = call(&s, "GET", "/Patient/_history?_count=1", Some(&alice), None).json();
+    let next = first["link"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["relation"] == "next")
+        .unwrap()["url"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let get = |auth: &str| {
+        reqwest::blocking::Client::new()
+            .get(&next)
+            .header("authorization", auth)
+            .send()
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    assert_eq!(get(&alice), 200);
+    assert_eq!(get(&bob), 400, "another subject cannot use the link");
+    // nor can the cursor be moved to another listing
+    let page = next.split("_page=").nth(1).unwrap().to_string();
+    let moved = call(
+        &s,
+        "GET",
+        &format!("/_history?_count=1&_page={page}"),
+        Some(&alice),
+        None,
+    );
+    assert_eq!(moved.status, 400);
+}
+
 on_both_backends!(
+    page_links_are_bound_to_the_subject,
     repeated_denials_are_throttled,
     external_oidc_provider_tokens,
     break_glass_widens_the_compartment_only,

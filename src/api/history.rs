@@ -61,13 +61,51 @@ pub async fn instance_history(
     history(req, p, state, HistoryScope::Instance(t, id), rel, restricted, None).await
 }
 
-fn encode_cursor(row: i64) -> String {
-    B64URL.encode(format!("h1:{row}"))
+/// How long a page link stays valid.
+const PAGE_TOKEN_SECS: i64 = 3600;
+
+/// Page tokens: `row.expiry.mac`, base64url. The MAC (keyed, from the crypto module) binds the
+/// cursor to the token's subject and to the listing (path and `_since`), so a link works only
+/// for whoever received it, for that listing, until it expires. It carries a row id and a time,
+/// never a search value, so no PHI reaches a URL.
+struct PageTokens<'a> {
+    cipher: &'a crate::crypto::Cipher,
+    subject: &'a str,
+    listing: String,
 }
 
-fn decode_cursor(s: &str) -> Option<i64> {
-    let raw = B64URL.decode(s).ok()?;
-    std::str::from_utf8(&raw).ok()?.strip_prefix("h1:")?.parse().ok()
+impl PageTokens<'_> {
+    fn mac(&self, row: i64, expiry: i64) -> [u8; crate::crypto::BLIND_INDEX_LEN] {
+        self.cipher.blind_index(
+            "history-page-token",
+            &format!("{}\n{}\n{row}\n{expiry}", self.subject, self.listing),
+        )
+    }
+
+    fn encode(&self, row: i64) -> String {
+        let expiry = chrono::Utc::now().timestamp() + PAGE_TOKEN_SECS;
+        let mac: String = self.mac(row, expiry).iter().map(|b| format!("{b:02x}")).collect();
+        B64URL.encode(format!("{row}.{expiry}.{mac}"))
+    }
+
+    fn decode(&self, token: &str) -> Option<i64> {
+        let raw = B64URL.decode(token).ok()?;
+        let text = std::str::from_utf8(&raw).ok()?;
+        let mut parts = text.split('.');
+        let (row, expiry, mac) = (
+            parts.next()?.parse().ok()?,
+            parts.next()?.parse::<i64>().ok()?,
+            parts.next()?,
+        );
+        if parts.next().is_some() || expiry < chrono::Utc::now().timestamp() {
+            return None;
+        }
+        let expected: String = self.mac(row, expiry).iter().map(|b| format!("{b:02x}")).collect();
+        // constant-time comparison
+        let same = expected.len() == mac.len()
+            && expected.bytes().zip(mac.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0;
+        same.then_some(row)
+    }
 }
 
 /// `_since` is an instant: a full date-time with a time zone.
@@ -91,6 +129,7 @@ async fn history(
     let mut since = None;
     let mut since_raw = None;
     let mut before_row = None;
+    let mut page_raw = None;
     for (k, v) in query_pairs(&req) {
         match k.as_str() {
             "_count" => {
@@ -109,12 +148,7 @@ async fn history(
                 })?);
                 since_raw = Some(v);
             }
-            "_page" => {
-                before_row = Some(
-                    decode_cursor(&v)
-                        .ok_or_else(|| ApiError::bad_request(IssueType::Invalid, "invalid or expired page token"))?,
-                )
-            }
+            "_page" => page_raw = Some(v),
             "_format" | "_pretty" => {}
             "_at" | "_list" | "_sort" => {
                 return Err(ApiError::bad_request(
@@ -124,6 +158,18 @@ async fn history(
             }
             _ => {}
         }
+    }
+    let tokens = PageTokens {
+        cipher: state.store.cipher(),
+        subject: &p.subject,
+        listing: format!("{relative}?_since={}", since_raw.as_deref().unwrap_or("")),
+    };
+    if let Some(raw) = &page_raw {
+        before_row = Some(
+            tokens
+                .decode(raw)
+                .ok_or_else(|| ApiError::bad_request(IssueType::Invalid, "invalid or expired page token"))?,
+        );
     }
     let query = HistoryQuery {
         patient,
@@ -180,7 +226,7 @@ async fn history(
         }
         if let Some(c) = cursor {
             url.push_str("&_page=");
-            url.push_str(&encode_cursor(c));
+            url.push_str(&tokens.encode(c));
         }
         url
     };
@@ -238,9 +284,40 @@ mod tests {
     use super::*;
 
     #[test]
-    fn cursor_round_trip_and_rejects_junk() {
-        assert_eq!(decode_cursor(&encode_cursor(42)), Some(42));
-        assert_eq!(decode_cursor("zzz"), None);
-        assert_eq!(decode_cursor(&B64URL.encode("x:1")), None);
+    fn page_tokens_are_bound_to_subject_and_listing() {
+        use crate::crypto::{Cipher, KeyMaterial, KeyProvider};
+        struct K;
+        impl KeyProvider for K {
+            fn current_version(&self) -> u32 {
+                1
+            }
+            fn versions(&self) -> Vec<(u32, KeyMaterial)> {
+                vec![(1, zeroize::Zeroizing::new([3u8; 32]))]
+            }
+            fn blind_index_version(&self) -> u32 {
+                1
+            }
+        }
+        let cipher = Cipher::from_provider(&K).unwrap();
+        let t = |subject: &'static str, listing: &str| PageTokens {
+            cipher: &cipher,
+            subject,
+            listing: listing.to_string(),
+        };
+        let token = t("alice", "_history?_since=").encode(42);
+        assert_eq!(t("alice", "_history?_since=").decode(&token), Some(42));
+        assert_eq!(t("bob", "_history?_since=").decode(&token), None, "another subject");
+        assert_eq!(
+            t("alice", "Patient/_history?_since=").decode(&token),
+            None,
+            "another listing"
+        );
+        assert_eq!(t("alice", "_history?_since=").decode("zzz"), None);
+        let forged = B64URL.encode("41.99999999999.00");
+        assert_eq!(t("alice", "_history?_since=").decode(&forged), None);
+        assert!(!B64URL
+            .decode(&token)
+            .map(|b| String::from_utf8_lossy(&b).contains("alice"))
+            .unwrap());
     }
 }

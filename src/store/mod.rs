@@ -460,6 +460,11 @@ impl Store {
         condition: Option<&Condition>,
         make: impl FnOnce(i64, NaiveDateTime) -> Content,
     ) -> Result<CreateOutcome, StoreError> {
+        // A new resource is version 1: its content is built and encrypted before the
+        // transaction, so the write lock (SQLite's single writer) is held for the SQL only.
+        let ts = now();
+        let content = make(1, ts);
+        let sealed = self.seal(resource_type, id, 1, Some(&content));
         self.write_tx(access, |conn| {
             if let Some(cond) = condition {
                 self.lock_condition(conn, resource_type, cond)?;
@@ -478,10 +483,8 @@ impl Store {
                     _ => return Err(StoreError::MultipleMatches),
                 }
             }
-            let ts = now();
             insert_current(conn, resource_type, id, ts)?;
-            let content = make(1, ts);
-            self.append_version(conn, resource_type, id, 1, ts, "POST", Some(&content))?;
+            self.append_version(conn, resource_type, id, 1, ts, "POST", Some(&content), sealed)?;
             self.replace_index(conn, resource_type, id, Some(&content), true)?;
             Ok(CreateOutcome::Created(Written {
                 version_id: 1,
@@ -528,7 +531,8 @@ impl Store {
                     }
                 };
                 let content = make(version, ts);
-                self.append_version(conn, resource_type, id, version, ts, "PUT", Some(&content))?;
+                let sealed = self.seal(resource_type, id, version, Some(&content));
+                self.append_version(conn, resource_type, id, version, ts, "PUT", Some(&content), sealed)?;
                 self.replace_index(conn, resource_type, id, Some(&content), created)?;
                 Ok(Written {
                     version_id: version,
@@ -563,7 +567,7 @@ impl Store {
                 }
                 return Ok(DeleteOutcome::NothingToDelete);
             };
-            self.append_version(conn, resource_type, id, version, ts, "DELETE", None)?;
+            self.append_version(conn, resource_type, id, version, ts, "DELETE", None, (None, None, None))?;
             self.replace_index(conn, resource_type, id, None, false)?;
             Ok(DeleteOutcome::Deleted { version_id: version })
         })
@@ -695,18 +699,9 @@ impl Store {
         Ok(())
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn append_version(
-        &self,
-        conn: &mut DbConnection,
-        resource_type: &str,
-        id: &str,
-        version: i64,
-        ts: NaiveDateTime,
-        method: &str,
-        content: Option<&Content>,
-    ) -> Result<(), StoreError> {
-        let (sealed, digest, key_version) = match content {
+    /// Encrypts a version's content for its row: ciphertext, SHA-256 of the plaintext, key version.
+    fn seal(&self, resource_type: &str, id: &str, version: i64, content: Option<&Content>) -> SealedVersion {
+        match content {
             Some(c) => {
                 let aad = Aad {
                     table: VERSIONS_TABLE,
@@ -722,7 +717,21 @@ impl Store {
                 )
             }
             None => (None, None, None),
-        };
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn append_version(
+        &self,
+        conn: &mut DbConnection,
+        resource_type: &str,
+        id: &str,
+        version: i64,
+        ts: NaiveDateTime,
+        method: &str,
+        content: Option<&Content>,
+        (sealed, digest, key_version): SealedVersion,
+    ) -> Result<(), StoreError> {
         // The version's compartments first (row-level security checks the version row against
         // them): computed from the content, or for a deletion carried over
         // from the version it deletes (so a patient still sees the tombstone of its own data).
@@ -887,6 +896,9 @@ fn current_version(conn: &mut DbConnection, resource_type: &str, id: &str) -> Re
         .first(conn)
         .optional()?)
 }
+
+/// Ciphertext, SHA-256 of the plaintext and key version of one version (all `None` for a deletion).
+type SealedVersion = (Option<EncryptedColumn>, Option<Vec<u8>>, Option<i32>);
 
 #[derive(Queryable, Selectable)]
 #[diesel(table_name = rv)]

@@ -13,7 +13,9 @@ use diesel::prelude::*;
 use fhirvault::config::ConfigLayer;
 use fhirvault::crypto::Aad;
 use fhirvault::store::encrypted::EncryptedColumn;
-use fhirvault::store::schema::{resource_versions as rv, resources as cur, token_index as ti};
+use fhirvault::store::schema::{
+    resource_compartments as rc, resource_versions as rv, resources as cur, token_index as ti,
+};
 use fhirvault::store::{DbConnection, DbManager};
 use serde_json::json;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -253,8 +255,8 @@ fn bench_backend(db: Db, rows: u64, secs: u64, conc: usize) -> serde_json::Value
             );
         },
     );
-    // baseline: the same rows (current-version row + version row with ciphertext of the same
-    // size + digest + one index row) inserted raw in one transaction each
+    // baseline: the same rows (current-version row, the version's compartment row, version row
+    // with ciphertext of the same size + digest, one index row) inserted raw, one transaction each
     let sample = patient(1).to_string().into_bytes();
     let raw_creates = throughput(
         conc,
@@ -292,6 +294,14 @@ fn bench_backend(db: Db, rows: u64, secs: u64, conc: usize) -> serde_json::Value
                         rv::key_version.eq(Some(1)),
                         rv::content.eq(Some(EncryptedColumn(sealed))),
                         rv::content_sha256.eq(Some(digest)),
+                    ))
+                    .execute(c)?;
+                diesel::insert_into(rc::table)
+                    .values((
+                        rc::resource_type.eq("Patient"),
+                        rc::logical_id.eq(&id),
+                        rc::version_id.eq(1i64),
+                        rc::patient_id.eq(&id),
                     ))
                     .execute(c)?;
                 let blind = cipher.blind_index("identifier", &format!("any|mrn-{t}-{i}")).to_vec();

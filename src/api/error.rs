@@ -214,6 +214,10 @@ impl From<StoreError> for ApiError {
                 tracing::warn!("database pool exhausted or unreachable");
                 ApiError::Unavailable
             }
+            e if e.is_lost_connection() => {
+                tracing::warn!("database connection lost; it is dropped from the pool");
+                ApiError::Unavailable
+            }
             other => {
                 // Store errors carry no PHI (values are bound parameters, never in messages).
                 tracing::error!(error = %other, "storage failure");

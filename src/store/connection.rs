@@ -108,6 +108,9 @@ fn create_private_file(path: &str) -> Result<(), ConnectError> {
 pub struct Session {
     pub(super) conn: DbConnection,
     pub(super) access: Option<String>,
+    /// Set when a query found the connection dead (server restart, terminated backend): r2d2
+    /// then drops it instead of handing it out again.
+    pub(super) broken: bool,
 }
 
 impl r2d2::ManageConnection for DbManager {
@@ -118,12 +121,13 @@ impl r2d2::ManageConnection for DbManager {
         Ok(Session {
             conn: DbManager::connect(self)?,
             access: None,
+            broken: false,
         })
     }
     fn is_valid(&self, s: &mut Session) -> Result<(), ConnectError> {
         s.conn.batch_execute("SELECT 1").map_err(ConnectError::Query)
     }
-    fn has_broken(&self, _s: &mut Session) -> bool {
-        false
+    fn has_broken(&self, s: &mut Session) -> bool {
+        s.broken || diesel::r2d2::R2D2Connection::is_broken(&mut s.conn)
     }
 }

@@ -203,6 +203,27 @@ impl StoreError {
     pub fn is_unique_violation(&self) -> bool {
         is_unique_violation(self)
     }
+
+    /// The database connection died under the query (server restart, terminated backend).
+    pub fn is_lost_connection(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Database(DieselError::DatabaseError(
+                DatabaseErrorKind::ClosedConnection | DatabaseErrorKind::UnableToSendCommand,
+                _
+            ))
+        )
+    }
+}
+
+/// Marks a session whose connection died so that the pool drops it.
+fn note<T>(session: &mut connection::Session, result: Result<T, StoreError>) -> Result<T, StoreError> {
+    if let Err(e) = &result {
+        if e.is_lost_connection() {
+            session.broken = true;
+        }
+    }
+    result
 }
 
 fn is_unique_violation(e: &StoreError) -> bool {
@@ -336,7 +357,8 @@ impl Store {
             Backend::Postgres => None,
         };
         let mut conn = self.checkout(access)?;
-        conn.conn.transaction(f)
+        let result = conn.conn.transaction(f);
+        note(&mut conn, result)
     }
 
     fn decrypt_row(&self, row: VersionRow) -> Result<StoredVersion, StoreError> {
@@ -371,8 +393,19 @@ impl Store {
 
     /// The current version: one indexed query and one decrypt.
     pub fn read(&self, access: &Access, resource_type: &str, id: &str) -> Result<StoredVersion, StoreError> {
-        let conn = self.checkout(access)?;
-        self.read_on(conn, resource_type, id)
+        // A read is idempotent: while pooled connections turn out dead (after a database restart
+        // all of them are), each is dropped and the read retried on another, then a new one.
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            match self
+                .checkout(access)
+                .and_then(|conn| self.read_on(conn, resource_type, id))
+            {
+                Err(e) if e.is_lost_connection() && attempts <= self.pool.max_size() => continue,
+                other => return other,
+            }
+        }
     }
 
     /// Like [`Store::read`], but only if a pooled connection is idle right now (never waits);
@@ -385,9 +418,13 @@ impl Store {
     ) -> Option<Result<StoredVersion, StoreError>> {
         let mut conn = self.pool.try_get()?;
         if let Err(e) = apply_access(&mut conn, access) {
-            return Some(Err(e));
+            return if e.is_lost_connection() { None } else { Some(Err(e)) };
         }
-        Some(self.read_on(conn, resource_type, id))
+        match self.read_on(conn, resource_type, id) {
+            // a dead connection: let the caller retry from a blocking thread (`read` retries)
+            Err(e) if e.is_lost_connection() => None,
+            other => Some(other),
+        }
     }
 
     fn read_on(
@@ -403,12 +440,14 @@ impl Store {
             .filter(cur::resource_type.eq(resource_type).and(cur::logical_id.eq(id)))
             .select(cur::version_id)
             .single_value();
-        let row: Option<VersionRow> = per_backend!(&mut conn.conn, |c| rv::table
+        let row: Result<Option<VersionRow>, StoreError> = per_backend!(&mut conn.conn, |c| rv::table
             .filter(rv::resource_type.eq(resource_type).and(rv::logical_id.eq(id)))
             .filter(rv::version_id.nullable().eq(current))
             .select(VersionRow::as_select())
             .get_result(c)
-            .optional())?;
+            .optional())
+        .map_err(StoreError::from);
+        let row = note(&mut conn, row)?;
         drop(conn);
         let row = row.ok_or(StoreError::NotFound)?;
         if row.deleted {
@@ -429,7 +468,7 @@ impl Store {
         version_id: i64,
     ) -> Result<StoredVersion, StoreError> {
         let mut conn = self.checkout(access)?;
-        let row: Option<VersionRow> = rv::table
+        let row: Result<Option<VersionRow>, StoreError> = rv::table
             .filter(
                 rv::resource_type
                     .eq(resource_type)
@@ -438,7 +477,9 @@ impl Store {
             )
             .select(VersionRow::as_select())
             .get_result(&mut conn.conn)
-            .optional()?;
+            .optional()
+            .map_err(StoreError::from);
+        let row = note(&mut conn, row)?;
         drop(conn);
         let row = row.ok_or(StoreError::NotFound)?;
         if row.deleted {
@@ -601,16 +642,22 @@ impl Store {
             }
             b
         };
-        let total: i64 = base().count().get_result(&mut conn.conn)?;
+        let total = base()
+            .count()
+            .get_result::<i64>(&mut conn.conn)
+            .map_err(StoreError::from);
+        let total = note(&mut conn, total)?;
         let mut page = base();
         if let Some(before) = q.before_row {
             page = page.filter(rv::id.lt(before));
         }
-        let rows: Vec<VersionRow> = page
+        let rows = page
             .order(rv::id.desc())
             .limit(i64::from(q.count) + 1)
             .select(VersionRow::as_select())
-            .load(&mut conn.conn)?;
+            .load(&mut conn.conn)
+            .map_err(StoreError::from);
+        let rows: Vec<VersionRow> = note(&mut conn, rows)?;
         drop(conn);
         let has_more = rows.len() > q.count as usize;
         let mut entries = Vec::with_capacity(rows.len().min(q.count as usize));
@@ -836,9 +883,12 @@ fn apply_access(session: &mut connection::Session, access: &Access) -> Result<()
     if session.access.as_deref() != Some(setting.as_str()) {
         // Forget the cached context first: if setting it fails, the next checkout sets it again.
         session.access = None;
-        diesel::sql_query("SELECT set_config('fhirvault.access', $1, false)")
+        let set = diesel::sql_query("SELECT set_config('fhirvault.access', $1, false)")
             .bind::<diesel::sql_types::Text, _>(&setting)
-            .execute(pg)?;
+            .execute(pg)
+            .map(|_| ())
+            .map_err(StoreError::from);
+        note(session, set)?;
         session.access = Some(setting);
     }
     Ok(())

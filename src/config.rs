@@ -57,6 +57,7 @@ pub struct ConfigLayer {
     pub migration_database_url: Option<String>,
     pub policy_file: Option<PathBuf>,
     pub break_glass_secs: Option<u64>,
+    pub break_glass_webhook: Option<String>,
     /// External OpenID Connect providers (TOML `[[oidc_provider]]` tables only).
     pub oidc_provider: Option<Vec<crate::auth::oidc::ProviderConfig>>,
 }
@@ -122,6 +123,7 @@ impl ConfigLayer {
                 "MIGRATION_DATABASE_URL" => layer.migration_database_url = Some(value),
                 "POLICY_FILE" => layer.policy_file = Some(value.into()),
                 "BREAK_GLASS_SECS" => layer.break_glass_secs = Some(parse_num(&value)?),
+                "BREAK_GLASS_WEBHOOK" => layer.break_glass_webhook = Some(value),
                 "AUTH_FAILURE_LIMIT" => {
                     layer.auth_failure_limit = Some(parse_num(&value)?.try_into().map_err(|_| cerr(&key, "too large"))?)
                 }
@@ -167,6 +169,7 @@ impl ConfigLayer {
             migration_database_url,
             policy_file,
             break_glass_secs,
+            break_glass_webhook,
             oidc_provider
         );
         self
@@ -219,6 +222,8 @@ pub struct Config {
     pub policy_file: Option<PathBuf>,
     /// How long after its issue a break-glass token widens access (default 3600 s).
     pub break_glass_secs: i64,
+    /// URL that receives a JSON POST for every break-glass request (no PHI in it).
+    pub break_glass_webhook: Option<String>,
     /// External OpenID Connect providers whose access tokens are accepted beside the built-in issuer's.
     pub oidc_providers: Vec<crate::auth::oidc::ProviderConfig>,
 }
@@ -378,7 +383,24 @@ impl Config {
                 return Err(cerr("oidc_provider.issuer", "must differ from token_issuer"));
             }
         }
+        let break_glass_webhook = match layer.break_glass_webhook {
+            Some(u)
+                if u.starts_with("https://")
+                    || u.starts_with("http://127.0.0.1")
+                    || u.starts_with("http://localhost") =>
+            {
+                Some(u)
+            }
+            Some(_) => {
+                return Err(cerr(
+                    "break_glass_webhook",
+                    "must be an https:// URL (http only on loopback)",
+                ))
+            }
+            None => None,
+        };
         Ok(Config {
+            break_glass_webhook,
             oidc_providers,
             break_glass_secs: break_glass_secs as i64,
             policy_file: layer.policy_file,

@@ -733,8 +733,50 @@ require_roles = ["hiv-care"]
 
 /// Break-glass: a user's declared emergency (BTG + reason) widens the compartment check for
 /// its window, and nothing else.
+/// A loopback receiver for webhook posts.
+fn webhook_receiver() -> (String, std::sync::Arc<std::sync::Mutex<Vec<Value>>>) {
+    let hits = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let h = hits.clone();
+    std::thread::spawn(move || {
+        actix_web::rt::System::new().block_on(async move {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            tx.send(format!("http://{}/alerts", listener.local_addr().unwrap()))
+                .unwrap();
+            let srv = actix_web::HttpServer::new(move || {
+                let h = h.clone();
+                actix_web::App::new().route(
+                    "/alerts",
+                    actix_web::web::post().to(move |body: actix_web::web::Bytes| {
+                        let h = h.clone();
+                        async move {
+                            h.lock()
+                                .unwrap()
+                                .push(serde_json::from_slice::<Value>(&body).unwrap_or(Value::Null));
+                            actix_web::HttpResponse::Ok().finish()
+                        }
+                    }),
+                )
+            })
+            .workers(1)
+            .disable_signals()
+            .listen(listener)
+            .unwrap();
+            let _ = srv.run().await;
+        })
+    });
+    (rx.recv().unwrap(), hits)
+}
+
 fn break_glass_widens_the_compartment_only(db: Db) {
-    let s = TestServer::start(db);
+    let (webhook, hits) = webhook_receiver();
+    let s = TestServer::start_with(
+        db,
+        fhirvault::config::ConfigLayer {
+            break_glass_webhook: Some(webhook),
+            ..Default::default()
+        },
+    );
     for p in ["p1", "p2"] {
         s.put(&format!("/Patient/{p}"), &json!({"resourceType": "Patient", "id": p}));
         let o = json!({"resourceType": "Observation", "id": format!("o-{p}"), "status": "final",
@@ -760,6 +802,23 @@ fn break_glass_widens_the_compartment_only(db: Db) {
         call(&s, "GET", "/Observation/_history", Some(&btg), None).json()["total"],
         2
     );
+    // every break-glass request raises an alert on the webhook, without the reason
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while hits.lock().unwrap().len() < 2 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let alerts = hits.lock().unwrap().clone();
+    assert_eq!(alerts.len(), 2, "{alerts:?}");
+    assert_eq!(alerts[0]["event"], "break-glass");
+    assert_eq!(alerts[0]["subject"], "Practitioner/er-doc");
+    assert!(
+        !serde_json::to_string(&alerts).unwrap().contains("unconscious"),
+        "the reason is never sent"
+    );
+    // normal requests raise none
+    assert_eq!(call(&s, "GET", "/Observation/o-p1", Some(&normal), None).status, 200);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(hits.lock().unwrap().len(), 2);
     // scope letters still hold
     let o = json!({"resourceType": "Observation", "status": "final", "code": {"text": "x"}});
     assert_eq!(call(&s, "POST", "/Observation", Some(&btg), Some(&o)).status, 403);

@@ -165,6 +165,9 @@ pub async fn dispatch(
             interaction = interaction.name(),
             "break-glass access"
         );
+        if let Some(url) = &state.config.break_glass_webhook {
+            crate::auth::alert::break_glass(url, &p, interaction.name());
+        }
     }
     let name = interaction.name();
     let (req_for_log, p_for_log, st) = (req.clone(), p.clone(), state.clone());

@@ -9,6 +9,7 @@
 //!   the stored `resource_compartments` of each version for listings (filtered in the query);
 //! * granular scopes (`?category=…`) grant nothing until search can evaluate them.
 
+pub mod alert;
 pub mod attributes;
 pub mod issuer;
 pub mod limiter;

@@ -23,6 +23,11 @@ fn bearer(t: &str) -> String {
     format!("Bearer {t}")
 }
 
+/// A bearer header for a token from the server's own issuer.
+fn issue(s: &TestServer, req: fhirvault::auth::TokenRequest) -> String {
+    bearer(&s.issuer.issue(&req).unwrap())
+}
+
 /// The server's own signing key, to forge tokens that differ in one claim only.
 fn signing_key(s: &TestServer) -> EncodingKey {
     let pem = std::fs::read(s.db.dir.path().join("data/issuer-es256.pem")).unwrap();
@@ -487,16 +492,15 @@ fn user_tokens_need_mfa_when_required(db: Db) {
         },
     );
     let user_token = |amr: &[&str]| {
-        bearer(
-            &s.issuer
-                .issue(&fhirvault::auth::TokenRequest {
-                    scope: "user/*.cruds".into(),
-                    fhir_user: Some("Practitioner/dr1".into()),
-                    expires_in: 300,
-                    amr: amr.iter().map(|a| a.to_string()).collect(),
-                    ..Default::default()
-                })
-                .unwrap(),
+        issue(
+            &s,
+            fhirvault::auth::TokenRequest {
+                scope: "user/*.cruds".into(),
+                fhir_user: Some("Practitioner/dr1".into()),
+                expires_in: 300,
+                amr: amr.iter().map(|a| a.to_string()).collect(),
+                ..Default::default()
+            },
         )
     };
     let r = call(&s, "GET", "/Patient/_history", Some(&user_token(&["pwd"])), None);
@@ -612,16 +616,15 @@ require_roles = ["hiv-care"]
         },
     );
     let user = |roles: &[&str]| {
-        bearer(
-            &s.issuer
-                .issue(&fhirvault::auth::TokenRequest {
-                    scope: "user/*.cruds".into(),
-                    fhir_user: Some("Practitioner/u".into()),
-                    expires_in: 300,
-                    roles: roles.iter().map(|r| r.to_string()).collect(),
-                    ..Default::default()
-                })
-                .unwrap(),
+        issue(
+            &s,
+            fhirvault::auth::TokenRequest {
+                scope: "user/*.cruds".into(),
+                fhir_user: Some("Practitioner/u".into()),
+                expires_in: 300,
+                roles: roles.iter().map(|r| r.to_string()).collect(),
+                ..Default::default()
+            },
         )
     };
     let (registrar, clinician, hiv) = (user(&["registrar"]), user(&[]), user(&["hiv-care"]));
@@ -967,15 +970,14 @@ fn page_links_are_bound_to_the_subject(db: Db) {
         );
     }
     let as_subject = |sub: &str| {
-        bearer(
-            &s.issuer
-                .issue(&fhirvault::auth::TokenRequest {
-                    scope: "system/*.rs".into(),
-                    subject: Some(sub.into()),
-                    expires_in: 300,
-                    ..Default::default()
-                })
-                .unwrap(),
+        issue(
+            &s,
+            fhirvault::auth::TokenRequest {
+                scope: "system/*.rs".into(),
+                subject: Some(sub.into()),
+                expires_in: 300,
+                ..Default::default()
+            },
         )
     };
     let (alice, bob) = (as_subject("alice"), as_subject("bob"));

@@ -667,6 +667,10 @@ require_roles = ["hiv-care"]
     }
     let h = call(&s, "GET", "/Patient/_history", Some(&clinician), None).text();
     assert!(!h.contains("555-0100") && !h.contains("123-45-6789"));
+    // a PUT that created (through the create-only path) is reported as a PUT in history
+    let h = call(&s, "GET", "/Patient/pp/_history", Some(&registrar), None).json();
+    assert_eq!(h["entry"][0]["request"]["method"], "PUT");
+    assert_eq!(h["entry"][0]["response"]["status"], "201 Created");
     let full = call(&s, "GET", "/Patient/pp", Some(&registrar), None).json();
     assert_eq!(full["telecom"][0]["value"], "555-0100");
     assert!(full["meta"].get("tag").is_none());

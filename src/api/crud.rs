@@ -7,7 +7,9 @@ use crate::auth::{Permission, Principal};
 use crate::fhir::compartment::PatientCompartment;
 use crate::fhir::resource::{self, identifier_tokens, is_valid_id, token_query_key};
 use crate::fhir::{Issue, IssueType, OperationOutcome};
-use crate::store::{Condition, Content, CreateOutcome, DeleteOutcome, StoreError, StoredVersion, Written};
+use crate::store::{
+    Condition, Content, CreateMethod, CreateOutcome, DeleteOutcome, StoreError, StoredVersion, Written,
+};
 use actix_web::http::header::{self, HeaderMap};
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
@@ -231,7 +233,7 @@ pub async fn create(
     let access = decision.access();
     let outcome = blocking(move || {
         st.store
-            .create(&access, &t, &id, condition.as_ref(), |v, ts| {
+            .create(&access, &t, &id, CreateMethod::Post, condition.as_ref(), |v, ts| {
                 content_for(&st.compartment, &t, &mut body, &id, v, ts)
             })
             .map_err(ApiError::from)
@@ -516,7 +518,7 @@ pub async fn update(
     let access = decision.access();
     let written = blocking(move || {
         if create_only {
-            return match st.store.create(&access, &tt, &iid, None, |v, ts| {
+            return match st.store.create(&access, &tt, &iid, CreateMethod::Put, None, |v, ts| {
                 content_for(&st.compartment, &tt, &mut body, &iid, v, ts)
             }) {
                 Ok(CreateOutcome::Created(w)) => Ok(w),

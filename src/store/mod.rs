@@ -127,6 +127,15 @@ pub struct Written {
     pub json: Vec<u8>,
 }
 
+/// How a new resource came to be, as history reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CreateMethod {
+    /// `POST [type]`: the server chose the id.
+    Post,
+    /// `PUT [type]/[id]` that created: the client chose the id.
+    Put,
+}
+
 pub enum CreateOutcome {
     Created(Written),
     /// A conditional create matched this existing resource; nothing was written.
@@ -498,6 +507,7 @@ impl Store {
         access: &Access,
         resource_type: &str,
         id: &str,
+        method: CreateMethod,
         condition: Option<&Condition>,
         make: impl FnOnce(i64, NaiveDateTime) -> Content,
     ) -> Result<CreateOutcome, StoreError> {
@@ -525,7 +535,11 @@ impl Store {
                 }
             }
             insert_current(conn, resource_type, id, ts)?;
-            self.append_version(conn, resource_type, id, 1, ts, "POST", Some(&content), sealed)?;
+            let method = match method {
+                CreateMethod::Post => "POST",
+                CreateMethod::Put => "PUT",
+            };
+            self.append_version(conn, resource_type, id, 1, ts, method, Some(&content), sealed)?;
             self.replace_index(conn, resource_type, id, Some(&content), true)?;
             Ok(CreateOutcome::Created(Written {
                 version_id: 1,

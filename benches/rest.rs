@@ -271,7 +271,7 @@ fn bench_backend(db: Db, rows: u64, secs: u64, conc: usize) -> serde_json::Value
                 logical_id: &id,
                 version_id: 1,
             };
-            let sealed = cipher.seal(&aad, &sample);
+            let sealed = cipher.seal(&aad, &sample).unwrap();
             let digest = fhirvault::crypto::sha256(&sample).to_vec();
             c.transaction::<_, diesel::result::Error, _>(|c| {
                 diesel::insert_into(cur::table)

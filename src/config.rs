@@ -303,8 +303,8 @@ impl Config {
             None => None,
         };
         let max_body_bytes = layer.max_body_bytes.unwrap_or(16 * 1024 * 1024);
-        if max_body_bytes < 1024 {
-            return Err(cerr("max_body_bytes", "must be at least 1024"));
+        if !(1024..=1 << 30).contains(&max_body_bytes) {
+            return Err(cerr("max_body_bytes", "must be between 1024 and 1073741824 (1 GiB)"));
         }
         let pool_size = layer.pool_size.unwrap_or(16);
         if !(1..=1024).contains(&pool_size) {

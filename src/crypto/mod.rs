@@ -36,6 +36,9 @@ pub enum CryptoError {
     Authentication,
     #[error("key store: {0}")]
     KeyStore(String),
+    /// The plaintext is beyond what AES-GCM can encrypt under one nonce (about 64 GiB).
+    #[error("plaintext too large to encrypt")]
+    TooLarge,
 }
 
 /// 32 bytes of key material, wiped from memory when dropped.
@@ -157,10 +160,13 @@ impl Cipher {
     }
 
     /// Encrypts `plaintext` for the row named by `aad` under the current key, with a fresh nonce.
-    pub fn seal(&self, aad: &Aad<'_>, plaintext: &[u8]) -> Sealed {
+    pub fn seal(&self, aad: &Aad<'_>, plaintext: &[u8]) -> Result<Sealed, CryptoError> {
         let mut nonce = [0u8; 12];
         rand::rngs::OsRng.fill_bytes(&mut nonce);
-        let key = &self.content[&self.current];
+        let key = self
+            .content
+            .get(&self.current)
+            .ok_or(CryptoError::UnknownKeyVersion(self.current))?;
         let aad = aad.encode();
         let ct = key
             .encrypt(
@@ -170,12 +176,12 @@ impl Cipher {
                     aad: &aad,
                 },
             )
-            .expect("AES-GCM encryption cannot fail for in-memory buffers");
+            .map_err(|_| CryptoError::TooLarge)?;
         let mut out = Vec::with_capacity(HEADER_LEN + ct.len());
         out.extend_from_slice(&self.current.to_be_bytes());
         out.extend_from_slice(&nonce);
         out.extend_from_slice(&ct);
-        Sealed(out)
+        Ok(Sealed(out))
     }
 
     /// Decrypts a ciphertext read from the row named by `aad`.
@@ -249,8 +255,8 @@ mod tests {
     #[test]
     fn round_trip_and_fresh_nonce() {
         let c = Cipher::from_provider(&Fixed(vec![(1, [7; 32])], 1)).unwrap();
-        let a = c.seal(&aad("p1", 1), b"hello");
-        let b = c.seal(&aad("p1", 1), b"hello");
+        let a = c.seal(&aad("p1", 1), b"hello").unwrap();
+        let b = c.seal(&aad("p1", 1), b"hello").unwrap();
         assert_ne!(a, b, "two encryptions of the same plaintext must differ");
         assert_eq!(c.open(&aad("p1", 1), &a).unwrap(), b"hello");
         assert_eq!(a.key_version(), Some(1));
@@ -260,7 +266,7 @@ mod tests {
     #[test]
     fn ciphertext_is_bound_to_its_row() {
         let c = Cipher::from_provider(&Fixed(vec![(1, [7; 32])], 1)).unwrap();
-        let a = c.seal(&aad("p1", 1), b"hello");
+        let a = c.seal(&aad("p1", 1), b"hello").unwrap();
         assert!(matches!(c.open(&aad("p2", 1), &a), Err(CryptoError::Authentication)));
         assert!(matches!(c.open(&aad("p1", 2), &a), Err(CryptoError::Authentication)));
         let mut other = aad("p1", 1);
@@ -278,10 +284,10 @@ mod tests {
     #[test]
     fn old_versions_still_decrypt_after_rotation() {
         let old = Cipher::from_provider(&Fixed(vec![(1, [7; 32])], 1)).unwrap();
-        let sealed = old.seal(&aad("p1", 1), b"x");
+        let sealed = old.seal(&aad("p1", 1), b"x").unwrap();
         let rotated = Cipher::from_provider(&Fixed(vec![(1, [7; 32]), (2, [9; 32])], 2)).unwrap();
         assert_eq!(rotated.open(&aad("p1", 1), &sealed).unwrap(), b"x");
-        assert_eq!(rotated.seal(&aad("p1", 1), b"x").key_version(), Some(2));
+        assert_eq!(rotated.seal(&aad("p1", 1), b"x").unwrap().key_version(), Some(2));
         // The blind-index key follows its own version, not content rotation.
         assert_eq!(old.blind_index("d", "v"), rotated.blind_index("d", "v"));
         assert_ne!(old.blind_index("d", "v"), old.blind_index("e", "v"));

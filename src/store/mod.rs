@@ -515,15 +515,14 @@ impl Store {
         // transaction, so the write lock (SQLite's single writer) is held for the SQL only.
         let ts = now();
         let content = make(1, ts);
-        let sealed = self.seal(resource_type, id, 1, Some(&content));
+        let sealed = self.seal(resource_type, id, 1, Some(&content))?;
         self.write_tx(access, |conn| {
             if let Some(cond) = condition {
                 self.lock_condition(conn, resource_type, cond)?;
                 let matches = self.matching_ids(conn, resource_type, cond, 2)?;
-                match matches.len() {
-                    0 => {}
-                    1 => {
-                        let id = matches.into_iter().next().expect("one match");
+                match matches.as_slice() {
+                    [] => {}
+                    [id] => {
                         let row: VersionRow = rv::table
                             .filter(rv::resource_type.eq(resource_type).and(rv::logical_id.eq(&id)))
                             .order(rv::version_id.desc())
@@ -586,7 +585,7 @@ impl Store {
                     }
                 };
                 let content = make(version, ts);
-                let sealed = self.seal(resource_type, id, version, Some(&content));
+                let sealed = self.seal(resource_type, id, version, Some(&content))?;
                 self.append_version(conn, resource_type, id, version, ts, "PUT", Some(&content), sealed)?;
                 self.replace_index(conn, resource_type, id, Some(&content), created)?;
                 Ok(Written {
@@ -761,8 +760,14 @@ impl Store {
     }
 
     /// Encrypts a version's content for its row: ciphertext, SHA-256 of the plaintext, key version.
-    fn seal(&self, resource_type: &str, id: &str, version: i64, content: Option<&Content>) -> SealedVersion {
-        match content {
+    fn seal(
+        &self,
+        resource_type: &str,
+        id: &str,
+        version: i64,
+        content: Option<&Content>,
+    ) -> Result<SealedVersion, StoreError> {
+        Ok(match content {
             Some(c) => {
                 let aad = Aad {
                     table: VERSIONS_TABLE,
@@ -770,7 +775,7 @@ impl Store {
                     logical_id: id,
                     version_id: version,
                 };
-                let sealed = self.cipher.seal(&aad, &c.json);
+                let sealed = self.cipher.seal(&aad, &c.json)?;
                 (
                     Some(EncryptedColumn(sealed)),
                     Some(sha256(&c.json).to_vec()),
@@ -778,7 +783,7 @@ impl Store {
                 )
             }
             None => (None, None, None),
-        }
+        })
     }
 
     #[allow(clippy::too_many_arguments)]

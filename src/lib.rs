@@ -8,6 +8,7 @@ pub mod auth;
 pub mod config;
 pub mod crypto;
 pub mod fhir;
+pub mod secret_file;
 pub mod server;
 pub mod store;
 pub mod telemetry;

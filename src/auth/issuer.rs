@@ -10,8 +10,6 @@ use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use p256::pkcs8::{DecodePrivateKey, EncodePrivateKey, EncodePublicKey, LineEnding};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 use std::sync::Arc;
 use zeroize::Zeroizing;
@@ -94,40 +92,27 @@ impl Issuer {
         max_lifetime: i64,
         break_glass_secs: i64,
     ) -> Result<Issuer, AuthError> {
-        let pem: Zeroizing<String> = match std::fs::metadata(key_file) {
-            Ok(meta) => {
-                if meta.permissions().mode() & 0o077 != 0 {
-                    return Err(err(format!(
-                        "{} must be readable by its owner only (chmod 600)",
-                        key_file.display()
-                    )));
-                }
-                Zeroizing::new(
-                    std::fs::read_to_string(key_file)
-                        .map_err(|e| err(format!("reading {}: {e}", key_file.display())))?,
-                )
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+        let pem: Zeroizing<Vec<u8>> = match crate::secret_file::read_private(key_file).map_err(err)? {
+            Some(pem) => pem,
+            None => {
                 let key = p256::SecretKey::random(&mut rand::rngs::OsRng);
                 let pem = key
                     .to_pkcs8_pem(LineEnding::LF)
                     .map_err(|_| err("encoding the new signing key"))?;
-                let mut f = std::fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .open(key_file)
-                    .map_err(|e| err(format!("creating {}: {e}", key_file.display())))?;
-                f.write_all(pem.as_bytes())
-                    .and_then(|_| f.sync_all())
-                    .map_err(|e| err(format!("writing {}: {e}", key_file.display())))?;
-                tracing::info!(path = %key_file.display(), "created a new token signing key");
-                Zeroizing::new(pem.to_string())
+                match crate::secret_file::create_private(key_file, pem.as_bytes()) {
+                    Ok(()) => tracing::info!(path = %key_file.display(), "created a new token signing key"),
+                    // another process created it in the meantime: use theirs
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                    Err(e) => return Err(err(format!("creating {}: {e}", key_file.display()))),
+                }
+                crate::secret_file::read_private(key_file)
+                    .map_err(err)?
+                    .ok_or_else(|| err(format!("{} vanished after creation", key_file.display())))?
             }
-            Err(e) => return Err(err(format!("reading {}: {e}", key_file.display()))),
         };
+        let pem = std::str::from_utf8(&pem).map_err(|_| err("the signing key file is not PEM"))?;
         let secret =
-            p256::SecretKey::from_pkcs8_pem(&pem).map_err(|_| err("the signing key file is not a P-256 PKCS#8 key"))?;
+            p256::SecretKey::from_pkcs8_pem(pem).map_err(|_| err("the signing key file is not a P-256 PKCS#8 key"))?;
         let public_pem = secret
             .public_key()
             .to_public_key_pem(LineEnding::LF)

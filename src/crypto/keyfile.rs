@@ -6,8 +6,6 @@ use base64::Engine;
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use zeroize::Zeroizing;
 
@@ -46,14 +44,9 @@ impl LocalKeyFile {
     /// Opens the key file, creating it (and a first key) if it does not exist yet.
     /// Refuses a file that anyone but its owner can read or write.
     pub fn open_or_create(path: &Path) -> Result<Self, CryptoError> {
-        match std::fs::metadata(path) {
-            Ok(_) => Self::open(path),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Self::create(path),
-            Err(e) => Err(err(format!("cannot read {}: {e}", path.display()))),
+        if let Some(raw) = crate::secret_file::read_private(path).map_err(err)? {
+            return Self::parse(path, &raw);
         }
-    }
-
-    fn create(path: &Path) -> Result<Self, CryptoError> {
         let mut key = Zeroizing::new([0u8; 32]);
         rand::rngs::OsRng.fill_bytes(key.as_mut());
         let contents = KeyFileContents {
@@ -63,32 +56,21 @@ impl LocalKeyFile {
             keys: BTreeMap::from([(1, B64.encode(key.as_ref()))]),
         };
         let json = Zeroizing::new(serde_json::to_vec_pretty(&contents).map_err(|e| err(e.to_string()))?);
-        // create_new: if another process created it in the meantime, we must not overwrite it.
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(path)
-            .map_err(|e| err(format!("cannot create {}: {e}", path.display())))?;
-        file.write_all(&json)
-            .and_then(|_| file.sync_all())
-            .map_err(|e| err(format!("cannot write {}: {e}", path.display())))?;
-        tracing::info!(path = %path.display(), "created a new key file");
-        Self::open(path)
+        match crate::secret_file::create_private(path, &json) {
+            Ok(()) => tracing::info!(path = %path.display(), "created a new key file"),
+            // another process created it in the meantime: use theirs
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(err(format!("cannot create {}: {e}", path.display()))),
+        }
+        let raw = crate::secret_file::read_private(path)
+            .map_err(err)?
+            .ok_or_else(|| err(format!("{} vanished after creation", path.display())))?;
+        Self::parse(path, &raw)
     }
 
-    fn open(path: &Path) -> Result<Self, CryptoError> {
-        let meta = std::fs::metadata(path).map_err(|e| err(format!("cannot read {}: {e}", path.display())))?;
-        let mode = meta.permissions().mode() & 0o777;
-        if mode & 0o077 != 0 {
-            return Err(err(format!(
-                "{} has mode {mode:o}; key files must be readable by their owner only (chmod 600)",
-                path.display()
-            )));
-        }
-        let raw = Zeroizing::new(std::fs::read(path).map_err(|e| err(format!("cannot read {}: {e}", path.display())))?);
+    fn parse(path: &Path, raw: &[u8]) -> Result<Self, CryptoError> {
         let contents: KeyFileContents =
-            serde_json::from_slice(&raw).map_err(|_| err(format!("{} is not a fhirvault key file", path.display())))?;
+            serde_json::from_slice(raw).map_err(|_| err(format!("{} is not a fhirvault key file", path.display())))?;
         if contents.format != FORMAT {
             return Err(err(format!("{} has unknown format", path.display())));
         }
@@ -134,6 +116,7 @@ impl KeyProvider for LocalKeyFile {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn created_with_mode_0600_and_reopened_with_same_key() {

@@ -90,16 +90,9 @@ impl DbManager {
 /// Creates the SQLite file readable by its owner only (SQLite gives its -wal and -shm files the
 /// same mode) when it does not exist yet; an existing file is left as the operator set it.
 fn create_private_file(path: &str) -> Result<(), ConnectError> {
-    use std::os::unix::fs::OpenOptionsExt;
-    match std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-    {
-        Ok(_) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
-        Err(e) => Err(ConnectError::File(e.to_string())),
+    match crate::secret_file::create_private(std::path::Path::new(path), b"") {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => Err(ConnectError::File(e.to_string())),
+        _ => Ok(()),
     }
 }
 

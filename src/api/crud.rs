@@ -74,15 +74,7 @@ fn parse_etag(s: &str) -> Option<i64> {
 /// `If-None-Exist: identifier=sys|val&_id=…` → a condition on identity.
 fn parse_condition(query: &str) -> Result<Condition, ApiError> {
     let mut cond = Condition::default();
-    let pairs: Vec<(String, String)> = query
-        .trim_start_matches('?')
-        .split('&')
-        .filter(|s| !s.is_empty())
-        .map(|kv| {
-            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-            (super::negotiate::percent_decode(k), super::negotiate::percent_decode(v))
-        })
-        .collect();
+    let pairs = super::negotiate::url_decode_pairs(query.trim_start_matches('?'));
     if pairs.is_empty() {
         return Err(ApiError::bad_request(
             IssueType::Invalid,

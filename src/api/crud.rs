@@ -17,6 +17,17 @@ use chrono::NaiveDateTime;
 use serde_json::{Map, Value};
 use std::sync::Arc;
 
+/// Lends a resource body as the `Value` that validation and the policy take, moving the map in
+/// and out rather than copying it.
+fn as_value<R>(body: &mut Map<String, Value>, f: impl FnOnce(&mut Value) -> R) -> R {
+    let mut value = Value::Object(std::mem::take(body));
+    let result = f(&mut value);
+    if let Value::Object(m) = value {
+        *body = m;
+    }
+    result
+}
+
 /// Checks a submitted body: `resourceType` names the URL's type, then the R4 JSON Schema.
 /// `meta.versionId` and `meta.lastUpdated` belong to the server: they are dropped first, so a
 /// stale or malformed client value neither fails validation nor survives.
@@ -42,12 +53,7 @@ fn check_body(state: &AppState, resource_type: &str, body: &mut Map<String, Valu
         meta.remove("versionId");
         meta.remove("lastUpdated");
     }
-    // Validation wants a `Value`; move the map in and out rather than copying it.
-    let value = Value::Object(std::mem::take(body));
-    let issues = state.validator.validate(resource_type, &value);
-    if let Value::Object(m) = value {
-        *body = m;
-    }
+    let issues = as_value(body, |v| state.validator.validate(resource_type, v));
     if issues.is_empty() {
         Ok(())
     } else {
@@ -159,11 +165,9 @@ fn content_for(
 ) -> Content {
     let json = resource::stamp(body, id, version, &ts);
     let tokens = identifier_tokens(body);
-    let value = Value::Object(std::mem::take(body));
-    let compartments = compartment.patients_of(resource_type, &value).into_iter().collect();
-    if let Value::Object(m) = value {
-        *body = m;
-    }
+    let compartments = as_value(body, |v| {
+        compartment.patients_of(resource_type, v).into_iter().collect()
+    });
     Content {
         json,
         tokens,
@@ -187,23 +191,13 @@ pub async fn create(
     body.remove("id");
     if !decision.unrestricted {
         // A patient-context token creates only inside its own compartment.
-        let value = Value::Object(std::mem::take(&mut body));
-        let inside = decision.admits(&state.compartment, &resource_type, "", Some(&value));
-        if let Value::Object(m) = value {
-            body = m;
-        }
-        if !inside {
+        if !as_value(&mut body, |v| {
+            decision.admits(&state.compartment, &resource_type, "", Some(v))
+        }) {
             return Err(ApiError::Forbidden);
         }
     }
-    {
-        let mut value = Value::Object(std::mem::take(&mut body));
-        let checked = state.attributes.check_write(&p, &resource_type, None, &mut value);
-        if let Value::Object(m) = value {
-            body = m;
-        }
-        checked?;
-    }
+    as_value(&mut body, |v| state.attributes.check_write(&p, &resource_type, None, v))?;
     let condition = match req.headers().get("if-none-exist") {
         Some(v) => {
             // A conditional create is a search, and may answer with the match: it needs both.
@@ -472,12 +466,7 @@ pub async fn update(
     if !decision.unrestricted {
         // The new content must stay inside the compartment, and so must the old one: the
         // write is pinned to the version checked, so it cannot slip out in between.
-        let value = Value::Object(std::mem::take(&mut body));
-        let inside = decision.admits(&state.compartment, &t, &id, Some(&value));
-        if let Value::Object(m) = value {
-            body = m;
-        }
-        if !inside {
+        if !as_value(&mut body, |v| decision.admits(&state.compartment, &t, &id, Some(v))) {
             return Err(ApiError::Forbidden);
         }
     }
@@ -498,12 +487,7 @@ pub async fn update(
             }
             Err(e) => return Err(e),
         };
-        let mut value = Value::Object(std::mem::take(&mut body));
-        let checked = state.attributes.check_write(&p, &t, old.as_ref(), &mut value);
-        if let Value::Object(m) = value {
-            body = m;
-        }
-        checked?;
+        as_value(&mut body, |v| state.attributes.check_write(&p, &t, old.as_ref(), v))?;
     }
     let st = state.clone();
     let (tt, iid) = (t.clone(), id.clone());

@@ -291,7 +291,7 @@ pub async fn read(
             blocking(move || st.store.read(&access, &tt, &iid).map_err(ApiError::from)).await
         }
     };
-    let found = shape(&state, &p, &t, admit_read(&state, &decision, &t, &id, found)?)?;
+    let (found, _) = visible(&state, &p, &decision, &t, &id, found, false)?;
     respond_read(&req, fmt, found)
 }
 
@@ -313,68 +313,76 @@ pub async fn vread(
     let (tt, iid) = (t.clone(), id.clone());
     let access = decision.access();
     let found = blocking(move || st.store.vread(&access, &tt, &iid, vid).map_err(ApiError::from)).await;
-    let found = shape(&state, &p, &t, admit_read(&state, &decision, &t, &id, found)?)?;
+    let (found, _) = visible(&state, &p, &decision, &t, &id, found, false)?;
     respond_read(&req, fmt, found)
 }
 
-/// Applies the attribute policy to a version about to be returned: hidden by its labels
-/// answers as absent; hidden elements are removed (and the resource tagged SUBSETTED).
-fn shape(state: &AppState, p: &Principal, t: &str, mut v: StoredVersion) -> Result<StoredVersion, ApiError> {
-    if let Some(json) = v.content.take() {
-        v.content = Some(
-            state
-                .attributes
-                .shape_stored(p, t, json)
-                .ok_or(ApiError::NotFound("resource not found"))?,
-        );
-    }
-    Ok(v)
-}
-
-/// Applies a read decision to what storage returned: a resource outside the token's rights
-/// answers exactly as an absent one (404), and so does a deletion the token cannot see.
-fn admit_read(
+/// What storage returned, as this token may see it: outside its rights (compartment or
+/// labels) a resource answers exactly as an absent one (404), and so does a deletion it cannot
+/// see; hidden elements are masked for readers (`keep_stored` hands a writer the stored content
+/// instead). The stored JSON is parsed once, and only when a restriction or the attribute
+/// policy concerns the resource.
+fn visible(
     state: &AppState,
+    p: &Principal,
     decision: &Decision,
     t: &str,
     id: &str,
     found: Result<StoredVersion, ApiError>,
-) -> Result<StoredVersion, ApiError> {
-    if decision.unrestricted {
-        return found;
+    keep_stored: bool,
+) -> Result<(StoredVersion, Option<Value>), ApiError> {
+    const ABSENT: ApiError = ApiError::NotFound("resource not found");
+    let mut v = match found {
+        Ok(v) => v,
+        Err(gone @ ApiError::Gone { .. }) if decision.admits(&state.compartment, t, id, None) => return Err(gone),
+        Err(ApiError::Gone { .. }) => return Err(ABSENT),
+        Err(other) => return Err(other),
+    };
+    if decision.unrestricted && !state.attributes.concerns(t) {
+        return Ok((v, None));
     }
-    match found {
-        Ok(v) if decision.admits_stored(&state.compartment, t, id, v.content.as_deref()) => Ok(v),
-        Ok(_) => Err(ApiError::NotFound("resource not found")),
-        Err(gone @ ApiError::Gone { .. }) if decision.admits(&state.compartment, t, id, None) => Err(gone),
-        Err(ApiError::Gone { .. }) => Err(ApiError::NotFound("resource not found")),
-        Err(other) => Err(other),
+    let Some(json) = v.content.as_deref() else {
+        return Ok((v, None));
+    };
+    let mut value: Value = serde_json::from_slice(json).map_err(|_| ApiError::Internal)?;
+    if !decision.admits(&state.compartment, t, id, Some(&value)) || !state.attributes.labels_allow(p, &value) {
+        return Err(ABSENT);
     }
+    // a writer needs the stored content as it is; a reader gets it masked
+    if keep_stored {
+        return Ok((v, Some(value)));
+    }
+    if state.attributes.mask(p, t, &mut value) {
+        v.content = Some(serde_json::to_vec(&value).map_err(|_| ApiError::Internal)?);
+    }
+    Ok((v, None))
 }
 
-/// For a restricted decision: the current version of a resource the token may write, or the
-/// same 404 an absent resource gets.
+/// For a write that must be checked against the stored version: that version and its content,
+/// or the same 404 an absent resource gets.
 async fn current_admitted(
     state: &web::Data<AppState>,
     p: &Principal,
     decision: &Decision,
     t: &str,
     id: &str,
-) -> Result<StoredVersion, ApiError> {
+) -> Result<(i64, Option<Value>), ApiError> {
     let st = state.clone();
     let (tt, iid) = (t.to_string(), id.to_string());
     let access = decision.access();
     let found = blocking(move || st.store.read(&access, &tt, &iid).map_err(ApiError::from)).await;
-    match admit_read(state, decision, t, id, found) {
-        Ok(v) => {
-            // a resource its labels hide is absent to this principal, for writes too
-            if let Some(json) = &v.content {
-                let value: Value = serde_json::from_slice(json).map_err(|_| ApiError::Internal)?;
-                if !state.attributes.labels_allow(p, &value) {
-                    return Err(ApiError::NotFound("resource not found"));
-                }
-            }
-            Ok(v)
+    match visible(state, p, decision, t, id, found, true) {
+        Ok((v, content)) => {
+            let content = match content {
+                Some(c) => Some(c),
+                None => v
+                    .content
+                    .as_deref()
+                    .map(serde_json::from_slice)
+                    .transpose()
+                    .map_err(|_| ApiError::Internal)?,
+            };
+            Ok((v.version_id, content))
         }
         Err(ApiError::Gone { .. }) => Err(ApiError::NotFound("resource not found")),
         Err(e) => Err(e),
@@ -475,9 +483,9 @@ pub async fn update(
     if !decision.unrestricted || state.attributes.needs_old_content(&p, &t) {
         // Compare with (and restore from) the stored version; the write is pinned to it.
         let old: Option<Value> = match current_admitted(&state, &p, &decision, &t, &id).await {
-            Ok(current) => {
-                expected = expected.or(Some(current.version_id));
-                current.content.as_deref().and_then(|c| serde_json::from_slice(c).ok())
+            Ok((version, content)) => {
+                expected = expected.or(Some(version));
+                content
             }
             // Nothing stored (or nothing this token may see): an unrestricted token creates, and
             // only creates, so a version written meanwhile is never overwritten unchecked.
@@ -549,7 +557,7 @@ pub async fn delete(
     let fmt = Format::negotiate(&req)?;
     let mut expected = if_match(req.headers())?;
     if !decision.unrestricted || state.attributes.label_rules_bind(&p) {
-        expected = expected.or(Some(current_admitted(&state, &p, &decision, &t, &id).await?.version_id));
+        expected = expected.or(Some(current_admitted(&state, &p, &decision, &t, &id).await?.0));
     }
     let st = state.clone();
     let access = decision.access();

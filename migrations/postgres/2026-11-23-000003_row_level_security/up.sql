@@ -7,18 +7,10 @@
 -- 'all' test once and the compartment lookup only for patient contexts.
 ALTER TABLE resource_versions ENABLE ROW LEVEL SECURITY;
 ALTER TABLE resource_versions FORCE ROW LEVEL SECURITY;
--- Writes insert the version's compartments first, so the check below sees them.
+-- Without a WITH CHECK clause the USING expression also checks inserted rows; writes insert the
+-- version's compartments first, so that check sees them.
 CREATE POLICY fhirvault_access ON resource_versions
     USING (
-        current_setting('fhirvault.access', true) = 'all'
-        OR EXISTS (
-            SELECT 1 FROM resource_compartments c
-            WHERE c.resource_type = resource_versions.resource_type
-              AND c.logical_id = resource_versions.logical_id
-              AND c.version_id = resource_versions.version_id
-              AND current_setting('fhirvault.access', true) LIKE 'patient:%'
-              AND c.patient_id = substr(current_setting('fhirvault.access', true), 9)))
-    WITH CHECK (
         current_setting('fhirvault.access', true) = 'all'
         OR EXISTS (
             SELECT 1 FROM resource_compartments c

@@ -58,6 +58,12 @@ pub struct ConfigLayer {
     pub policy_file: Option<PathBuf>,
     pub break_glass_secs: Option<u64>,
     pub break_glass_webhook: Option<String>,
+    pub audit_signing_key_file: Option<PathBuf>,
+    pub audit_checkpoint_file: Option<PathBuf>,
+    pub audit_checkpoint_events: Option<u64>,
+    pub audit_checkpoint_secs: Option<u64>,
+    pub audit_retention_days: Option<u64>,
+    pub audit_site: Option<String>,
     /// External OpenID Connect providers (TOML `[[oidc_provider]]` tables only).
     pub oidc_provider: Option<Vec<crate::auth::oidc::ProviderConfig>>,
 }
@@ -124,6 +130,12 @@ impl ConfigLayer {
                 "POLICY_FILE" => layer.policy_file = Some(value.into()),
                 "BREAK_GLASS_SECS" => layer.break_glass_secs = Some(parse_num(&value)?),
                 "BREAK_GLASS_WEBHOOK" => layer.break_glass_webhook = Some(value),
+                "AUDIT_SIGNING_KEY_FILE" => layer.audit_signing_key_file = Some(value.into()),
+                "AUDIT_CHECKPOINT_FILE" => layer.audit_checkpoint_file = Some(value.into()),
+                "AUDIT_CHECKPOINT_EVENTS" => layer.audit_checkpoint_events = Some(parse_num(&value)?),
+                "AUDIT_CHECKPOINT_SECS" => layer.audit_checkpoint_secs = Some(parse_num(&value)?),
+                "AUDIT_RETENTION_DAYS" => layer.audit_retention_days = Some(parse_num(&value)?),
+                "AUDIT_SITE" => layer.audit_site = Some(value),
                 "AUTH_FAILURE_LIMIT" => {
                     layer.auth_failure_limit = Some(parse_num(&value)?.try_into().map_err(|_| cerr(&key, "too large"))?)
                 }
@@ -170,6 +182,12 @@ impl ConfigLayer {
             policy_file,
             break_glass_secs,
             break_glass_webhook,
+            audit_signing_key_file,
+            audit_checkpoint_file,
+            audit_checkpoint_events,
+            audit_checkpoint_secs,
+            audit_retention_days,
+            audit_site,
             oidc_provider
         );
         self
@@ -224,6 +242,20 @@ pub struct Config {
     pub break_glass_secs: i64,
     /// URL that receives a JSON POST for every break-glass request (no PHI in it).
     pub break_glass_webhook: Option<String>,
+    /// Ed25519 seed that signs audit checkpoints [default: DATA_DIR/audit-ed25519.key].
+    pub audit_signing_key_file: PathBuf,
+    /// Where signed checkpoints are appended outside the database (ideally on other, append-only
+    /// storage) [default: DATA_DIR/audit-checkpoints.jsonl].
+    pub audit_checkpoint_file: PathBuf,
+    /// Sign a checkpoint after this many audit events [default 1000] …
+    pub audit_checkpoint_events: u64,
+    /// … or this many seconds after the last one, if events arrived since [default 60].
+    pub audit_checkpoint_secs: u64,
+    /// How long audit events are kept before `audit archive` may remove them [default 2192 days:
+    /// six years, leap days included].
+    pub audit_retention_days: u64,
+    /// `AuditEvent.source.site` [default: fhirvault].
+    pub audit_site: String,
     /// External OpenID Connect providers whose access tokens are accepted beside the built-in issuer's.
     pub oidc_providers: Vec<crate::auth::oidc::ProviderConfig>,
 }
@@ -399,7 +431,31 @@ impl Config {
             }
             None => None,
         };
+        let audit_checkpoint_events = layer.audit_checkpoint_events.unwrap_or(1000);
+        if audit_checkpoint_events == 0 {
+            return Err(cerr("audit_checkpoint_events", "must be at least 1"));
+        }
+        let audit_checkpoint_secs = layer.audit_checkpoint_secs.unwrap_or(60);
+        if !(1..=86_400).contains(&audit_checkpoint_secs) {
+            return Err(cerr("audit_checkpoint_secs", "must be between 1 and 86400"));
+        }
+        let audit_retention_days = layer.audit_retention_days.unwrap_or(2192);
+        if audit_retention_days < 1 {
+            return Err(cerr("audit_retention_days", "must be at least 1"));
+        }
+        let audit_signing_key_file = layer
+            .audit_signing_key_file
+            .unwrap_or_else(|| data_dir.join("audit-ed25519.key"));
+        let audit_checkpoint_file = layer
+            .audit_checkpoint_file
+            .unwrap_or_else(|| data_dir.join("audit-checkpoints.jsonl"));
         Ok(Config {
+            audit_signing_key_file,
+            audit_checkpoint_file,
+            audit_checkpoint_events,
+            audit_checkpoint_secs,
+            audit_retention_days,
+            audit_site: layer.audit_site.unwrap_or_else(|| "fhirvault".into()),
             break_glass_webhook,
             oidc_providers,
             break_glass_secs: break_glass_secs as i64,

@@ -80,6 +80,7 @@ pub fn build_state(config: Config) -> anyhow::Result<AppState> {
     });
     let providers = crate::auth::oidc::Providers::discover_all(&config.oidc_providers)
         .context("configuration setting `oidc_provider`")?;
+    let auditor = Arc::new(open_auditor(&config, &store)?);
     Ok(AppState::new(
         config,
         store,
@@ -88,5 +89,46 @@ pub fn build_state(config: Config) -> anyhow::Result<AppState> {
         compartment,
         attributes,
         providers,
+        auditor,
     ))
+}
+
+/// The audit ledger's identity in every event.
+pub fn audit_source(config: &Config) -> crate::audit::Source {
+    crate::audit::Source {
+        site: config.audit_site.clone(),
+        observer: format!("fhirvault {}", env!("CARGO_PKG_VERSION")),
+    }
+}
+
+/// The checkpoint signing key and file of the audit ledger.
+pub fn audit_checkpointing(
+    config: &Config,
+) -> anyhow::Result<(
+    crate::audit::checkpoint::CheckpointKey,
+    crate::audit::checkpoint::CheckpointFile,
+)> {
+    ensure_data_dir(config)?;
+    let key = crate::audit::checkpoint::CheckpointKey::open_or_create(&config.audit_signing_key_file)
+        .context("configuration setting `audit_signing_key_file`")?;
+    Ok((
+        key,
+        crate::audit::checkpoint::CheckpointFile::new(config.audit_checkpoint_file.clone()),
+    ))
+}
+
+/// Starts the audit writer (linking any events an interruption left unlinked).
+pub fn open_auditor(config: &Config, store: &Arc<Store>) -> anyhow::Result<crate::audit::Auditor> {
+    let (key, file) = audit_checkpointing(config)?;
+    crate::audit::Auditor::start(
+        store.clone(),
+        audit_source(config),
+        key,
+        file,
+        crate::audit::CheckpointPolicy {
+            every_events: config.audit_checkpoint_events,
+            every: std::time::Duration::from_secs(config.audit_checkpoint_secs),
+        },
+    )
+    .context("starting the audit ledger")
 }

@@ -592,6 +592,11 @@ fn official_examples_round_trip(db: Db) {
     for (file, example) in &examples {
         let t = example["resourceType"].as_str().unwrap();
         let r = s.post(&format!("/{t}"), example);
+        if t == "AuditEvent" {
+            // only the server writes the audit log
+            assert_eq!(r.status, 405, "{}", r.text());
+            continue;
+        }
         if r.status != 201 {
             failures.push(format!("{file}: create {} {}", r.status, r.text()));
             continue;

@@ -1,6 +1,7 @@
 //! create, read, vread, update, delete.
 
 use super::negotiate::read_resource_body;
+use super::trail::Trail;
 use super::{blocking, etag, http_date, ApiError, AppState, Format, Prefer};
 use crate::auth::policy::{authorize, Decision};
 use crate::auth::{Permission, Principal};
@@ -217,14 +218,24 @@ pub async fn create(
     let st = state.clone();
     let t = resource_type.clone();
     let access = decision.access();
-    let outcome = blocking(move || {
+    let trail = Trail::of(&req);
+    let mut tx = trail.for_write(&state);
+    let (outcome, tx) = blocking(move || {
         st.store
-            .create(&access, &t, &id, CreateMethod::Post, condition.as_ref(), |v, ts| {
-                content_for(&st.compartment, &t, &mut body, &id, v, ts)
-            })
+            .create(
+                &access,
+                &t,
+                &id,
+                CreateMethod::Post,
+                condition.as_ref(),
+                |v, ts| content_for(&st.compartment, &t, &mut body, &id, v, ts),
+                &mut tx,
+            )
+            .map(|o| (o, tx))
             .map_err(ApiError::from)
     })
     .await?;
+    trail.committed(&state, tx);
     let base = state.base_url(&req);
     Ok(match outcome {
         CreateOutcome::Created(Written {
@@ -292,6 +303,7 @@ pub async fn read(
         }
     };
     let (found, _) = visible(&state, &p, &decision, &t, &id, found, false)?;
+    Trail::of(&req).touched(format!("{t}/{id}/_history/{}", found.version_id), &found.patients);
     respond_read(&req, fmt, found)
 }
 
@@ -314,6 +326,7 @@ pub async fn vread(
     let access = decision.access();
     let found = blocking(move || st.store.vread(&access, &tt, &iid, vid).map_err(ApiError::from)).await;
     let (found, _) = visible(&state, &p, &decision, &t, &id, found, false)?;
+    Trail::of(&req).touched(format!("{t}/{id}/_history/{}", found.version_id), &found.patients);
     respond_read(&req, fmt, found)
 }
 
@@ -500,12 +513,20 @@ pub async fn update(
     let st = state.clone();
     let (tt, iid) = (t.clone(), id.clone());
     let access = decision.access();
-    let written = blocking(move || {
+    let trail = Trail::of(&req);
+    let mut tx = trail.for_write(&state);
+    let (written, tx) = blocking(move || {
         if create_only {
-            return match st.store.create(&access, &tt, &iid, CreateMethod::Put, None, |v, ts| {
-                content_for(&st.compartment, &tt, &mut body, &iid, v, ts)
-            }) {
-                Ok(CreateOutcome::Created(w)) => Ok(w),
+            return match st.store.create(
+                &access,
+                &tt,
+                &iid,
+                CreateMethod::Put,
+                None,
+                |v, ts| content_for(&st.compartment, &tt, &mut body, &iid, v, ts),
+                &mut tx,
+            ) {
+                Ok(CreateOutcome::Created(w)) => Ok((w, tx)),
                 Ok(CreateOutcome::Existing(_)) => Err(ApiError::Internal),
                 Err(e) if e.is_unique_violation() => Err(ApiError::PreconditionFailed(
                     IssueType::Conflict,
@@ -515,10 +536,19 @@ pub async fn update(
             };
         }
         st.store
-            .update(&access, &tt, &iid, expected, may_create, |v, ts| {
-                let mut b = body.clone();
-                content_for(&st.compartment, &tt, &mut b, &iid, v, ts)
-            })
+            .update(
+                &access,
+                &tt,
+                &iid,
+                expected,
+                may_create,
+                |v, ts| {
+                    let mut b = body.clone();
+                    content_for(&st.compartment, &tt, &mut b, &iid, v, ts)
+                },
+                &mut tx,
+            )
+            .map(|w| (w, tx))
             .map_err(|e| match e {
                 StoreError::CreateNotAllowed => ApiError::Forbidden,
                 StoreError::VersionConflict { current: None } => ApiError::PreconditionFailed(
@@ -529,6 +559,7 @@ pub async fn update(
             })
     })
     .await?;
+    trail.committed(&state, tx);
     let status = if written.created {
         StatusCode::CREATED
     } else {
@@ -561,7 +592,16 @@ pub async fn delete(
     }
     let st = state.clone();
     let access = decision.access();
-    let outcome = blocking(move || st.store.delete(&access, &t, &id, expected).map_err(ApiError::from)).await?;
+    let trail = Trail::of(&req);
+    let mut tx = trail.for_write(&state);
+    let (outcome, tx) = blocking(move || {
+        st.store
+            .delete(&access, &t, &id, expected, &mut tx)
+            .map(|o| (o, tx))
+            .map_err(ApiError::from)
+    })
+    .await?;
+    trail.committed(&state, tx);
     // Like HAPI: 200 with an OperationOutcome; deleting what is absent or already deleted succeeds too.
     let mut b = HttpResponse::Ok();
     let text = match outcome {

@@ -16,6 +16,7 @@
 //! | `UnsupportedMediaType`| 415    | not-supported     |
 //! | `Unprocessable`       | 422    | given per issue   |
 //! | `Unavailable`         | 503    | transient → exception |
+//! | `AuditUnavailable`    | 503    | exception (the access could not be audited: no data) |
 //! | `Internal`            | 500    | exception         |
 //!
 //! Texts are fixed strings chosen here: never the submitted data, never internal error text.
@@ -62,11 +63,25 @@ pub enum ApiError {
     Unprocessable(Vec<Issue>),
     #[error("service unavailable")]
     Unavailable,
+    /// The request's AuditEvent could not be made durable: the response is withheld.
+    #[error("audit unavailable")]
+    AuditUnavailable,
     #[error("internal error")]
     Internal,
 }
 
 impl ApiError {
+    /// The failure as an AuditEvent's `outcomeDesc`: status and a fixed text, never request data.
+    pub fn audit_text(&self) -> String {
+        let status = self.status_code().as_u16();
+        match self {
+            ApiError::Unauthorized { reason: Some(r) } => format!("{status} unauthorized: {r}"),
+            ApiError::NotFound(what) => format!("{status} {what}"),
+            ApiError::PreconditionFailed(_, text) => format!("{status} {text}"),
+            other => format!("{status} {other}"),
+        }
+    }
+
     pub fn bad_request(code: IssueType, text: &'static str) -> ApiError {
         ApiError::BadRequest(vec![Issue::error(code, text)])
     }
@@ -120,6 +135,10 @@ impl ApiError {
                 "request bodies must be application/fhir+json or application/json",
             )],
             ApiError::Unavailable => vec![Issue::error(IssueType::Exception, "the server is busy; retry later")],
+            ApiError::AuditUnavailable => vec![Issue::error(
+                IssueType::Exception,
+                "the access could not be recorded in the audit log, so no data is returned; retry later",
+            )],
             ApiError::Internal => vec![Issue::error(IssueType::Exception, "internal server error")],
         };
         OperationOutcome::new(issues)
@@ -142,7 +161,7 @@ impl ResponseError for ApiError {
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            ApiError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable | ApiError::AuditUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -185,7 +204,7 @@ impl ResponseError for ApiError {
             }
             _ => {}
         }
-        if matches!(self, ApiError::Unavailable) {
+        if matches!(self, ApiError::Unavailable | ApiError::AuditUnavailable) {
             resp.insert_header((header::RETRY_AFTER, HeaderValue::from_static("1")));
         }
         resp.body(serde_json::to_vec(&self.outcome()).expect("OperationOutcome serializes"))
@@ -281,6 +300,7 @@ mod tests {
             (ApiError::UnsupportedMediaType, 415),
             (ApiError::Unprocessable(vec![]), 422),
             (ApiError::Unavailable, 503),
+            (ApiError::AuditUnavailable, 503),
             (ApiError::Internal, 500),
         ];
         for (e, status) in cases {

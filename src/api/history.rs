@@ -68,43 +68,49 @@ const PAGE_TOKEN_SECS: i64 = 3600;
 /// cursor to the token's subject and to the listing (path and `_since`), so a link works only
 /// for whoever received it, for that listing, until it expires. It carries a row id and a time,
 /// never a search value, so no PHI reaches a URL.
-struct PageTokens<'a> {
-    cipher: &'a crate::crypto::Cipher,
-    subject: &'a str,
-    listing: String,
+pub(super) struct PageTokens<'a> {
+    pub cipher: &'a crate::crypto::Cipher,
+    pub subject: &'a str,
+    pub listing: String,
 }
 
 impl PageTokens<'_> {
-    fn mac(&self, row: i64, expiry: i64) -> [u8; crate::crypto::BLIND_INDEX_LEN] {
+    fn mac(&self, cursor: &str, expiry: i64) -> [u8; crate::crypto::BLIND_INDEX_LEN] {
         self.cipher.blind_index(
             "history-page-token",
-            &format!("{}\n{}\n{row}\n{expiry}", self.subject, self.listing),
+            &format!("{}\n{}\n{cursor}\n{expiry}", self.subject, self.listing),
         )
     }
 
     fn encode(&self, row: i64) -> String {
-        let expiry = chrono::Utc::now().timestamp() + PAGE_TOKEN_SECS;
-        let mac: String = self.mac(row, expiry).iter().map(|b| format!("{b:02x}")).collect();
-        B64URL.encode(format!("{row}.{expiry}.{mac}"))
+        self.encode_cursor(&row.to_string())
     }
 
     fn decode(&self, token: &str) -> Option<i64> {
+        self.decode_cursor(token)?.parse().ok()
+    }
+
+    /// A token for any cursor without `.` (a row id, a timestamp and an event id …).
+    pub fn encode_cursor(&self, cursor: &str) -> String {
+        debug_assert!(!cursor.contains('.'));
+        let expiry = chrono::Utc::now().timestamp() + PAGE_TOKEN_SECS;
+        let mac: String = self.mac(cursor, expiry).iter().map(|b| format!("{b:02x}")).collect();
+        B64URL.encode(format!("{cursor}.{expiry}.{mac}"))
+    }
+
+    pub fn decode_cursor(&self, token: &str) -> Option<String> {
         let raw = B64URL.decode(token).ok()?;
         let text = std::str::from_utf8(&raw).ok()?;
         let mut parts = text.split('.');
-        let (row, expiry, mac) = (
-            parts.next()?.parse().ok()?,
-            parts.next()?.parse::<i64>().ok()?,
-            parts.next()?,
-        );
+        let (cursor, expiry, mac) = (parts.next()?, parts.next()?.parse::<i64>().ok()?, parts.next()?);
         if parts.next().is_some() || expiry < chrono::Utc::now().timestamp() {
             return None;
         }
-        let expected: String = self.mac(row, expiry).iter().map(|b| format!("{b:02x}")).collect();
+        let expected: String = self.mac(cursor, expiry).iter().map(|b| format!("{b:02x}")).collect();
         // constant-time comparison
         let same = expected.len() == mac.len()
             && expected.bytes().zip(mac.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0;
-        same.then_some(row)
+        same.then(|| cursor.to_string())
     }
 }
 
@@ -188,6 +194,8 @@ async fn history(
         None => Access::All,
     };
     let mut page = blocking(move || st.store.history(&access, &query).map_err(ApiError::from)).await?;
+    let trail = super::trail::Trail::of(&req);
+    trail.query(req.query_string());
     if let Some(d) = &restricted {
         page.entries.retain(|v| {
             d.admits_stored(
@@ -217,6 +225,8 @@ async fn history(
             None => {}
         }
     }
+    // the patients whose data this page returns
+    trail.returned_patients(page.entries.iter().flat_map(|e| e.patients.iter()));
     let base = state.base_url(&req);
     let link = |cursor: Option<i64>| {
         let mut url = format!("{base}/{relative}?_count={count}");

@@ -1,12 +1,14 @@
 //! The HTTP edge: thin actix handlers that parse a request into one interaction, make one call
 //! into the domain, and shape the response. Errors leave as OperationOutcome (see [`error`]).
 
+pub mod audit;
 pub mod crud;
 pub mod error;
 pub mod history;
 pub mod metadata;
 mod negotiate;
 pub mod route;
+pub mod trail;
 
 pub use error::ApiError;
 pub use negotiate::{Format, Prefer};
@@ -39,11 +41,14 @@ pub struct AppState {
     pub providers: crate::auth::oidc::Providers,
     pub auth_failures: crate::auth::limiter::FailureLimiter,
     pub resource_types: HashSet<String>,
+    /// The audit ledger every request records through.
+    pub auditor: Arc<crate::audit::Auditor>,
     /// The CapabilityStatement, rendered once at start-up.
     pub capability: Vec<u8>,
 }
 
 impl AppState {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         config: Arc<Config>,
         store: Arc<Store>,
@@ -52,6 +57,7 @@ impl AppState {
         compartment: Arc<crate::fhir::compartment::PatientCompartment>,
         attributes: Arc<crate::auth::attributes::AttributePolicy>,
         providers: crate::auth::oidc::Providers,
+        auditor: Arc<crate::audit::Auditor>,
     ) -> AppState {
         let resource_types = validator.resource_types().map(str::to_string).collect();
         let auth_failure_limit = config.auth_failure_limit;
@@ -66,6 +72,7 @@ impl AppState {
             providers,
             auth_failures: crate::auth::limiter::FailureLimiter::new(auth_failure_limit),
             resource_types,
+            auditor,
             capability: serde_json::to_vec(&capability).expect("CapabilityStatement serializes"),
         }
     }

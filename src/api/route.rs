@@ -4,7 +4,8 @@
 //! expressions tried one after another (and again for logging), which cost more than the
 //! database read behind a `GET [type]/[id]`.
 
-use super::{crud, history, metadata, ApiError, AppState};
+use super::trail::Trail;
+use super::{audit, crud, history, metadata, ApiError, AppState};
 use crate::fhir::resource::is_valid_id;
 use crate::fhir::{Issue, IssueType};
 use actix_web::http::Method;
@@ -42,7 +43,19 @@ pub enum Interaction {
         resource_type: String,
         id: String,
     },
+    SearchType {
+        resource_type: String,
+    },
+    /// `[type]/$name` or `[type]/[id]/$name`.
+    Operation {
+        resource_type: String,
+        id: Option<String>,
+        name: String,
+    },
 }
+
+/// AuditEvent is written only by the server itself: the API reads and searches it.
+const AUDIT_EVENT: &str = "AuditEvent";
 
 impl Interaction {
     /// The interaction's name (FHIR's codes): what the logs record instead of the path.
@@ -57,6 +70,56 @@ impl Interaction {
             Interaction::Create { .. } => "create",
             Interaction::Update { .. } => "update",
             Interaction::Delete { .. } => "delete",
+            Interaction::SearchType { .. } => "search-type",
+            Interaction::Operation { .. } => "operation",
+        }
+    }
+
+    /// The AuditEvent action of the interaction.
+    pub fn action(&self) -> crate::audit::Action {
+        use crate::audit::Action;
+        match self {
+            Interaction::Create { .. } => Action::Create,
+            Interaction::Update { .. } => Action::Update,
+            Interaction::Delete { .. } => Action::Delete,
+            Interaction::Operation { .. } => Action::Execute,
+            _ => Action::Read,
+        }
+    }
+
+    pub fn resource_type(&self) -> Option<&str> {
+        match self {
+            Interaction::Capabilities | Interaction::HistorySystem => None,
+            Interaction::HistoryType { resource_type }
+            | Interaction::HistoryInstance { resource_type, .. }
+            | Interaction::Read { resource_type, .. }
+            | Interaction::VRead { resource_type, .. }
+            | Interaction::Create { resource_type }
+            | Interaction::Update { resource_type, .. }
+            | Interaction::Delete { resource_type, .. }
+            | Interaction::SearchType { resource_type }
+            | Interaction::Operation { resource_type, .. } => Some(resource_type),
+        }
+    }
+
+    /// The resource the URL names, if it names one.
+    pub fn reference(&self) -> Option<String> {
+        match self {
+            Interaction::HistoryInstance { resource_type, id }
+            | Interaction::Read { resource_type, id }
+            | Interaction::Update { resource_type, id }
+            | Interaction::Delete { resource_type, id }
+            | Interaction::Operation {
+                resource_type,
+                id: Some(id),
+                ..
+            } => Some(format!("{resource_type}/{id}")),
+            Interaction::VRead {
+                resource_type,
+                id,
+                version,
+            } => Some(format!("{resource_type}/{id}/_history/{version}")),
+            _ => None,
         }
     }
 
@@ -83,7 +146,26 @@ impl Interaction {
             ["_history"] => only(get, Interaction::HistorySystem),
             [t] => {
                 let resource_type = known(t)?;
-                only(method == Method::POST, Interaction::Create { resource_type })
+                match *method {
+                    Method::POST if resource_type != AUDIT_EVENT => Ok(Interaction::Create { resource_type }),
+                    Method::GET | Method::HEAD => Ok(Interaction::SearchType { resource_type }),
+                    _ => Err(ApiError::MethodNotAllowed),
+                }
+            }
+            [t, op] if op.starts_with('$') => Ok(Interaction::Operation {
+                resource_type: known(t)?,
+                id: None,
+                name: op.to_string(),
+            }),
+            [t, id, op] if op.starts_with('$') => Ok(Interaction::Operation {
+                resource_type: known(t)?,
+                id: Some(existing_id(id)?),
+                name: op.to_string(),
+            }),
+            [t, rest @ ..] if *t == AUDIT_EVENT && !(get && matches!(rest, [id] if *id != "_history")) => {
+                // no writes, no history: an AuditEvent has one version, written by the server
+                known(t)?;
+                Err(ApiError::MethodNotAllowed)
             }
             [t, "_history"] => only(
                 get,
@@ -138,7 +220,8 @@ fn existing_id(id: &str) -> Result<String, ApiError> {
     }
 }
 
-/// The one handler for everything under the FHIR base path.
+/// The one handler for everything under the FHIR base path. Every request but `metadata`
+/// yields exactly one AuditEvent (a write's inside its own transaction), allowed or not.
 pub async fn dispatch(
     req: HttpRequest,
     payload: web::Payload,
@@ -146,15 +229,29 @@ pub async fn dispatch(
 ) -> Result<HttpResponse, ApiError> {
     let base = state.config.base_path.as_str();
     let rest = req.path().strip_prefix(base).unwrap_or("").trim_start_matches('/');
-    let interaction = Interaction::parse(req.method(), rest, |t| state.resource_types.contains(t))?;
+    let parsed = Interaction::parse(req.method(), rest, |t| state.resource_types.contains(t));
     if let Some(span) = req.extensions().get::<tracing_actix_web::RootSpan>() {
-        span.record("route", interaction.name());
+        span.record("route", parsed.as_ref().map(Interaction::name).unwrap_or("unknown"));
     }
-    if interaction == Interaction::Capabilities {
+    if matches!(parsed, Ok(Interaction::Capabilities)) {
         return metadata::capabilities(req, state).await;
     }
+    let trail = Trail::start(&req, parsed.as_ref().ok());
+    let result = handle(req, payload, state.clone(), parsed, &trail).await;
+    trail.finish(&state, result).await
+}
+
+async fn handle(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+    parsed: Result<Interaction, ApiError>,
+    trail: &Trail,
+) -> Result<HttpResponse, ApiError> {
     // Everything else acts on PHI: a valid token first, then each handler asks the policy.
     let p = state.authenticate(&req)?;
+    trail.principal(&p);
+    let interaction = parsed?;
     if p.break_glass {
         // An alert on every break-glass request: who, which client, what kind of access; never
         // the reason (free text) nor the resource.
@@ -171,13 +268,15 @@ pub async fn dispatch(
     }
     let name = interaction.name();
     let (req_for_log, p_for_log, st) = (req.clone(), p.clone(), state.clone());
+    let is_audit = interaction.resource_type() == Some("AuditEvent");
     let result = match interaction {
-        Interaction::Capabilities => unreachable!("answered above"),
+        Interaction::Capabilities => unreachable!("answered by dispatch"),
         Interaction::HistorySystem => history::system_history(req, p, state).await,
         Interaction::HistoryType { resource_type } => history::type_history(req, p, resource_type, state).await,
         Interaction::HistoryInstance { resource_type, id } => {
             history::instance_history(req, p, resource_type, id, state).await
         }
+        Interaction::Read { id, .. } if is_audit => audit::read(req, p, id, state).await,
         Interaction::Read { resource_type, id } => crud::read(req, p, resource_type, id, state).await,
         Interaction::VRead {
             resource_type,
@@ -187,6 +286,15 @@ pub async fn dispatch(
         Interaction::Create { resource_type } => crud::create(req, p, resource_type, payload, state).await,
         Interaction::Update { resource_type, id } => crud::update(req, p, resource_type, id, payload, state).await,
         Interaction::Delete { resource_type, id } => crud::delete(req, p, resource_type, id, state).await,
+        Interaction::SearchType { .. } if is_audit => audit::search(req, p, state).await,
+        // Search of other types arrives with the search engine.
+        Interaction::SearchType { .. } => Err(ApiError::MethodNotAllowed),
+        Interaction::Operation {
+            resource_type,
+            id: Some(id),
+            name,
+        } if resource_type == "Patient" && name == "$access-report" => audit::access_report(req, p, id, state).await,
+        Interaction::Operation { .. } => Err(ApiError::NotFound("unknown operation")),
     };
     if matches!(result, Err(ApiError::Forbidden)) {
         st.record_denial(&req_for_log, &p_for_log, name);
@@ -217,12 +325,37 @@ mod tests {
         );
         assert_eq!(parse(Method::GET, "Patient/1/_history/2").unwrap().name(), "vread");
         assert_eq!(parse(Method::GET, "_history").unwrap().name(), "history-system");
+        assert_eq!(parse(Method::GET, "Patient").unwrap().name(), "search-type");
+        assert_eq!(
+            parse(Method::GET, "Patient/1/$access-report").unwrap().name(),
+            "operation"
+        );
+    }
+
+    #[test]
+    fn audit_events_are_read_only() {
+        let parse = |m: Method, p: &str| {
+            Interaction::parse(&m, p, |t| t == "AuditEvent")
+                .map_err(|e| actix_web::ResponseError::status_code(&e).as_u16())
+        };
+        assert_eq!(parse(Method::GET, "AuditEvent/1").unwrap().name(), "read");
+        assert_eq!(parse(Method::GET, "AuditEvent").unwrap().name(), "search-type");
+        for (m, path) in [
+            (Method::POST, "AuditEvent"),
+            (Method::PUT, "AuditEvent/1"),
+            (Method::DELETE, "AuditEvent/1"),
+            (Method::PATCH, "AuditEvent/1"),
+            (Method::GET, "AuditEvent/1/_history"),
+            (Method::GET, "AuditEvent/_history"),
+        ] {
+            assert_eq!(parse(m.clone(), path), Err(405), "{m} {path}");
+        }
     }
 
     #[test]
     fn wrong_methods_and_unknown_paths() {
         assert_eq!(parse(Method::PATCH, "Patient/1"), Err(405));
-        assert_eq!(parse(Method::GET, "Patient"), Err(405));
+        assert_eq!(parse(Method::PUT, "Patient"), Err(405));
         assert_eq!(parse(Method::POST, ""), Err(405));
         assert_eq!(parse(Method::PUT, "metadata"), Err(405));
         assert_eq!(parse(Method::GET, "Nope/1"), Err(404));

@@ -419,6 +419,7 @@ mod tests {
             amr: vec![],
             roles: roles.iter().map(|r| r.to_string()).collect(),
             break_glass: false,
+            purpose_of_use: None,
             token_id: "j".into(),
             expires_at: i64::MAX,
         }

@@ -233,6 +233,7 @@ impl Issuer {
             amr: c.amr,
             roles: c.roles,
             break_glass,
+            purpose_of_use: c.purpose_of_use,
             token_id: c.jti,
             expires_at: c.exp,
         });

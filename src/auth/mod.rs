@@ -84,6 +84,8 @@ pub struct Principal {
     /// A declared emergency access (purpose of use BTG, with a reason, within its window):
     /// widens the patient-compartment check only, and is logged as an alert on every use.
     pub break_glass: bool,
+    /// Declared purpose of use (a v3 ActReason code such as TREAT or BTG), for the audit record.
+    pub purpose_of_use: Option<String>,
     pub token_id: String,
     pub expires_at: i64,
 }

@@ -215,6 +215,7 @@ impl ExternalProvider {
             roles: list(&self.config.roles_claim),
             // break-glass is a claim of the built-in issuer only until a provider mapping is agreed
             break_glass: false,
+            purpose_of_use: text("purpose_of_use"),
             token_id: text("jti").unwrap_or_default(),
             expires_at: claims.get("exp").and_then(Value::as_i64).unwrap_or(0),
         })

@@ -37,6 +37,41 @@ pub fn authorize(principal: &Principal, resource_type: &str, needed: Permission)
     Ok(Decision { unrestricted, patient })
 }
 
+/// The role a user token needs (besides a `user/` scope on AuditEvent) to read the audit log.
+pub const AUDITOR_ROLE: &str = "auditor";
+
+/// Whether `principal` may read and search the audit log (`needed`: Read or Search): a backend
+/// service with a `system/` scope on AuditEvent, or a user with the auditor role and a `user/`
+/// scope on it. Patient-context tokens see the log only through `$access-report`.
+pub fn authorize_audit_log(principal: &Principal, needed: Permission) -> Result<(), AuthError> {
+    let contexts = principal.scopes.contexts_granting("AuditEvent", needed);
+    let system = contexts.contains(&Context::System);
+    let auditor = contexts.contains(&Context::User) && principal.roles.iter().any(|r| r == AUDITOR_ROLE);
+    if system || auditor {
+        Ok(())
+    } else {
+        Err(AuthError::InsufficientScope)
+    }
+}
+
+/// Whether `principal` may see who accessed `patient_id`'s record (`Patient/{id}/$access-report`):
+/// the patient themself (a `patient/AuditEvent.rs` scope in that patient's context), or whoever
+/// may read the audit log.
+pub fn authorize_access_report(principal: &Principal, patient_id: &str) -> Result<(), AuthError> {
+    if authorize_audit_log(principal, Permission::Search).is_ok() {
+        return Ok(());
+    }
+    let contexts = principal.scopes.contexts_granting("AuditEvent", Permission::Search);
+    if contexts.contains(&Context::Patient) && principal.patient.as_deref() == Some(patient_id) {
+        return Ok(());
+    }
+    // A patient asking about another patient: answered like an absent record.
+    if contexts.contains(&Context::Patient) {
+        return Err(AuthError::Hidden);
+    }
+    Err(AuthError::InsufficientScope)
+}
+
 impl Decision {
     /// Whether a resource is inside the token's rights: any resource for an unrestricted
     /// decision; for a patient-context one, the patient's own Patient resource and resources
@@ -105,9 +140,34 @@ mod tests {
             amr: vec![],
             roles: vec![],
             break_glass: false,
+            purpose_of_use: None,
             token_id: "j".into(),
             expires_at: i64::MAX,
         }
+    }
+
+    #[test]
+    fn the_audit_log_needs_a_system_scope_or_the_auditor_role() {
+        let is_type = |t: &str| matches!(t, "AuditEvent" | "Patient");
+        let with = |scope: &str, roles: &[&str], patient: Option<&str>| {
+            let mut p = principal("", patient);
+            p.scopes = ScopeSet::parse(scope, is_type);
+            p.roles = roles.iter().map(|r| r.to_string()).collect();
+            p
+        };
+        assert!(authorize_audit_log(&with("system/AuditEvent.rs", &[], None), Permission::Search).is_ok());
+        assert!(authorize_audit_log(&with("user/AuditEvent.rs", &["auditor"], None), Permission::Search).is_ok());
+        assert!(authorize_audit_log(&with("user/AuditEvent.rs", &["nurse"], None), Permission::Search).is_err());
+        assert!(authorize_audit_log(&with("system/Patient.rs", &[], None), Permission::Search).is_err());
+        let patient = with("patient/AuditEvent.rs", &[], Some("p1"));
+        assert!(authorize_audit_log(&patient, Permission::Search).is_err());
+        assert!(authorize_access_report(&patient, "p1").is_ok());
+        assert!(matches!(
+            authorize_access_report(&patient, "p2"),
+            Err(AuthError::Hidden)
+        ));
+        let no_scope = with("patient/Patient.rs", &[], Some("p1"));
+        assert!(authorize_access_report(&no_scope, "p1").is_err());
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! SQLite allows one writer at a time: writes on SQLite are serialized in-process by a mutex so
 //! that they never spin on `SQLITE_BUSY`; reads go through the pool in parallel (WAL).
 
+pub mod audit;
 pub mod connection;
 pub mod encrypted;
 pub mod schema;
@@ -71,6 +72,8 @@ pub enum StoreError {
     Integrity,
     #[error("migration: {0}")]
     Migration(String),
+    #[error("an audit event could not be sealed")]
+    AuditSeal,
 }
 
 /// Whose data a store operation may touch. Every store function takes it first; on PostgreSQL
@@ -116,6 +119,50 @@ pub struct StoredVersion {
     pub method: String,
     /// The JSON of the version (with `meta` as stamped at write time); `None` for a deletion.
     pub content: Option<Vec<u8>>,
+    /// The patients whose compartment holds this version (for its audit record).
+    pub patients: Vec<String>,
+}
+
+/// What a write did, as its AuditEvent reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteEffect {
+    Created,
+    Updated,
+    Deleted,
+    /// A conditional create found this existing resource and wrote nothing.
+    Matched,
+    /// A delete found nothing to delete.
+    Nothing,
+}
+
+/// The facts of a write inside its transaction, for its audit record.
+#[derive(Debug)]
+pub struct WriteFacts<'a> {
+    pub resource_type: &'a str,
+    pub id: &'a str,
+    pub version_id: Option<i64>,
+    pub effect: WriteEffect,
+    /// The patients whose compartment holds the version written (or matched, or deleted).
+    pub patients: &'a [String],
+}
+
+/// Builds the audit record of a write inside the write's own transaction, so the change and
+/// its AuditEvent commit together or not at all (implemented by `crate::audit`).
+pub trait WriteAudit: Send {
+    fn record(&mut self, facts: &WriteFacts<'_>) -> Result<audit::AuditRow, StoreError>;
+    /// False only where auditing is switched off (benchmark baselines).
+    fn enabled(&self) -> bool {
+        true
+    }
+}
+
+/// Inserts the write's audit record in the current transaction.
+fn record_write(conn: &mut DbConnection, audit: &mut dyn WriteAudit, facts: &WriteFacts<'_>) -> Result<(), StoreError> {
+    let row = audit.record(facts)?;
+    if !audit.enabled() {
+        return Ok(());
+    }
+    audit::insert_events(conn, std::slice::from_ref(&row))
 }
 
 /// The outcome of a successful write.
@@ -242,8 +289,8 @@ fn is_unique_violation(e: &StoreError) -> bool {
     )
 }
 
-/// The owner grants the server's role row access (PostgreSQL): no DDL, no ownership, and
-/// versions and compartments are insert-only.
+/// The owner grants the server's role row access (PostgreSQL): no DDL, no ownership;
+/// versions, compartments and the audit ledger are insert-only (archiving audit rows needs the owner).
 fn grant_server_role(owner: &mut DbConnection, server: &mut DbConnection) -> Result<(), StoreError> {
     let (DbConnection::Pg(owner), DbConnection::Pg(server)) = (owner, server) else {
         return Ok(());
@@ -258,7 +305,9 @@ fn grant_server_role(owner: &mut DbConnection, server: &mut DbConnection) -> Res
     owner.batch_execute(&format!(
         "GRANT SELECT, INSERT, UPDATE, DELETE ON resources, token_index TO {ident}; \
          GRANT SELECT, INSERT ON resource_versions, resource_compartments TO {ident}; \
-         GRANT USAGE, SELECT ON SEQUENCE resource_versions_id_seq TO {ident};"
+         GRANT USAGE, SELECT ON SEQUENCE resource_versions_id_seq TO {ident}; \
+         GRANT SELECT, INSERT ON audit_events, audit_entities, audit_chain, audit_checkpoints TO {ident}; \
+         GRANT SELECT ON audit_archives TO {ident};"
     ))?;
     Ok(())
 }
@@ -348,6 +397,10 @@ impl Store {
         &self.cipher
     }
 
+    pub fn shared_cipher(&self) -> Arc<Cipher> {
+        self.cipher.clone()
+    }
+
     /// A pooled connection whose session carries `access` (set only when it changes).
     fn checkout(&self, access: &Access) -> Result<r2d2::PooledConnection<DbManager>, StoreError> {
         let mut conn = self.pool.get()?;
@@ -397,6 +450,10 @@ impl Store {
             deleted: row.deleted,
             method: row.method,
             content,
+            patients: row
+                .patients
+                .map(|p| p.split(',').filter(|s| !s.is_empty()).map(str::to_string).collect())
+                .unwrap_or_default(),
         })
     }
 
@@ -502,6 +559,7 @@ impl Store {
 
     /// Creates a resource with the given id, or (with a condition) returns the one existing match.
     /// `make` builds the content once the version and timestamp are known.
+    #[allow(clippy::too_many_arguments)]
     pub fn create(
         &self,
         access: &Access,
@@ -510,6 +568,7 @@ impl Store {
         method: CreateMethod,
         condition: Option<&Condition>,
         make: impl FnOnce(i64, NaiveDateTime) -> Content,
+        audit: &mut dyn WriteAudit,
     ) -> Result<CreateOutcome, StoreError> {
         // A new resource is version 1: its content is built and encrypted before the
         // transaction, so the write lock (SQLite's single writer) is held for the SQL only.
@@ -528,7 +587,19 @@ impl Store {
                             .order(rv::version_id.desc())
                             .select(VersionRow::as_select())
                             .first(conn)?;
-                        return Ok(CreateOutcome::Existing(self.decrypt_row(row)?));
+                        let existing = self.decrypt_row(row)?;
+                        record_write(
+                            conn,
+                            audit,
+                            &WriteFacts {
+                                resource_type,
+                                id: &existing.logical_id,
+                                version_id: Some(existing.version_id),
+                                effect: WriteEffect::Matched,
+                                patients: &existing.patients,
+                            },
+                        )?;
+                        return Ok(CreateOutcome::Existing(existing));
                     }
                     _ => return Err(StoreError::MultipleMatches),
                 }
@@ -540,6 +611,17 @@ impl Store {
             };
             self.append_version(conn, resource_type, id, 1, ts, method, Some(&content), sealed)?;
             self.replace_index(conn, resource_type, id, Some(&content), true)?;
+            record_write(
+                conn,
+                audit,
+                &WriteFacts {
+                    resource_type,
+                    id,
+                    version_id: Some(1),
+                    effect: WriteEffect::Created,
+                    patients: &content.compartments,
+                },
+            )?;
             Ok(CreateOutcome::Created(Written {
                 version_id: 1,
                 last_updated: ts,
@@ -551,6 +633,7 @@ impl Store {
 
     /// Updates (or, when it does not exist yet and `may_create`, creates) the resource with
     /// this id. With `if_match`, the write happens only if the current version is that one.
+    #[allow(clippy::too_many_arguments)]
     pub fn update(
         &self,
         access: &Access,
@@ -559,6 +642,7 @@ impl Store {
         if_match: Option<i64>,
         may_create: bool,
         make: impl Fn(i64, NaiveDateTime) -> Content,
+        audit: &mut dyn WriteAudit,
     ) -> Result<Written, StoreError> {
         // A concurrent update-as-create of the same new id makes one of two INSERTs fail on
         // the primary key; the loser retries, and then finds the row and updates it.
@@ -588,6 +672,21 @@ impl Store {
                 let sealed = self.seal(resource_type, id, version, Some(&content))?;
                 self.append_version(conn, resource_type, id, version, ts, "PUT", Some(&content), sealed)?;
                 self.replace_index(conn, resource_type, id, Some(&content), created)?;
+                record_write(
+                    conn,
+                    audit,
+                    &WriteFacts {
+                        resource_type,
+                        id,
+                        version_id: Some(version),
+                        effect: if created {
+                            WriteEffect::Created
+                        } else {
+                            WriteEffect::Updated
+                        },
+                        patients: &content.compartments,
+                    },
+                )?;
                 Ok(Written {
                     version_id: version,
                     last_updated: ts,
@@ -609,6 +708,7 @@ impl Store {
         resource_type: &str,
         id: &str,
         if_match: Option<i64>,
+        audit: &mut dyn WriteAudit,
     ) -> Result<DeleteOutcome, StoreError> {
         self.write_tx(access, |conn| {
             let ts = now();
@@ -619,10 +719,33 @@ impl Store {
                         return Err(StoreError::VersionConflict { current: Some(v) });
                     }
                 }
+                record_write(
+                    conn,
+                    audit,
+                    &WriteFacts {
+                        resource_type,
+                        id,
+                        version_id: None,
+                        effect: WriteEffect::Nothing,
+                        patients: &[],
+                    },
+                )?;
                 return Ok(DeleteOutcome::NothingToDelete);
             };
-            self.append_version(conn, resource_type, id, version, ts, "DELETE", None, (None, None, None))?;
+            let patients =
+                self.append_version(conn, resource_type, id, version, ts, "DELETE", None, (None, None, None))?;
             self.replace_index(conn, resource_type, id, None, false)?;
+            record_write(
+                conn,
+                audit,
+                &WriteFacts {
+                    resource_type,
+                    id,
+                    version_id: Some(version),
+                    effect: WriteEffect::Deleted,
+                    patients: &patients,
+                },
+            )?;
             Ok(DeleteOutcome::Deleted { version_id: version })
         })
     }
@@ -797,7 +920,7 @@ impl Store {
         method: &str,
         content: Option<&Content>,
         (sealed, digest, key_version): SealedVersion,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Vec<String>, StoreError> {
         // The version's compartments first (row-level security checks the version row against
         // them): computed from the content, or for a deletion carried over
         // from the version it deletes (so a patient still sees the tombstone of its own data).
@@ -845,7 +968,7 @@ impl Store {
                 rv::content_sha256.eq(digest),
             ))
             .execute(conn)?;
-        Ok(())
+        Ok(patients)
     }
 
     /// Replaces the index entries of a resource; `fresh` when it cannot have any yet.
@@ -981,4 +1104,14 @@ struct VersionRow {
     method: String,
     content: Option<EncryptedColumn>,
     content_sha256: Option<Vec<u8>>,
+    /// The version's compartment patients, comma-separated (ids cannot hold a comma), fetched in
+    /// the same statement so that auditing a read costs no extra round trip. `string_agg` exists
+    /// in PostgreSQL and in SQLite from 3.44.
+    #[diesel(select_expression = diesel::dsl::sql::<diesel::sql_types::Nullable<diesel::sql_types::Text>>(
+        "(SELECT string_agg(c.patient_id, ',') FROM resource_compartments c \
+         WHERE c.resource_type = resource_versions.resource_type AND c.logical_id = resource_versions.logical_id \
+         AND c.version_id = resource_versions.version_id)"
+    ))]
+    #[diesel(select_expression_type = diesel::expression::SqlLiteral<diesel::sql_types::Nullable<diesel::sql_types::Text>>)]
+    patients: Option<String>,
 }

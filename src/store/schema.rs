@@ -47,3 +47,66 @@ diesel::table! {
 }
 
 diesel::allow_tables_to_appear_in_same_query!(resource_versions, resources, token_index, resource_compartments);
+
+diesel::table! {
+    use diesel::sql_types::*;
+    use crate::store::encrypted::Encrypted;
+
+    audit_events (id) {
+        id -> Text,
+        recorded -> Timestamp,
+        type_code -> Text,
+        subtype -> Text,
+        action -> Text,
+        outcome -> Text,
+        agent -> Text,
+        key_version -> Integer,
+        content -> Encrypted,
+    }
+}
+
+diesel::table! {
+    audit_entities (event_id, role, reference) {
+        event_id -> Text,
+        role -> Text,
+        reference -> Text,
+    }
+}
+
+diesel::table! {
+    audit_chain (seq) {
+        seq -> BigInt,
+        event_id -> Text,
+        prev_hash -> Binary,
+        hash -> Binary,
+    }
+}
+
+diesel::table! {
+    audit_checkpoints (seq) {
+        seq -> BigInt,
+        hash -> Binary,
+        signed_at -> Timestamp,
+        key_id -> Text,
+        signature -> Binary,
+    }
+}
+
+diesel::table! {
+    audit_archives (up_to_seq) {
+        up_to_seq -> BigInt,
+        last_hash -> Binary,
+        archived_at -> Timestamp,
+        cutoff -> Timestamp,
+        events -> BigInt,
+        file_sha256 -> Binary,
+    }
+}
+
+diesel::allow_tables_to_appear_in_same_query!(
+    audit_events,
+    audit_entities,
+    audit_chain,
+    audit_checkpoints,
+    audit_archives
+);

@@ -1,0 +1,158 @@
+//! The audit trail of one request: what the router and the handler learn about it (who, what
+//! interaction, which resources and patients, the query), turned into its AuditEvent when the
+//! response is ready. Writes record their event inside their own transaction and mark the trail
+//! committed; everything else is recorded here, and the response leaves only once the event is
+//! durable (fail closed: no event, no data).
+
+use super::route::Interaction;
+use super::{ApiError, AppState};
+use crate::audit::{Action, Agent, AuditRecord, Kind, Outcome, TxAudit};
+use crate::auth::Principal;
+use actix_web::http::Method;
+use actix_web::{HttpMessage, HttpRequest, HttpResponse, ResponseError};
+use std::cell::RefCell;
+use std::collections::BTreeSet;
+use std::rc::Rc;
+
+#[derive(Debug)]
+struct State {
+    record: AuditRecord,
+    /// The event was written in the request's own (committed) transaction.
+    committed: bool,
+}
+
+/// Shared between the router and the handler through the request's extensions.
+#[derive(Debug, Clone)]
+pub struct Trail(Rc<RefCell<State>>);
+
+/// The RESTful interaction code and action a request is audited as.
+fn kind_of(method: &Method, interaction: Option<&Interaction>) -> (&'static str, Action) {
+    match interaction {
+        Some(i) => (i.name(), i.action()),
+        None => match *method {
+            Method::GET | Method::HEAD => ("read", Action::Read),
+            Method::POST => ("create", Action::Create),
+            Method::PUT | Method::PATCH => ("update", Action::Update),
+            Method::DELETE => ("delete", Action::Delete),
+            _ => ("operation", Action::Execute),
+        },
+    }
+}
+
+impl Trail {
+    /// Starts the trail of a request under the FHIR base and attaches it to the request.
+    pub fn start(req: &HttpRequest, interaction: Option<&Interaction>) -> Trail {
+        let (code, action) = kind_of(req.method(), interaction);
+        let agent = Agent {
+            network: req.peer_addr().map(|a| a.ip().to_string()),
+            ..Agent::default()
+        };
+        let mut record = AuditRecord::new(Kind::Rest(code), action, agent);
+        if let Some(i) = interaction {
+            record.resource_type = i.resource_type().map(str::to_string);
+            if let Some(r) = i.reference() {
+                record.entities.push(r);
+            }
+        }
+        let trail = Trail(Rc::new(RefCell::new(State {
+            record,
+            committed: false,
+        })));
+        req.extensions_mut().insert(trail.clone());
+        trail
+    }
+
+    /// The trail of this request (set by the router).
+    pub fn of(req: &HttpRequest) -> Trail {
+        req.extensions()
+            .get::<Trail>()
+            .cloned()
+            .expect("the router starts a trail for every FHIR request")
+    }
+
+    /// The token the request was made with.
+    pub fn principal(&self, p: &Principal) {
+        let mut s = self.0.borrow_mut();
+        let a = &mut s.record.agent;
+        a.user = p.fhir_user.clone();
+        a.subject = Some(p.subject.clone());
+        a.client_id = p.client_id.clone();
+        a.roles = p.roles.clone();
+        a.purpose_of_use = if p.break_glass {
+            Some("BTG".into())
+        } else {
+            p.purpose_of_use.clone()
+        };
+        a.patient_context = p.patient.clone();
+    }
+
+    /// What the request touched, replacing the reference it named (a versioned reference once
+    /// the version is known), and whose data it was.
+    pub fn touched(&self, reference: String, patients: &[String]) {
+        let mut s = self.0.borrow_mut();
+        s.record.entities = vec![reference];
+        s.record.patients.extend(patients.iter().cloned());
+    }
+
+    /// The patients whose data a listing returned.
+    pub fn returned_patients<'a>(&self, patients: impl IntoIterator<Item = &'a String>) {
+        self.0
+            .borrow_mut()
+            .record
+            .patients
+            .extend(patients.into_iter().cloned());
+    }
+
+    /// The query of a search (kept only inside the sealed event).
+    pub fn query(&self, query: &str) {
+        if !query.is_empty() {
+            self.0.borrow_mut().record.query = Some(query.to_string());
+        }
+    }
+
+    /// The hook for a write transaction, prefilled with what is known so far.
+    pub fn for_write(&self, state: &AppState) -> TxAudit {
+        state.auditor.for_write(self.0.borrow().record.clone())
+    }
+
+    /// The write committed with its event: nothing more to record for this request.
+    pub fn committed(&self, state: &AppState, tx: TxAudit) {
+        self.0.borrow_mut().committed = true;
+        state.auditor.link_committed(tx);
+    }
+
+    /// Records the request's event with the outcome of `result` (unless a write transaction
+    /// already did), and returns `result` only once it is durable.
+    pub async fn finish(
+        self,
+        state: &AppState,
+        result: Result<HttpResponse, ApiError>,
+    ) -> Result<HttpResponse, ApiError> {
+        let record = {
+            let s = self.0.borrow();
+            if s.committed {
+                return result;
+            }
+            let mut record = s.record.clone();
+            let status = match &result {
+                Ok(r) => r.status().as_u16(),
+                Err(e) => e.status_code().as_u16(),
+            };
+            record.outcome = Outcome::of_status(status);
+            if let Err(e) = &result {
+                record.outcome_desc = Some(e.audit_text());
+                // a failed request returned nobody's data
+                record.patients = BTreeSet::new();
+            }
+            record.recorded = crate::store::now();
+            record
+        };
+        match state.auditor.record(&record).await {
+            Ok(()) => result,
+            Err(e) => {
+                tracing::error!(error = %e, "audit event not recorded: the response is withheld");
+                Err(ApiError::AuditUnavailable)
+            }
+        }
+    }
+}

@@ -1,0 +1,288 @@
+//! Audit: an AuditEvent for every access, in a tamper-evident ledger.
+//!
+//! * [`event`] builds the AuditEvent (IHE BALP shape) and its canonical bytes.
+//! * Writes put their event in the write's own transaction ([`TxAudit`], through the store's
+//!   `WriteAudit` hook) and then hand the chain link to the writer; reads and failures hand
+//!   the whole event to the writer and wait until it is committed ([`Auditor::record`]).
+//! * [`writer`]: one thread owns the chain and commits queued events in batches (group commit).
+//! * [`checkpoint`]: Ed25519-signed checkpoints of the chain head, in the database and a file.
+//! * [`verify`]: `fhirvault audit verify`, which names the first tampered record.
+//!
+//! Fail closed: if an event cannot be committed, the request gets an error and no PHI.
+
+mod chain;
+pub mod checkpoint;
+pub mod event;
+pub mod verify;
+mod writer;
+
+pub use chain::link_hash;
+pub use event::{Action, Agent, AuditRecord, Kind, Outcome, Source};
+pub use writer::{CheckpointPolicy, WriterStats};
+
+use crate::crypto::{Aad, Cipher};
+use crate::store::audit::{AuditRow, AUDIT_TABLE};
+use crate::store::{Store, StoreError, WriteAudit, WriteEffect, WriteFacts};
+use checkpoint::{CheckpointFile, CheckpointKey};
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+use tokio::sync::oneshot;
+use writer::{Job, Writer};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    /// The event could not be made durable: the request must fail without data.
+    #[error("the audit ledger is unavailable")]
+    Unavailable,
+    #[error("an audit event could not be sealed")]
+    Seal,
+    #[error("audit checkpoint key: {0}")]
+    Key(String),
+    #[error("audit storage: {0}")]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Io(String),
+}
+
+/// The handle request handlers and commands record through. Cheap to share.
+pub struct Auditor {
+    sender: Mutex<Option<Sender<Job>>>,
+    cipher: Arc<Cipher>,
+    source: Source,
+    stats: Arc<WriterStats>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// False only for [`Auditor::without_ledger`] (benchmark baselines).
+    enabled: bool,
+}
+
+impl std::fmt::Debug for Auditor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Auditor")
+            .field("enabled", &self.enabled)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Auditor {
+    /// Links any events stored but not yet chained (a crash between a write's commit and its
+    /// link), then starts the writer thread.
+    pub fn start(
+        store: Arc<Store>,
+        source: Source,
+        key: CheckpointKey,
+        file: CheckpointFile,
+        policy: CheckpointPolicy,
+    ) -> Result<Auditor, AuditError> {
+        let cipher = store.shared_cipher();
+        let stats = Arc::new(WriterStats::default());
+        let last_checkpoint = store.audit_checkpoints()?.last().map(|c| c.seq).unwrap_or(0);
+        let mut w = Writer {
+            store: store.clone(),
+            key,
+            file,
+            policy,
+            stats: stats.clone(),
+            last_checkpoint: (last_checkpoint, Instant::now()),
+            since_checkpoint: 0,
+            retry_links: Vec::new(),
+            head_seq: store.audit_chain_head()?.seq,
+        };
+        let recovered = recover_unchained(&store, &cipher)?;
+        if !recovered.is_empty() {
+            tracing::warn!(
+                events = recovered.len(),
+                "linking audit events stored before an interruption"
+            );
+            w.retry_links = recovered;
+            // an empty batch still carries the retried links
+            w.process_pending();
+            if !w.retry_links.is_empty() {
+                return Err(AuditError::Unavailable);
+            }
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("audit-writer".into())
+            .spawn(move || w.run(rx))
+            .map_err(|e| AuditError::Io(e.to_string()))?;
+        Ok(Auditor {
+            sender: Mutex::new(Some(tx)),
+            cipher,
+            source,
+            stats,
+            thread: Mutex::new(Some(thread)),
+            enabled: true,
+        })
+    }
+
+    /// An auditor that records nothing. Not reachable from configuration or the command line:
+    /// it exists so that benches can measure what auditing costs against the same server.
+    pub fn without_ledger(cipher: Arc<Cipher>, source: Source) -> Auditor {
+        Auditor {
+            sender: Mutex::new(None),
+            cipher,
+            source,
+            stats: Arc::new(WriterStats::default()),
+            thread: Mutex::new(None),
+            enabled: false,
+        }
+    }
+
+    pub fn source(&self) -> &Source {
+        &self.source
+    }
+
+    pub fn stats(&self) -> &WriterStats {
+        &self.stats
+    }
+
+    fn send(&self, job: Job) -> Result<(), AuditError> {
+        let guard = self.sender.lock().unwrap_or_else(|p| p.into_inner());
+        match guard.as_ref() {
+            Some(s) => s.send(job).map_err(|_| AuditError::Unavailable),
+            None => Err(AuditError::Unavailable),
+        }
+    }
+
+    fn submit(&self, record: &AuditRecord) -> Result<Option<oneshot::Receiver<Result<(), AuditError>>>, AuditError> {
+        if !self.enabled {
+            return Ok(None);
+        }
+        let (row, canonical) = record.seal(&self.source, &self.cipher)?;
+        let (ack, rx) = oneshot::channel();
+        self.send(Job::Append {
+            row: Box::new(row),
+            canonical,
+            ack,
+        })?;
+        Ok(Some(rx))
+    }
+
+    /// Records an event and returns once it is committed.
+    pub async fn record(&self, record: &AuditRecord) -> Result<(), AuditError> {
+        match self.submit(record)? {
+            Some(rx) => rx.await.map_err(|_| AuditError::Unavailable)?,
+            None => Ok(()),
+        }
+    }
+
+    /// [`Auditor::record`] for threads outside the async runtime.
+    pub fn record_blocking(&self, record: &AuditRecord) -> Result<(), AuditError> {
+        match self.submit(record)? {
+            Some(rx) => rx.blocking_recv().map_err(|_| AuditError::Unavailable)?,
+            None => Ok(()),
+        }
+    }
+
+    /// The hook a write transaction builds its event with (see [`TxAudit`]).
+    pub fn for_write(&self, template: AuditRecord) -> TxAudit {
+        TxAudit {
+            template,
+            source: self.source.clone(),
+            cipher: self.cipher.clone(),
+            sealed: None,
+            enabled: self.enabled,
+        }
+    }
+
+    /// After the write committed: its event goes into the chain (nobody waits for this; the
+    /// event is already durable, and a link lost to a crash is made at the next start).
+    pub fn link_committed(&self, tx: TxAudit) {
+        if let Some((event_id, canonical)) = tx.sealed {
+            if self.send(Job::Link { event_id, canonical }).is_err() {
+                tracing::error!("audit writer unavailable: an event stays unlinked until the next start");
+            }
+        }
+    }
+
+    /// Waits until everything queued so far is committed.
+    pub async fn flush(&self) -> Result<(), AuditError> {
+        if !self.enabled {
+            return Ok(());
+        }
+        let (ack, rx) = oneshot::channel();
+        self.send(Job::Flush(ack))?;
+        rx.await.map_err(|_| AuditError::Unavailable)?
+    }
+
+    /// Stops the writer after it has committed what is queued (and signed a last checkpoint).
+    pub fn shutdown(&self) {
+        self.sender.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(t) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Auditor {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Stored events without a chain link, decrypted back to their canonical bytes, oldest first.
+fn recover_unchained(store: &Store, cipher: &Cipher) -> Result<Vec<(String, Vec<u8>)>, AuditError> {
+    let mut out = Vec::new();
+    for ev in store.unchained_audit_events(100_000)? {
+        let aad = Aad {
+            table: AUDIT_TABLE,
+            resource_type: "AuditEvent",
+            logical_id: &ev.id,
+            version_id: 1,
+        };
+        match cipher.open(&aad, &ev.content.0) {
+            Ok(plain) => out.push((ev.id, plain)),
+            // Not ours to chain: `audit verify` reports it as an inserted record.
+            Err(_) => tracing::error!("an unchained audit row does not decrypt; left for audit verify"),
+        }
+    }
+    Ok(out)
+}
+
+/// Builds a write's event inside its transaction (the store calls [`WriteAudit::record`]).
+pub struct TxAudit {
+    template: AuditRecord,
+    source: Source,
+    cipher: Arc<Cipher>,
+    /// The event id and canonical bytes of the last record built (a retried transaction
+    /// builds again).
+    sealed: Option<(String, Vec<u8>)>,
+    enabled: bool,
+}
+
+impl TxAudit {
+    /// The event as recorded, once the write ran (for the request's own bookkeeping).
+    pub fn record_built(&self) -> bool {
+        self.sealed.is_some() || !self.enabled
+    }
+}
+
+impl WriteAudit for TxAudit {
+    fn record(&mut self, facts: &WriteFacts<'_>) -> Result<AuditRow, StoreError> {
+        let mut r = self.template.clone();
+        r.id = uuid::Uuid::new_v4().to_string();
+        r.recorded = crate::store::now();
+        r.entities = vec![match facts.version_id {
+            Some(v) => format!("{}/{}/_history/{v}", facts.resource_type, facts.id),
+            None => format!("{}/{}", facts.resource_type, facts.id),
+        }];
+        r.patients = facts.patients.iter().cloned().collect();
+        r.outcome = Outcome::Success;
+        r.outcome_desc = match facts.effect {
+            WriteEffect::Matched => Some("conditional create matched an existing resource".into()),
+            WriteEffect::Nothing => Some("nothing to delete".into()),
+            _ => None,
+        };
+        if facts.effect == WriteEffect::Created && r.action == Action::Update {
+            r.action = Action::Create;
+        }
+        let (row, canonical) = r.seal(&self.source, &self.cipher).map_err(|_| StoreError::AuditSeal)?;
+        self.sealed = self.enabled.then(|| (row.id.clone(), canonical));
+        Ok(row)
+    }
+
+    fn enabled(&self) -> bool {
+        self.enabled
+    }
+}

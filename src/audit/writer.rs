@@ -1,0 +1,198 @@
+//! The group-commit writer: one thread owns the chain. Request handlers hand it events (reads,
+//! failures) or links (events a write transaction already stored); it takes whatever is queued,
+//! appends it in one transaction (one fsync for the batch), then acknowledges every waiting
+//! request. Under load many events share a commit; alone, an event waits for one commit only.
+
+use super::chain::link_hash;
+use super::checkpoint::{CheckpointFile, CheckpointKey};
+use super::AuditError;
+use crate::store::audit::{AuditRow, ChainLink, Checkpoint};
+use crate::store::Store;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
+
+/// The most events appended in one transaction.
+const MAX_BATCH: usize = 1024;
+
+pub(super) enum Job {
+    /// Store and link this event, then acknowledge.
+    Append {
+        row: Box<AuditRow>,
+        canonical: Vec<u8>,
+        ack: oneshot::Sender<Result<(), AuditError>>,
+    },
+    /// Link an event a write transaction has stored (nobody waits).
+    Link { event_id: String, canonical: Vec<u8> },
+    /// Acknowledge once everything queued before has been committed.
+    Flush(oneshot::Sender<Result<(), AuditError>>),
+}
+
+/// When to sign a checkpoint: after this many events, or this long after the last one if
+/// events arrived since.
+#[derive(Debug, Clone, Copy)]
+pub struct CheckpointPolicy {
+    pub every_events: u64,
+    pub every: Duration,
+}
+
+/// Counters for benches and operators: commits made and events made durable by them.
+#[derive(Debug, Default)]
+pub struct WriterStats {
+    pub commits: AtomicU64,
+    pub events: AtomicU64,
+    pub failed_batches: AtomicU64,
+}
+
+pub(super) struct Writer {
+    pub store: Arc<Store>,
+    pub key: CheckpointKey,
+    pub file: CheckpointFile,
+    pub policy: CheckpointPolicy,
+    pub stats: Arc<WriterStats>,
+    /// Chain seq of the last checkpoint, and when it was signed.
+    pub last_checkpoint: (i64, Instant),
+    /// Events appended since the last checkpoint.
+    pub since_checkpoint: u64,
+    /// Links whose batch failed, tried again with the next one.
+    pub retry_links: Vec<(String, Vec<u8>)>,
+    /// The chain's last seq as this writer last saw it.
+    pub head_seq: i64,
+}
+
+impl Writer {
+    pub(super) fn run(mut self, rx: Receiver<Job>) {
+        loop {
+            let first = match rx.recv_timeout(self.policy.every) {
+                Ok(job) => Some(job),
+                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Disconnected) => break,
+            };
+            let mut jobs: Vec<Job> = first.into_iter().collect();
+            while jobs.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(job) => jobs.push(job),
+                    Err(_) => break,
+                }
+            }
+            self.process(jobs);
+        }
+        // shutting down: leave a checkpoint on the last event
+        self.process_with(Vec::new(), true);
+    }
+
+    /// Commits the retried links now (start-up recovery).
+    pub(super) fn process_pending(&mut self) {
+        self.process_with(Vec::new(), false)
+    }
+
+    fn process(&mut self, jobs: Vec<Job>) {
+        self.process_with(jobs, false)
+    }
+
+    fn process_with(&mut self, jobs: Vec<Job>, final_checkpoint: bool) {
+        let mut rows = Vec::new();
+        let mut order: Vec<(String, Vec<u8>)> = std::mem::take(&mut self.retry_links);
+        let mut acks = Vec::new();
+        let mut flushes = Vec::new();
+        let mut linked_only = order.len();
+        for job in jobs {
+            match job {
+                Job::Append { row, canonical, ack } => {
+                    order.push((row.id.clone(), canonical));
+                    rows.push(*row);
+                    acks.push(ack);
+                }
+                Job::Link { event_id, canonical } => {
+                    order.push((event_id, canonical));
+                    linked_only += 1;
+                }
+                Job::Flush(ack) => flushes.push(ack),
+            }
+        }
+        let time_due = self.last_checkpoint.1.elapsed() >= self.policy.every;
+        let checkpoint_pending = self.head_seq > self.last_checkpoint.0 || self.since_checkpoint > 0;
+        let want_checkpoint = (final_checkpoint || time_due) && checkpoint_pending;
+        if order.is_empty() && !want_checkpoint {
+            for f in flushes {
+                let _ = f.send(Ok(()));
+            }
+            return;
+        }
+        let mut attempts = 0;
+        let result = loop {
+            attempts += 1;
+            let mut signed: Option<Checkpoint> = None;
+            let since = self.since_checkpoint;
+            let (policy, last_seq, key) = (self.policy, self.last_checkpoint.0, &self.key);
+            let result = self.store.append_audit_batch(&rows, |head| {
+                let mut prev = head.hash.clone();
+                let mut seq = head.seq;
+                let links: Vec<ChainLink> = order
+                    .iter()
+                    .map(|(id, canonical)| {
+                        seq += 1;
+                        let hash = link_hash(&prev, canonical).to_vec();
+                        ChainLink {
+                            seq,
+                            event_id: id.clone(),
+                            prev_hash: std::mem::replace(&mut prev, hash.clone()),
+                            hash,
+                        }
+                    })
+                    .collect();
+                let due = since + links.len() as u64 >= policy.every_events || want_checkpoint || time_due;
+                if due && seq > last_seq && seq > 0 {
+                    signed = Some(key.sign(seq, &prev, crate::store::now()));
+                }
+                (links, signed.clone())
+            });
+            match result {
+                // another process appended at the same seq: read the head again
+                Err(e) if e.is_unique_violation() && attempts < 4 => continue,
+                other => break other.map(|head| (head, signed)),
+            }
+        };
+        match result {
+            Ok((head, signed)) => {
+                let n = order.len() as u64;
+                self.head_seq = head.seq;
+                self.stats.commits.fetch_add(1, Ordering::Relaxed);
+                self.stats.events.fetch_add(n, Ordering::Relaxed);
+                self.since_checkpoint += n;
+                if let Some(cp) = signed {
+                    if let Err(e) = self.file.append(&cp) {
+                        tracing::error!(error = %e, "audit checkpoint could not be written to the checkpoint file");
+                    }
+                    self.last_checkpoint = (cp.seq, Instant::now());
+                    self.since_checkpoint = 0;
+                }
+                for a in acks {
+                    let _ = a.send(Ok(()));
+                }
+                for f in flushes {
+                    let _ = f.send(Ok(()));
+                }
+            }
+            Err(e) => {
+                self.stats.failed_batches.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %e, events = rows.len(), "audit batch could not be committed");
+                // links name events already stored: keep them for the next batch
+                let stored_only: Vec<(String, Vec<u8>)> = order
+                    .into_iter()
+                    .filter(|(id, _)| !rows.iter().any(|r| &r.id == id))
+                    .collect();
+                debug_assert_eq!(stored_only.len(), linked_only);
+                self.retry_links = stored_only;
+                for a in acks {
+                    let _ = a.send(Err(AuditError::Unavailable));
+                }
+                for f in flushes {
+                    let _ = f.send(Err(AuditError::Unavailable));
+                }
+            }
+        }
+    }
+}

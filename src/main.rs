@@ -2,8 +2,13 @@
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
+use fhirvault::audit::export::export_ndjson;
+use fhirvault::audit::{Action, Agent, AuditRecord, Kind, Outcome};
 use fhirvault::config::{Config, ConfigLayer};
+use fhirvault::store::Store;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 #[derive(Parser)]
 #[command(
@@ -85,6 +90,45 @@ enum Command {
         #[arg(long, value_name = "TEXT")]
         reason: Option<String>,
     },
+    /// The audit ledger: verify its chain, export it, archive what is past retention.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Check the hash chain, every record's content and the signed checkpoints (in the database
+    /// and in the checkpoint file); name the first edited, inserted, deleted, reordered or
+    /// truncated record. Exits 1 when the ledger fails.
+    Verify {
+        /// First sequence number to check [default: the start of the chain].
+        #[arg(long, value_name = "N")]
+        from: Option<i64>,
+        /// Last sequence number to check [default: the end of the chain].
+        #[arg(long, value_name = "M")]
+        to: Option<i64>,
+    },
+    /// Write the ledger as NDJSON, one AuditEvent per line with its chain position (queries
+    /// stay sealed), for shipping to external immutable storage.
+    Export {
+        /// Only events recorded at or after this instant or date (2026-01-01 or 2026-01-01T00:00:00Z).
+        #[arg(long, value_name = "WHEN")]
+        since: Option<String>,
+        /// Output format (only ndjson).
+        #[arg(long, default_value = "ndjson")]
+        format: String,
+        /// Output file [default: standard output].
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
+    /// Export to FILE, then remove, the events older than `audit_retention_days` (never younger
+    /// ones). On PostgreSQL this runs as the tables' owner (`migration_database_url`).
+    Archive {
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
 }
 
 fn load_config(common: &CommonArgs, behind_tls_proxy: Option<bool>) -> anyhow::Result<Config> {
@@ -143,6 +187,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 anyhow::ensure!(ok, "--user must be a reference such as Practitioner/123");
             }
             let issuer = fhirvault::server::open_issuer(&config)?;
+            let (token_user, token_patient) = (user.clone(), patient.clone());
             let token = issuer.issue(&fhirvault::auth::TokenRequest {
                 scope,
                 patient,
@@ -155,8 +200,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 purpose_of_use,
                 btg_reason: reason,
             })?;
+            let store = open_store(&config, false)?;
+            let mut record = cli_record(Kind::Security("token-issue"), Action::Execute);
+            if let Some(u) = token_user {
+                record.entities.push(u);
+            }
+            record.patients.extend(token_patient);
+            audit_now(&config, &store, &record)?;
             println!("{token}");
             Ok(())
+        }
+        Command::Audit { command } => {
+            let config = load_config(&cli.common, None)?;
+            audit_command(&config, command)
         }
         Command::Migrate => {
             let config = load_config(&cli.common, None)?;
@@ -167,6 +223,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let manager = fhirvault::store::DbManager::new(url).context("database_url")?;
             let mut conn = manager.connect().context("connecting to the database")?;
             let applied = fhirvault::store::run_migrations(&mut conn)?;
+            drop(conn);
+            let store = open_store(&config, false)?;
+            let mut record = cli_record(Kind::Admin("migrate"), Action::Execute);
+            record.outcome_desc = Some(format!("{} migrations applied", applied.len()));
+            audit_now(&config, &store, &record)?;
             if applied.is_empty() {
                 println!("database is up to date");
             } else {
@@ -179,18 +240,159 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// The store, as the server's role, or as the tables' owner (`migration_database_url`) for
+/// what only the owner may do.
+fn open_store(config: &Config, as_owner: bool) -> anyhow::Result<Arc<Store>> {
+    let cipher = fhirvault::server::open_cipher(config)?;
+    if as_owner {
+        if let Some(owner) = &config.migration_database_url {
+            let store = Store::open(owner, None, 2, cipher).context("opening the database as its owner")?;
+            return Ok(Arc::new(store));
+        }
+    }
+    fhirvault::server::open_store(config, cipher)
+}
+
+/// An event made by this command line, on behalf of the operating-system user running it.
+fn cli_record(kind: Kind, action: Action) -> AuditRecord {
+    let agent = Agent {
+        subject: Some(format!(
+            "os-user:{}",
+            std::env::var("USER").unwrap_or_else(|_| "unknown".into())
+        )),
+        client_id: Some("fhirvault-cli".into()),
+        ..Agent::default()
+    };
+    AuditRecord::new(kind, action, agent)
+}
+
+/// Records one event and waits until it is in the ledger (and a checkpoint signed).
+fn audit_now(config: &Config, store: &Arc<Store>, record: &AuditRecord) -> anyhow::Result<()> {
+    let auditor = fhirvault::server::open_auditor(config, store)?;
+    auditor
+        .record_blocking(record)
+        .context("recording the audit event (nothing else was changed)")?;
+    auditor.shutdown();
+    Ok(())
+}
+
+fn parse_since(s: &str) -> anyhow::Result<chrono::NaiveDateTime> {
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
+        return Ok(t.naive_utc());
+    }
+    let d = chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d")
+        .map_err(|_| anyhow::anyhow!("--since must be a date (2026-01-01) or an instant (2026-01-01T00:00:00Z)"))?;
+    Ok(d.and_hms_opt(0, 0, 0).expect("midnight exists"))
+}
+
+fn audit_command(config: &Config, command: AuditCommand) -> anyhow::Result<()> {
+    match command {
+        AuditCommand::Verify { from, to } => {
+            let store = open_store(config, false)?;
+            let (key, file) = fhirvault::server::audit_checkpointing(config)?;
+            eprintln!("verifying the audit chain (checkpoint key {})", key.key_id());
+            let report =
+                fhirvault::audit::verify::verify(&store, store.cipher(), &key.verifying_key(), &file, from, to, |n| {
+                    eprintln!("  {n} records verified")
+                })?;
+            let mut record = cli_record(Kind::Admin("audit-verify"), Action::Execute);
+            if let Some(f) = &report.finding {
+                record.outcome = Outcome::MajorFailure;
+                record.outcome_desc = Some(f.to_string());
+            }
+            audit_now(config, &store, &record)?;
+            match report.finding {
+                None => {
+                    println!(
+                        "audit chain intact: records {}..{} ({} checked), {} signed checkpoints verified",
+                        report.first_seq, report.last_seq, report.checked, report.checkpoints
+                    );
+                    Ok(())
+                }
+                Some(f) => anyhow::bail!("audit chain verification failed: {f}"),
+            }
+        }
+        AuditCommand::Export { since, format, out } => {
+            anyhow::ensure!(format == "ndjson", "--format: only ndjson is supported");
+            let since = since.as_deref().map(parse_since).transpose()?;
+            let store = open_store(config, false)?;
+            let summary = match &out {
+                Some(path) => {
+                    let file = std::fs::OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .mode(0o600)
+                        .open(path)
+                        .with_context(|| format!("creating {}", path.display()))?;
+                    let mut w = std::io::BufWriter::new(file);
+                    let s = export_ndjson(&store, store.cipher(), since, None, &mut w, |n| {
+                        eprintln!("  {n} events exported")
+                    })?;
+                    w.into_inner()
+                        .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?
+                        .sync_all()?;
+                    s
+                }
+                None => {
+                    let stdout = std::io::stdout();
+                    let mut lock = stdout.lock();
+                    export_ndjson(&store, store.cipher(), since, None, &mut lock, |n| {
+                        eprintln!("  {n} events exported")
+                    })?
+                }
+            };
+            let mut record = cli_record(Kind::Admin("audit-export"), Action::Read);
+            record.outcome_desc = Some(format!("{} events exported", summary.events));
+            audit_now(config, &store, &record)?;
+            eprintln!("exported {} events (last record {})", summary.events, summary.last_seq);
+            Ok(())
+        }
+        AuditCommand::Archive { out } => {
+            let store = open_store(config, true)?;
+            let result = fhirvault::audit::export::archive(
+                &store,
+                store.cipher(),
+                fhirvault::audit::export::retention_cutoff(config.audit_retention_days),
+                &out,
+                |n| eprintln!("  {n} events archived"),
+            )?;
+            let mut record = cli_record(Kind::Admin("audit-archive"), Action::Delete);
+            record.outcome_desc = Some(match &result {
+                Some((run, removed)) => format!("records up to {} archived, {removed} removed", run.up_to_seq),
+                None => "nothing older than the retention period".into(),
+            });
+            audit_now(config, &store, &record)?;
+            match result {
+                Some((run, removed)) => println!(
+                    "archived records up to {} ({} events, older than {}) to {}; removed {removed} from the database",
+                    run.up_to_seq,
+                    run.events,
+                    run.cutoff.and_utc().format("%Y-%m-%dT%H:%M:%SZ"),
+                    out.display()
+                ),
+                None => println!(
+                    "nothing to archive: no event is older than the retention period ({} days)",
+                    config.audit_retention_days
+                ),
+            }
+            Ok(())
+        }
+    }
+}
+
 fn serve(config: Config) -> anyhow::Result<()> {
     let listen = config.listen;
     let workers = config.workers;
     let started = std::time::Instant::now();
     let state = actix_web::web::Data::new(fhirvault::server::build_state(config)?);
+    let auditor = state.auditor.clone();
     tracing::info!(
         %listen,
         backend = ?state.store.backend(),
         startup_ms = started.elapsed().as_millis() as u64,
         "fhirvault ready"
     );
-    actix_web::rt::System::new().block_on(async move {
+    let served = actix_web::rt::System::new().block_on(async move {
         actix_web::HttpServer::new(move || fhirvault::api::app(state.clone()))
             .workers(workers)
             .bind(listen)
@@ -198,5 +400,9 @@ fn serve(config: Config) -> anyhow::Result<()> {
             .run()
             .await
             .context("server stopped with an error")
-    })
+    });
+    // commit what is queued and sign a last checkpoint before exiting
+    auditor.shutdown();
+    tracing::info!("audit ledger closed");
+    served
 }

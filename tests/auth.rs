@@ -846,6 +846,22 @@ fn break_glass_widens_the_compartment_only(db: Db) {
     let stale = bearer(&jsonwebtoken::encode(&h, &old, &key).unwrap());
     assert_eq!(call(&s, "GET", "/Observation/o-p2", Some(&stale), None).status, 404);
     assert_eq!(call(&s, "GET", "/Observation/o-p1", Some(&stale), None).status, 200);
+    // every AuditEvent of the break-glass requests, and only those, is marked BTG
+    let events = s.get("/AuditEvent?agent=Practitioner/er-doc&_count=100").json()["entry"]
+        .as_array()
+        .cloned()
+        .unwrap();
+    let marked = |e: &Value| e["resource"]["purposeOfEvent"][0]["coding"][0]["code"] == "BTG";
+    let btg_events: Vec<&Value> = events.iter().filter(|e| marked(e)).collect();
+    assert_eq!(btg_events.len(), 3, "the read, the history and the refused create");
+    assert!(btg_events
+        .iter()
+        .all(|e| e["resource"]["agent"][0]["purposeOfUse"][0]["coding"][0]["code"] == "BTG"));
+    assert_eq!(
+        events.len(),
+        3 + 2 + 2,
+        "plus the normal token's two reads and the stale token's two"
+    );
 }
 
 /// A stand-in OpenID Connect provider on loopback: discovery document and JWKS, nothing else.

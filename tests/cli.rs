@@ -250,4 +250,69 @@ fn serve_creates_key_and_logs_no_phi(db: Db) {
     }
 }
 
-on_both_backends!(migrate_applies_embedded_migrations, serve_creates_key_and_logs_no_phi);
+on_both_backends!(
+    migrate_applies_embedded_migrations,
+    serve_creates_key_and_logs_no_phi,
+    audit_commands_are_audited_and_name_the_tampered_record
+);
+
+/// `token`, `migrate` and the `audit` commands are themselves audited; `audit verify` passes on
+/// an intact ledger and fails naming the record after tampering; `audit export` writes NDJSON.
+fn audit_commands_are_audited_and_name_the_tampered_record(db: Db) {
+    let t = TestDb::new(db);
+    let data = t.dir.path().join("data");
+    let run = |args: &[&str]| {
+        bin()
+            .args(args)
+            .arg("--data-dir")
+            .arg(&data)
+            .arg("--database-url")
+            .arg(&t.database_url)
+            .output()
+            .unwrap()
+    };
+    assert!(run(&["migrate"]).status.success());
+    for _ in 0..3 {
+        let out = run(&["token", "--scope", "system/*.rs", "--user", "Practitioner/1"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        // stdout is the token alone
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim().split('.').count(), 3);
+    }
+    let out = run(&["audit", "verify"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("audit chain intact: records 1..4"), "{text}");
+    let out = run(&["audit", "export", "--format", "ndjson"]);
+    assert!(out.status.success());
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    // migrate, 3 token issues, the verify
+    assert_eq!(lines.len(), 5);
+    let subtypes: Vec<&str> = lines
+        .iter()
+        .map(|l| l["subtype"][0]["code"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        subtypes,
+        ["migrate", "token-issue", "token-issue", "token-issue", "audit-verify"]
+    );
+    assert_eq!(lines[1]["entity"][0]["what"]["reference"], "Practitioner/1");
+    assert!(run(&["audit", "export", "--format", "csv"]).status.code() != Some(0));
+    // an attacker edits record 3 (the triggers dropped first)
+    let unprotect = match db {
+        Db::Sqlite => "DROP TRIGGER audit_events_no_update;",
+        Db::Postgres => "ALTER TABLE audit_events DISABLE TRIGGER USER;",
+    };
+    t.exec(unprotect).unwrap();
+    t.exec("UPDATE audit_events SET action = 'R' WHERE id = (SELECT event_id FROM audit_chain WHERE seq = 3)")
+        .unwrap();
+    let out = run(&["audit", "verify"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("record 3 was edited"), "{err}");
+    // a range before the edit still verifies
+    let out = run(&["audit", "verify", "--from", "1", "--to", "2"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}

@@ -217,7 +217,9 @@ fn open(state: &AppState, ev: &StoredAuditEvent) -> Result<Value, ApiError> {
         tracing::error!("an audit event failed authentication on read; run `fhirvault audit verify`");
         ApiError::Internal
     })?;
-    serde_json::from_slice(&plain).map_err(|_| ApiError::Internal)
+    let mut value = serde_json::from_slice(&plain).map_err(|_| ApiError::Internal)?;
+    crate::audit::event::reveal_query(&mut value, state.store.cipher());
+    Ok(value)
 }
 
 /// What a patient may see of an event about them: who, when, what and why, without other

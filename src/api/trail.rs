@@ -78,10 +78,11 @@ impl Trail {
         a.subject = Some(p.subject.clone());
         a.client_id = p.client_id.clone();
         a.roles = p.roles.clone();
+        // BTG marks the requests break-glass actually applied to (a user, within its window)
         a.purpose_of_use = if p.break_glass {
             Some("BTG".into())
         } else {
-            p.purpose_of_use.clone()
+            p.purpose_of_use.clone().filter(|purpose| purpose != "BTG")
         };
         a.patient_context = p.patient.clone();
     }

@@ -185,8 +185,10 @@ impl AuditRecord {
         }
     }
 
-    /// The AuditEvent resource.
-    pub fn to_resource(&self, source: &Source) -> Value {
+    /// The AuditEvent resource. A search's query is carried sealed (base64 of its ciphertext,
+    /// bound to this event), so that not even an export of the log holds it in plaintext;
+    /// [`reveal_query`] opens it for an authorized reader.
+    pub fn to_resource(&self, source: &Source, cipher: &Cipher) -> Result<Value, AuditError> {
         let (tsys, tcode, tdisplay) = self.kind.type_coding();
         let (ssys, scode) = self.kind.subtype_coding();
         let mut ev = Map::new();
@@ -293,10 +295,13 @@ impl AuditRecord {
         }
         if let Some(q) = &self.query {
             use base64::Engine;
+            let sealed = cipher
+                .seal(&query_aad(&self.id), q.as_bytes())
+                .map_err(|_| AuditError::Seal)?;
             let mut query = json!({
                 "type": {"system": ENTITY_TYPE, "code": "2", "display": "System Object"},
                 "role": {"system": OBJECT_ROLE, "code": "24", "display": "Query"},
-                "query": base64::engine::general_purpose::STANDARD.encode(q)
+                "query": base64::engine::general_purpose::STANDARD.encode(sealed.as_bytes())
             });
             if let Some(t) = &self.resource_type {
                 query["description"] = json!(format!("search of {t}"));
@@ -306,12 +311,12 @@ impl AuditRecord {
         if !entities.is_empty() {
             ev.insert("entity".into(), Value::Array(entities));
         }
-        Value::Object(ev)
+        Ok(Value::Object(ev))
     }
 
     /// Canonical bytes (what the chain hashes) and the sealed row.
     pub fn seal(&self, source: &Source, cipher: &Cipher) -> Result<(AuditRow, Vec<u8>), AuditError> {
-        let canonical = canonical_json(&self.to_resource(source));
+        let canonical = canonical_json(&self.to_resource(source, cipher)?);
         let aad = Aad {
             table: AUDIT_TABLE,
             resource_type: "AuditEvent",
@@ -336,6 +341,46 @@ impl AuditRecord {
             patients: self.patients.iter().cloned().collect(),
         };
         Ok((row, canonical))
+    }
+}
+
+/// The AAD of a sealed query: bound to its event.
+fn query_aad(event_id: &str) -> Aad<'_> {
+    Aad {
+        table: "audit_query",
+        resource_type: "AuditEvent",
+        logical_id: event_id,
+        version_id: 1,
+    }
+}
+
+/// Replaces the sealed query of a search event by the query itself (base64, as FHIR has it),
+/// for a reader allowed to see it. A query that does not open is removed.
+pub fn reveal_query(event: &mut Value, cipher: &Cipher) {
+    use base64::engine::general_purpose::STANDARD;
+    use base64::Engine;
+    let id = event.get("id").and_then(Value::as_str).unwrap_or("").to_string();
+    let Some(entities) = event.get_mut("entity").and_then(Value::as_array_mut) else {
+        return;
+    };
+    for e in entities.iter_mut() {
+        let Some(obj) = e.as_object_mut() else { continue };
+        let Some(sealed) = obj.get("query").and_then(Value::as_str) else {
+            continue;
+        };
+        let plain = STANDARD.decode(sealed).ok().and_then(|b| {
+            cipher
+                .open(&query_aad(&id), &crate::crypto::Sealed::from_stored(b))
+                .ok()
+        });
+        match plain {
+            Some(q) => {
+                obj.insert("query".into(), Value::String(STANDARD.encode(q)));
+            }
+            None => {
+                obj.remove("query");
+            }
+        }
     }
 }
 
@@ -457,7 +502,8 @@ mod tests {
             site: "test".into(),
             observer: "fhirvault".into(),
         };
-        let v = r.to_resource(&source);
+        let cipher = crate::crypto::test_cipher();
+        let mut v = r.to_resource(&source, &cipher).unwrap();
         assert_eq!(v["type"]["code"], "rest");
         assert_eq!(v["subtype"][0]["code"], "read");
         assert_eq!(v["action"], "R");
@@ -468,8 +514,11 @@ mod tests {
         assert_eq!(v["entity"][0]["what"]["reference"], "Patient/p1");
         assert_eq!(v["entity"][1]["what"]["reference"], "Observation/1/_history/2");
         assert!(v["entity"][2]["query"].is_string());
-        // the query is carried only base64-encoded inside sealed content, never as a column
-        assert!(!serde_json::to_string(&v).unwrap().contains("Zorblax"));
+        // the query is sealed inside the event: not even base64 of it appears
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::STANDARD.encode("name=Zorblax");
+        let text = serde_json::to_string(&v).unwrap();
+        assert!(!text.contains("Zorblax") && !text.contains(&b64));
         let c = columns_of(&v).unwrap();
         assert_eq!(
             (
@@ -490,5 +539,8 @@ mod tests {
             "{:?}",
             validator.validate("AuditEvent", &v)
         );
+        // an authorized reader gets the query back
+        reveal_query(&mut v, &cipher);
+        assert_eq!(v["entity"][2]["query"], b64);
     }
 }

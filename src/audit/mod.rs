@@ -13,6 +13,7 @@
 mod chain;
 pub mod checkpoint;
 pub mod event;
+pub mod export;
 pub mod verify;
 mod writer;
 
@@ -204,6 +205,16 @@ impl Auditor {
         let (ack, rx) = oneshot::channel();
         self.send(Job::Flush(ack))?;
         rx.await.map_err(|_| AuditError::Unavailable)?
+    }
+
+    /// [`Auditor::flush`] for threads outside the async runtime.
+    pub fn flush_blocking(&self) -> Result<(), AuditError> {
+        if !self.enabled {
+            return Ok(());
+        }
+        let (ack, rx) = oneshot::channel();
+        self.send(Job::Flush(ack))?;
+        rx.blocking_recv().map_err(|_| AuditError::Unavailable)?
     }
 
     /// Stops the writer after it has committed what is queued (and signed a last checkpoint).

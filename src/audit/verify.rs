@@ -129,6 +129,8 @@ pub fn verify(
         }
     };
     let mut expected = start;
+    // the prev_hash of the record before: an inserted record links to it too
+    let mut prev_prev: Option<Vec<u8>> = None;
     let mut checked = 0u64;
     let mut finding: Option<Finding> = None;
     // hash of every record seen, for telling a reordering from an insertion
@@ -161,8 +163,19 @@ pub fn verify(
                 });
                 break 'walk;
             };
+            let next_links_to_prev = || -> Result<bool, AuditError> {
+                Ok(store
+                    .audit_chain_page(link.seq, to, 1)?
+                    .first()
+                    .is_some_and(|n| n.prev_hash == prev))
+            };
             if let Some(detail) = check_event(cipher, ev, entities.get(&ev.id), &link) {
-                finding = Some(Finding::Edited { seq: link.seq, detail });
+                // a record the chain continues around was put there, not edited
+                finding = Some(if link.prev_hash != prev && next_links_to_prev()? {
+                    Finding::Inserted { seq: link.seq }
+                } else {
+                    Finding::Edited { seq: link.seq, detail }
+                });
                 break 'walk;
             }
             if link.prev_hash != prev {
@@ -170,7 +183,10 @@ pub fn verify(
                 let rest = store.audit_chain_page(link.seq, to, i64::MAX)?;
                 let links_elsewhere =
                     rest.iter().any(|l| l.hash == link.prev_hash) || seen_hashes.contains_key(&link.prev_hash);
-                finding = Some(if links_elsewhere {
+                finding = Some(if prev_prev.as_ref() == Some(&link.prev_hash) {
+                    // it links past the record before it, which was therefore put in between
+                    Finding::Inserted { seq: link.seq - 1 }
+                } else if links_elsewhere {
                     Finding::Reordered { seq: link.seq }
                 } else if rest.first().is_some_and(|n| n.prev_hash == prev) {
                     Finding::Inserted { seq: link.seq }
@@ -184,6 +200,7 @@ pub fn verify(
                 break 'walk;
             }
             seen_hashes.insert(link.hash.clone(), link.seq);
+            prev_prev = Some(link.prev_hash.clone());
             prev = link.hash.clone();
             last_seq = link.seq;
             expected += 1;
@@ -216,18 +233,18 @@ pub fn verify(
             });
             continue;
         }
-        if !db_by_seq.contains_key(&cp.seq) {
-            findings.push(Finding::BadCheckpoint {
-                seq: cp.seq,
-                detail: "it is in the checkpoint file but was removed from the database",
-            });
-        }
         if cp.seq > head_seq {
             findings.push(Finding::Truncated {
                 last_seq: head_seq,
                 checkpoint_seq: cp.seq,
             });
             continue;
+        }
+        if !db_by_seq.contains_key(&cp.seq) {
+            findings.push(Finding::BadCheckpoint {
+                seq: cp.seq,
+                detail: "it is in the checkpoint file but was removed from the database",
+            });
         }
         if to.is_some_and(|t| cp.seq > t) || cp.seq < start {
             continue;

@@ -150,8 +150,12 @@ impl Writer {
                 (links, signed.clone())
             });
             match result {
-                // another process appended at the same seq: read the head again
-                Err(e) if e.is_unique_violation() && attempts < 4 => continue,
+                // Another process appended at the same seq, or held SQLite's write lock when
+                // this transaction wanted it: read the head again.
+                Err(e) if attempts < 4 && !e.is_lost_connection() => {
+                    std::thread::sleep(Duration::from_millis(5 * attempts));
+                    continue;
+                }
                 other => break other.map(|head| (head, signed)),
             }
         };

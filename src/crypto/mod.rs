@@ -226,6 +226,24 @@ pub fn sha256(bytes: &[u8]) -> [u8; 32] {
     Sha256::digest(bytes).into()
 }
 
+/// A cipher on a fixed key, for unit tests elsewhere in the crate.
+#[cfg(test)]
+pub fn test_cipher() -> Cipher {
+    struct One;
+    impl KeyProvider for One {
+        fn current_version(&self) -> u32 {
+            1
+        }
+        fn versions(&self) -> Vec<(u32, KeyMaterial)> {
+            vec![(1, Zeroizing::new([9u8; 32]))]
+        }
+        fn blind_index_version(&self) -> u32 {
+            1
+        }
+    }
+    Cipher::from_provider(&One).expect("a fixed key derives")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -277,6 +277,8 @@ pub struct TestServer {
     pub client: Client,
     pub store: std::sync::Arc<fhirvault::store::Store>,
     pub issuer: std::sync::Arc<fhirvault::auth::Issuer>,
+    pub auditor: std::sync::Arc<fhirvault::audit::Auditor>,
+    pub config: Config,
     handle: actix_web::dev::ServerHandle,
     pub db: TestDb,
 }
@@ -295,8 +297,9 @@ impl TestServer {
         let config = tdb.config(layer);
         let base_path = config.base_path.clone();
         let workers = config.workers;
-        let state = actix_web::web::Data::new(fhirvault::server::build_state(config).expect("server state"));
+        let state = actix_web::web::Data::new(fhirvault::server::build_state(config.clone()).expect("server state"));
         let store = state.store.clone();
+        let auditor = state.auditor.clone();
         let issuer = state.issuer.clone();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -326,6 +329,8 @@ impl TestServer {
                 .unwrap(),
             store,
             issuer,
+            auditor,
+            config,
             handle,
             db: tdb,
         }

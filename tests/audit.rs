@@ -1,0 +1,723 @@
+//! The audit ledger, black-box where it can be: an exact count of AuditEvents for mixed
+//! requests, fail-closed behaviour, tamper detection by the verifier, append-only storage,
+//! AuditEvent search and `$access-report`, archiving, and no PHI in operational logs.
+//! Every test runs on SQLite and PostgreSQL.
+
+mod common;
+
+use common::{Db, Reply, TestServer};
+use fhirvault::audit::verify::{verify, Finding, Report};
+use fhirvault::config::ConfigLayer;
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+
+fn patient(name: &str) -> Value {
+    json!({"resourceType": "Patient", "name": [{"family": name}], "gender": "female"})
+}
+
+/// Every stored event, through the API (newest first), with the default system token.
+fn events(s: &TestServer) -> Vec<Value> {
+    let r = s.get("/AuditEvent?_count=1000");
+    assert_eq!(r.status, 200, "{}", r.text());
+    r.json()["entry"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|e| e["resource"].clone())
+        .collect()
+}
+
+fn without_token(s: &TestServer, path: &str, token: Option<&str>) -> Reply {
+    let mut r = reqwest::blocking::Client::new().get(s.url(path));
+    if let Some(t) = token {
+        r = r.header("authorization", format!("Bearer {t}"));
+    }
+    Reply::from(r.send().unwrap())
+}
+
+fn run_verify(s: &TestServer) -> Report {
+    s.auditor.flush_blocking().unwrap();
+    let (key, file) = fhirvault::server::audit_checkpointing(&s.config).unwrap();
+    verify(
+        &s.store,
+        s.store.cipher(),
+        &key.verifying_key(),
+        &file,
+        None,
+        None,
+        |_| {},
+    )
+    .unwrap()
+}
+
+on_both_backends!(
+    every_request_yields_exactly_one_event,
+    fail_closed_when_the_ledger_cannot_be_written,
+    verifier_catches_each_kind_of_tampering,
+    audit_tables_are_append_only,
+    audit_log_search_and_access_report,
+    archive_exports_before_it_removes_and_keeps_the_chain_verifiable,
+);
+
+fn every_request_yields_exactly_one_event(db: Db) {
+    let s = TestServer::start(db);
+    let created = s.post("/Patient", &patient("Countwell"));
+    assert_eq!(created.status, 201);
+    let id = created.json()["id"].as_str().unwrap().to_string();
+    let mut body = created.json();
+    body["gender"] = json!("male");
+    let observer_token = s.token("system/Observation.rs", None);
+    // (status, subtype, action, outcome) of each request, in order
+    let expected: Vec<(u16, &str, &str, &str)> = vec![
+        (201, "create", "C", "0"),
+        (s.get(&format!("/Patient/{id}")).status, "read", "R", "0"),
+        (s.put(&format!("/Patient/{id}"), &body).status, "update", "U", "0"),
+        (
+            s.get(&format!("/Patient/{id}/_history")).status,
+            "history-instance",
+            "R",
+            "0",
+        ),
+        (s.get(&format!("/Patient/{id}/_history/1")).status, "vread", "R", "0"),
+        (s.get("/Patient/nobody").status, "read", "R", "4"),
+        (
+            without_token(&s, &format!("/Patient/{id}"), None).status,
+            "read",
+            "R",
+            "4",
+        ),
+        (
+            without_token(&s, &format!("/Patient/{id}"), Some("not.a.jwt")).status,
+            "read",
+            "R",
+            "4",
+        ),
+        (
+            without_token(&s, &format!("/Patient/{id}"), Some(&observer_token)).status,
+            "read",
+            "R",
+            "4",
+        ),
+        (
+            s.post("/AuditEvent", &json!({"resourceType": "AuditEvent"})).status,
+            "create",
+            "C",
+            "4",
+        ),
+        (
+            s.put(
+                &format!("/Patient/{id}"),
+                &json!({"resourceType": "Patient", "id": id, "gender": 7}),
+            )
+            .status,
+            "update",
+            "U",
+            "4",
+        ),
+        (s.delete(&format!("/Patient/{id}")).status, "delete", "D", "0"),
+        (s.get(&format!("/Patient/{id}")).status, "read", "R", "4"),
+    ];
+    let statuses: Vec<u16> = expected.iter().map(|e| e.0).collect();
+    assert_eq!(
+        statuses,
+        vec![201, 200, 200, 200, 200, 404, 401, 401, 403, 405, 400, 200, 410]
+    );
+    // metadata is not PHI: not audited
+    assert_eq!(without_token(&s, "/metadata", None).status, 200);
+    // every event is durable before its response: the count is exact right away
+    assert_eq!(s.store.audit_event_count().unwrap(), expected.len() as i64);
+    let mut got = events(&s);
+    got.reverse();
+    assert_eq!(got.len(), expected.len());
+    let mut seen: BTreeMap<(String, String, String), usize> = BTreeMap::new();
+    for e in &got {
+        let key = (
+            e["subtype"][0]["code"].as_str().unwrap().to_string(),
+            e["action"].as_str().unwrap().to_string(),
+            e["outcome"].as_str().unwrap().to_string(),
+        );
+        *seen.entry(key).or_default() += 1;
+    }
+    let mut want: BTreeMap<(String, String, String), usize> = BTreeMap::new();
+    for (_, sub, act, out) in &expected {
+        *want
+            .entry((sub.to_string(), act.to_string(), out.to_string()))
+            .or_default() += 1;
+    }
+    assert_eq!(seen, want);
+    // content: a read names the version read and the patient, the agent and the source
+    let read = got
+        .iter()
+        .find(|e| e["subtype"][0]["code"] == "read" && e["outcome"] == "0")
+        .unwrap();
+    let refs: Vec<&str> = read["entity"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["what"]["reference"].as_str())
+        .collect();
+    assert!(refs.contains(&format!("Patient/{id}/_history/1").as_str()), "{refs:?}");
+    assert_eq!(read["agent"][1]["who"]["identifier"]["value"], "test-client");
+    assert_eq!(read["agent"][1]["network"]["address"], "127.0.0.1");
+    assert_eq!(read["type"]["code"], "rest");
+    assert!(read["recorded"].as_str().unwrap().ends_with('Z'));
+    let denied = got
+        .iter()
+        .find(|e| e["outcomeDesc"].as_str().is_some_and(|d| d.starts_with("403")))
+        .unwrap();
+    assert_eq!(denied["outcome"], "4");
+    let unauthenticated = got
+        .iter()
+        .filter(|e| e["outcomeDesc"].as_str().is_some_and(|d| d.starts_with("401")))
+        .count();
+    assert_eq!(unauthenticated, 2);
+    // the search above is itself audited, and the chain verifies
+    assert_eq!(s.store.audit_event_count().unwrap(), expected.len() as i64 + 1);
+    let report = run_verify(&s);
+    assert_eq!(report.finding, None, "{report:?}");
+    assert_eq!(report.checked, expected.len() as u64 + 1);
+}
+
+fn fail_closed_when_the_ledger_cannot_be_written(db: Db) {
+    let s = TestServer::start(db);
+    let created = s.post("/Patient", &patient("Failclosedsentinel"));
+    let id = created.json()["id"].as_str().unwrap().to_string();
+    let block = match db {
+        Db::Sqlite => "CREATE TRIGGER audit_block BEFORE INSERT ON audit_events \
+                       BEGIN SELECT RAISE(ABORT, 'audit storage down'); END;"
+            .to_string(),
+        Db::Postgres => "CREATE FUNCTION audit_block() RETURNS trigger LANGUAGE plpgsql AS \
+                         $$ BEGIN RAISE EXCEPTION 'audit storage down'; END; $$; \
+                         CREATE TRIGGER audit_block BEFORE INSERT ON audit_events \
+                         FOR EACH ROW EXECUTE FUNCTION audit_block();"
+            .to_string(),
+    };
+    s.db.exec(&block).unwrap();
+    // a read is refused without data
+    let r = s.get(&format!("/Patient/{id}"));
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert!(!r.text().contains("Failclosedsentinel"));
+    assert_eq!(r.outcome()["issue"][0]["code"], "exception");
+    // a write is refused and nothing is stored
+    let w = s.post("/Patient", &patient("Neverstored"));
+    assert!(w.status >= 500, "{}", w.status);
+    let u = s.put(
+        &format!("/Patient/{id}"),
+        &json!({"resourceType": "Patient", "id": id, "name": [{"family": "Changedname"}]}),
+    );
+    assert!(u.status >= 500, "{}", u.status);
+    s.db.exec("DROP TRIGGER audit_block ON audit_events")
+        .or_else(|_| s.db.exec("DROP TRIGGER audit_block"))
+        .unwrap();
+    let r = s.get(&format!("/Patient/{id}"));
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["meta"]["versionId"], "1", "the refused update changed nothing");
+    assert!(r.text().contains("Failclosedsentinel"));
+    let all = s.get("/Patient/_history").json();
+    assert_eq!(all["total"], 1, "the refused create stored nothing");
+    assert_eq!(run_verify(&s).finding, None);
+}
+
+/// Builds a ledger of `n` read events on a fresh server (a checkpoint after every batch).
+fn ledger(db: Db, n: usize) -> TestServer {
+    let s = TestServer::start_with(
+        db,
+        ConfigLayer {
+            audit_checkpoint_events: Some(1),
+            ..Default::default()
+        },
+    );
+    for i in 0..n {
+        assert_eq!(s.get(&format!("/Patient/p{i}")).status, 404);
+    }
+    s.auditor.flush_blocking().unwrap();
+    let report = run_verify(&s);
+    assert_eq!(report.finding, None);
+    assert_eq!(report.checked, n as u64);
+    s
+}
+
+fn unprotect(s: &TestServer) {
+    let sql = match s.db.db {
+        Db::Sqlite => {
+            "DROP TRIGGER audit_events_no_update; DROP TRIGGER audit_events_no_delete; \
+                       DROP TRIGGER audit_chain_no_update; DROP TRIGGER audit_chain_no_delete; \
+                       DROP TRIGGER audit_entities_no_delete; DROP TRIGGER audit_checkpoints_no_delete;"
+        }
+        Db::Postgres => {
+            "ALTER TABLE audit_events DISABLE TRIGGER USER; ALTER TABLE audit_chain DISABLE TRIGGER USER; \
+                         ALTER TABLE audit_entities DISABLE TRIGGER USER; \
+                         ALTER TABLE audit_checkpoints DISABLE TRIGGER USER;"
+        }
+    };
+    s.db.exec(sql).unwrap();
+}
+
+fn event_at(seq: i64) -> String {
+    format!("(SELECT event_id FROM audit_chain WHERE seq = {seq})")
+}
+
+fn verifier_catches_each_kind_of_tampering(db: Db) {
+    type Tamper = fn(&TestServer);
+    type Expect = fn(&Finding) -> bool;
+    let cases: Vec<(&str, Tamper, Expect)> = vec![
+        (
+            "content replaced",
+            |s| {
+                s.db.exec(&format!(
+                    "UPDATE audit_events SET content = (SELECT content FROM audit_events WHERE id = {}) WHERE id = {}",
+                    event_at(3),
+                    event_at(5)
+                ))
+                .unwrap()
+            },
+            |f| matches!(f, Finding::Edited { seq: 5, .. }),
+        ),
+        (
+            "search column edited",
+            |s| {
+                s.db.exec(&format!(
+                    "UPDATE audit_events SET outcome = '0' WHERE id = {}",
+                    event_at(6)
+                ))
+                .unwrap()
+            },
+            |f| matches!(f, Finding::Edited { seq: 6, .. }),
+        ),
+        (
+            "record deleted",
+            |s| {
+                s.db.exec(&format!(
+                    "DELETE FROM audit_entities WHERE event_id = {e}; DELETE FROM audit_events WHERE id = {e}; \
+                     DELETE FROM audit_chain WHERE seq = 4;",
+                    e = event_at(4)
+                ))
+                .unwrap()
+            },
+            |f| matches!(f, Finding::Deleted { seq: 4, .. }),
+        ),
+        (
+            "records reordered",
+            |s| {
+                s.db.exec(
+                    "UPDATE audit_chain SET seq = -1 WHERE seq = 5; UPDATE audit_chain SET seq = 5 WHERE seq = 6; \
+                     UPDATE audit_chain SET seq = 6 WHERE seq = -1;",
+                )
+                .unwrap()
+            },
+            |f| matches!(f, Finding::Reordered { seq: 5 }),
+        ),
+        (
+            "record inserted",
+            |s| {
+                // a well-formed event, sealed with the real key, linked after record 4 with a
+                // correct hash; the records after it are renumbered to make room
+                use fhirvault::audit::{Action, Agent, AuditRecord, Kind};
+                let rec = AuditRecord::new(Kind::Rest("read"), Action::Read, Agent::default());
+                let (row, canonical) = rec.seal(s.auditor.source(), s.store.cipher()).unwrap();
+                let prev = s.store.audit_chain_page(3, Some(4), 1).unwrap().pop().unwrap().hash;
+                let hash = fhirvault::audit::link_hash(&prev, &canonical);
+                let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+                let sqlite = s.db.db == Db::Sqlite;
+                let blob = |b: &[u8]| {
+                    if sqlite {
+                        format!("X'{}'", hex(b))
+                    } else {
+                        format!("'\\x{}'::bytea", hex(b))
+                    }
+                };
+                let content = blob(row.content.as_bytes());
+                let max = s.store.audit_chain_head().unwrap().seq;
+                let mut sql = String::new();
+                for seq in (5..=max).rev() {
+                    sql.push_str(&format!("UPDATE audit_chain SET seq = {} WHERE seq = {seq};", seq + 1));
+                }
+                sql.push_str(&format!(
+                    "INSERT INTO audit_events (id, recorded, type_code, subtype, action, outcome, agent, key_version, content) \
+                     VALUES ('{}', '{}', 'rest', 'read', 'R', '0', 'anonymous', 1, {content}); \
+                     INSERT INTO audit_chain (seq, event_id, prev_hash, hash) VALUES (5, '{}', {}, {});",
+                    row.id,
+                    row.recorded.format("%Y-%m-%d %H:%M:%S%.6f"),
+                    row.id,
+                    blob(&prev),
+                    blob(&hash)
+                ));
+                s.db.exec(&sql).unwrap();
+            },
+            |f| matches!(f, Finding::Inserted { seq: 5 }),
+        ),
+        (
+            "tail truncated (with its database checkpoints)",
+            |s| {
+                let max = s.store.audit_chain_head().unwrap().seq;
+                s.db.exec(&format!(
+                    "DELETE FROM audit_entities WHERE event_id IN (SELECT event_id FROM audit_chain WHERE seq > {k}); \
+                     DELETE FROM audit_events WHERE id IN (SELECT event_id FROM audit_chain WHERE seq > {k}); \
+                     DELETE FROM audit_chain WHERE seq > {k}; DELETE FROM audit_checkpoints WHERE seq > {k};",
+                    k = max - 3
+                ))
+                .unwrap()
+            },
+            |f| matches!(f, Finding::Truncated { last_seq: 7, .. }),
+        ),
+        (
+            "event added outside the chain",
+            |s| {
+                s.db.exec(
+                    "INSERT INTO audit_events (id, recorded, type_code, subtype, action, outcome, agent, key_version, content) \
+                     SELECT 'forged', recorded, type_code, subtype, action, outcome, agent, key_version, content \
+                     FROM audit_events LIMIT 1",
+                )
+                .unwrap()
+            },
+            |f| matches!(f, Finding::Unchained { event_id } if event_id == "forged"),
+        ),
+    ];
+    for (name, tamper, expect) in cases {
+        let s = ledger(db, 10);
+        unprotect(&s);
+        tamper(&s);
+        let report = run_verify(&s);
+        let finding = report.finding.unwrap_or_else(|| panic!("{name}: not detected"));
+        assert!(expect(&finding), "{name}: {finding}");
+    }
+}
+
+fn audit_tables_are_append_only(db: Db) {
+    let s = ledger(db, 3);
+    for sql in [
+        "UPDATE audit_events SET outcome = '0'",
+        "DELETE FROM audit_events",
+        "UPDATE audit_chain SET hash = prev_hash",
+        "DELETE FROM audit_chain",
+        "DELETE FROM audit_entities",
+        "DELETE FROM audit_checkpoints",
+        "UPDATE audit_checkpoints SET seq = seq + 1",
+    ] {
+        assert!(s.db.exec(sql).is_err(), "{sql} must be refused");
+    }
+    if db == Db::Postgres {
+        assert!(s.db.exec("TRUNCATE audit_events").is_err());
+    }
+    assert_eq!(run_verify(&s).finding, None);
+    // the API refuses to write AuditEvents
+    let id = s.get("/AuditEvent?_count=1").json()["entry"][0]["resource"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    for (method, path) in [
+        ("POST", "/AuditEvent".to_string()),
+        ("PUT", format!("/AuditEvent/{id}")),
+        ("DELETE", format!("/AuditEvent/{id}")),
+        ("PATCH", format!("/AuditEvent/{id}")),
+    ] {
+        let r = s.send(
+            method,
+            &path,
+            Some(&json!({"resourceType": "AuditEvent", "id": id})),
+            &[],
+        );
+        assert_eq!(r.status, 405, "{method} {path}");
+    }
+    assert_eq!(s.get(&format!("/AuditEvent/{id}")).status, 200);
+}
+
+fn audit_log_search_and_access_report(db: Db) {
+    let s = TestServer::start(db);
+    let p1 = s.post("/Patient", &patient("Accessreportone")).json()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let p2 = s.post("/Patient", &patient("Accessreporttwo")).json()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let obs = json!({"resourceType": "Observation", "status": "final", "code": {"text": "x"},
+                     "subject": {"reference": format!("Patient/{p1}")}});
+    let o1 = s.post("/Observation", &obs).json()["id"].as_str().unwrap().to_string();
+    // a practitioner reads p1's data
+    let doctor = s
+        .issuer
+        .issue(&fhirvault::auth::TokenRequest {
+            scope: "user/*.rs".into(),
+            fhir_user: Some("Practitioner/doc1".into()),
+            client_id: Some("ehr".into()),
+            expires_in: 900,
+            ..Default::default()
+        })
+        .unwrap();
+    let auth = format!("Bearer {doctor}");
+    assert_eq!(
+        s.get_with(&format!("/Observation/{o1}"), &[("authorization", &auth)])
+            .status,
+        200
+    );
+    assert_eq!(
+        s.get_with(&format!("/Patient/{p2}"), &[("authorization", &auth)])
+            .status,
+        200
+    );
+    // the doctor may not read the audit log (no auditor role)
+    assert_eq!(s.get_with("/AuditEvent", &[("authorization", &auth)]).status, 403);
+    let auditor = s
+        .issuer
+        .issue(&fhirvault::auth::TokenRequest {
+            scope: "user/AuditEvent.rs".into(),
+            fhir_user: Some("Practitioner/aud".into()),
+            roles: vec!["auditor".into()],
+            expires_in: 900,
+            ..Default::default()
+        })
+        .unwrap();
+    let aud = format!("Bearer {auditor}");
+    let search = |q: &str| {
+        let r = s.get_with(&format!("/AuditEvent?{q}"), &[("authorization", &aud)]);
+        assert_eq!(r.status, 200, "{q}: {}", r.text());
+        r.json()["entry"].as_array().cloned().unwrap_or_default()
+    };
+    assert_eq!(
+        search("agent=Practitioner/doc1").len(),
+        3,
+        "two reads and a refused search"
+    );
+    assert_eq!(search(&format!("patient={p1}&agent=Practitioner/doc1")).len(), 1);
+    assert_eq!(search(&format!("entity=Observation/{o1}")).len(), 2, "create and read");
+    assert_eq!(search("subtype=create&action=C").len(), 3);
+    assert_eq!(search("outcome=4").len(), 1, "the doctor's refused audit search");
+    // 3 creates, the doctor's 3 requests, the auditor's 5 searches so far
+    assert_eq!(
+        search("type=http://terminology.hl7.org/CodeSystem/audit-event-type|rest").len(),
+        11
+    );
+    let today = chrono::Utc::now().format("%Y-%m-%d").to_string();
+    assert_eq!(search(&format!("date={today}&subtype=read")).len(), 2);
+    assert_eq!(search("date=lt2000-01-01").len(), 0);
+    // paging: one per page, following opaque next links
+    let mut url = format!("{}/AuditEvent?subtype=create&_count=1", s.base);
+    let mut pages = 0;
+    loop {
+        let r = Reply::from(
+            reqwest::blocking::Client::new()
+                .get(&url)
+                .header("authorization", &aud)
+                .send()
+                .unwrap(),
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+        pages += 1;
+        match r.json()["link"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["relation"] == "next")
+        {
+            Some(next) => url = next["url"].as_str().unwrap().to_string(),
+            None => break,
+        }
+    }
+    assert_eq!(pages, 3);
+    // the auditor sees a search's query; it is not stored in plaintext
+    let searches = search("subtype=search-type&agent=Practitioner/aud");
+    let queries: Vec<String> = searches
+        .iter()
+        .flat_map(|e| e["resource"]["entity"].as_array().cloned().unwrap_or_default())
+        .filter_map(|e| e["query"].as_str().map(str::to_string))
+        .map(|q| {
+            use base64::Engine;
+            String::from_utf8(base64::engine::general_purpose::STANDARD.decode(q).unwrap()).unwrap()
+        })
+        .collect();
+    assert!(queries.iter().any(|q| q == "agent=Practitioner/doc1"), "{queries:?}");
+    let at_rest = s.db.bytes_at_rest();
+    assert!(!at_rest.windows(22).any(|w| w == b"agent=Practitioner/doc"));
+    // p1 sees who accessed their record, and nothing of p2
+    let me = s.token("patient/AuditEvent.rs", Some(&p1));
+    let me = format!("Bearer {me}");
+    let r = s.get_with(&format!("/Patient/{p1}/$access-report"), &[("authorization", &me)]);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let text = r.text();
+    assert!(text.contains("Practitioner/doc1"));
+    assert!(!text.contains(&p2), "another patient's id leaked into the report");
+    assert!(!text.contains("\"query\""));
+    assert!(!text.contains("\"network\""));
+    let report = r.json();
+    assert_eq!(report["type"], "searchset");
+    // p1's own events: create of p1, create and read of o1, and the doctor's read
+    assert_eq!(report["entry"].as_array().unwrap().len(), 3);
+    // p1 cannot ask about p2, nor search the log
+    assert_eq!(
+        s.get_with(&format!("/Patient/{p2}/$access-report"), &[("authorization", &me)])
+            .status,
+        404
+    );
+    assert_eq!(s.get_with("/AuditEvent", &[("authorization", &me)]).status, 403);
+}
+
+fn archive_exports_before_it_removes_and_keeps_the_chain_verifiable(db: Db) {
+    let s = ledger(db, 8);
+    let links = s.store.audit_chain_page(0, None, 100).unwrap();
+    let (events, _) = s.store.audit_events_by_id(&[links[4].event_id.clone()]).unwrap();
+    let cutoff = events[0].recorded; // events 1..=4 are older than this
+                                     // the configured retention (six years) archives nothing
+    let out = s.db.dir.path().join("archive-none.ndjson");
+    let six_years = fhirvault::audit::export::retention_cutoff(s.config.audit_retention_days);
+    assert!(
+        fhirvault::audit::export::archive(&s.store, s.store.cipher(), six_years, &out, |_| {})
+            .unwrap()
+            .is_none()
+    );
+    let out = s.db.dir.path().join("archive.ndjson");
+    let (run, removed) = fhirvault::audit::export::archive(&s.store, s.store.cipher(), cutoff, &out, |_| {})
+        .unwrap()
+        .expect("events to archive");
+    assert_eq!((run.up_to_seq, removed), (4, 4));
+    assert_eq!(s.store.audit_event_count().unwrap(), 4, "8 events, 4 archived");
+    // the archive re-verifies outside fhirvault: strip the chain extension, hash, link
+    let text = std::fs::read_to_string(&out).unwrap();
+    let mut prev = vec![0u8; 32];
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    for line in text.lines() {
+        let mut v: Value = serde_json::from_str(line).unwrap();
+        let ext = v.as_object_mut().unwrap().remove("extension").unwrap();
+        let get = |name: &str| {
+            ext[0]["extension"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|e| e["url"] == name)
+                .unwrap()
+                .clone()
+        };
+        let stated_prev = b64
+            .decode(get("prevHash")["valueBase64Binary"].as_str().unwrap())
+            .unwrap();
+        assert_eq!(stated_prev, prev);
+        let bytes = fhirvault::audit::event::canonical_json(&v);
+        let hash = fhirvault::audit::link_hash(&prev, &bytes).to_vec();
+        assert_eq!(
+            b64.decode(get("hash")["valueBase64Binary"].as_str().unwrap()).unwrap(),
+            hash
+        );
+        prev = hash;
+    }
+    assert_eq!(text.lines().count(), 4);
+    // removing archived rows is allowed by the triggers; the rest of the chain still verifies
+    let report = run_verify(&s);
+    assert_eq!(report.finding, None, "{report:?}");
+    assert_eq!(report.first_seq, 5);
+    // younger rows stay protected
+    assert!(s.db.exec("DELETE FROM audit_chain WHERE seq = 5").is_err());
+}
+
+/// No PHI in operational logs: the real binary, with debug logging, is driven with a sentinel
+/// in bodies, query strings, headers and paths, and its captured output never holds it.
+#[test]
+fn operational_logs_hold_no_phi() {
+    use std::io::Read;
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let data = dir.path().join("data");
+    let bin = env!("CARGO_BIN_EXE_fhirvault");
+    let mut child = std::process::Command::new(bin)
+        .args([
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "serve",
+        ])
+        .env("FHIRVAULT_LOG", "debug")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let base = format!("http://127.0.0.1:{port}/fhir");
+    let client = reqwest::blocking::Client::new();
+    let up = (0..100).any(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        client.get(format!("{base}/metadata")).send().is_ok()
+    });
+    assert!(up, "server did not start");
+    let token = String::from_utf8(
+        std::process::Command::new(bin)
+            .args([
+                "--data-dir",
+                data.to_str().unwrap(),
+                "token",
+                "--scope",
+                "system/*.cruds",
+            ])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    let auth = format!("Bearer {}", token.trim());
+    const SENTINEL: &str = "Qzxsentinelphi";
+    let body = json!({"resourceType": "Patient", "name": [{"family": SENTINEL}]});
+    let created: Value = client
+        .post(format!("{base}/Patient"))
+        .header("authorization", &auth)
+        .header("content-type", "application/fhir+json")
+        .header("x-patient-name", SENTINEL)
+        .body(body.to_string())
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let id = created["id"].as_str().unwrap();
+    let requests: Vec<reqwest::blocking::RequestBuilder> = vec![
+        client
+            .get(format!("{base}/Patient/{id}?name={SENTINEL}"))
+            .header("authorization", &auth),
+        client
+            .get(format!("{base}/Patient/{SENTINEL}"))
+            .header("authorization", &auth),
+        client
+            .get(format!("{base}/Patient?family={SENTINEL}"))
+            .header("authorization", &auth),
+        client
+            .get(format!("{base}/AuditEvent?agent={SENTINEL}"))
+            .header("authorization", &auth),
+        // invalid content quoting the sentinel where a validator message might echo it
+        client
+            .post(format!("{base}/Patient"))
+            .header("authorization", &auth)
+            .header("content-type", "application/fhir+json")
+            .body(json!({"resourceType": "Patient", "gender": SENTINEL, "birthDate": SENTINEL}).to_string()),
+        client
+            .post(format!("{base}/Patient"))
+            .header("authorization", &auth)
+            .header("content-type", "application/fhir+json")
+            .body(format!("{{\"resourceType\": \"Patient\", \"name\": \"{SENTINEL}")),
+        client
+            .get(format!("{base}/Patient/{id}"))
+            .header("authorization", format!("Bearer {SENTINEL}")),
+        client
+            .get(format!("{base}/Patient/{id}/_history?_since={SENTINEL}"))
+            .header("authorization", &auth),
+    ];
+    for r in requests {
+        let reply = r.send().unwrap();
+        let status = reply.status().as_u16();
+        let text = reply.text().unwrap();
+        // error texts never echo it either
+        if status >= 400 {
+            assert!(!text.contains(SENTINEL), "{status}: {text}");
+        }
+    }
+    let _ = std::process::Command::new("kill").arg(child.id().to_string()).status();
+    let _ = child.wait();
+    let mut logs = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut logs).unwrap();
+    child.stdout.take().unwrap().read_to_string(&mut logs).unwrap();
+    assert!(logs.contains("request"), "the requests were logged: {logs}");
+    assert!(!logs.contains(SENTINEL), "PHI in logs:\n{logs}");
+    assert!(!logs.contains(id), "resource ids (paths) in logs");
+}

@@ -7,6 +7,7 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+mod support;
 
 use common::{Db, TestServer};
 use diesel::prelude::*;
@@ -18,113 +19,8 @@ use fhirvault::store::schema::{
 };
 use fhirvault::store::{DbConnection, DbManager};
 use serde_json::json;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
-
-/// A minimal HTTP/1.1 keep-alive client, so that the load generator (which shares the CPU with
-/// the server here) costs as little as possible: one connection, one write per request, a read
-/// of the headers and of `Content-Length` bytes. Used for fhirvault and the HTTP ceiling alike.
-struct LeanClient {
-    stream: std::io::BufReader<std::net::TcpStream>,
-    host: String,
-    auth: String,
-}
-
-impl LeanClient {
-    fn connect(addr: std::net::SocketAddr, token: &str) -> LeanClient {
-        let s = std::net::TcpStream::connect(addr).unwrap();
-        s.set_nodelay(true).unwrap();
-        LeanClient {
-            stream: std::io::BufReader::with_capacity(64 * 1024, s),
-            host: addr.to_string(),
-            auth: format!("Authorization: Bearer {token}\r\n"),
-        }
-    }
-
-    /// Sends a request and returns the status, discarding the body.
-    fn request(&mut self, method: &str, path: &str, body: Option<&[u8]>) -> u16 {
-        use std::io::{BufRead, Read, Write};
-        let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {}\r\n{}", self.host, self.auth);
-        if let Some(b) = body {
-            req.push_str(&format!(
-                "Content-Type: application/fhir+json\r\nContent-Length: {}\r\n",
-                b.len()
-            ));
-        }
-        req.push_str("\r\n");
-        let mut bytes = req.into_bytes();
-        if let Some(b) = body {
-            bytes.extend_from_slice(b);
-        }
-        self.stream.get_mut().write_all(&bytes).unwrap();
-        let mut line = String::new();
-        self.stream.read_line(&mut line).unwrap();
-        let status: u16 = line
-            .split(' ')
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .expect("status line");
-        let mut len = 0usize;
-        loop {
-            line.clear();
-            self.stream.read_line(&mut line).unwrap();
-            if line == "\r\n" {
-                break;
-            }
-            if let Some((k, v)) = line.split_once(':') {
-                if k.eq_ignore_ascii_case("content-length") {
-                    len = v.trim().parse().unwrap();
-                }
-            }
-        }
-        let mut sink = vec![0u8; len];
-        self.stream.read_exact(&mut sink).unwrap();
-        status
-    }
-}
-
-fn env_num(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-/// Runs `op` on `threads` threads for `secs` seconds; returns operations per second.
-fn throughput<S: Send>(
-    threads: usize,
-    secs: u64,
-    setup: impl Fn(usize) -> S + Sync,
-    op: impl Fn(&mut S, u64) + Sync,
-) -> f64 {
-    let count = AtomicU64::new(0);
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    let started = Instant::now();
-    std::thread::scope(|scope| {
-        for t in 0..threads {
-            let (count, setup, op) = (&count, &setup, &op);
-            scope.spawn(move || {
-                let mut state = setup(t);
-                let mut i = t as u64 * 1_000_003;
-                while Instant::now() < deadline {
-                    op(&mut state, i);
-                    i += 1;
-                    count.fetch_add(1, Ordering::Relaxed);
-                }
-            });
-        }
-    });
-    count.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64()
-}
-
-fn patient(i: u64) -> serde_json::Value {
-    json!({
-        "resourceType": "Patient",
-        "identifier": [{"system": "urn:bench", "value": format!("mrn-{i}")}],
-        "name": [{"family": format!("Family{i}"), "given": ["Given", "Middle"]}],
-        "gender": "female",
-        "birthDate": "1980-02-03",
-        "address": [{"line": ["1 Main Street"], "city": "Springfield", "postalCode": "12345"}],
-        "telecom": [{"system": "phone", "value": "555-0100"}]
-    })
-}
+use support::{env_num, patient, throughput, LeanClient};
 
 fn raw_conn(url: &str) -> DbConnection {
     DbManager::new(url).unwrap().connect().unwrap()

@@ -386,6 +386,12 @@ fn serve(config: Config) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     let state = actix_web::web::Data::new(fhirvault::server::build_state(config)?);
     let auditor = state.auditor.clone();
+    // starting and stopping the service are configuration events an auditor asks about
+    let mut started_event = cli_record(Kind::Admin("server-start"), Action::Execute);
+    started_event.outcome_desc = Some(format!("listening on {listen}, backend {:?}", state.store.backend()));
+    auditor
+        .record_blocking(&started_event)
+        .context("recording the start in the audit log")?;
     tracing::info!(
         %listen,
         backend = ?state.store.backend(),
@@ -402,6 +408,10 @@ fn serve(config: Config) -> anyhow::Result<()> {
             .context("server stopped with an error")
     });
     // commit what is queued and sign a last checkpoint before exiting
+    let stopped_event = cli_record(Kind::Admin("server-stop"), Action::Execute);
+    if let Err(e) = auditor.record_blocking(&stopped_event) {
+        tracing::error!(error = %e, "the stop could not be recorded in the audit log");
+    }
     auditor.shutdown();
     tracing::info!("audit ledger closed");
     served

@@ -34,8 +34,13 @@ pub fn install_panic_hook() {
     }));
 }
 
-/// The root span of every request: method, route pattern, request id, status, latency.
+/// The root span of every request: method, the FHIR interaction (never the path), request id,
+/// the agent (client id and token subject, recorded after authentication), status and duration.
 pub struct PhiSafeRootSpan;
+
+/// When the request started, for its duration.
+#[derive(Clone, Copy)]
+struct Started(std::time::Instant);
 
 impl RootSpanBuilder for PhiSafeRootSpan {
     fn on_request_start(request: &ServiceRequest) -> Span {
@@ -44,12 +49,15 @@ impl RootSpanBuilder for PhiSafeRootSpan {
             .get::<RequestId>()
             .map(|r| r.to_string())
             .unwrap_or_default();
+        request.extensions_mut().insert(Started(std::time::Instant::now()));
         tracing::info_span!(
             "http",
             method = %request.method(),
             // the FHIR interaction, recorded by the router: never the path (it holds ids)
             route = tracing::field::Empty,
             request_id = %request_id,
+            client = tracing::field::Empty,
+            subject = tracing::field::Empty,
             status = tracing::field::Empty,
         )
     }
@@ -59,12 +67,17 @@ impl RootSpanBuilder for PhiSafeRootSpan {
             Ok(r) => r.status().as_u16(),
             Err(e) => e.as_response_error().status_code().as_u16(),
         };
+        let duration_ms = outcome
+            .as_ref()
+            .ok()
+            .and_then(|r| r.request().extensions().get::<Started>().copied())
+            .map(|s| s.0.elapsed().as_secs_f64() * 1000.0);
         span.record("status", status);
         span.in_scope(|| {
             if status >= 500 {
-                tracing::error!(status, "request failed");
+                tracing::error!(status, duration_ms, "request failed");
             } else {
-                tracing::info!(status, "request");
+                tracing::info!(status, duration_ms, "request");
             }
         });
     }

@@ -421,6 +421,14 @@ fn audit_tables_are_append_only(db: Db) {
         assert_eq!(r.status, 405, "{method} {path}");
     }
     assert_eq!(s.get(&format!("/AuditEvent/{id}")).status, 200);
+    // the CapabilityStatement says so
+    let cs = s.get("/metadata").json();
+    let resources = cs["rest"][0]["resource"].as_array().unwrap();
+    let audit = resources.iter().find(|r| r["type"] == "AuditEvent").unwrap();
+    assert_eq!(audit["interaction"], json!([{"code": "read"}, {"code": "search-type"}]));
+    assert_eq!(audit["searchParam"].as_array().unwrap().len(), 8);
+    let patient = resources.iter().find(|r| r["type"] == "Patient").unwrap();
+    assert_eq!(patient["operation"][0]["name"], "access-report");
 }
 
 fn audit_log_search_and_access_report(db: Db) {
@@ -718,6 +726,18 @@ fn operational_logs_hold_no_phi() {
     child.stderr.take().unwrap().read_to_string(&mut logs).unwrap();
     child.stdout.take().unwrap().read_to_string(&mut logs).unwrap();
     assert!(logs.contains("request"), "the requests were logged: {logs}");
+    // what a request line holds: method, interaction, request id, agent, status, duration
+    for field in [
+        "method",
+        "route",
+        "request_id",
+        "client",
+        "subject",
+        "status",
+        "duration_ms",
+    ] {
+        assert!(logs.contains(field), "{field} missing from the request log:\n{logs}");
+    }
     assert!(!logs.contains(SENTINEL), "PHI in logs:\n{logs}");
     assert!(!logs.contains(id), "resource ids (paths) in logs");
 }

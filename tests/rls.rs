@@ -71,6 +71,32 @@ fn server_role_sees_only_its_access_context_even_with_raw_sql() {
     c.batch_execute("SELECT set_config('fhirvault.access', 'all', false)")
         .unwrap();
     assert_eq!(visible(&mut c).len(), 5);
+    // the role may read and append to the audit ledger (the writer runs as it)
+    #[derive(QueryableByName)]
+    struct Privileges {
+        #[diesel(sql_type = diesel::sql_types::Bool)]
+        can_insert: bool,
+        #[diesel(sql_type = diesel::sql_types::Bool)]
+        can_select: bool,
+        #[diesel(sql_type = diesel::sql_types::Bool)]
+        can_update: bool,
+        #[diesel(sql_type = diesel::sql_types::Bool)]
+        can_delete: bool,
+    }
+    for table in ["audit_events", "audit_entities", "audit_chain", "audit_checkpoints"] {
+        let p: Privileges = diesel::sql_query(format!(
+            "SELECT has_table_privilege('{table}', 'INSERT') AS can_insert, \
+             has_table_privilege('{table}', 'SELECT') AS can_select, \
+             has_table_privilege('{table}', 'UPDATE') AS can_update, \
+             has_table_privilege('{table}', 'DELETE') AS can_delete"
+        ))
+        .get_result(&mut c)
+        .unwrap();
+        assert!(
+            p.can_insert && p.can_select && !p.can_update && !p.can_delete,
+            "{table}"
+        );
+    }
     // The role can neither lift the protection nor rewrite history.
     for sql in [
         "ALTER TABLE resource_versions DISABLE ROW LEVEL SECURITY",
@@ -79,6 +105,16 @@ fn server_role_sees_only_its_access_context_even_with_raw_sql() {
         "UPDATE resource_versions SET deleted = TRUE",
         "DELETE FROM resource_versions",
         "DELETE FROM resource_compartments",
+        // the audit ledger: INSERT and SELECT only, whatever the triggers would allow
+        "UPDATE audit_events SET outcome = '0'",
+        "DELETE FROM audit_events",
+        "DELETE FROM audit_chain",
+        "DELETE FROM audit_entities",
+        "DELETE FROM audit_checkpoints",
+        "INSERT INTO audit_archives (up_to_seq, last_hash, archived_at, cutoff, events, file_sha256) \
+         VALUES (1000000, '\\x00', now(), now(), 0, '\\x00')",
+        "ALTER TABLE audit_events DISABLE TRIGGER USER",
+        "TRUNCATE audit_chain",
     ] {
         assert!(c.batch_execute(sql).is_err(), "{sql} must be refused");
     }

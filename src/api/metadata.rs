@@ -21,11 +21,43 @@ pub const TYPE_INTERACTIONS: &[&str] = &[
 /// The system-level interactions routed.
 pub const SYSTEM_INTERACTIONS: &[&str] = &["history-system"];
 
+/// AuditEvent is written only by the server: it is read and searched (see `api::audit`).
+fn audit_event_capability() -> Value {
+    let param = |name: &str, kind: &str, doc: &str| json!({"name": name, "type": kind, "documentation": doc});
+    json!({
+        "type": "AuditEvent",
+        "profile": "http://hl7.org/fhir/StructureDefinition/AuditEvent",
+        "documentation": "The audit log: one AuditEvent per request, kept in a hash-chained, append-only ledger. \
+            Readable with a system/ scope on AuditEvent, or a user/ scope and the auditor role.",
+        "interaction": [{"code": "read"}, {"code": "search-type"}],
+        "versioning": "no-version",
+        "readHistory": false,
+        "updateCreate": false,
+        "conditionalCreate": false,
+        "conditionalRead": "not-supported",
+        "conditionalUpdate": false,
+        "conditionalDelete": "not-supported",
+        "searchParam": [
+            param("date", "date", "When the event was recorded (prefixes eq, gt, ge, lt, le, sa, eb)"),
+            param("agent", "reference", "Who acted: the user's reference, else the client id or token subject"),
+            param("entity", "reference", "A resource the event touched"),
+            param("patient", "reference", "A patient whose data the event concerned"),
+            param("type", "token", "Type of event (rest, or a DICOM event type)"),
+            param("subtype", "token", "The interaction (read, search-type, create …) or command"),
+            param("action", "token", "C, R, U, D or E"),
+            param("outcome", "token", "0 success, 4 minor failure, 8 serious failure, 12 major failure"),
+        ],
+    })
+}
+
 pub fn capability_statement(config: &Config, validator: &Validator) -> Value {
     let resources: Vec<Value> = validator
         .resource_types()
         .map(|t| {
-            json!({
+            if t == "AuditEvent" {
+                return audit_event_capability();
+            }
+            let mut r = json!({
                 "type": t,
                 "profile": format!("http://hl7.org/fhir/StructureDefinition/{t}"),
                 "interaction": TYPE_INTERACTIONS.iter().map(|i| json!({"code": i})).collect::<Vec<_>>(),
@@ -36,7 +68,16 @@ pub fn capability_statement(config: &Config, validator: &Validator) -> Value {
                 "conditionalRead": "not-supported",
                 "conditionalUpdate": false,
                 "conditionalDelete": "not-supported",
-            })
+            });
+            if t == "Patient" {
+                r["operation"] = json!([{
+                    "name": "access-report",
+                    "definition": "https://fhirvault.dev/OperationDefinition/Patient-access-report",
+                    "documentation": "Who accessed this patient's record, when and why (AuditEvents about the patient, \
+                        without other patients' data); for the patient themself with patient/AuditEvent.rs, or an auditor."
+                }]);
+            }
+            r
         })
         .collect();
     let mut cs = json!({

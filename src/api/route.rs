@@ -236,7 +236,7 @@ pub async fn dispatch(
     if matches!(parsed, Ok(Interaction::Capabilities)) {
         return metadata::capabilities(req, state).await;
     }
-    let trail = Trail::start(&req, parsed.as_ref().ok());
+    let trail = Trail::start(&req, &state, parsed.as_ref().ok());
     let result = handle(req, payload, state.clone(), parsed, &trail).await;
     trail.finish(&state, result).await
 }
@@ -251,6 +251,10 @@ async fn handle(
     // Everything else acts on PHI: a valid token first, then each handler asks the policy.
     let p = state.authenticate(&req)?;
     trail.principal(&p);
+    if let Some(span) = req.extensions().get::<tracing_actix_web::RootSpan>() {
+        span.record("client", p.client_id.as_deref().unwrap_or(""));
+        span.record("subject", p.subject.as_str());
+    }
     let interaction = parsed?;
     if p.break_glass {
         // An alert on every break-glass request: who, which client, what kind of access; never

@@ -19,6 +19,8 @@ struct State {
     record: AuditRecord,
     /// The event was written in the request's own (committed) transaction.
     committed: bool,
+    /// Tells the audit writer that this request's event is on its way.
+    in_flight: Option<crate::audit::InFlight>,
 }
 
 /// Shared between the router and the handler through the request's extensions.
@@ -41,7 +43,7 @@ fn kind_of(method: &Method, interaction: Option<&Interaction>) -> (&'static str,
 
 impl Trail {
     /// Starts the trail of a request under the FHIR base and attaches it to the request.
-    pub fn start(req: &HttpRequest, interaction: Option<&Interaction>) -> Trail {
+    pub fn start(req: &HttpRequest, state: &AppState, interaction: Option<&Interaction>) -> Trail {
         let (code, action) = kind_of(req.method(), interaction);
         let agent = Agent {
             network: req.peer_addr().map(|a| a.ip().to_string()),
@@ -57,6 +59,7 @@ impl Trail {
         let trail = Trail(Rc::new(RefCell::new(State {
             record,
             committed: false,
+            in_flight: Some(state.auditor.in_flight()),
         })));
         req.extensions_mut().insert(trail.clone());
         trail
@@ -118,7 +121,10 @@ impl Trail {
 
     /// The write committed with its event: nothing more to record for this request.
     pub fn committed(&self, state: &AppState, tx: TxAudit) {
-        self.0.borrow_mut().committed = true;
+        let mut s = self.0.borrow_mut();
+        s.committed = true;
+        s.in_flight = None;
+        drop(s);
         state.auditor.link_committed(tx);
     }
 
@@ -148,7 +154,9 @@ impl Trail {
             record.recorded = crate::store::now();
             record
         };
-        match state.auditor.record(&record).await {
+        let recorded = state.auditor.record(&record).await;
+        self.0.borrow_mut().in_flight = None;
+        match recorded {
             Ok(()) => result,
             Err(e) => {
                 tracing::error!(error = %e, "audit event not recorded: the response is withheld");

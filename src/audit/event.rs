@@ -21,6 +21,8 @@ const ACT_REASON: &str = "http://terminology.hl7.org/CodeSystem/v3-ActReason";
 const ENTITY_TYPE: &str = "http://terminology.hl7.org/CodeSystem/audit-entity-type";
 const OBJECT_ROLE: &str = "http://terminology.hl7.org/CodeSystem/object-role";
 const SOURCE_TYPE: &str = "http://terminology.hl7.org/CodeSystem/security-source-type";
+// Codings carry system and code only (displays are the code systems' to give): every byte is
+// written, hashed and sealed once per request.
 
 /// AuditEvent.action
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -171,7 +173,7 @@ pub fn versionless(reference: &str) -> &str {
 impl AuditRecord {
     pub fn new(kind: Kind, action: Action, agent: Agent) -> AuditRecord {
         AuditRecord {
-            id: uuid::Uuid::new_v4().to_string(),
+            id: uuid::Uuid::now_v7().to_string(),
             recorded: crate::store::now(),
             kind,
             action,
@@ -234,7 +236,7 @@ impl AuditRecord {
         let mut user = Map::new();
         user.insert(
             "type".into(),
-            json!({"coding": [{"system": PARTICIPATION, "code": "IRCP", "display": "information recipient"}]}),
+            json!({"coding": [{"system": PARTICIPATION, "code": "IRCP"}]}),
         );
         if !self.agent.roles.is_empty() {
             let roles: Vec<Value> = self.agent.roles.iter().map(|r| json!({"text": r})).collect();
@@ -248,10 +250,7 @@ impl AuditRecord {
         agents.push(Value::Object(user));
         // the client software, where the request came from
         let mut client = Map::new();
-        client.insert(
-            "type".into(),
-            json!({"coding": [{"system": DCM, "code": "110153", "display": "Source Role ID"}]}),
-        );
+        client.insert("type".into(), json!({"coding": [{"system": DCM, "code": "110153"}]}));
         client.insert(
             "who".into(),
             match &self.agent.client_id {
@@ -266,7 +265,7 @@ impl AuditRecord {
         agents.push(Value::Object(client));
         // this server
         agents.push(json!({
-            "type": {"coding": [{"system": DCM, "code": "110152", "display": "Destination Role ID"}]},
+            "type": {"coding": [{"system": DCM, "code": "110152"}]},
             "who": {"display": source.observer},
             "requestor": false
         }));
@@ -276,21 +275,21 @@ impl AuditRecord {
             json!({
                 "site": source.site,
                 "observer": {"display": source.observer},
-                "type": [{"system": SOURCE_TYPE, "code": "4", "display": "Application Server"}]
+                "type": [{"system": SOURCE_TYPE, "code": "4"}]
             }),
         );
         let mut entities = Vec::new();
         for p in &self.patients {
             entities.push(json!({
                 "what": {"reference": format!("Patient/{p}")},
-                "type": {"system": ENTITY_TYPE, "code": "1", "display": "Person"},
-                "role": {"system": OBJECT_ROLE, "code": "1", "display": "Patient"}
+                "type": {"system": ENTITY_TYPE, "code": "1"},
+                "role": {"system": OBJECT_ROLE, "code": "1"}
             }));
         }
         for e in &self.entities {
             entities.push(json!({
                 "what": {"reference": e},
-                "type": {"system": ENTITY_TYPE, "code": "2", "display": "System Object"}
+                "type": {"system": ENTITY_TYPE, "code": "2"}
             }));
         }
         if let Some(q) = &self.query {
@@ -299,8 +298,8 @@ impl AuditRecord {
                 .seal(&query_aad(&self.id), q.as_bytes())
                 .map_err(|_| AuditError::Seal)?;
             let mut query = json!({
-                "type": {"system": ENTITY_TYPE, "code": "2", "display": "System Object"},
-                "role": {"system": OBJECT_ROLE, "code": "24", "display": "Query"},
+                "type": {"system": ENTITY_TYPE, "code": "2"},
+                "role": {"system": OBJECT_ROLE, "code": "24"},
                 "query": base64::engine::general_purpose::STANDARD.encode(sealed.as_bytes())
             });
             if let Some(t) = &self.resource_type {

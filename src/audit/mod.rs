@@ -25,8 +25,9 @@ use crate::crypto::{Aad, Cipher};
 use crate::store::audit::{AuditRow, AUDIT_TABLE};
 use crate::store::{Store, StoreError, WriteAudit, WriteEffect, WriteFacts};
 use checkpoint::{CheckpointFile, CheckpointKey};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::Sender;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 use tokio::sync::oneshot;
 use writer::{Job, Writer};
@@ -48,13 +49,26 @@ pub enum AuditError {
 
 /// The handle request handlers and commands record through. Cheap to share.
 pub struct Auditor {
-    sender: Mutex<Option<Sender<Job>>>,
+    /// Senders are shared by all request threads; the lock is only taken for writing at shutdown.
+    sender: RwLock<Option<Sender<Job>>>,
     cipher: Arc<Cipher>,
     source: Source,
     stats: Arc<WriterStats>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// False only for [`Auditor::without_ledger`] (benchmark baselines).
     enabled: bool,
+    /// Requests that will hand in an event soon (the writer waits briefly for them).
+    in_flight: Arc<AtomicUsize>,
+}
+
+/// Counts a request as under way until dropped: the writer batches its event with others'.
+#[derive(Debug)]
+pub struct InFlight(Arc<AtomicUsize>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl std::fmt::Debug for Auditor {
@@ -77,6 +91,7 @@ impl Auditor {
     ) -> Result<Auditor, AuditError> {
         let cipher = store.shared_cipher();
         let stats = Arc::new(WriterStats::default());
+        let in_flight = Arc::new(AtomicUsize::new(0));
         let last_checkpoint = store.audit_checkpoints()?.last().map(|c| c.seq).unwrap_or(0);
         let mut w = Writer {
             store: store.clone(),
@@ -88,6 +103,9 @@ impl Auditor {
             since_checkpoint: 0,
             retry_links: Vec::new(),
             head_seq: store.audit_chain_head()?.seq,
+            head: None,
+            session: Default::default(),
+            in_flight: in_flight.clone(),
         };
         let recovered = recover_unchained(&store, &cipher)?;
         if !recovered.is_empty() {
@@ -108,12 +126,13 @@ impl Auditor {
             .spawn(move || w.run(rx))
             .map_err(|e| AuditError::Io(e.to_string()))?;
         Ok(Auditor {
-            sender: Mutex::new(Some(tx)),
+            sender: RwLock::new(Some(tx)),
             cipher,
             source,
             stats,
             thread: Mutex::new(Some(thread)),
             enabled: true,
+            in_flight,
         })
     }
 
@@ -121,13 +140,21 @@ impl Auditor {
     /// it exists so that benches can measure what auditing costs against the same server.
     pub fn without_ledger(cipher: Arc<Cipher>, source: Source) -> Auditor {
         Auditor {
-            sender: Mutex::new(None),
+            sender: RwLock::new(None),
             cipher,
             source,
             stats: Arc::new(WriterStats::default()),
             thread: Mutex::new(None),
             enabled: false,
+            in_flight: Arc::new(AtomicUsize::new(0)),
         }
+    }
+
+    /// Marks a request whose event is coming (held until its event is recorded or the request
+    /// records it in its own transaction).
+    pub fn in_flight(&self) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(self.in_flight.clone())
     }
 
     pub fn source(&self) -> &Source {
@@ -139,7 +166,7 @@ impl Auditor {
     }
 
     fn send(&self, job: Job) -> Result<(), AuditError> {
-        let guard = self.sender.lock().unwrap_or_else(|p| p.into_inner());
+        let guard = self.sender.read().unwrap_or_else(|p| p.into_inner());
         match guard.as_ref() {
             Some(s) => s.send(job).map_err(|_| AuditError::Unavailable),
             None => Err(AuditError::Unavailable),
@@ -219,7 +246,7 @@ impl Auditor {
 
     /// Stops the writer after it has committed what is queued (and signed a last checkpoint).
     pub fn shutdown(&self) {
-        self.sender.lock().unwrap_or_else(|p| p.into_inner()).take();
+        self.sender.write().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(t) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
             let _ = t.join();
         }
@@ -272,7 +299,7 @@ impl TxAudit {
 impl WriteAudit for TxAudit {
     fn record(&mut self, facts: &WriteFacts<'_>) -> Result<AuditRow, StoreError> {
         let mut r = self.template.clone();
-        r.id = uuid::Uuid::new_v4().to_string();
+        r.id = uuid::Uuid::now_v7().to_string();
         r.recorded = crate::store::now();
         r.entities = vec![match facts.version_id {
             Some(v) => format!("{}/{}/_history/{v}", facts.resource_type, facts.id),

@@ -17,6 +17,9 @@ use tokio::sync::oneshot;
 /// The most events appended in one transaction.
 const MAX_BATCH: usize = 1024;
 
+/// The longest a batch waits for events of requests still in flight.
+const MAX_LINGER: Duration = Duration::from_micros(1500);
+
 pub(super) enum Job {
     /// Store and link this event, then acknowledge.
     Append {
@@ -58,8 +61,13 @@ pub(super) struct Writer {
     pub since_checkpoint: u64,
     /// Links whose batch failed, tried again with the next one.
     pub retry_links: Vec<(String, Vec<u8>)>,
+    /// Audited requests under way (see [`super::InFlight`]).
+    pub in_flight: Arc<std::sync::atomic::AtomicUsize>,
     /// The chain's last seq as this writer last saw it.
     pub head_seq: i64,
+    pub session: crate::store::audit::AuditSession,
+    /// The chain head after this writer's last commit (`None`: read it from the database).
+    pub head: Option<crate::store::audit::ChainHead>,
 }
 
 impl Writer {
@@ -77,10 +85,35 @@ impl Writer {
                     Err(_) => break,
                 }
             }
+            self.linger(&rx, &mut jobs);
             self.process(jobs);
         }
         // shutting down: leave a checkpoint on the last event
         self.process_with(Vec::new(), true);
+    }
+
+    /// Adaptive group commit: when more audited requests are in flight than have handed in
+    /// their event, they are about to (their database read is under way), so wait briefly for
+    /// them rather than commit, and fsync, once per handful. Never longer than [`MAX_LINGER`],
+    /// and not at all when the queued events are all there is (a lone request is not delayed).
+    fn linger(&self, rx: &Receiver<Job>, jobs: &mut Vec<Job>) {
+        let waiting = |jobs: &Vec<Job>| jobs.iter().filter(|j| matches!(j, Job::Append { .. })).count();
+        let deadline = Instant::now() + MAX_LINGER;
+        loop {
+            let queued = waiting(jobs);
+            let in_flight = self.in_flight.load(Ordering::Relaxed);
+            if queued == 0 || queued >= in_flight || jobs.len() >= MAX_BATCH {
+                return;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return;
+            }
+            match rx.recv_timeout(deadline - now) {
+                Ok(job) => jobs.push(job),
+                Err(_) => return,
+            }
+        }
     }
 
     /// Commits the retried links now (start-up recovery).
@@ -127,32 +160,35 @@ impl Writer {
             let mut signed: Option<Checkpoint> = None;
             let since = self.since_checkpoint;
             let (policy, last_seq, key) = (self.policy, self.last_checkpoint.0, &self.key);
-            let result = self.store.append_audit_batch(&rows, |head| {
-                let mut prev = head.hash.clone();
-                let mut seq = head.seq;
-                let links: Vec<ChainLink> = order
-                    .iter()
-                    .map(|(id, canonical)| {
-                        seq += 1;
-                        let hash = link_hash(&prev, canonical).to_vec();
-                        ChainLink {
-                            seq,
-                            event_id: id.clone(),
-                            prev_hash: std::mem::replace(&mut prev, hash.clone()),
-                            hash,
-                        }
-                    })
-                    .collect();
-                let due = since + links.len() as u64 >= policy.every_events || want_checkpoint || time_due;
-                if due && seq > last_seq && seq > 0 {
-                    signed = Some(key.sign(seq, &prev, crate::store::now()));
-                }
-                (links, signed.clone())
-            });
+            let known_head = if attempts == 1 { self.head.as_ref() } else { None };
+            let result = self
+                .store
+                .append_audit_batch(&mut self.session, &rows, known_head, |head| {
+                    let mut prev = head.hash.clone();
+                    let mut seq = head.seq;
+                    let links: Vec<ChainLink> = order
+                        .iter()
+                        .map(|(id, canonical)| {
+                            seq += 1;
+                            let hash = link_hash(&prev, canonical).to_vec();
+                            ChainLink {
+                                seq,
+                                event_id: id.clone(),
+                                prev_hash: std::mem::replace(&mut prev, hash.clone()),
+                                hash,
+                            }
+                        })
+                        .collect();
+                    let due = since + links.len() as u64 >= policy.every_events || want_checkpoint || time_due;
+                    if due && seq > last_seq && seq > 0 {
+                        signed = Some(key.sign(seq, &prev, crate::store::now()));
+                    }
+                    (links, signed.clone())
+                });
             match result {
-                // Another process appended at the same seq, or held SQLite's write lock when
-                // this transaction wanted it: read the head again.
-                Err(e) if attempts < 4 && !e.is_lost_connection() => {
+                // Another process appended at the same seq, SQLite's write lock was held, or
+                // the connection died (the session reconnects): read the head again and retry.
+                Err(_) if attempts < 4 => {
                     std::thread::sleep(Duration::from_millis(5 * attempts));
                     continue;
                 }
@@ -163,6 +199,7 @@ impl Writer {
             Ok((head, signed)) => {
                 let n = order.len() as u64;
                 self.head_seq = head.seq;
+                self.head = Some(head);
                 self.stats.commits.fetch_add(1, Ordering::Relaxed);
                 self.stats.events.fetch_add(n, Ordering::Relaxed);
                 self.since_checkpoint += n;
@@ -181,6 +218,8 @@ impl Writer {
                 }
             }
             Err(e) => {
+                // read the head again next time: the failure may have been someone else's append
+                self.head = None;
                 self.stats.failed_batches.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(error = %e, events = rows.len(), "audit batch could not be committed");
                 // links name events already stored: keep them for the next batch

@@ -238,6 +238,8 @@ pub struct Store {
     backend: Backend,
     cipher: Arc<Cipher>,
     sqlite_writer: Mutex<()>,
+    /// Opens connections outside the pool (the audit writer keeps one of its own).
+    manager: DbManager,
 }
 
 impl std::fmt::Debug for Store {
@@ -386,6 +388,7 @@ impl Store {
             backend,
             cipher,
             sqlite_writer: Mutex::new(()),
+            manager: DbManager::new(database_url)?,
         })
     }
 

@@ -259,6 +259,9 @@ impl TestDb {
             Db::Sqlite => {
                 let path = self.database_url.trim_start_matches("sqlite://");
                 let mut c = diesel::SqliteConnection::establish(path).map_err(|e| e.to_string())?;
+                // the server's audit writer may hold the write lock for a moment
+                c.batch_execute("PRAGMA busy_timeout = 10000;")
+                    .map_err(|e| e.to_string())?;
                 c.batch_execute(sql).map_err(|e| e.to_string())
             }
             Db::Postgres => {

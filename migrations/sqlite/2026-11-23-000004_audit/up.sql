@@ -18,18 +18,20 @@ CREATE INDEX audit_events_by_time ON audit_events (recorded);
 CREATE INDEX audit_events_by_agent ON audit_events (agent, recorded);
 
 -- What each event touched (`entity`) and whose data it was (`patient`), versionless references.
+-- WITHOUT ROWID: the primary key is the table, one b-tree less to write per row.
 CREATE TABLE audit_entities (
     event_id  TEXT NOT NULL,
     role      TEXT NOT NULL,
     reference TEXT NOT NULL,
     PRIMARY KEY (event_id, role, reference)
-);
+) WITHOUT ROWID;
 CREATE INDEX audit_entities_by_reference ON audit_entities (reference, role);
 
--- The hash chain: the order of events, each linked to the one before.
+-- The hash chain: the order of events, each linked to the one before. (`INTEGER PRIMARY KEY`
+-- makes seq the rowid: one b-tree less to write per event than BIGINT would.)
 -- hash = SHA-256(prev_hash || canonical event bytes).
 CREATE TABLE audit_chain (
-    seq       BIGINT PRIMARY KEY,
+    seq       INTEGER PRIMARY KEY,
     event_id  TEXT   NOT NULL UNIQUE,
     prev_hash BLOB   NOT NULL,
     hash      BLOB   NOT NULL

@@ -1,0 +1,207 @@
+//! Audit bench: what auditing every read costs, and how well the group-commit writer batches.
+//!
+//! On each backend, one database, two servers side by side: the normal one (every read waits
+//! until its AuditEvent is committed) and one whose auditor records nothing (a baseline that no
+//! configuration can produce). Reads by id over HTTP at concurrency 32 (and 1, 8 for context):
+//! the ratio audit-on / audit-off, and the audit events made durable per commit of the writer
+//! (and, on PostgreSQL, per WAL fsync counted by `pg_stat_wal` in the same window).
+//!
+//! Run: `cargo bench --bench audit` (optionally `BENCH_SECS=5 BENCH_ROWS=5000`).
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+mod support;
+
+use common::{Db, TestServer};
+use diesel::prelude::*;
+use fhirvault::config::ConfigLayer;
+use serde_json::json;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use support::{env_num, patient, throughput, LeanClient};
+
+/// Serves `state` on a loopback port (in its own actix system); returns the address.
+fn serve(state: fhirvault::api::AppState, workers: usize) -> std::net::SocketAddr {
+    let state = actix_web::web::Data::new(state);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        actix_web::rt::System::new().block_on(async move {
+            let srv = actix_web::HttpServer::new(move || fhirvault::api::app(state.clone()))
+                .workers(workers)
+                .disable_signals()
+                .bind("127.0.0.1:0")
+                .unwrap();
+            tx.send(srv.addrs()[0]).unwrap();
+            let _ = srv.run().await;
+        })
+    });
+    rx.recv().unwrap()
+}
+
+/// WAL fsyncs so far (PostgreSQL 14+).
+fn wal_syncs(url: &str) -> Option<i64> {
+    #[derive(QueryableByName)]
+    struct Syncs {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        wal_sync: i64,
+    }
+    let mut c = diesel::PgConnection::establish(url).ok()?;
+    diesel::sql_query("SELECT wal_sync FROM pg_stat_wal")
+        .get_result::<Syncs>(&mut c)
+        .ok()
+        .map(|s| s.wal_sync)
+}
+
+fn bench_backend(db: Db, rows: u64, secs: u64) -> serde_json::Value {
+    let tdb = common::TestDb::new(db);
+    // the server's default pool size unless BENCH_POOL says otherwise
+    let mut layer = ConfigLayer {
+        pool_size: std::env::var("BENCH_POOL").ok().and_then(|v| v.parse().ok()),
+        ..Default::default()
+    };
+    if db == Db::Postgres {
+        // as in production: the server runs as a role that row-level security binds
+        let name = tdb.pg_name.clone().unwrap();
+        let role = format!("app_{name}");
+        common::pg().admin(&format!("CREATE ROLE {role} LOGIN NOSUPERUSER NOBYPASSRLS"));
+        layer.database_url = Some(common::pg().url_as(&role, &name));
+        layer.migration_database_url = Some(common::pg().url(&name));
+    }
+    let s = TestServer::start_on(tdb, layer);
+    let ids: Vec<String> = std::thread::scope(|scope| {
+        let hs: Vec<_> = (0..4u64)
+            .map(|t| {
+                let s = &s;
+                scope.spawn(move || {
+                    (0..rows / 4)
+                        .map(|i| {
+                            s.post("/Patient", &patient(t * rows + i)).json()["id"]
+                                .as_str()
+                                .unwrap()
+                                .to_string()
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        hs.into_iter().flat_map(|h| h.join().unwrap()).collect()
+    });
+    // the same server wiring over the same store, with an auditor that records nothing
+    let config = Arc::new(s.config.clone());
+    let unaudited = fhirvault::api::AppState::new(
+        config.clone(),
+        s.store.clone(),
+        fhirvault::server::shared_validator().unwrap(),
+        s.issuer.clone(),
+        Arc::new(fhirvault::fhir::compartment::PatientCompartment::r4().unwrap()),
+        Arc::new(Default::default()),
+        Default::default(),
+        Arc::new(fhirvault::audit::Auditor::without_ledger(
+            s.store.shared_cipher(),
+            fhirvault::server::audit_source(&config),
+        )),
+    );
+    let off_addr = serve(unaudited, config.workers);
+    let token = s.token("system/*.cruds", None);
+    let reads = |addr: std::net::SocketAddr, conc: usize| {
+        throughput(
+            conc,
+            secs,
+            |_| LeanClient::connect(addr, &token),
+            |c, i| {
+                let id = &ids[(i.wrapping_mul(2654435761) % ids.len() as u64) as usize];
+                assert_eq!(c.request("GET", &format!("/fhir/Patient/{id}"), None), 200);
+            },
+        )
+    };
+    let owner_url = s.db.database_url.clone();
+    let mut by_concurrency = Vec::new();
+    let mut at_32 = json!({});
+    let levels: Vec<usize> = std::env::var("BENCH_LEVELS")
+        .ok()
+        .map(|v| v.split(',').filter_map(|x| x.parse().ok()).collect())
+        .unwrap_or_else(|| vec![1, 8, 32]);
+    for conc in levels {
+        let off = reads(off_addr, conc);
+        let stats = s.auditor.stats();
+        let (c0, e0) = (
+            stats.commits.load(Ordering::Relaxed),
+            stats.events.load(Ordering::Relaxed),
+        );
+        let syncs0 = (db == Db::Postgres).then(|| wal_syncs(&owner_url)).flatten();
+        let on = reads(s.addr, conc);
+        let syncs1 = (db == Db::Postgres).then(|| wal_syncs(&owner_url)).flatten();
+        let (commits, events) = (
+            stats.commits.load(Ordering::Relaxed) - c0,
+            stats.events.load(Ordering::Relaxed) - e0,
+        );
+        let per_commit = events as f64 / commits.max(1) as f64;
+        let per_fsync = match (syncs0, syncs1) {
+            (Some(a), Some(b)) if b > a => Some(events as f64 / (b - a) as f64),
+            _ => None,
+        };
+        eprintln!(
+            "  c{conc:<2} reads/s audit off {off:>7.0}  audit on {on:>7.0}  ratio {:.2}  events/commit {per_commit:>5.1}{}",
+            on / off,
+            per_fsync.map(|f| format!("  events/WAL fsync {f:.1}")).unwrap_or_default()
+        );
+        let r = json!({
+            "concurrency": conc,
+            "reads_per_sec_audit_off": off,
+            "reads_per_sec_audit_on": on,
+            "ratio_on_vs_off": on / off,
+            "audit_events": events,
+            "writer_commits": commits,
+            "events_per_commit": per_commit,
+            "events_per_wal_fsync": per_fsync,
+        });
+        if conc == 32 {
+            at_32 = r.clone();
+        }
+        by_concurrency.push(r);
+    }
+    json!({
+        "backend": format!("{db:?}"),
+        "rows": ids.len(),
+        "at_concurrency_32": at_32,
+        "by_concurrency": by_concurrency,
+    })
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return; // `cargo test --benches` asks benches to list their tests
+    }
+    if std::env::var("PG_FSYNC").is_err() {
+        // durable commits, as in production (the test harness turns fsync off)
+        std::env::set_var("PG_FSYNC", "on");
+    }
+    let secs = env_num("BENCH_SECS", 3);
+    let rows = env_num("BENCH_ROWS", 2000);
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_default();
+    eprintln!("fhirvault audit bench: {rows} patients, {secs}s per figure, CPU {cpu}");
+    let mut results = Vec::new();
+    let only = std::env::var("BENCH_BACKENDS").unwrap_or_default().to_lowercase();
+    for db in [Db::Sqlite, Db::Postgres] {
+        if !only.is_empty() && !only.contains(&format!("{db:?}").to_lowercase()) {
+            continue;
+        }
+        eprintln!("{db:?}:");
+        results.push(bench_backend(db, rows, secs));
+    }
+    let out = json!({
+        "bench": "audit",
+        "git_revision": std::process::Command::new("git").args(["rev-parse", "HEAD"]).output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default(),
+        "cpu": cpu,
+        "loadavg": std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim(),
+        "backends": results,
+    });
+    println!("{}", serde_json::to_string_pretty(&out).unwrap());
+}

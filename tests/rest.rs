@@ -537,8 +537,9 @@ fn capability_statement(db: Db) {
     // the CapabilityStatement is itself a valid R4 resource
     let v = fhirvault::server::shared_validator().unwrap();
     assert!(v.validate("CapabilityStatement", &cs).is_empty());
-    // nothing listed that is not implemented: search is not yet, so no search-type / searchParam
-    for res in resources {
+    // nothing listed that is not implemented: search is not yet (but for the audit log, whose
+    // own listing tests/audit.rs checks), so no search-type / searchParam
+    for res in resources.iter().filter(|r| r["type"] != "AuditEvent") {
         let codes: BTreeSet<&str> = res["interaction"]
             .as_array()
             .unwrap()
@@ -562,7 +563,7 @@ fn capability_statement(db: Db) {
         assert!(res.get("searchParam").is_none());
     }
     // and every listed interaction answers on a sample of types
-    for t in ["Patient", "Observation", "Bundle", "Binary", "AuditEvent"] {
+    for t in ["Patient", "Observation", "Bundle", "Binary"] {
         assert_ne!(s.get(&format!("/{t}/_history")).status, 404, "{t}");
     }
 }

@@ -19,6 +19,7 @@ const MAX_BATCH: usize = 1024;
 
 /// The longest a batch waits for events of requests still in flight.
 const MAX_LINGER: Duration = Duration::from_micros(1500);
+const LINGER_STEP: Duration = Duration::from_micros(100);
 
 pub(super) enum Job {
     /// Store and link this event, then acknowledge.
@@ -109,9 +110,14 @@ impl Writer {
             if now >= deadline {
                 return;
             }
-            match rx.recv_timeout(deadline - now) {
-                Ok(job) => jobs.push(job),
-                Err(_) => return,
+            // Nap, then take all that arrived: one wake-up for many events, not one each.
+            std::thread::sleep(LINGER_STEP.min(deadline - now));
+            while jobs.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(job) => jobs.push(job),
+                    Err(std::sync::mpsc::TryRecvError::Empty) => break,
+                    Err(std::sync::mpsc::TryRecvError::Disconnected) => return,
+                }
             }
         }
     }

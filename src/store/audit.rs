@@ -168,10 +168,14 @@ pub(super) fn insert_events(conn: &mut DbConnection, rows: &[AuditRow]) -> Resul
                 diesel::insert_into(ae::table).values(&entities).execute(c)?;
             }
         }
+        // SQLite has no round trips to save: one cached single-row statement per table beats a
+        // multi-row statement whose SQL (and so its preparation) changes with the batch size.
         DbConnection::Sqlite(c) => {
-            diesel::insert_into(ev::table).values(&events).execute(c)?;
-            if !entities.is_empty() {
-                diesel::insert_into(ae::table).values(&entities).execute(c)?;
+            for e in &events {
+                diesel::insert_into(ev::table).values(e).execute(c)?;
+            }
+            for e in &entities {
+                diesel::insert_into(ae::table).values(e).execute(c)?;
             }
         }
     }
@@ -217,11 +221,16 @@ fn insert_batch(conn: &mut DbConnection, batch: &ChainBatch<'_>) -> Result<(), S
             )
         })
         .collect();
-    if !link_rows.is_empty() {
-        match conn {
-            DbConnection::Pg(c) => diesel::insert_into(ac::table).values(&link_rows).execute(c)?,
-            DbConnection::Sqlite(c) => diesel::insert_into(ac::table).values(&link_rows).execute(c)?,
-        };
+    match conn {
+        DbConnection::Pg(c) if !link_rows.is_empty() => {
+            diesel::insert_into(ac::table).values(&link_rows).execute(c)?;
+        }
+        DbConnection::Pg(_) => {}
+        DbConnection::Sqlite(c) => {
+            for l in &link_rows {
+                diesel::insert_into(ac::table).values(l).execute(c)?;
+            }
+        }
     }
     if let Some(cp) = &batch.checkpoint {
         diesel::insert_into(ak::table).values(cp).execute(conn)?;

@@ -79,7 +79,7 @@ impl DbManager {
                 // before we answer (an acknowledged write or audit event must survive power loss).
                 c.batch_execute(
                     "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA busy_timeout = 10000; \
-                     PRAGMA foreign_keys = ON; PRAGMA secure_delete = ON; PRAGMA cache_size = -16384;",
+                     PRAGMA foreign_keys = ON; PRAGMA secure_delete = ON;",
                 )?;
                 Ok(DbConnection::Sqlite(c))
             }

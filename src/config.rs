@@ -60,6 +60,8 @@ pub struct ConfigLayer {
     pub break_glass_webhook: Option<String>,
     pub audit_signing_key_file: Option<PathBuf>,
     pub audit_checkpoint_file: Option<PathBuf>,
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
     pub audit_checkpoint_events: Option<u64>,
     pub audit_checkpoint_secs: Option<u64>,
     pub audit_retention_days: Option<u64>,
@@ -131,6 +133,8 @@ impl ConfigLayer {
                 "BREAK_GLASS_SECS" => layer.break_glass_secs = Some(parse_num(&value)?),
                 "BREAK_GLASS_WEBHOOK" => layer.break_glass_webhook = Some(value),
                 "AUDIT_SIGNING_KEY_FILE" => layer.audit_signing_key_file = Some(value.into()),
+                "TLS_CERT_FILE" => layer.tls_cert_file = Some(value.into()),
+                "TLS_KEY_FILE" => layer.tls_key_file = Some(value.into()),
                 "AUDIT_CHECKPOINT_FILE" => layer.audit_checkpoint_file = Some(value.into()),
                 "AUDIT_CHECKPOINT_EVENTS" => layer.audit_checkpoint_events = Some(parse_num(&value)?),
                 "AUDIT_CHECKPOINT_SECS" => layer.audit_checkpoint_secs = Some(parse_num(&value)?),
@@ -188,6 +192,8 @@ impl ConfigLayer {
             audit_checkpoint_secs,
             audit_retention_days,
             audit_site,
+            tls_cert_file,
+            tls_key_file,
             oidc_provider
         );
         self
@@ -256,8 +262,17 @@ pub struct Config {
     pub audit_retention_days: u64,
     /// `AuditEvent.source.site` [default: fhirvault].
     pub audit_site: String,
+    /// TLS: certificate chain and private key (PEM), both or neither; reloaded on SIGHUP.
+    pub tls: Option<TlsFiles>,
     /// External OpenID Connect providers whose access tokens are accepted beside the built-in issuer's.
     pub oidc_providers: Vec<crate::auth::oidc::ProviderConfig>,
+}
+
+/// The certificate chain and private key files of the server's TLS endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 /// `postgres://user:secret@host/db` → `postgres://user:***@host/db`.
@@ -449,7 +464,14 @@ impl Config {
         let audit_checkpoint_file = layer
             .audit_checkpoint_file
             .unwrap_or_else(|| data_dir.join("audit-checkpoints.jsonl"));
+        let tls = match (layer.tls_cert_file, layer.tls_key_file) {
+            (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
+            (None, None) => None,
+            (Some(_), None) => return Err(cerr("tls_key_file", "is required with tls_cert_file")),
+            (None, Some(_)) => return Err(cerr("tls_cert_file", "is required with tls_key_file")),
+        };
         Ok(Config {
+            tls,
             audit_signing_key_file,
             audit_checkpoint_file,
             audit_checkpoint_events,
@@ -491,7 +513,7 @@ impl Config {
     /// Checks that the listening address is safe: plaintext HTTP is only for loopback, unless
     /// the operator says a TLS gateway sits in front (invariant 7).
     pub fn check_listen_safety(&self) -> Result<(), ConfigError> {
-        if !self.listen.ip().is_loopback() && !self.behind_tls_proxy {
+        if !self.listen.ip().is_loopback() && !self.behind_tls_proxy && self.tls.is_none() {
             return Err(cerr(
                 "listen",
                 format!(

@@ -13,3 +13,4 @@ pub mod secret_file;
 pub mod server;
 pub mod store;
 pub mod telemetry;
+pub mod tls;

@@ -398,14 +398,47 @@ fn serve(config: Config) -> anyhow::Result<()> {
         startup_ms = started.elapsed().as_millis() as u64,
         "fhirvault ready"
     );
+    let tls = match &state.config.tls {
+        Some(files) => Some(fhirvault::tls::ReloadableCert::load(&files.cert, &files.key).context("TLS")?),
+        None => None,
+    };
+    let reload_auditor = auditor.clone();
     let served = actix_web::rt::System::new().block_on(async move {
-        actix_web::HttpServer::new(move || fhirvault::api::app(state.clone()))
-            .workers(workers)
-            .bind(listen)
-            .with_context(|| format!("binding {listen}"))?
-            .run()
-            .await
-            .context("server stopped with an error")
+        let server = actix_web::HttpServer::new(move || fhirvault::api::app(state.clone())).workers(workers);
+        let server = match &tls {
+            Some(cert) => {
+                let config = cert.server_config()?;
+                let cert = cert.clone();
+                // SIGHUP: read the certificate and key again; new handshakes get them, open
+                // connections keep theirs. A bad file leaves the current certificate in place.
+                actix_web::rt::spawn(async move {
+                    use tokio::signal::unix::{signal, SignalKind};
+                    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+                        tracing::error!("cannot listen for SIGHUP: the TLS certificate will not be reloaded");
+                        return;
+                    };
+                    while hup.recv().await.is_some() {
+                        let mut event = cli_record(Kind::Admin("tls-reload"), Action::Execute);
+                        match cert.reload() {
+                            Ok(()) => tracing::info!("TLS certificate reloaded"),
+                            Err(e) => {
+                                tracing::error!(error = %e, "TLS certificate not reloaded; the current one stays");
+                                event.outcome = Outcome::SeriousFailure;
+                                event.outcome_desc = Some("the new certificate or key could not be loaded".into());
+                            }
+                        }
+                        if let Err(e) = reload_auditor.record(&event).await {
+                            tracing::error!(error = %e, "the certificate reload could not be recorded in the audit log");
+                        }
+                    }
+                });
+                server
+                    .bind_rustls_0_23(listen, config)
+                    .with_context(|| format!("binding {listen}"))?
+            }
+            None => server.bind(listen).with_context(|| format!("binding {listen}"))?,
+        };
+        server.run().await.context("server stopped with an error")
     });
     // commit what is queued and sign a last checkpoint before exiting
     let stopped_event = cli_record(Kind::Admin("server-stop"), Action::Execute);

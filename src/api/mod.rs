@@ -219,22 +219,25 @@ pub fn app(
     >,
 > {
     let base = state.config.base_path.clone();
+    let mut headers = DefaultHeaders::new()
+        .add((header::X_CONTENT_TYPE_OPTIONS, "nosniff"))
+        .add((header::CACHE_CONTROL, "no-store"))
+        .add((
+            header::CONTENT_SECURITY_POLICY,
+            "default-src 'none'; frame-ancestors 'none'",
+        ))
+        .add((header::X_FRAME_OPTIONS, "DENY"))
+        .add((header::REFERRER_POLICY, "no-referrer"));
+    if state.config.tls.is_some() || state.config.behind_tls_proxy {
+        // clients reach us over HTTPS only: browsers must not fall back to plaintext
+        headers = headers.add((header::STRICT_TRANSPORT_SECURITY, "max-age=63072000; includeSubDomains"));
+    }
     App::new()
         .app_data(state.clone())
         .app_data(web::PayloadConfig::new(state.config.max_body_bytes))
         .wrap(ErrorHandlers::new().default_handler(ensure_operation_outcome))
         .wrap(from_fn(contain_panics))
-        .wrap(
-            DefaultHeaders::new()
-                .add((header::X_CONTENT_TYPE_OPTIONS, "nosniff"))
-                .add((header::CACHE_CONTROL, "no-store"))
-                .add((
-                    header::CONTENT_SECURITY_POLICY,
-                    "default-src 'none'; frame-ancestors 'none'",
-                ))
-                .add((header::X_FRAME_OPTIONS, "DENY"))
-                .add((header::REFERRER_POLICY, "no-referrer")),
-        )
+        .wrap(headers)
         .wrap(from_fn(request_id_header))
         .wrap(tracing_actix_web::TracingLogger::<crate::telemetry::PhiSafeRootSpan>::new())
         .service(web::scope(&base).default_service(web::to(route::dispatch)))

@@ -62,6 +62,9 @@ pub struct ConfigLayer {
     pub audit_checkpoint_file: Option<PathBuf>,
     pub tls_cert_file: Option<PathBuf>,
     pub tls_key_file: Option<PathBuf>,
+    pub rate_limit_per_minute: Option<u64>,
+    pub request_timeout_secs: Option<u64>,
+    pub shutdown_timeout_secs: Option<u64>,
     pub audit_checkpoint_events: Option<u64>,
     pub audit_checkpoint_secs: Option<u64>,
     pub audit_retention_days: Option<u64>,
@@ -135,6 +138,9 @@ impl ConfigLayer {
                 "AUDIT_SIGNING_KEY_FILE" => layer.audit_signing_key_file = Some(value.into()),
                 "TLS_CERT_FILE" => layer.tls_cert_file = Some(value.into()),
                 "TLS_KEY_FILE" => layer.tls_key_file = Some(value.into()),
+                "RATE_LIMIT_PER_MINUTE" => layer.rate_limit_per_minute = Some(parse_num(&value)?),
+                "REQUEST_TIMEOUT_SECS" => layer.request_timeout_secs = Some(parse_num(&value)?),
+                "SHUTDOWN_TIMEOUT_SECS" => layer.shutdown_timeout_secs = Some(parse_num(&value)?),
                 "AUDIT_CHECKPOINT_FILE" => layer.audit_checkpoint_file = Some(value.into()),
                 "AUDIT_CHECKPOINT_EVENTS" => layer.audit_checkpoint_events = Some(parse_num(&value)?),
                 "AUDIT_CHECKPOINT_SECS" => layer.audit_checkpoint_secs = Some(parse_num(&value)?),
@@ -194,6 +200,9 @@ impl ConfigLayer {
             audit_site,
             tls_cert_file,
             tls_key_file,
+            rate_limit_per_minute,
+            request_timeout_secs,
+            shutdown_timeout_secs,
             oidc_provider
         );
         self
@@ -264,6 +273,12 @@ pub struct Config {
     pub audit_site: String,
     /// TLS: certificate chain and private key (PEM), both or neither; reloaded on SIGHUP.
     pub tls: Option<TlsFiles>,
+    /// Requests per minute one client (client id, else token subject) may make; 0 = no limit.
+    pub rate_limit_per_minute: u64,
+    /// The longest a request's own work may take before it is abandoned with 503 [default 60].
+    pub request_timeout_secs: u64,
+    /// How long a stopping server lets requests in flight finish [default 30].
+    pub shutdown_timeout_secs: u64,
     /// External OpenID Connect providers whose access tokens are accepted beside the built-in issuer's.
     pub oidc_providers: Vec<crate::auth::oidc::ProviderConfig>,
 }
@@ -470,7 +485,18 @@ impl Config {
             (Some(_), None) => return Err(cerr("tls_key_file", "is required with tls_cert_file")),
             (None, Some(_)) => return Err(cerr("tls_cert_file", "is required with tls_key_file")),
         };
+        let request_timeout_secs = layer.request_timeout_secs.unwrap_or(60);
+        if !(1..=3600).contains(&request_timeout_secs) {
+            return Err(cerr("request_timeout_secs", "must be between 1 and 3600"));
+        }
+        let shutdown_timeout_secs = layer.shutdown_timeout_secs.unwrap_or(30);
+        if shutdown_timeout_secs > 3600 {
+            return Err(cerr("shutdown_timeout_secs", "must be at most 3600"));
+        }
         Ok(Config {
+            rate_limit_per_minute: layer.rate_limit_per_minute.unwrap_or(0),
+            request_timeout_secs,
+            shutdown_timeout_secs,
             tls,
             audit_signing_key_file,
             audit_checkpoint_file,

@@ -403,8 +403,13 @@ fn serve(config: Config) -> anyhow::Result<()> {
         None => None,
     };
     let reload_auditor = auditor.clone();
+    let (shutdown_timeout, request_timeout) = (state.config.shutdown_timeout_secs, state.config.request_timeout_secs);
     let served = actix_web::rt::System::new().block_on(async move {
-        let server = actix_web::HttpServer::new(move || fhirvault::api::app(state.clone())).workers(workers);
+        let server = actix_web::HttpServer::new(move || fhirvault::api::app(state.clone()))
+            .workers(workers)
+            // a stop (SIGTERM, SIGINT) lets requests in flight finish, for this long at most
+            .shutdown_timeout(shutdown_timeout)
+            .client_request_timeout(std::time::Duration::from_secs(request_timeout));
         let server = match &tls {
             Some(cert) => {
                 let config = cert.server_config()?;

@@ -17,6 +17,7 @@
 //! | `Unprocessable`       | 422    | given per issue   |
 //! | `Unavailable`         | 503    | transient → exception |
 //! | `AuditUnavailable`    | 503    | exception (the access could not be audited: no data) |
+//! | `Timeout`             | 503    | timeout           |
 //! | `Internal`            | 500    | exception         |
 //!
 //! Texts are fixed strings chosen here: never the submitted data, never internal error text.
@@ -66,6 +67,9 @@ pub enum ApiError {
     /// The request's AuditEvent could not be made durable: the response is withheld.
     #[error("audit unavailable")]
     AuditUnavailable,
+    /// The request took longer than `request_timeout_secs`.
+    #[error("request timed out")]
+    Timeout,
     #[error("internal error")]
     Internal,
 }
@@ -135,6 +139,10 @@ impl ApiError {
                 "request bodies must be application/fhir+json or application/json",
             )],
             ApiError::Unavailable => vec![Issue::error(IssueType::Exception, "the server is busy; retry later")],
+            ApiError::Timeout => vec![Issue::error(
+                IssueType::Timeout,
+                "the request took too long and was abandoned; retry later",
+            )],
             ApiError::AuditUnavailable => vec![Issue::error(
                 IssueType::Exception,
                 "the access could not be recorded in the audit log, so no data is returned; retry later",
@@ -161,7 +169,7 @@ impl ResponseError for ApiError {
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            ApiError::Unavailable | ApiError::AuditUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable | ApiError::AuditUnavailable | ApiError::Timeout => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -301,6 +309,7 @@ mod tests {
             (ApiError::Unprocessable(vec![]), 422),
             (ApiError::Unavailable, 503),
             (ApiError::AuditUnavailable, 503),
+            (ApiError::Timeout, 503),
             (ApiError::Internal, 500),
         ];
         for (e, status) in cases {

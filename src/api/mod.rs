@@ -7,6 +7,7 @@ pub mod error;
 pub mod history;
 pub mod metadata;
 mod negotiate;
+pub mod ops;
 pub mod route;
 pub mod trail;
 
@@ -40,9 +41,13 @@ pub struct AppState {
     pub attributes: Arc<crate::auth::attributes::AttributePolicy>,
     pub providers: crate::auth::oidc::Providers,
     pub auth_failures: crate::auth::limiter::FailureLimiter,
+    /// Requests per client per minute (`rate_limit_per_minute`), when limited.
+    pub request_limit: Option<crate::auth::limiter::FailureLimiter>,
     pub resource_types: HashSet<String>,
     /// The audit ledger every request records through.
     pub auditor: Arc<crate::audit::Auditor>,
+    /// Request counters and latency histograms (`/metrics`).
+    pub metrics: ops::Metrics,
     /// The CapabilityStatement, rendered once at start-up.
     pub capability: Vec<u8>,
 }
@@ -61,6 +66,7 @@ impl AppState {
     ) -> AppState {
         let resource_types = validator.resource_types().map(str::to_string).collect();
         let auth_failure_limit = config.auth_failure_limit;
+        let rate_limit = config.rate_limit_per_minute;
         let capability = metadata::capability_statement(&config, &validator);
         AppState {
             config,
@@ -71,8 +77,11 @@ impl AppState {
             attributes,
             providers,
             auth_failures: crate::auth::limiter::FailureLimiter::new(auth_failure_limit),
+            request_limit: (rate_limit > 0)
+                .then(|| crate::auth::limiter::FailureLimiter::new(rate_limit.min(u32::MAX as u64) as u32)),
             resource_types,
             auditor,
+            metrics: ops::Metrics::default(),
             capability: serde_json::to_vec(&capability).expect("CapabilityStatement serializes"),
         }
     }
@@ -239,7 +248,11 @@ pub fn app(
         .wrap(from_fn(contain_panics))
         .wrap(headers)
         .wrap(from_fn(request_id_header))
+        .wrap(from_fn(ops::record))
         .wrap(tracing_actix_web::TracingLogger::<crate::telemetry::PhiSafeRootSpan>::new())
+        .route("/healthz", web::get().to(ops::healthz))
+        .route("/readyz", web::get().to(ops::readyz))
+        .route("/metrics", web::get().to(ops::metrics))
         .service(web::scope(&base).default_service(web::to(route::dispatch)))
         .default_service(web::to(not_found))
 }
@@ -285,7 +298,8 @@ fn ensure_operation_outcome<B: MessageBody + 'static>(
         .headers()
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/fhir+json"));
+        .is_some_and(|v| v.starts_with("application/fhir+json") || v.starts_with("application/json"));
+    // our own JSON (OperationOutcomes, `/readyz`) stays; actix's plain-text errors are replaced
     if is_fhir {
         return Ok(ErrorHandlerResponse::Response(res.map_into_left_body()));
     }

@@ -230,14 +230,24 @@ pub async fn dispatch(
     let base = state.config.base_path.as_str();
     let rest = req.path().strip_prefix(base).unwrap_or("").trim_start_matches('/');
     let parsed = Interaction::parse(req.method(), rest, |t| state.resource_types.contains(t));
+    let route = parsed.as_ref().map(Interaction::name).unwrap_or("unknown");
     if let Some(span) = req.extensions().get::<tracing_actix_web::RootSpan>() {
-        span.record("route", parsed.as_ref().map(Interaction::name).unwrap_or("unknown"));
+        span.record("route", route);
     }
+    req.extensions_mut().insert(super::ops::RouteLabel(route));
     if matches!(parsed, Ok(Interaction::Capabilities)) {
         return metadata::capabilities(req, state).await;
     }
     let trail = Trail::start(&req, &state, parsed.as_ref().ok());
-    let result = handle(req, payload, state.clone(), parsed, &trail).await;
+    // The request's own work is bounded; recording its outcome (below) is not cut short.
+    let limit = std::time::Duration::from_secs(state.config.request_timeout_secs);
+    let result = match actix_web::rt::time::timeout(limit, handle(req, payload, state.clone(), parsed, &trail)).await {
+        Ok(result) => result,
+        Err(_) => {
+            tracing::warn!("request timed out");
+            Err(ApiError::Timeout)
+        }
+    };
     trail.finish(&state, result).await
 }
 
@@ -251,6 +261,12 @@ async fn handle(
     // Everything else acts on PHI: a valid token first, then each handler asks the policy.
     let p = state.authenticate(&req)?;
     trail.principal(&p);
+    if let Some(limiter) = &state.request_limit {
+        let key = crate::auth::limiter::FailureKey::Client(p.client_id.clone().unwrap_or_else(|| p.subject.clone()));
+        if let Some(retry_after) = limiter.hit(key) {
+            return Err(ApiError::TooManyRequests { retry_after });
+        }
+    }
     if let Some(span) = req.extensions().get::<tracing_actix_web::RootSpan>() {
         span.record("client", p.client_id.as_deref().unwrap_or(""));
         span.record("subject", p.subject.as_str());

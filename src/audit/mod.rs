@@ -168,7 +168,13 @@ impl Auditor {
     fn send(&self, job: Job) -> Result<(), AuditError> {
         let guard = self.sender.read().unwrap_or_else(|p| p.into_inner());
         match guard.as_ref() {
-            Some(s) => s.send(job).map_err(|_| AuditError::Unavailable),
+            Some(s) => {
+                self.stats.queued.fetch_add(1, Ordering::Relaxed);
+                s.send(job).map_err(|_| {
+                    self.stats.queued.fetch_sub(1, Ordering::Relaxed);
+                    AuditError::Unavailable
+                })
+            }
             None => Err(AuditError::Unavailable),
         }
     }

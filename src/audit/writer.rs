@@ -45,6 +45,8 @@ pub struct CheckpointPolicy {
 /// Counters for benches and operators: commits made and events made durable by them.
 #[derive(Debug, Default)]
 pub struct WriterStats {
+    /// Jobs handed to the writer and not yet taken by it.
+    pub queued: AtomicU64,
     pub commits: AtomicU64,
     pub events: AtomicU64,
     pub failed_batches: AtomicU64,
@@ -132,6 +134,7 @@ impl Writer {
     }
 
     fn process_with(&mut self, jobs: Vec<Job>, final_checkpoint: bool) {
+        self.stats.queued.fetch_sub(jobs.len() as u64, Ordering::Relaxed);
         let mut rows = Vec::new();
         let mut order: Vec<(String, Vec<u8>)> = std::mem::take(&mut self.retry_links);
         let mut acks = Vec::new();

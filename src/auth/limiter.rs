@@ -40,6 +40,12 @@ impl FailureLimiter {
         (elapsed < WINDOW && *count > self.limit).then(|| (WINDOW - elapsed).as_secs().max(1))
     }
 
+    /// Counts one request against `key`; `Some(seconds to wait)` once it is over the limit.
+    pub fn hit(&self, key: FailureKey) -> Option<u64> {
+        let n = self.record_failure(key.clone());
+        (n > self.limit).then(|| self.blocked(&key).unwrap_or(1))
+    }
+
     /// Records one failure; returns the failures of this address in the current window.
     pub fn record_failure(&self, key: FailureKey) -> u32 {
         let mut map = self.windows.lock().unwrap_or_else(|p| p.into_inner());

@@ -159,6 +159,21 @@ impl Cipher {
         self.current
     }
 
+    /// Seals and opens a fixed message with the current key (readiness of the key provider).
+    pub fn self_test(&self) -> Result<(), CryptoError> {
+        let aad = Aad {
+            table: "self-test",
+            resource_type: "",
+            logical_id: "",
+            version_id: 0,
+        };
+        let sealed = self.seal(&aad, b"fhirvault")?;
+        match self.open(&aad, &sealed)?.as_slice() {
+            b"fhirvault" => Ok(()),
+            _ => Err(CryptoError::Authentication),
+        }
+    }
+
     /// Encrypts `plaintext` for the row named by `aad` under the current key, with a fresh nonce.
     pub fn seal(&self, aad: &Aad<'_>, plaintext: &[u8]) -> Result<Sealed, CryptoError> {
         let mut nonce = [0u8; 12];

@@ -34,6 +34,7 @@ pub enum IssueType {
     Exception,
     TooCostly,
     Throttled,
+    Timeout,
     Informational,
 }
 

@@ -396,6 +396,18 @@ impl Store {
         self.backend
     }
 
+    /// One round trip to the database (readiness).
+    pub fn ping(&self) -> Result<(), StoreError> {
+        let mut conn = self.pool.get()?;
+        let result = conn.conn.batch_execute("SELECT 1").map_err(StoreError::from);
+        note(&mut conn, result)
+    }
+
+    /// Open and idle connections of the pool (metrics).
+    pub fn pool_status(&self) -> r2d2::State {
+        self.pool.state()
+    }
+
     pub fn cipher(&self) -> &Cipher {
         &self.cipher
     }

@@ -9,6 +9,7 @@
 //! that they never spin on `SQLITE_BUSY`; reads go through the pool in parallel (WAL).
 
 pub mod audit;
+pub mod backup;
 pub mod connection;
 pub mod encrypted;
 pub mod schema;

@@ -103,11 +103,28 @@ enum Command {
         #[arg(value_name = "FILE")]
         file: PathBuf,
     },
+    /// Encryption keys: status, rotation and re-encryption.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
     /// The audit ledger: verify its chain, export it, archive what is past retention.
     Audit {
         #[command(subcommand)]
         command: AuditCommand,
     },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// The active key version, each version's age, and the rows each protects.
+    Status,
+    /// Make a new key version current, re-encrypt every row under older versions (with
+    /// progress; resumable with `keys reencrypt`), then retire the versions no row uses. Stop
+    /// the servers first, or restart them afterwards: they load keys at start.
+    Rotate,
+    /// Continue an interrupted re-encryption, then retire the versions no row uses.
+    Reencrypt,
 }
 
 #[derive(Subcommand)]
@@ -272,6 +289,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let config = load_config(&cli.common, None)?;
             audit_command(&config, command)
         }
+        Command::Keys { command } => {
+            let config = load_config(&cli.common, None)?;
+            keys_command(&config, command)
+        }
         Command::Migrate => {
             let config = load_config(&cli.common, None)?;
             fhirvault::telemetry::init(config.log_format);
@@ -341,6 +362,76 @@ fn parse_since(s: &str) -> anyhow::Result<chrono::NaiveDateTime> {
     let d = chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d")
         .map_err(|_| anyhow::anyhow!("--since must be a date (2026-01-01) or an instant (2026-01-01T00:00:00Z)"))?;
     Ok(d.and_hms_opt(0, 0, 0).expect("midnight exists"))
+}
+
+fn keys_command(config: &Config, command: KeysCommand) -> anyhow::Result<()> {
+    use fhirvault::crypto::{KeyProvider, LocalKeyFile};
+    fhirvault::server::ensure_data_dir(config)?;
+    let mut keyfile = LocalKeyFile::open_or_create(&config.key_file).context("opening the key file")?;
+    let rotated = match command {
+        KeysCommand::Status => {
+            let store = open_store(config, false)?;
+            let usage = store.key_usage()?;
+            println!("key file: {}", config.key_file.display());
+            println!(
+                "current version: {}   blind-index version: {}",
+                keyfile.current_version(),
+                keyfile.blind_index_version()
+            );
+            for (version, _) in keyfile.versions() {
+                let v = version as i32;
+                println!(
+                    "  v{version}: created {}, resource versions {}, audit events {}",
+                    keyfile.created(version).unwrap_or("unknown"),
+                    usage.resource_versions.get(&v).copied().unwrap_or(0),
+                    usage.audit_events.get(&v).copied().unwrap_or(0)
+                );
+            }
+            let mut record = cli_record(Kind::Admin("key-status"), Action::Read);
+            record.outcome_desc = Some(format!("current key version {}", keyfile.current_version()));
+            audit_now(config, &store, &record)?;
+            return Ok(());
+        }
+        KeysCommand::Rotate => {
+            let version = keyfile.rotate().context("rotating")?;
+            eprintln!("key version {version} is now current");
+            Some(version)
+        }
+        KeysCommand::Reencrypt => None,
+    };
+    // the store (as the tables' owner: re-encryption updates rows) with the key file as it is now
+    let store = open_store(config, true)?;
+    let mut record = cli_record(Kind::Admin("key-rotate"), Action::Update);
+    let result = store.reencrypt(|n| eprintln!("  {n} rows re-encrypted"));
+    let usage = store.key_usage();
+    let mut retired = Vec::new();
+    if let (Ok(_), Ok(usage)) = (&result, &usage) {
+        for (version, _) in keyfile.versions() {
+            if version != keyfile.current_version() && version != keyfile.blind_index_version() && !usage.uses(version)
+            {
+                keyfile.retire(version).context("retiring a key version")?;
+                retired.push(version);
+            }
+        }
+    }
+    record.outcome_desc = Some(match &result {
+        Ok(n) => format!(
+            "{}{n} rows re-encrypted to version {}; retired {retired:?}",
+            rotated.map(|v| format!("new key version {v}; ")).unwrap_or_default(),
+            keyfile.current_version()
+        ),
+        Err(_) => "re-encryption interrupted; run `fhirvault keys reencrypt`".into(),
+    });
+    if result.is_err() {
+        record.outcome = Outcome::SeriousFailure;
+    }
+    audit_now(config, &store, &record)?;
+    let n = result.context("re-encrypting (resume with `fhirvault keys reencrypt`)")?;
+    println!(
+        "{n} rows re-encrypted with key version {}; retired versions: {retired:?}; restart running servers to load the new key",
+        keyfile.current_version()
+    );
+    Ok(())
 }
 
 fn audit_command(config: &Config, command: AuditCommand) -> anyhow::Result<()> {

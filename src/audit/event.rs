@@ -295,7 +295,7 @@ impl AuditRecord {
         if let Some(q) = &self.query {
             use base64::Engine;
             let sealed = cipher
-                .seal(&query_aad(&self.id), q.as_bytes())
+                .seal_stable(&query_aad(&self.id), q.as_bytes())
                 .map_err(|_| AuditError::Seal)?;
             let mut query = json!({
                 "type": {"system": ENTITY_TYPE, "code": "2"},
@@ -369,7 +369,7 @@ pub fn reveal_query(event: &mut Value, cipher: &Cipher) {
         };
         let plain = STANDARD.decode(sealed).ok().and_then(|b| {
             cipher
-                .open(&query_aad(&id), &crate::crypto::Sealed::from_stored(b))
+                .open_stable(&query_aad(&id), &crate::crypto::Sealed::from_stored(b))
                 .ok()
         });
         match plain {

@@ -112,6 +112,10 @@ pub struct Cipher {
     current: u32,
     content: BTreeMap<u32, Aes256Gcm>,
     blind: Zeroizing<[u8; 32]>,
+    /// For what sits inside hashed, immutable records (a search's query inside an AuditEvent):
+    /// derived, like the blind-index key, from material that content-key rotation leaves alone,
+    /// so rotating never strands such ciphertext under a retired key.
+    stable: (u32, Aes256Gcm),
 }
 
 impl std::fmt::Debug for Cipher {
@@ -137,26 +141,58 @@ impl Cipher {
         let current = provider.current_version();
         let mut content = BTreeMap::new();
         let mut blind = None;
+        let mut stable = None;
         for (version, material) in &versions {
             let key = derive(material, b"content-encryption");
             content.insert(*version, Aes256Gcm::new(&(*key).into()));
             if *version == provider.blind_index_version() {
                 blind = Some(derive(material, b"blind-index"));
+                let s = derive(material, b"stable-encryption");
+                stable = Some((*version, Aes256Gcm::new(&(*s).into())));
             }
         }
         if !content.contains_key(&current) {
             return Err(CryptoError::UnknownKeyVersion(current));
         }
         let blind = blind.ok_or(CryptoError::UnknownKeyVersion(provider.blind_index_version()))?;
+        let stable = stable.ok_or(CryptoError::UnknownKeyVersion(provider.blind_index_version()))?;
         Ok(Cipher {
             current,
             content,
             blind,
+            stable,
         })
     }
 
     pub fn current_version(&self) -> u32 {
         self.current
+    }
+
+    /// Seals with the stable key (see the field): for ciphertext inside records that are never
+    /// re-encrypted. Same layout as [`Cipher::seal`].
+    pub fn seal_stable(&self, aad: &Aad<'_>, plaintext: &[u8]) -> Result<Sealed, CryptoError> {
+        seal_with(self.stable.0, &self.stable.1, aad, plaintext)
+    }
+
+    pub fn open_stable(&self, aad: &Aad<'_>, sealed: &Sealed) -> Result<Vec<u8>, CryptoError> {
+        if sealed.key_version() != Some(self.stable.0) {
+            return Err(CryptoError::UnknownKeyVersion(sealed.key_version().unwrap_or(0)));
+        }
+        open_with(&self.stable.1, aad, sealed)
+    }
+
+    /// The ciphertext re-sealed under the current key, or `None` if it already is.
+    pub fn reseal(&self, aad: &Aad<'_>, sealed: &Sealed) -> Result<Option<Sealed>, CryptoError> {
+        if sealed.key_version() == Some(self.current) {
+            return Ok(None);
+        }
+        let plain = Zeroizing::new(self.open(aad, sealed)?);
+        self.seal(aad, &plain).map(Some)
+    }
+
+    /// The key versions this cipher can open.
+    pub fn versions(&self) -> Vec<u32> {
+        self.content.keys().copied().collect()
     }
 
     /// Seals and opens a fixed message with the current key (readiness of the key provider).
@@ -176,50 +212,21 @@ impl Cipher {
 
     /// Encrypts `plaintext` for the row named by `aad` under the current key, with a fresh nonce.
     pub fn seal(&self, aad: &Aad<'_>, plaintext: &[u8]) -> Result<Sealed, CryptoError> {
-        let mut nonce = [0u8; 12];
-        rand::rngs::OsRng.fill_bytes(&mut nonce);
         let key = self
             .content
             .get(&self.current)
             .ok_or(CryptoError::UnknownKeyVersion(self.current))?;
-        let aad = aad.encode();
-        let ct = key
-            .encrypt(
-                &Nonce::from(nonce),
-                Payload {
-                    msg: plaintext,
-                    aad: &aad,
-                },
-            )
-            .map_err(|_| CryptoError::TooLarge)?;
-        let mut out = Vec::with_capacity(HEADER_LEN + ct.len());
-        out.extend_from_slice(&self.current.to_be_bytes());
-        out.extend_from_slice(&nonce);
-        out.extend_from_slice(&ct);
-        Ok(Sealed(out))
+        seal_with(self.current, key, aad, plaintext)
     }
 
     /// Decrypts a ciphertext read from the row named by `aad`.
     pub fn open(&self, aad: &Aad<'_>, sealed: &Sealed) -> Result<Vec<u8>, CryptoError> {
-        let bytes = sealed.as_bytes();
-        if bytes.len() < HEADER_LEN + TAG_LEN {
-            return Err(CryptoError::Malformed);
-        }
         let version = sealed.key_version().ok_or(CryptoError::Malformed)?;
         let key = self
             .content
             .get(&version)
             .ok_or(CryptoError::UnknownKeyVersion(version))?;
-        let mut nonce = [0u8; 12];
-        nonce.copy_from_slice(&bytes[4..HEADER_LEN]);
-        key.decrypt(
-            &Nonce::from(nonce),
-            Payload {
-                msg: &bytes[HEADER_LEN..],
-                aad: &aad.encode(),
-            },
-        )
-        .map_err(|_| CryptoError::Authentication)
+        open_with(key, aad, sealed)
     }
 
     /// A blind index: truncated HMAC-SHA256 of `value` in the named domain (for example a
@@ -234,6 +241,43 @@ impl Cipher {
         out.copy_from_slice(&full[..BLIND_INDEX_LEN]);
         out
     }
+}
+
+fn seal_with(version: u32, key: &Aes256Gcm, aad: &Aad<'_>, plaintext: &[u8]) -> Result<Sealed, CryptoError> {
+    let mut nonce = [0u8; 12];
+    rand::rngs::OsRng.fill_bytes(&mut nonce);
+    let aad = aad.encode();
+    let ct = key
+        .encrypt(
+            &Nonce::from(nonce),
+            Payload {
+                msg: plaintext,
+                aad: &aad,
+            },
+        )
+        .map_err(|_| CryptoError::TooLarge)?;
+    let mut out = Vec::with_capacity(HEADER_LEN + ct.len());
+    out.extend_from_slice(&version.to_be_bytes());
+    out.extend_from_slice(&nonce);
+    out.extend_from_slice(&ct);
+    Ok(Sealed(out))
+}
+
+fn open_with(key: &Aes256Gcm, aad: &Aad<'_>, sealed: &Sealed) -> Result<Vec<u8>, CryptoError> {
+    let bytes = sealed.as_bytes();
+    if bytes.len() < HEADER_LEN + TAG_LEN {
+        return Err(CryptoError::Malformed);
+    }
+    let mut nonce = [0u8; 12];
+    nonce.copy_from_slice(&bytes[4..HEADER_LEN]);
+    key.decrypt(
+        &Nonce::from(nonce),
+        Payload {
+            msg: &bytes[HEADER_LEN..],
+            aad: &aad.encode(),
+        },
+    )
+    .map_err(|_| CryptoError::Authentication)
 }
 
 /// SHA-256 of a byte string (used over canonical plaintext for integrity checks).

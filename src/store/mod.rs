@@ -12,6 +12,7 @@ pub mod audit;
 pub mod backup;
 pub mod connection;
 pub mod encrypted;
+pub mod keys;
 pub mod schema;
 
 pub use connection::{Backend, DbConnection, DbManager};

@@ -3,6 +3,7 @@
 //! helpers (ids, meta) and OperationOutcome.
 
 pub mod compartment;
+pub mod fhirpath;
 pub mod json;
 pub mod outcome;
 pub mod resource;

@@ -18,7 +18,7 @@ use fhirvault::config::ConfigLayer;
 use serde_json::json;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use support::{env_num, patient, throughput, LeanClient};
+use support::{env_num, throughput, LeanClient};
 
 /// Serves `state` on a loopback port (in its own actix system); returns the address.
 fn serve(state: fhirvault::api::AppState, workers: usize) -> std::net::SocketAddr {
@@ -59,33 +59,9 @@ fn bench_backend(db: Db, rows: u64, secs: u64) -> serde_json::Value {
         pool_size: std::env::var("BENCH_POOL").ok().and_then(|v| v.parse().ok()),
         ..Default::default()
     };
-    if db == Db::Postgres {
-        // as in production: the server runs as a role that row-level security binds
-        let name = tdb.pg_name.clone().unwrap();
-        let role = format!("app_{name}");
-        common::pg().admin(&format!("CREATE ROLE {role} LOGIN NOSUPERUSER NOBYPASSRLS"));
-        layer.database_url = Some(common::pg().url_as(&role, &name));
-        layer.migration_database_url = Some(common::pg().url(&name));
-    }
+    support::serve_as_rls_role(&tdb, &mut layer);
     let s = TestServer::start_on(tdb, layer);
-    let ids: Vec<String> = std::thread::scope(|scope| {
-        let hs: Vec<_> = (0..4u64)
-            .map(|t| {
-                let s = &s;
-                scope.spawn(move || {
-                    (0..rows / 4)
-                        .map(|i| {
-                            s.post("/Patient", &patient(t * rows + i)).json()["id"]
-                                .as_str()
-                                .unwrap()
-                                .to_string()
-                        })
-                        .collect::<Vec<_>>()
-                })
-            })
-            .collect();
-        hs.into_iter().flat_map(|h| h.join().unwrap()).collect()
-    });
+    let ids = support::preload_patients(&s, rows);
     // the same server wiring over the same store, with an auditor that records nothing
     let config = Arc::new(s.config.clone());
     let unaudited = fhirvault::api::AppState::new(

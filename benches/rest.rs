@@ -34,39 +34,9 @@ fn bench_backend(db: Db, rows: u64, secs: u64, conc: usize) -> serde_json::Value
         pool_size: Some(conc as u32),
         ..Default::default()
     };
-    if db == Db::Postgres {
-        let name = tdb.pg_name.clone().unwrap();
-        let role = format!("app_{name}");
-        common::pg().admin(&format!("CREATE ROLE {role} LOGIN NOSUPERUSER NOBYPASSRLS"));
-        layer.database_url = Some(common::pg().url_as(&role, &name));
-        layer.migration_database_url = Some(common::pg().url(&name));
-    }
+    support::serve_as_rls_role(&tdb, &mut layer);
     let s = TestServer::start_on(tdb, layer);
-    // preload
-    let started = Instant::now();
-    let ids: Vec<String> = std::thread::scope(|scope| {
-        let hs: Vec<_> = (0..4u64)
-            .map(|t| {
-                let s = &s;
-                scope.spawn(move || {
-                    (0..rows / 4)
-                        .map(|i| {
-                            s.post("/Patient", &patient(t * rows + i)).json()["id"]
-                                .as_str()
-                                .unwrap()
-                                .to_string()
-                        })
-                        .collect::<Vec<_>>()
-                })
-            })
-            .collect();
-        hs.into_iter().flat_map(|h| h.join().unwrap()).collect()
-    });
-    eprintln!(
-        "  preloaded {} patients in {:.1}s",
-        ids.len(),
-        started.elapsed().as_secs_f64()
-    );
+    let ids = support::preload_patients(&s, rows);
     // the owner's URL (TestDb keeps it), for the raw baselines
     let url = s.db.database_url.clone();
     let cipher = s.store.cipher();

@@ -109,3 +109,43 @@ pub fn patient(i: u64) -> serde_json::Value {
         "telecom": [{"system": "phone", "value": "555-0100"}]
     })
 }
+
+/// As in production: on PostgreSQL the server runs as a role that row-level security binds,
+/// and migrations run as the owner (whose URL the TestDb keeps, for raw baselines).
+pub fn serve_as_rls_role(tdb: &crate::common::TestDb, layer: &mut fhirvault::config::ConfigLayer) {
+    if tdb.db == crate::common::Db::Postgres {
+        let name = tdb.pg_name.clone().unwrap();
+        let role = format!("app_{name}");
+        crate::common::pg().admin(&format!("CREATE ROLE {role} LOGIN NOSUPERUSER NOBYPASSRLS"));
+        layer.database_url = Some(crate::common::pg().url_as(&role, &name));
+        layer.migration_database_url = Some(crate::common::pg().url(&name));
+    }
+}
+
+/// Creates `rows` patients over HTTP from four threads; returns their ids.
+pub fn preload_patients(s: &crate::common::TestServer, rows: u64) -> Vec<String> {
+    let started = Instant::now();
+    let ids: Vec<String> = std::thread::scope(|scope| {
+        let hs: Vec<_> = (0..4u64)
+            .map(|t| {
+                scope.spawn(move || {
+                    (0..rows / 4)
+                        .map(|i| {
+                            s.post("/Patient", &patient(t * rows + i)).json()["id"]
+                                .as_str()
+                                .unwrap()
+                                .to_string()
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        hs.into_iter().flat_map(|h| h.join().unwrap()).collect()
+    });
+    eprintln!(
+        "  preloaded {} patients in {:.1}s",
+        ids.len(),
+        started.elapsed().as_secs_f64()
+    );
+    ids
+}

@@ -159,8 +159,23 @@ pub trait WriteAudit: Send {
 }
 
 /// Inserts the write's audit record in the current transaction.
-fn record_write(conn: &mut DbConnection, audit: &mut dyn WriteAudit, facts: &WriteFacts<'_>) -> Result<(), StoreError> {
-    let row = audit.record(facts)?;
+fn record_write(
+    conn: &mut DbConnection,
+    audit: &mut dyn WriteAudit,
+    resource_type: &str,
+    id: &str,
+    version_id: Option<i64>,
+    effect: WriteEffect,
+    patients: &[String],
+) -> Result<(), StoreError> {
+    let facts = WriteFacts {
+        resource_type,
+        id,
+        version_id,
+        effect,
+        patients,
+    };
+    let row = audit.record(&facts)?;
     if !audit.enabled() {
         return Ok(());
     }
@@ -608,13 +623,11 @@ impl Store {
                         record_write(
                             conn,
                             audit,
-                            &WriteFacts {
-                                resource_type,
-                                id: &existing.logical_id,
-                                version_id: Some(existing.version_id),
-                                effect: WriteEffect::Matched,
-                                patients: &existing.patients,
-                            },
+                            resource_type,
+                            &existing.logical_id,
+                            Some(existing.version_id),
+                            WriteEffect::Matched,
+                            &existing.patients,
                         )?;
                         return Ok(CreateOutcome::Existing(existing));
                     }
@@ -631,13 +644,11 @@ impl Store {
             record_write(
                 conn,
                 audit,
-                &WriteFacts {
-                    resource_type,
-                    id,
-                    version_id: Some(1),
-                    effect: WriteEffect::Created,
-                    patients: &content.compartments,
-                },
+                resource_type,
+                id,
+                Some(1),
+                WriteEffect::Created,
+                &content.compartments,
             )?;
             Ok(CreateOutcome::Created(Written {
                 version_id: 1,
@@ -692,17 +703,15 @@ impl Store {
                 record_write(
                     conn,
                     audit,
-                    &WriteFacts {
-                        resource_type,
-                        id,
-                        version_id: Some(version),
-                        effect: if created {
-                            WriteEffect::Created
-                        } else {
-                            WriteEffect::Updated
-                        },
-                        patients: &content.compartments,
+                    resource_type,
+                    id,
+                    Some(version),
+                    if created {
+                        WriteEffect::Created
+                    } else {
+                        WriteEffect::Updated
                     },
+                    &content.compartments,
                 )?;
                 Ok(Written {
                     version_id: version,
@@ -736,17 +745,7 @@ impl Store {
                         return Err(StoreError::VersionConflict { current: Some(v) });
                     }
                 }
-                record_write(
-                    conn,
-                    audit,
-                    &WriteFacts {
-                        resource_type,
-                        id,
-                        version_id: None,
-                        effect: WriteEffect::Nothing,
-                        patients: &[],
-                    },
-                )?;
+                record_write(conn, audit, resource_type, id, None, WriteEffect::Nothing, &[])?;
                 return Ok(DeleteOutcome::NothingToDelete);
             };
             let patients =
@@ -755,13 +754,11 @@ impl Store {
             record_write(
                 conn,
                 audit,
-                &WriteFacts {
-                    resource_type,
-                    id,
-                    version_id: Some(version),
-                    effect: WriteEffect::Deleted,
-                    patients: &patients,
-                },
+                resource_type,
+                id,
+                Some(version),
+                WriteEffect::Deleted,
+                &patients,
             )?;
             Ok(DeleteOutcome::Deleted { version_id: version })
         })

@@ -313,47 +313,24 @@ pub fn call<'a>(
             }
         }
         "not" => bools(to_bool(input)?.map(|b| !b)),
-        "toBoolean" => single(input)?
-            .and_then(|i| to_bool_conv(&i))
-            .map(Item::Bool)
-            .into_iter()
-            .collect(),
-        "convertsToBoolean" => match single(input)? {
-            None => vec![],
-            Some(i) => vec![Item::Bool(to_bool_conv(&i).is_some())],
-        },
-        "toInteger" => single(input)?
-            .and_then(|i| to_integer(&i))
-            .map(Item::Int)
-            .into_iter()
-            .collect(),
-        "convertsToInteger" => match single(input)? {
-            None => vec![],
-            Some(i) => vec![Item::Bool(to_integer(&i).is_some())],
-        },
-        "toDecimal" => single(input)?
-            .and_then(|i| to_decimal(&i))
-            .map(Item::Dec)
-            .into_iter()
-            .collect(),
-        "convertsToDecimal" => match single(input)? {
-            None => vec![],
-            Some(i) => vec![Item::Bool(to_decimal(&i).is_some())],
-        },
-        "toString" => single(input)?
-            .and_then(|i| to_text(&i))
-            .map(Item::Str)
-            .into_iter()
-            .collect(),
-        "convertsToString" => match single(input)? {
-            None => vec![],
-            Some(i) => vec![Item::Bool(to_text(&i).is_some())],
-        },
-        "toQuantity" => single(input)?.and_then(|i| to_quantity(&i)).into_iter().collect(),
-        "convertsToQuantity" => match single(input)? {
-            None => vec![],
-            Some(i) => vec![Item::Bool(to_quantity(&i).is_some())],
-        },
+        "toBoolean" | "toInteger" | "toDecimal" | "toString" | "toQuantity" | "convertsToBoolean"
+        | "convertsToInteger" | "convertsToDecimal" | "convertsToString" | "convertsToQuantity" => {
+            let target = name.trim_start_matches("convertsTo").trim_start_matches("to");
+            let convert = |i: &Item<'a>| -> Option<Item<'a>> {
+                match target {
+                    "Boolean" => to_bool_conv(i).map(Item::Bool),
+                    "Integer" => to_integer(i).map(Item::Int),
+                    "Decimal" => to_decimal(i).map(Item::Dec),
+                    "String" => to_text(i).map(Item::Str),
+                    _ => to_quantity(i),
+                }
+            };
+            match single(input)? {
+                None => vec![],
+                Some(i) if name.starts_with("convertsTo") => vec![Item::Bool(convert(&i).is_some())],
+                Some(i) => convert(&i).into_iter().collect(),
+            }
+        }
         "toDate" | "toDateTime" | "toTime" | "convertsToDate" | "convertsToDateTime" | "convertsToTime" => {
             let Some(i) = single(input)? else { return Ok(vec![]) };
             let text = to_text(&i).unwrap_or_default();

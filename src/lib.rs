@@ -9,6 +9,7 @@ pub mod auth;
 pub mod config;
 pub mod crypto;
 pub mod fhir;
+pub mod search;
 pub mod secret_file;
 pub mod server;
 pub mod store;

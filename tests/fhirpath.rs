@@ -146,3 +146,36 @@ fn official_fhirpath_r4_suite() {
     }
     assert!(rate >= FLOOR, "pass rate {rate:.3} fell below the floor {FLOOR}");
 }
+
+/// Every search parameter of every type evaluates on that type's official example without an
+/// error, and the examples yield index values for most parameters they populate.
+#[test]
+fn every_search_parameter_extracts_from_the_official_examples() {
+    let registry = fhirvault::search::Registry::r4().unwrap();
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/r4-examples");
+    let mut evaluated = 0usize;
+    let mut with_values = 0usize;
+    let mut errors = Vec::new();
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|x| x != "json") {
+            continue;
+        }
+        let resource: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let t = resource["resourceType"].as_str().unwrap().to_string();
+        for param in registry.params(&t) {
+            evaluated += 1;
+            match fhirvault::search::extract(param, &resource) {
+                Ok(values) if !values.is_empty() => with_values += 1,
+                Ok(_) => {}
+                Err(e) => errors.push(format!("{t}.{}: {e}", param.code)),
+            }
+        }
+    }
+    println!(
+        "search extraction: {evaluated} parameter evaluations, {with_values} with values, {} errors",
+        errors.len()
+    );
+    assert!(errors.is_empty(), "{errors:#?}");
+    assert!(with_values > 500, "{with_values}");
+}

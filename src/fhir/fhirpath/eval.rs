@@ -388,9 +388,15 @@ pub fn eval<'a>(e: &Expr, focus: &Coll<'a>, ctx: &Ctx<'a>) -> Result<Coll<'a>, F
             let mut typed = false;
             for item in focus {
                 if let Item::Node(v, _) = item {
-                    if v.get("resourceType").and_then(Value::as_str) == Some(name.as_str()) {
-                        out.push(item.clone());
-                        typed = true;
+                    if let Some(rt) = v.get("resourceType").and_then(Value::as_str) {
+                        // the abstract bases name every resource (DomainResource: all but three)
+                        let matches = rt == name
+                            || name == "Resource"
+                            || (name == "DomainResource" && !matches!(rt, "Bundle" | "Binary" | "Parameters"));
+                        if matches {
+                            out.push(item.clone());
+                            typed = true;
+                        }
                     }
                 }
             }

@@ -601,8 +601,26 @@ pub fn call<'a>(
             chrono::Utc::now().format("%Y-%m-%dT%H:%M:%S%.3f+00:00").to_string(),
         )],
         "timeOfDay" => vec![Item::Time(chrono::Utc::now().format("%H:%M:%S%.3f").to_string())],
-        "lowBoundary" | "highBoundary" | "precision" | "comparable" | "conformsTo" | "memberOf" | "resolve"
-        | "encode" | "decode" | "escape" | "unescape" | "sort" => {
+        // Without a resource store at hand, a reference resolves to itself typed as its target
+        // (`Patient/1` is a Patient): enough for `resolve() is Patient` and `ofType(...)`, the
+        // uses search parameters make of it; the target's own elements are not reachable.
+        "resolve" => input
+            .iter()
+            .filter_map(|i| {
+                let Item::Node(v, _) = i else { return None };
+                let r = v.get("reference").and_then(Value::as_str).or_else(|| v.as_str())?;
+                let r = r.split("/_history/").next().unwrap_or(r);
+                let mut parts = r.rsplit('/');
+                parts.next()?;
+                let ty = parts.next()?;
+                ty.chars()
+                    .next()
+                    .is_some_and(|c| c.is_ascii_uppercase())
+                    .then(|| Item::Node(v, Some(ty.to_string())))
+            })
+            .collect(),
+        "lowBoundary" | "highBoundary" | "precision" | "comparable" | "conformsTo" | "memberOf" | "encode"
+        | "decode" | "escape" | "unescape" | "sort" => {
             return Err(err(format!("{name}() is not supported")));
         }
         _ => return Err(err(format!("unknown function {name}()"))),

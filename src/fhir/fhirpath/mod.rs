@@ -3,8 +3,9 @@
 //! evaluate many times ([`FhirPath::evaluate`]).
 //!
 //! The official FHIRPath R4 test suite runs in `tests/fhirpath.rs` and prints the pass rate.
-//! Not yet: date/time arithmetic, `lowBoundary`/`highBoundary`/`precision`, `resolve()`,
+//! Not yet: date/time arithmetic, UCUM unit conversion, `lowBoundary`/`highBoundary`/`precision`,
 //! `memberOf()`, and model-based checks (unknown element names are empty, not errors).
+//! `resolve()` types a reference as its target without fetching it.
 
 mod eval;
 mod functions;

@@ -103,6 +103,9 @@ enum Command {
         #[arg(value_name = "FILE")]
         file: PathBuf,
     },
+    /// Rebuild the search indexes of every resource from its stored content (after an
+    /// upgrade that changes search parameters, or a restore), with progress.
+    Reindex,
     /// Encryption keys: status, rotation and re-encryption.
     Keys {
         #[command(subcommand)]
@@ -276,6 +279,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .restore(&mut r, |table, rows| eprintln!("  {table}: {rows} rows"))
                 .context("restore")?;
             let total: u64 = manifest.tables.values().map(|t| t.rows).sum();
+            // search indexes are derived data: rebuilt rather than carried in the backup
+            reindex(&store)?;
             let mut record = cli_record(Kind::Admin("restore"), Action::Create);
             record.outcome_desc = Some(format!("backup {} restored ({total} rows)", manifest.backup_id));
             audit_now(&config, &store, &record)?;
@@ -288,6 +293,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Audit { command } => {
             let config = load_config(&cli.common, None)?;
             audit_command(&config, command)
+        }
+        Command::Reindex => {
+            let config = load_config(&cli.common, None)?;
+            let store = open_store(&config, false)?;
+            let n = reindex(&store)?;
+            let mut record = cli_record(Kind::Admin("reindex"), Action::Update);
+            record.outcome_desc = Some(format!("{n} resources reindexed"));
+            audit_now(&config, &store, &record)?;
+            println!("{n} resources reindexed");
+            Ok(())
         }
         Command::Keys { command } => {
             let config = load_config(&cli.common, None)?;
@@ -330,6 +345,18 @@ fn open_store(config: &Config, as_owner: bool) -> anyhow::Result<Arc<Store>> {
         }
     }
     fhirvault::server::open_store(config, cipher)
+}
+
+/// Rebuilds every search index row, with progress on stderr.
+fn reindex(store: &Arc<Store>) -> anyhow::Result<u64> {
+    let registry = fhirvault::api::shared_registry();
+    let cipher = store.shared_cipher();
+    store
+        .reindex(
+            |t, json| fhirvault::search::index_rows(&registry, &cipher, t, json),
+            |n| eprintln!("  {n} resources reindexed"),
+        )
+        .context("reindexing")
 }
 
 /// An event made by this command line, on behalf of the operating-system user running it.

@@ -5,7 +5,6 @@ use super::trail::Trail;
 use super::{blocking, etag, http_date, ApiError, AppState, Format, Prefer};
 use crate::auth::policy::{authorize, Decision};
 use crate::auth::{Permission, Principal};
-use crate::fhir::compartment::PatientCompartment;
 use crate::fhir::resource::{self, identifier_tokens, is_valid_id, token_query_key};
 use crate::fhir::{Issue, IssueType, OperationOutcome};
 use crate::store::{
@@ -157,7 +156,7 @@ fn version_location(base: &str, t: &str, id: &str, v: i64) -> String {
 }
 
 fn content_for(
-    compartment: &PatientCompartment,
+    state: &AppState,
     resource_type: &str,
     body: &mut Map<String, Value>,
     id: &str,
@@ -166,13 +165,17 @@ fn content_for(
 ) -> Content {
     let json = resource::stamp(body, id, version, &ts);
     let tokens = identifier_tokens(body);
-    let compartments = as_value(body, |v| {
-        compartment.patients_of(resource_type, v).into_iter().collect()
+    let (compartments, search) = as_value(body, |v| {
+        (
+            state.compartment.patients_of(resource_type, v).into_iter().collect(),
+            crate::search::index_rows(&state.search, state.store.cipher(), resource_type, v),
+        )
     });
     Content {
         json,
         tokens,
         compartments,
+        search,
     }
 }
 
@@ -228,7 +231,7 @@ pub async fn create(
                 &id,
                 CreateMethod::Post,
                 condition.as_ref(),
-                |v, ts| content_for(&st.compartment, &t, &mut body, &id, v, ts),
+                |v, ts| content_for(&st, &t, &mut body, &id, v, ts),
                 &mut tx,
             )
             .map(|o| (o, tx))
@@ -523,7 +526,7 @@ pub async fn update(
                 &iid,
                 CreateMethod::Put,
                 None,
-                |v, ts| content_for(&st.compartment, &tt, &mut body, &iid, v, ts),
+                |v, ts| content_for(&st, &tt, &mut body, &iid, v, ts),
                 &mut tx,
             ) {
                 Ok(CreateOutcome::Created(w)) => Ok((w, tx)),
@@ -544,7 +547,7 @@ pub async fn update(
                 may_create,
                 |v, ts| {
                     let mut b = body.clone();
-                    content_for(&st.compartment, &tt, &mut b, &iid, v, ts)
+                    content_for(&st, &tt, &mut b, &iid, v, ts)
                 },
                 &mut tx,
             )

@@ -38,6 +38,8 @@ pub struct AppState {
     pub validator: Arc<Validator>,
     pub issuer: Arc<crate::auth::Issuer>,
     pub compartment: Arc<crate::fhir::compartment::PatientCompartment>,
+    /// The R4 search parameters, compiled once.
+    pub search: Arc<crate::search::Registry>,
     pub attributes: Arc<crate::auth::attributes::AttributePolicy>,
     pub providers: crate::auth::oidc::Providers,
     pub auth_failures: crate::auth::limiter::FailureLimiter,
@@ -74,6 +76,7 @@ impl AppState {
             validator,
             issuer,
             compartment,
+            search: shared_registry(),
             attributes,
             providers,
             auth_failures: crate::auth::limiter::FailureLimiter::new(auth_failure_limit),
@@ -193,6 +196,13 @@ impl AppState {
             }
         }
     }
+}
+
+/// The search-parameter registry, built once per process (tests start many servers).
+pub fn shared_registry() -> Arc<crate::search::Registry> {
+    static R: std::sync::OnceLock<Arc<crate::search::Registry>> = std::sync::OnceLock::new();
+    R.get_or_init(|| Arc::new(crate::search::Registry::r4().expect("the built-in R4 search parameters load")))
+        .clone()
 }
 
 /// `W/"<version>"`

@@ -57,6 +57,20 @@ pub fn fold(s: &str) -> String {
         .collect()
 }
 
+/// The start of an open-ended period (the earliest instant both databases store).
+pub fn open_start() -> NaiveDateTime {
+    NaiveDate::from_ymd_opt(1, 1, 1)
+        .and_then(|d| d.and_hms_opt(0, 0, 0))
+        .unwrap_or_default()
+}
+
+/// The end of an open-ended period.
+pub fn open_end() -> NaiveDateTime {
+    NaiveDate::from_ymd_opt(9999, 12, 31)
+        .and_then(|d| d.and_hms_opt(23, 59, 59))
+        .unwrap_or_default()
+}
+
 /// The range a FHIR date, dateTime or instant covers, in UTC.
 pub fn date_range(s: &str) -> Option<(NaiveDateTime, NaiveDateTime)> {
     let midnight = |d: NaiveDate| d.and_hms_opt(0, 0, 0);
@@ -194,8 +208,8 @@ fn date_values(v: &Value, out: &mut Vec<IndexValue>) {
             let end = m.get("end").and_then(Value::as_str).and_then(date_range).map(|r| r.1);
             if start.is_some() || end.is_some() {
                 out.push(IndexValue::Date {
-                    start: start.unwrap_or(NaiveDateTime::MIN),
-                    end: end.unwrap_or(NaiveDateTime::MAX),
+                    start: start.unwrap_or_else(open_start),
+                    end: end.unwrap_or_else(open_end),
                 });
             }
             // Timing: its events

@@ -14,6 +14,7 @@ pub mod connection;
 pub mod encrypted;
 pub mod keys;
 pub mod schema;
+pub mod search_index;
 
 pub use connection::{Backend, DbConnection, DbManager};
 
@@ -105,6 +106,8 @@ impl Access {
 pub struct Content {
     pub json: Vec<u8>,
     pub tokens: Vec<(&'static str, String)>,
+    /// The version's search index rows (built by `crate::search`).
+    pub search: Vec<search_index::SearchRow>,
     /// The patients whose compartment holds this version.
     pub compartments: Vec<String>,
 }
@@ -326,7 +329,9 @@ fn grant_server_role(owner: &mut DbConnection, server: &mut DbConnection) -> Res
          GRANT SELECT, INSERT ON resource_versions, resource_compartments TO {ident}; \
          GRANT USAGE, SELECT ON SEQUENCE resource_versions_id_seq TO {ident}; \
          GRANT SELECT, INSERT ON audit_events, audit_entities, audit_chain, audit_checkpoints TO {ident}; \
-         GRANT SELECT ON audit_archives TO {ident};"
+         GRANT SELECT ON audit_archives TO {ident}; \
+         GRANT SELECT, INSERT, DELETE ON search_string, search_token, search_date, search_reference, \
+               search_number, search_quantity, search_uri TO {ident};"
     ))?;
     Ok(())
 }
@@ -998,6 +1003,13 @@ impl Store {
             diesel::delete(ti::table.filter(ti::resource_type.eq(resource_type).and(ti::logical_id.eq(id))))
                 .execute(conn)?;
         }
+        search_index::replace(
+            conn,
+            resource_type,
+            id,
+            content.map(|c| c.search.as_slice()).unwrap_or(&[]),
+            fresh,
+        )?;
         let Some(content) = content else { return Ok(()) };
         let entries: BTreeSet<(&str, Vec<u8>)> = content
             .tokens

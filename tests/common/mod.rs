@@ -236,7 +236,10 @@ impl TestDb {
         Config::resolve(base.overlay(layer)).unwrap()
     }
 
-    /// Every byte the database holds at rest: the SQLite files, or a pg_dump.
+    /// Every byte the database holds at rest: the SQLite files, or a pg_dump. On SQLite, call it
+    /// after any other process (a CLI command) has used the database: opening and closing the
+    /// files from the server's own process releases its POSIX locks on them (fcntl semantics),
+    /// and another process could then reset the WAL under the server's feet.
     pub fn bytes_at_rest(&self) -> Vec<u8> {
         match self.db {
             Db::Sqlite => {

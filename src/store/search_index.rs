@@ -1,0 +1,293 @@
+//! Storage of search index rows (one table per parameter type, see migrations
+//! `…000006_search_index`): on every write the rows of the resource's current version replace
+//! the previous ones, in the write's transaction. On PostgreSQL that is one statement (data-
+//! modifying CTEs), so indexing costs one round trip whatever the number of rows.
+
+use super::{DbConnection, StoreError};
+use chrono::NaiveDateTime;
+use diesel::prelude::*;
+use diesel::sql_types::{Binary, Double, Integer, Nullable, Text, Timestamp};
+
+/// One index row, built by `crate::search` (values already normalized, PHI already blinded).
+#[derive(Debug, Clone, PartialEq)]
+pub enum SearchRow {
+    String {
+        param: String,
+        value: Option<String>,
+        blind: Option<Vec<u8>>,
+    },
+    Token {
+        param: String,
+        system: Option<String>,
+        code: Option<String>,
+        blind: Option<Vec<u8>>,
+    },
+    Date {
+        param: String,
+        start: Option<NaiveDateTime>,
+        end: Option<NaiveDateTime>,
+        year: Option<i32>,
+        blind: Option<Vec<u8>>,
+    },
+    Reference {
+        param: String,
+        target_type: Option<String>,
+        target_id: String,
+    },
+    Number {
+        param: String,
+        value: f64,
+    },
+    Quantity {
+        param: String,
+        value: f64,
+        system: Option<String>,
+        code: Option<String>,
+    },
+    Uri {
+        param: String,
+        value: String,
+    },
+}
+
+/// The index tables, in a fixed order.
+pub const TABLES: &[&str] = &[
+    "search_string",
+    "search_token",
+    "search_date",
+    "search_reference",
+    "search_number",
+    "search_quantity",
+    "search_uri",
+];
+
+enum Bind {
+    Text(Option<String>),
+    Blob(Option<Vec<u8>>),
+    Ts(Option<NaiveDateTime>),
+    Int(Option<i32>),
+    Dbl(f64),
+}
+
+impl SearchRow {
+    fn table(&self) -> &'static str {
+        match self {
+            SearchRow::String { .. } => "search_string",
+            SearchRow::Token { .. } => "search_token",
+            SearchRow::Date { .. } => "search_date",
+            SearchRow::Reference { .. } => "search_reference",
+            SearchRow::Number { .. } => "search_number",
+            SearchRow::Quantity { .. } => "search_quantity",
+            SearchRow::Uri { .. } => "search_uri",
+        }
+    }
+
+    /// Columns after `resource_type, logical_id`, and their values.
+    fn columns(&self) -> (&'static str, Vec<Bind>) {
+        use Bind::*;
+        match self.clone() {
+            SearchRow::String { param, value, blind } => {
+                ("param, value, blind", vec![Text(Some(param)), Text(value), Blob(blind)])
+            }
+            SearchRow::Token {
+                param,
+                system,
+                code,
+                blind,
+            } => (
+                "param, system, code, blind",
+                vec![Text(Some(param)), Text(system), Text(code), Blob(blind)],
+            ),
+            SearchRow::Date {
+                param,
+                start,
+                end,
+                year,
+                blind,
+            } => (
+                "param, start_at, end_at, year, blind",
+                vec![Text(Some(param)), Ts(start), Ts(end), Int(year), Blob(blind)],
+            ),
+            SearchRow::Reference {
+                param,
+                target_type,
+                target_id,
+            } => (
+                "param, target_type, target_id",
+                vec![Text(Some(param)), Text(target_type), Text(Some(target_id))],
+            ),
+            SearchRow::Number { param, value } => ("param, value", vec![Text(Some(param)), Dbl(value)]),
+            SearchRow::Quantity {
+                param,
+                value,
+                system,
+                code,
+            } => (
+                "param, value, system, code",
+                vec![Text(Some(param)), Dbl(value), Text(system), Text(code)],
+            ),
+            SearchRow::Uri { param, value } => ("param, value", vec![Text(Some(param)), Text(Some(value))]),
+        }
+    }
+}
+
+macro_rules! bind_all {
+    ($q:expr, $binds:expr) => {{
+        let mut q = $q;
+        for b in $binds {
+            q = match b {
+                Bind::Text(v) => q.bind::<Nullable<Text>, _>(v),
+                Bind::Blob(v) => q.bind::<Nullable<Binary>, _>(v),
+                Bind::Ts(v) => q.bind::<Nullable<Timestamp>, _>(v),
+                Bind::Int(v) => q.bind::<Nullable<Integer>, _>(v),
+                Bind::Dbl(v) => q.bind::<Double, _>(v),
+            };
+        }
+        q
+    }};
+}
+
+/// Replaces the index rows of one resource (`fresh`: it has none yet).
+pub(super) fn replace(
+    conn: &mut DbConnection,
+    resource_type: &str,
+    id: &str,
+    rows: &[SearchRow],
+    fresh: bool,
+) -> Result<(), StoreError> {
+    match conn {
+        DbConnection::Pg(pg) => {
+            let mut parts = Vec::new();
+            let mut binds: Vec<Bind> = vec![Bind::Text(Some(resource_type.into())), Bind::Text(Some(id.into()))];
+            if !fresh {
+                for t in TABLES {
+                    parts.push(format!("DELETE FROM {t} WHERE resource_type = $1 AND logical_id = $2"));
+                }
+            }
+            for table in TABLES {
+                let mine: Vec<&SearchRow> = rows.iter().filter(|r| r.table() == *table).collect();
+                let Some(first) = mine.first() else { continue };
+                let (cols, _) = first.columns();
+                let mut values = Vec::new();
+                for r in mine {
+                    let (_, vs) = r.columns();
+                    let mut ph = vec!["$1".to_string(), "$2".to_string()];
+                    for v in vs {
+                        binds.push(v);
+                        ph.push(format!("${}", binds.len()));
+                    }
+                    values.push(format!("({})", ph.join(", ")));
+                }
+                parts.push(format!(
+                    "INSERT INTO {table} (resource_type, logical_id, {cols}) VALUES {}",
+                    values.join(", ")
+                ));
+            }
+            if parts.is_empty() {
+                return Ok(());
+            }
+            let ctes: Vec<String> = parts
+                .iter()
+                .enumerate()
+                .map(|(i, p)| format!("s{i} AS ({p})"))
+                .collect();
+            let sql = format!("WITH {} SELECT 1", ctes.join(", "));
+            let q = bind_all!(diesel::sql_query(sql).into_boxed::<diesel::pg::Pg>(), binds);
+            q.execute(pg)?;
+        }
+        DbConnection::Sqlite(c) => {
+            if !fresh {
+                for t in TABLES {
+                    diesel::sql_query(format!("DELETE FROM {t} WHERE resource_type = ? AND logical_id = ?"))
+                        .bind::<Text, _>(resource_type)
+                        .bind::<Text, _>(id)
+                        .execute(c)?;
+                }
+            }
+            for r in rows {
+                let (cols, vs) = r.columns();
+                let ph = vec!["?"; vs.len() + 2].join(", ");
+                let sql = format!(
+                    "INSERT INTO {} (resource_type, logical_id, {cols}) VALUES ({ph})",
+                    r.table()
+                );
+                let q = diesel::sql_query(sql)
+                    .into_boxed::<diesel::sqlite::Sqlite>()
+                    .bind::<Text, _>(resource_type.to_string())
+                    .bind::<Text, _>(id.to_string());
+                let q = bind_all!(q, vs);
+                q.execute(c)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+impl super::Store {
+    /// Rebuilds the search index rows of every current resource from its stored content (after
+    /// the registry changed, or a restore); `rows(type, json)` builds them; `progress(done)`.
+    /// Works in pages of 200 resources, one transaction each; returns the resources indexed.
+    pub fn reindex(
+        &self,
+        rows: impl Fn(&str, &serde_json::Value) -> Vec<SearchRow>,
+        mut progress: impl FnMut(u64),
+    ) -> Result<u64, StoreError> {
+        use super::schema::resources as cur;
+        let mut after: Option<(String, String)> = None;
+        let mut done = 0u64;
+        loop {
+            let mut conn = self.checkout(&super::Access::All)?;
+            let mut q = cur::table
+                .filter(cur::deleted.eq(false))
+                .select((cur::resource_type, cur::logical_id))
+                .order((cur::resource_type, cur::logical_id))
+                .limit(200)
+                .into_boxed();
+            if let Some((t, id)) = &after {
+                q = q.filter(
+                    cur::resource_type
+                        .gt(t.clone())
+                        .or(cur::resource_type.eq(t.clone()).and(cur::logical_id.gt(id.clone()))),
+                );
+            }
+            let page: Vec<(String, String)> = q.load(&mut conn.conn)?;
+            drop(conn);
+            if page.is_empty() {
+                break;
+            }
+            let mut built = Vec::with_capacity(page.len());
+            for (t, id) in &page {
+                let v = self.read(&super::Access::All, t, id)?;
+                let json: serde_json::Value =
+                    serde_json::from_slice(v.content.as_deref().unwrap_or(b"{}")).map_err(|_| StoreError::Integrity)?;
+                built.push((t.clone(), id.clone(), rows(t, &json)));
+            }
+            self.write_tx(&super::Access::All, |conn| {
+                for (t, id, r) in &built {
+                    replace(conn, t, id, r, false)?;
+                }
+                Ok(())
+            })?;
+            done += page.len() as u64;
+            progress(done);
+            after = page.last().cloned();
+        }
+        Ok(done)
+    }
+
+    /// Index rows per table (for status and tests).
+    pub fn search_index_counts(&self) -> Result<Vec<(&'static str, i64)>, StoreError> {
+        #[derive(QueryableByName)]
+        struct N {
+            #[diesel(sql_type = diesel::sql_types::BigInt)]
+            n: i64,
+        }
+        let mut conn = self.checkout(&super::Access::All)?;
+        let mut out = Vec::new();
+        for t in TABLES {
+            let n: N = diesel::sql_query(format!("SELECT COUNT(*) AS n FROM {t}")).get_result(&mut conn.conn)?;
+            out.push((*t, n.n));
+        }
+        Ok(out)
+    }
+}

@@ -17,6 +17,7 @@ pub const TYPE_INTERACTIONS: &[&str] = &[
     "history-instance",
     "history-type",
     "create",
+    "search-type",
 ];
 /// The system-level interactions routed.
 pub const SYSTEM_INTERACTIONS: &[&str] = &["history-system"];
@@ -69,6 +70,22 @@ pub fn capability_statement(config: &Config, validator: &Validator) -> Value {
                 "conditionalUpdate": false,
                 "conditionalDelete": "not-supported",
             });
+            // the parameters search answers (chains, composites and `_has` are not listed: not yet)
+            let registry = super::shared_registry();
+            let params: Vec<Value> = registry
+                .params(t)
+                .filter(|p| crate::search::query::supported(p))
+                .map(|p| {
+                    json!({
+                        "name": p.code,
+                        "definition": p.url,
+                        "type": format!("{:?}", p.kind).to_lowercase(),
+                    })
+                })
+                .collect();
+            if !params.is_empty() {
+                r["searchParam"] = Value::Array(params);
+            }
             if t == "Patient" {
                 r["operation"] = json!([{
                     "name": "access-report",

@@ -9,6 +9,7 @@ pub mod metadata;
 mod negotiate;
 pub mod ops;
 pub mod route;
+pub mod search;
 pub mod trail;
 
 pub use error::ApiError;

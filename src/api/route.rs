@@ -5,7 +5,7 @@
 //! database read behind a `GET [type]/[id]`.
 
 use super::trail::Trail;
-use super::{audit, crud, history, metadata, ApiError, AppState};
+use super::{audit, crud, history, metadata, search, ApiError, AppState};
 use crate::fhir::resource::is_valid_id;
 use crate::fhir::{Issue, IssueType};
 use actix_web::http::Method;
@@ -307,8 +307,7 @@ async fn handle(
         Interaction::Update { resource_type, id } => crud::update(req, p, resource_type, id, payload, state).await,
         Interaction::Delete { resource_type, id } => crud::delete(req, p, resource_type, id, state).await,
         Interaction::SearchType { .. } if is_audit => audit::search(req, p, state).await,
-        // Search of other types arrives with the search engine.
-        Interaction::SearchType { .. } => Err(ApiError::MethodNotAllowed),
+        Interaction::SearchType { resource_type } => search::search_type(req, p, resource_type, state).await,
         Interaction::Operation {
             resource_type,
             id: Some(id),

@@ -4,6 +4,7 @@
 //! other than AuditEvent.
 
 pub mod extract;
+pub mod query;
 pub mod registry;
 
 pub use extract::{extract, IndexValue};

@@ -15,6 +15,7 @@ pub mod encrypted;
 pub mod keys;
 pub mod schema;
 pub mod search_index;
+pub mod search_query;
 
 pub use connection::{Backend, DbConnection, DbManager};
 

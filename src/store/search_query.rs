@@ -1,0 +1,427 @@
+//! Executes a typed search against the index tables: one query for the matching ids (a page,
+//! keyset-ordered by id, with the patient compartment applied in SQL for patient-context
+//! tokens) and the count, then the current versions of that page.
+
+use super::{Access, DbConnection, Store, StoreError, StoredVersion};
+use chrono::NaiveDateTime;
+use diesel::prelude::*;
+use diesel::sql_types::{BigInt, Binary, Double, Text, Timestamp};
+
+/// One condition on one index table; the `param` is the search parameter's code.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Cond {
+    Id(String),
+    /// Folded value starts with `prefix` (non-PHI strings).
+    StringPrefix {
+        param: String,
+        prefix: String,
+    },
+    StringExact {
+        param: String,
+        value: String,
+    },
+    StringContains {
+        param: String,
+        part: String,
+    },
+    /// PHI strings and tokens: one of these blind indexes.
+    StringBlind {
+        param: String,
+        blind: Vec<u8>,
+    },
+    TokenBlind {
+        param: String,
+        blind: Vec<u8>,
+    },
+    /// `system` None: any system; Some(None): no system (`|code`); code None: any code (`system|`).
+    Token {
+        param: String,
+        system: Option<Option<String>>,
+        code: Option<String>,
+    },
+    /// The indexed range and the searched range: `overlap` for eq-like prefixes, or one of the
+    /// comparisons on the bounds.
+    Date {
+        param: String,
+        op: DateOp,
+        start: NaiveDateTime,
+        end: NaiveDateTime,
+    },
+    /// PHI dates: the year range that may match (candidates re-checked after decryption).
+    DateYear {
+        param: String,
+        min: i32,
+        max: i32,
+    },
+    Reference {
+        param: String,
+        target_type: Option<String>,
+        id: String,
+    },
+    Number {
+        param: String,
+        op: NumOp,
+        value: f64,
+    },
+    Quantity {
+        param: String,
+        op: NumOp,
+        value: f64,
+        system: Option<String>,
+        code: Option<String>,
+    },
+    Uri {
+        param: String,
+        value: String,
+    },
+    /// `:missing=true|false` on a parameter stored in `table`.
+    Missing {
+        param: String,
+        table: &'static str,
+        missing: bool,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DateOp {
+    /// the indexed range lies within the searched one (eq)
+    Within,
+    /// not within (ne)
+    NotWithin,
+    Gt,
+    Lt,
+    Ge,
+    Le,
+    /// starts after the searched range ends (sa)
+    StartsAfter,
+    /// ends before the searched range starts (eb)
+    EndsBefore,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NumOp {
+    Eq,
+    Ne,
+    Gt,
+    Lt,
+    Ge,
+    Le,
+}
+
+/// A search: every clause must hold (AND); a clause holds when any of its conditions does (OR).
+#[derive(Debug, Clone)]
+pub struct SearchQuery {
+    pub resource_type: String,
+    pub clauses: Vec<Vec<Cond>>,
+    pub count: u32,
+    /// Only ids after this one (the paging cursor).
+    pub after: Option<String>,
+    /// Only resources in this patient's compartment.
+    pub patient: Option<String>,
+}
+
+pub struct SearchPage {
+    pub entries: Vec<StoredVersion>,
+    pub total: i64,
+    pub next_after: Option<String>,
+}
+
+enum Bind {
+    Text(String),
+    Blob(Vec<u8>),
+    Ts(NaiveDateTime),
+    Dbl(f64),
+    Int(i64),
+}
+
+struct Sql {
+    pg: bool,
+    binds: Vec<Bind>,
+}
+
+impl Sql {
+    fn p(&mut self, b: Bind) -> String {
+        self.binds.push(b);
+        if self.pg {
+            format!("${}", self.binds.len())
+        } else {
+            "?".into()
+        }
+    }
+
+    fn cond(&mut self, c: &Cond) -> String {
+        let on = |t: &str| format!("{t}.resource_type = r.resource_type AND {t}.logical_id = r.logical_id");
+        let exists = |t: &str, table: &str, extra: String| {
+            format!("EXISTS (SELECT 1 FROM {table} {t} WHERE {} AND {extra})", on(t))
+        };
+        match c {
+            Cond::Id(id) => format!("r.logical_id = {}", self.p(Bind::Text(id.clone()))),
+            Cond::StringPrefix { param, prefix } => {
+                let p = self.p(Bind::Text(param.clone()));
+                // LIKE with the pattern characters escaped
+                let escaped = prefix.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_");
+                let v = self.p(Bind::Text(format!("{escaped}%")));
+                exists(
+                    "s",
+                    "search_string",
+                    format!("s.param = {p} AND s.value LIKE {v} ESCAPE '\\'"),
+                )
+            }
+            Cond::StringContains { param, part } => {
+                let p = self.p(Bind::Text(param.clone()));
+                let escaped = part.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_");
+                let v = self.p(Bind::Text(format!("%{escaped}%")));
+                exists(
+                    "s",
+                    "search_string",
+                    format!("s.param = {p} AND s.value LIKE {v} ESCAPE '\\'"),
+                )
+            }
+            Cond::StringExact { param, value } => {
+                let p = self.p(Bind::Text(param.clone()));
+                let v = self.p(Bind::Text(value.clone()));
+                exists("s", "search_string", format!("s.param = {p} AND s.value = {v}"))
+            }
+            Cond::StringBlind { param, blind } | Cond::TokenBlind { param, blind } => {
+                let table = if matches!(c, Cond::StringBlind { .. }) {
+                    "search_string"
+                } else {
+                    "search_token"
+                };
+                let p = self.p(Bind::Text(param.clone()));
+                let b = self.p(Bind::Blob(blind.clone()));
+                exists("s", table, format!("s.param = {p} AND s.blind = {b}"))
+            }
+            Cond::Token { param, system, code } => {
+                let p = self.p(Bind::Text(param.clone()));
+                let mut extra = format!("t.param = {p}");
+                if let Some(code) = code {
+                    extra.push_str(&format!(" AND t.code = {}", self.p(Bind::Text(code.clone()))));
+                }
+                match system {
+                    None => {}
+                    Some(None) => extra.push_str(" AND t.system IS NULL"),
+                    Some(Some(s)) => extra.push_str(&format!(" AND t.system = {}", self.p(Bind::Text(s.clone())))),
+                }
+                exists("t", "search_token", extra)
+            }
+            Cond::Date { param, op, start, end } => {
+                let p = self.p(Bind::Text(param.clone()));
+                // only the bounds a comparison uses are bound (SQLite counts its `?`)
+                let test = match op {
+                    DateOp::Within | DateOp::NotWithin => {
+                        let (s, e) = (self.p(Bind::Ts(*start)), self.p(Bind::Ts(*end)));
+                        let within = format!("d.start_at >= {s} AND d.end_at <= {e}");
+                        if *op == DateOp::Within {
+                            within
+                        } else {
+                            format!("NOT ({within})")
+                        }
+                    }
+                    DateOp::Gt => format!("d.end_at > {}", self.p(Bind::Ts(*end))),
+                    DateOp::Ge => format!("d.end_at > {}", self.p(Bind::Ts(*start))),
+                    DateOp::Lt => format!("d.start_at < {}", self.p(Bind::Ts(*start))),
+                    DateOp::Le => format!("d.start_at < {}", self.p(Bind::Ts(*end))),
+                    DateOp::StartsAfter => format!("d.start_at >= {}", self.p(Bind::Ts(*end))),
+                    DateOp::EndsBefore => format!("d.end_at <= {}", self.p(Bind::Ts(*start))),
+                };
+                exists(
+                    "d",
+                    "search_date",
+                    format!("d.param = {p} AND d.start_at IS NOT NULL AND {test}"),
+                )
+            }
+            Cond::DateYear { param, min, max } => {
+                let p = self.p(Bind::Text(param.clone()));
+                let (a, b) = (self.p(Bind::Int(*min as i64)), self.p(Bind::Int(*max as i64)));
+                exists(
+                    "d",
+                    "search_date",
+                    format!("d.param = {p} AND d.year >= {a} AND d.year <= {b}"),
+                )
+            }
+            Cond::Reference { param, target_type, id } => {
+                let p = self.p(Bind::Text(param.clone()));
+                let mut extra = format!("f.param = {p} AND f.target_id = {}", self.p(Bind::Text(id.clone())));
+                if let Some(t) = target_type {
+                    extra.push_str(&format!(
+                        " AND (f.target_type = {} OR f.target_type IS NULL)",
+                        self.p(Bind::Text(t.clone()))
+                    ));
+                }
+                exists("f", "search_reference", extra)
+            }
+            Cond::Number { param, op, value } => {
+                let p = self.p(Bind::Text(param.clone()));
+                let v = self.p(Bind::Dbl(*value));
+                exists(
+                    "n",
+                    "search_number",
+                    format!("n.param = {p} AND n.value {} {v}", num_op(*op)),
+                )
+            }
+            Cond::Quantity {
+                param,
+                op,
+                value,
+                system,
+                code,
+            } => {
+                let p = self.p(Bind::Text(param.clone()));
+                let v = self.p(Bind::Dbl(*value));
+                let mut extra = format!("q.param = {p} AND q.value {} {v}", num_op(*op));
+                if let Some(c) = code {
+                    extra.push_str(&format!(" AND q.code = {}", self.p(Bind::Text(c.clone()))));
+                }
+                if let Some(s) = system {
+                    extra.push_str(&format!(" AND q.system = {}", self.p(Bind::Text(s.clone()))));
+                }
+                exists("q", "search_quantity", extra)
+            }
+            Cond::Uri { param, value } => {
+                let p = self.p(Bind::Text(param.clone()));
+                let v = self.p(Bind::Text(value.clone()));
+                exists("u", "search_uri", format!("u.param = {p} AND u.value = {v}"))
+            }
+            Cond::Missing { param, table, missing } => {
+                let p = self.p(Bind::Text(param.clone()));
+                let e = exists("m", table, format!("m.param = {p}"));
+                if *missing {
+                    format!("NOT {e}")
+                } else {
+                    e
+                }
+            }
+        }
+    }
+}
+
+fn num_op(op: NumOp) -> &'static str {
+    match op {
+        NumOp::Eq => "=",
+        NumOp::Ne => "<>",
+        NumOp::Gt => ">",
+        NumOp::Lt => "<",
+        NumOp::Ge => ">=",
+        NumOp::Le => "<=",
+    }
+}
+
+#[derive(QueryableByName)]
+struct IdRow {
+    #[diesel(sql_type = Text)]
+    logical_id: String,
+}
+
+#[derive(QueryableByName)]
+struct CountRow {
+    #[diesel(sql_type = BigInt)]
+    n: i64,
+}
+
+macro_rules! bind_all {
+    ($q:expr, $binds:expr) => {{
+        let mut q = $q;
+        for b in $binds {
+            q = match b {
+                Bind::Text(v) => q.bind::<Text, _>(v.clone()),
+                Bind::Blob(v) => q.bind::<Binary, _>(v.clone()),
+                Bind::Ts(v) => q.bind::<Timestamp, _>(*v),
+                Bind::Dbl(v) => q.bind::<Double, _>(*v),
+                Bind::Int(v) => q.bind::<BigInt, _>(*v),
+            };
+        }
+        q
+    }};
+}
+
+impl Store {
+    pub fn search(&self, access: &Access, q: &SearchQuery) -> Result<SearchPage, StoreError> {
+        let mut conn = self.checkout(access)?;
+        let pg = matches!(conn.conn, DbConnection::Pg(_));
+        let mut sql = Sql { pg, binds: Vec::new() };
+        let mut wheres = vec![
+            format!("r.resource_type = {}", sql.p(Bind::Text(q.resource_type.clone()))),
+            "r.deleted = false".to_string(),
+        ];
+        if let Some(patient) = &q.patient {
+            let p = sql.p(Bind::Text(patient.clone()));
+            wheres.push(format!(
+                "EXISTS (SELECT 1 FROM resource_compartments c WHERE c.resource_type = r.resource_type \
+                 AND c.logical_id = r.logical_id AND c.version_id = r.version_id AND c.patient_id = {p})"
+            ));
+        }
+        for clause in &q.clauses {
+            let any: Vec<String> = clause.iter().map(|c| sql.cond(c)).collect();
+            if !any.is_empty() {
+                wheres.push(format!("({})", any.join(" OR ")));
+            }
+        }
+        let filter = wheres.join(" AND ");
+        let count_sql = format!("SELECT COUNT(*) AS n FROM resources r WHERE {filter}");
+        let mut page_filter = filter.clone();
+        let mut page_binds_extra = Vec::new();
+        if let Some(after) = &q.after {
+            page_binds_extra.push(Bind::Text(after.clone()));
+            let ph = if pg {
+                format!("${}", sql.binds.len() + 1)
+            } else {
+                "?".into()
+            };
+            page_filter.push_str(&format!(" AND r.logical_id > {ph}"));
+        }
+        let limit = i64::from(q.count) + 1;
+        let limit_ph = if pg {
+            format!("${}", sql.binds.len() + page_binds_extra.len() + 1)
+        } else {
+            "?".into()
+        };
+        let page_sql =
+            format!("SELECT r.logical_id FROM resources r WHERE {page_filter} ORDER BY r.logical_id LIMIT {limit_ph}");
+        let result = (|| -> Result<(i64, Vec<String>), StoreError> {
+            match &mut conn.conn {
+                DbConnection::Pg(c) => {
+                    let total: CountRow =
+                        bind_all!(diesel::sql_query(&count_sql).into_boxed::<diesel::pg::Pg>(), &sql.binds)
+                            .get_result(c)?;
+                    let q2 = bind_all!(diesel::sql_query(&page_sql).into_boxed::<diesel::pg::Pg>(), &sql.binds);
+                    let q2 = bind_all!(q2, &page_binds_extra).bind::<BigInt, _>(limit);
+                    let ids: Vec<IdRow> = q2.load(c)?;
+                    Ok((total.n, ids.into_iter().map(|r| r.logical_id).collect()))
+                }
+                DbConnection::Sqlite(c) => {
+                    let total: CountRow = bind_all!(
+                        diesel::sql_query(&count_sql).into_boxed::<diesel::sqlite::Sqlite>(),
+                        &sql.binds
+                    )
+                    .get_result(c)?;
+                    let q2 = bind_all!(
+                        diesel::sql_query(&page_sql).into_boxed::<diesel::sqlite::Sqlite>(),
+                        &sql.binds
+                    );
+                    let q2 = bind_all!(q2, &page_binds_extra).bind::<BigInt, _>(limit);
+                    let ids: Vec<IdRow> = q2.load(c)?;
+                    Ok((total.n, ids.into_iter().map(|r| r.logical_id).collect()))
+                }
+            }
+        })();
+        let (total, mut ids) = super::note(&mut conn, result)?;
+        drop(conn);
+        let has_more = ids.len() > q.count as usize;
+        ids.truncate(q.count as usize);
+        let mut entries = Vec::with_capacity(ids.len());
+        for id in &ids {
+            match self.read(access, &q.resource_type, id) {
+                Ok(v) => entries.push(v),
+                // deleted or hidden between the two queries: left out
+                Err(StoreError::NotFound | StoreError::Gone { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(SearchPage {
+            entries,
+            total,
+            next_after: if has_more { ids.last().cloned() } else { None },
+        })
+    }
+}

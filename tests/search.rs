@@ -1,0 +1,162 @@
+//! Search over the index tables, black-box over HTTP on both backends: string, token, date,
+//! reference, quantity and `_id` parameters, OR within a parameter and AND across them,
+//! paging, refusals of what is not supported, patient-context limits, and the audit record.
+
+mod common;
+
+use common::{Db, TestServer};
+use serde_json::{json, Value};
+
+fn ids(s: &TestServer, query: &str) -> Vec<String> {
+    let r = s.get(query);
+    assert_eq!(r.status, 200, "{query}: {}", r.text());
+    let mut out: Vec<String> = r.json()["entry"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .map(|e| e["resource"]["id"].as_str().unwrap().to_string())
+        .collect();
+    out.sort();
+    out
+}
+
+fn put(s: &TestServer, path: &str, body: Value) {
+    let r = s.put(path, &body);
+    assert!(r.status == 201 || r.status == 200, "{path}: {}", r.text());
+}
+
+on_both_backends!(search_by_parameter_type);
+
+fn search_by_parameter_type(db: Db) {
+    let s = TestServer::start(db);
+    put(
+        &s,
+        "/Patient/a",
+        json!({"resourceType": "Patient", "id": "a", "name": [{"family": "Smith", "given": ["John"]}],
+               "birthDate": "1980-05-01", "gender": "male",
+               "identifier": [{"system": "urn:mrn", "value": "A1"}]}),
+    );
+    put(
+        &s,
+        "/Patient/b",
+        json!({"resourceType": "Patient", "id": "b", "name": [{"family": "Smyth", "given": ["Jane"]}],
+               "birthDate": "1990-01-01", "gender": "female"}),
+    );
+    put(
+        &s,
+        "/Observation/oa",
+        json!({"resourceType": "Observation", "id": "oa", "status": "final",
+               "code": {"coding": [{"system": "http://loinc.org", "code": "29463-7"}]},
+               "subject": {"reference": "Patient/a"}, "effectiveDateTime": "2024-05-06T07:08:09Z",
+               "valueQuantity": {"value": 70, "system": "http://unitsofmeasure.org", "code": "kg"}}),
+    );
+    put(
+        &s,
+        "/Observation/ob",
+        json!({"resourceType": "Observation", "id": "ob", "status": "final",
+               "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4"}]},
+               "subject": {"reference": "Patient/b"}, "effectiveDateTime": "2023-01-02"}),
+    );
+    let a = vec!["a".to_string()];
+    let b = vec!["b".to_string()];
+    let both = vec!["a".to_string(), "b".to_string()];
+    // strings: case- and accent-insensitive prefixes; names are identifying (blind indexes)
+    assert_eq!(ids(&s, "/Patient?family=smi"), a);
+    assert_eq!(ids(&s, "/Patient?family=SM"), both);
+    assert_eq!(ids(&s, "/Patient?name=john"), a);
+    assert_eq!(
+        ids(&s, "/Patient?family=smithsonianlong"),
+        Vec::<String>::new(),
+        "re-checked past the prefix bound"
+    );
+    assert_eq!(ids(&s, "/Patient?family=smi,smy"), both, "OR within a parameter");
+    assert_eq!(ids(&s, "/Patient?family=sm&gender=male"), a, "AND across parameters");
+    // tokens
+    assert_eq!(ids(&s, "/Patient?gender=female"), b);
+    assert_eq!(ids(&s, "/Patient?identifier=urn:mrn|A1"), a);
+    assert_eq!(ids(&s, "/Patient?identifier=A1"), a);
+    assert_eq!(
+        ids(&s, "/Observation?code=http://loinc.org|29463-7"),
+        vec!["oa".to_string()]
+    );
+    assert_eq!(ids(&s, "/Observation?code=8867-4"), vec!["ob".to_string()]);
+    assert_eq!(ids(&s, "/Observation?code=http://other|8867-4"), Vec::<String>::new());
+    assert_eq!(ids(&s, "/Patient?_id=b"), b);
+    // dates (birth dates are identifying: year in the index, re-checked after decryption)
+    assert_eq!(ids(&s, "/Patient?birthdate=1980"), a);
+    assert_eq!(ids(&s, "/Patient?birthdate=ge1985"), b);
+    assert_eq!(ids(&s, "/Patient?birthdate=lt1985-01-01"), a);
+    assert_eq!(ids(&s, "/Patient?birthdate=1980-05-02"), Vec::<String>::new());
+    assert_eq!(ids(&s, "/Observation?date=2024-05"), vec!["oa".to_string()]);
+    assert_eq!(ids(&s, "/Observation?date=lt2024"), vec!["ob".to_string()]);
+    // references and quantities
+    assert_eq!(ids(&s, "/Observation?subject=Patient/a"), vec!["oa".to_string()]);
+    assert_eq!(ids(&s, "/Observation?patient=b"), vec!["ob".to_string()]);
+    assert_eq!(ids(&s, "/Observation?value-quantity=gt60||kg"), vec!["oa".to_string()]);
+    assert_eq!(ids(&s, "/Observation?value-quantity=lt60"), Vec::<String>::new());
+    assert_eq!(
+        ids(&s, "/Observation?value-quantity:missing=true"),
+        vec!["ob".to_string()]
+    );
+    // paging with opaque, subject-bound links
+    let first = s.get("/Patient?_count=1").json();
+    assert_eq!(first["total"], 2);
+    assert_eq!(first["entry"].as_array().unwrap().len(), 1);
+    let next = first["link"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["relation"] == "next")
+        .unwrap()["url"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let second: Value = s.client.get(&next).send().unwrap().json().unwrap();
+    assert_eq!(second["entry"].as_array().unwrap().len(), 1);
+    assert_ne!(
+        second["entry"][0]["resource"]["id"],
+        first["entry"][0]["resource"]["id"]
+    );
+    // what is not supported is refused, not ignored
+    for q in [
+        "/Patient?nonsense=1",
+        "/Observation?subject.name=smith",
+        "/Patient?_has:Observation:patient:code=1",
+        "/Patient?_include=Patient:organization",
+        "/Patient?birthdate=ap1980",
+        "/Patient?family:contains=mit",
+    ] {
+        let r = s.get(q);
+        assert_eq!(r.status, 400, "{q}: {}", r.text());
+    }
+    // a patient-context token finds only its own compartment, totals included
+    let t = s.token("patient/*.rs", Some("a"));
+    let r = s.get_with("/Observation", &[("authorization", &format!("Bearer {t}"))]);
+    assert_eq!(r.status, 200);
+    let bundle = r.json();
+    assert_eq!(bundle["total"], 1);
+    assert_eq!(bundle["entry"][0]["resource"]["id"], "oa");
+    // the search is audited with the patients whose data it returned
+    let events = s.get("/AuditEvent?subtype=search-type&patient=Patient/b").json();
+    assert!(events["entry"].as_array().is_some_and(|e| !e.is_empty()));
+    // the CapabilityStatement lists search and the parameters it answers
+    let cs = s.get("/metadata").json();
+    let patient = cs["rest"][0]["resource"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["type"] == "Patient")
+        .unwrap()
+        .clone();
+    assert!(patient["interaction"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|i| i["code"] == "search-type"));
+    assert!(patient["searchParam"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|p| p["name"] == "birthdate"));
+}

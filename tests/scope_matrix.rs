@@ -136,6 +136,37 @@ fn scope_matrix(db: Db) {
                 assert_eq!(status, 403, "{label} {rtype}/_history");
             }
             checked += 1;
+            // search, bare and with a condition on ids: the same set, and totals that count
+            // nothing else
+            let all_ids: Vec<&str> = data
+                .iter()
+                .filter(|(t2, _, _)| t2 == rtype)
+                .map(|(_, id, _)| id.as_str())
+                .collect();
+            for query in [
+                format!("/{rtype}?_count=100"),
+                format!("/{rtype}?_id={}&_count=100", all_ids.join(",")),
+            ] {
+                let (status, body) = get(&s, t, &query);
+                if searchable && t.letters.contains('s') {
+                    assert_eq!(status, 200, "{label} {query}");
+                    let got: BTreeSet<String> = body["entry"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|e| e["resource"]["id"].as_str().unwrap().to_string())
+                        .collect();
+                    assert_eq!(got, expected, "{label} {query}");
+                    assert_eq!(
+                        body["total"].as_u64().unwrap() as usize,
+                        expected.len(),
+                        "{label} {query}"
+                    );
+                } else {
+                    assert_eq!(status, 403, "{label} {query}");
+                }
+                checked += 1;
+            }
         }
         // system history: only with s on every type; then only what the context allows
         let (status, body) = get(&s, t, "/_history?_count=100");

@@ -118,11 +118,41 @@ fn search_by_parameter_type(db: Db) {
         second["entry"][0]["resource"]["id"],
         first["entry"][0]["resource"]["id"]
     );
+    // chains and reverse chains
+    assert_eq!(
+        ids(&s, "/Observation?subject:Patient.gender=male"),
+        vec!["oa".to_string()]
+    );
+    assert_eq!(ids(&s, "/Observation?patient.family=smy"), vec!["ob".to_string()]);
+    assert_eq!(ids(&s, "/Patient?_has:Observation:patient:code=8867-4"), b);
+    assert_eq!(
+        ids(&s, "/Patient?_has:Observation:subject:value-quantity=gt60"),
+        a,
+        "reverse chain on a quantity"
+    );
+    // a token that may search Patient but not Observation cannot search through Observations
+    let only_patients = s.token("system/Patient.rs", None);
+    let r = s.get_with(
+        "/Patient?_has:Observation:patient:code=8867-4",
+        &[("authorization", &format!("Bearer {only_patients}"))],
+    );
+    assert_eq!(r.status, 403);
+    // a patient-context token's chains reach only its own compartment
+    let pa = format!("Bearer {}", s.token("patient/*.rs", Some("a")));
+    let r = s.get_with(
+        "/Patient?_has:Observation:patient:code=8867-4",
+        &[("authorization", &pa)],
+    );
+    assert_eq!(r.status, 200);
+    assert!(
+        r.json()["entry"].is_null(),
+        "b's observation is outside a's compartment"
+    );
     // what is not supported is refused, not ignored
     for q in [
         "/Patient?nonsense=1",
-        "/Observation?subject.name=smith",
-        "/Patient?_has:Observation:patient:code=1",
+        "/Observation?subject.name=smithsonianlong",
+        "/Observation?subject.nonsense=1",
         "/Patient?_include=Patient:organization",
         "/Patient?birthdate=ap1980",
         "/Patient?family:contains=mit",

@@ -59,6 +59,14 @@ pub async fn search_type(
     if !decision.unrestricted {
         parsed.query.patient = decision.patient.clone();
     }
+    // Chains and `_has` read other types: the token must be allowed to search each, and what
+    // they reach is held to its compartment where that is all the token may see.
+    for other in &parsed.types {
+        let d = authorize(&p, other, Permission::Search)?;
+        if !d.unrestricted {
+            parsed.query.nested_patient = d.patient.clone();
+        }
+    }
     let listing_pairs: Vec<(String, String)> = pairs.iter().filter(|(k, _)| k != "_page").cloned().collect();
     let listing = format!(
         "{t}?{}",

@@ -73,6 +73,8 @@ fn date_matches(
 pub struct ParsedSearch {
     pub query: SearchQuery,
     pub rechecks: Vec<Recheck>,
+    /// Other resource types the search reads through chains and `_has`.
+    pub types: std::collections::BTreeSet<String>,
 }
 
 fn num_prefix(v: &str) -> (NumOp, &str) {
@@ -126,6 +128,287 @@ fn reference_target(v: &str) -> (Option<String>, String) {
     (ty, id)
 }
 
+/// The conditions of one `key=value` pair on `resource_type`, following chains
+/// (`subject:Patient.name`) and reverse chains (`_has:Observation:patient:code`) into the types
+/// they name, which are added to `types` (the caller must authorize a search of each).
+fn conds_for(
+    registry: &Registry,
+    cipher: &Cipher,
+    resource_type: &str,
+    key: &str,
+    value: &str,
+    nested: bool,
+    types: &mut std::collections::BTreeSet<String>,
+) -> Result<(Vec<Cond>, Option<Recheck>), QueryError> {
+    if let Some(rest) = key.strip_prefix("_has:") {
+        let mut parts = rest.splitn(3, ':');
+        let (Some(source), Some(param), Some(tail)) = (parts.next(), parts.next(), parts.next()) else {
+            return Err(QueryError::Invalid(
+                "_has needs _has:Type:reference-parameter:parameter",
+            ));
+        };
+        let reference = registry.get(source, param).ok_or(QueryError::UnknownParameter)?;
+        if reference.kind != ParamType::Reference {
+            return Err(QueryError::Invalid(
+                "_has needs a reference parameter of the referring type",
+            ));
+        }
+        types.insert(source.to_string());
+        let (inner, _) = conds_for(registry, cipher, source, tail, value, true, types)?;
+        return Ok((
+            vec![Cond::Has {
+                source_type: source.to_string(),
+                param: param.to_string(),
+                inner,
+            }],
+            None,
+        ));
+    }
+    if let Some((head, tail)) = key.split_once('.') {
+        let (code, modifier) = match head.split_once(':') {
+            Some((c, m)) => (c, Some(m)),
+            None => (head, None),
+        };
+        let reference = registry.get(resource_type, code).ok_or(QueryError::UnknownParameter)?;
+        if reference.kind != ParamType::Reference {
+            return Err(QueryError::Invalid("only reference parameters can be chained"));
+        }
+        let target = match (modifier, reference.targets.as_slice()) {
+            (Some(m), _) if reference.targets.iter().any(|t| t == m) => m.to_string(),
+            (Some(_), _) => {
+                return Err(QueryError::Invalid(
+                    "the chain names a type this reference cannot point to",
+                ))
+            }
+            (None, [only]) => only.clone(),
+            // `patient` parameters point to a Patient whatever else their definition allows
+            (None, targets) if code == "patient" && targets.iter().any(|t| t == "Patient") => "Patient".to_string(),
+            (None, _) => {
+                return Err(QueryError::Invalid(
+                    "the reference can point to several types: name one (param:Type.name)",
+                ))
+            }
+        };
+        types.insert(target.clone());
+        let (inner, _) = conds_for(registry, cipher, &target, tail, value, true, types)?;
+        return Ok((
+            vec![Cond::Chain {
+                param: code.to_string(),
+                target_type: target,
+                inner,
+            }],
+            None,
+        ));
+    }
+    let (code, modifier) = match key.split_once(':') {
+        Some((c, m)) => (c, Some(m)),
+        None => (key, None),
+    };
+    let param = registry
+        .get(resource_type, code)
+        .ok_or(QueryError::UnknownParameter)?
+        .clone();
+    let values: Vec<&str> = value.split(',').filter(|v| !v.is_empty()).collect();
+    if values.is_empty() {
+        return Err(QueryError::Invalid("a search parameter needs a value"));
+    }
+    if modifier == Some("missing") {
+        let table = match param.kind {
+            ParamType::String => "search_string",
+            ParamType::Token => "search_token",
+            ParamType::Date => "search_date",
+            ParamType::Reference => "search_reference",
+            ParamType::Number => "search_number",
+            ParamType::Quantity => "search_quantity",
+            ParamType::Uri => "search_uri",
+            _ => {
+                return Err(QueryError::NotSupported(
+                    ":missing is not supported on this parameter yet",
+                ))
+            }
+        };
+        let missing = match value {
+            "true" => true,
+            "false" => false,
+            _ => return Err(QueryError::Invalid(":missing takes true or false")),
+        };
+        return Ok((
+            vec![Cond::Missing {
+                param: param.code.clone(),
+                table,
+                missing,
+            }],
+            None,
+        ));
+    }
+    let mut any = Vec::new();
+    let mut recheck = Vec::new();
+    let p = param.code.clone();
+    for v in values {
+        match (param.kind, modifier) {
+            (_, Some(m)) if code == "_id" || param.kind != ParamType::String && param.kind != ParamType::Reference => {
+                let _ = m;
+                return Err(QueryError::NotSupported("this modifier is not supported yet"));
+            }
+            _ if code == "_id" => any.push(Cond::Id(v.to_string())),
+            (ParamType::String, None) if param.phi => {
+                let folded = fold(v);
+                let chars: Vec<char> = folded.chars().collect();
+                let n = chars.len().min(super::BLIND_PREFIX_MAX);
+                let prefix: String = chars[..n].iter().collect();
+                any.push(Cond::StringBlind {
+                    param: p.clone(),
+                    blind: cipher.blind_index(&format!("{p}~prefix"), &prefix).to_vec(),
+                });
+                // the blind index is exact up to its bound; beyond it, candidates are re-checked
+                if chars.len() > super::BLIND_PREFIX_MAX {
+                    recheck.push(RecheckTest::StringPrefix(folded));
+                }
+            }
+            (ParamType::String, None) => any.push(Cond::StringPrefix {
+                param: p.clone(),
+                prefix: fold(v),
+            }),
+            (ParamType::String, Some("contains")) if !param.phi => any.push(Cond::StringContains {
+                param: p.clone(),
+                part: fold(v),
+            }),
+            (ParamType::String, Some("exact")) if param.phi => any.push(Cond::StringBlind {
+                param: p.clone(),
+                blind: cipher.blind_index(&format!("{p}~exact"), &fold(v)).to_vec(),
+            }),
+            (ParamType::String, _) => {
+                return Err(QueryError::NotSupported(
+                    "this string modifier is not supported here yet",
+                ))
+            }
+            (ParamType::Token, None) if param.phi => {
+                let key = match v.split_once('|') {
+                    Some((s, c)) if !c.is_empty() => format!("{s}|{c}"),
+                    Some(_) => {
+                        return Err(QueryError::NotSupported(
+                            "system| alone cannot be searched on an identifying parameter",
+                        ))
+                    }
+                    None => format!("|{v}"),
+                };
+                any.push(Cond::TokenBlind {
+                    param: p.clone(),
+                    blind: cipher.blind_index(&p, &key).to_vec(),
+                });
+            }
+            (ParamType::Token, None) => {
+                let (system, code) = match v.split_once('|') {
+                    Some(("", c)) => (Some(None), Some(c.to_string())),
+                    Some((s, "")) => (Some(Some(s.to_string())), None),
+                    Some((s, c)) => (Some(Some(s.to_string())), Some(c.to_string())),
+                    None => (None, Some(v.to_string())),
+                };
+                any.push(Cond::Token {
+                    param: p.clone(),
+                    system,
+                    code,
+                });
+            }
+            (ParamType::Date, None) => {
+                let (op, rest) = date_prefix(v)?;
+                let (start, end) = date_range(rest).ok_or(QueryError::Invalid("not a valid date"))?;
+                if param.phi {
+                    // the year is all the index holds: candidates, re-checked below
+                    let (min, max) = match op {
+                        DateOp::Within => (start.year(), end.year()),
+                        DateOp::Gt | DateOp::Ge | DateOp::StartsAfter => (start.year(), 9999),
+                        DateOp::Lt | DateOp::Le | DateOp::EndsBefore => (1, end.year()),
+                        DateOp::NotWithin => (1, 9999),
+                    };
+                    any.push(Cond::DateYear {
+                        param: p.clone(),
+                        min,
+                        max,
+                    });
+                    recheck.push(RecheckTest::DateWithin(start, end, op));
+                } else {
+                    any.push(Cond::Date {
+                        param: p.clone(),
+                        op,
+                        start,
+                        end,
+                    });
+                }
+            }
+            (ParamType::Reference, m) => {
+                let (mut ty, id) = reference_target(v);
+                if let Some(m) = m {
+                    if !m.chars().next().is_some_and(|c| c.is_ascii_uppercase()) {
+                        return Err(QueryError::NotSupported("this reference modifier is not supported yet"));
+                    }
+                    ty = Some(m.to_string());
+                }
+                if id.is_empty() {
+                    return Err(QueryError::Invalid("a reference needs an id"));
+                }
+                any.push(Cond::Reference {
+                    param: p.clone(),
+                    target_type: ty,
+                    id,
+                });
+            }
+            (ParamType::Number, None) => {
+                let (op, rest) = num_prefix(v);
+                let value: f64 = rest.parse().map_err(|_| QueryError::Invalid("not a number"))?;
+                any.push(Cond::Number {
+                    param: p.clone(),
+                    op,
+                    value,
+                });
+            }
+            (ParamType::Quantity, None) => {
+                let (op, rest) = num_prefix(v);
+                let mut parts = rest.splitn(3, '|');
+                let value: f64 = parts
+                    .next()
+                    .unwrap_or("")
+                    .parse()
+                    .map_err(|_| QueryError::Invalid("not a quantity"))?;
+                let system = parts.next().filter(|s| !s.is_empty()).map(str::to_string);
+                let code = parts.next().filter(|s| !s.is_empty()).map(str::to_string);
+                any.push(Cond::Quantity {
+                    param: p.clone(),
+                    op,
+                    value,
+                    system,
+                    code,
+                });
+            }
+            (ParamType::Uri, None) => any.push(Cond::Uri {
+                param: p.clone(),
+                value: v.to_string(),
+            }),
+            _ => {
+                return Err(QueryError::NotSupported(
+                    "this kind of search parameter is not supported yet",
+                ))
+            }
+        }
+    }
+    if !recheck.is_empty() {
+        if nested {
+            // a re-check reads the resource the chain reaches, which this search does not load
+            return Err(QueryError::NotSupported(
+                "this value of an identifying parameter cannot be searched through a chain yet",
+            ));
+        }
+        return Ok((
+            any,
+            Some(Recheck {
+                param: param.clone(),
+                any: recheck,
+            }),
+        ));
+    }
+    Ok((any, None))
+}
+
 /// Builds the search of `resource_type` from its query pairs (`_count`, `_page` and formatting
 /// parameters are the caller's).
 pub fn parse(
@@ -137,14 +420,12 @@ pub fn parse(
 ) -> Result<ParsedSearch, QueryError> {
     let mut clauses = Vec::new();
     let mut rechecks = Vec::new();
+    let mut types = std::collections::BTreeSet::new();
     for (key, value) in pairs {
-        let (code, modifier) = match key.split_once(':') {
-            Some((c, m)) => (c, Some(m)),
-            None => (key.as_str(), None),
-        };
+        let code = key.split([':', '.']).next().unwrap_or("");
         match code {
             "_count" | "_page" | "_format" | "_pretty" => continue,
-            "_sort" | "_include" | "_revinclude" | "_summary" | "_elements" | "_total" | "_has" | "_contained"
+            "_sort" | "_include" | "_revinclude" | "_summary" | "_elements" | "_total" | "_contained"
             | "_containedType" | "_list" | "_query" | "_filter" | "_text" | "_content" => {
                 return Err(QueryError::NotSupported(
                     "this search result parameter is not supported yet",
@@ -152,199 +433,8 @@ pub fn parse(
             }
             _ => {}
         }
-        if code.contains('.') {
-            return Err(QueryError::NotSupported("chained parameters are not supported yet"));
-        }
-        let param = registry
-            .get(resource_type, code)
-            .ok_or(QueryError::UnknownParameter)?
-            .clone();
-        let values: Vec<&str> = value.split(',').filter(|v| !v.is_empty()).collect();
-        if values.is_empty() {
-            return Err(QueryError::Invalid("a search parameter needs a value"));
-        }
-        if modifier == Some("missing") {
-            let table = match param.kind {
-                ParamType::String => "search_string",
-                ParamType::Token => "search_token",
-                ParamType::Date => "search_date",
-                ParamType::Reference => "search_reference",
-                ParamType::Number => "search_number",
-                ParamType::Quantity => "search_quantity",
-                ParamType::Uri => "search_uri",
-                _ => {
-                    return Err(QueryError::NotSupported(
-                        ":missing is not supported on this parameter yet",
-                    ))
-                }
-            };
-            let missing = match value.as_str() {
-                "true" => true,
-                "false" => false,
-                _ => return Err(QueryError::Invalid(":missing takes true or false")),
-            };
-            clauses.push(vec![Cond::Missing {
-                param: param.code.clone(),
-                table,
-                missing,
-            }]);
-            continue;
-        }
-        let mut any = Vec::new();
-        let mut recheck = Vec::new();
-        let p = param.code.clone();
-        for v in values {
-            match (param.kind, modifier) {
-                (_, Some(m))
-                    if code == "_id" || param.kind != ParamType::String && param.kind != ParamType::Reference =>
-                {
-                    let _ = m;
-                    return Err(QueryError::NotSupported("this modifier is not supported yet"));
-                }
-                _ if code == "_id" => any.push(Cond::Id(v.to_string())),
-                (ParamType::String, None) if param.phi => {
-                    let folded = fold(v);
-                    let chars: Vec<char> = folded.chars().collect();
-                    let n = chars.len().min(super::BLIND_PREFIX_MAX);
-                    let prefix: String = chars[..n].iter().collect();
-                    any.push(Cond::StringBlind {
-                        param: p.clone(),
-                        blind: cipher.blind_index(&format!("{p}~prefix"), &prefix).to_vec(),
-                    });
-                    recheck.push(RecheckTest::StringPrefix(folded));
-                }
-                (ParamType::String, None) => any.push(Cond::StringPrefix {
-                    param: p.clone(),
-                    prefix: fold(v),
-                }),
-                (ParamType::String, Some("contains")) if !param.phi => any.push(Cond::StringContains {
-                    param: p.clone(),
-                    part: fold(v),
-                }),
-                (ParamType::String, Some("exact")) if param.phi => any.push(Cond::StringBlind {
-                    param: p.clone(),
-                    blind: cipher.blind_index(&format!("{p}~exact"), &fold(v)).to_vec(),
-                }),
-                (ParamType::String, _) => {
-                    return Err(QueryError::NotSupported(
-                        "this string modifier is not supported here yet",
-                    ))
-                }
-                (ParamType::Token, None) if param.phi => {
-                    let key = match v.split_once('|') {
-                        Some((s, c)) if !c.is_empty() => format!("{s}|{c}"),
-                        Some(_) => {
-                            return Err(QueryError::NotSupported(
-                                "system| alone cannot be searched on an identifying parameter",
-                            ))
-                        }
-                        None => format!("|{v}"),
-                    };
-                    any.push(Cond::TokenBlind {
-                        param: p.clone(),
-                        blind: cipher.blind_index(&p, &key).to_vec(),
-                    });
-                }
-                (ParamType::Token, None) => {
-                    let (system, code) = match v.split_once('|') {
-                        Some(("", c)) => (Some(None), Some(c.to_string())),
-                        Some((s, "")) => (Some(Some(s.to_string())), None),
-                        Some((s, c)) => (Some(Some(s.to_string())), Some(c.to_string())),
-                        None => (None, Some(v.to_string())),
-                    };
-                    any.push(Cond::Token {
-                        param: p.clone(),
-                        system,
-                        code,
-                    });
-                }
-                (ParamType::Date, None) => {
-                    let (op, rest) = date_prefix(v)?;
-                    let (start, end) = date_range(rest).ok_or(QueryError::Invalid("not a valid date"))?;
-                    if param.phi {
-                        // the year is all the index holds: candidates, re-checked below
-                        let (min, max) = match op {
-                            DateOp::Within => (start.year(), end.year()),
-                            DateOp::Gt | DateOp::Ge | DateOp::StartsAfter => (start.year(), 9999),
-                            DateOp::Lt | DateOp::Le | DateOp::EndsBefore => (1, end.year()),
-                            DateOp::NotWithin => (1, 9999),
-                        };
-                        any.push(Cond::DateYear {
-                            param: p.clone(),
-                            min,
-                            max,
-                        });
-                        recheck.push(RecheckTest::DateWithin(start, end, op));
-                    } else {
-                        any.push(Cond::Date {
-                            param: p.clone(),
-                            op,
-                            start,
-                            end,
-                        });
-                    }
-                }
-                (ParamType::Reference, m) => {
-                    let (mut ty, id) = reference_target(v);
-                    if let Some(m) = m {
-                        if !m.chars().next().is_some_and(|c| c.is_ascii_uppercase()) {
-                            return Err(QueryError::NotSupported("this reference modifier is not supported yet"));
-                        }
-                        ty = Some(m.to_string());
-                    }
-                    if id.is_empty() {
-                        return Err(QueryError::Invalid("a reference needs an id"));
-                    }
-                    any.push(Cond::Reference {
-                        param: p.clone(),
-                        target_type: ty,
-                        id,
-                    });
-                }
-                (ParamType::Number, None) => {
-                    let (op, rest) = num_prefix(v);
-                    let value: f64 = rest.parse().map_err(|_| QueryError::Invalid("not a number"))?;
-                    any.push(Cond::Number {
-                        param: p.clone(),
-                        op,
-                        value,
-                    });
-                }
-                (ParamType::Quantity, None) => {
-                    let (op, rest) = num_prefix(v);
-                    let mut parts = rest.splitn(3, '|');
-                    let value: f64 = parts
-                        .next()
-                        .unwrap_or("")
-                        .parse()
-                        .map_err(|_| QueryError::Invalid("not a quantity"))?;
-                    let system = parts.next().filter(|s| !s.is_empty()).map(str::to_string);
-                    let code = parts.next().filter(|s| !s.is_empty()).map(str::to_string);
-                    any.push(Cond::Quantity {
-                        param: p.clone(),
-                        op,
-                        value,
-                        system,
-                        code,
-                    });
-                }
-                (ParamType::Uri, None) => any.push(Cond::Uri {
-                    param: p.clone(),
-                    value: v.to_string(),
-                }),
-                _ => {
-                    return Err(QueryError::NotSupported(
-                        "this kind of search parameter is not supported yet",
-                    ))
-                }
-            }
-        }
-        if !recheck.is_empty() {
-            rechecks.push(Recheck {
-                param: param.clone(),
-                any: recheck,
-            });
-        }
+        let (any, recheck) = conds_for(registry, cipher, resource_type, key, value, false, &mut types)?;
+        rechecks.extend(recheck);
         clauses.push(any);
     }
     Ok(ParsedSearch {
@@ -354,8 +444,10 @@ pub fn parse(
             count,
             after: None,
             patient: None,
+            nested_patient: None,
         },
         rechecks,
+        types,
     })
 }
 

@@ -80,6 +80,19 @@ pub enum Cond {
         table: &'static str,
         missing: bool,
     },
+    /// `param:Type.…`: the reference points to a `target_type` resource meeting any of `inner`.
+    Chain {
+        param: String,
+        target_type: String,
+        inner: Vec<Cond>,
+    },
+    /// `_has:Type:param:…`: some `source_type` resource refers to this one through `param` and
+    /// meets any of `inner`.
+    Has {
+        source_type: String,
+        param: String,
+        inner: Vec<Cond>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -118,6 +131,8 @@ pub struct SearchQuery {
     pub after: Option<String>,
     /// Only resources in this patient's compartment.
     pub patient: Option<String>,
+    /// Resources reached through chains and `_has` must lie in this patient's compartment.
+    pub nested_patient: Option<String>,
 }
 
 pub struct SearchPage {
@@ -137,6 +152,10 @@ enum Bind {
 struct Sql {
     pg: bool,
     binds: Vec<Bind>,
+    /// Numbers the aliases of nested subqueries so that none shadows another.
+    aliases: usize,
+    /// Resources reached through chains and `_has` must lie in this patient's compartment.
+    patient: Option<String>,
 }
 
 impl Sql {
@@ -149,22 +168,98 @@ impl Sql {
         }
     }
 
-    fn cond(&mut self, c: &Cond) -> String {
-        let on = |t: &str| format!("{t}.resource_type = r.resource_type AND {t}.logical_id = r.logical_id");
+    fn alias(&mut self, base: &str) -> String {
+        self.aliases += 1;
+        format!("{base}{}", self.aliases)
+    }
+
+    /// The compartment condition on a nested resource row `t` (when the token needs one).
+    fn compartment(&mut self, t: &str) -> String {
+        match self.patient.clone() {
+            Some(p) => {
+                let ph = self.p(Bind::Text(p));
+                format!(
+                    " AND EXISTS (SELECT 1 FROM resource_compartments cc WHERE cc.resource_type = {t}.resource_type \
+                     AND cc.logical_id = {t}.logical_id AND cc.version_id = {t}.version_id AND cc.patient_id = {ph})"
+                )
+            }
+            None => String::new(),
+        }
+    }
+
+    /// SQL for one condition on the resource whose type and id are the expressions `ty`, `id`.
+    fn cond(&mut self, c: &Cond, ty: &str, id: &str) -> String {
+        let on = |t: &str| format!("{t}.resource_type = {ty} AND {t}.logical_id = {id}");
         let exists = |t: &str, table: &str, extra: String| {
             format!("EXISTS (SELECT 1 FROM {table} {t} WHERE {} AND {extra})", on(t))
         };
+        // a fresh alias for each table this condition reads
+        let (s_, t_, d_, f_, n_, q_, u_, m_) = (
+            self.alias("s"),
+            self.alias("t"),
+            self.alias("d"),
+            self.alias("f"),
+            self.alias("n"),
+            self.alias("q"),
+            self.alias("u"),
+            self.alias("m"),
+        );
+        let _ = (&s_, &t_, &d_, &f_, &n_, &q_, &u_, &m_);
         match c {
-            Cond::Id(id) => format!("r.logical_id = {}", self.p(Bind::Text(id.clone()))),
+            Cond::Id(v) => format!("{id} = {}", self.p(Bind::Text(v.clone()))),
+            Cond::Chain {
+                param,
+                target_type,
+                inner,
+            } => {
+                // binds are made in the order their placeholders appear (SQLite counts `?`)
+                let target = self.alias("r");
+                let tt = self.p(Bind::Text(target_type.clone()));
+                let p = self.p(Bind::Text(param.clone()));
+                let comp = self.compartment(&target);
+                let any: Vec<String> = inner
+                    .iter()
+                    .map(|c| self.cond(c, &format!("{target}.resource_type"), &format!("{target}.logical_id")))
+                    .collect();
+                format!(
+                    "EXISTS (SELECT 1 FROM search_reference {f_} JOIN resources {target} \
+                     ON {target}.resource_type = {tt} AND {target}.logical_id = {f_}.target_id AND {target}.deleted = false \
+                     WHERE {f_}.resource_type = {ty} AND {f_}.logical_id = {id} AND {f_}.param = {p} \
+                     AND ({f_}.target_type = {target}.resource_type OR {f_}.target_type IS NULL){comp} AND ({}))",
+                    any.join(" OR ")
+                )
+            }
+            Cond::Has {
+                source_type,
+                param,
+                inner,
+            } => {
+                let source = self.alias("r");
+                let st = self.p(Bind::Text(source_type.clone()));
+                let p = self.p(Bind::Text(param.clone()));
+                let comp = self.compartment(&source);
+                let any: Vec<String> = inner
+                    .iter()
+                    .map(|c| self.cond(c, &format!("{source}.resource_type"), &format!("{source}.logical_id")))
+                    .collect();
+                format!(
+                    "EXISTS (SELECT 1 FROM search_reference {f_} JOIN resources {source} \
+                     ON {source}.resource_type = {f_}.resource_type AND {source}.logical_id = {f_}.logical_id \
+                     AND {source}.deleted = false \
+                     WHERE {f_}.resource_type = {st} AND {f_}.param = {p} AND {f_}.target_id = {id} \
+                     AND ({f_}.target_type = {ty} OR {f_}.target_type IS NULL){comp} AND ({}))",
+                    any.join(" OR ")
+                )
+            }
             Cond::StringPrefix { param, prefix } => {
                 let p = self.p(Bind::Text(param.clone()));
                 // LIKE with the pattern characters escaped
                 let escaped = prefix.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_");
                 let v = self.p(Bind::Text(format!("{escaped}%")));
                 exists(
-                    "s",
+                    &s_,
                     "search_string",
-                    format!("s.param = {p} AND s.value LIKE {v} ESCAPE '\\'"),
+                    format!("{s_}.param = {p} AND {s_}.value LIKE {v} ESCAPE '\\'"),
                 )
             }
             Cond::StringContains { param, part } => {
@@ -172,15 +267,15 @@ impl Sql {
                 let escaped = part.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_");
                 let v = self.p(Bind::Text(format!("%{escaped}%")));
                 exists(
-                    "s",
+                    &s_,
                     "search_string",
-                    format!("s.param = {p} AND s.value LIKE {v} ESCAPE '\\'"),
+                    format!("{s_}.param = {p} AND {s_}.value LIKE {v} ESCAPE '\\'"),
                 )
             }
             Cond::StringExact { param, value } => {
                 let p = self.p(Bind::Text(param.clone()));
                 let v = self.p(Bind::Text(value.clone()));
-                exists("s", "search_string", format!("s.param = {p} AND s.value = {v}"))
+                exists(&s_, "search_string", format!("{s_}.param = {p} AND {s_}.value = {v}"))
             }
             Cond::StringBlind { param, blind } | Cond::TokenBlind { param, blind } => {
                 let table = if matches!(c, Cond::StringBlind { .. }) {
@@ -190,20 +285,20 @@ impl Sql {
                 };
                 let p = self.p(Bind::Text(param.clone()));
                 let b = self.p(Bind::Blob(blind.clone()));
-                exists("s", table, format!("s.param = {p} AND s.blind = {b}"))
+                exists(&s_, table, format!("{s_}.param = {p} AND {s_}.blind = {b}"))
             }
             Cond::Token { param, system, code } => {
                 let p = self.p(Bind::Text(param.clone()));
-                let mut extra = format!("t.param = {p}");
+                let mut extra = format!("{t_}.param = {p}");
                 if let Some(code) = code {
-                    extra.push_str(&format!(" AND t.code = {}", self.p(Bind::Text(code.clone()))));
+                    extra.push_str(&format!(" AND {t_}.code = {}", self.p(Bind::Text(code.clone()))));
                 }
                 match system {
                     None => {}
-                    Some(None) => extra.push_str(" AND t.system IS NULL"),
-                    Some(Some(s)) => extra.push_str(&format!(" AND t.system = {}", self.p(Bind::Text(s.clone())))),
+                    Some(None) => extra.push_str(&format!(" AND {t_}.system IS NULL")),
+                    Some(Some(s)) => extra.push_str(&format!(" AND {t_}.system = {}", self.p(Bind::Text(s.clone())))),
                 }
-                exists("t", "search_token", extra)
+                exists(&t_, "search_token", extra)
             }
             Cond::Date { param, op, start, end } => {
                 let p = self.p(Bind::Text(param.clone()));
@@ -211,53 +306,54 @@ impl Sql {
                 let test = match op {
                     DateOp::Within | DateOp::NotWithin => {
                         let (s, e) = (self.p(Bind::Ts(*start)), self.p(Bind::Ts(*end)));
-                        let within = format!("d.start_at >= {s} AND d.end_at <= {e}");
+                        let within = format!("{d_}.start_at >= {s} AND {d_}.end_at <= {e}");
                         if *op == DateOp::Within {
                             within
                         } else {
                             format!("NOT ({within})")
                         }
                     }
-                    DateOp::Gt => format!("d.end_at > {}", self.p(Bind::Ts(*end))),
-                    DateOp::Ge => format!("d.end_at > {}", self.p(Bind::Ts(*start))),
-                    DateOp::Lt => format!("d.start_at < {}", self.p(Bind::Ts(*start))),
-                    DateOp::Le => format!("d.start_at < {}", self.p(Bind::Ts(*end))),
-                    DateOp::StartsAfter => format!("d.start_at >= {}", self.p(Bind::Ts(*end))),
-                    DateOp::EndsBefore => format!("d.end_at <= {}", self.p(Bind::Ts(*start))),
+                    DateOp::Gt => format!("{d_}.end_at > {}", self.p(Bind::Ts(*end))),
+                    DateOp::Ge => format!("{d_}.end_at > {}", self.p(Bind::Ts(*start))),
+                    DateOp::Lt => format!("{d_}.start_at < {}", self.p(Bind::Ts(*start))),
+                    DateOp::Le => format!("{d_}.start_at < {}", self.p(Bind::Ts(*end))),
+                    DateOp::StartsAfter => format!("{d_}.start_at >= {}", self.p(Bind::Ts(*end))),
+                    DateOp::EndsBefore => format!("{d_}.end_at <= {}", self.p(Bind::Ts(*start))),
                 };
                 exists(
-                    "d",
+                    &d_,
                     "search_date",
-                    format!("d.param = {p} AND d.start_at IS NOT NULL AND {test}"),
+                    format!("{d_}.param = {p} AND {d_}.start_at IS NOT NULL AND {test}"),
                 )
             }
             Cond::DateYear { param, min, max } => {
                 let p = self.p(Bind::Text(param.clone()));
                 let (a, b) = (self.p(Bind::Int(*min as i64)), self.p(Bind::Int(*max as i64)));
                 exists(
-                    "d",
+                    &d_,
                     "search_date",
-                    format!("d.param = {p} AND d.year >= {a} AND d.year <= {b}"),
+                    format!("{d_}.param = {p} AND {d_}.year >= {a} AND {d_}.year <= {b}"),
                 )
             }
             Cond::Reference { param, target_type, id } => {
                 let p = self.p(Bind::Text(param.clone()));
-                let mut extra = format!("f.param = {p} AND f.target_id = {}", self.p(Bind::Text(id.clone())));
+                let mut extra = format!(
+                    "{f_}.param = {p} AND {f_}.target_id = {}",
+                    self.p(Bind::Text(id.clone()))
+                );
                 if let Some(t) = target_type {
-                    extra.push_str(&format!(
-                        " AND (f.target_type = {} OR f.target_type IS NULL)",
-                        self.p(Bind::Text(t.clone()))
-                    ));
+                    let tp = self.p(Bind::Text(t.clone()));
+                    extra.push_str(&format!(" AND ({f_}.target_type = {tp} OR {f_}.target_type IS NULL)"));
                 }
-                exists("f", "search_reference", extra)
+                exists(&f_, "search_reference", extra)
             }
             Cond::Number { param, op, value } => {
                 let p = self.p(Bind::Text(param.clone()));
                 let v = self.p(Bind::Dbl(*value));
                 exists(
-                    "n",
+                    &n_,
                     "search_number",
-                    format!("n.param = {p} AND n.value {} {v}", num_op(*op)),
+                    format!("{n_}.param = {p} AND {n_}.value {} {v}", num_op(*op)),
                 )
             }
             Cond::Quantity {
@@ -269,23 +365,23 @@ impl Sql {
             } => {
                 let p = self.p(Bind::Text(param.clone()));
                 let v = self.p(Bind::Dbl(*value));
-                let mut extra = format!("q.param = {p} AND q.value {} {v}", num_op(*op));
+                let mut extra = format!("{q_}.param = {p} AND {q_}.value {} {v}", num_op(*op));
                 if let Some(c) = code {
-                    extra.push_str(&format!(" AND q.code = {}", self.p(Bind::Text(c.clone()))));
+                    extra.push_str(&format!(" AND {q_}.code = {}", self.p(Bind::Text(c.clone()))));
                 }
                 if let Some(s) = system {
-                    extra.push_str(&format!(" AND q.system = {}", self.p(Bind::Text(s.clone()))));
+                    extra.push_str(&format!(" AND {q_}.system = {}", self.p(Bind::Text(s.clone()))));
                 }
-                exists("q", "search_quantity", extra)
+                exists(&q_, "search_quantity", extra)
             }
             Cond::Uri { param, value } => {
                 let p = self.p(Bind::Text(param.clone()));
                 let v = self.p(Bind::Text(value.clone()));
-                exists("u", "search_uri", format!("u.param = {p} AND u.value = {v}"))
+                exists(&u_, "search_uri", format!("{u_}.param = {p} AND {u_}.value = {v}"))
             }
             Cond::Missing { param, table, missing } => {
                 let p = self.p(Bind::Text(param.clone()));
-                let e = exists("m", table, format!("m.param = {p}"));
+                let e = exists(&m_, table, format!("{m_}.param = {p}"));
                 if *missing {
                     format!("NOT {e}")
                 } else {
@@ -339,7 +435,12 @@ impl Store {
     pub fn search(&self, access: &Access, q: &SearchQuery) -> Result<SearchPage, StoreError> {
         let mut conn = self.checkout(access)?;
         let pg = matches!(conn.conn, DbConnection::Pg(_));
-        let mut sql = Sql { pg, binds: Vec::new() };
+        let mut sql = Sql {
+            pg,
+            binds: Vec::new(),
+            aliases: 0,
+            patient: q.nested_patient.clone(),
+        };
         let mut wheres = vec![
             format!("r.resource_type = {}", sql.p(Bind::Text(q.resource_type.clone()))),
             "r.deleted = false".to_string(),
@@ -352,7 +453,10 @@ impl Store {
             ));
         }
         for clause in &q.clauses {
-            let any: Vec<String> = clause.iter().map(|c| sql.cond(c)).collect();
+            let any: Vec<String> = clause
+                .iter()
+                .map(|c| sql.cond(c, "r.resource_type", "r.logical_id"))
+                .collect();
             if !any.is_empty() {
                 wheres.push(format!("({})", any.join(" OR ")));
             }

@@ -148,6 +148,12 @@ fn search_by_parameter_type(db: Db) {
         r.json()["entry"].is_null(),
         "b's observation is outside a's compartment"
     );
+    // compartment search
+    assert_eq!(ids(&s, "/Patient/a/Observation"), vec!["oa".to_string()]);
+    assert_eq!(ids(&s, "/Patient/b/Observation?code=29463-7"), Vec::<String>::new());
+    let r = s.get_with("/Patient/b/Observation", &[("authorization", &pa)]);
+    assert_eq!(r.status, 200);
+    assert!(r.json()["entry"].is_null(), "a's token sees nothing in b's compartment");
     // what is not supported is refused, not ignored
     for q in [
         "/Patient?nonsense=1",

@@ -113,6 +113,8 @@ pub fn capability_statement(config: &Config, validator: &Validator) -> Value {
                 "description": "Every interaction but capabilities requires an OAuth 2 bearer token (ES256 JWT from the server's issuer) whose SMART App Launch scopes allow it.",
             },
             "resource": resources,
+            // `Patient/[id]/[type]` searches the patient compartment
+            "compartment": ["http://hl7.org/fhir/CompartmentDefinition/patient"],
             "interaction": SYSTEM_INTERACTIONS.iter().map(|i| json!({"code": i})).collect::<Vec<_>>(),
         }],
     });

@@ -46,6 +46,11 @@ pub enum Interaction {
     SearchType {
         resource_type: String,
     },
+    /// `Patient/[id]/[type]`: a search of `resource_type` within that patient's compartment.
+    SearchCompartment {
+        patient: String,
+        resource_type: String,
+    },
     /// `[type]/$name` or `[type]/[id]/$name`.
     Operation {
         resource_type: String,
@@ -70,7 +75,7 @@ impl Interaction {
             Interaction::Create { .. } => "create",
             Interaction::Update { .. } => "update",
             Interaction::Delete { .. } => "delete",
-            Interaction::SearchType { .. } => "search-type",
+            Interaction::SearchType { .. } | Interaction::SearchCompartment { .. } => "search-type",
             Interaction::Operation { .. } => "operation",
         }
     }
@@ -98,6 +103,7 @@ impl Interaction {
             | Interaction::Update { resource_type, .. }
             | Interaction::Delete { resource_type, .. }
             | Interaction::SearchType { resource_type }
+            | Interaction::SearchCompartment { resource_type, .. }
             | Interaction::Operation { resource_type, .. } => Some(resource_type),
         }
     }
@@ -157,6 +163,13 @@ impl Interaction {
                 id: None,
                 name: op.to_string(),
             }),
+            ["Patient", id, t] if is_type(t) && !t.starts_with('$') => only(
+                get,
+                Interaction::SearchCompartment {
+                    patient: existing_id(id)?,
+                    resource_type: t.to_string(),
+                },
+            ),
             [t, id, op] if op.starts_with('$') => Ok(Interaction::Operation {
                 resource_type: known(t)?,
                 id: Some(existing_id(id)?),
@@ -307,7 +320,10 @@ async fn handle(
         Interaction::Update { resource_type, id } => crud::update(req, p, resource_type, id, payload, state).await,
         Interaction::Delete { resource_type, id } => crud::delete(req, p, resource_type, id, state).await,
         Interaction::SearchType { .. } if is_audit => audit::search(req, p, state).await,
-        Interaction::SearchType { resource_type } => search::search_type(req, p, resource_type, state).await,
+        Interaction::SearchType { resource_type } => search::search_type(req, p, resource_type, None, state).await,
+        Interaction::SearchCompartment { patient, resource_type } => {
+            search::search_type(req, p, resource_type, Some(patient), state).await
+        }
         Interaction::Operation {
             resource_type,
             id: Some(id),

@@ -30,10 +30,12 @@ impl From<QueryError> for ApiError {
     }
 }
 
+/// `compartment`: the patient of a compartment search (`Patient/[id]/[type]`).
 pub async fn search_type(
     req: HttpRequest,
     p: Arc<Principal>,
     t: String,
+    compartment: Option<String>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     let decision = authorize(&p, &t, Permission::Search)?;
@@ -59,6 +61,7 @@ pub async fn search_type(
     if !decision.unrestricted {
         parsed.query.patient = decision.patient.clone();
     }
+    parsed.query.compartment = compartment.clone();
     // Chains and `_has` read other types: the token must be allowed to search each, and what
     // they reach is held to its compartment where that is all the token may see.
     for other in &parsed.types {
@@ -68,8 +71,12 @@ pub async fn search_type(
         }
     }
     let listing_pairs: Vec<(String, String)> = pairs.iter().filter(|(k, _)| k != "_page").cloned().collect();
+    let path = match &compartment {
+        Some(pid) => format!("Patient/{pid}/{t}"),
+        None => t.clone(),
+    };
     let listing = format!(
-        "{t}?{}",
+        "{path}?{}",
         form_urlencoded::Serializer::new(String::new())
             .extend_pairs(listing_pairs.iter())
             .finish()

@@ -445,6 +445,7 @@ pub fn parse(
             after: None,
             patient: None,
             nested_patient: None,
+            compartment: None,
         },
         rechecks,
         types,

@@ -133,6 +133,8 @@ pub struct SearchQuery {
     pub patient: Option<String>,
     /// Resources reached through chains and `_has` must lie in this patient's compartment.
     pub nested_patient: Option<String>,
+    /// A compartment search: only resources in this patient's compartment.
+    pub compartment: Option<String>,
 }
 
 pub struct SearchPage {
@@ -445,7 +447,7 @@ impl Store {
             format!("r.resource_type = {}", sql.p(Bind::Text(q.resource_type.clone()))),
             "r.deleted = false".to_string(),
         ];
-        if let Some(patient) = &q.patient {
+        for patient in q.patient.iter().chain(q.compartment.iter()) {
             let p = sql.p(Bind::Text(patient.clone()));
             wheres.push(format!(
                 "EXISTS (SELECT 1 FROM resource_compartments c WHERE c.resource_type = r.resource_type \

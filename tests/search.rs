@@ -148,6 +148,81 @@ fn search_by_parameter_type(db: Db) {
         r.json()["entry"].is_null(),
         "b's observation is outside a's compartment"
     );
+    // _include and _revinclude, authorized per resource
+    put(
+        &s,
+        "/Practitioner/dr",
+        json!({"resourceType": "Practitioner", "id": "dr", "name": [{"family": "Who"}]}),
+    );
+    let mut pa_body = s.get("/Patient/a").json();
+    pa_body["generalPractitioner"] = json!([{"reference": "Practitioner/dr"}]);
+    put(&s, "/Patient/a", pa_body);
+    let modes = |q: &str, auth: Option<&str>| -> Vec<(String, String)> {
+        let r = match auth {
+            Some(a) => s.get_with(q, &[("authorization", a)]),
+            None => s.get(q),
+        };
+        assert_eq!(r.status, 200, "{q}: {}", r.text());
+        let mut out: Vec<(String, String)> = r.json()["entry"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .map(|e| {
+                (
+                    format!(
+                        "{}/{}",
+                        e["resource"]["resourceType"].as_str().unwrap(),
+                        e["resource"]["id"].as_str().unwrap()
+                    ),
+                    e["search"]["mode"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect();
+        out.sort();
+        out
+    };
+    let m = |v: &[(&str, &str)]| -> Vec<(String, String)> {
+        let mut out: Vec<(String, String)> = v.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect();
+        out.sort();
+        out
+    };
+    assert_eq!(
+        modes("/Observation?_id=oa&_include=Observation:subject", None),
+        m(&[("Observation/oa", "match"), ("Patient/a", "include")])
+    );
+    assert_eq!(
+        modes("/Observation?_id=oa&_include=*", None),
+        m(&[("Observation/oa", "match"), ("Patient/a", "include")])
+    );
+    assert_eq!(
+        modes("/Patient?_id=a&_revinclude=Observation:subject", None),
+        m(&[("Patient/a", "match"), ("Observation/oa", "include")])
+    );
+    assert_eq!(
+        modes(
+            "/Observation?_id=oa&_include=Observation:subject&_include:iterate=Patient:general-practitioner",
+            None
+        ),
+        m(&[
+            ("Observation/oa", "match"),
+            ("Patient/a", "include"),
+            ("Practitioner/dr", "include")
+        ])
+    );
+    // a token that may not read Patients gets no Patients through _include
+    let obs_only = format!("Bearer {}", s.token("system/Observation.rs", None));
+    assert_eq!(
+        modes("/Observation?_id=oa&_include=Observation:subject", Some(&obs_only)),
+        m(&[("Observation/oa", "match")])
+    );
+    // nor does a patient token get another patient's resources
+    let pb = format!("Bearer {}", s.token("patient/*.rs", Some("b")));
+    assert_eq!(
+        modes("/Patient?_revinclude=Observation:subject", Some(&pb)),
+        m(&[("Patient/b", "match"), ("Observation/ob", "include")])
+    );
+    assert_eq!(s.get("/Patient?_include=Patient:nonsense").status, 400);
     // compartment search
     assert_eq!(ids(&s, "/Patient/a/Observation"), vec!["oa".to_string()]);
     assert_eq!(ids(&s, "/Patient/b/Observation?code=29463-7"), Vec::<String>::new());
@@ -159,7 +234,6 @@ fn search_by_parameter_type(db: Db) {
         "/Patient?nonsense=1",
         "/Observation?subject.name=smithsonianlong",
         "/Observation?subject.nonsense=1",
-        "/Patient?_include=Patient:organization",
         "/Patient?birthdate=ap1980",
         "/Patient?family:contains=mit",
     ] {

@@ -100,6 +100,7 @@ pub async fn search_type(
     let labels_bind = state.attributes.label_rules_bind(&p);
     let mut entries = Vec::new();
     let mut patients = Vec::new();
+    let mut matched: Vec<(String, String)> = Vec::new();
     for v in result.entries {
         let Some(json) = v.content.clone() else { continue };
         if !parsed.rechecks.is_empty() || !decision.unrestricted {
@@ -117,11 +118,42 @@ pub async fn search_type(
         };
         let resource: Value = serde_json::from_slice(&shaped).map_err(|_| ApiError::Internal)?;
         patients.extend(v.patients.iter().cloned());
+        matched.push((t.clone(), v.logical_id.clone()));
         entries.push(json!({
             "fullUrl": format!("{}/{t}/{}", state.base_url(&req), v.logical_id),
             "resource": resource,
             "search": {"mode": "match"}
         }));
+    }
+    // `_include` / `_revinclude` (`:iterate` follows what was included, a few rounds deep)
+    let specs = include_specs(&state, &pairs)?;
+    if !specs.is_empty() {
+        let mut seen: std::collections::HashSet<(String, String)> = matched.iter().cloned().collect();
+        let mut frontier = matched.clone();
+        for round in 0..4 {
+            let mut next = Vec::new();
+            for spec in specs.iter().filter(|s| round == 0 || s.iterate) {
+                let found = included(&state, spec, &frontier).await?;
+                for (rt, id) in found {
+                    if !seen.insert((rt.clone(), id.clone())) {
+                        continue;
+                    }
+                    if let Some((resource, pats)) = fetch_visible(&state, &p, &rt, &id).await? {
+                        patients.extend(pats);
+                        entries.push(json!({
+                            "fullUrl": format!("{}/{rt}/{id}", state.base_url(&req)),
+                            "resource": resource,
+                            "search": {"mode": "include"}
+                        }));
+                        next.push((rt, id));
+                    }
+                }
+            }
+            if next.is_empty() {
+                break;
+            }
+            frontier = next;
+        }
     }
     trail.returned_patients(patients.iter());
     let base = state.base_url(&req);
@@ -150,4 +182,148 @@ pub async fn search_type(
     Ok(HttpResponse::Ok()
         .content_type(fmt.content_type())
         .body(fmt.render(&bundle)))
+}
+
+/// One `_include` or `_revinclude` value: `Source:param[:Target]`, `Source:*` or `*`.
+struct IncludeSpec {
+    reverse: bool,
+    iterate: bool,
+    /// `None` for `*`
+    source: Option<String>,
+    param: Option<String>,
+    target: Option<String>,
+}
+
+fn include_specs(state: &AppState, pairs: &[(String, String)]) -> Result<Vec<IncludeSpec>, ApiError> {
+    let mut out = Vec::new();
+    for (k, v) in pairs {
+        let (reverse, iterate) = match k.as_str() {
+            "_include" => (false, false),
+            "_include:iterate" | "_include:recurse" => (false, true),
+            "_revinclude" => (true, false),
+            "_revinclude:iterate" | "_revinclude:recurse" => (true, true),
+            _ => continue,
+        };
+        let bad = || {
+            ApiError::bad_request(
+                IssueType::Invalid,
+                "_include and _revinclude take Type:parameter[:Target]",
+            )
+        };
+        if v == "*" {
+            out.push(IncludeSpec {
+                reverse,
+                iterate,
+                source: None,
+                param: None,
+                target: None,
+            });
+            continue;
+        }
+        let mut parts = v.split(':');
+        let source = parts
+            .next()
+            .filter(|s| state.resource_types.contains(*s))
+            .ok_or_else(bad)?;
+        let param = parts.next().ok_or_else(bad)?;
+        let target = parts.next().map(str::to_string);
+        if target.as_ref().is_some_and(|t| !state.resource_types.contains(t)) {
+            return Err(bad());
+        }
+        if param != "*" {
+            let def = state.search.get(source, param).ok_or_else(bad)?;
+            if def.kind != crate::search::ParamType::Reference {
+                return Err(bad());
+            }
+        }
+        out.push(IncludeSpec {
+            reverse,
+            iterate,
+            source: Some(source.to_string()),
+            param: (param != "*").then(|| param.to_string()),
+            target,
+        });
+    }
+    Ok(out)
+}
+
+/// The (type, id) of what one spec adds to `frontier`.
+async fn included(
+    state: &web::Data<AppState>,
+    spec: &IncludeSpec,
+    frontier: &[(String, String)],
+) -> Result<Vec<(String, String)>, ApiError> {
+    let mut by_type: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    for (t, id) in frontier {
+        by_type.entry(t.clone()).or_default().push(id.clone());
+    }
+    let mut out = Vec::new();
+    for (t, ids) in by_type {
+        let st = state.clone();
+        let (source, param, target) = (spec.source.clone(), spec.param.clone(), spec.target.clone());
+        if spec.reverse {
+            // resources of `source` referring to these
+            let Some(source) = source else { continue };
+            let rows = blocking(move || {
+                st.store
+                    .referrers_of(&source, param.as_deref(), &t, &ids)
+                    .map_err(ApiError::from)
+                    .map(|rows| rows.into_iter().map(|r| (source.clone(), r.0)).collect::<Vec<_>>())
+            })
+            .await?;
+            out.extend(rows);
+        } else {
+            if source.as_ref().is_some_and(|s| *s != t) {
+                continue;
+            }
+            let rows = blocking(move || {
+                st.store
+                    .references_of(&t, &ids, param.as_deref())
+                    .map_err(ApiError::from)
+            })
+            .await?;
+            for (_, target_type, target_id) in rows {
+                let Some(tt) = target_type else { continue };
+                if target.as_ref().is_some_and(|want| *want != tt) {
+                    continue;
+                }
+                out.push((tt, target_id));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// A resource as the token may see it (none when it may not read it, or it is outside its
+/// compartment or labels): its shaped content and its patients.
+async fn fetch_visible(
+    state: &web::Data<AppState>,
+    p: &Principal,
+    t: &str,
+    id: &str,
+) -> Result<Option<(Value, Vec<String>)>, ApiError> {
+    let Ok(decision) = authorize(p, t, Permission::Read) else {
+        return Ok(None);
+    };
+    let st = state.clone();
+    let (tt, iid, access) = (t.to_string(), id.to_string(), decision.access());
+    let found = blocking(move || match st.store.read(&access, &tt, &iid) {
+        Ok(v) => Ok(Some(v)),
+        Err(crate::store::StoreError::NotFound | crate::store::StoreError::Gone { .. }) => Ok(None),
+        Err(e) => Err(ApiError::from(e)),
+    })
+    .await?;
+    let Some(v) = found else { return Ok(None) };
+    let Some(json) = v.content else { return Ok(None) };
+    if !decision.unrestricted {
+        let value: Value = serde_json::from_slice(&json).map_err(|_| ApiError::Internal)?;
+        if !decision.admits(&state.compartment, t, id, Some(&value)) {
+            return Ok(None);
+        }
+    }
+    let Some(shaped) = state.attributes.shape_stored(p, t, json) else {
+        return Ok(None);
+    };
+    let resource: Value = serde_json::from_slice(&shaped).map_err(|_| ApiError::Internal)?;
+    Ok(Some((resource, v.patients)))
 }

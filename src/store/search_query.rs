@@ -531,3 +531,96 @@ impl Store {
         })
     }
 }
+
+#[derive(QueryableByName)]
+struct RefRow {
+    #[diesel(sql_type = Text)]
+    source_id: String,
+    #[diesel(sql_type = diesel::sql_types::Nullable<Text>)]
+    target_type: Option<String>,
+    #[diesel(sql_type = Text)]
+    target_id: String,
+}
+
+impl Store {
+    /// For `_include`: the references `param` (any, with `None`) of these resources makes,
+    /// as (source id, target type, target id).
+    #[allow(clippy::type_complexity)]
+    pub fn references_of(
+        &self,
+        resource_type: &str,
+        ids: &[String],
+        param: Option<&str>,
+    ) -> Result<Vec<(String, Option<String>, String)>, StoreError> {
+        self.reference_rows(false, resource_type, ids, param, None)
+    }
+
+    /// For `_revinclude`: the `source_type` resources whose `param` refers to one of `ids` (of
+    /// `target_type`), as (source id, target type, target id).
+    #[allow(clippy::type_complexity)]
+    pub fn referrers_of(
+        &self,
+        source_type: &str,
+        param: Option<&str>,
+        target_type: &str,
+        ids: &[String],
+    ) -> Result<Vec<(String, Option<String>, String)>, StoreError> {
+        self.reference_rows(true, source_type, ids, param, Some(target_type))
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn reference_rows(
+        &self,
+        reverse: bool,
+        resource_type: &str,
+        ids: &[String],
+        param: Option<&str>,
+        target_type: Option<&str>,
+    ) -> Result<Vec<(String, Option<String>, String)>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut conn = self.checkout(&Access::All)?;
+        let pg = matches!(conn.conn, DbConnection::Pg(_));
+        let mut sql = Sql {
+            pg,
+            binds: Vec::new(),
+            aliases: 0,
+            patient: None,
+        };
+        let rt = sql.p(Bind::Text(resource_type.to_string()));
+        let id_col = if reverse { "f.target_id" } else { "f.logical_id" };
+        let list: Vec<String> = ids.iter().map(|i| sql.p(Bind::Text(i.clone()))).collect();
+        let mut text = format!(
+            "SELECT f.logical_id AS source_id, f.target_type, f.target_id FROM search_reference f \
+             JOIN resources r ON r.resource_type = f.resource_type AND r.logical_id = f.logical_id AND r.deleted = false \
+             WHERE f.resource_type = {rt} AND {id_col} IN ({})",
+            list.join(", ")
+        );
+        if let Some(p) = param {
+            text.push_str(&format!(" AND f.param = {}", sql.p(Bind::Text(p.to_string()))));
+        }
+        if let Some(t) = target_type {
+            text.push_str(&format!(
+                " AND (f.target_type = {} OR f.target_type IS NULL)",
+                sql.p(Bind::Text(t.to_string()))
+            ));
+        }
+        let rows: Result<Vec<RefRow>, StoreError> = match &mut conn.conn {
+            DbConnection::Pg(c) => bind_all!(diesel::sql_query(&text).into_boxed::<diesel::pg::Pg>(), &sql.binds)
+                .load(c)
+                .map_err(StoreError::from),
+            DbConnection::Sqlite(c) => bind_all!(
+                diesel::sql_query(&text).into_boxed::<diesel::sqlite::Sqlite>(),
+                &sql.binds
+            )
+            .load(c)
+            .map_err(StoreError::from),
+        };
+        let rows = super::note(&mut conn, rows)?;
+        Ok(rows
+            .into_iter()
+            .map(|r| (r.source_id, r.target_type, r.target_id))
+            .collect())
+    }
+}

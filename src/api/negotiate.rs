@@ -28,6 +28,33 @@ fn json_media(m: &str) -> Option<bool> {
 }
 
 /// Query parameters as decoded pairs.
+/// Reads an `application/x-www-form-urlencoded` body (`POST [type]/_search`) as pairs.
+pub async fn read_form_body(
+    req: &HttpRequest,
+    mut payload: actix_web::web::Payload,
+    limit: usize,
+) -> Result<Vec<(String, String)>, ApiError> {
+    use futures_util::StreamExt;
+    let ct = req
+        .headers()
+        .get(actix_web::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if !ct.starts_with("application/x-www-form-urlencoded") {
+        return Err(ApiError::UnsupportedMediaType);
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = payload.next().await {
+        let chunk =
+            chunk.map_err(|_| ApiError::bad_request(crate::fhir::IssueType::Invalid, "the body could not be read"))?;
+        if body.len() + chunk.len() > limit {
+            return Err(ApiError::PayloadTooLarge(limit));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(form_urlencoded::parse(&body).into_owned().collect())
+}
+
 pub fn query_pairs(req: &HttpRequest) -> Vec<(String, String)> {
     url_decode_pairs(req.query_string())
 }
@@ -113,6 +140,18 @@ pub enum Prefer {
     Minimal,
     Representation,
     OperationOutcome,
+}
+
+/// `Prefer: handling=strict`: unknown or malformed search parameters are errors rather than
+/// ignored (lenient, the default) and reported.
+pub fn strict_handling(req: &HttpRequest) -> bool {
+    req.headers().get_all("prefer").any(|v| {
+        v.to_str().is_ok_and(|s| {
+            s.split(',')
+                .flat_map(|p| p.split(';'))
+                .any(|p| p.trim().eq_ignore_ascii_case("handling=strict"))
+        })
+    })
 }
 
 impl Prefer {

@@ -46,6 +46,10 @@ pub enum Interaction {
     SearchType {
         resource_type: String,
     },
+    /// `POST [type]/_search` with a form body: the same search, its values kept out of the URL.
+    SearchPost {
+        resource_type: String,
+    },
     /// `Patient/[id]/[type]`: a search of `resource_type` within that patient's compartment.
     SearchCompartment {
         patient: String,
@@ -75,7 +79,9 @@ impl Interaction {
             Interaction::Create { .. } => "create",
             Interaction::Update { .. } => "update",
             Interaction::Delete { .. } => "delete",
-            Interaction::SearchType { .. } | Interaction::SearchCompartment { .. } => "search-type",
+            Interaction::SearchType { .. } | Interaction::SearchCompartment { .. } | Interaction::SearchPost { .. } => {
+                "search-type"
+            }
             Interaction::Operation { .. } => "operation",
         }
     }
@@ -104,6 +110,7 @@ impl Interaction {
             | Interaction::Delete { resource_type, .. }
             | Interaction::SearchType { resource_type }
             | Interaction::SearchCompartment { resource_type, .. }
+            | Interaction::SearchPost { resource_type }
             | Interaction::Operation { resource_type, .. } => Some(resource_type),
         }
     }
@@ -180,6 +187,9 @@ impl Interaction {
                 known(t)?;
                 Err(ApiError::MethodNotAllowed)
             }
+            [t, "_search"] if *method == Method::POST => Ok(Interaction::SearchPost {
+                resource_type: known(t)?,
+            }),
             [t, "_history"] => only(
                 get,
                 Interaction::HistoryType {
@@ -320,9 +330,18 @@ async fn handle(
         Interaction::Update { resource_type, id } => crud::update(req, p, resource_type, id, payload, state).await,
         Interaction::Delete { resource_type, id } => crud::delete(req, p, resource_type, id, state).await,
         Interaction::SearchType { .. } if is_audit => audit::search(req, p, state).await,
-        Interaction::SearchType { resource_type } => search::search_type(req, p, resource_type, None, state).await,
+        Interaction::SearchType { resource_type } => {
+            let pairs = super::negotiate::query_pairs(&req);
+            search::search_type(req, p, resource_type, None, pairs, state).await
+        }
+        Interaction::SearchPost { resource_type } => {
+            let mut pairs = super::negotiate::query_pairs(&req);
+            pairs.extend(super::negotiate::read_form_body(&req, payload, state.config.max_body_bytes).await?);
+            search::search_type(req, p, resource_type, None, pairs, state).await
+        }
         Interaction::SearchCompartment { patient, resource_type } => {
-            search::search_type(req, p, resource_type, Some(patient), state).await
+            let pairs = super::negotiate::query_pairs(&req);
+            search::search_type(req, p, resource_type, Some(patient), pairs, state).await
         }
         Interaction::Operation {
             resource_type,

@@ -4,7 +4,6 @@
 //! event with the query (sealed) and the patients whose data the page returned.
 
 use super::history::PageTokens;
-use super::negotiate::query_pairs;
 use super::trail::Trail;
 use super::{blocking, ApiError, AppState, Format};
 use crate::auth::policy::authorize;
@@ -36,11 +35,11 @@ pub async fn search_type(
     p: Arc<Principal>,
     t: String,
     compartment: Option<String>,
+    pairs: Vec<(String, String)>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     let decision = authorize(&p, &t, Permission::Search)?;
     let fmt = Format::negotiate(&req)?;
-    let pairs = query_pairs(&req);
     let mut count = state.config.default_page_size;
     let mut page = None;
     for (k, v) in &pairs {
@@ -56,8 +55,14 @@ pub async fn search_type(
         }
     }
     let trail = Trail::of(&req);
-    trail.query(req.query_string());
-    let mut parsed = parse(&state.search, state.store.cipher(), &t, &pairs, count)?;
+    // the query as the search received it (a POST's body included), sealed in the audit event
+    trail.query(
+        &form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(pairs.iter())
+            .finish(),
+    );
+    let strict = super::negotiate::strict_handling(&req);
+    let mut parsed = parse(&state.search, state.store.cipher(), &t, &pairs, count, strict)?;
     if !decision.unrestricted {
         parsed.query.patient = decision.patient.clone();
     }
@@ -175,6 +180,21 @@ pub async fn search_type(
     // a total that counts what re-checks or labels hide would say too much
     if parsed.rechecks.is_empty() && !labels_bind {
         bundle["total"] = json!(result.total);
+    }
+    if !parsed.ignored.is_empty() {
+        // lenient handling: say what was left out (names only: values may be PHI)
+        let issues: Vec<Value> = parsed
+            .ignored
+            .iter()
+            .map(|(name, e)| {
+                json!({"severity": "warning", "code": "not-supported",
+                       "diagnostics": format!("parameter {} ignored: {e}", name.chars().filter(|c| c.is_ascii_alphanumeric() || "-_:.".contains(*c)).collect::<String>())})
+            })
+            .collect();
+        entries.push(json!({
+            "resource": {"resourceType": "OperationOutcome", "issue": issues},
+            "search": {"mode": "outcome"}
+        }));
     }
     if !entries.is_empty() {
         bundle["entry"] = Value::Array(entries);

@@ -72,6 +72,8 @@ fn date_matches(
 /// identifies it (for paging links, without `_page`).
 pub struct ParsedSearch {
     pub query: SearchQuery,
+    /// Under lenient handling: the parameters left out (unknown or malformed), by name.
+    pub ignored: Vec<(String, QueryError)>,
     pub rechecks: Vec<Recheck>,
     /// Other resource types the search reads through chains and `_has`.
     pub types: std::collections::BTreeSet<String>,
@@ -417,7 +419,9 @@ pub fn parse(
     resource_type: &str,
     pairs: &[(String, String)],
     count: u32,
+    strict: bool,
 ) -> Result<ParsedSearch, QueryError> {
+    let mut ignored = Vec::new();
     let mut clauses = Vec::new();
     let mut rechecks = Vec::new();
     let mut types = std::collections::BTreeSet::new();
@@ -434,9 +438,19 @@ pub fn parse(
             }
             _ => {}
         }
-        let (any, recheck) = conds_for(registry, cipher, resource_type, key, value, false, &mut types)?;
-        rechecks.extend(recheck);
-        clauses.push(any);
+        match conds_for(registry, cipher, resource_type, key, value, false, &mut types) {
+            Ok((any, recheck)) => {
+                rechecks.extend(recheck);
+                clauses.push(any);
+            }
+            // lenient handling (the default): an unknown or malformed parameter is left out and
+            // reported; what is known but not supported is always refused (ignoring it would
+            // return more than was asked for)
+            Err(e @ (QueryError::UnknownParameter | QueryError::Invalid(_))) if !strict => {
+                ignored.push((key.clone(), e));
+            }
+            Err(e) => return Err(e),
+        }
     }
     Ok(ParsedSearch {
         query: SearchQuery {
@@ -450,6 +464,7 @@ pub fn parse(
         },
         rechecks,
         types,
+        ignored,
     })
 }
 

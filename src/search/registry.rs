@@ -141,7 +141,9 @@ impl Registry {
                 .and_then(Value::as_array)
                 .map(|b| b.iter().filter_map(Value::as_str).map(str::to_string).collect())
                 .unwrap_or_default();
-            let phi = PHI_CODES.contains(&code.as_str()) && bases.iter().any(|b| PEOPLE.contains(&b.as_str()));
+            // identifiers are identifying on every resource; the rest only on people
+            let phi = code == "identifier"
+                || (PHI_CODES.contains(&code.as_str()) && bases.iter().any(|b| PEOPLE.contains(&b.as_str())));
             let param = Arc::new(SearchParam {
                 code: code.clone(),
                 url,

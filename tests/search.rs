@@ -84,6 +84,9 @@ fn search_by_parameter_type(db: Db) {
     assert_eq!(ids(&s, "/Observation?code=8867-4"), vec!["ob".to_string()]);
     assert_eq!(ids(&s, "/Observation?code=http://other|8867-4"), Vec::<String>::new());
     assert_eq!(ids(&s, "/Patient?_id=b"), b);
+    assert_eq!(ids(&s, "/Patient?gender:not=male"), b);
+    assert_eq!(ids(&s, "/Observation?code:not=8867-4,29463-7"), Vec::<String>::new());
+    assert_eq!(ids(&s, "/Patient?identifier:not=A1"), b, "also on blind-indexed tokens");
     // dates (birth dates are identifying: year in the index, re-checked after decryption)
     assert_eq!(ids(&s, "/Patient?birthdate=1980"), a);
     assert_eq!(ids(&s, "/Patient?birthdate=ge1985"), b);
@@ -224,6 +227,25 @@ fn search_by_parameter_type(db: Db) {
         m(&[("Patient/b", "match"), ("Observation/ob", "include")])
     );
     assert_eq!(s.get("/Patient?_include=Patient:nonsense").status, 400);
+    // uri :below / :above (on Observation's instantiates… has no uri; ValueSet.url has)
+    put(
+        &s,
+        "/ValueSet/vs",
+        json!({"resourceType": "ValueSet", "id": "vs", "status": "active", "url": "http://example.org/fhir/ValueSet/vs"}),
+    );
+    assert_eq!(
+        ids(&s, "/ValueSet?url:below=http://example.org/fhir"),
+        vec!["vs".to_string()]
+    );
+    assert_eq!(
+        ids(&s, "/ValueSet?url:above=http://example.org/fhir/ValueSet/vs/extra"),
+        vec!["vs".to_string()]
+    );
+    assert_eq!(ids(&s, "/ValueSet?url:below=http://other.org"), Vec::<String>::new());
+    assert_eq!(
+        ids(&s, "/ValueSet?url=http://example.org/fhir/ValueSet/vs"),
+        vec!["vs".to_string()]
+    );
     // compartment search
     assert_eq!(ids(&s, "/Patient/a/Observation"), vec!["oa".to_string()]);
     assert_eq!(ids(&s, "/Patient/b/Observation?code=29463-7"), Vec::<String>::new());

@@ -248,8 +248,15 @@ fn conds_for(
     let p = param.code.clone();
     for v in values {
         match (param.kind, modifier) {
-            (_, Some(m)) if code == "_id" || param.kind != ParamType::String && param.kind != ParamType::Reference => {
-                let _ = m;
+            (kind, Some(m))
+                if code == "_id"
+                    || !matches!(
+                        (kind, m),
+                        (ParamType::String | ParamType::Reference, _)
+                            | (ParamType::Token, "not")
+                            | (ParamType::Uri, "below" | "above")
+                    ) =>
+            {
                 return Err(QueryError::NotSupported("this modifier is not supported yet"));
             }
             _ if code == "_id" => any.push(Cond::Id(v.to_string())),
@@ -284,7 +291,7 @@ fn conds_for(
                     "this string modifier is not supported here yet",
                 ))
             }
-            (ParamType::Token, None) if param.phi => {
+            (ParamType::Token, None | Some("not")) if param.phi => {
                 let key = match v.split_once('|') {
                     Some((s, c)) if !c.is_empty() => format!("{s}|{c}"),
                     Some(_) => {
@@ -299,7 +306,7 @@ fn conds_for(
                     blind: cipher.blind_index(&p, &key).to_vec(),
                 });
             }
-            (ParamType::Token, None) => {
+            (ParamType::Token, None | Some("not")) => {
                 let (system, code) = match v.split_once('|') {
                     Some(("", c)) => (Some(None), Some(c.to_string())),
                     Some((s, "")) => (Some(Some(s.to_string())), None),
@@ -386,12 +393,24 @@ fn conds_for(
                 param: p.clone(),
                 value: v.to_string(),
             }),
+            (ParamType::Uri, Some("below")) => any.push(Cond::UriBelow {
+                param: p.clone(),
+                prefix: v.to_string(),
+            }),
+            (ParamType::Uri, Some("above")) => any.push(Cond::UriAbove {
+                param: p.clone(),
+                value: v.to_string(),
+            }),
             _ => {
                 return Err(QueryError::NotSupported(
                     "this kind of search parameter is not supported yet",
                 ))
             }
         }
+    }
+    if modifier == Some("not") {
+        // none of the values (a resource without the element matches too)
+        any = vec![Cond::Not(any)];
     }
     if !recheck.is_empty() {
         if nested {

@@ -80,6 +80,18 @@ pub enum Cond {
         table: &'static str,
         missing: bool,
     },
+    /// None of these holds (`:not`).
+    Not(Vec<Cond>),
+    /// `uri:below`: the indexed uri starts with `prefix`.
+    UriBelow {
+        param: String,
+        prefix: String,
+    },
+    /// `uri:above`: the indexed uri is a prefix of `value`.
+    UriAbove {
+        param: String,
+        value: String,
+    },
     /// `param:Type.…`: the reference points to a `target_type` resource meeting any of `inner`.
     Chain {
         param: String,
@@ -209,6 +221,29 @@ impl Sql {
         let _ = (&s_, &t_, &d_, &f_, &n_, &q_, &u_, &m_);
         match c {
             Cond::Id(v) => format!("{id} = {}", self.p(Bind::Text(v.clone()))),
+            Cond::Not(inner) => {
+                let any: Vec<String> = inner.iter().map(|c| self.cond(c, ty, id)).collect();
+                format!("NOT ({})", any.join(" OR "))
+            }
+            Cond::UriBelow { param, prefix } => {
+                let p = self.p(Bind::Text(param.clone()));
+                let escaped = prefix.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_");
+                let v = self.p(Bind::Text(format!("{escaped}%")));
+                exists(
+                    &u_,
+                    "search_uri",
+                    format!("{u_}.param = {p} AND {u_}.value LIKE {v} ESCAPE '\\'"),
+                )
+            }
+            Cond::UriAbove { param, value } => {
+                let p = self.p(Bind::Text(param.clone()));
+                let v = self.p(Bind::Text(value.clone()));
+                exists(
+                    &u_,
+                    "search_uri",
+                    format!("{u_}.param = {p} AND substr({v}, 1, length({u_}.value)) = {u_}.value"),
+                )
+            }
             Cond::Chain {
                 param,
                 target_type,

@@ -204,18 +204,25 @@ pub(super) fn replace(
                         .execute(c)?;
                 }
             }
-            for r in rows {
-                let (cols, vs) = r.columns();
-                let ph = vec!["?"; vs.len() + 2].join(", ");
+            // one multi-row INSERT per table (a statement per row costs a preparation each)
+            for table in TABLES {
+                let mine: Vec<&SearchRow> = rows.iter().filter(|r| r.table() == *table).collect();
+                let Some(first) = mine.first() else { continue };
+                let (cols, _) = first.columns();
+                let mut binds = Vec::new();
+                let mut values = Vec::new();
+                for r in mine {
+                    let (_, vs) = r.columns();
+                    values.push(format!("(?, ?, {})", vec!["?"; vs.len()].join(", ")));
+                    binds.push(Bind::Text(Some(resource_type.to_string())));
+                    binds.push(Bind::Text(Some(id.to_string())));
+                    binds.extend(vs);
+                }
                 let sql = format!(
-                    "INSERT INTO {} (resource_type, logical_id, {cols}) VALUES ({ph})",
-                    r.table()
+                    "INSERT INTO {table} (resource_type, logical_id, {cols}) VALUES {}",
+                    values.join(", ")
                 );
-                let q = diesel::sql_query(sql)
-                    .into_boxed::<diesel::sqlite::Sqlite>()
-                    .bind::<Text, _>(resource_type.to_string())
-                    .bind::<Text, _>(id.to_string());
-                let q = bind_all!(q, vs);
+                let q = bind_all!(diesel::sql_query(sql).into_boxed::<diesel::sqlite::Sqlite>(), binds);
                 q.execute(c)?;
             }
         }

@@ -258,13 +258,7 @@ async fn list(
     let trail = Trail::of(&req);
     trail.query(req.query_string());
     // The page cursor is bound to the subject and to the query without `_page`.
-    let listing_query: Vec<(String, String)> = query_pairs(&req).into_iter().filter(|(k, _)| k != "_page").collect();
-    let listing = format!(
-        "{relative}?{}",
-        form_urlencoded::Serializer::new(String::new())
-            .extend_pairs(listing_query.iter())
-            .finish()
-    );
+    let listing = super::history::listing(&relative, &query_pairs(&req));
     let tokens = PageTokens {
         cipher: state.store.cipher(),
         subject: &p.subject,

@@ -74,6 +74,16 @@ pub(super) struct PageTokens<'a> {
     pub listing: String,
 }
 
+/// `path?query` without `_page`: what a page cursor is bound to, and the base of page links.
+pub(super) fn listing(path: &str, pairs: &[(String, String)]) -> String {
+    format!(
+        "{path}?{}",
+        form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(pairs.iter().filter(|(k, _)| k != "_page"))
+            .finish()
+    )
+}
+
 impl PageTokens<'_> {
     fn mac(&self, cursor: &str, expiry: i64) -> [u8; crate::crypto::BLIND_INDEX_LEN] {
         self.cipher.blind_index(

@@ -75,17 +75,11 @@ pub async fn search_type(
             parsed.query.nested_patient = d.patient.clone();
         }
     }
-    let listing_pairs: Vec<(String, String)> = pairs.iter().filter(|(k, _)| k != "_page").cloned().collect();
     let path = match &compartment {
         Some(pid) => format!("Patient/{pid}/{t}"),
         None => t.clone(),
     };
-    let listing = format!(
-        "{path}?{}",
-        form_urlencoded::Serializer::new(String::new())
-            .extend_pairs(listing_pairs.iter())
-            .finish()
-    );
+    let listing = super::history::listing(&path, &pairs);
     let tokens = PageTokens {
         cipher: state.store.cipher(),
         subject: &p.subject,

@@ -252,6 +252,17 @@ fn search_by_parameter_type(db: Db) {
     let r = s.get_with("/Patient/b/Observation", &[("authorization", &pa)]);
     assert_eq!(r.status, 200);
     assert!(r.json()["entry"].is_null(), "a's token sees nothing in b's compartment");
+    // result control: _summary=count, _total=none, _elements
+    let counted = s.get("/Patient?_summary=count").json();
+    assert_eq!(counted["total"], 2);
+    assert!(counted["entry"].is_null());
+    assert!(s.get("/Patient?_total=none").json()["total"].is_null());
+    let slim = s.get("/Patient?_id=a&_elements=gender").json();
+    let r0 = &slim["entry"][0]["resource"];
+    assert_eq!(r0["gender"], "male");
+    assert!(r0["name"].is_null() && r0["birthDate"].is_null());
+    assert!(r0["meta"]["tag"].to_string().contains("SUBSETTED"));
+    assert_eq!(s.get("/Patient?_summary=text").status, 400);
     // POST _search with a form body: the same results, the values out of the URL
     let r = s
         .client

@@ -51,9 +51,33 @@ pub async fn search_type(
                 count = n.min(state.config.max_page_size);
             }
             "_page" => page = Some(v.clone()),
+            "_total" if !matches!(v.as_str(), "none" | "estimate" | "accurate") => {
+                return Err(ApiError::bad_request(
+                    IssueType::Invalid,
+                    "_total takes none, estimate or accurate",
+                ))
+            }
+            "_summary" if !matches!(v.as_str(), "count" | "false") => {
+                return Err(ApiError::bad_request(
+                    IssueType::NotSupported,
+                    "_summary supports count and false",
+                ))
+            }
             _ => {}
         }
     }
+    let no_total = pairs.iter().any(|(k, v)| k == "_total" && v == "none");
+    let count_only = pairs.iter().any(|(k, v)| k == "_summary" && v == "count");
+    if count_only {
+        count = 0;
+    }
+    // `_elements`: the top-level elements to keep (plus the mandatory ones)
+    let elements: Option<Vec<String>> = pairs.iter().find(|(k, _)| k == "_elements").map(|(_, v)| {
+        v.split(',')
+            .map(|e| e.trim().to_string())
+            .filter(|e| !e.is_empty())
+            .collect()
+    });
     let trail = Trail::of(&req);
     // the query as the search received it (a POST's body included), sealed in the audit event
     trail.query(
@@ -115,7 +139,10 @@ pub async fn search_type(
         let Some(shaped) = state.attributes.shape_stored(&p, &t, json) else {
             continue;
         };
-        let resource: Value = serde_json::from_slice(&shaped).map_err(|_| ApiError::Internal)?;
+        let mut resource: Value = serde_json::from_slice(&shaped).map_err(|_| ApiError::Internal)?;
+        if let Some(keep) = &elements {
+            subset(&mut resource, keep);
+        }
         patients.extend(v.patients.iter().cloned());
         matched.push((t.clone(), v.logical_id.clone()));
         entries.push(json!({
@@ -172,7 +199,7 @@ pub async fn search_type(
         "link": links,
     });
     // a total that counts what re-checks or labels hide would say too much
-    if parsed.rechecks.is_empty() && !labels_bind {
+    if parsed.rechecks.is_empty() && !labels_bind && !no_total {
         bundle["total"] = json!(result.total);
     }
     if !parsed.ignored.is_empty() {
@@ -340,4 +367,18 @@ async fn fetch_visible(
     };
     let resource: Value = serde_json::from_slice(&shaped).map_err(|_| ApiError::Internal)?;
     Ok(Some((resource, v.patients)))
+}
+
+/// `_elements`: keeps the named top-level elements and the mandatory ones, and tags the result
+/// SUBSETTED so that nobody mistakes it for the whole resource.
+fn subset(resource: &mut Value, keep: &[String]) {
+    let Some(map) = resource.as_object_mut() else { return };
+    map.retain(|k, _| matches!(k.as_str(), "resourceType" | "id" | "meta") || keep.iter().any(|e| e == k));
+    let meta = map.entry("meta").or_insert_with(|| json!({}));
+    if let Some(m) = meta.as_object_mut() {
+        let tags = m.entry("tag").or_insert_with(|| json!([]));
+        if let Some(t) = tags.as_array_mut() {
+            t.push(json!({"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue", "code": "SUBSETTED"}));
+        }
+    }
 }

@@ -448,9 +448,9 @@ pub fn parse(
         let code = key.split([':', '.']).next().unwrap_or("");
         match code {
             // `_include` and `_revinclude` shape the result: the caller's
-            "_count" | "_page" | "_format" | "_pretty" | "_include" | "_revinclude" => continue,
-            "_sort" | "_summary" | "_elements" | "_total" | "_contained" | "_containedType" | "_list" | "_query"
-            | "_filter" | "_text" | "_content" => {
+            "_count" | "_page" | "_format" | "_pretty" | "_include" | "_revinclude" | "_total" | "_summary"
+            | "_elements" => continue,
+            "_sort" | "_contained" | "_containedType" | "_list" | "_query" | "_filter" | "_text" | "_content" => {
                 return Err(QueryError::NotSupported(
                     "this search result parameter is not supported yet",
                 ))

@@ -349,7 +349,7 @@ fn open_store(config: &Config, as_owner: bool) -> anyhow::Result<Arc<Store>> {
 
 /// Rebuilds every search index row, with progress on stderr.
 fn reindex(store: &Arc<Store>) -> anyhow::Result<u64> {
-    let registry = fhirvault::api::shared_registry();
+    let registry = fhirvault::server::shared_registry()?;
     let cipher = store.shared_cipher();
     store
         .reindex(

@@ -20,6 +20,16 @@ pub fn shared_validator() -> anyhow::Result<Arc<Validator>> {
     Ok(V.get_or_init(|| v).clone())
 }
 
+/// The R4 search-parameter registry, compiled once per process (tests build many states).
+pub fn shared_registry() -> anyhow::Result<Arc<crate::search::Registry>> {
+    static R: OnceLock<Arc<crate::search::Registry>> = OnceLock::new();
+    if let Some(r) = R.get() {
+        return Ok(r.clone());
+    }
+    let r = Arc::new(crate::search::Registry::r4().context("loading the R4 search parameters")?);
+    Ok(R.get_or_init(|| r).clone())
+}
+
 /// Creates the data directory (mode 0700) if needed.
 pub fn ensure_data_dir(config: &Config) -> anyhow::Result<()> {
     if !config.data_dir.exists() {
@@ -90,6 +100,7 @@ pub fn build_state(config: Config) -> anyhow::Result<AppState> {
         attributes,
         providers,
         auditor,
+        shared_registry()?,
     ))
 }
 

@@ -35,7 +35,7 @@ pub async fn read(
         .next()
         .ok_or(ApiError::NotFound("resource not found"))?;
     let value = open(&state, &ev)?;
-    Trail::of(&req).touched(format!("AuditEvent/{id}"), &[]);
+    Trail::of(&req)?.touched(format!("AuditEvent/{id}"), &[]);
     Ok(HttpResponse::Ok()
         .content_type(fmt.content_type())
         .body(fmt.render(&value)))
@@ -71,7 +71,7 @@ pub async fn access_report(
         }
     }
     query.patients = vec![format!("Patient/{patient}")];
-    Trail::of(&req).touched(format!("Patient/{patient}"), std::slice::from_ref(&patient));
+    Trail::of(&req)?.touched(format!("Patient/{patient}"), std::slice::from_ref(&patient));
     let relative = format!("Patient/{patient}/$access-report");
     list(req, p, state, query, relative, Some(patient)).await
 }
@@ -255,7 +255,7 @@ async fn list(
     for_patient_id: Option<String>,
 ) -> Result<HttpResponse, ApiError> {
     let fmt = Format::negotiate(&req)?;
-    let trail = Trail::of(&req);
+    let trail = Trail::of(&req)?;
     trail.query(req.query_string());
     // The page cursor is bound to the subject and to the query without `_page`.
     let listing = super::history::listing(&relative, &query_pairs(&req));

@@ -221,7 +221,7 @@ pub async fn create(
     let st = state.clone();
     let t = resource_type.clone();
     let access = decision.access();
-    let trail = Trail::of(&req);
+    let trail = Trail::of(&req)?;
     let mut tx = trail.for_write(&state);
     let (outcome, tx) = blocking(move || {
         st.store
@@ -306,7 +306,7 @@ pub async fn read(
         }
     };
     let (found, _) = visible(&state, &p, &decision, &t, &id, found, false)?;
-    Trail::of(&req).touched(format!("{t}/{id}/_history/{}", found.version_id), &found.patients);
+    Trail::of(&req)?.touched(format!("{t}/{id}/_history/{}", found.version_id), &found.patients);
     respond_read(&req, fmt, found)
 }
 
@@ -329,7 +329,7 @@ pub async fn vread(
     let access = decision.access();
     let found = blocking(move || st.store.vread(&access, &tt, &iid, vid).map_err(ApiError::from)).await;
     let (found, _) = visible(&state, &p, &decision, &t, &id, found, false)?;
-    Trail::of(&req).touched(format!("{t}/{id}/_history/{}", found.version_id), &found.patients);
+    Trail::of(&req)?.touched(format!("{t}/{id}/_history/{}", found.version_id), &found.patients);
     respond_read(&req, fmt, found)
 }
 
@@ -516,7 +516,7 @@ pub async fn update(
     let st = state.clone();
     let (tt, iid) = (t.clone(), id.clone());
     let access = decision.access();
-    let trail = Trail::of(&req);
+    let trail = Trail::of(&req)?;
     let mut tx = trail.for_write(&state);
     let (written, tx) = blocking(move || {
         if create_only {
@@ -595,7 +595,7 @@ pub async fn delete(
     }
     let st = state.clone();
     let access = decision.access();
-    let trail = Trail::of(&req);
+    let trail = Trail::of(&req)?;
     let mut tx = trail.for_write(&state);
     let (outcome, tx) = blocking(move || {
         st.store

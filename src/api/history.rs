@@ -204,7 +204,7 @@ async fn history(
         None => Access::All,
     };
     let mut page = blocking(move || st.store.history(&access, &query).map_err(ApiError::from)).await?;
-    let trail = super::trail::Trail::of(&req);
+    let trail = super::trail::Trail::of(&req)?;
     trail.query(req.query_string());
     if let Some(d) = &restricted {
         page.entries.retain(|v| {

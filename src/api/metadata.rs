@@ -51,7 +51,7 @@ fn audit_event_capability() -> Value {
     })
 }
 
-pub fn capability_statement(config: &Config, validator: &Validator) -> Value {
+pub fn capability_statement(config: &Config, validator: &Validator, registry: &crate::search::Registry) -> Value {
     let resources: Vec<Value> = validator
         .resource_types()
         .map(|t| {
@@ -71,7 +71,6 @@ pub fn capability_statement(config: &Config, validator: &Validator) -> Value {
                 "conditionalDelete": "not-supported",
             });
             // the parameters search answers (chains, composites and `_has` are not listed: not yet)
-            let registry = super::shared_registry();
             let params: Vec<Value> = registry
                 .params(t)
                 .filter(|p| crate::search::query::supported(p))

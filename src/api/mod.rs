@@ -66,18 +66,19 @@ impl AppState {
         attributes: Arc<crate::auth::attributes::AttributePolicy>,
         providers: crate::auth::oidc::Providers,
         auditor: Arc<crate::audit::Auditor>,
+        search: Arc<crate::search::Registry>,
     ) -> AppState {
         let resource_types = validator.resource_types().map(str::to_string).collect();
         let auth_failure_limit = config.auth_failure_limit;
         let rate_limit = config.rate_limit_per_minute;
-        let capability = metadata::capability_statement(&config, &validator);
+        let capability = metadata::capability_statement(&config, &validator, &search);
         AppState {
             config,
             store,
             validator,
             issuer,
             compartment,
-            search: shared_registry(),
+            search,
             attributes,
             providers,
             auth_failures: crate::auth::limiter::FailureLimiter::new(auth_failure_limit),
@@ -197,13 +198,6 @@ impl AppState {
             }
         }
     }
-}
-
-/// The search-parameter registry, built once per process (tests start many servers).
-pub fn shared_registry() -> Arc<crate::search::Registry> {
-    static R: std::sync::OnceLock<Arc<crate::search::Registry>> = std::sync::OnceLock::new();
-    R.get_or_init(|| Arc::new(crate::search::Registry::r4().expect("the built-in R4 search parameters load")))
-        .clone()
 }
 
 /// `W/"<version>"`

@@ -78,7 +78,7 @@ pub async fn search_type(
             .filter(|e| !e.is_empty())
             .collect()
     });
-    let trail = Trail::of(&req);
+    let trail = Trail::of(&req)?;
     // the query as the search received it (a POST's body included), sealed in the audit event
     trail.query(
         &form_urlencoded::Serializer::new(String::new())

@@ -65,12 +65,13 @@ impl Trail {
         trail
     }
 
-    /// The trail of this request (set by the router).
-    pub fn of(req: &HttpRequest) -> Trail {
-        req.extensions()
-            .get::<Trail>()
-            .cloned()
-            .expect("the router starts a trail for every FHIR request")
+    /// The trail of this request (the router starts one for every FHIR request; a handler
+    /// reached some other way gets an error, never a panic).
+    pub fn of(req: &HttpRequest) -> Result<Trail, ApiError> {
+        req.extensions().get::<Trail>().cloned().ok_or_else(|| {
+            tracing::error!("a FHIR handler ran without an audit trail");
+            ApiError::Internal
+        })
     }
 
     /// The token the request was made with.

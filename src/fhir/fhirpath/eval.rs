@@ -257,7 +257,11 @@ fn compare_temporal(a: &str, b: &str) -> Option<std::cmp::Ordering> {
         }
         if let Some(t) = time {
             let t = t.split(['+', 'Z']).next().unwrap_or(t);
-            let t = if let Some(i) = t[1..].find('-') { &t[..i + 1] } else { t };
+            // a `-` after the first character is a negative offset
+            let t = match t.get(1..).and_then(|rest| rest.find('-')) {
+                Some(i) => &t[..i + 1],
+                None => t,
+            };
             for p in t.split(':') {
                 if p.is_empty() {
                     continue;

@@ -84,6 +84,55 @@ mod tests {
     }
 
     #[test]
+    fn odd_input_is_an_error_or_a_result_never_a_panic() {
+        let r = json!({"resourceType": "Patient", "birthDate": "2020T", "name": [{"given": ["é", ""]}],
+                       "deceasedDateTime": "T", "x": "-"});
+        let exprs = [
+            "",
+            "(",
+            ")",
+            "@",
+            "@T",
+            "%",
+            "%`",
+            "'",
+            "`",
+            "1 '",
+            "$",
+            "a.",
+            "a[",
+            "a[0",
+            "{",
+            "{}",
+            "1/0",
+            "1 div 0",
+            "birthDate < @2020",
+            "birthDate = @T10",
+            "deceased > @2020-01-01T",
+            "x < @2020",
+            "'' < @2020",
+            "name.given.substring(-1)",
+            "name.given.substring(5, -2)",
+            "name.given.first().toChars()",
+            "'a'.matches('(')",
+            "name.given.indexOf('')",
+            "'é'.substring(0, 1)",
+            "1.power(9999999)",
+            "(1 | 2).single()",
+            "iif(1, 2)",
+            "resolve()",
+            "x.resolve()",
+            "%vs-",
+            "%ext-",
+        ];
+        for e in exprs {
+            if let Ok(p) = FhirPath::compile(e) {
+                let _ = p.evaluate(&r);
+            }
+        }
+    }
+
+    #[test]
     fn paths_choice_types_and_functions() {
         let p = json!({"resourceType": "Patient", "name": [{"use": "official", "given": ["A", "B"]}, {"given": ["C"]}],
                        "birthDate": "1974-12-25", "deceasedBoolean": false});

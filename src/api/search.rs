@@ -159,20 +159,19 @@ pub async fn search_type(
         for round in 0..4 {
             let mut next = Vec::new();
             for spec in specs.iter().filter(|s| round == 0 || s.iterate) {
-                let found = included(&state, spec, &frontier).await?;
-                for (rt, id) in found {
-                    if !seen.insert((rt.clone(), id.clone())) {
-                        continue;
-                    }
-                    if let Some((resource, pats)) = fetch_visible(&state, &p, &rt, &id).await? {
-                        patients.extend(pats);
-                        entries.push(json!({
-                            "fullUrl": format!("{}/{rt}/{id}", state.base_url(&req)),
-                            "resource": resource,
-                            "search": {"mode": "include"}
-                        }));
-                        next.push((rt, id));
-                    }
+                let fresh: Vec<(String, String)> = included(&state, spec, &frontier)
+                    .await?
+                    .into_iter()
+                    .filter(|key| seen.insert(key.clone()))
+                    .collect();
+                for (rt, id, resource, pats) in fetch_visible(&state, &p, &fresh).await? {
+                    patients.extend(pats);
+                    entries.push(json!({
+                        "fullUrl": format!("{}/{rt}/{id}", state.base_url(&req)),
+                        "resource": resource,
+                        "search": {"mode": "include"}
+                    }));
+                    next.push((rt, id));
                 }
             }
             if next.is_empty() {
@@ -335,38 +334,42 @@ async fn included(
     Ok(out)
 }
 
-/// A resource as the token may see it (none when it may not read it, or it is outside its
-/// compartment or labels): its shaped content and its patients.
+/// The resources the token may see among `keys` (one query per type): those of types it may
+/// not read, outside its compartment or hidden by labels are left out; the rest shaped, with
+/// their patients.
 async fn fetch_visible(
     state: &web::Data<AppState>,
     p: &Principal,
-    t: &str,
-    id: &str,
-) -> Result<Option<(Value, Vec<String>)>, ApiError> {
-    let Ok(decision) = authorize(p, t, Permission::Read) else {
-        return Ok(None);
-    };
-    let st = state.clone();
-    let (tt, iid, access) = (t.to_string(), id.to_string(), decision.access());
-    let found = blocking(move || match st.store.read(&access, &tt, &iid) {
-        Ok(v) => Ok(Some(v)),
-        Err(crate::store::StoreError::NotFound | crate::store::StoreError::Gone { .. }) => Ok(None),
-        Err(e) => Err(ApiError::from(e)),
-    })
-    .await?;
-    let Some(v) = found else { return Ok(None) };
-    let Some(json) = v.content else { return Ok(None) };
-    if !decision.unrestricted {
-        let value: Value = serde_json::from_slice(&json).map_err(|_| ApiError::Internal)?;
-        if !decision.admits(&state.compartment, t, id, Some(&value)) {
-            return Ok(None);
+    keys: &[(String, String)],
+) -> Result<Vec<(String, String, Value, Vec<String>)>, ApiError> {
+    let mut by_type: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    for (t, id) in keys {
+        by_type.entry(t.clone()).or_default().push(id.clone());
+    }
+    let mut out = Vec::new();
+    for (t, ids) in by_type {
+        let Ok(decision) = authorize(p, &t, Permission::Read) else {
+            continue;
+        };
+        let st = state.clone();
+        let (tt, access) = (t.clone(), decision.access());
+        let versions = blocking(move || st.store.read_many(&access, &tt, &ids).map_err(ApiError::from)).await?;
+        for v in versions {
+            let Some(json) = v.content else { continue };
+            if !decision.unrestricted {
+                let value: Value = serde_json::from_slice(&json).map_err(|_| ApiError::Internal)?;
+                if !decision.admits(&state.compartment, &t, &v.logical_id, Some(&value)) {
+                    continue;
+                }
+            }
+            let Some(shaped) = state.attributes.shape_stored(p, &t, json) else {
+                continue;
+            };
+            let resource: Value = serde_json::from_slice(&shaped).map_err(|_| ApiError::Internal)?;
+            out.push((t.clone(), v.logical_id, resource, v.patients));
         }
     }
-    let Some(shaped) = state.attributes.shape_stored(p, t, json) else {
-        return Ok(None);
-    };
-    let resource: Value = serde_json::from_slice(&shaped).map_err(|_| ApiError::Internal)?;
-    Ok(Some((resource, v.patients)))
+    Ok(out)
 }
 
 /// `_elements`: keeps the named top-level elements and the mandatory ones, and tags the result

@@ -563,6 +563,42 @@ impl Store {
         self.decrypt_row(row)
     }
 
+    /// The current, not deleted, versions of several resources of one type in one query, in
+    /// the order of `ids` (absent or deleted ones are left out).
+    pub fn read_many(
+        &self,
+        access: &Access,
+        resource_type: &str,
+        ids: &[String],
+    ) -> Result<Vec<StoredVersion>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut conn = self.checkout(access)?;
+        let rows: Result<Vec<VersionRow>, StoreError> = rv::table
+            .filter(rv::resource_type.eq(resource_type).and(rv::logical_id.eq_any(ids)))
+            .filter(rv::deleted.eq(false))
+            .filter(diesel::dsl::exists(
+                cur::table.filter(
+                    cur::resource_type
+                        .eq(rv::resource_type)
+                        .and(cur::logical_id.eq(rv::logical_id))
+                        .and(cur::version_id.eq(rv::version_id)),
+                ),
+            ))
+            .select(VersionRow::as_select())
+            .load(&mut conn.conn)
+            .map_err(StoreError::from);
+        let rows = note(&mut conn, rows)?;
+        drop(conn);
+        let mut by_id: std::collections::HashMap<String, StoredVersion> = std::collections::HashMap::new();
+        for row in rows {
+            let v = self.decrypt_row(row)?;
+            by_id.insert(v.logical_id.clone(), v);
+        }
+        Ok(ids.iter().filter_map(|id| by_id.remove(id)).collect())
+    }
+
     /// One specific version.
     pub fn vread(
         &self,

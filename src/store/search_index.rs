@@ -263,11 +263,16 @@ impl super::Store {
                 break;
             }
             let mut built = Vec::with_capacity(page.len());
+            let mut by_type: std::collections::BTreeMap<&str, Vec<String>> = Default::default();
             for (t, id) in &page {
-                let v = self.read(&super::Access::All, t, id)?;
-                let json: serde_json::Value =
-                    serde_json::from_slice(v.content.as_deref().unwrap_or(b"{}")).map_err(|_| StoreError::Integrity)?;
-                built.push((t.clone(), id.clone(), rows(t, &json)));
+                by_type.entry(t.as_str()).or_default().push(id.clone());
+            }
+            for (t, ids) in by_type {
+                for v in self.read_many(&super::Access::All, t, &ids)? {
+                    let json: serde_json::Value = serde_json::from_slice(v.content.as_deref().unwrap_or(b"{}"))
+                        .map_err(|_| StoreError::Integrity)?;
+                    built.push((v.resource_type.clone(), v.logical_id.clone(), rows(t, &json)));
+                }
             }
             self.write_tx(&super::Access::All, |conn| {
                 for (t, id, r) in &built {

@@ -550,15 +550,8 @@ impl Store {
         drop(conn);
         let has_more = ids.len() > q.count as usize;
         ids.truncate(q.count as usize);
-        let mut entries = Vec::with_capacity(ids.len());
-        for id in &ids {
-            match self.read(access, &q.resource_type, id) {
-                Ok(v) => entries.push(v),
-                // deleted or hidden between the two queries: left out
-                Err(StoreError::NotFound | StoreError::Gone { .. }) => {}
-                Err(e) => return Err(e),
-            }
-        }
+        // the page's versions in one query (deleted or hidden since the first: left out)
+        let entries = self.read_many(access, &q.resource_type, &ids)?;
         Ok(SearchPage {
             entries,
             total,

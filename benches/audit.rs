@@ -146,23 +146,12 @@ fn bench_backend(db: Db, rows: u64, secs: u64) -> serde_json::Value {
 }
 
 fn main() {
-    if std::env::args().any(|a| a == "--list") {
-        return; // `cargo test --benches` asks benches to list their tests
-    }
-    if std::env::var("PG_FSYNC").is_err() {
-        // durable commits, as in production (the test harness turns fsync off)
-        std::env::set_var("PG_FSYNC", "on");
+    if !support::start() {
+        return;
     }
     let secs = env_num("BENCH_SECS", 3);
     let rows = env_num("BENCH_ROWS", 2000);
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
-        })
-        .unwrap_or_default();
+    let cpu = support::cpu_model();
     eprintln!("fhirvault audit bench: {rows} patients, {secs}s per figure, CPU {cpu}");
     let mut results = Vec::new();
     let only = std::env::var("BENCH_BACKENDS").unwrap_or_default().to_lowercase();
@@ -173,12 +162,12 @@ fn main() {
         eprintln!("{db:?}:");
         results.push(bench_backend(db, rows, secs));
     }
-    let out = json!({
-        "bench": "audit",
-        "git_revision": std::process::Command::new("git").args(["rev-parse", "HEAD"]).output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default(),
-        "cpu": cpu,
-        "loadavg": std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim(),
+    let mut out = support::provenance("audit");
+    let more = json!({
         "backends": results,
     });
+    if let (Some(o), Some(m)) = (out.as_object_mut(), more.as_object()) {
+        o.extend(m.clone());
+    }
     println!("{}", serde_json::to_string_pretty(&out).unwrap());
 }

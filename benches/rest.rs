@@ -297,24 +297,13 @@ fn idle_rss_kb() -> u64 {
 }
 
 fn main() {
-    if std::env::args().any(|a| a == "--list") {
-        return; // `cargo test --benches` asks benches to list their tests
-    }
-    if std::env::var("PG_FSYNC").is_err() {
-        // Durable commits, as in production (the test harness turns fsync off).
-        std::env::set_var("PG_FSYNC", "on");
+    if !support::start() {
+        return;
     }
     let secs = env_num("BENCH_SECS", 3);
     let rows = env_num("BENCH_ROWS", 2000);
     let conc = env_num("BENCH_CONCURRENCY", 16) as usize;
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
-        })
-        .unwrap_or_default();
+    let cpu = support::cpu_model();
     eprintln!("fhirvault REST bench: {rows} patients, {secs}s per figure, concurrency {conc}, CPU {cpu}");
     let ceiling = http_ceiling(secs, conc);
     eprintln!("  HTTP ceiling (in-memory actix route, same client): {ceiling:.0} req/s");
@@ -330,14 +319,14 @@ fn main() {
         "idle server RSS with the R4 schema compiled: {:.1} MB",
         rss as f64 / 1024.0
     );
-    let out = json!({
-        "bench": "rest",
-        "git_revision": std::process::Command::new("git").args(["rev-parse", "HEAD"]).output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default(),
-        "cpu": cpu,
-        "loadavg": std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim(),
+    let mut out = support::provenance("rest");
+    let more = json!({
         "http_ceiling_per_sec": ceiling,
         "backends": results,
         "idle_rss_mb": rss as f64 / 1024.0,
     });
+    if let (Some(o), Some(m)) = (out.as_object_mut(), more.as_object()) {
+        o.extend(m.clone());
+    }
     println!("{}", serde_json::to_string_pretty(&out).unwrap());
 }

@@ -149,3 +149,42 @@ pub fn preload_patients(s: &crate::common::TestServer, rows: u64) -> Vec<String>
     );
     ids
 }
+
+/// What every bench does first: nothing when `cargo test --benches` only lists benches
+/// (returns false), and durable PostgreSQL commits as in production (the test harness turns
+/// fsync off).
+pub fn start() -> bool {
+    if std::env::args().any(|a| a == "--list") {
+        return false;
+    }
+    if std::env::var("PG_FSYNC").is_err() {
+        std::env::set_var("PG_FSYNC", "on");
+    }
+    true
+}
+
+/// The CPU model, for the results and the log line.
+pub fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_default()
+}
+
+/// Where a result comes from: the bench, the git revision, the CPU and the load average.
+pub fn provenance(bench: &str) -> serde_json::Value {
+    json!({
+        "bench": bench,
+        "git_revision": std::process::Command::new("git")
+            .args(["rev-parse", "HEAD"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_default(),
+        "cpu": cpu_model(),
+        "loadavg": std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim(),
+    })
+}

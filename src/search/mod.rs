@@ -115,6 +115,12 @@ pub fn index_rows(registry: &Registry, cipher: &Cipher, resource_type: &str, res
             rows.push(row);
         }
     }
-    rows.dedup();
-    rows
+    // the same value reached by two paths (a prefix shared by two name parts …) is one row
+    let mut unique: Vec<SearchRow> = Vec::with_capacity(rows.len());
+    for r in rows {
+        if !unique.contains(&r) {
+            unique.push(r);
+        }
+    }
+    unique
 }

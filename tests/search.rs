@@ -1,6 +1,8 @@
 //! Search over the index tables, black-box over HTTP on both backends: string, token, date,
-//! reference, quantity and `_id` parameters, OR within a parameter and AND across them,
-//! paging, refusals of what is not supported, patient-context limits, and the audit record.
+//! reference, quantity, composite and `_id` parameters with their modifiers, OR within a
+//! parameter and AND across them, sorting, paging (next and previous, no query values in any
+//! link), system search, `_summary`, refusals of what is not supported, patient-context
+//! limits, and the audit record.
 
 mod common;
 
@@ -226,6 +228,10 @@ fn search_by_parameter_type(db: Db) {
         modes("/Patient?_revinclude=Observation:subject", Some(&pb)),
         m(&[("Patient/b", "match"), ("Observation/ob", "include")])
     );
+    assert_eq!(
+        modes("/Patient?_id=a&_revinclude=*", None),
+        m(&[("Patient/a", "match"), ("Observation/oa", "include")])
+    );
     assert_eq!(s.get("/Patient?_include=Patient:nonsense").status, 400);
     // uri :below / :above (on Observation's instantiates… has no uri; ValueSet.url has)
     put(
@@ -262,7 +268,7 @@ fn search_by_parameter_type(db: Db) {
     assert_eq!(r0["gender"], "male");
     assert!(r0["name"].is_null() && r0["birthDate"].is_null());
     assert!(r0["meta"]["tag"].to_string().contains("SUBSETTED"));
-    assert_eq!(s.get("/Patient?_summary=text").status, 400);
+    assert_eq!(s.get("/Patient?_summary=everything").status, 400);
     // POST _search with a form body: the same results, the values out of the URL
     let r = s
         .client
@@ -300,11 +306,12 @@ fn search_by_parameter_type(db: Db) {
             .status,
         400
     );
-    // what is known but not supported yet is refused, never ignored
+    // what is known but not supported is refused, never ignored
     for q in [
         "/Observation?subject:Patient.name=smithsonianlong",
-        "/Patient?birthdate=ap1980",
         "/Patient?family:contains=mit",
+        "/Observation?code:in=http://example.org/fhir/ValueSet/vs",
+        "/Patient?identifier:text=mrn",
     ] {
         let r = s.get(q);
         assert_eq!(r.status, 400, "{q}: {}", r.text());
@@ -338,4 +345,270 @@ fn search_by_parameter_type(db: Db) {
         .unwrap()
         .iter()
         .any(|p| p["name"] == "birthdate"));
+}
+
+on_both_backends!(modifiers_sorting_and_paging);
+
+/// Page link URLs of a searchset Bundle, by relation.
+fn link(bundle: &Value, relation: &str) -> Option<String> {
+    bundle["link"]
+        .as_array()?
+        .iter()
+        .find(|l| l["relation"] == relation)
+        .and_then(|l| l["url"].as_str())
+        .map(str::to_string)
+}
+
+fn in_order(s: &TestServer, query: &str) -> Vec<String> {
+    let r = s.get(query);
+    assert_eq!(r.status, 200, "{query}: {}", r.text());
+    r.json()["entry"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .filter(|e| e["search"]["mode"] == "match")
+        .map(|e| e["resource"]["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn modifiers_sorting_and_paging(db: Db) {
+    let s = TestServer::start(db);
+    let mr = "http://terminology.hl7.org/CodeSystem/v2-0203";
+    put(
+        &s,
+        "/Patient/p1",
+        json!({"resourceType": "Patient", "id": "p1", "name": [{"family": "Smith", "given": ["Robert"]}],
+               "birthDate": "1970-03-04"}),
+    );
+    put(
+        &s,
+        "/Patient/p2",
+        json!({"resourceType": "Patient", "id": "p2", "name": [{"family": "Smyth", "given": ["Rupert"]}],
+               "birthDate": "1971"}),
+    );
+    put(
+        &s,
+        "/Patient/p3",
+        json!({"resourceType": "Patient", "id": "p3", "name": [{"family": "Ölund", "given": ["Zoë"]}],
+               "birthDate": "1985-12-24",
+               "identifier": [{"type": {"coding": [{"system": mr, "code": "MR"}]}, "system": "urn:h", "value": "12345"}]}),
+    );
+    put(
+        &s,
+        "/Organization/org",
+        json!({"resourceType": "Organization", "id": "org", "name": "Acme Health"}),
+    );
+    put(
+        &s,
+        "/Observation/bp",
+        json!({"resourceType": "Observation", "id": "bp", "status": "final",
+               "code": {"coding": [{"system": "http://loinc.org", "code": "85354-9", "display": "Blood pressure panel"}]},
+               "subject": {"reference": "Patient/p1"}, "effectiveDateTime": "2024-05-06",
+               "component": [
+                 {"code": {"coding": [{"system": "http://loinc.org", "code": "8480-6"}]},
+                  "valueQuantity": {"value": 120, "system": "http://unitsofmeasure.org", "code": "mm[Hg]"}},
+                 {"code": {"coding": [{"system": "http://loinc.org", "code": "8462-4"}]},
+                  "valueQuantity": {"value": 80, "system": "http://unitsofmeasure.org", "code": "mm[Hg]"}}]}),
+    );
+    put(
+        &s,
+        "/Observation/temp",
+        json!({"resourceType": "Observation", "id": "temp", "status": "final",
+               "code": {"coding": [{"system": "http://loinc.org", "code": "8310-5"}], "text": "Body temperature"},
+               "subject": {"identifier": {"system": "urn:h", "value": "12345"}}, "effectiveDateTime": "2023-01-02",
+               "valueQuantity": {"value": 100.4, "system": "http://unitsofmeasure.org", "code": "[degF]"}}),
+    );
+    put(
+        &s,
+        "/Observation/late",
+        json!({"resourceType": "Observation", "id": "late", "status": "final",
+               "code": {"coding": [{"system": "http://loinc.org", "code": "8310-5"}]},
+               "subject": {"reference": "Patient/p2"}, "effectiveDateTime": "2025-07-08",
+               "valueQuantity": {"value": 100, "system": "http://unitsofmeasure.org", "code": "[degF]"}}),
+    );
+    let v = |ids: &[&str]| -> Vec<String> { ids.iter().map(|s| s.to_string()).collect() };
+    // number precision: 100 is [99.5, 100.5), 100.0 is [99.95, 100.05); ap is ±10%
+    assert_eq!(ids(&s, "/Observation?value-quantity=100"), v(&["late", "temp"]));
+    assert_eq!(ids(&s, "/Observation?value-quantity=100.0"), v(&["late"]));
+    assert_eq!(ids(&s, "/Observation?value-quantity=ne100.0"), v(&["temp"]));
+    assert_eq!(ids(&s, "/Observation?value-quantity=ap95"), v(&["late", "temp"]));
+    assert_eq!(ids(&s, "/Observation?value-quantity=ap80"), Vec::<String>::new());
+    // date ap: within a tenth of the distance from now
+    assert_eq!(ids(&s, "/Observation?date=ap2024-05-07"), v(&["bp"]));
+    // dateTimes without seconds or zone
+    assert_eq!(ids(&s, "/Observation?date=gt2025-07-07T23:59"), v(&["late"]));
+    // token :text on displays and texts, prefix and case-insensitive
+    assert_eq!(ids(&s, "/Observation?code:text=blood pres"), v(&["bp"]));
+    assert_eq!(ids(&s, "/Observation?code:text=BODY"), v(&["temp"]));
+    // :of-type on (blind) identifiers, :identifier on references
+    assert_eq!(
+        ids(&s, &format!("/Patient?identifier:of-type={mr}|MR|12345")),
+        v(&["p3"])
+    );
+    assert_eq!(
+        ids(&s, &format!("/Patient?identifier:of-type={mr}|XX|12345")),
+        Vec::<String>::new()
+    );
+    assert_eq!(ids(&s, "/Observation?subject:identifier=urn:h|12345"), v(&["temp"]));
+    assert_eq!(ids(&s, "/Observation?subject:identifier=12345"), v(&["temp"]));
+    // strings: :exact (as written) and :contains, on plaintext and on blind parameters
+    assert_eq!(ids(&s, "/Organization?name:exact=Acme Health"), v(&["org"]));
+    assert_eq!(ids(&s, "/Organization?name:exact=acme health"), Vec::<String>::new());
+    assert_eq!(ids(&s, "/Organization?name:contains=HEAL"), v(&["org"]));
+    assert_eq!(ids(&s, "/Patient?family:exact=Smith"), v(&["p1"]));
+    assert_eq!(ids(&s, "/Patient?family:exact=smith"), Vec::<String>::new());
+    assert_eq!(ids(&s, "/Patient?family=olu"), v(&["p3"]), "accents folded");
+    assert_eq!(ids(&s, "/Patient?given=zoe"), v(&["p3"]));
+    // phonetic: sound-alikes (Soundex), blind like the names
+    assert_eq!(ids(&s, "/Patient?phonetic=Rupert"), v(&["p1", "p2"]));
+    assert_eq!(ids(&s, "/Patient?phonetic=Smithe"), v(&["p1", "p2"]));
+    // birth dates: blind buckets of each precision
+    assert_eq!(ids(&s, "/Patient?birthdate=1970-03"), v(&["p1"]));
+    assert_eq!(ids(&s, "/Patient?birthdate=1971"), v(&["p2"]));
+    assert_eq!(
+        ids(&s, "/Patient?birthdate=1971-01"),
+        Vec::<String>::new(),
+        "a year is not within a month"
+    );
+    assert_eq!(ids(&s, "/Patient?birthdate=1985-12-24"), v(&["p3"]));
+    assert_eq!(ids(&s, "/Patient?birthdate=gt1971-06"), v(&["p2", "p3"]));
+    // composites: a code and its value on the same component
+    assert_eq!(
+        ids(
+            &s,
+            "/Observation?component-code-value-quantity=http://loinc.org|8480-6$gt100"
+        ),
+        v(&["bp"])
+    );
+    assert_eq!(
+        ids(&s, "/Observation?component-code-value-quantity=8462-4$gt100"),
+        Vec::<String>::new(),
+        "80 is the diastolic value: the pair must be on one component"
+    );
+    assert_eq!(
+        ids(
+            &s,
+            "/Observation?code-value-quantity=8310-5$100.4|http://unitsofmeasure.org|[degF]"
+        ),
+        v(&["temp"])
+    );
+    assert_eq!(
+        s.get("/Observation?code-value-quantity=8310-5").status,
+        200,
+        "lenient: malformed is ignored"
+    );
+    assert_eq!(
+        s.get_with(
+            "/Observation?code-value-quantity=8310-5",
+            &[("prefer", "handling=strict")]
+        )
+        .status,
+        400
+    );
+    // _sort on plaintext parameters (SQL), descending, and on blind ones (after decryption)
+    assert_eq!(in_order(&s, "/Observation?_sort=date"), v(&["temp", "bp", "late"]));
+    assert_eq!(in_order(&s, "/Observation?_sort=-date"), v(&["late", "bp", "temp"]));
+    assert_eq!(in_order(&s, "/Patient?_sort=family"), v(&["p3", "p1", "p2"]));
+    assert_eq!(in_order(&s, "/Patient?_sort=-birthdate"), v(&["p3", "p2", "p1"]));
+    assert_eq!(
+        in_order(&s, "/Observation?_sort=code,-date"),
+        v(&["late", "temp", "bp"]),
+        "several keys (codes compare as text: 8310-5 before 85354-9)"
+    );
+    // sorted pages: next and previous over a snapshot; no query value in any link
+    let first = s.get("/Patient?family=sm&_sort=-family&_count=1").json();
+    assert_eq!(first["total"], 2);
+    assert_eq!(first["entry"][0]["resource"]["id"], "p2");
+    for l in first["link"].as_array().unwrap() {
+        let url = l["url"].as_str().unwrap();
+        assert!(
+            !url.contains("family") && !url.contains("sm&") && !url.contains("=sm"),
+            "{url}"
+        );
+    }
+    let next = link(&first, "next").unwrap();
+    let second: Value = s.client.get(&next).send().unwrap().json().unwrap();
+    assert_eq!(second["entry"][0]["resource"]["id"], "p1");
+    assert!(link(&second, "next").is_none());
+    let back: Value = s
+        .client
+        .get(link(&second, "previous").unwrap())
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(back["entry"][0]["resource"]["id"], "p2");
+    // keyset pages: previous from the second page is the first
+    let first = s.get("/Observation?_count=2").json();
+    let second: Value = s
+        .client
+        .get(link(&first, "next").unwrap())
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(second["entry"].as_array().unwrap().len(), 1);
+    let back: Value = s
+        .client
+        .get(link(&second, "previous").unwrap())
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(back["entry"], first["entry"]);
+    // pages are stable while data changes: a resource created meanwhile does not shift them
+    put(
+        &s,
+        "/Observation/aaa",
+        json!({"resourceType": "Observation", "id": "aaa", "status": "final",
+               "code": {"coding": [{"system": "http://loinc.org", "code": "1-1"}]}}),
+    );
+    let again: Value = s
+        .client
+        .get(link(&first, "next").unwrap())
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(again["entry"], second["entry"]);
+    // a page token is its holder's
+    let other = s
+        .issuer
+        .issue(&fhirvault::auth::TokenRequest {
+            scope: "system/*.rs".into(),
+            subject: Some("someone-else".into()),
+            client_id: Some("other-client".into()),
+            expires_in: 900,
+            ..Default::default()
+        })
+        .unwrap();
+    let other = format!("Bearer {other}");
+    let stolen = s
+        .client
+        .get(link(&first, "next").unwrap())
+        .header("authorization", other)
+        .send()
+        .unwrap();
+    assert_eq!(stolen.status().as_u16(), 400);
+    // system search across types
+    assert_eq!(ids(&s, "?_type=Patient,Organization&_id=p1,org"), v(&["org", "p1"]));
+    assert_eq!(s.get("?_id=p1").status, 400, "a system search names its types");
+    let r = s
+        .client
+        .post(s.url("/_search"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("_type=Observation&code=8310-5")
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(r.json::<Value>().unwrap()["total"], 2);
+    // _summary: true, text, data
+    let one = |q: &str| s.get(q).json()["entry"][0]["resource"].clone();
+    let t = one("/Observation?_id=bp&_summary=true");
+    assert!(t["component"].is_array() && t["meta"]["tag"].to_string().contains("SUBSETTED"));
+    let t = one("/Observation?_id=temp&_summary=text");
+    assert!(t["valueQuantity"].is_null() && t["code"].is_object() && t["status"] == "final");
+    let t = one("/Observation?_id=temp&_summary=data");
+    assert!(t["valueQuantity"].is_object());
 }

@@ -20,7 +20,7 @@ pub const TYPE_INTERACTIONS: &[&str] = &[
     "search-type",
 ];
 /// The system-level interactions routed.
-pub const SYSTEM_INTERACTIONS: &[&str] = &["history-system"];
+pub const SYSTEM_INTERACTIONS: &[&str] = &["history-system", "search-system"];
 
 /// AuditEvent is written only by the server: it is read and searched (see `api::audit`).
 fn audit_event_capability() -> Value {
@@ -52,6 +52,19 @@ fn audit_event_capability() -> Value {
 }
 
 pub fn capability_statement(config: &Config, validator: &Validator, registry: &crate::search::Registry) -> Value {
+    use crate::search::ParamType;
+    // `_revinclude` values per target type: every reference parameter that can point to it
+    let mut revincludes: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    for source in registry.types() {
+        for p in registry.params(source).filter(|p| p.kind == ParamType::Reference) {
+            for target in &p.targets {
+                revincludes
+                    .entry(target.clone())
+                    .or_default()
+                    .push(format!("{source}:{}", p.code));
+            }
+        }
+    }
     let resources: Vec<Value> = validator
         .resource_types()
         .map(|t| {
@@ -70,21 +83,39 @@ pub fn capability_statement(config: &Config, validator: &Validator, registry: &c
                 "conditionalUpdate": false,
                 "conditionalDelete": "not-supported",
             });
-            // the parameters search answers (chains, composites and `_has` are not listed: not yet)
+            // the parameters search answers (chains and `_has` work on them; special ones such
+            // as `near` are not listed: not supported)
             let params: Vec<Value> = registry
                 .params(t)
                 .filter(|p| crate::search::query::supported(p))
                 .map(|p| {
-                    json!({
+                    let mut v = json!({
                         "name": p.code,
                         "definition": p.url,
                         "type": format!("{:?}", p.kind).to_lowercase(),
-                    })
+                    });
+                    if p.phi {
+                        v["documentation"] = json!(
+                            "Identifying: stored only as blind indexes. Exact and prefix matches (prefixes \
+                             beyond 6 characters re-checked after decryption); no :contains or :text."
+                        );
+                    }
+                    v
                 })
                 .collect();
             if !params.is_empty() {
                 r["searchParam"] = Value::Array(params);
             }
+            let mut includes: Vec<String> = registry
+                .params(t)
+                .filter(|p| p.kind == ParamType::Reference)
+                .map(|p| format!("{t}:{}", p.code))
+                .collect();
+            includes.push("*".into());
+            r["searchInclude"] = json!(includes);
+            let mut rev = revincludes.get(t).cloned().unwrap_or_default();
+            rev.push("*".into());
+            r["searchRevInclude"] = json!(rev);
             if t == "Patient" {
                 r["operation"] = json!([{
                     "name": "access-report",

@@ -50,6 +50,8 @@ pub enum Interaction {
     SearchPost {
         resource_type: String,
     },
+    /// `GET /fhir?_type=…` (or `POST /fhir/_search`): a search across the types `_type` names.
+    SearchSystem,
     /// `Patient/[id]/[type]`: a search of `resource_type` within that patient's compartment.
     SearchCompartment {
         patient: String,
@@ -79,6 +81,7 @@ impl Interaction {
             Interaction::Create { .. } => "create",
             Interaction::Update { .. } => "update",
             Interaction::Delete { .. } => "delete",
+            Interaction::SearchSystem => "search-system",
             Interaction::SearchType { .. } | Interaction::SearchCompartment { .. } | Interaction::SearchPost { .. } => {
                 "search-type"
             }
@@ -100,7 +103,7 @@ impl Interaction {
 
     pub fn resource_type(&self) -> Option<&str> {
         match self {
-            Interaction::Capabilities | Interaction::HistorySystem => None,
+            Interaction::Capabilities | Interaction::HistorySystem | Interaction::SearchSystem => None,
             Interaction::HistoryType { resource_type }
             | Interaction::HistoryInstance { resource_type, .. }
             | Interaction::Read { resource_type, .. }
@@ -154,7 +157,8 @@ impl Interaction {
         };
         let only = |ok: bool, i: Interaction| if ok { Ok(i) } else { Err(ApiError::MethodNotAllowed) };
         match segs.as_slice() {
-            [] => Err(ApiError::MethodNotAllowed),
+            [] => only(get, Interaction::SearchSystem),
+            ["_search"] => only(*method == Method::POST, Interaction::SearchSystem),
             ["metadata"] => only(get, Interaction::Capabilities),
             ["_history"] => only(get, Interaction::HistorySystem),
             [t] => {
@@ -332,16 +336,30 @@ async fn handle(
         Interaction::SearchType { .. } if is_audit => audit::search(req, p, state).await,
         Interaction::SearchType { resource_type } => {
             let pairs = super::negotiate::query_pairs(&req);
-            search::search_type(req, p, resource_type, None, pairs, state).await
+            search::search(req, p, search::Target::Type(resource_type), pairs, state).await
         }
         Interaction::SearchPost { resource_type } => {
             let mut pairs = super::negotiate::query_pairs(&req);
             pairs.extend(super::negotiate::read_form_body(&req, payload, state.config.max_body_bytes).await?);
-            search::search_type(req, p, resource_type, None, pairs, state).await
+            search::search(req, p, search::Target::Type(resource_type), pairs, state).await
+        }
+        Interaction::SearchSystem => {
+            let mut pairs = super::negotiate::query_pairs(&req);
+            if req.method() == actix_web::http::Method::POST {
+                pairs.extend(super::negotiate::read_form_body(&req, payload, state.config.max_body_bytes).await?);
+            }
+            search::search(req, p, search::Target::System, pairs, state).await
         }
         Interaction::SearchCompartment { patient, resource_type } => {
             let pairs = super::negotiate::query_pairs(&req);
-            search::search_type(req, p, resource_type, Some(patient), pairs, state).await
+            search::search(
+                req,
+                p,
+                search::Target::Compartment(patient, resource_type),
+                pairs,
+                state,
+            )
+            .await
         }
         Interaction::Operation {
             resource_type,

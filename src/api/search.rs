@@ -3,7 +3,6 @@
 //! compartment (filtered in the query, so counts and pages hold nothing else). Audited as one
 //! event with the query (sealed) and the patients whose data the page returned.
 
-use super::history::PageTokens;
 use super::trail::Trail;
 use super::{blocking, ApiError, AppState, Format};
 use crate::auth::policy::authorize;
@@ -11,7 +10,7 @@ use crate::auth::{Permission, Principal};
 use crate::fhir::resource::instant;
 use crate::fhir::IssueType;
 use crate::search::query::{parse, QueryError};
-use crate::store::now;
+use crate::store::{now, StoredVersion};
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde_json::{json, Value};
 use std::sync::Arc;
@@ -29,19 +28,160 @@ impl From<QueryError> for ApiError {
     }
 }
 
-/// `compartment`: the patient of a compartment search (`Patient/[id]/[type]`).
-pub async fn search_type(
+/// What a search runs over.
+pub enum Target {
+    /// `[type]?…`
+    Type(String),
+    /// `Patient/[id]/[type]?…`: the patient and the type.
+    Compartment(String, String),
+    /// `?_type=…` at the base.
+    System,
+}
+
+impl Target {
+    /// The path searched, relative to the base (what a page token is bound to).
+    fn path(&self) -> String {
+        match self {
+            Target::Type(t) => t.clone(),
+            Target::Compartment(pid, t) => format!("Patient/{pid}/{t}"),
+            Target::System => String::new(),
+        }
+    }
+}
+
+/// How long a search's pages can be followed.
+const PAGE_STATE_SECS: i64 = 3600;
+/// A sorted search keeps the order of at most this many matches (the pages of its snapshot).
+pub const SORT_SNAPSHOT_MAX: u32 = 10_000;
+
+/// The query of a search with more than one page, kept server-side (sealed) under a token.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct PageState {
+    subject: String,
+    path: String,
+    pairs: Vec<(String, String)>,
+    /// A sorted search: the matches in order (paged by offset).
+    snapshot: Option<Vec<(String, String)>>,
+}
+
+/// Where a page starts.
+#[derive(Clone, PartialEq, Debug)]
+enum Cursor {
+    Start,
+    After(String, String),
+    Before(String, String),
+    Offset(usize),
+}
+
+impl Cursor {
+    fn encode(&self, token: &str) -> String {
+        use base64::Engine;
+        let c = match self {
+            Cursor::Start => "s".to_string(),
+            Cursor::After(t, id) => format!("a{t}/{id}"),
+            Cursor::Before(t, id) => format!("b{t}/{id}"),
+            Cursor::Offset(n) => format!("o{n}"),
+        };
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("{token}~{c}"))
+    }
+
+    fn decode(raw: &str) -> Option<(String, Cursor)> {
+        use base64::Engine;
+        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(raw).ok()?;
+        let text = String::from_utf8(bytes).ok()?;
+        let (token, c) = text.split_once('~')?;
+        let key = |rest: &str| rest.split_once('/').map(|(t, id)| (t.to_string(), id.to_string()));
+        let cursor = match c.split_at_checked(1)? {
+            ("s", "") => Cursor::Start,
+            ("a", rest) => key(rest).map(|(t, id)| Cursor::After(t, id))?,
+            ("b", rest) => key(rest).map(|(t, id)| Cursor::Before(t, id))?,
+            ("o", n) => Cursor::Offset(n.parse().ok()?),
+            _ => return None,
+        };
+        Some((token.to_string(), cursor))
+    }
+}
+
+fn expired_page() -> ApiError {
+    ApiError::bad_request(
+        IssueType::Invalid,
+        "invalid or expired page token: run the search again",
+    )
+}
+
+/// A search: `[type]`, `Patient/[id]/[type]` or the base with `_type`, as a paged searchset
+/// Bundle. Pages after the first come from `_page` tokens naming the query kept server-side.
+pub async fn search(
     req: HttpRequest,
     p: Arc<Principal>,
-    t: String,
-    compartment: Option<String>,
-    pairs: Vec<(String, String)>,
+    target: Target,
+    mut pairs: Vec<(String, String)>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    let decision = authorize(&p, &t, Permission::Search)?;
     let fmt = Format::negotiate(&req)?;
+    let path = target.path();
+    let mut cursor = Cursor::Start;
+    let mut page_token: Option<String> = None;
+    let mut snapshot: Option<Vec<(String, String)>> = None;
+    if let Some((_, raw)) = pairs.iter().find(|(k, _)| k == "_page") {
+        let (token, c) = Cursor::decode(raw).ok_or_else(expired_page)?;
+        let st = state.clone();
+        let t = token.clone();
+        let saved = blocking(move || st.store.load_page_state(&t).map_err(ApiError::from))
+            .await?
+            .ok_or_else(expired_page)?;
+        let saved: PageState = serde_json::from_slice(&saved).map_err(|_| ApiError::Internal)?;
+        // a token is its holder's, for the path it was made on
+        if saved.subject != p.subject || saved.path != path {
+            return Err(expired_page());
+        }
+        pairs = saved.pairs;
+        snapshot = saved.snapshot;
+        cursor = c;
+        page_token = Some(token);
+    }
+    let types: Vec<String> = match &target {
+        Target::Type(t) | Target::Compartment(_, t) => vec![t.clone()],
+        Target::System => {
+            let listed: Vec<String> = pairs
+                .iter()
+                .filter(|(k, _)| k == "_type")
+                .flat_map(|(_, v)| v.split(',').map(str::trim).map(str::to_string))
+                .filter(|t| !t.is_empty())
+                .collect();
+            if listed.is_empty() {
+                return Err(ApiError::bad_request(
+                    IssueType::Required,
+                    "a search at the base needs _type (the resource types to search)",
+                ));
+            }
+            if listed
+                .iter()
+                .any(|t| !state.resource_types.contains(t.as_str()) || t == "AuditEvent")
+            {
+                return Err(ApiError::bad_request(
+                    IssueType::NotSupported,
+                    "_type names a resource type this server does not search",
+                ));
+            }
+            let mut unique = listed;
+            unique.sort();
+            unique.dedup();
+            unique
+        }
+    };
+    let mut decisions = std::collections::HashMap::new();
+    for t in &types {
+        decisions.insert(t.clone(), authorize(&p, t, Permission::Search)?);
+    }
+    // where any type is limited to a compartment, the whole search is (fail closed)
+    let restricted = decisions.values().find(|d| !d.unrestricted).cloned();
+    let access = restricted
+        .as_ref()
+        .map(|d| d.access())
+        .unwrap_or_else(|| decisions[&types[0]].access());
     let mut count = state.config.default_page_size;
-    let mut page = None;
+    let mut summary = None;
     for (k, v) in &pairs {
         match k.as_str() {
             "_count" => {
@@ -50,18 +190,16 @@ pub async fn search_type(
                 })?;
                 count = n.min(state.config.max_page_size);
             }
-            "_page" => page = Some(v.clone()),
             "_total" if !matches!(v.as_str(), "none" | "estimate" | "accurate") => {
                 return Err(ApiError::bad_request(
                     IssueType::Invalid,
                     "_total takes none, estimate or accurate",
                 ))
             }
-            "_summary" if !matches!(v.as_str(), "count" | "false") => {
-                return Err(ApiError::bad_request(
-                    IssueType::NotSupported,
-                    "_summary supports count and false",
-                ))
+            "_summary" if v != "count" => {
+                summary = crate::fhir::summary::Summary::parse(v).ok_or_else(|| {
+                    ApiError::bad_request(IssueType::Invalid, "_summary takes true, text, data, count or false")
+                })?;
             }
             _ => {}
         }
@@ -79,18 +217,30 @@ pub async fn search_type(
             .collect()
     });
     let trail = Trail::of(&req)?;
-    // the query as the search received it (a POST's body included), sealed in the audit event
+    // the query as the search received it (a POST's body, or a page's saved query, included),
+    // sealed in the audit event
     trail.query(
         &form_urlencoded::Serializer::new(String::new())
             .extend_pairs(pairs.iter())
             .finish(),
     );
     let strict = super::negotiate::strict_handling(&req);
-    let mut parsed = parse(&state.search, state.store.cipher(), &t, &pairs, count, strict)?;
-    if !decision.unrestricted {
-        parsed.query.patient = decision.patient.clone();
+    let cipher = state.store.cipher();
+    let mut parsed = parse(&state.search, cipher, &types[0], &pairs, count, strict)?;
+    for other in &types[1..] {
+        // every parameter must mean something on every type searched
+        parse(&state.search, cipher, other, &pairs, count, strict)?;
     }
-    parsed.query.compartment = compartment.clone();
+    if matches!(target, Target::System) {
+        parsed.query.types = types.clone();
+    }
+    if let Some(d) = &restricted {
+        parsed.query.patient = d.patient.clone();
+    }
+    if let Target::Compartment(pid, _) = &target {
+        parsed.query.compartment = Some(pid.clone());
+    }
+    parsed.query.total = !no_total;
     // Chains and `_has` read other types: the token must be allowed to search each, and what
     // they reach is held to its compartment where that is all the token may see.
     for other in &parsed.types {
@@ -99,54 +249,96 @@ pub async fn search_type(
             parsed.query.nested_patient = d.patient.clone();
         }
     }
-    let path = match &compartment {
-        Some(pid) => format!("Patient/{pid}/{t}"),
-        None => t.clone(),
-    };
-    let listing = super::history::listing(&path, &pairs);
-    let tokens = PageTokens {
-        cipher: state.store.cipher(),
-        subject: &p.subject,
-        listing: listing.clone(),
-    };
-    if let Some(raw) = &page {
-        parsed.query.after = Some(
-            tokens
-                .decode_cursor(raw)
-                .ok_or_else(|| ApiError::bad_request(IssueType::Invalid, "invalid or expired page token"))?,
-        );
-    }
-    let access = decision.access();
-    let st = state.clone();
-    let query = parsed.query.clone();
-    let result = blocking(move || st.store.search(&access, &query).map_err(ApiError::from)).await?;
     let labels_bind = state.attributes.label_rules_bind(&p);
-    let mut entries = Vec::new();
-    let mut patients = Vec::new();
-    let mut matched: Vec<(String, String)> = Vec::new();
-    for v in result.entries {
-        let Some(json) = v.content.clone() else { continue };
+    // what the token may see of a stored version: re-checks, compartment, labels and hidden
+    // elements, as for every read
+    let visible = |v: &StoredVersion| -> Result<Option<Value>, ApiError> {
+        let Some(json) = v.content.clone() else { return Ok(None) };
+        let t = &v.resource_type;
+        let Some(decision) = decisions.get(t) else {
+            return Ok(None);
+        };
         if !parsed.rechecks.is_empty() || !decision.unrestricted {
             let value: Value = serde_json::from_slice(&json).map_err(|_| ApiError::Internal)?;
             if !parsed.rechecks.iter().all(|r| r.holds(&value)) {
-                continue;
+                return Ok(None);
             }
-            if !decision.admits(&state.compartment, &t, &v.logical_id, Some(&value)) {
-                continue;
+            if !decision.admits(&state.compartment, t, &v.logical_id, Some(&value)) {
+                return Ok(None);
             }
         }
-        // labels and hidden elements, as for every read
-        let Some(shaped) = state.attributes.shape_stored(&p, &t, json) else {
-            continue;
+        let Some(shaped) = state.attributes.shape_stored(&p, t, json) else {
+            return Ok(None);
         };
-        let mut resource: Value = serde_json::from_slice(&shaped).map_err(|_| ApiError::Internal)?;
+        Ok(Some(serde_json::from_slice(&shaped).map_err(|_| ApiError::Internal)?))
+    };
+    let sorted = !parsed.sort.is_empty() || !parsed.memory_sort.is_empty();
+    let mut total: Option<i64> = None;
+    let mut truncated = false;
+    let (versions, next, previous) = if sorted {
+        let snap = match snapshot.take() {
+            Some(s) => s,
+            None => {
+                let (n, snap) = sorted_snapshot(&state, &access, &parsed, &visible).await?;
+                total = Some(n);
+                truncated = n > snap.len() as i64 && parsed.memory_sort.is_empty();
+                snap
+            }
+        };
+        let offset = match &cursor {
+            Cursor::Offset(n) => (*n).min(snap.len()),
+            _ => 0,
+        };
+        let end = (offset + count as usize).min(snap.len());
+        let keys = snap[offset..end].to_vec();
+        let st = state.clone();
+        let acc = access.clone();
+        let versions = blocking(move || st.store.read_keys(&acc, &keys).map_err(ApiError::from)).await?;
+        snapshot = Some(snap.clone());
+        let next = (end < snap.len() && !count_only).then_some(Cursor::Offset(end));
+        let previous = (offset > 0).then(|| Cursor::Offset(offset.saturating_sub(count as usize)));
+        (versions, next, previous)
+    } else {
+        match &cursor {
+            Cursor::After(t, id) => parsed.query.after = Some((t.clone(), id.clone())),
+            Cursor::Before(t, id) => parsed.query.before = Some((t.clone(), id.clone())),
+            _ => {}
+        }
+        let st = state.clone();
+        let query = parsed.query.clone();
+        let acc = access.clone();
+        let page = blocking(move || st.store.search(&acc, &query).map_err(ApiError::from)).await?;
+        total = page.total;
+        let backward = matches!(cursor, Cursor::Before(..));
+        let first = page.keys.first().cloned();
+        let last = page.keys.last().cloned();
+        let next = match (&last, backward || page.more) {
+            (Some((t, id)), true) if !count_only => Some(Cursor::After(t.clone(), id.clone())),
+            _ => None,
+        };
+        let came_from_later = matches!(cursor, Cursor::After(..));
+        let previous = match (&first, (backward && page.more) || came_from_later) {
+            (Some((t, id)), true) => Some(Cursor::Before(t.clone(), id.clone())),
+            _ => None,
+        };
+        (page.entries, next, previous)
+    };
+    let mut entries = Vec::new();
+    let mut patients = Vec::new();
+    let mut matched: Vec<(String, String)> = Vec::new();
+    let base = state.base_url(&req);
+    for v in &versions {
+        let Some(mut resource) = visible(v)? else { continue };
+        if let Some(mode) = summary {
+            crate::fhir::summary::summarize(&mut resource, mode);
+        }
         if let Some(keep) = &elements {
-            subset(&mut resource, keep);
+            crate::fhir::summary::elements(&mut resource, keep);
         }
         patients.extend(v.patients.iter().cloned());
-        matched.push((t.clone(), v.logical_id.clone()));
+        matched.push((v.resource_type.clone(), v.logical_id.clone()));
         entries.push(json!({
-            "fullUrl": format!("{}/{t}/{}", state.base_url(&req), v.logical_id),
+            "fullUrl": format!("{base}/{}/{}", v.resource_type, v.logical_id),
             "resource": resource,
             "search": {"mode": "match"}
         }));
@@ -157,7 +349,7 @@ pub async fn search_type(
         let mut seen: std::collections::HashSet<(String, String)> = matched.iter().cloned().collect();
         let mut frontier = matched.clone();
         for round in 0..4 {
-            let mut next = Vec::new();
+            let mut next_round = Vec::new();
             for spec in specs.iter().filter(|s| round == 0 || s.iterate) {
                 let fresh: Vec<(String, String)> = included(&state, spec, &frontier)
                     .await?
@@ -167,29 +359,56 @@ pub async fn search_type(
                 for (rt, id, resource, pats) in fetch_visible(&state, &p, &fresh).await? {
                     patients.extend(pats);
                     entries.push(json!({
-                        "fullUrl": format!("{}/{rt}/{id}", state.base_url(&req)),
+                        "fullUrl": format!("{base}/{rt}/{id}"),
                         "resource": resource,
                         "search": {"mode": "include"}
                     }));
-                    next.push((rt, id));
+                    next_round.push((rt, id));
                 }
             }
-            if next.is_empty() {
+            if next_round.is_empty() {
                 break;
             }
-            frontier = next;
+            frontier = next_round;
         }
     }
     trail.returned_patients(patients.iter());
-    let base = state.base_url(&req);
-    let mut links = vec![json!({"relation": "self", "url": format!("{base}/{listing}")})];
-    if let Some(next) = &result.next_after {
-        let sep = if listing.ends_with('?') { "" } else { "&" };
-        links.push(json!({
-            "relation": "next",
-            "url": format!("{base}/{listing}{sep}_page={}", tokens.encode_cursor(next))
-        }));
+    // more than one page: keep the query server-side, under a token the links carry
+    if page_token.is_none() && (next.is_some() || previous.is_some()) {
+        let token = uuid::Uuid::new_v4().simple().to_string();
+        let saved = serde_json::to_vec(&PageState {
+            subject: p.subject.clone(),
+            path: path.clone(),
+            pairs: pairs.clone(),
+            snapshot: snapshot.clone().filter(|_| sorted),
+        })
+        .map_err(|_| ApiError::Internal)?;
+        let expires = now() + chrono::Duration::seconds(PAGE_STATE_SECS);
+        let st = state.clone();
+        let t = token.clone();
+        blocking(move || st.store.save_page_state(&t, expires, &saved).map_err(ApiError::from)).await?;
+        page_token = Some(token);
     }
+    let endpoint = if path.is_empty() {
+        base.clone()
+    } else {
+        format!("{base}/{path}")
+    };
+    let link = |relation: &str, c: &Cursor, token: &str| json!({"relation": relation, "url": format!("{endpoint}?_page={}", c.encode(token))});
+    let links = match &page_token {
+        Some(token) => {
+            let mut links = vec![link("self", &cursor, token), link("first", &Cursor::Start, token)];
+            if let Some(c) = &previous {
+                links.push(link("previous", c, token));
+            }
+            if let Some(c) = &next {
+                links.push(link("next", c, token));
+            }
+            links
+        }
+        // one page: the endpoint alone (the query's values stay out of every URL)
+        None => vec![json!({"relation": "self", "url": endpoint})],
+    };
     let mut bundle = json!({
         "resourceType": "Bundle",
         "id": uuid::Uuid::new_v4().to_string(),
@@ -198,19 +417,24 @@ pub async fn search_type(
         "link": links,
     });
     // a total that counts what re-checks or labels hide would say too much
-    if parsed.rechecks.is_empty() && !labels_bind && !no_total {
-        bundle["total"] = json!(result.total);
+    let exact = parsed.rechecks.is_empty() || !parsed.memory_sort.is_empty();
+    if let (Some(n), true) = (total, exact && !labels_bind && !no_total) {
+        bundle["total"] = json!(n);
     }
-    if !parsed.ignored.is_empty() {
-        // lenient handling: say what was left out (names only: values may be PHI)
-        let issues: Vec<Value> = parsed
-            .ignored
-            .iter()
-            .map(|(name, e)| {
-                json!({"severity": "warning", "code": "not-supported",
-                       "diagnostics": format!("parameter {} ignored: {e}", name.chars().filter(|c| c.is_ascii_alphanumeric() || "-_:.".contains(*c)).collect::<String>())})
-            })
-            .collect();
+    let mut issues: Vec<Value> = parsed
+        .ignored
+        .iter()
+        .map(|(name, e)| {
+            // names only: values may be PHI
+            json!({"severity": "warning", "code": "not-supported",
+                   "diagnostics": format!("parameter {} ignored: {e}", name.chars().filter(|c| c.is_ascii_alphanumeric() || "-_:.".contains(*c)).collect::<String>())})
+        })
+        .collect();
+    if truncated {
+        issues.push(json!({"severity": "information", "code": "too-costly",
+            "diagnostics": format!("sorted results are paged over the first {SORT_SNAPSHOT_MAX} matches")}));
+    }
+    if !issues.is_empty() {
         entries.push(json!({
             "resource": {"resourceType": "OperationOutcome", "issue": issues},
             "search": {"mode": "outcome"}
@@ -222,6 +446,74 @@ pub async fn search_type(
     Ok(HttpResponse::Ok()
         .content_type(fmt.content_type())
         .body(fmt.render(&bundle)))
+}
+
+/// The matches of a sorted search, in order: by SQL on plaintext keys, or (a key that is an
+/// identifying parameter, stored only blind) by the decrypted values, which bounds it.
+async fn sorted_snapshot(
+    state: &web::Data<AppState>,
+    access: &crate::store::Access,
+    parsed: &crate::search::query::ParsedSearch,
+    visible: &(dyn Fn(&StoredVersion) -> Result<Option<Value>, ApiError> + Sync),
+) -> Result<(i64, Vec<(String, String)>), ApiError> {
+    let st = state.clone();
+    let acc = access.clone();
+    let query = parsed.query.clone();
+    if parsed.memory_sort.is_empty() {
+        return blocking(move || {
+            st.store
+                .search_keys(&acc, &query, SORT_SNAPSHOT_MAX)
+                .map_err(ApiError::from)
+        })
+        .await;
+    }
+    let (_, keys) = blocking(move || {
+        st.store
+            .search_keys(&acc, &query, SORT_SNAPSHOT_MAX + 1)
+            .map_err(ApiError::from)
+    })
+    .await?;
+    if keys.len() > SORT_SNAPSHOT_MAX as usize {
+        return Err(ApiError::bad_request(
+            IssueType::TooCostly,
+            "too many matches to sort by an identifying parameter: narrow the search",
+        ));
+    }
+    let mut ordered: Vec<(Vec<Option<String>>, crate::store::search_query::Key)> = Vec::with_capacity(keys.len());
+    for chunk in keys.chunks(500) {
+        let st = state.clone();
+        let acc = access.clone();
+        let chunk = chunk.to_vec();
+        let versions = blocking(move || st.store.read_keys(&acc, &chunk).map_err(ApiError::from)).await?;
+        for v in versions {
+            let Some(resource) = visible(&v)? else { continue };
+            let sort_values = parsed
+                .memory_sort
+                .iter()
+                .map(|(param, desc)| crate::search::query::memory_sort_value(param, &resource, *desc))
+                .collect();
+            ordered.push((sort_values, (v.resource_type, v.logical_id)));
+        }
+    }
+    let dirs: Vec<bool> = parsed.memory_sort.iter().map(|(_, d)| *d).collect();
+    ordered.sort_by(|a, b| {
+        for (i, desc) in dirs.iter().enumerate() {
+            // missing values last, whichever the direction
+            let o = match (&a.0[i], &b.0[i]) {
+                (Some(x), Some(y)) if *desc => y.cmp(x),
+                (Some(x), Some(y)) => x.cmp(y),
+                (Some(_), None) => std::cmp::Ordering::Less,
+                (None, Some(_)) => std::cmp::Ordering::Greater,
+                (None, None) => std::cmp::Ordering::Equal,
+            };
+            if o != std::cmp::Ordering::Equal {
+                return o;
+            }
+        }
+        a.1.cmp(&b.1)
+    });
+    let snap: Vec<(String, String)> = ordered.into_iter().map(|(_, k)| k).collect();
+    Ok((snap.len() as i64, snap))
 }
 
 /// One `_include` or `_revinclude` value: `Source:param[:Target]`, `Source:*` or `*`.
@@ -302,8 +594,12 @@ async fn included(
         let st = state.clone();
         let (source, param, target) = (spec.source.clone(), spec.param.clone(), spec.target.clone());
         if spec.reverse {
-            // resources of `source` referring to these
-            let Some(source) = source else { continue };
+            // resources of `source` (any type, for `*`) referring to these
+            let Some(source) = source else {
+                let rows = blocking(move || st.store.all_referrers_of(&t, &ids).map_err(ApiError::from)).await?;
+                out.extend(rows);
+                continue;
+            };
             let rows = blocking(move || {
                 st.store
                     .referrers_of(&source, param.as_deref(), &t, &ids)
@@ -370,18 +666,4 @@ async fn fetch_visible(
         }
     }
     Ok(out)
-}
-
-/// `_elements`: keeps the named top-level elements and the mandatory ones, and tags the result
-/// SUBSETTED so that nobody mistakes it for the whole resource.
-fn subset(resource: &mut Value, keep: &[String]) {
-    let Some(map) = resource.as_object_mut() else { return };
-    map.retain(|k, _| matches!(k.as_str(), "resourceType" | "id" | "meta") || keep.iter().any(|e| e == k));
-    let meta = map.entry("meta").or_insert_with(|| json!({}));
-    if let Some(m) = meta.as_object_mut() {
-        let tags = m.entry("tag").or_insert_with(|| json!([]));
-        if let Some(t) = tags.as_array_mut() {
-            t.push(json!({"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue", "code": "SUBSETTED"}));
-        }
-    }
 }

@@ -7,6 +7,7 @@ pub mod fhirpath;
 pub mod json;
 pub mod outcome;
 pub mod resource;
+pub mod summary;
 pub mod validate;
 
 pub use outcome::{Issue, IssueSeverity, IssueType, OperationOutcome};

@@ -9,11 +9,31 @@ use serde_json::Value;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum IndexValue {
-    /// Case- and accent-folded text.
+    /// Text as written (folded where it is compared: `fold`).
     String(String),
     Token {
         system: Option<String>,
         code: String,
+    },
+    /// The text of a CodeableConcept or display of a Coding (`:text`).
+    TokenText(String),
+    /// An Identifier with its type (`:of-type`).
+    IdentifierOfType {
+        type_system: Option<String>,
+        type_code: String,
+        value: String,
+    },
+    /// The identifier of a Reference (`:identifier`).
+    ReferenceIdentifier {
+        system: Option<String>,
+        value: String,
+    },
+    /// A composite parameter's components on one element.
+    Composite {
+        c1_system: Option<String>,
+        c1_code: String,
+        second: Box<IndexValue>,
+        third: Option<f64>,
     },
     /// The instants a date covers: `[start, end)`.
     Date {
@@ -91,8 +111,21 @@ pub fn date_range(s: &str) -> Option<(NaiveDateTime, NaiveDateTime)> {
             Some((midnight(d)?, midnight(d.succ_opt()?)?))
         }
         _ => {
-            let t = chrono::DateTime::parse_from_rfc3339(s).ok()?.naive_utc();
-            let width = if s.contains('.') {
+            // a dateTime: with or without seconds and zone (no zone: UTC)
+            let (body, zone) = match s.get(10..).and_then(|t| t.rfind(['Z', '+', '-'])) {
+                Some(i) => s.split_at(10 + i),
+                None => (s, "Z"),
+            };
+            let minutes_only = body.len() == 16;
+            let full = if minutes_only {
+                format!("{body}:00{zone}")
+            } else {
+                format!("{body}{zone}")
+            };
+            let t = chrono::DateTime::parse_from_rfc3339(&full).ok()?.naive_utc();
+            let width = if minutes_only {
+                chrono::Duration::minutes(1)
+            } else if body.contains('.') {
                 chrono::Duration::milliseconds(1)
             } else {
                 chrono::Duration::seconds(1)
@@ -126,7 +159,7 @@ fn text(v: &Value, key: &str) -> Option<String> {
 
 fn string_values(v: &Value, out: &mut Vec<IndexValue>) {
     match v {
-        Value::String(s) => out.push(IndexValue::String(fold(s))),
+        Value::String(s) => out.push(IndexValue::String(s.clone())),
         Value::Object(m) => {
             // HumanName, Address and the like: their text parts
             for key in [
@@ -143,12 +176,12 @@ fn string_values(v: &Value, out: &mut Vec<IndexValue>) {
                 "country",
             ] {
                 match m.get(key) {
-                    Some(Value::String(s)) => out.push(IndexValue::String(fold(s))),
+                    Some(Value::String(s)) => out.push(IndexValue::String(s.clone())),
                     Some(Value::Array(items)) => out.extend(
                         items
                             .iter()
                             .filter_map(Value::as_str)
-                            .map(|s| IndexValue::String(fold(s))),
+                            .map(|s| IndexValue::String(s.to_string())),
                     ),
                     _ => {}
                 }
@@ -177,18 +210,44 @@ fn token_values(v: &Value, out: &mut Vec<IndexValue>) {
                             code,
                         });
                     }
+                    if let Some(display) = text(c, "display") {
+                        out.push(IndexValue::TokenText(display));
+                    }
+                }
+                if let Some(t) = text(v, "text") {
+                    out.push(IndexValue::TokenText(t));
                 }
             } else if let Some(code) = text(v, "code") {
                 out.push(IndexValue::Token {
                     system: text(v, "system"),
                     code,
                 });
+                if let Some(display) = text(v, "display") {
+                    out.push(IndexValue::TokenText(display));
+                }
             } else if let Some(value) = text(v, "value") {
                 // Identifier and ContactPoint
                 out.push(IndexValue::Token {
                     system: text(v, "system"),
-                    code: value,
+                    code: value.clone(),
                 });
+                for c in m
+                    .get("type")
+                    .and_then(|t| t.get("coding"))
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                {
+                    if let Some(type_code) = text(c, "code") {
+                        out.push(IndexValue::IdentifierOfType {
+                            type_system: text(c, "system"),
+                            type_code,
+                            value: value.clone(),
+                        });
+                    }
+                }
+            } else if let Some(t) = text(v, "text") {
+                out.push(IndexValue::TokenText(t));
             }
         }
         _ => {}
@@ -285,12 +344,94 @@ pub fn extract(param: &SearchParam, resource: &Value) -> Result<Vec<IndexValue>,
                 if let Some((resource_type, id)) = r.as_deref().and_then(reference_parts) {
                     out.push(IndexValue::Reference { resource_type, id });
                 }
+                if let Some(value) = v.get("identifier").and_then(|i| text(i, "value")) {
+                    out.push(IndexValue::ReferenceIdentifier {
+                        system: v.get("identifier").and_then(|i| text(i, "system")),
+                        value,
+                    });
+                }
             }
-            // composites are indexed by their components; `special` ones by their own logic
-            ParamType::Composite | ParamType::Special => {}
+            ParamType::Composite => {
+                if let Item::Node(node, ty) = item {
+                    composite_values(param, node, ty.clone(), resource, &mut out)?;
+                }
+            }
+            // `special` parameters (`near` …) need their own logic: not indexed
+            ParamType::Special => {}
         }
     }
     Ok(out)
+}
+
+/// The combinations of a composite's components on one element: the first a code, the second
+/// of its own type, a third (the few with three) a number.
+fn composite_values(
+    param: &SearchParam,
+    node: &Value,
+    ty: Option<String>,
+    resource: &Value,
+    out: &mut Vec<IndexValue>,
+) -> Result<(), FhirPathError> {
+    let Some((first, rest)) = param.components.split_first() else {
+        return Ok(());
+    };
+    let values = |c: &super::registry::Component| -> Result<Vec<IndexValue>, FhirPathError> {
+        let mut vs = Vec::new();
+        for item in c.expression.evaluate_at(node, ty.clone(), resource)? {
+            let v: Value = match &item {
+                Item::Node(v, _) => (*v).clone(),
+                other => crate::fhir::fhirpath::to_json(other),
+            };
+            match c.kind {
+                ParamType::Token => token_values(&v, &mut vs),
+                ParamType::Quantity => quantity_values(&v, &mut vs),
+                ParamType::Date => date_values(&v, &mut vs),
+                ParamType::String => string_values(&v, &mut vs),
+                ParamType::Number => {
+                    if let Some(n) = v.as_f64() {
+                        vs.push(IndexValue::Number(n));
+                    }
+                }
+                _ => {}
+            }
+        }
+        vs.retain(|v| !matches!(v, IndexValue::TokenText(_) | IndexValue::IdentifierOfType { .. }));
+        Ok(vs)
+    };
+    if first.kind != ParamType::Token {
+        return Ok(());
+    }
+    let codes = values(first)?;
+    let seconds = match rest.first() {
+        Some(c) => values(c)?,
+        None => return Ok(()),
+    };
+    let thirds: Vec<Option<f64>> = match rest.get(1) {
+        Some(c) => values(c)?
+            .into_iter()
+            .filter_map(|v| match v {
+                IndexValue::Number(n) => Some(Some(n)),
+                _ => None,
+            })
+            .collect(),
+        None => vec![None],
+    };
+    for code in &codes {
+        let IndexValue::Token { system, code } = code else {
+            continue;
+        };
+        for second in &seconds {
+            for third in &thirds {
+                out.push(IndexValue::Composite {
+                    c1_system: system.clone(),
+                    c1_code: code.clone(),
+                    second: Box::new(second.clone()),
+                    third: *third,
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -308,8 +449,8 @@ mod tests {
             "gender": "female", "birthDate": "1974-12",
             "generalPractitioner": [{"reference": "Practitioner/dr"}]});
         let get = |code: &str| extract(r.get("Patient", code).unwrap(), &p).unwrap();
-        assert!(get("name").contains(&IndexValue::String("muller".into())));
-        assert!(get("name").contains(&IndexValue::String("zoe".into())));
+        assert!(get("name").contains(&IndexValue::String("Müller".into())));
+        assert!(get("name").contains(&IndexValue::String("Zoë".into())));
         assert_eq!(
             get("identifier"),
             vec![IndexValue::Token {

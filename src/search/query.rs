@@ -1,11 +1,11 @@
-//! Query strings to typed searches, checked against the registry. What is not supported yet
-//! (chaining, `_has`, `_include`, composites, some modifiers) is refused with a clear error,
-//! never ignored: an ignored filter would return more than was asked for.
+//! Query strings to typed searches, checked against the registry. What is not supported (the
+//! `special` parameters, terminology modifiers such as `:in` and `:below` on tokens) is refused
+//! with a clear error, never ignored: an ignored filter would return more than was asked for.
 
 use super::extract::{date_range, fold, IndexValue};
 use super::registry::{ParamType, Registry, SearchParam};
 use crate::crypto::Cipher;
-use crate::store::search_query::{Cond, DateOp, NumOp, SearchQuery};
+use crate::store::search_query::{CompositePart, Cond, DateOp, NumOp, NumTest, SearchQuery, SortKey};
 use chrono::Datelike;
 use std::sync::Arc;
 
@@ -29,7 +29,10 @@ pub struct Recheck {
 
 #[derive(Debug, Clone)]
 pub enum RecheckTest {
+    /// the folded value starts with this
     StringPrefix(String),
+    /// the value is exactly this, as written
+    Exact(String),
     DateWithin(chrono::NaiveDateTime, chrono::NaiveDateTime, DateOp),
 }
 
@@ -39,7 +42,8 @@ impl Recheck {
         let values = super::extract(&self.param, resource).unwrap_or_default();
         self.any.iter().any(|t| {
             values.iter().any(|v| match (t, v) {
-                (RecheckTest::StringPrefix(p), IndexValue::String(s)) => s.starts_with(p.as_str()),
+                (RecheckTest::StringPrefix(p), IndexValue::String(s)) => fold(s).starts_with(p.as_str()),
+                (RecheckTest::Exact(e), IndexValue::String(s)) => s == e,
                 (RecheckTest::DateWithin(qs, qe, op), IndexValue::Date { start, end }) => {
                     date_matches(*op, *start, *end, *qs, *qe)
                 }
@@ -58,6 +62,7 @@ fn date_matches(
 ) -> bool {
     match op {
         DateOp::Within => start >= qs && end <= qe,
+        DateOp::Overlaps => start < qe && end > qs,
         DateOp::NotWithin => !(start >= qs && end <= qe),
         DateOp::Gt => end > qe,
         DateOp::Ge => end > qs,
@@ -77,6 +82,66 @@ pub struct ParsedSearch {
     pub rechecks: Vec<Recheck>,
     /// Other resource types the search reads through chains and `_has`.
     pub types: std::collections::BTreeSet<String>,
+    /// `_sort`, when SQL can order by every key (plaintext parameters).
+    pub sort: Vec<SortKey>,
+    /// `_sort` with an identifying parameter among the keys: the order is made after
+    /// decryption, on every key.
+    pub memory_sort: Vec<(Arc<SearchParam>, bool)>,
+}
+
+/// `_sort=a,-b`: the parameters and whether each is descending.
+fn sort_keys(
+    registry: &Registry,
+    resource_type: &str,
+    value: &str,
+) -> Result<Vec<(Arc<SearchParam>, bool)>, QueryError> {
+    let mut out = Vec::new();
+    for key in value.split(',').map(str::trim).filter(|k| !k.is_empty()) {
+        let (code, descending) = match key.strip_prefix('-') {
+            Some(c) => (c, true),
+            None => (key, false),
+        };
+        let param = registry.get(resource_type, code).ok_or(QueryError::UnknownParameter)?;
+        if matches!(param.kind, ParamType::Composite | ParamType::Special) || param.expression.is_none() {
+            return Err(QueryError::Invalid("_sort needs parameters with a value to order by"));
+        }
+        out.push((param.clone(), descending));
+    }
+    Ok(out)
+}
+
+/// The index table and column SQL orders a plaintext parameter by.
+fn sort_column(kind: ParamType) -> Option<(&'static str, &'static str)> {
+    Some(match kind {
+        ParamType::String => ("search_string", "value"),
+        ParamType::Token => ("search_token", "code"),
+        ParamType::Date => ("search_date", "start_at"),
+        ParamType::Number => ("search_number", "value"),
+        ParamType::Quantity => ("search_quantity", "value"),
+        ParamType::Uri => ("search_uri", "value"),
+        ParamType::Reference => ("search_reference", "target_id"),
+        ParamType::Composite | ParamType::Special => return None,
+    })
+}
+
+/// The value a resource sorts by on `param` (identifying parameters, after decryption).
+pub fn memory_sort_value(param: &SearchParam, resource: &serde_json::Value, descending: bool) -> Option<String> {
+    let values = super::extract(param, resource).ok()?;
+    let mut keys: Vec<String> = values
+        .into_iter()
+        .filter_map(|v| match v {
+            IndexValue::String(s) => Some(fold(&s)),
+            IndexValue::Token { code, .. } => Some(code),
+            IndexValue::Date { start, .. } => Some(start.format("%Y-%m-%dT%H:%M:%S%.f").to_string()),
+            _ => None,
+        })
+        .collect();
+    keys.sort();
+    if descending {
+        keys.pop()
+    } else {
+        keys.into_iter().next()
+    }
 }
 
 fn num_prefix(v: &str) -> (NumOp, &str) {
@@ -87,6 +152,7 @@ fn num_prefix(v: &str) -> (NumOp, &str) {
         ("lt", NumOp::Lt),
         ("ge", NumOp::Ge),
         ("le", NumOp::Le),
+        ("ap", NumOp::Ap),
     ] {
         if let Some(rest) = v.strip_prefix(p) {
             if rest.starts_with(|c: char| c.is_ascii_digit() || c == '-' || c == '.') {
@@ -107,10 +173,8 @@ fn date_prefix(v: &str) -> Result<(DateOp, &str), QueryError> {
         ("le", DateOp::Le),
         ("sa", DateOp::StartsAfter),
         ("eb", DateOp::EndsBefore),
+        ("ap", DateOp::Overlaps),
     ];
-    if v.starts_with("ap") {
-        return Err(QueryError::NotSupported("the date prefix ap is not supported yet"));
-    }
     for (p, op) in ops {
         if let Some(rest) = v.strip_prefix(p) {
             return Ok((op, rest));
@@ -223,6 +287,7 @@ fn conds_for(
             ParamType::Number => "search_number",
             ParamType::Quantity => "search_quantity",
             ParamType::Uri => "search_uri",
+            ParamType::Composite => "search_composite",
             _ => {
                 return Err(QueryError::NotSupported(
                     ":missing is not supported on this parameter yet",
@@ -246,51 +311,70 @@ fn conds_for(
     let mut any = Vec::new();
     let mut recheck = Vec::new();
     let p = param.code.clone();
+    let blind = |key: &str, value: &str| cipher.blind_index(key, value).to_vec();
+    if code == "_id" && modifier.is_some() {
+        return Err(QueryError::NotSupported("_id takes no modifier"));
+    }
     for v in values {
         match (param.kind, modifier) {
-            (kind, Some(m))
-                if code == "_id"
-                    || !matches!(
-                        (kind, m),
-                        (ParamType::String | ParamType::Reference, _)
-                            | (ParamType::Token, "not")
-                            | (ParamType::Uri, "below" | "above")
-                    ) =>
-            {
-                return Err(QueryError::NotSupported("this modifier is not supported yet"));
-            }
             _ if code == "_id" => any.push(Cond::Id(v.to_string())),
+            (ParamType::String, None | Some("exact")) if param.phi && param.code == "phonetic" => {
+                let key = super::soundex(v).ok_or(QueryError::Invalid("phonetic needs a word"))?;
+                any.push(Cond::Blind {
+                    table: "search_string",
+                    param: p.clone(),
+                    blinds: vec![blind(&format!("{p}~soundex"), &key)],
+                });
+            }
             (ParamType::String, None) if param.phi => {
                 let folded = fold(v);
                 let chars: Vec<char> = folded.chars().collect();
-                let n = chars.len().min(super::BLIND_PREFIX_MAX);
-                let prefix: String = chars[..n].iter().collect();
-                any.push(Cond::StringBlind {
-                    param: p.clone(),
-                    blind: cipher.blind_index(&format!("{p}~prefix"), &prefix).to_vec(),
-                });
-                // the blind index is exact up to its bound; beyond it, candidates are re-checked
                 if chars.len() > super::BLIND_PREFIX_MAX {
+                    // the blind prefixes stop here: the candidates are re-checked
+                    let prefix: String = chars[..super::BLIND_PREFIX_MAX].iter().collect();
+                    any.push(Cond::Blind {
+                        table: "search_string",
+                        param: p.clone(),
+                        blinds: vec![blind(&format!("{p}~prefix"), &prefix)],
+                    });
                     recheck.push(RecheckTest::StringPrefix(folded));
+                } else {
+                    // a prefix, or the whole value (prefixes stop short of it)
+                    any.push(Cond::Blind {
+                        table: "search_string",
+                        param: p.clone(),
+                        blinds: vec![
+                            blind(&format!("{p}~prefix"), &folded),
+                            blind(&format!("{p}~full"), &folded),
+                        ],
+                    });
                 }
+            }
+            (ParamType::String, Some("exact")) if param.phi => {
+                any.push(Cond::Blind {
+                    table: "search_string",
+                    param: p.clone(),
+                    blinds: vec![blind(&format!("{p}~full"), &fold(v))],
+                });
+                recheck.push(RecheckTest::Exact(v.to_string()));
+            }
+            (ParamType::String, Some("contains")) if param.phi => {
+                return Err(QueryError::NotSupported(
+                    ":contains cannot be searched on an identifying parameter (stored only as blind indexes)",
+                ))
             }
             (ParamType::String, None) => any.push(Cond::StringPrefix {
                 param: p.clone(),
                 prefix: fold(v),
             }),
-            (ParamType::String, Some("contains")) if !param.phi => any.push(Cond::StringContains {
+            (ParamType::String, Some("contains")) => any.push(Cond::StringContains {
                 param: p.clone(),
                 part: fold(v),
             }),
-            (ParamType::String, Some("exact")) if param.phi => any.push(Cond::StringBlind {
+            (ParamType::String, Some("exact")) => any.push(Cond::StringExact {
                 param: p.clone(),
-                blind: cipher.blind_index(&format!("{p}~exact"), &fold(v)).to_vec(),
+                value: v.to_string(),
             }),
-            (ParamType::String, _) => {
-                return Err(QueryError::NotSupported(
-                    "this string modifier is not supported here yet",
-                ))
-            }
             (ParamType::Token, None | Some("not")) if param.phi => {
                 let key = match v.split_once('|') {
                     Some((s, c)) if !c.is_empty() => format!("{s}|{c}"),
@@ -301,18 +385,37 @@ fn conds_for(
                     }
                     None => format!("|{v}"),
                 };
-                any.push(Cond::TokenBlind {
+                any.push(Cond::Blind {
+                    table: "search_token",
                     param: p.clone(),
-                    blind: cipher.blind_index(&p, &key).to_vec(),
+                    blinds: vec![blind(&p, &key)],
                 });
             }
-            (ParamType::Token, None | Some("not")) => {
-                let (system, code) = match v.split_once('|') {
-                    Some(("", c)) => (Some(None), Some(c.to_string())),
-                    Some((s, "")) => (Some(Some(s.to_string())), None),
-                    Some((s, c)) => (Some(Some(s.to_string())), Some(c.to_string())),
-                    None => (None, Some(v.to_string())),
+            (ParamType::Token, Some("of-type")) => {
+                let mut parts = v.splitn(3, '|');
+                let (Some(ts), Some(tc), Some(value)) = (parts.next(), parts.next(), parts.next()) else {
+                    return Err(QueryError::Invalid(":of-type takes type-system|type-code|value"));
                 };
+                if tc.is_empty() || value.is_empty() {
+                    return Err(QueryError::Invalid(":of-type takes type-system|type-code|value"));
+                }
+                any.push(Cond::Blind {
+                    table: "search_token",
+                    param: p.clone(),
+                    blinds: vec![blind(&p, &format!("of-type|{ts}|{tc}|{value}"))],
+                });
+            }
+            (ParamType::Token, Some("text")) if param.phi => {
+                return Err(QueryError::NotSupported(
+                    ":text cannot be searched on an identifying parameter",
+                ))
+            }
+            (ParamType::Token, Some("text")) => any.push(Cond::TokenText {
+                param: p.clone(),
+                prefix: fold(v),
+            }),
+            (ParamType::Token, None | Some("not")) => {
+                let (system, code) = token_value(v);
                 any.push(Cond::Token {
                     param: p.clone(),
                     system,
@@ -320,21 +423,9 @@ fn conds_for(
                 });
             }
             (ParamType::Date, None) => {
-                let (op, rest) = date_prefix(v)?;
-                let (start, end) = date_range(rest).ok_or(QueryError::Invalid("not a valid date"))?;
+                let (op, start, end) = date_value(v)?;
                 if param.phi {
-                    // the year is all the index holds: candidates, re-checked below
-                    let (min, max) = match op {
-                        DateOp::Within => (start.year(), end.year()),
-                        DateOp::Gt | DateOp::Ge | DateOp::StartsAfter => (start.year(), 9999),
-                        DateOp::Lt | DateOp::Le | DateOp::EndsBefore => (1, end.year()),
-                        DateOp::NotWithin => (1, 9999),
-                    };
-                    any.push(Cond::DateYear {
-                        param: p.clone(),
-                        min,
-                        max,
-                    });
+                    any.push(phi_date(cipher, &p, op, start, end));
                     recheck.push(RecheckTest::DateWithin(start, end, op));
                 } else {
                     any.push(Cond::Date {
@@ -345,11 +436,28 @@ fn conds_for(
                     });
                 }
             }
+            (ParamType::Reference, Some("identifier")) => {
+                let key = match v.split_once('|') {
+                    Some((s, c)) if !c.is_empty() => format!("{s}|{c}"),
+                    Some(_) => return Err(QueryError::Invalid(":identifier takes system|value or value")),
+                    None => format!("|{v}"),
+                };
+                let name = format!("{p}:identifier");
+                any.push(Cond::Blind {
+                    table: "search_token",
+                    blinds: vec![blind(&name, &key)],
+                    param: name,
+                });
+            }
             (ParamType::Reference, m) => {
                 let (mut ty, id) = reference_target(v);
                 if let Some(m) = m {
-                    if !m.chars().next().is_some_and(|c| c.is_ascii_uppercase()) {
-                        return Err(QueryError::NotSupported("this reference modifier is not supported yet"));
+                    if !m.chars().next().is_some_and(|c| c.is_ascii_uppercase())
+                        || !param.targets.iter().any(|t| t == m)
+                    {
+                        return Err(QueryError::NotSupported(
+                            "this reference modifier is not supported here",
+                        ));
                     }
                     ty = Some(m.to_string());
                 }
@@ -362,29 +470,15 @@ fn conds_for(
                     id,
                 });
             }
-            (ParamType::Number, None) => {
-                let (op, rest) = num_prefix(v);
-                let value: f64 = rest.parse().map_err(|_| QueryError::Invalid("not a number"))?;
-                any.push(Cond::Number {
-                    param: p.clone(),
-                    op,
-                    value,
-                });
-            }
+            (ParamType::Number, None) => any.push(Cond::Number {
+                param: p.clone(),
+                test: num_value(v)?,
+            }),
             (ParamType::Quantity, None) => {
-                let (op, rest) = num_prefix(v);
-                let mut parts = rest.splitn(3, '|');
-                let value: f64 = parts
-                    .next()
-                    .unwrap_or("")
-                    .parse()
-                    .map_err(|_| QueryError::Invalid("not a quantity"))?;
-                let system = parts.next().filter(|s| !s.is_empty()).map(str::to_string);
-                let code = parts.next().filter(|s| !s.is_empty()).map(str::to_string);
+                let (test, system, code) = quantity_value(v)?;
                 any.push(Cond::Quantity {
                     param: p.clone(),
-                    op,
-                    value,
+                    test,
                     system,
                     code,
                 });
@@ -401,9 +495,15 @@ fn conds_for(
                 param: p.clone(),
                 value: v.to_string(),
             }),
+            (ParamType::Composite, None) => any.push(composite_value(&param, v)?),
+            (_, Some(_)) => {
+                return Err(QueryError::NotSupported(
+                    "this modifier is not supported on this parameter",
+                ))
+            }
             _ => {
                 return Err(QueryError::NotSupported(
-                    "this kind of search parameter is not supported yet",
+                    "this kind of search parameter is not supported",
                 ))
             }
         }
@@ -416,7 +516,7 @@ fn conds_for(
         if nested {
             // a re-check reads the resource the chain reaches, which this search does not load
             return Err(QueryError::NotSupported(
-                "this value of an identifying parameter cannot be searched through a chain yet",
+                "this value of an identifying parameter cannot be searched through a chain",
             ));
         }
         return Ok((
@@ -428,6 +528,142 @@ fn conds_for(
         ));
     }
     Ok((any, None))
+}
+
+/// `system|code`, `|code`, `system|` or `code`.
+fn token_value(v: &str) -> (Option<Option<String>>, Option<String>) {
+    match v.split_once('|') {
+        Some(("", c)) => (Some(None), Some(c.to_string())),
+        Some((s, "")) => (Some(Some(s.to_string())), None),
+        Some((s, c)) => (Some(Some(s.to_string())), Some(c.to_string())),
+        None => (None, Some(v.to_string())),
+    }
+}
+
+/// A date value with its prefix, as the range to compare (`ap` widened by a tenth of its
+/// distance from now, as the R4 search page suggests).
+fn date_value(v: &str) -> Result<(DateOp, chrono::NaiveDateTime, chrono::NaiveDateTime), QueryError> {
+    let (op, rest) = date_prefix(v)?;
+    let (start, end) = date_range(rest).ok_or(QueryError::Invalid("not a valid date"))?;
+    if op == DateOp::Overlaps {
+        let now = chrono::Utc::now().naive_utc();
+        let widen = |t: chrono::NaiveDateTime| (now - t).abs() / 10;
+        return Ok((op, start - widen(start), end + widen(end)));
+    }
+    Ok((op, start, end))
+}
+
+/// A PHI date: the blind bucket of the searched date's own precision for `eq` (exact), else
+/// the years the range can reach (candidates, re-checked).
+fn phi_date(
+    cipher: &Cipher,
+    param: &str,
+    op: DateOp,
+    start: chrono::NaiveDateTime,
+    end: chrono::NaiveDateTime,
+) -> Cond {
+    let key = format!("{param}~date");
+    let blinds = if op == DateOp::Within {
+        let buckets = super::blind_date_buckets(start, end);
+        let own = buckets.last().cloned().unwrap_or_default();
+        vec![cipher.blind_index(&key, &own).to_vec()]
+    } else {
+        let this_year = chrono::Utc::now().year() + 1;
+        let (min, max) = match op {
+            DateOp::Gt | DateOp::Ge | DateOp::StartsAfter => (start.year(), this_year),
+            DateOp::Lt | DateOp::Le | DateOp::EndsBefore => (EARLIEST_PHI_YEAR, end.year()),
+            DateOp::Overlaps => (start.year(), end.year()),
+            _ => (EARLIEST_PHI_YEAR, this_year),
+        };
+        (min.max(EARLIEST_PHI_YEAR)..=max.min(this_year))
+            .map(|y| cipher.blind_index(&key, &format!("{y:04}")).to_vec())
+            .collect()
+    };
+    Cond::Blind {
+        table: "search_date",
+        param: param.to_string(),
+        blinds,
+    }
+}
+
+/// Range searches on birth dates look up the year buckets from here on.
+const EARLIEST_PHI_YEAR: i32 = 1800;
+
+/// A number with its prefix; `eq`/`ne` use the range its precision implies.
+fn num_value(v: &str) -> Result<NumTest, QueryError> {
+    let (op, rest) = num_prefix(v);
+    let value: f64 = rest.parse().map_err(|_| QueryError::Invalid("not a number"))?;
+    if !value.is_finite() {
+        return Err(QueryError::Invalid("not a number"));
+    }
+    let (mantissa, exponent) = match rest.split_once(['e', 'E']) {
+        Some((m, e)) => (m, e.parse::<i32>().map_err(|_| QueryError::Invalid("not a number"))?),
+        None => (rest, 0),
+    };
+    let decimals = mantissa.split_once('.').map(|(_, d)| d.len() as i32).unwrap_or(0);
+    let half = 0.5 * 10f64.powi(exponent - decimals);
+    let (lo, hi) = if op == NumOp::Ap {
+        let spread = (value.abs() / 10.0).max(half);
+        (value - spread, value + spread)
+    } else {
+        (value - half, value + half)
+    };
+    Ok(NumTest { op, value, lo, hi })
+}
+
+/// `[prefix]number|system|code` (system and code optional).
+fn quantity_value(v: &str) -> Result<(NumTest, Option<String>, Option<String>), QueryError> {
+    let mut parts = v.splitn(3, '|');
+    let test = num_value(parts.next().unwrap_or("")).map_err(|_| QueryError::Invalid("not a quantity"))?;
+    let system = parts.next().filter(|s| !s.is_empty()).map(str::to_string);
+    let code = parts.next().filter(|s| !s.is_empty()).map(str::to_string);
+    Ok((test, system, code))
+}
+
+/// `code$value` (and `$value` again for the three-part ones): each part parsed as its
+/// component's type.
+fn composite_value(param: &SearchParam, v: &str) -> Result<Cond, QueryError> {
+    let parts: Vec<&str> = v.split('$').collect();
+    let comps = &param.components;
+    if comps.len() < 2 || comps[0].kind != ParamType::Token {
+        return Err(QueryError::NotSupported("this composite parameter is not supported"));
+    }
+    if parts.len() != comps.len() {
+        return Err(QueryError::Invalid(
+            "a composite value needs one part per component, joined by $",
+        ));
+    }
+    let (system, code) = token_value(parts[0]);
+    let code = code.ok_or(QueryError::Invalid("the first part of a composite needs a code"))?;
+    let second = match comps[1].kind {
+        ParamType::Token => {
+            let (system, code) = token_value(parts[1]);
+            CompositePart::Token { system, code }
+        }
+        ParamType::Quantity => {
+            let (test, system, code) = quantity_value(parts[1])?;
+            CompositePart::Quantity { test, system, code }
+        }
+        ParamType::Number => CompositePart::Number(num_value(parts[1])?),
+        ParamType::Date => {
+            let (op, start, end) = date_value(parts[1])?;
+            CompositePart::Date { op, start, end }
+        }
+        ParamType::String => CompositePart::StringPrefix(fold(parts[1])),
+        _ => return Err(QueryError::NotSupported("this composite parameter is not supported")),
+    };
+    let third = match comps.get(2) {
+        Some(c) if c.kind == ParamType::Number => Some(num_value(parts[2])?),
+        Some(_) => return Err(QueryError::NotSupported("this composite parameter is not supported")),
+        None => None,
+    };
+    Ok(Cond::Composite {
+        param: param.code.clone(),
+        system,
+        code,
+        second,
+        third,
+    })
 }
 
 /// Builds the search of `resource_type` from its query pairs (`_count`, `_page` and formatting
@@ -444,13 +680,41 @@ pub fn parse(
     let mut clauses = Vec::new();
     let mut rechecks = Vec::new();
     let mut types = std::collections::BTreeSet::new();
+    let (mut sort, mut memory_sort) = (Vec::new(), Vec::new());
     for (key, value) in pairs {
         let code = key.split([':', '.']).next().unwrap_or("");
         match code {
             // `_include` and `_revinclude` shape the result: the caller's
             "_count" | "_page" | "_format" | "_pretty" | "_include" | "_revinclude" | "_total" | "_summary"
             | "_elements" => continue,
-            "_sort" | "_contained" | "_containedType" | "_list" | "_query" | "_filter" | "_text" | "_content" => {
+            "_sort" => {
+                let keys = match sort_keys(registry, resource_type, value) {
+                    Ok(k) => k,
+                    Err(e @ (QueryError::UnknownParameter | QueryError::Invalid(_))) if !strict => {
+                        ignored.push((key.clone(), e));
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                };
+                if keys.iter().any(|(p, _)| p.phi) {
+                    memory_sort = keys;
+                } else {
+                    sort = keys
+                        .iter()
+                        .filter_map(|(p, d)| {
+                            sort_column(p.kind).map(|(table, column)| SortKey {
+                                param: p.code.clone(),
+                                table,
+                                column,
+                                descending: *d,
+                            })
+                        })
+                        .collect();
+                }
+                continue;
+            }
+            "_type" => continue,
+            "_contained" | "_containedType" | "_list" | "_query" | "_filter" | "_text" | "_content" => {
                 return Err(QueryError::NotSupported(
                     "this search result parameter is not supported yet",
                 ))
@@ -474,9 +738,13 @@ pub fn parse(
     Ok(ParsedSearch {
         query: SearchQuery {
             resource_type: resource_type.to_string(),
+            types: Vec::new(),
             clauses,
             count,
             after: None,
+            before: None,
+            sort: sort.clone(),
+            total: true,
             patient: None,
             nested_patient: None,
             compartment: None,
@@ -484,19 +752,24 @@ pub fn parse(
         rechecks,
         types,
         ignored,
+        sort,
+        memory_sort,
     })
 }
 
 /// Whether the search supports this parameter (for the CapabilityStatement).
 pub fn supported(param: &SearchParam) -> bool {
-    matches!(
-        param.kind,
-        ParamType::String
-            | ParamType::Token
-            | ParamType::Date
-            | ParamType::Reference
-            | ParamType::Number
-            | ParamType::Quantity
-            | ParamType::Uri
-    ) && param.expression.is_some()
+    let composite_ok = param.components.len() >= 2
+        && param.components[0].kind == ParamType::Token
+        && matches!(
+            param.components[1].kind,
+            ParamType::Token | ParamType::Quantity | ParamType::Number | ParamType::Date | ParamType::String
+        )
+        && param.components.get(2).is_none_or(|c| c.kind == ParamType::Number);
+    param.expression.is_some()
+        && match param.kind {
+            ParamType::Special => false,
+            ParamType::Composite => composite_ok,
+            _ => true,
+        }
 }

@@ -50,9 +50,8 @@ pub struct SearchParam {
     pub expression: Option<FhirPath>,
     /// Resource types a reference parameter may point to.
     pub targets: Vec<String>,
-    /// Composite parameters: each component's parameter URL and expression (relative to the
-    /// composite's value).
-    pub components: Vec<(String, FhirPath)>,
+    /// Composite parameters: each component (its expression relative to the composite's value).
+    pub components: Vec<Component>,
     /// Values that identify a person (names, addresses, contact details, identifiers, birth
     /// dates): stored only as blind indexes.
     pub phi: bool,
@@ -64,6 +63,16 @@ pub enum RegistryError {
     Format,
     #[error("search parameter {url}: {source}")]
     Expression { url: String, source: FhirPathError },
+}
+
+/// One component of a composite parameter.
+#[derive(Debug)]
+pub struct Component {
+    /// The URL of the component's own parameter definition.
+    pub definition: String,
+    /// That definition's type (`Special` where it names none the registry knows).
+    pub kind: ParamType,
+    pub expression: FhirPath,
 }
 
 /// Codes whose values identify a person, for the resource types that describe people.
@@ -104,6 +113,14 @@ impl Registry {
             .and_then(Value::as_array)
             .ok_or(RegistryError::Format)?;
         let mut registry = Registry::default();
+        // the type of each definition, for the components of composites
+        let kinds: HashMap<&str, ParamType> = entries
+            .iter()
+            .filter_map(|e| {
+                let r = e.get("resource")?;
+                Some((r.get("url")?.as_str()?, ParamType::parse(r.get("type")?.as_str()?)?))
+            })
+            .collect();
         for entry in entries {
             let r = entry.get("resource").ok_or(RegistryError::Format)?;
             let text = |k: &str| r.get(k).and_then(Value::as_str).map(str::to_string);
@@ -129,7 +146,11 @@ impl Registry {
                 ) else {
                     return Err(RegistryError::Format);
                 };
-                components.push((def.to_string(), compile(expr)?));
+                components.push(Component {
+                    definition: def.to_string(),
+                    kind: kinds.get(def).copied().unwrap_or(ParamType::Special),
+                    expression: compile(expr)?,
+                });
             }
             let targets = r
                 .get("target")
@@ -184,6 +205,11 @@ impl Registry {
             .get(resource_type)
             .and_then(|m| m.get(code))
             .or_else(|| self.common.get(code))
+    }
+
+    /// The resource types with parameters of their own.
+    pub fn types(&self) -> impl Iterator<Item = &str> {
+        self.by_type.keys().map(String::as_str)
     }
 
     /// Every parameter of `resource_type`, its own first.

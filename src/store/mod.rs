@@ -15,6 +15,7 @@ pub mod encrypted;
 pub mod keys;
 pub mod schema;
 pub mod search_index;
+pub mod search_pages;
 pub mod search_query;
 
 pub use connection::{Backend, DbConnection, DbManager};
@@ -332,7 +333,7 @@ fn grant_server_role(owner: &mut DbConnection, server: &mut DbConnection) -> Res
          GRANT SELECT, INSERT ON audit_events, audit_entities, audit_chain, audit_checkpoints TO {ident}; \
          GRANT SELECT ON audit_archives TO {ident}; \
          GRANT SELECT, INSERT, DELETE ON search_string, search_token, search_date, search_reference, \
-               search_number, search_quantity, search_uri TO {ident};"
+               search_number, search_quantity, search_uri, search_composite, search_pages TO {ident};"
     ))?;
     Ok(())
 }

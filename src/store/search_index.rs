@@ -13,13 +13,17 @@ use diesel::sql_types::{Binary, Double, Integer, Nullable, Text, Timestamp};
 pub enum SearchRow {
     String {
         param: String,
+        /// Folded (prefix and contains searches) and as written (`:exact`); non-PHI only.
         value: Option<String>,
+        exact: Option<String>,
         blind: Option<Vec<u8>>,
     },
     Token {
         param: String,
         system: Option<String>,
         code: Option<String>,
+        /// A display or text, folded (`:text`), on a row of its own.
+        text: Option<String>,
         blind: Option<Vec<u8>>,
     },
     Date {
@@ -48,6 +52,18 @@ pub enum SearchRow {
         param: String,
         value: String,
     },
+    Composite {
+        param: String,
+        c1_system: Option<String>,
+        c1_code: String,
+        c2_system: Option<String>,
+        c2_code: Option<String>,
+        c2_number: Option<f64>,
+        c2_start: Option<NaiveDateTime>,
+        c2_end: Option<NaiveDateTime>,
+        c2_text: Option<String>,
+        c3_number: Option<f64>,
+    },
 }
 
 /// The index tables, in a fixed order.
@@ -59,6 +75,7 @@ pub const TABLES: &[&str] = &[
     "search_number",
     "search_quantity",
     "search_uri",
+    "search_composite",
 ];
 
 enum Bind {
@@ -67,6 +84,7 @@ enum Bind {
     Ts(Option<NaiveDateTime>),
     Int(Option<i32>),
     Dbl(f64),
+    OptDbl(Option<f64>),
 }
 
 impl SearchRow {
@@ -79,6 +97,7 @@ impl SearchRow {
             SearchRow::Number { .. } => "search_number",
             SearchRow::Quantity { .. } => "search_quantity",
             SearchRow::Uri { .. } => "search_uri",
+            SearchRow::Composite { .. } => "search_composite",
         }
     }
 
@@ -86,17 +105,24 @@ impl SearchRow {
     fn columns(&self) -> (&'static str, Vec<Bind>) {
         use Bind::*;
         match self.clone() {
-            SearchRow::String { param, value, blind } => {
-                ("param, value, blind", vec![Text(Some(param)), Text(value), Blob(blind)])
-            }
+            SearchRow::String {
+                param,
+                value,
+                exact,
+                blind,
+            } => (
+                "param, value, exact, blind",
+                vec![Text(Some(param)), Text(value), Text(exact), Blob(blind)],
+            ),
             SearchRow::Token {
                 param,
                 system,
                 code,
+                text,
                 blind,
             } => (
-                "param, system, code, blind",
-                vec![Text(Some(param)), Text(system), Text(code), Blob(blind)],
+                "param, system, code, text, blind",
+                vec![Text(Some(param)), Text(system), Text(code), Text(text), Blob(blind)],
             ),
             SearchRow::Date {
                 param,
@@ -127,6 +153,32 @@ impl SearchRow {
                 vec![Text(Some(param)), Dbl(value), Text(system), Text(code)],
             ),
             SearchRow::Uri { param, value } => ("param, value", vec![Text(Some(param)), Text(Some(value))]),
+            SearchRow::Composite {
+                param,
+                c1_system,
+                c1_code,
+                c2_system,
+                c2_code,
+                c2_number,
+                c2_start,
+                c2_end,
+                c2_text,
+                c3_number,
+            } => (
+                "param, c1_system, c1_code, c2_system, c2_code, c2_number, c2_start, c2_end, c2_text, c3_number",
+                vec![
+                    Text(Some(param)),
+                    Text(c1_system),
+                    Text(Some(c1_code)),
+                    Text(c2_system),
+                    Text(c2_code),
+                    OptDbl(c2_number),
+                    Ts(c2_start),
+                    Ts(c2_end),
+                    Text(c2_text),
+                    OptDbl(c3_number),
+                ],
+            ),
         }
     }
 }
@@ -141,6 +193,7 @@ macro_rules! bind_all {
                 Bind::Ts(v) => q.bind::<Nullable<Timestamp>, _>(v),
                 Bind::Int(v) => q.bind::<Nullable<Integer>, _>(v),
                 Bind::Dbl(v) => q.bind::<Double, _>(v),
+                Bind::OptDbl(v) => q.bind::<Nullable<Double>, _>(v),
             };
         }
         q

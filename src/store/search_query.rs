@@ -24,14 +24,11 @@ pub enum Cond {
         param: String,
         part: String,
     },
-    /// PHI strings and tokens: one of these blind indexes.
-    StringBlind {
+    /// PHI values: a row of `table` (string, token or date) holds one of these blind indexes.
+    Blind {
+        table: &'static str,
         param: String,
-        blind: Vec<u8>,
-    },
-    TokenBlind {
-        param: String,
-        blind: Vec<u8>,
+        blinds: Vec<Vec<u8>>,
     },
     /// `system` None: any system; Some(None): no system (`|code`); code None: any code (`system|`).
     Token {
@@ -47,12 +44,6 @@ pub enum Cond {
         start: NaiveDateTime,
         end: NaiveDateTime,
     },
-    /// PHI dates: the year range that may match (candidates re-checked after decryption).
-    DateYear {
-        param: String,
-        min: i32,
-        max: i32,
-    },
     Reference {
         param: String,
         target_type: Option<String>,
@@ -60,15 +51,27 @@ pub enum Cond {
     },
     Number {
         param: String,
-        op: NumOp,
-        value: f64,
+        test: NumTest,
     },
     Quantity {
         param: String,
-        op: NumOp,
-        value: f64,
+        test: NumTest,
         system: Option<String>,
         code: Option<String>,
+    },
+    /// `:text` on a non-PHI token: a display or text (folded) starts with `prefix`.
+    TokenText {
+        param: String,
+        prefix: String,
+    },
+    /// A composite parameter: its first component a code (`system` as for `Token`), the
+    /// second (and for a few, a third number) on the same element.
+    Composite {
+        param: String,
+        system: Option<Option<String>>,
+        code: String,
+        second: CompositePart,
+        third: Option<NumTest>,
     },
     Uri {
         param: String,
@@ -111,6 +114,8 @@ pub enum Cond {
 pub enum DateOp {
     /// the indexed range lies within the searched one (eq)
     Within,
+    /// the ranges overlap (ap, with the searched range already widened)
+    Overlaps,
     /// not within (ne)
     NotWithin,
     Gt,
@@ -131,16 +136,67 @@ pub enum NumOp {
     Lt,
     Ge,
     Le,
+    /// approximately: within 10% of the value
+    Ap,
+}
+
+/// A comparison of a number with a searched value. `eq` and `ne` compare with the range the
+/// value's precision implies (`100` is `[99.5, 100.5)`), `ap` with `[lo, hi]` (±10%).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct NumTest {
+    pub op: NumOp,
+    pub value: f64,
+    pub lo: f64,
+    pub hi: f64,
+}
+
+/// The second component of a composite search.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CompositePart {
+    Token {
+        system: Option<Option<String>>,
+        code: Option<String>,
+    },
+    Number(NumTest),
+    Quantity {
+        test: NumTest,
+        system: Option<String>,
+        code: Option<String>,
+    },
+    Date {
+        op: DateOp,
+        start: NaiveDateTime,
+        end: NaiveDateTime,
+    },
+    StringPrefix(String),
+}
+
+/// A sort key SQL can order by (parameters stored in plaintext).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SortKey {
+    pub param: String,
+    /// The index table and the column whose least (greatest, descending) value orders.
+    pub table: &'static str,
+    pub column: &'static str,
+    pub descending: bool,
 }
 
 /// A search: every clause must hold (AND); a clause holds when any of its conditions does (OR).
 #[derive(Debug, Clone)]
 pub struct SearchQuery {
     pub resource_type: String,
+    /// A system search (`_type`): these types instead of `resource_type` alone.
+    pub types: Vec<String>,
     pub clauses: Vec<Vec<Cond>>,
     pub count: u32,
-    /// Only ids after this one (the paging cursor).
-    pub after: Option<String>,
+    /// Only resources after this (type, id) (the paging cursor).
+    pub after: Option<(String, String)>,
+    /// Only resources before this (type, id) (a previous page).
+    pub before: Option<(String, String)>,
+    /// The order for `search_keys` (then type and id); keyset pages are in (type, id) order.
+    pub sort: Vec<SortKey>,
+    /// Whether to count the matches (`_total` other than `none`).
+    pub total: bool,
     /// Only resources in this patient's compartment.
     pub patient: Option<String>,
     /// Resources reached through chains and `_has` must lie in this patient's compartment.
@@ -151,8 +207,12 @@ pub struct SearchQuery {
 
 pub struct SearchPage {
     pub entries: Vec<StoredVersion>,
-    pub total: i64,
-    pub next_after: Option<String>,
+    /// The matches (when counted).
+    pub total: Option<i64>,
+    /// The (type, id) of the page, in order (the page cursors are its first and last).
+    pub keys: Vec<(String, String)>,
+    /// Whether more lie beyond the page in the direction it was read.
+    pub more: bool,
 }
 
 enum Bind {
@@ -198,6 +258,52 @@ impl Sql {
                 )
             }
             None => String::new(),
+        }
+    }
+
+    /// A number comparison on `col` (binds made in textual order).
+    fn num(&mut self, col: &str, t: &NumTest) -> String {
+        match t.op {
+            NumOp::Eq | NumOp::Ne | NumOp::Ap => {
+                let (lo, hi) = (self.p(Bind::Dbl(t.lo)), self.p(Bind::Dbl(t.hi)));
+                let within = if t.op == NumOp::Ap {
+                    format!("{col} >= {lo} AND {col} <= {hi}")
+                } else {
+                    format!("{col} >= {lo} AND {col} < {hi}")
+                };
+                if t.op == NumOp::Ne {
+                    format!("NOT ({within})")
+                } else {
+                    format!("({within})")
+                }
+            }
+            op => format!("{col} {} {}", num_op(op), self.p(Bind::Dbl(t.value))),
+        }
+    }
+
+    /// A date comparison of the indexed range `[s, e)` with the searched one.
+    fn date_test(&mut self, s: &str, e: &str, op: DateOp, start: NaiveDateTime, end: NaiveDateTime) -> String {
+        // only the bounds a comparison uses are bound (SQLite counts its `?`)
+        match op {
+            DateOp::Within | DateOp::NotWithin => {
+                let (a, b) = (self.p(Bind::Ts(start)), self.p(Bind::Ts(end)));
+                let within = format!("{s} >= {a} AND {e} <= {b}");
+                if op == DateOp::Within {
+                    format!("({within})")
+                } else {
+                    format!("NOT ({within})")
+                }
+            }
+            DateOp::Overlaps => {
+                let (b, a) = (self.p(Bind::Ts(end)), self.p(Bind::Ts(start)));
+                format!("({s} < {b} AND {e} > {a})")
+            }
+            DateOp::Gt => format!("{e} > {}", self.p(Bind::Ts(end))),
+            DateOp::Ge => format!("{e} > {}", self.p(Bind::Ts(start))),
+            DateOp::Lt => format!("{s} < {}", self.p(Bind::Ts(start))),
+            DateOp::Le => format!("{s} < {}", self.p(Bind::Ts(end))),
+            DateOp::StartsAfter => format!("{s} >= {}", self.p(Bind::Ts(end))),
+            DateOp::EndsBefore => format!("{e} <= {}", self.p(Bind::Ts(start))),
         }
     }
 
@@ -312,17 +418,17 @@ impl Sql {
             Cond::StringExact { param, value } => {
                 let p = self.p(Bind::Text(param.clone()));
                 let v = self.p(Bind::Text(value.clone()));
-                exists(&s_, "search_string", format!("{s_}.param = {p} AND {s_}.value = {v}"))
+                exists(&s_, "search_string", format!("{s_}.param = {p} AND {s_}.exact = {v}"))
             }
-            Cond::StringBlind { param, blind } | Cond::TokenBlind { param, blind } => {
-                let table = if matches!(c, Cond::StringBlind { .. }) {
-                    "search_string"
-                } else {
-                    "search_token"
-                };
+            Cond::Blind { table, param, blinds } => {
                 let p = self.p(Bind::Text(param.clone()));
-                let b = self.p(Bind::Blob(blind.clone()));
-                exists(&s_, table, format!("{s_}.param = {p} AND {s_}.blind = {b}"))
+                let list: Vec<String> = blinds.iter().map(|b| self.p(Bind::Blob(b.clone()))).collect();
+                let test = if list.len() == 1 {
+                    format!("{s_}.blind = {}", list[0])
+                } else {
+                    format!("{s_}.blind IN ({})", list.join(", "))
+                };
+                exists(&s_, table, format!("{s_}.param = {p} AND {test}"))
             }
             Cond::Token { param, system, code } => {
                 let p = self.p(Bind::Text(param.clone()));
@@ -339,37 +445,11 @@ impl Sql {
             }
             Cond::Date { param, op, start, end } => {
                 let p = self.p(Bind::Text(param.clone()));
-                // only the bounds a comparison uses are bound (SQLite counts its `?`)
-                let test = match op {
-                    DateOp::Within | DateOp::NotWithin => {
-                        let (s, e) = (self.p(Bind::Ts(*start)), self.p(Bind::Ts(*end)));
-                        let within = format!("{d_}.start_at >= {s} AND {d_}.end_at <= {e}");
-                        if *op == DateOp::Within {
-                            within
-                        } else {
-                            format!("NOT ({within})")
-                        }
-                    }
-                    DateOp::Gt => format!("{d_}.end_at > {}", self.p(Bind::Ts(*end))),
-                    DateOp::Ge => format!("{d_}.end_at > {}", self.p(Bind::Ts(*start))),
-                    DateOp::Lt => format!("{d_}.start_at < {}", self.p(Bind::Ts(*start))),
-                    DateOp::Le => format!("{d_}.start_at < {}", self.p(Bind::Ts(*end))),
-                    DateOp::StartsAfter => format!("{d_}.start_at >= {}", self.p(Bind::Ts(*end))),
-                    DateOp::EndsBefore => format!("{d_}.end_at <= {}", self.p(Bind::Ts(*start))),
-                };
+                let test = self.date_test(&format!("{d_}.start_at"), &format!("{d_}.end_at"), *op, *start, *end);
                 exists(
                     &d_,
                     "search_date",
                     format!("{d_}.param = {p} AND {d_}.start_at IS NOT NULL AND {test}"),
-                )
-            }
-            Cond::DateYear { param, min, max } => {
-                let p = self.p(Bind::Text(param.clone()));
-                let (a, b) = (self.p(Bind::Int(*min as i64)), self.p(Bind::Int(*max as i64)));
-                exists(
-                    &d_,
-                    "search_date",
-                    format!("{d_}.param = {p} AND {d_}.year >= {a} AND {d_}.year <= {b}"),
                 )
             }
             Cond::Reference { param, target_type, id } => {
@@ -384,32 +464,98 @@ impl Sql {
                 }
                 exists(&f_, "search_reference", extra)
             }
-            Cond::Number { param, op, value } => {
+            Cond::Number { param, test } => {
                 let p = self.p(Bind::Text(param.clone()));
-                let v = self.p(Bind::Dbl(*value));
-                exists(
-                    &n_,
-                    "search_number",
-                    format!("{n_}.param = {p} AND {n_}.value {} {v}", num_op(*op)),
-                )
+                let t = self.num(&format!("{n_}.value"), test);
+                exists(&n_, "search_number", format!("{n_}.param = {p} AND {t}"))
             }
             Cond::Quantity {
                 param,
-                op,
-                value,
+                test,
                 system,
                 code,
             } => {
                 let p = self.p(Bind::Text(param.clone()));
-                let v = self.p(Bind::Dbl(*value));
-                let mut extra = format!("{q_}.param = {p} AND {q_}.value {} {v}", num_op(*op));
+                let mut extra = format!("{q_}.param = {p}");
                 if let Some(c) = code {
                     extra.push_str(&format!(" AND {q_}.code = {}", self.p(Bind::Text(c.clone()))));
                 }
                 if let Some(s) = system {
                     extra.push_str(&format!(" AND {q_}.system = {}", self.p(Bind::Text(s.clone()))));
                 }
-                exists(&q_, "search_quantity", extra)
+                let t = self.num(&format!("{q_}.value"), test);
+                exists(&q_, "search_quantity", format!("{extra} AND {t}"))
+            }
+            Cond::TokenText { param, prefix } => {
+                let p = self.p(Bind::Text(param.clone()));
+                let v = self.p(Bind::Text(format!("{}%", like_escape(prefix))));
+                exists(
+                    &t_,
+                    "search_token",
+                    format!("{t_}.param = {p} AND {t_}.text LIKE {v} ESCAPE '\\'"),
+                )
+            }
+            Cond::Composite {
+                param,
+                system,
+                code,
+                second,
+                third,
+            } => {
+                let c_ = self.alias("c");
+                let p = self.p(Bind::Text(param.clone()));
+                let mut extra = format!(
+                    "{c_}.param = {p} AND {c_}.c1_code = {}",
+                    self.p(Bind::Text(code.clone()))
+                );
+                match system {
+                    None => {}
+                    Some(None) => extra.push_str(&format!(" AND {c_}.c1_system IS NULL")),
+                    Some(Some(s)) => {
+                        extra.push_str(&format!(" AND {c_}.c1_system = {}", self.p(Bind::Text(s.clone()))))
+                    }
+                }
+                let second = match second {
+                    CompositePart::Token { system, code } => {
+                        let mut t = format!("{c_}.c2_code IS NOT NULL");
+                        if let Some(code) = code {
+                            t.push_str(&format!(" AND {c_}.c2_code = {}", self.p(Bind::Text(code.clone()))));
+                        }
+                        match system {
+                            None => {}
+                            Some(None) => t.push_str(&format!(" AND {c_}.c2_system IS NULL")),
+                            Some(Some(s)) => {
+                                t.push_str(&format!(" AND {c_}.c2_system = {}", self.p(Bind::Text(s.clone()))))
+                            }
+                        }
+                        t
+                    }
+                    CompositePart::Number(test) => self.num(&format!("{c_}.c2_number"), test),
+                    CompositePart::Quantity { test, system, code } => {
+                        let mut t = self.num(&format!("{c_}.c2_number"), test);
+                        if let Some(c) = code {
+                            t.push_str(&format!(" AND {c_}.c2_code = {}", self.p(Bind::Text(c.clone()))));
+                        }
+                        if let Some(s) = system {
+                            t.push_str(&format!(" AND {c_}.c2_system = {}", self.p(Bind::Text(s.clone()))));
+                        }
+                        t
+                    }
+                    CompositePart::Date { op, start, end } => {
+                        let t = self.date_test(&format!("{c_}.c2_start"), &format!("{c_}.c2_end"), *op, *start, *end);
+                        format!("{c_}.c2_start IS NOT NULL AND {t}")
+                    }
+                    CompositePart::StringPrefix(prefix) => {
+                        let v = self.p(Bind::Text(format!("{}%", like_escape(prefix))));
+                        format!("{c_}.c2_text LIKE {v} ESCAPE '\\'")
+                    }
+                };
+                extra.push_str(&format!(" AND {second}"));
+                if let Some(test) = third {
+                    let t = self.num(&format!("{c_}.c3_number"), test);
+                    extra.push_str(&format!(" AND {t}"));
+                }
+                exists(&c_, "search_composite", extra)
             }
             Cond::Uri { param, value } => {
                 let p = self.p(Bind::Text(param.clone()));
@@ -431,7 +577,7 @@ impl Sql {
 
 fn num_op(op: NumOp) -> &'static str {
     match op {
-        NumOp::Eq => "=",
+        NumOp::Eq | NumOp::Ap => "=",
         NumOp::Ne => "<>",
         NumOp::Gt => ">",
         NumOp::Lt => "<",
@@ -440,10 +586,9 @@ fn num_op(op: NumOp) -> &'static str {
     }
 }
 
-#[derive(QueryableByName)]
-struct IdRow {
-    #[diesel(sql_type = Text)]
-    logical_id: String,
+/// A LIKE pattern matching `text` literally (used with `ESCAPE '\'`).
+fn like_escape(text: &str) -> String {
+    text.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_")
 }
 
 #[derive(QueryableByName)]
@@ -468,18 +613,33 @@ macro_rules! bind_all {
     }};
 }
 
+/// A resource's (type, id).
+pub type Key = (String, String);
+
+#[derive(QueryableByName)]
+struct KeyRow {
+    #[diesel(sql_type = Text)]
+    resource_type: String,
+    #[diesel(sql_type = Text)]
+    logical_id: String,
+}
+
 impl Store {
-    pub fn search(&self, access: &Access, q: &SearchQuery) -> Result<SearchPage, StoreError> {
-        let mut conn = self.checkout(access)?;
-        let pg = matches!(conn.conn, DbConnection::Pg(_));
-        let mut sql = Sql {
-            pg,
-            binds: Vec::new(),
-            aliases: 0,
-            patient: q.nested_patient.clone(),
+    /// The filter of a search (every clause, the compartments) on `resources r`, its binds in
+    /// `sql`.
+    fn search_filter(&self, sql: &mut Sql, q: &SearchQuery) -> String {
+        let types: Vec<String> = if q.types.is_empty() {
+            vec![q.resource_type.clone()]
+        } else {
+            q.types.clone()
         };
+        let list: Vec<String> = types.iter().map(|t| sql.p(Bind::Text(t.clone()))).collect();
         let mut wheres = vec![
-            format!("r.resource_type = {}", sql.p(Bind::Text(q.resource_type.clone()))),
+            if list.len() == 1 {
+                format!("r.resource_type = {}", list[0])
+            } else {
+                format!("r.resource_type IN ({})", list.join(", "))
+            },
             "r.deleted = false".to_string(),
         ];
         for patient in q.patient.iter().chain(q.compartment.iter()) {
@@ -498,70 +658,169 @@ impl Store {
                 wheres.push(format!("({})", any.join(" OR ")));
             }
         }
-        let filter = wheres.join(" AND ");
-        let count_sql = format!("SELECT COUNT(*) AS n FROM resources r WHERE {filter}");
-        let mut page_filter = filter.clone();
-        let mut page_binds_extra = Vec::new();
-        if let Some(after) = &q.after {
-            page_binds_extra.push(Bind::Text(after.clone()));
-            let ph = if pg {
-                format!("${}", sql.binds.len() + 1)
-            } else {
-                "?".into()
-            };
-            page_filter.push_str(&format!(" AND r.logical_id > {ph}"));
-        }
-        let limit = i64::from(q.count) + 1;
-        let limit_ph = if pg {
-            format!("${}", sql.binds.len() + page_binds_extra.len() + 1)
-        } else {
-            "?".into()
-        };
-        let page_sql =
-            format!("SELECT r.logical_id FROM resources r WHERE {page_filter} ORDER BY r.logical_id LIMIT {limit_ph}");
-        let result = (|| -> Result<(i64, Vec<String>), StoreError> {
-            match &mut conn.conn {
-                DbConnection::Pg(c) => {
-                    let total: CountRow =
-                        bind_all!(diesel::sql_query(&count_sql).into_boxed::<diesel::pg::Pg>(), &sql.binds)
-                            .get_result(c)?;
-                    let q2 = bind_all!(diesel::sql_query(&page_sql).into_boxed::<diesel::pg::Pg>(), &sql.binds);
-                    let q2 = bind_all!(q2, &page_binds_extra).bind::<BigInt, _>(limit);
-                    let ids: Vec<IdRow> = q2.load(c)?;
-                    Ok((total.n, ids.into_iter().map(|r| r.logical_id).collect()))
-                }
-                DbConnection::Sqlite(c) => {
-                    let total: CountRow = bind_all!(
-                        diesel::sql_query(&count_sql).into_boxed::<diesel::sqlite::Sqlite>(),
-                        &sql.binds
-                    )
-                    .get_result(c)?;
-                    let q2 = bind_all!(
-                        diesel::sql_query(&page_sql).into_boxed::<diesel::sqlite::Sqlite>(),
-                        &sql.binds
-                    );
-                    let q2 = bind_all!(q2, &page_binds_extra).bind::<BigInt, _>(limit);
-                    let ids: Vec<IdRow> = q2.load(c)?;
-                    Ok((total.n, ids.into_iter().map(|r| r.logical_id).collect()))
-                }
+        wheres.join(" AND ")
+    }
+
+    /// Runs `text` with `binds` for (type, id) rows.
+    fn key_rows(conn: &mut DbConnection, text: &str, binds: &[Bind]) -> Result<Vec<(String, String)>, StoreError> {
+        let rows: Vec<KeyRow> = match conn {
+            DbConnection::Pg(c) => bind_all!(diesel::sql_query(text).into_boxed::<diesel::pg::Pg>(), binds).load(c)?,
+            DbConnection::Sqlite(c) => {
+                bind_all!(diesel::sql_query(text).into_boxed::<diesel::sqlite::Sqlite>(), binds).load(c)?
             }
+        };
+        Ok(rows.into_iter().map(|r| (r.resource_type, r.logical_id)).collect())
+    }
+
+    fn count_rows(conn: &mut DbConnection, text: &str, binds: &[Bind]) -> Result<i64, StoreError> {
+        let n: CountRow = match conn {
+            DbConnection::Pg(c) => {
+                bind_all!(diesel::sql_query(text).into_boxed::<diesel::pg::Pg>(), binds).get_result(c)?
+            }
+            DbConnection::Sqlite(c) => {
+                bind_all!(diesel::sql_query(text).into_boxed::<diesel::sqlite::Sqlite>(), binds).get_result(c)?
+            }
+        };
+        Ok(n.n)
+    }
+
+    /// One page of a search in (type, id) order: after `q.after`, or before `q.before` (a
+    /// previous page), with the count when `q.total`. Keyset paging: a page neither repeats nor
+    /// skips what was there when the search began, whatever is written meanwhile.
+    pub fn search(&self, access: &Access, q: &SearchQuery) -> Result<SearchPage, StoreError> {
+        let mut conn = self.checkout(access)?;
+        let pg = matches!(conn.conn, DbConnection::Pg(_));
+        let mut sql = Sql {
+            pg,
+            binds: Vec::new(),
+            aliases: 0,
+            patient: q.nested_patient.clone(),
+        };
+        let filter = self.search_filter(&mut sql, q);
+        let count_sql = format!("SELECT COUNT(*) AS n FROM resources r WHERE {filter}");
+        let count_binds = sql.binds.len();
+        let (cursor, backward) = match (&q.after, &q.before) {
+            (Some(c), _) => (Some(c), false),
+            (None, Some(c)) => (Some(c), true),
+            (None, None) => (None, false),
+        };
+        let mut page_filter = filter;
+        if let Some((t, id)) = cursor {
+            let (a, b) = (sql.p(Bind::Text(t.clone())), sql.p(Bind::Text(id.clone())));
+            let cmp = if backward { "<" } else { ">" };
+            page_filter.push_str(&format!(" AND (r.resource_type, r.logical_id) {cmp} ({a}, {b})"));
+        }
+        let limit = sql.p(Bind::Int(i64::from(q.count) + 1));
+        let dir = if backward { "DESC" } else { "ASC" };
+        let page_sql = format!(
+            "SELECT r.resource_type, r.logical_id FROM resources r WHERE {page_filter} \
+             ORDER BY r.resource_type {dir}, r.logical_id {dir} LIMIT {limit}"
+        );
+        let result = (|| -> Result<(Option<i64>, Vec<Key>), StoreError> {
+            let total = if q.total {
+                Some(Self::count_rows(&mut conn.conn, &count_sql, &sql.binds[..count_binds])?)
+            } else {
+                None
+            };
+            let keys = Self::key_rows(&mut conn.conn, &page_sql, &sql.binds)?;
+            Ok((total, keys))
         })();
-        let (total, mut ids) = super::note(&mut conn, result)?;
+        let (total, mut keys) = super::note(&mut conn, result)?;
         drop(conn);
-        let has_more = ids.len() > q.count as usize;
-        ids.truncate(q.count as usize);
-        // the page's versions in one query (deleted or hidden since the first: left out)
-        let entries = self.read_many(access, &q.resource_type, &ids)?;
+        let more = keys.len() > q.count as usize;
+        keys.truncate(q.count as usize);
+        if backward {
+            keys.reverse();
+        }
+        let entries = self.read_keys(access, &keys)?;
         Ok(SearchPage {
             entries,
             total,
-            next_after: if has_more { ids.last().cloned() } else { None },
+            keys,
+            more,
         })
+    }
+
+    /// The (type, id) of the first `limit` matches in `q.sort` order (then type and id), and
+    /// the number of matches: a sorted search's snapshot, paged from memory.
+    pub fn search_keys(
+        &self,
+        access: &Access,
+        q: &SearchQuery,
+        limit: u32,
+    ) -> Result<(i64, Vec<(String, String)>), StoreError> {
+        let mut conn = self.checkout(access)?;
+        let pg = matches!(conn.conn, DbConnection::Pg(_));
+        let mut sql = Sql {
+            pg,
+            binds: Vec::new(),
+            aliases: 0,
+            patient: q.nested_patient.clone(),
+        };
+        let mut order = Vec::new();
+        let mut select_binds = Vec::new();
+        // sort keys are subqueries in the ORDER BY, after the filter's placeholders in the text
+        for key in &q.sort {
+            let ph = if pg {
+                format!("${}", 1000 + select_binds.len())
+            } else {
+                "?".to_string()
+            };
+            select_binds.push(Bind::Text(key.param.clone()));
+            let agg = if key.descending { "MAX" } else { "MIN" };
+            let dir = if key.descending { "DESC" } else { "ASC" };
+            order.push(format!(
+                "(SELECT {agg}(k.{col}) FROM {table} k WHERE k.resource_type = r.resource_type \
+                 AND k.logical_id = r.logical_id AND k.param = {ph} AND k.{col} IS NOT NULL) {dir} NULLS LAST",
+                col = key.column,
+                table = key.table,
+            ));
+        }
+        let filter = self.search_filter(&mut sql, q);
+        let count_sql = format!("SELECT COUNT(*) AS n FROM resources r WHERE {filter}");
+        let count_binds = sql.binds.len();
+        // now number the sort placeholders after the filter's (PostgreSQL)
+        let mut order_text = order.join(", ");
+        if pg {
+            for i in 0..select_binds.len() {
+                order_text = order_text.replace(&format!("${}", 1000 + i), &format!("${}", count_binds + i + 1));
+            }
+        }
+        sql.binds.extend(select_binds);
+        let limit_ph = sql.p(Bind::Int(i64::from(limit)));
+        let sep = if order_text.is_empty() { "" } else { ", " };
+        let keys_sql = format!(
+            "SELECT r.resource_type, r.logical_id FROM resources r WHERE {filter} \
+             ORDER BY {order_text}{sep}r.resource_type, r.logical_id LIMIT {limit_ph}"
+        );
+        let result = (|| -> Result<(i64, Vec<(String, String)>), StoreError> {
+            let total = Self::count_rows(&mut conn.conn, &count_sql, &sql.binds[..count_binds])?;
+            Ok((total, Self::key_rows(&mut conn.conn, &keys_sql, &sql.binds)?))
+        })();
+        super::note(&mut conn, result)
+    }
+
+    /// The current versions of `keys` in their order (one query per type); deleted or hidden
+    /// ones are left out.
+    pub fn read_keys(&self, access: &Access, keys: &[(String, String)]) -> Result<Vec<StoredVersion>, StoreError> {
+        let mut by_type: std::collections::BTreeMap<&str, Vec<String>> = Default::default();
+        for (t, id) in keys {
+            by_type.entry(t.as_str()).or_default().push(id.clone());
+        }
+        let mut found: std::collections::HashMap<(String, String), StoredVersion> = Default::default();
+        for (t, ids) in by_type {
+            for v in self.read_many(access, t, &ids)? {
+                found.insert((v.resource_type.clone(), v.logical_id.clone()), v);
+            }
+        }
+        Ok(keys.iter().filter_map(|k| found.remove(k)).collect())
     }
 }
 
 #[derive(QueryableByName)]
 struct RefRow {
+    #[diesel(sql_type = Text)]
+    source_type: String,
     #[diesel(sql_type = Text)]
     source_id: String,
     #[diesel(sql_type = diesel::sql_types::Nullable<Text>)]
@@ -596,6 +855,16 @@ impl Store {
         self.reference_rows(true, source_type, ids, param, Some(target_type))
     }
 
+    /// For `_revinclude=*`: every resource referring to one of `ids` (of `target_type`), as
+    /// (source type, source id).
+    pub fn all_referrers_of(&self, target_type: &str, ids: &[String]) -> Result<Vec<Key>, StoreError> {
+        Ok(self
+            .reference_rows_full(true, None, ids, None, Some(target_type))?
+            .into_iter()
+            .map(|r| (r.source_type, r.source_id))
+            .collect())
+    }
+
     #[allow(clippy::type_complexity)]
     fn reference_rows(
         &self,
@@ -605,6 +874,23 @@ impl Store {
         param: Option<&str>,
         target_type: Option<&str>,
     ) -> Result<Vec<(String, Option<String>, String)>, StoreError> {
+        Ok(self
+            .reference_rows_full(reverse, Some(resource_type), ids, param, target_type)?
+            .into_iter()
+            .map(|r| (r.source_id, r.target_type, r.target_id))
+            .collect())
+    }
+
+    /// Reference rows from `resource_type` (any, with `None`), by source id or (`reverse`) by
+    /// target id.
+    fn reference_rows_full(
+        &self,
+        reverse: bool,
+        resource_type: Option<&str>,
+        ids: &[String],
+        param: Option<&str>,
+        target_type: Option<&str>,
+    ) -> Result<Vec<RefRow>, StoreError> {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
@@ -616,13 +902,17 @@ impl Store {
             aliases: 0,
             patient: None,
         };
-        let rt = sql.p(Bind::Text(resource_type.to_string()));
+        let rt = match resource_type {
+            Some(t) => format!("f.resource_type = {} AND ", sql.p(Bind::Text(t.to_string()))),
+            None => String::new(),
+        };
         let id_col = if reverse { "f.target_id" } else { "f.logical_id" };
         let list: Vec<String> = ids.iter().map(|i| sql.p(Bind::Text(i.clone()))).collect();
         let mut text = format!(
-            "SELECT f.logical_id AS source_id, f.target_type, f.target_id FROM search_reference f \
+            "SELECT f.resource_type AS source_type, f.logical_id AS source_id, f.target_type, f.target_id \
+             FROM search_reference f \
              JOIN resources r ON r.resource_type = f.resource_type AND r.logical_id = f.logical_id AND r.deleted = false \
-             WHERE f.resource_type = {rt} AND {id_col} IN ({})",
+             WHERE {rt}{id_col} IN ({})",
             list.join(", ")
         );
         if let Some(p) = param {
@@ -645,10 +935,6 @@ impl Store {
             .load(c)
             .map_err(StoreError::from),
         };
-        let rows = super::note(&mut conn, rows)?;
-        Ok(rows
-            .into_iter()
-            .map(|r| (r.source_id, r.target_type, r.target_id))
-            .collect())
+        super::note(&mut conn, rows)
     }
 }

@@ -51,6 +51,26 @@ impl FhirPath {
     }
 }
 
+impl FhirPath {
+    /// Evaluates against `node` (a part of `resource`, of FHIR type `type_name` if known), with
+    /// `%resource` the whole: the components of a composite search parameter.
+    pub fn evaluate_at<'a>(
+        &self,
+        node: &'a Value,
+        type_name: Option<String>,
+        resource: &'a Value,
+    ) -> Result<Vec<Item<'a>>, FhirPathError> {
+        let root = Item::Node(node, type_name);
+        let ctx = eval::Ctx {
+            resource,
+            this: Some(root.clone()),
+            index: None,
+            total: None,
+        };
+        eval::eval(&self.expr, &vec![root], &ctx)
+    }
+}
+
 /// A result item as plain JSON: primitives as their values, dates and times as text,
 /// quantities as `value 'unit'`, nodes as they are.
 pub fn to_json(item: &Item<'_>) -> Value {

@@ -76,7 +76,7 @@ fn bench_backend(db: Db, rows: u64, secs: u64) -> serde_json::Value {
             s.store.shared_cipher(),
             fhirvault::server::audit_source(&config),
         )),
-        fhirvault::server::shared_registry().unwrap(),
+        fhirvault::server::shared_registry(&config).unwrap(),
     );
     let off_addr = serve(unaudited, config.workers);
     let token = s.token("system/*.cruds", None);

@@ -14,9 +14,7 @@ use diesel::prelude::*;
 use fhirvault::config::ConfigLayer;
 use fhirvault::crypto::Aad;
 use fhirvault::store::encrypted::EncryptedColumn;
-use fhirvault::store::schema::{
-    resource_compartments as rc, resource_versions as rv, resources as cur, token_index as ti,
-};
+use fhirvault::store::schema::{resource_compartments as rc, resource_versions as rv, resources as cur};
 use fhirvault::store::{DbConnection, DbManager};
 use serde_json::json;
 use std::time::{Duration, Instant};
@@ -122,8 +120,11 @@ fn bench_backend(db: Db, rows: u64, secs: u64, conc: usize) -> serde_json::Value
         },
     );
     // baseline: the same rows (current-version row, the version's compartment row, version row
-    // with ciphertext of the same size + digest, one index row) inserted raw, one transaction each
+    // with ciphertext of the same size + digest, the patient's search index rows) inserted raw,
+    // one transaction each
     let sample = patient(1).to_string().into_bytes();
+    let sample_json = patient(1);
+    let registry = fhirvault::server::shared_registry(&s.config).unwrap();
     let raw_creates = throughput(
         conc,
         secs,
@@ -170,15 +171,11 @@ fn bench_backend(db: Db, rows: u64, secs: u64, conc: usize) -> serde_json::Value
                         rc::patient_id.eq(&id),
                     ))
                     .execute(c)?;
-                let blind = cipher.blind_index("identifier", &format!("any|mrn-{t}-{i}")).to_vec();
-                diesel::insert_into(ti::table)
-                    .values((
-                        ti::resource_type.eq("Patient"),
-                        ti::logical_id.eq(&id),
-                        ti::param.eq("identifier"),
-                        ti::value.eq(blind),
-                    ))
-                    .execute(c)?;
+                // the same search index rows fhirvault writes for this patient (blind indexes
+                // computed here, as the server computes them before its transaction)
+                let rows = fhirvault::search::index_rows(&registry, cipher, "Patient", &sample_json);
+                fhirvault::store::search_index::replace(c, "Patient", &id, &rows, true)
+                    .map_err(|_| diesel::result::Error::RollbackTransaction)?;
                 Ok(())
             })
             .unwrap();

@@ -69,6 +69,8 @@ pub struct ConfigLayer {
     pub audit_checkpoint_secs: Option<u64>,
     pub audit_retention_days: Option<u64>,
     pub audit_site: Option<String>,
+    /// Search parameters stored only as blind indexes, as `Type.code` (`*.code`: on every type).
+    pub search_phi_parameters: Option<Vec<String>>,
     /// External OpenID Connect providers (TOML `[[oidc_provider]]` tables only).
     pub oidc_provider: Option<Vec<crate::auth::oidc::ProviderConfig>>,
 }
@@ -146,6 +148,15 @@ impl ConfigLayer {
                 "AUDIT_CHECKPOINT_SECS" => layer.audit_checkpoint_secs = Some(parse_num(&value)?),
                 "AUDIT_RETENTION_DAYS" => layer.audit_retention_days = Some(parse_num(&value)?),
                 "AUDIT_SITE" => layer.audit_site = Some(value),
+                "SEARCH_PHI_PARAMETERS" => {
+                    layer.search_phi_parameters = Some(
+                        value
+                            .split(',')
+                            .map(|s| s.trim().to_string())
+                            .filter(|s| !s.is_empty())
+                            .collect(),
+                    )
+                }
                 "AUTH_FAILURE_LIMIT" => {
                     layer.auth_failure_limit = Some(parse_num(&value)?.try_into().map_err(|_| cerr(&key, "too large"))?)
                 }
@@ -203,6 +214,7 @@ impl ConfigLayer {
             rate_limit_per_minute,
             request_timeout_secs,
             shutdown_timeout_secs,
+            search_phi_parameters,
             oidc_provider
         );
         self
@@ -271,6 +283,9 @@ pub struct Config {
     pub audit_retention_days: u64,
     /// `AuditEvent.source.site` [default: fhirvault].
     pub audit_site: String,
+    /// Search parameters indexed only as blind indexes (`Type.code`, `*.code`); changing the
+    /// list needs `fhirvault reindex` [default: `crate::search::registry::DEFAULT_PHI`].
+    pub search_phi_parameters: Vec<String>,
     /// TLS: certificate chain and private key (PEM), both or neither; reloaded on SIGHUP.
     pub tls: Option<TlsFiles>,
     /// Requests per minute one client (client id, else token subject) may make; 0 = no limit.
@@ -493,7 +508,22 @@ impl Config {
         if shutdown_timeout_secs > 3600 {
             return Err(cerr("shutdown_timeout_secs", "must be at most 3600"));
         }
+        let search_phi_parameters = match layer.search_phi_parameters {
+            Some(list) => {
+                for entry in &list {
+                    let ok = entry
+                        .split_once('.')
+                        .is_some_and(|(t, c)| !t.is_empty() && !c.is_empty() && !c.contains('.'));
+                    if !ok {
+                        return Err(cerr("search_phi_parameters", "entries are Type.code or *.code"));
+                    }
+                }
+                list
+            }
+            None => crate::search::registry::default_phi(),
+        };
         Ok(Config {
+            search_phi_parameters,
             rate_limit_per_minute: layer.rate_limit_per_minute.unwrap_or(0),
             request_timeout_secs,
             shutdown_timeout_secs,

@@ -280,7 +280,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .context("restore")?;
             let total: u64 = manifest.tables.values().map(|t| t.rows).sum();
             // search indexes are derived data: rebuilt rather than carried in the backup
-            reindex(&store)?;
+            reindex(&config, &store)?;
             let mut record = cli_record(Kind::Admin("restore"), Action::Create);
             record.outcome_desc = Some(format!("backup {} restored ({total} rows)", manifest.backup_id));
             audit_now(&config, &store, &record)?;
@@ -297,7 +297,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Reindex => {
             let config = load_config(&cli.common, None)?;
             let store = open_store(&config, false)?;
-            let n = reindex(&store)?;
+            let n = reindex(&config, &store)?;
             let mut record = cli_record(Kind::Admin("reindex"), Action::Update);
             record.outcome_desc = Some(format!("{n} resources reindexed"));
             audit_now(&config, &store, &record)?;
@@ -348,15 +348,24 @@ fn open_store(config: &Config, as_owner: bool) -> anyhow::Result<Arc<Store>> {
 }
 
 /// Rebuilds every search index row, with progress on stderr.
-fn reindex(store: &Arc<Store>) -> anyhow::Result<u64> {
-    let registry = fhirvault::server::shared_registry()?;
+fn reindex(config: &Config, store: &Arc<Store>) -> anyhow::Result<u64> {
+    let registry = fhirvault::server::shared_registry(config)?;
     let cipher = store.shared_cipher();
+    // until every row is rebuilt, the index matches no settings (the server refuses it)
     store
+        .set_search_fingerprint("reindex-in-progress")
+        .context("recording the search index settings")?;
+    let n = store
         .reindex(
             |t, json| fhirvault::search::index_rows(&registry, &cipher, t, json),
             |n| eprintln!("  {n} resources reindexed"),
         )
-        .context("reindexing")
+        .context("reindexing")?;
+    // only once every row is rebuilt: an interrupted reindex leaves the server refusing
+    store
+        .set_search_fingerprint(registry.fingerprint())
+        .context("recording the search index settings")?;
+    Ok(n)
 }
 
 /// An event made by this command line, on behalf of the operating-system user running it.

@@ -7,6 +7,7 @@ use crate::crypto::{Cipher, LocalKeyFile};
 use crate::fhir::Validator;
 use crate::store::Store;
 use anyhow::Context;
+use std::collections::HashMap;
 use std::os::unix::fs::DirBuilderExt;
 use std::sync::{Arc, OnceLock};
 
@@ -21,13 +22,42 @@ pub fn shared_validator() -> anyhow::Result<Arc<Validator>> {
 }
 
 /// The R4 search-parameter registry, compiled once per process (tests build many states).
-pub fn shared_registry() -> anyhow::Result<Arc<crate::search::Registry>> {
-    static R: OnceLock<Arc<crate::search::Registry>> = OnceLock::new();
-    if let Some(r) = R.get() {
+pub fn shared_registry(config: &Config) -> anyhow::Result<Arc<crate::search::Registry>> {
+    // one per identifying list (tests run servers with different ones in one process)
+    static R: OnceLock<std::sync::Mutex<HashMap<Vec<String>, Arc<crate::search::Registry>>>> = OnceLock::new();
+    let map = R.get_or_init(Default::default);
+    let key = config.search_phi_parameters.clone();
+    if let Some(r) = map.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
         return Ok(r.clone());
     }
-    let r = Arc::new(crate::search::Registry::r4().context("loading the R4 search parameters")?);
-    Ok(R.get_or_init(|| r).clone())
+    let r = Arc::new(crate::search::Registry::r4_with_phi(&key).context("loading the R4 search parameters")?);
+    Ok(map
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .entry(key)
+        .or_insert(r)
+        .clone())
+}
+
+/// Refuses a search index built under other settings than `registry`'s (another list of
+/// identifying parameters, another version's row format): its rows would disagree with the
+/// queries. An empty database is simply marked as built under them.
+pub fn check_search_index(store: &Store, registry: &crate::search::Registry) -> anyhow::Result<()> {
+    let stored = store
+        .search_fingerprint()
+        .context("reading the search index settings")?;
+    if stored.as_deref() == Some(registry.fingerprint()) {
+        return Ok(());
+    }
+    if store.has_resources().context("reading the database")? {
+        anyhow::bail!(
+            "the search index was built under other search settings (search_phi_parameters, or an earlier \
+             fhirvault version): run `fhirvault reindex` with this configuration first"
+        );
+    }
+    store
+        .set_search_fingerprint(registry.fingerprint())
+        .context("recording the search index settings")
 }
 
 /// Creates the data directory (mode 0700) if needed.
@@ -91,6 +121,8 @@ pub fn build_state(config: Config) -> anyhow::Result<AppState> {
     let providers = crate::auth::oidc::Providers::discover_all(&config.oidc_providers)
         .context("configuration setting `oidc_provider`")?;
     let auditor = Arc::new(open_auditor(&config, &store)?);
+    let registry = shared_registry(&config)?;
+    check_search_index(&store, &registry)?;
     Ok(AppState::new(
         config,
         store,
@@ -100,7 +132,7 @@ pub fn build_state(config: Config) -> anyhow::Result<AppState> {
         attributes,
         providers,
         auditor,
-        shared_registry()?,
+        registry,
     ))
 }
 

@@ -216,8 +216,25 @@ fn conditional_create(db: Db) {
     let r = s.send("POST", "/Patient", Some(&p), &[("If-None-Exist", "identifier=12345")]);
     assert_eq!(r.status, 412);
     r.outcome();
-    // unsupported parameters are refused, not ignored
-    let r = s.send("POST", "/Patient", Some(&p), &[("If-None-Exist", "name=Cond")]);
+    // any search parameter works (the search engine, blind indexes included) ...
+    let r = s.send(
+        "POST",
+        "/Patient",
+        Some(&p),
+        &[("If-None-Exist", "name=Cond&birthdate=1970-01-01")],
+    );
+    assert_eq!(r.status, 412, "two patients named Cond: {}", r.text());
+    let r = s.send(
+        "POST",
+        "/Patient",
+        Some(&p),
+        &[("If-None-Exist", &format!("family:exact=Cond&_id={id}"))],
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    // ... and unknown ones are refused, never ignored (that would widen the condition)
+    let r = s.send("POST", "/Patient", Some(&p), &[("If-None-Exist", "nonsense=1")]);
+    assert_eq!(r.status, 400);
+    let r = s.send("POST", "/Patient", Some(&p), &[("If-None-Exist", "_count=1")]);
     assert_eq!(r.status, 400);
     // a deleted match no longer counts
     assert_eq!(s.delete(&format!("/Patient/{id}")).status, 200);
@@ -250,6 +267,88 @@ fn conditional_create_is_race_free(db: Db) {
     assert_eq!(statuses.iter().filter(|s| **s == 201).count(), 1, "{statuses:?}");
     assert_eq!(statuses.iter().filter(|s| **s == 200).count(), 11, "{statuses:?}");
     assert_eq!(s.get("/Patient/_history").json()["total"], 1);
+}
+
+/// `PUT [type]?…` and `DELETE [type]?…`: 0, 1 and several matches as R4 says.
+fn conditional_update_and_delete(db: Db) {
+    let s = TestServer::start(db);
+    let mut p = patient("Upd");
+    p["identifier"] = json!([{"system": "urn:mrn", "value": "u-1"}]);
+    // no match, no id: created
+    let r = s.send("PUT", "/Patient?identifier=urn:mrn|u-1", Some(&p), &[]);
+    let id = created_id(&r);
+    // one match: updated in place
+    p["gender"] = json!("female");
+    let r = s.send("PUT", "/Patient?identifier=urn:mrn|u-1", Some(&p), &[]);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["id"], id.as_str());
+    assert_eq!(r.json()["meta"]["versionId"], "2");
+    // with If-Match on the match's version
+    let r = s.send(
+        "PUT",
+        "/Patient?identifier=urn:mrn|u-1",
+        Some(&p),
+        &[("If-Match", "W/\"1\"")],
+    );
+    assert_eq!(r.status, 412);
+    // a body id other than the match's: refused
+    let mut other = p.clone();
+    other["id"] = json!("someone-else");
+    assert_eq!(
+        s.send("PUT", "/Patient?identifier=urn:mrn|u-1", Some(&other), &[])
+            .status,
+        400
+    );
+    // no match with an id in the body: created under that id
+    let mut q = patient("Upd");
+    q["id"] = json!("chosen");
+    q["identifier"] = json!([{"system": "urn:mrn", "value": "u-2"}]);
+    let r = s.send("PUT", "/Patient?identifier=urn:mrn|u-2", Some(&q), &[]);
+    assert_eq!(r.status, 201);
+    assert_eq!(r.json()["id"], "chosen");
+    // several matches: 412, nothing written
+    let r = s.send("PUT", "/Patient?family=upd", Some(&p), &[]);
+    assert_eq!(r.status, 412);
+    r.outcome();
+    assert_eq!(s.send("DELETE", "/Patient?family=upd", None, &[]).status, 412);
+    // conditions need parameters
+    assert_eq!(s.send("PUT", "/Patient", Some(&p), &[]).status, 400);
+    // delete: one match goes, then there is nothing to delete
+    let r = s.send("DELETE", "/Patient?identifier=u-2", None, &[]);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(s.get("/Patient/chosen").status, 410);
+    let r = s.send("DELETE", "/Patient?identifier=u-2", None, &[]);
+    assert_eq!(r.status, 200);
+    assert!(r.text().contains("nothing to delete"));
+    // the same conditional update from many clients at once creates one resource
+    let mut r1 = patient("Racer");
+    r1["identifier"] = json!([{"system": "urn:mrn", "value": "race-u"}]);
+    let statuses: Vec<u16> = std::thread::scope(|scope| {
+        let hs: Vec<_> = (0..10)
+            .map(|_| {
+                let (s, r1) = (&s, &r1);
+                scope.spawn(move || {
+                    s.send("PUT", "/Patient?identifier=urn:mrn|race-u", Some(r1), &[])
+                        .status
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(statuses.iter().filter(|s| **s == 201).count(), 1, "{statuses:?}");
+    assert_eq!(statuses.iter().filter(|s| **s == 200).count(), 9, "{statuses:?}");
+    let found = s.get("/Patient?identifier=urn:mrn|race-u").json();
+    assert_eq!(found["total"], 1);
+    assert_eq!(found["entry"][0]["resource"]["meta"]["versionId"], "10");
+    // a patient-context token may not write conditionally
+    let t = format!("Bearer {}", s.token("patient/*.cruds", Some(&id)));
+    let r = s.send(
+        "DELETE",
+        "/Patient?identifier=urn:mrn|u-1",
+        None,
+        &[("authorization", &t)],
+    );
+    assert_eq!(r.status, 403);
 }
 
 fn history_and_paging(db: Db) {
@@ -512,7 +611,8 @@ fn validation_and_errors(db: Db) {
         ("GET", "/Patient/1/extra/stuff/here", 404),
         ("PATCH", "/Patient/1", 405),
         ("POST", "/Patient/1", 405),
-        ("DELETE", "/Patient", 405),
+        ("DELETE", "/Patient", 400),
+        ("PATCH", "/Patient", 405),
         ("PUT", "/metadata", 405),
     ] {
         let r = s.send(m, p, None, &[]);
@@ -769,6 +869,7 @@ on_both_backends!(
     concurrent_updates_never_lose_a_write,
     conditional_create,
     conditional_create_is_race_free,
+    conditional_update_and_delete,
     history_and_paging,
     http_semantics,
     body_size_limit,

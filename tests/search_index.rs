@@ -12,6 +12,39 @@ fn counts(s: &TestServer) -> BTreeMap<&'static str, i64> {
 }
 
 on_both_backends!(index_rows_follow_writes_hide_phi_and_rebuild);
+on_both_backends!(other_search_settings_need_a_reindex);
+
+/// The identifying parameters are configuration; an index built under other settings is
+/// refused until `fhirvault reindex` rebuilds it under the new ones.
+fn other_search_settings_need_a_reindex(db: Db) {
+    let s = TestServer::start(db);
+    let default = fhirvault::search::Registry::r4().unwrap();
+    fhirvault::server::check_search_index(&s.store, &default).expect("a fresh database is marked at start");
+    assert_eq!(
+        s.post("/Patient", &json!({"resourceType": "Patient", "gender": "female"}))
+            .status,
+        201
+    );
+    let mut list = fhirvault::search::registry::default_phi();
+    list.push("Patient.gender".into());
+    let stricter = fhirvault::search::Registry::r4_with_phi(&list).unwrap();
+    assert_ne!(stricter.fingerprint(), default.fingerprint());
+    assert!(stricter.get("Patient", "gender").unwrap().phi);
+    let refused = fhirvault::server::check_search_index(&s.store, &stricter).unwrap_err();
+    assert!(format!("{refused:#}").contains("fhirvault reindex"), "{refused:#}");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_fhirvault"))
+        .arg("--data-dir")
+        .arg(&s.config.data_dir)
+        .arg("--database-url")
+        .arg(&s.db.database_url)
+        .arg("reindex")
+        .env("FHIRVAULT_SEARCH_PHI_PARAMETERS", list.join(","))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    fhirvault::server::check_search_index(&s.store, &stricter).expect("rebuilt under the new settings");
+    assert!(fhirvault::server::check_search_index(&s.store, &default).is_err());
+}
 
 fn index_rows_follow_writes_hide_phi_and_rebuild(db: Db) {
     let s = TestServer::start(db);

@@ -5,7 +5,7 @@ use super::trail::Trail;
 use super::{blocking, etag, http_date, ApiError, AppState, Format, Prefer};
 use crate::auth::policy::{authorize, Decision};
 use crate::auth::{Permission, Principal};
-use crate::fhir::resource::{self, identifier_tokens, is_valid_id, token_query_key};
+use crate::fhir::resource;
 use crate::fhir::{Issue, IssueType, OperationOutcome};
 use crate::store::{
     Condition, Content, CreateMethod, CreateOutcome, DeleteOutcome, StoreError, StoredVersion, Written,
@@ -78,47 +78,51 @@ fn parse_etag(s: &str) -> Option<i64> {
 }
 
 /// `If-None-Exist: identifier=sys|val&_id=…` → a condition on identity.
-fn parse_condition(query: &str) -> Result<Condition, ApiError> {
-    let mut cond = Condition::default();
-    let pairs = super::negotiate::url_decode_pairs(query.trim_start_matches('?'));
+/// The condition of a conditional write (`If-None-Exist`, or the query of `PUT`/`DELETE
+/// [type]?…`), parsed by the search engine. Strictly: a parameter left out would widen the
+/// condition to more resources than the client named. A token must be able to search, and
+/// read, every type the condition reaches, without compartment limits.
+fn parse_condition(state: &AppState, p: &Principal, resource_type: &str, query: &str) -> Result<Condition, ApiError> {
+    let mut pairs = super::negotiate::url_decode_pairs(query.trim_start_matches('?'));
+    pairs.retain(|(k, _)| !matches!(k.as_str(), "_format" | "_pretty"));
     if pairs.is_empty() {
         return Err(ApiError::bad_request(
             IssueType::Invalid,
-            "If-None-Exist has no search parameters",
+            "a conditional write needs search parameters",
         ));
     }
-    for (k, v) in pairs {
-        let values: Vec<&str> = v.split(',').collect();
-        match k.as_str() {
-            "_id" => {
-                let ids: Vec<String> = values.iter().map(|s| s.to_string()).collect();
-                if ids.iter().any(|i| !is_valid_id(i)) {
-                    return Err(ApiError::bad_request(
-                        IssueType::Invalid,
-                        "If-None-Exist: _id has an invalid id",
-                    ));
-                }
-                cond.ids = Some(match cond.ids.take() {
-                    Some(prev) => prev.into_iter().filter(|p| ids.contains(p)).collect(),
-                    None => ids,
-                });
-            }
-            "identifier" => {
-                let keys: Option<Vec<String>> = values.iter().map(|s| token_query_key(s)).collect();
-                let keys = keys.ok_or_else(|| {
-                    ApiError::bad_request(IssueType::Invalid, "If-None-Exist: identifier needs [system]|value")
-                })?;
-                cond.tokens.push(("identifier", keys));
-            }
-            _ => {
-                return Err(ApiError::bad_request(
-                    IssueType::NotSupported,
-                    "If-None-Exist supports the parameters _id and identifier",
-                ))
+    if pairs.iter().any(|(k, _)| {
+        k.starts_with('_')
+            && !matches!(
+                k.as_str(),
+                "_id" | "_lastUpdated" | "_tag" | "_profile" | "_security" | "_source"
+            )
+            && !k.starts_with("_has:")
+    }) {
+        return Err(ApiError::bad_request(
+            IssueType::Invalid,
+            "a condition takes search parameters, not result parameters",
+        ));
+    }
+    let parsed = crate::search::query::parse(&state.search, state.store.cipher(), resource_type, &pairs, 0, true)?;
+    for t in std::iter::once(resource_type.to_string()).chain(parsed.types.iter().cloned()) {
+        for needed in [Permission::Search, Permission::Read] {
+            if !authorize(p, &t, needed)?.unrestricted {
+                return Err(ApiError::Forbidden);
             }
         }
     }
-    Ok(cond)
+    pairs.sort();
+    let key = form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(pairs.iter())
+        .finish();
+    let rechecks = parsed.rechecks;
+    Ok(Condition {
+        clauses: parsed.query.clauses,
+        recheck: (!rechecks.is_empty())
+            .then(|| Arc::new(move |v: &Value| rechecks.iter().all(|r| r.holds(v))) as crate::store::ContentTest),
+        key,
+    })
 }
 
 /// Builds a read/write response with ETag, Last-Modified and the body the client prefers.
@@ -164,7 +168,6 @@ fn content_for(
     ts: NaiveDateTime,
 ) -> Content {
     let json = resource::stamp(body, id, version, &ts);
-    let tokens = identifier_tokens(body);
     let (compartments, search) = as_value(body, |v| {
         (
             state.compartment.patients_of(resource_type, v).into_iter().collect(),
@@ -173,7 +176,6 @@ fn content_for(
     });
     Content {
         json,
-        tokens,
         compartments,
         search,
     }
@@ -203,17 +205,14 @@ pub async fn create(
     }
     as_value(&mut body, |v| state.attributes.check_write(&p, &resource_type, None, v))?;
     let condition = match req.headers().get("if-none-exist") {
-        Some(v) => {
-            // A conditional create is a search, and may answer with the match: it needs both.
-            for needed in [Permission::Search, Permission::Read] {
-                if !authorize(&p, &resource_type, needed)?.unrestricted {
-                    return Err(ApiError::Forbidden);
-                }
-            }
-            Some(parse_condition(v.to_str().map_err(|_| {
-                ApiError::bad_request(IssueType::Invalid, "If-None-Exist is not valid text")
-            })?)?)
-        }
+        // a conditional create is a search, and may answer with the match: it needs both
+        Some(v) => Some(parse_condition(
+            &state,
+            &p,
+            &resource_type,
+            v.to_str()
+                .map_err(|_| ApiError::bad_request(IssueType::Invalid, "If-None-Exist is not valid text"))?,
+        )?),
         None => None,
     };
     // The server assigns the id of a created resource; any id sent is ignored (FHIR 3.1.0.7).
@@ -618,6 +617,123 @@ pub async fn delete(
         .body(fmt.render(&OperationOutcome::information(text))))
 }
 
+/// `PUT [type]?…`: updates the one match, creates when there is none, refuses several (412).
+pub async fn conditional_update(
+    req: HttpRequest,
+    p: Arc<Principal>,
+    t: String,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    // it may update or create whatever the condition finds: only unrestricted tokens
+    for needed in [Permission::Update, Permission::Create] {
+        if !authorize(&p, &t, needed)?.unrestricted {
+            return Err(ApiError::Forbidden);
+        }
+    }
+    // element and label rules compare with the stored version, which is known only in the
+    // write: a token they bind uses conditional read and a plain update instead
+    if state.attributes.needs_old_content(&p, &t) || state.attributes.label_rules_bind(&p) {
+        return Err(ApiError::Forbidden);
+    }
+    let cond = parse_condition(&state, &p, &t, req.query_string())?;
+    let fmt = Format::negotiate(&req)?;
+    let prefer = Prefer::from_request(&req);
+    let expected = if_match(req.headers())?;
+    let mut body = read_resource_body(&req, payload, state.config.max_body_bytes).await?;
+    check_body(&state, &t, &mut body)?;
+    let body_id = body.get("id").and_then(Value::as_str).map(str::to_string);
+    as_value(&mut body, |v| state.attributes.check_write(&p, &t, None, v))?;
+    let new_id = uuid::Uuid::new_v4().to_string();
+    let st = state.clone();
+    let tt = t.clone();
+    let access = authorize(&p, &t, Permission::Update)?.access();
+    let trail = Trail::of(&req)?;
+    let mut tx = trail.for_write(&state);
+    let ((id, written), tx) = blocking(move || {
+        st.store
+            .conditional_update(
+                &access,
+                &tt,
+                &cond,
+                body_id.as_deref(),
+                &new_id,
+                expected,
+                |id, v, ts| {
+                    let mut b = body.clone();
+                    content_for(&st, &tt, &mut b, id, v, ts)
+                },
+                &mut tx,
+            )
+            .map(|w| (w, tx))
+            .map_err(|e| match e {
+                StoreError::ConditionIdMismatch => ApiError::bad_request(
+                    IssueType::Invalid,
+                    "the id in the body is not that of the resource the condition matched",
+                ),
+                StoreError::VersionConflict { current: None } => ApiError::PreconditionFailed(
+                    IssueType::Conflict,
+                    "If-Match was given for a resource that does not exist",
+                ),
+                other => ApiError::from(other),
+            })
+    })
+    .await?;
+    trail.committed(&state, tx);
+    let status = if written.created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    let loc = version_location(&state.base_url(&req), &t, &id, written.version_id);
+    Ok(resource_response(
+        status,
+        fmt,
+        prefer,
+        written.version_id,
+        &written.last_updated,
+        Some(loc),
+        written.json,
+    ))
+}
+
+/// `DELETE [type]?…`: deletes the one match; none is nothing to delete; several are refused (412).
+pub async fn conditional_delete(
+    req: HttpRequest,
+    p: Arc<Principal>,
+    t: String,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let decision = authorize(&p, &t, Permission::Delete)?;
+    if !decision.unrestricted || state.attributes.label_rules_bind(&p) {
+        return Err(ApiError::Forbidden);
+    }
+    let cond = parse_condition(&state, &p, &t, req.query_string())?;
+    let fmt = Format::negotiate(&req)?;
+    let st = state.clone();
+    let access = decision.access();
+    let trail = Trail::of(&req)?;
+    let mut tx = trail.for_write(&state);
+    let (outcome, tx) = blocking(move || {
+        st.store
+            .conditional_delete(&access, &t, &cond, &mut tx)
+            .map(|o| (o, tx))
+            .map_err(ApiError::from)
+    })
+    .await?;
+    trail.committed(&state, tx);
+    let mut b = HttpResponse::Ok();
+    let text = match outcome {
+        DeleteOutcome::Deleted { version_id } => {
+            b.insert_header((header::ETAG, etag(version_id)));
+            "resource deleted"
+        }
+        DeleteOutcome::NothingToDelete => "nothing to delete: no resource matched the condition",
+    };
+    Ok(b.content_type(fmt.content_type())
+        .body(fmt.render(&OperationOutcome::information(text))))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -628,14 +744,5 @@ mod tests {
         assert_eq!(parse_etag("\"12\""), Some(12));
         assert_eq!(parse_etag("3"), None);
         assert_eq!(parse_etag("W/\"x\""), None);
-    }
-
-    #[test]
-    fn conditions_parse() {
-        let c = parse_condition("identifier=urn%3As%7C1&_id=a").unwrap();
-        assert_eq!(c.ids, Some(vec!["a".to_string()]));
-        assert_eq!(c.tokens[0].1, vec!["sys|urn:s|1".to_string()]);
-        assert!(parse_condition("name=x").is_err());
-        assert!(parse_condition("").is_err());
     }
 }

@@ -80,8 +80,8 @@ pub fn capability_statement(config: &Config, validator: &Validator, registry: &c
                 "updateCreate": true,
                 "conditionalCreate": true,
                 "conditionalRead": "not-supported",
-                "conditionalUpdate": false,
-                "conditionalDelete": "not-supported",
+                "conditionalUpdate": true,
+                "conditionalDelete": "single",
             });
             // the parameters search answers (chains and `_has` work on them; special ones such
             // as `near` are not listed: not supported)

@@ -50,6 +50,14 @@ pub enum Interaction {
     SearchPost {
         resource_type: String,
     },
+    /// `PUT [type]?…`: update the one match, or create.
+    ConditionalUpdate {
+        resource_type: String,
+    },
+    /// `DELETE [type]?…`: delete the one match.
+    ConditionalDelete {
+        resource_type: String,
+    },
     /// `GET /fhir?_type=…` (or `POST /fhir/_search`): a search across the types `_type` names.
     SearchSystem,
     /// `Patient/[id]/[type]`: a search of `resource_type` within that patient's compartment.
@@ -79,8 +87,8 @@ impl Interaction {
             Interaction::Read { .. } => "read",
             Interaction::VRead { .. } => "vread",
             Interaction::Create { .. } => "create",
-            Interaction::Update { .. } => "update",
-            Interaction::Delete { .. } => "delete",
+            Interaction::Update { .. } | Interaction::ConditionalUpdate { .. } => "update",
+            Interaction::Delete { .. } | Interaction::ConditionalDelete { .. } => "delete",
             Interaction::SearchSystem => "search-system",
             Interaction::SearchType { .. } | Interaction::SearchCompartment { .. } | Interaction::SearchPost { .. } => {
                 "search-type"
@@ -94,8 +102,8 @@ impl Interaction {
         use crate::audit::Action;
         match self {
             Interaction::Create { .. } => Action::Create,
-            Interaction::Update { .. } => Action::Update,
-            Interaction::Delete { .. } => Action::Delete,
+            Interaction::Update { .. } | Interaction::ConditionalUpdate { .. } => Action::Update,
+            Interaction::Delete { .. } | Interaction::ConditionalDelete { .. } => Action::Delete,
             Interaction::Operation { .. } => Action::Execute,
             _ => Action::Read,
         }
@@ -111,6 +119,8 @@ impl Interaction {
             | Interaction::Create { resource_type }
             | Interaction::Update { resource_type, .. }
             | Interaction::Delete { resource_type, .. }
+            | Interaction::ConditionalUpdate { resource_type }
+            | Interaction::ConditionalDelete { resource_type }
             | Interaction::SearchType { resource_type }
             | Interaction::SearchCompartment { resource_type, .. }
             | Interaction::SearchPost { resource_type }
@@ -165,6 +175,10 @@ impl Interaction {
                 let resource_type = known(t)?;
                 match *method {
                     Method::POST if resource_type != AUDIT_EVENT => Ok(Interaction::Create { resource_type }),
+                    Method::PUT if resource_type != AUDIT_EVENT => Ok(Interaction::ConditionalUpdate { resource_type }),
+                    Method::DELETE if resource_type != AUDIT_EVENT => {
+                        Ok(Interaction::ConditionalDelete { resource_type })
+                    }
                     Method::GET | Method::HEAD => Ok(Interaction::SearchType { resource_type }),
                     _ => Err(ApiError::MethodNotAllowed),
                 }
@@ -333,6 +347,12 @@ async fn handle(
         Interaction::Create { resource_type } => crud::create(req, p, resource_type, payload, state).await,
         Interaction::Update { resource_type, id } => crud::update(req, p, resource_type, id, payload, state).await,
         Interaction::Delete { resource_type, id } => crud::delete(req, p, resource_type, id, state).await,
+        Interaction::ConditionalUpdate { resource_type } => {
+            crud::conditional_update(req, p, resource_type, payload, state).await
+        }
+        Interaction::ConditionalDelete { resource_type } => {
+            crud::conditional_delete(req, p, resource_type, state).await
+        }
         Interaction::SearchType { .. } if is_audit => audit::search(req, p, state).await,
         Interaction::SearchType { resource_type } => {
             let pairs = super::negotiate::query_pairs(&req);
@@ -427,7 +447,7 @@ mod tests {
     #[test]
     fn wrong_methods_and_unknown_paths() {
         assert_eq!(parse(Method::PATCH, "Patient/1"), Err(405));
-        assert_eq!(parse(Method::PUT, "Patient"), Err(405));
+        assert_eq!(parse(Method::PATCH, "Patient"), Err(405));
         assert_eq!(parse(Method::POST, ""), Err(405));
         assert_eq!(parse(Method::PUT, "metadata"), Err(405));
         assert_eq!(parse(Method::GET, "Nope/1"), Err(404));

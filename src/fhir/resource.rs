@@ -40,43 +40,6 @@ pub fn stamp(body: &mut Map<String, Value>, id: &str, version_id: i64, last_upda
     bytes
 }
 
-/// Normalized token index entries for the `identifier` search parameter: one entry matching
-/// `system|value`, one matching the bare `value` (any system), and `|value` when there is no system.
-pub fn identifier_tokens(body: &Map<String, Value>) -> Vec<(&'static str, String)> {
-    let mut out = Vec::new();
-    let list: Vec<&Value> = match body.get("identifier") {
-        Some(Value::Array(a)) => a.iter().collect(),
-        Some(v @ Value::Object(_)) => vec![v],
-        _ => vec![],
-    };
-    for ident in list {
-        let Some(value) = ident.get("value").and_then(Value::as_str) else {
-            continue;
-        };
-        out.extend(token_keys(ident.get("system").and_then(Value::as_str), value));
-    }
-    out
-}
-
-fn token_keys(system: Option<&str>, value: &str) -> Vec<(&'static str, String)> {
-    let mut out = vec![("identifier", format!("any|{value}"))];
-    match system {
-        Some(s) => out.push(("identifier", format!("sys|{s}|{value}"))),
-        None => out.push(("identifier", format!("nosys|{value}"))),
-    }
-    out
-}
-
-/// The index key a search value `[system]|value` or `value` on a token parameter looks up.
-pub fn token_query_key(query_value: &str) -> Option<String> {
-    match query_value.split_once('|') {
-        None if !query_value.is_empty() => Some(format!("any|{query_value}")),
-        Some(("", v)) if !v.is_empty() => Some(format!("nosys|{v}")),
-        Some((s, v)) if !v.is_empty() => Some(format!("sys|{s}|{v}")),
-        _ => None,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -109,20 +72,5 @@ mod tests {
         assert!(std::str::from_utf8(&bytes)
             .unwrap()
             .starts_with("{\"resourceType\":\"Patient\",\"id\":\"p1\""));
-    }
-
-    #[test]
-    fn identifier_keys_match_queries() {
-        let body = json!({"identifier":[{"system":"urn:s","value":"1"},{"value":"2"}]})
-            .as_object()
-            .cloned()
-            .unwrap();
-        let keys: Vec<String> = identifier_tokens(&body).into_iter().map(|(_, k)| k).collect();
-        for q in ["urn:s|1", "1", "2", "|2"] {
-            assert!(keys.contains(&token_query_key(q).unwrap()), "{q}");
-        }
-        assert!(!keys.contains(&token_query_key("|1").unwrap()));
-        assert!(!keys.contains(&token_query_key("urn:x|1").unwrap()));
-        assert_eq!(token_query_key("|"), None);
     }
 }

@@ -18,6 +18,22 @@ use serde_json::Value;
 /// candidates of a longer prefix few while each value costs at most seven index rows.
 pub const BLIND_PREFIX_MAX: usize = 6;
 
+/// The blind-index keys of an identifying token (identifier, telecom): one a search for the
+/// bare value finds (any system), and one for `system|value` (`|value`: no system).
+pub fn blind_token_keys(system: Option<&str>, value: &str) -> [String; 2] {
+    [format!("\u{0}any|{value}"), format!("{}|{value}", system.unwrap_or(""))]
+}
+
+/// The blind-index key a token search value looks up: `value` (any system), `|value` (no
+/// system) or `system|value`; `system|` alone has none (a blind index cannot list a system).
+pub fn blind_token_query(query_value: &str) -> Option<String> {
+    match query_value.split_once('|') {
+        None if !query_value.is_empty() => Some(format!("\u{0}any|{query_value}")),
+        Some((s, v)) if !v.is_empty() => Some(format!("{s}|{v}")),
+        _ => None,
+    }
+}
+
 /// The blind-index keys of a PHI string value: the folded whole, and its prefixes shorter than
 /// the whole up to `BLIND_PREFIX_MAX` (a search for a prefix as long as the value matches the
 /// whole instead, so that row is not repeated).
@@ -139,9 +155,9 @@ pub fn index_rows(registry: &Registry, cipher: &Cipher, resource_type: &str, res
                     blind: None,
                 }),
                 IndexValue::Token { system, code: c } if param.phi => {
-                    // as conditional writes match identifiers: `system|value` and `|value`
-                    rows.push(token_blind(&format!("|{c}")));
-                    rows.push(token_blind(&format!("{}|{c}", system.as_deref().unwrap_or(""))));
+                    for key in blind_token_keys(system.as_deref(), &c) {
+                        rows.push(token_blind(&key));
+                    }
                 }
                 IndexValue::Token { system, code: c } => rows.push(SearchRow::Token {
                     param: code.clone(),
@@ -168,10 +184,7 @@ pub fn index_rows(registry: &Registry, cipher: &Cipher, resource_type: &str, res
                     type_system.as_deref().unwrap_or("")
                 ))),
                 IndexValue::ReferenceIdentifier { system, value } => {
-                    for key in [
-                        format!("|{value}"),
-                        format!("{}|{value}", system.as_deref().unwrap_or("")),
-                    ] {
+                    for key in blind_token_keys(system.as_deref(), &value) {
                         rows.push(SearchRow::Token {
                             param: format!("{code}:identifier"),
                             system: None,
@@ -285,6 +298,46 @@ mod tests {
         assert_eq!(soundex("Pfister").as_deref(), Some("P236"));
         assert_eq!(soundex("Lee").as_deref(), Some("L000"));
         assert_eq!(soundex("42"), None);
+    }
+
+    #[test]
+    fn the_identifying_list_decides_what_is_blind() {
+        let cipher = crate::crypto::test_cipher();
+        let patient = serde_json::json!({"resourceType": "Patient", "gender": "female"});
+        let gender = |r: &Registry| -> Vec<SearchRow> {
+            index_rows(r, &cipher, "Patient", &patient)
+                .into_iter()
+                .filter(|row| matches!(row, SearchRow::Token { param, .. } if param == "gender"))
+                .collect()
+        };
+        let plain = gender(&Registry::r4().unwrap());
+        assert!(matches!(&plain[0], SearchRow::Token { code: Some(c), blind: None, .. } if c == "female"));
+        let mut list = registry::default_phi();
+        list.push("Patient.gender".into());
+        let blind = gender(&Registry::r4_with_phi(&list).unwrap());
+        assert!(!blind.is_empty());
+        assert!(blind.iter().all(|r| matches!(
+            r,
+            SearchRow::Token {
+                code: None,
+                blind: Some(_),
+                ..
+            }
+        )));
+    }
+
+    #[test]
+    fn blind_token_keys_match_queries() {
+        let mut keys = Vec::new();
+        keys.extend(blind_token_keys(Some("urn:s"), "1"));
+        keys.extend(blind_token_keys(None, "2"));
+        for q in ["urn:s|1", "1", "2", "|2"] {
+            assert!(keys.contains(&blind_token_query(q).unwrap()), "{q}");
+        }
+        assert!(!keys.contains(&blind_token_query("|1").unwrap()), "|1 means no system");
+        assert!(!keys.contains(&blind_token_query("urn:x|1").unwrap()));
+        assert_eq!(blind_token_query("|"), None);
+        assert_eq!(blind_token_query("urn:s|"), None);
     }
 
     #[test]

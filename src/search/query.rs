@@ -376,15 +376,9 @@ fn conds_for(
                 value: v.to_string(),
             }),
             (ParamType::Token, None | Some("not")) if param.phi => {
-                let key = match v.split_once('|') {
-                    Some((s, c)) if !c.is_empty() => format!("{s}|{c}"),
-                    Some(_) => {
-                        return Err(QueryError::NotSupported(
-                            "system| alone cannot be searched on an identifying parameter",
-                        ))
-                    }
-                    None => format!("|{v}"),
-                };
+                let key = super::blind_token_query(v).ok_or(QueryError::NotSupported(
+                    "system| alone cannot be searched on an identifying parameter",
+                ))?;
                 any.push(Cond::Blind {
                     table: "search_token",
                     param: p.clone(),
@@ -437,11 +431,8 @@ fn conds_for(
                 }
             }
             (ParamType::Reference, Some("identifier")) => {
-                let key = match v.split_once('|') {
-                    Some((s, c)) if !c.is_empty() => format!("{s}|{c}"),
-                    Some(_) => return Err(QueryError::Invalid(":identifier takes system|value or value")),
-                    None => format!("|{v}"),
-                };
+                let key = super::blind_token_query(v)
+                    .ok_or(QueryError::Invalid(":identifier takes system|value, |value or value"))?;
                 let name = format!("{p}:identifier");
                 any.push(Cond::Blind {
                     table: "search_token",

@@ -5,6 +5,7 @@
 
 use crate::fhir::fhirpath::{FhirPath, FhirPathError};
 use serde_json::Value;
+use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
@@ -75,6 +76,18 @@ pub struct Component {
     pub expression: FhirPath,
 }
 
+/// The default list of identifying parameters (`Type.code`, `*.code` for every type): names,
+/// addresses, contact details, birth and death dates of the types that describe people, and
+/// identifiers everywhere.
+pub fn default_phi() -> Vec<String> {
+    let mut out: Vec<String> = PEOPLE
+        .iter()
+        .flat_map(|t| PHI_CODES.iter().map(move |c| format!("{t}.{c}")))
+        .collect();
+    out.push("*.identifier".into());
+    out
+}
+
 /// Codes whose values identify a person, for the resource types that describe people.
 const PHI_CODES: &[&str] = &[
     "name",
@@ -102,17 +115,39 @@ pub struct Registry {
     /// Parameters of `Resource` and `DomainResource`, which every type has.
     common: BTreeMap<String, Arc<SearchParam>>,
     count: usize,
+    fingerprint: String,
 }
 
+/// The version of the index rows' format (blind-index keys, prefix bounds, columns): a change
+/// makes every stored index stale, which the fingerprint then tells.
+const INDEX_FORMAT: &str = "fhirvault-search-index-3";
+
 impl Registry {
-    /// Loads the official R4 parameters, compiling each expression once.
+    /// Loads the official R4 parameters with the default identifying ones.
     pub fn r4() -> Result<Registry, RegistryError> {
+        Registry::r4_with_phi(&default_phi())
+    }
+
+    /// Loads the official R4 parameters, compiling each expression once; `phi` lists the
+    /// identifying ones (`Type.code`, `*.code`). A definition shared by several types is
+    /// identifying on all of them when the list names it on any: its one index cannot be both.
+    pub fn r4_with_phi(phi_list: &[String]) -> Result<Registry, RegistryError> {
         let bundle: Value = serde_json::from_str(R4_SEARCH_PARAMETERS_JSON).map_err(|_| RegistryError::Format)?;
         let entries = bundle
             .get("entry")
             .and_then(Value::as_array)
             .ok_or(RegistryError::Format)?;
         let mut registry = Registry::default();
+        // what the index rows depend on: the definitions, the identifying list, and the format
+        // of the rows themselves (`INDEX_FORMAT`)
+        let mut phi_sorted = phi_list.to_vec();
+        phi_sorted.sort();
+        phi_sorted.dedup();
+        let mut h = Sha256::new();
+        h.update(INDEX_FORMAT.as_bytes());
+        h.update(R4_SEARCH_PARAMETERS_JSON.as_bytes());
+        h.update(phi_sorted.join("\n").as_bytes());
+        registry.fingerprint = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
         // the type of each definition, for the components of composites
         let kinds: HashMap<&str, ParamType> = entries
             .iter()
@@ -162,9 +197,10 @@ impl Registry {
                 .and_then(Value::as_array)
                 .map(|b| b.iter().filter_map(Value::as_str).map(str::to_string).collect())
                 .unwrap_or_default();
-            // identifiers are identifying on every resource; the rest only on people
-            let phi = code == "identifier"
-                || (PHI_CODES.contains(&code.as_str()) && bases.iter().any(|b| PEOPLE.contains(&b.as_str())));
+            let phi = phi_list.iter().any(|entry| match entry.split_once('.') {
+                Some((t, c)) => c == code && (t == "*" || bases.iter().any(|b| b == t)),
+                None => false,
+            });
             let param = Arc::new(SearchParam {
                 code: code.clone(),
                 url,
@@ -188,6 +224,12 @@ impl Registry {
             }
         }
         Ok(registry)
+    }
+
+    /// A digest of everything the index rows depend on: an index built under another one is
+    /// stale (`fhirvault reindex` rebuilds it).
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
     }
 
     /// How many parameter definitions were loaded.

@@ -13,7 +13,7 @@
 use super::encrypted::EncryptedColumn;
 use super::schema::{
     audit_archives, audit_chain, audit_checkpoints, audit_entities, audit_events, resource_compartments,
-    resource_versions, resources, token_index,
+    resource_versions, resources,
 };
 use super::{Access, DbConnection, Store, StoreError};
 use crate::crypto::{Aad, Cipher, Sealed};
@@ -151,9 +151,6 @@ backup_table!(VersionRow, resource_versions, order: (resource_versions::id), {
 backup_table!(CompartmentRow, resource_compartments, order: (resource_compartments::resource_type, resource_compartments::logical_id, resource_compartments::version_id, resource_compartments::patient_id), {
     resource_type: String, logical_id: String, version_id: i64, patient_id: String,
 });
-backup_table!(TokenRow, token_index, order: (token_index::resource_type, token_index::logical_id, token_index::param, token_index::value), {
-    resource_type: String, logical_id: String, param: String, #[serde(with = "b64")] value: Vec<u8>,
-});
 backup_table!(AuditEventRow, audit_events, order: (audit_events::id), {
     id: String, recorded: NaiveDateTime, type_code: String, subtype: String, action: String, outcome: String,
     agent: String, key_version: i32, #[serde(with = "sealed")] content: EncryptedColumn,
@@ -178,7 +175,6 @@ const TABLES: &[&str] = &[
     "resources",
     "resource_compartments",
     "resource_versions",
-    "token_index",
     "audit_archives",
     "audit_events",
     "audit_entities",
@@ -296,7 +292,6 @@ impl Store {
                         "resources" => page!(ResourceRow),
                         "resource_compartments" => page!(CompartmentRow),
                         "resource_versions" => page!(VersionRow),
-                        "token_index" => page!(TokenRow),
                         "audit_archives" => page!(ArchiveRow),
                         "audit_events" => page!(AuditEventRow),
                         "audit_entities" => page!(AuditEntityRow),
@@ -506,7 +501,6 @@ fn insert_lines(conn: &mut DbConnection, table: &str, lines: &[Vec<u8>]) -> Resu
         "resources" => ins!(ResourceRow),
         "resource_compartments" => ins!(CompartmentRow),
         "resource_versions" => ins!(VersionRow),
-        "token_index" => ins!(TokenRow),
         "audit_archives" => ins!(ArchiveRow),
         "audit_events" => ins!(AuditEventRow),
         "audit_entities" => ins!(AuditEntityRow),

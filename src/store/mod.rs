@@ -27,7 +27,7 @@ use diesel::prelude::*;
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 use encrypted::EncryptedColumn;
-use schema::{resource_compartments as rc, resource_versions as rv, resources as cur, token_index as ti};
+use schema::{resource_compartments as rc, resource_versions as rv, resources as cur};
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -63,6 +63,8 @@ pub enum StoreError {
     VersionConflict { current: Option<i64> },
     #[error("the condition matched more than one resource")]
     MultipleMatches,
+    #[error("the id in the body is not that of the resource the condition matched")]
+    ConditionIdMismatch,
     #[error("the update would create the resource, which the caller may not do")]
     CreateNotAllowed,
     #[error("database: {0}")]
@@ -107,7 +109,6 @@ impl Access {
 /// (parameter, normalized value) that will be stored as blind indexes.
 pub struct Content {
     pub json: Vec<u8>,
-    pub tokens: Vec<(&'static str, String)>,
     /// The version's search index rows (built by `crate::search`).
     pub search: Vec<search_index::SearchRow>,
     /// The patients whose compartment holds this version.
@@ -219,12 +220,25 @@ pub enum DeleteOutcome {
     NothingToDelete,
 }
 
-/// A condition on identity (conditional create/update/delete): every listed parameter must
-/// match (AND); within one parameter any of the values may match (OR).
-#[derive(Debug, Clone, Default)]
+/// The condition of a conditional create, update or delete: a search (every clause must hold;
+/// within one, any condition), run in the write's transaction under a lock on the condition.
+/// A test on a resource's decrypted content.
+pub type ContentTest = std::sync::Arc<dyn Fn(&serde_json::Value) -> bool + Send + Sync>;
+
+#[derive(Clone)]
 pub struct Condition {
-    pub ids: Option<Vec<String>>,
-    pub tokens: Vec<(&'static str, Vec<String>)>,
+    pub clauses: Vec<Vec<search_query::Cond>>,
+    /// Blind-index conditions narrow only: candidates must also pass this on their content.
+    pub recheck: Option<ContentTest>,
+    /// The normalized condition, which the lock is taken on (hashed: it may hold PHI).
+    pub key: String,
+}
+
+impl std::fmt::Debug for Condition {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // never the values: they may be PHI
+        write!(f, "Condition({} clauses)", self.clauses.len())
+    }
 }
 
 /// What to list in a history query.
@@ -327,13 +341,14 @@ fn grant_server_role(owner: &mut DbConnection, server: &mut DbConnection) -> Res
     let role: Role = diesel::sql_query("SELECT current_user::text AS name").get_result(server)?;
     let ident = format!("\"{}\"", role.name.replace('"', "\"\""));
     owner.batch_execute(&format!(
-        "GRANT SELECT, INSERT, UPDATE, DELETE ON resources, token_index TO {ident}; \
+        "GRANT SELECT, INSERT, UPDATE, DELETE ON resources TO {ident}; \
          GRANT SELECT, INSERT ON resource_versions, resource_compartments TO {ident}; \
          GRANT USAGE, SELECT ON SEQUENCE resource_versions_id_seq TO {ident}; \
          GRANT SELECT, INSERT ON audit_events, audit_entities, audit_chain, audit_checkpoints TO {ident}; \
          GRANT SELECT ON audit_archives TO {ident}; \
          GRANT SELECT, INSERT, DELETE ON search_string, search_token, search_date, search_reference, \
-               search_number, search_quantity, search_uri, search_composite, search_pages TO {ident};"
+               search_number, search_quantity, search_uri, search_composite, search_pages TO {ident}; \
+         GRANT SELECT, INSERT, UPDATE ON search_settings TO {ident};"
     ))?;
     Ok(())
 }
@@ -576,20 +591,7 @@ impl Store {
             return Ok(Vec::new());
         }
         let mut conn = self.checkout(access)?;
-        let rows: Result<Vec<VersionRow>, StoreError> = rv::table
-            .filter(rv::resource_type.eq(resource_type).and(rv::logical_id.eq_any(ids)))
-            .filter(rv::deleted.eq(false))
-            .filter(diesel::dsl::exists(
-                cur::table.filter(
-                    cur::resource_type
-                        .eq(rv::resource_type)
-                        .and(cur::logical_id.eq(rv::logical_id))
-                        .and(cur::version_id.eq(rv::version_id)),
-                ),
-            ))
-            .select(VersionRow::as_select())
-            .load(&mut conn.conn)
-            .map_err(StoreError::from);
+        let rows = current_rows(&mut conn.conn, resource_type, ids);
         let rows = note(&mut conn, rows)?;
         drop(conn);
         let mut by_id: std::collections::HashMap<String, StoredVersion> = std::collections::HashMap::new();
@@ -721,53 +723,129 @@ impl Store {
         loop {
             attempts += 1;
             let result = self.write_tx(access, |conn| {
-                let ts = now();
-                // A deleted resource is brought back by an update: its numbering continues,
-                // so a version id is never reused.
-                let bumped = bump_current(conn, resource_type, id, if_match, false, ts)?;
-                let (version, created) = match bumped {
-                    Some(v) => (v, false),
-                    None => {
-                        if if_match.is_some() {
-                            let current = current_version(conn, resource_type, id)?.map(|(v, _)| v);
-                            return Err(StoreError::VersionConflict { current });
-                        }
-                        if !may_create {
-                            return Err(StoreError::CreateNotAllowed);
-                        }
-                        insert_current(conn, resource_type, id, ts)?;
-                        (1, true)
-                    }
-                };
-                let content = make(version, ts);
-                let sealed = self.seal(resource_type, id, version, Some(&content))?;
-                self.append_version(conn, resource_type, id, version, ts, "PUT", Some(&content), sealed)?;
-                self.replace_index(conn, resource_type, id, Some(&content), created)?;
-                record_write(
-                    conn,
-                    audit,
-                    resource_type,
-                    id,
-                    Some(version),
-                    if created {
-                        WriteEffect::Created
-                    } else {
-                        WriteEffect::Updated
-                    },
-                    &content.compartments,
-                )?;
-                Ok(Written {
-                    version_id: version,
-                    last_updated: ts,
-                    created,
-                    json: content.json,
-                })
+                self.update_in_tx(conn, resource_type, id, if_match, may_create, &make, audit)
             });
             match result {
                 Err(e) if attempts < 3 && is_unique_violation(&e) => continue,
                 other => return other,
             }
         }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn update_in_tx(
+        &self,
+        conn: &mut DbConnection,
+        resource_type: &str,
+        id: &str,
+        if_match: Option<i64>,
+        may_create: bool,
+        make: &dyn Fn(i64, NaiveDateTime) -> Content,
+        audit: &mut dyn WriteAudit,
+    ) -> Result<Written, StoreError> {
+        let ts = now();
+        // A deleted resource is brought back by an update: its numbering continues, so a
+        // version id is never reused.
+        let bumped = bump_current(conn, resource_type, id, if_match, false, ts)?;
+        let (version, created) = match bumped {
+            Some(v) => (v, false),
+            None => {
+                if if_match.is_some() {
+                    let current = current_version(conn, resource_type, id)?.map(|(v, _)| v);
+                    return Err(StoreError::VersionConflict { current });
+                }
+                if !may_create {
+                    return Err(StoreError::CreateNotAllowed);
+                }
+                insert_current(conn, resource_type, id, ts)?;
+                (1, true)
+            }
+        };
+        let content = make(version, ts);
+        let sealed = self.seal(resource_type, id, version, Some(&content))?;
+        self.append_version(conn, resource_type, id, version, ts, "PUT", Some(&content), sealed)?;
+        self.replace_index(conn, resource_type, id, Some(&content), created)?;
+        record_write(
+            conn,
+            audit,
+            resource_type,
+            id,
+            Some(version),
+            if created {
+                WriteEffect::Created
+            } else {
+                WriteEffect::Updated
+            },
+            &content.compartments,
+        )?;
+        Ok(Written {
+            version_id: version,
+            last_updated: ts,
+            created,
+            json: content.json,
+        })
+    }
+
+    /// A conditional update (`PUT [type]?…`): the one match is updated; with none, the
+    /// resource is created (under `body_id`, else `new_id`); several are refused. Resolved and
+    /// written in one transaction under the condition's lock, so two of them cannot both
+    /// create. `make(id, version, ts)` builds the content. Returns the id written.
+    #[allow(clippy::too_many_arguments)]
+    pub fn conditional_update(
+        &self,
+        access: &Access,
+        resource_type: &str,
+        cond: &Condition,
+        body_id: Option<&str>,
+        new_id: &str,
+        if_match: Option<i64>,
+        make: impl Fn(&str, i64, NaiveDateTime) -> Content,
+        audit: &mut dyn WriteAudit,
+    ) -> Result<(String, Written), StoreError> {
+        self.write_tx(access, |conn| {
+            self.lock_condition(conn, resource_type, cond)?;
+            let matches = self.matching_ids(conn, resource_type, cond, 2)?;
+            let id = match (matches.as_slice(), body_id) {
+                ([], Some(b)) => b.to_string(),
+                ([], None) => new_id.to_string(),
+                ([one], Some(b)) if one != b => return Err(StoreError::ConditionIdMismatch),
+                ([one], _) => one.clone(),
+                _ => return Err(StoreError::MultipleMatches),
+            };
+            let written = self.update_in_tx(
+                conn,
+                resource_type,
+                &id,
+                if_match,
+                true,
+                &|v, ts| make(&id, v, ts),
+                audit,
+            )?;
+            Ok((id, written))
+        })
+    }
+
+    /// A conditional delete (`DELETE [type]?…`): the one match is deleted, none is nothing to
+    /// delete, several are refused; in one transaction under the condition's lock.
+    pub fn conditional_delete(
+        &self,
+        access: &Access,
+        resource_type: &str,
+        cond: &Condition,
+        audit: &mut dyn WriteAudit,
+    ) -> Result<DeleteOutcome, StoreError> {
+        self.write_tx(access, |conn| {
+            self.lock_condition(conn, resource_type, cond)?;
+            let matches = self.matching_ids(conn, resource_type, cond, 2)?;
+            match matches.as_slice() {
+                [] => {
+                    record_write(conn, audit, resource_type, "", None, WriteEffect::Nothing, &[])?;
+                    Ok(DeleteOutcome::NothingToDelete)
+                }
+                [id] => self.delete_in_tx(conn, resource_type, id, None, audit),
+                _ => Err(StoreError::MultipleMatches),
+            }
+        })
     }
 
     /// Deletes the resource: appends a tombstone version and drops its index entries.
@@ -780,31 +858,41 @@ impl Store {
         audit: &mut dyn WriteAudit,
     ) -> Result<DeleteOutcome, StoreError> {
         self.write_tx(access, |conn| {
-            let ts = now();
-            let bumped = bump_current(conn, resource_type, id, if_match, true, ts)?;
-            let Some(version) = bumped else {
-                if if_match.is_some() {
-                    if let Some((v, false)) = current_version(conn, resource_type, id)? {
-                        return Err(StoreError::VersionConflict { current: Some(v) });
-                    }
-                }
-                record_write(conn, audit, resource_type, id, None, WriteEffect::Nothing, &[])?;
-                return Ok(DeleteOutcome::NothingToDelete);
-            };
-            let patients =
-                self.append_version(conn, resource_type, id, version, ts, "DELETE", None, (None, None, None))?;
-            self.replace_index(conn, resource_type, id, None, false)?;
-            record_write(
-                conn,
-                audit,
-                resource_type,
-                id,
-                Some(version),
-                WriteEffect::Deleted,
-                &patients,
-            )?;
-            Ok(DeleteOutcome::Deleted { version_id: version })
+            self.delete_in_tx(conn, resource_type, id, if_match, audit)
         })
+    }
+
+    fn delete_in_tx(
+        &self,
+        conn: &mut DbConnection,
+        resource_type: &str,
+        id: &str,
+        if_match: Option<i64>,
+        audit: &mut dyn WriteAudit,
+    ) -> Result<DeleteOutcome, StoreError> {
+        let ts = now();
+        let bumped = bump_current(conn, resource_type, id, if_match, true, ts)?;
+        let Some(version) = bumped else {
+            if if_match.is_some() {
+                if let Some((v, false)) = current_version(conn, resource_type, id)? {
+                    return Err(StoreError::VersionConflict { current: Some(v) });
+                }
+            }
+            record_write(conn, audit, resource_type, id, None, WriteEffect::Nothing, &[])?;
+            return Ok(DeleteOutcome::NothingToDelete);
+        };
+        let patients = self.append_version(conn, resource_type, id, version, ts, "DELETE", None, (None, None, None))?;
+        self.replace_index(conn, resource_type, id, None, false)?;
+        record_write(
+            conn,
+            audit,
+            resource_type,
+            id,
+            Some(version),
+            WriteEffect::Deleted,
+            &patients,
+        )?;
+        Ok(DeleteOutcome::Deleted { version_id: version })
     }
 
     /// History, newest first, paged by row id.
@@ -869,7 +957,8 @@ impl Store {
         })
     }
 
-    /// Ids of current (not deleted) resources of a type matching `cond`, at most `limit`.
+    /// Ids of current (not deleted) resources of a type matching `cond`, at most `limit`
+    /// (after the re-check, which reads the candidates' content in this transaction).
     fn matching_ids(
         &self,
         conn: &mut DbConnection,
@@ -877,58 +966,32 @@ impl Store {
         cond: &Condition,
         limit: usize,
     ) -> Result<Vec<String>, StoreError> {
-        let mut candidates: Option<BTreeSet<String>> = None;
-        if let Some(ids) = &cond.ids {
-            let found: Vec<String> = cur::table
-                .filter(
-                    cur::resource_type
-                        .eq(resource_type)
-                        .and(cur::logical_id.eq_any(ids))
-                        .and(cur::deleted.eq(false)),
-                )
-                .select(cur::logical_id)
-                .load(conn)?;
-            candidates = Some(found.into_iter().collect());
-        }
-        for (param, values) in &cond.tokens {
-            let blinds: Vec<Vec<u8>> = values
-                .iter()
-                .map(|v| self.cipher.blind_index(param, v).to_vec())
-                .collect();
-            let mut q = ti::table
-                .filter(
-                    ti::resource_type
-                        .eq(resource_type)
-                        .and(ti::param.eq(*param))
-                        .and(ti::value.eq_any(blinds)),
-                )
-                .select(ti::logical_id)
-                .distinct()
-                .into_boxed();
-            if let Some(c) = &candidates {
-                q = q.filter(ti::logical_id.eq_any(c.iter().cloned().collect::<Vec<_>>()));
+        let Some(recheck) = &cond.recheck else {
+            return search_query::matching_ids(conn, resource_type, &cond.clauses, Some(limit));
+        };
+        let mut found = Vec::new();
+        let candidates = search_query::matching_ids(conn, resource_type, &cond.clauses, None)?;
+        for chunk in candidates.chunks(200) {
+            for row in current_rows(conn, resource_type, chunk)? {
+                let v = self.decrypt_row(row)?;
+                let Some(json) = &v.content else { continue };
+                let value: serde_json::Value = serde_json::from_slice(json).map_err(|_| StoreError::Integrity)?;
+                if recheck(&value) {
+                    found.push(v.logical_id);
+                    if found.len() >= limit {
+                        return Ok(found);
+                    }
+                }
             }
-            let found: Vec<String> = q.load(conn)?;
-            candidates = Some(found.into_iter().collect());
         }
-        Ok(candidates.unwrap_or_default().into_iter().take(limit).collect())
+        Ok(found)
     }
 
     /// Serializes concurrent conditional writes on the same condition (PostgreSQL: a
     /// transaction-scoped advisory lock; SQLite: already serialized by the writer mutex).
     fn lock_condition(&self, conn: &mut DbConnection, resource_type: &str, cond: &Condition) -> Result<(), StoreError> {
         if let DbConnection::Pg(pg) = conn {
-            let mut key = String::from(resource_type);
-            if let Some(ids) = &cond.ids {
-                key.push_str("|_id=");
-                key.push_str(&ids.join(","));
-            }
-            for (p, vs) in &cond.tokens {
-                key.push('|');
-                key.push_str(p);
-                key.push('=');
-                key.push_str(&vs.join(","));
-            }
+            let key = format!("{resource_type}?{}", cond.key);
             // A keyed hash, so the lock id reveals nothing of the (possibly PHI) condition.
             let h = self.cipher.blind_index("condition-lock", &key);
             let lock_id = i64::from_be_bytes([h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7]]);
@@ -1028,7 +1091,7 @@ impl Store {
         Ok(patients)
     }
 
-    /// Replaces the index entries of a resource; `fresh` when it cannot have any yet.
+    /// Replaces the search index rows of a resource; `fresh` when it cannot have any yet.
     fn replace_index(
         &self,
         conn: &mut DbConnection,
@@ -1037,45 +1100,31 @@ impl Store {
         content: Option<&Content>,
         fresh: bool,
     ) -> Result<(), StoreError> {
-        if !fresh {
-            diesel::delete(ti::table.filter(ti::resource_type.eq(resource_type).and(ti::logical_id.eq(id))))
-                .execute(conn)?;
-        }
         search_index::replace(
             conn,
             resource_type,
             id,
             content.map(|c| c.search.as_slice()).unwrap_or(&[]),
             fresh,
-        )?;
-        let Some(content) = content else { return Ok(()) };
-        let entries: BTreeSet<(&str, Vec<u8>)> = content
-            .tokens
-            .iter()
-            .map(|(p, v)| (*p, self.cipher.blind_index(p, v).to_vec()))
-            .collect();
-        if entries.is_empty() {
-            return Ok(());
-        }
-        // One multi-row INSERT: one round trip however many entries. MultiConnection has no
-        // batch insert, so this one statement is issued per backend.
-        let rows: Vec<_> = entries
-            .into_iter()
-            .map(|(param, value)| {
-                (
-                    ti::resource_type.eq(resource_type),
-                    ti::logical_id.eq(id),
-                    ti::param.eq(param),
-                    ti::value.eq(value),
-                )
-            })
-            .collect();
-        match conn {
-            DbConnection::Pg(c) => diesel::insert_into(ti::table).values(&rows).execute(c)?,
-            DbConnection::Sqlite(c) => diesel::insert_into(ti::table).values(&rows).execute(c)?,
-        };
-        Ok(())
+        )
     }
+}
+
+/// The current, not deleted, version rows of `ids` (one query).
+fn current_rows(conn: &mut DbConnection, resource_type: &str, ids: &[String]) -> Result<Vec<VersionRow>, StoreError> {
+    Ok(rv::table
+        .filter(rv::resource_type.eq(resource_type).and(rv::logical_id.eq_any(ids)))
+        .filter(rv::deleted.eq(false))
+        .filter(diesel::dsl::exists(
+            cur::table.filter(
+                cur::resource_type
+                    .eq(rv::resource_type)
+                    .and(cur::logical_id.eq(rv::logical_id))
+                    .and(cur::version_id.eq(rv::version_id)),
+            ),
+        ))
+        .select(VersionRow::as_select())
+        .load(conn)?)
 }
 
 /// Gives the session the access context (PostgreSQL; a no-op on SQLite). Session-level rather

@@ -29,15 +29,6 @@ diesel::table! {
 }
 
 diesel::table! {
-    token_index (resource_type, logical_id, param, value) {
-        resource_type -> Text,
-        logical_id -> Text,
-        param -> Text,
-        value -> Binary,
-    }
-}
-
-diesel::table! {
     resource_compartments (resource_type, logical_id, version_id, patient_id) {
         resource_type -> Text,
         logical_id -> Text,
@@ -46,7 +37,7 @@ diesel::table! {
     }
 }
 
-diesel::allow_tables_to_appear_in_same_query!(resource_versions, resources, token_index, resource_compartments);
+diesel::allow_tables_to_appear_in_same_query!(resource_versions, resources, resource_compartments);
 
 diesel::table! {
     use diesel::sql_types::*;

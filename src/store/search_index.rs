@@ -200,8 +200,9 @@ macro_rules! bind_all {
     }};
 }
 
-/// Replaces the index rows of one resource (`fresh`: it has none yet).
-pub(super) fn replace(
+/// Replaces the index rows of one resource (`fresh`: it has none yet). Public for the benches'
+/// raw baseline, which inserts the same rows with the same statements.
+pub fn replace(
     conn: &mut DbConnection,
     resource_type: &str,
     id: &str,
@@ -338,6 +339,55 @@ impl super::Store {
             after = page.last().cloned();
         }
         Ok(done)
+    }
+
+    /// The fingerprint the search index was built under, if recorded.
+    pub fn search_fingerprint(&self) -> Result<Option<String>, StoreError> {
+        #[derive(QueryableByName)]
+        struct V {
+            #[diesel(sql_type = Text)]
+            value: String,
+        }
+        let mut conn = self.checkout(&super::Access::All)?;
+        let rows: Result<Vec<V>, StoreError> = match &mut conn.conn {
+            DbConnection::Pg(c) => diesel::sql_query("SELECT value FROM search_settings WHERE name = 'fingerprint'")
+                .load(c)
+                .map_err(StoreError::from),
+            DbConnection::Sqlite(c) => {
+                diesel::sql_query("SELECT value FROM search_settings WHERE name = 'fingerprint'")
+                    .load(c)
+                    .map_err(StoreError::from)
+            }
+        };
+        Ok(super::note(&mut conn, rows)?.into_iter().next().map(|v| v.value))
+    }
+
+    /// Records the fingerprint the search index is now built under.
+    pub fn set_search_fingerprint(&self, fingerprint: &str) -> Result<(), StoreError> {
+        self.write_tx(&super::Access::All, |conn| {
+            let sql = "INSERT INTO search_settings (name, value) VALUES ('fingerprint', $1) \
+                       ON CONFLICT (name) DO UPDATE SET value = excluded.value";
+            match conn {
+                DbConnection::Pg(c) => diesel::sql_query(sql).bind::<Text, _>(fingerprint).execute(c)?,
+                DbConnection::Sqlite(c) => diesel::sql_query(sql.replace("$1", "?"))
+                    .bind::<Text, _>(fingerprint)
+                    .execute(c)?,
+            };
+            Ok(())
+        })
+    }
+
+    /// Whether any resource is stored (deleted ones included: their history is searchable
+    /// again once they come back).
+    pub fn has_resources(&self) -> Result<bool, StoreError> {
+        use super::schema::resources as cur;
+        let mut conn = self.checkout(&super::Access::All)?;
+        let found: Result<Option<String>, StoreError> = cur::table
+            .select(cur::logical_id)
+            .first(&mut conn.conn)
+            .optional()
+            .map_err(StoreError::from);
+        Ok(super::note(&mut conn, found)?.is_some())
     }
 
     /// Index rows per table (for status and tests).

@@ -613,6 +613,47 @@ macro_rules! bind_all {
     }};
 }
 
+/// Ids of current resources of `resource_type` meeting every clause, in id order, at most
+/// `limit`: a conditional write's search, on the write transaction's connection.
+pub(super) fn matching_ids(
+    conn: &mut DbConnection,
+    resource_type: &str,
+    clauses: &[Vec<Cond>],
+    limit: Option<usize>,
+) -> Result<Vec<String>, StoreError> {
+    let pg = matches!(conn, DbConnection::Pg(_));
+    let mut sql = Sql {
+        pg,
+        binds: Vec::new(),
+        aliases: 0,
+        patient: None,
+    };
+    let mut wheres = vec![
+        format!("r.resource_type = {}", sql.p(Bind::Text(resource_type.to_string()))),
+        "r.deleted = false".to_string(),
+    ];
+    for clause in clauses {
+        let any: Vec<String> = clause
+            .iter()
+            .map(|c| sql.cond(c, "r.resource_type", "r.logical_id"))
+            .collect();
+        if !any.is_empty() {
+            wheres.push(format!("({})", any.join(" OR ")));
+        }
+    }
+    let mut text = format!(
+        "SELECT r.resource_type, r.logical_id FROM resources r WHERE {} ORDER BY r.logical_id",
+        wheres.join(" AND ")
+    );
+    if let Some(n) = limit {
+        text.push_str(&format!(" LIMIT {}", sql.p(Bind::Int(n as i64))));
+    }
+    Ok(Store::key_rows(conn, &text, &sql.binds)?
+        .into_iter()
+        .map(|(_, id)| id)
+        .collect())
+}
+
 /// A resource's (type, id).
 pub type Key = (String, String);
 

@@ -612,3 +612,103 @@ fn modifiers_sorting_and_paging(db: Db) {
     let t = one("/Observation?_id=temp&_summary=data");
     assert!(t["valueQuantity"].is_object());
 }
+
+on_both_backends!(every_parameter_finds_the_official_example);
+
+/// A search value that the indexed value `v` must satisfy, or `None` where the value cannot be
+/// written as a search value without escaping (`,` `$` `|` `\` in it).
+fn query_value(v: &fhirvault::search::IndexValue) -> Option<String> {
+    use fhirvault::search::IndexValue as V;
+    let plain = |s: &str| (!s.contains([',', '$', '|', '\\']) && !s.is_empty()).then(|| s.to_string());
+    match v {
+        V::String(s) => plain(s),
+        V::Token {
+            system: Some(sys),
+            code,
+        } => Some(format!("{}|{}", plain(sys)?, plain(code)?)),
+        V::Token { system: None, code } => plain(code),
+        V::Date { start, .. } => Some(format!("ge{}", start.format("%Y-%m-%dT%H:%M:%SZ"))),
+        V::Reference {
+            resource_type: Some(t),
+            id,
+        } => Some(format!("{t}/{}", plain(id)?)),
+        V::Reference {
+            resource_type: None,
+            id,
+        } => plain(id),
+        V::Number(n) => Some(format!("{n}")),
+        V::Quantity { value, .. } => Some(format!("{value}")),
+        V::Uri(u) => plain(u),
+        V::Composite {
+            c1_system,
+            c1_code,
+            second,
+            third,
+        } => {
+            let first = match c1_system {
+                Some(s) => format!("{}|{}", plain(s)?, plain(c1_code)?),
+                None => plain(c1_code)?,
+            };
+            let second = match second.as_ref() {
+                V::Token { system: Some(s), code } => format!("{}|{}", plain(s)?, plain(code)?),
+                other => query_value(other)?,
+            };
+            Some(match third {
+                Some(n) => format!("{first}${second}${n}"),
+                None => format!("{first}${second}"),
+            })
+        }
+        V::TokenText(_) | V::IdentifierOfType { .. } | V::ReferenceIdentifier { .. } => None,
+    }
+}
+
+/// Every parameter the CapabilityStatement lists, on every type with an official example that
+/// has the element: searching by the example's own value finds the example, on both backends.
+fn every_parameter_finds_the_official_example(db: Db) {
+    let s = TestServer::start(db);
+    let registry = fhirvault::search::Registry::r4().unwrap();
+    let mut searched = 0;
+    let mut failures = Vec::new();
+    for (_, example) in common::r4_examples() {
+        let t = example["resourceType"].as_str().unwrap().to_string();
+        if t == "AuditEvent" {
+            continue;
+        }
+        let r = s.post(&format!("/{t}"), &example);
+        assert_eq!(r.status, 201, "{t}: {}", r.text());
+        let stored = r.json();
+        let id = stored["id"].as_str().unwrap().to_string();
+        for param in registry.params(&t) {
+            if !fhirvault::search::query::supported(param) {
+                continue;
+            }
+            let values = fhirvault::search::extract(param, &stored).unwrap();
+            let Some(value) = values.iter().find_map(query_value) else {
+                continue;
+            };
+            searched += 1;
+            let r = s
+                .client
+                .get(s.url(&format!("/{t}")))
+                .query(&[
+                    (param.code.as_str(), value.as_str()),
+                    ("_count", "1000"),
+                    ("_elements", "id"),
+                ])
+                .header("prefer", "handling=strict")
+                .send()
+                .unwrap();
+            let status = r.status().as_u16();
+            let body: Value = r.json().unwrap_or(Value::Null);
+            let found = body["entry"]
+                .as_array()
+                .is_some_and(|es| es.iter().any(|e| e["resource"]["id"] == id.as_str()));
+            if status != 200 || !found {
+                failures.push(format!("{t}?{}={value}: {status} found={found}", param.code));
+            }
+        }
+    }
+    println!("searched {searched} parameter values, {} failures", failures.len());
+    assert!(searched > 900, "{searched}");
+    assert!(failures.is_empty(), "{failures:#?}");
+}

@@ -96,8 +96,9 @@ pub fn capability_statement(config: &Config, validator: &Validator, registry: &c
                     });
                     if p.phi {
                         v["documentation"] = json!(
-                            "Identifying: stored only as blind indexes. Exact and prefix matches (prefixes \
-                             beyond 6 characters re-checked after decryption); no :contains or :text."
+                            "Identifying: stored only as blind indexes. Exact, prefix and :contains (3 \
+                             characters or more) matches, re-checked after decryption where the blind \
+                             index only narrows; no :text."
                         );
                     }
                     v

@@ -46,6 +46,16 @@ pub fn blind_string_keys(param: &str, folded: &str) -> Vec<(String, String)> {
     keys
 }
 
+/// The distinct three-character pieces of a folded PHI string (`:contains` through blind
+/// indexes: a value contains the searched text only if it has all of its pieces).
+pub fn trigrams(folded: &str) -> Vec<String> {
+    let chars: Vec<char> = folded.chars().collect();
+    let mut out: Vec<String> = chars.windows(3).map(|w| w.iter().collect()).collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
 /// The blind-index buckets of a PHI date: its year, and its month and day where it is that
 /// precise (a birth date search looks up the bucket of its own precision, or the years of a
 /// range, and re-checks the candidates).
@@ -139,7 +149,12 @@ pub fn index_rows(registry: &Registry, cipher: &Cipher, resource_type: &str, res
                         }
                         continue;
                     }
-                    for (key, value) in blind_string_keys(&code, &fold(&s)) {
+                    let folded = fold(&s);
+                    let tri_key = format!("{code}~tri");
+                    let keys = blind_string_keys(&code, &folded)
+                        .into_iter()
+                        .chain(trigrams(&folded).into_iter().map(|t| (tri_key.clone(), t)));
+                    for (key, value) in keys {
                         rows.push(SearchRow::String {
                             param: code.clone(),
                             value: None,
@@ -200,7 +215,6 @@ pub fn index_rows(registry: &Registry, cipher: &Cipher, resource_type: &str, res
                             param: code.clone(),
                             start: None,
                             end: None,
-                            year: None,
                             blind: blind(&format!("{code}~date"), &bucket),
                         });
                     }
@@ -209,7 +223,6 @@ pub fn index_rows(registry: &Registry, cipher: &Cipher, resource_type: &str, res
                     param: code.clone(),
                     start: Some(start),
                     end: Some(end),
-                    year: None,
                     blind: None,
                 }),
                 IndexValue::Reference { resource_type, id } => rows.push(SearchRow::Reference {

@@ -33,6 +33,8 @@ pub enum RecheckTest {
     StringPrefix(String),
     /// the value is exactly this, as written
     Exact(String),
+    /// the folded value contains this
+    Contains(String),
     DateWithin(chrono::NaiveDateTime, chrono::NaiveDateTime, DateOp),
 }
 
@@ -44,6 +46,7 @@ impl Recheck {
             values.iter().any(|v| match (t, v) {
                 (RecheckTest::StringPrefix(p), IndexValue::String(s)) => fold(s).starts_with(p.as_str()),
                 (RecheckTest::Exact(e), IndexValue::String(s)) => s == e,
+                (RecheckTest::Contains(c), IndexValue::String(s)) => fold(s).contains(c.as_str()),
                 (RecheckTest::DateWithin(qs, qe, op), IndexValue::Date { start, end }) => {
                     date_matches(*op, *start, *end, *qs, *qe)
                 }
@@ -358,10 +361,26 @@ fn conds_for(
                 });
                 recheck.push(RecheckTest::Exact(v.to_string()));
             }
-            (ParamType::String, Some("contains")) if param.phi => {
-                return Err(QueryError::NotSupported(
-                    ":contains cannot be searched on an identifying parameter (stored only as blind indexes)",
-                ))
+            (ParamType::String, Some("contains")) if param.phi && param.code != "phonetic" => {
+                // every three-character piece must be there; the candidates are re-checked
+                let folded = fold(v);
+                let pieces = super::trigrams(&folded);
+                if pieces.is_empty() {
+                    return Err(QueryError::NotSupported(
+                        ":contains on an identifying parameter needs at least 3 characters",
+                    ));
+                }
+                any.push(Cond::All(
+                    pieces
+                        .iter()
+                        .map(|t| Cond::Blind {
+                            table: "search_string",
+                            param: p.clone(),
+                            blinds: vec![blind(&format!("{p}~tri"), t)],
+                        })
+                        .collect(),
+                ));
+                recheck.push(RecheckTest::Contains(folded));
             }
             (ParamType::String, None) => any.push(Cond::StringPrefix {
                 param: p.clone(),

@@ -120,7 +120,7 @@ pub struct Registry {
 
 /// The version of the index rows' format (blind-index keys, prefix bounds, columns): a change
 /// makes every stored index stale, which the fingerprint then tells.
-const INDEX_FORMAT: &str = "fhirvault-search-index-3";
+const INDEX_FORMAT: &str = "fhirvault-search-index-4";
 
 impl Registry {
     /// Loads the official R4 parameters with the default identifying ones.

@@ -602,6 +602,22 @@ impl Store {
         Ok(ids.iter().filter_map(|id| by_id.remove(id)).collect())
     }
 
+    /// The SQL of `read_many` alone: the rows fetched, nothing decrypted (the benches'
+    /// baseline of "the SQL a search runs").
+    pub fn fetch_current_rows(
+        &self,
+        access: &Access,
+        resource_type: &str,
+        ids: &[String],
+    ) -> Result<usize, StoreError> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let mut conn = self.checkout(access)?;
+        let rows = current_rows(&mut conn.conn, resource_type, ids);
+        Ok(note(&mut conn, rows)?.len())
+    }
+
     /// One specific version.
     pub fn vread(
         &self,

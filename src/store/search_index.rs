@@ -6,7 +6,7 @@
 use super::{DbConnection, StoreError};
 use chrono::NaiveDateTime;
 use diesel::prelude::*;
-use diesel::sql_types::{Binary, Double, Integer, Nullable, Text, Timestamp};
+use diesel::sql_types::{Binary, Double, Nullable, Text, Timestamp};
 
 /// One index row, built by `crate::search` (values already normalized, PHI already blinded).
 #[derive(Debug, Clone, PartialEq)]
@@ -30,7 +30,6 @@ pub enum SearchRow {
         param: String,
         start: Option<NaiveDateTime>,
         end: Option<NaiveDateTime>,
-        year: Option<i32>,
         blind: Option<Vec<u8>>,
     },
     Reference {
@@ -66,6 +65,9 @@ pub enum SearchRow {
     },
 }
 
+/// Resources per reindex transaction.
+const PAGE: i64 = 500;
+
 /// The index tables, in a fixed order.
 pub const TABLES: &[&str] = &[
     "search_string",
@@ -82,7 +84,6 @@ enum Bind {
     Text(Option<String>),
     Blob(Option<Vec<u8>>),
     Ts(Option<NaiveDateTime>),
-    Int(Option<i32>),
     Dbl(f64),
     OptDbl(Option<f64>),
 }
@@ -128,11 +129,10 @@ impl SearchRow {
                 param,
                 start,
                 end,
-                year,
                 blind,
             } => (
-                "param, start_at, end_at, year, blind",
-                vec![Text(Some(param)), Ts(start), Ts(end), Int(year), Blob(blind)],
+                "param, start_at, end_at, blind",
+                vec![Text(Some(param)), Ts(start), Ts(end), Blob(blind)],
             ),
             SearchRow::Reference {
                 param,
@@ -191,7 +191,6 @@ macro_rules! bind_all {
                 Bind::Text(v) => q.bind::<Nullable<Text>, _>(v),
                 Bind::Blob(v) => q.bind::<Nullable<Binary>, _>(v),
                 Bind::Ts(v) => q.bind::<Nullable<Timestamp>, _>(v),
-                Bind::Int(v) => q.bind::<Nullable<Integer>, _>(v),
                 Bind::Dbl(v) => q.bind::<Double, _>(v),
                 Bind::OptDbl(v) => q.bind::<Nullable<Double>, _>(v),
             };
@@ -284,16 +283,82 @@ pub fn replace(
     Ok(())
 }
 
+/// Inserts the index rows of many resources at once (reindex, after the tables were
+/// emptied): per table multi-row INSERTs of at most `MAX_BINDS` values, instead of statements
+/// per resource.
+fn insert_many(conn: &mut DbConnection, items: &[(String, String, Vec<SearchRow>)]) -> Result<(), StoreError> {
+    const MAX_BINDS: usize = 20_000;
+    let pg = matches!(conn, DbConnection::Pg(_));
+    let ph = |n: usize| if pg { format!("${n}") } else { "?".to_string() };
+    let run = |conn: &mut DbConnection, sql: String, binds: Vec<Bind>| -> Result<(), StoreError> {
+        match conn {
+            DbConnection::Pg(c) => {
+                bind_all!(diesel::sql_query(sql).into_boxed::<diesel::pg::Pg>(), binds).execute(c)?;
+            }
+            DbConnection::Sqlite(c) => {
+                bind_all!(diesel::sql_query(sql).into_boxed::<diesel::sqlite::Sqlite>(), binds).execute(c)?;
+            }
+        }
+        Ok(())
+    };
+    for table in TABLES {
+        let mut cols = None;
+        let mut values: Vec<String> = Vec::new();
+        let mut binds: Vec<Bind> = Vec::new();
+        for (t, id, rows) in items {
+            for r in rows.iter().filter(|r| r.table() == *table) {
+                let (c, vs) = r.columns();
+                cols = Some(c);
+                let mut row_ph = Vec::with_capacity(vs.len() + 2);
+                binds.push(Bind::Text(Some(t.clone())));
+                row_ph.push(ph(binds.len()));
+                binds.push(Bind::Text(Some(id.clone())));
+                row_ph.push(ph(binds.len()));
+                for v in vs {
+                    binds.push(v);
+                    row_ph.push(ph(binds.len()));
+                }
+                values.push(format!("({})", row_ph.join(", ")));
+                if binds.len() >= MAX_BINDS {
+                    let sql = format!(
+                        "INSERT INTO {table} (resource_type, logical_id, {}) VALUES {}",
+                        c,
+                        values.join(", ")
+                    );
+                    run(conn, sql, std::mem::take(&mut binds))?;
+                    values.clear();
+                }
+            }
+        }
+        if let (Some(c), false) = (cols, values.is_empty()) {
+            let sql = format!(
+                "INSERT INTO {table} (resource_type, logical_id, {c}) VALUES {}",
+                values.join(", ")
+            );
+            run(conn, sql, binds)?;
+        }
+    }
+    Ok(())
+}
+
 impl super::Store {
     /// Rebuilds the search index rows of every current resource from its stored content (after
     /// the registry changed, or a restore); `rows(type, json)` builds them; `progress(done)`.
-    /// Works in pages of 200 resources, one transaction each; returns the resources indexed.
+    /// Works in pages of `PAGE` resources, one transaction each; returns the resources indexed.
     pub fn reindex(
         &self,
-        rows: impl Fn(&str, &serde_json::Value) -> Vec<SearchRow>,
+        rows: impl Fn(&str, &serde_json::Value) -> Vec<SearchRow> + Sync,
         mut progress: impl FnMut(u64),
     ) -> Result<u64, StoreError> {
         use super::schema::resources as cur;
+        // a rebuild: every row goes first (one statement per table), then pages only insert,
+        // which halves the index maintenance of replacing row by row
+        self.write_tx(&super::Access::All, |conn| {
+            for table in TABLES {
+                diesel::sql_query(format!("DELETE FROM {table}")).execute(conn)?;
+            }
+            Ok(())
+        })?;
         let mut after: Option<(String, String)> = None;
         let mut done = 0u64;
         loop {
@@ -302,7 +367,7 @@ impl super::Store {
                 .filter(cur::deleted.eq(false))
                 .select((cur::resource_type, cur::logical_id))
                 .order((cur::resource_type, cur::logical_id))
-                .limit(200)
+                .limit(PAGE)
                 .into_boxed();
             if let Some((t, id)) = &after {
                 q = q.filter(
@@ -316,24 +381,45 @@ impl super::Store {
             if page.is_empty() {
                 break;
             }
-            let mut built = Vec::with_capacity(page.len());
             let mut by_type: std::collections::BTreeMap<&str, Vec<String>> = Default::default();
             for (t, id) in &page {
                 by_type.entry(t.as_str()).or_default().push(id.clone());
             }
+            let mut versions = Vec::with_capacity(page.len());
             for (t, ids) in by_type {
-                for v in self.read_many(&super::Access::All, t, &ids)? {
-                    let json: serde_json::Value = serde_json::from_slice(v.content.as_deref().unwrap_or(b"{}"))
-                        .map_err(|_| StoreError::Integrity)?;
-                    built.push((v.resource_type.clone(), v.logical_id.clone(), rows(t, &json)));
-                }
+                versions.extend(self.read_many(&super::Access::All, t, &ids)?);
             }
-            self.write_tx(&super::Access::All, |conn| {
-                for (t, id, r) in &built {
-                    replace(conn, t, id, r, false)?;
-                }
-                Ok(())
+            // the rows are CPU work (FHIRPath over every parameter): on every core
+            let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+            let chunk = versions.len().div_ceil(threads).max(1);
+            let built: Vec<(String, String, Vec<SearchRow>)> = std::thread::scope(|scope| {
+                let handles: Vec<_> = versions
+                    .chunks(chunk)
+                    .map(|part| {
+                        let rows = &rows;
+                        scope.spawn(move || -> Result<Vec<_>, StoreError> {
+                            part.iter()
+                                .map(|v| {
+                                    let json: serde_json::Value =
+                                        serde_json::from_slice(v.content.as_deref().unwrap_or(b"{}"))
+                                            .map_err(|_| StoreError::Integrity)?;
+                                    Ok((
+                                        v.resource_type.clone(),
+                                        v.logical_id.clone(),
+                                        rows(&v.resource_type, &json),
+                                    ))
+                                })
+                                .collect()
+                        })
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().unwrap_or(Err(StoreError::Integrity)))
+                    .collect::<Result<Vec<Vec<_>>, _>>()
+                    .map(|v| v.into_iter().flatten().collect())
             })?;
+            self.write_tx(&super::Access::All, |conn| insert_many(conn, &built))?;
             done += page.len() as u64;
             progress(done);
             after = page.last().cloned();

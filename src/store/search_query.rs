@@ -85,6 +85,8 @@ pub enum Cond {
     },
     /// None of these holds (`:not`).
     Not(Vec<Cond>),
+    /// All of these hold (the pieces of a blind `:contains`).
+    All(Vec<Cond>),
     /// `uri:below`: the indexed uri starts with `prefix`.
     UriBelow {
         param: String,
@@ -308,10 +310,19 @@ impl Sql {
     }
 
     /// SQL for one condition on the resource whose type and id are the expressions `ty`, `id`.
-    fn cond(&mut self, c: &Cond, ty: &str, id: &str) -> String {
-        let on = |t: &str| format!("{t}.resource_type = {ty} AND {t}.logical_id = {id}");
+    ///
+    /// `lit`: the resource type when it is one known type (a checked name, written into the
+    /// SQL): each condition is then an uncorrelated `id IN (SELECT … FROM index WHERE …)` that
+    /// both planners drive from the index table; otherwise a correlated `EXISTS`.
+    fn cond(&mut self, c: &Cond, ty: &str, id: &str, lit: Option<&str>) -> String {
+        let lit = lit.filter(|t| !t.is_empty() && t.chars().all(|c| c.is_ascii_alphanumeric()));
         let exists = |t: &str, table: &str, extra: String| {
-            format!("EXISTS (SELECT 1 FROM {table} {t} WHERE {} AND {extra})", on(t))
+            match lit {
+            Some(rt) => format!("{id} IN (SELECT {t}.logical_id FROM {table} {t} WHERE {t}.resource_type = '{rt}' AND {extra})"),
+            None => format!(
+                "EXISTS (SELECT 1 FROM {table} {t} WHERE {t}.resource_type = {ty} AND {t}.logical_id = {id} AND {extra})"
+            ),
+        }
         };
         // a fresh alias for each table this condition reads
         let (s_, t_, d_, f_, n_, q_, u_, m_) = (
@@ -328,8 +339,12 @@ impl Sql {
         match c {
             Cond::Id(v) => format!("{id} = {}", self.p(Bind::Text(v.clone()))),
             Cond::Not(inner) => {
-                let any: Vec<String> = inner.iter().map(|c| self.cond(c, ty, id)).collect();
+                let any: Vec<String> = inner.iter().map(|c| self.cond(c, ty, id, lit)).collect();
                 format!("NOT ({})", any.join(" OR "))
+            }
+            Cond::All(inner) => {
+                let all: Vec<String> = inner.iter().map(|c| self.cond(c, ty, id, lit)).collect();
+                format!("({})", all.join(" AND "))
             }
             Cond::UriBelow { param, prefix } => {
                 let p = self.p(Bind::Text(param.clone()));
@@ -362,15 +377,32 @@ impl Sql {
                 let comp = self.compartment(&target);
                 let any: Vec<String> = inner
                     .iter()
-                    .map(|c| self.cond(c, &format!("{target}.resource_type"), &format!("{target}.logical_id")))
+                    .map(|c| {
+                        self.cond(
+                            c,
+                            &format!("{target}.resource_type"),
+                            &format!("{target}.logical_id"),
+                            Some(target_type),
+                        )
+                    })
                     .collect();
-                format!(
-                    "EXISTS (SELECT 1 FROM search_reference {f_} JOIN resources {target} \
-                     ON {target}.resource_type = {tt} AND {target}.logical_id = {f_}.target_id AND {target}.deleted = false \
-                     WHERE {f_}.resource_type = {ty} AND {f_}.logical_id = {id} AND {f_}.param = {p} \
-                     AND ({f_}.target_type = {target}.resource_type OR {f_}.target_type IS NULL){comp} AND ({}))",
+                let join = format!(
+                    "FROM search_reference {f_} JOIN resources {target} \
+                     ON {target}.resource_type = {tt} AND {target}.logical_id = {f_}.target_id AND {target}.deleted = false"
+                );
+                let rest = format!(
+                    "{f_}.param = {p} AND ({f_}.target_type = {target}.resource_type OR {f_}.target_type IS NULL)\
+                     {comp} AND ({})",
                     any.join(" OR ")
-                )
+                );
+                match lit {
+                    Some(rt) => {
+                        format!("{id} IN (SELECT {f_}.logical_id {join} WHERE {f_}.resource_type = '{rt}' AND {rest})")
+                    }
+                    None => format!(
+                        "EXISTS (SELECT 1 {join} WHERE {f_}.resource_type = {ty} AND {f_}.logical_id = {id} AND {rest})"
+                    ),
+                }
             }
             Cond::Has {
                 source_type,
@@ -383,16 +415,32 @@ impl Sql {
                 let comp = self.compartment(&source);
                 let any: Vec<String> = inner
                     .iter()
-                    .map(|c| self.cond(c, &format!("{source}.resource_type"), &format!("{source}.logical_id")))
+                    .map(|c| {
+                        self.cond(
+                            c,
+                            &format!("{source}.resource_type"),
+                            &format!("{source}.logical_id"),
+                            Some(source_type),
+                        )
+                    })
                     .collect();
-                format!(
-                    "EXISTS (SELECT 1 FROM search_reference {f_} JOIN resources {source} \
+                let join = format!(
+                    "FROM search_reference {f_} JOIN resources {source} \
                      ON {source}.resource_type = {f_}.resource_type AND {source}.logical_id = {f_}.logical_id \
                      AND {source}.deleted = false \
-                     WHERE {f_}.resource_type = {st} AND {f_}.param = {p} AND {f_}.target_id = {id} \
-                     AND ({f_}.target_type = {ty} OR {f_}.target_type IS NULL){comp} AND ({}))",
-                    any.join(" OR ")
-                )
+                     WHERE {f_}.resource_type = {st} AND {f_}.param = {p}"
+                );
+                let inner = any.join(" OR ");
+                match lit {
+                    Some(rt) => format!(
+                        "{id} IN (SELECT {f_}.target_id {join} \
+                         AND ({f_}.target_type = '{rt}' OR {f_}.target_type IS NULL){comp} AND ({inner}))"
+                    ),
+                    None => format!(
+                        "EXISTS (SELECT 1 {join} AND {f_}.target_id = {id} \
+                         AND ({f_}.target_type = {ty} OR {f_}.target_type IS NULL){comp} AND ({inner}))"
+                    ),
+                }
             }
             Cond::StringPrefix { param, prefix } => {
                 let p = self.p(Bind::Text(param.clone()));
@@ -635,7 +683,7 @@ pub(super) fn matching_ids(
     for clause in clauses {
         let any: Vec<String> = clause
             .iter()
-            .map(|c| sql.cond(c, "r.resource_type", "r.logical_id"))
+            .map(|c| sql.cond(c, "r.resource_type", "r.logical_id", Some(resource_type)))
             .collect();
         if !any.is_empty() {
             wheres.push(format!("({})", any.join(" OR ")));
@@ -690,10 +738,11 @@ impl Store {
                  AND c.logical_id = r.logical_id AND c.version_id = r.version_id AND c.patient_id = {p})"
             ));
         }
+        let lit = (types.len() == 1).then(|| types[0].clone());
         for clause in &q.clauses {
             let any: Vec<String> = clause
                 .iter()
-                .map(|c| sql.cond(c, "r.resource_type", "r.logical_id"))
+                .map(|c| sql.cond(c, "r.resource_type", "r.logical_id", lit.as_deref()))
                 .collect();
             if !any.is_empty() {
                 wheres.push(format!("({})", any.join(" OR ")));
@@ -729,8 +778,23 @@ impl Store {
     /// previous page), with the count when `q.total`. Keyset paging: a page neither repeats nor
     /// skips what was there when the search began, whatever is written meanwhile.
     pub fn search(&self, access: &Access, q: &SearchQuery) -> Result<SearchPage, StoreError> {
-        let mut conn = self.checkout(access)?;
-        let pg = matches!(conn.conn, DbConnection::Pg(_));
+        let (total, mut keys) = self.search_page_keys(access, q)?;
+        let more = keys.len() > q.count as usize;
+        keys.truncate(q.count as usize);
+        if matches!((&q.after, &q.before), (None, Some(_))) {
+            keys.reverse();
+        }
+        let entries = self.read_keys(access, &keys)?;
+        Ok(SearchPage {
+            entries,
+            total,
+            keys,
+            more,
+        })
+    }
+
+    /// The SQL of a search page: the count, its binds (a prefix of the page's), the page.
+    fn page_statements(&self, pg: bool, q: &SearchQuery) -> (String, usize, String, Vec<Bind>) {
         let mut sql = Sql {
             pg,
             binds: Vec::new(),
@@ -757,29 +821,60 @@ impl Store {
             "SELECT r.resource_type, r.logical_id FROM resources r WHERE {page_filter} \
              ORDER BY r.resource_type {dir}, r.logical_id {dir} LIMIT {limit}"
         );
+        (count_sql, count_binds, page_sql, sql.binds)
+    }
+
+    /// The SQL of a search page run on its own (the count when asked, and up to `count + 1`
+    /// keys in page order): what `search` costs in the database, without reading or
+    /// decrypting the resources. The benches' baseline.
+    pub fn search_page_keys(&self, access: &Access, q: &SearchQuery) -> Result<(Option<i64>, Vec<Key>), StoreError> {
+        let mut conn = self.checkout(access)?;
+        let pg = matches!(conn.conn, DbConnection::Pg(_));
+        let (count_sql, count_binds, page_sql, binds) = self.page_statements(pg, q);
         let result = (|| -> Result<(Option<i64>, Vec<Key>), StoreError> {
             let total = if q.total {
-                Some(Self::count_rows(&mut conn.conn, &count_sql, &sql.binds[..count_binds])?)
+                Some(Self::count_rows(&mut conn.conn, &count_sql, &binds[..count_binds])?)
             } else {
                 None
             };
-            let keys = Self::key_rows(&mut conn.conn, &page_sql, &sql.binds)?;
+            let keys = Self::key_rows(&mut conn.conn, &page_sql, &binds)?;
             Ok((total, keys))
         })();
-        let (total, mut keys) = super::note(&mut conn, result)?;
-        drop(conn);
-        let more = keys.len() > q.count as usize;
-        keys.truncate(q.count as usize);
-        if backward {
-            keys.reverse();
+        super::note(&mut conn, result)
+    }
+
+    /// PostgreSQL's plan for a search page (EXPLAIN, or EXPLAIN ANALYZE), one line per row;
+    /// empty on SQLite. `no_seq_scan`: planned with sequential scans disabled, which shows
+    /// whether an index path exists whatever the size of the tables (tests).
+    pub fn explain_search(
+        &self,
+        access: &Access,
+        q: &SearchQuery,
+        analyze: bool,
+        no_seq_scan: bool,
+    ) -> Result<Vec<String>, StoreError> {
+        #[derive(QueryableByName)]
+        struct PlanRow {
+            #[diesel(sql_type = Text, column_name = "QUERY PLAN")]
+            line: String,
         }
-        let entries = self.read_keys(access, &keys)?;
-        Ok(SearchPage {
-            entries,
-            total,
-            keys,
-            more,
-        })
+        let mut conn = self.checkout(access)?;
+        let DbConnection::Pg(c) = &mut conn.conn else {
+            return Ok(Vec::new());
+        };
+        let (_, _, page_sql, binds) = self.page_statements(true, q);
+        let verb = if analyze { "EXPLAIN ANALYZE" } else { "EXPLAIN" };
+        let rows: Result<Vec<PlanRow>, StoreError> = c.transaction(|c| -> Result<Vec<PlanRow>, StoreError> {
+            if no_seq_scan {
+                diesel::sql_query("SET LOCAL enable_seqscan = off").execute(c)?;
+            }
+            Ok(bind_all!(
+                diesel::sql_query(format!("{verb} {page_sql}")).into_boxed::<diesel::pg::Pg>(),
+                &binds
+            )
+            .load(c)?)
+        });
+        Ok(super::note(&mut conn, rows)?.into_iter().map(|r| r.line).collect())
     }
 
     /// The (type, id) of the first `limit` matches in `q.sort` order (then type and id), and

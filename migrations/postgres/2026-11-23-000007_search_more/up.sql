@@ -4,6 +4,8 @@
 -- index maintenance on every write).
 ALTER TABLE search_string ADD COLUMN exact TEXT;
 ALTER TABLE search_token ADD COLUMN text TEXT;
+-- birth dates are blind buckets now (year, month, day), no plaintext year
+ALTER TABLE search_date DROP COLUMN year;
 
 DROP INDEX search_string_value;
 DROP INDEX search_string_blind;
@@ -17,7 +19,7 @@ CREATE INDEX search_token_text ON search_token (resource_type, param, text) WHER
 DROP INDEX search_date_range;
 DROP INDEX search_date_blind;
 CREATE INDEX search_date_range ON search_date (resource_type, param, start_at, end_at) WHERE start_at IS NOT NULL;
-CREATE INDEX search_date_year ON search_date (resource_type, param, year) WHERE year IS NOT NULL;
+CREATE INDEX search_date_blind ON search_date (resource_type, param, blind) WHERE blind IS NOT NULL;
 
 -- One row per combination of a composite parameter's components on one element (a code and
 -- its value): the first component a token (or reference), the others typed.

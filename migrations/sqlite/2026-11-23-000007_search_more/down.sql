@@ -1,7 +1,7 @@
 DROP TABLE search_pages;
 DROP TABLE search_composite;
 DROP INDEX search_token_text;
-DROP INDEX search_date_year;
+DROP INDEX search_date_blind;
 DROP INDEX search_date_range;
 CREATE INDEX search_date_range ON search_date (resource_type, param, start_at, end_at);
 CREATE INDEX search_date_blind ON search_date (resource_type, param, blind);
@@ -15,3 +15,4 @@ CREATE INDEX search_string_value ON search_string (resource_type, param, value);
 CREATE INDEX search_string_blind ON search_string (resource_type, param, blind);
 ALTER TABLE search_token DROP COLUMN text;
 ALTER TABLE search_string DROP COLUMN exact;
+ALTER TABLE search_date ADD COLUMN year INTEGER;

@@ -117,10 +117,12 @@ fn parse_condition(state: &AppState, p: &Principal, resource_type: &str, query: 
         .extend_pairs(pairs.iter())
         .finish();
     let rechecks = parsed.rechecks;
+    let cipher = state.store.shared_cipher();
     Ok(Condition {
         clauses: parsed.query.clauses,
-        recheck: (!rechecks.is_empty())
-            .then(|| Arc::new(move |v: &Value| rechecks.iter().all(|r| r.holds(v))) as crate::store::ContentTest),
+        recheck: (!rechecks.is_empty()).then(|| {
+            Arc::new(move |v: &Value| rechecks.iter().all(|r| r.holds(v, &cipher))) as crate::store::ContentTest
+        }),
         key,
     })
 }

@@ -260,7 +260,7 @@ pub async fn search(
         };
         if !parsed.rechecks.is_empty() || !decision.unrestricted {
             let value: Value = serde_json::from_slice(&json).map_err(|_| ApiError::Internal)?;
-            if !parsed.rechecks.iter().all(|r| r.holds(&value)) {
+            if !parsed.rechecks.iter().all(|r| r.holds(&value, cipher)) {
                 return Ok(None);
             }
             if !decision.admits(&state.compartment, t, &v.logical_id, Some(&value)) {
@@ -417,7 +417,8 @@ pub async fn search(
         "link": links,
     });
     // a total that counts what re-checks or labels hide would say too much
-    let exact = parsed.rechecks.is_empty() || !parsed.memory_sort.is_empty();
+    // (a confirmation only fails on a stale or colliding index row: the count stands)
+    let exact = parsed.rechecks.iter().all(|r| !r.narrows()) || !parsed.memory_sort.is_empty();
     if let (Some(n), true) = (total, exact && !labels_bind && !no_total) {
         bundle["total"] = json!(n);
     }

@@ -123,6 +123,22 @@ pub fn index_rows(registry: &Registry, cipher: &Cipher, resource_type: &str, res
                 continue;
             }
         };
+        rows.extend(param_rows(param, cipher, values));
+    }
+    // the same value reached by two paths (a prefix shared by two name parts …) is one row
+    let mut unique: Vec<SearchRow> = Vec::with_capacity(rows.len());
+    for r in rows {
+        if !unique.contains(&r) {
+            unique.push(r);
+        }
+    }
+    unique
+}
+
+/// The index rows of one parameter's values (PHI blinded).
+pub fn param_rows(param: &SearchParam, cipher: &Cipher, values: Vec<IndexValue>) -> Vec<SearchRow> {
+    let mut rows = Vec::new();
+    {
         let code = param.code.clone();
         let blind = |key: &str, value: &str| Some(cipher.blind_index(key, value).to_vec());
         let token_blind = |key: &str| SearchRow::Token {
@@ -288,14 +304,7 @@ pub fn index_rows(registry: &Registry, cipher: &Cipher, resource_type: &str, res
             }
         }
     }
-    // the same value reached by two paths (a prefix shared by two name parts …) is one row
-    let mut unique: Vec<SearchRow> = Vec::with_capacity(rows.len());
-    for r in rows {
-        if !unique.contains(&r) {
-            unique.push(r);
-        }
-    }
-    unique
+    rows
 }
 
 #[cfg(test)]

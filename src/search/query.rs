@@ -5,6 +5,7 @@
 use super::extract::{date_range, fold, IndexValue};
 use super::registry::{ParamType, Registry, SearchParam};
 use crate::crypto::Cipher;
+use crate::store::search_index::SearchRow;
 use crate::store::search_query::{CompositePart, Cond, DateOp, NumOp, NumTest, SearchQuery, SortKey};
 use chrono::Datelike;
 use std::sync::Arc;
@@ -19,7 +20,10 @@ pub enum QueryError {
     Invalid(&'static str),
 }
 
-/// A condition that blind indexes can only narrow: checked again on the decrypted resource.
+/// A condition found through blind indexes, checked again on the decrypted resource (the
+/// design's invariant: a blind index never decides alone). Some tests only confirm what an
+/// exact blind match found (a stale or colliding index row is all they catch); others decide,
+/// where the blind index only narrows (a prefix past the bound, `:contains`, a date range).
 #[derive(Debug, Clone)]
 pub struct Recheck {
     pub param: Arc<SearchParam>,
@@ -29,6 +33,10 @@ pub struct Recheck {
 
 #[derive(Debug, Clone)]
 pub enum RecheckTest {
+    /// the resource's own blind rows for the parameter include one of these (confirmation)
+    BlindAny(Vec<Vec<u8>>),
+    /// ... include none of these (`:not`; confirmation)
+    BlindNone(Vec<Vec<u8>>),
     /// the folded value starts with this
     StringPrefix(String),
     /// the value is exactly this, as written
@@ -40,10 +48,23 @@ pub enum RecheckTest {
 
 impl Recheck {
     /// Whether the resource satisfies the condition.
-    pub fn holds(&self, resource: &serde_json::Value) -> bool {
+    pub fn holds(&self, resource: &serde_json::Value, cipher: &Cipher) -> bool {
         let values = super::extract(&self.param, resource).unwrap_or_default();
-        self.any.iter().any(|t| {
-            values.iter().any(|v| match (t, v) {
+        let blinds = || -> Vec<Vec<u8>> {
+            super::param_rows(&self.param, cipher, values.clone())
+                .into_iter()
+                .filter_map(|r| match r {
+                    SearchRow::String { blind, .. }
+                    | SearchRow::Token { blind, .. }
+                    | SearchRow::Date { blind, .. } => blind,
+                    _ => None,
+                })
+                .collect()
+        };
+        self.any.iter().any(|t| match t {
+            RecheckTest::BlindAny(wanted) => blinds().iter().any(|b| wanted.contains(b)),
+            RecheckTest::BlindNone(unwanted) => !blinds().iter().any(|b| unwanted.contains(b)),
+            _ => values.iter().any(|v| match (t, v) {
                 (RecheckTest::StringPrefix(p), IndexValue::String(s)) => fold(s).starts_with(p.as_str()),
                 (RecheckTest::Exact(e), IndexValue::String(s)) => s == e,
                 (RecheckTest::Contains(c), IndexValue::String(s)) => fold(s).contains(c.as_str()),
@@ -51,8 +72,15 @@ impl Recheck {
                     date_matches(*op, *start, *end, *qs, *qe)
                 }
                 _ => false,
-            })
+            }),
         })
+    }
+
+    /// Whether the blind index only narrowed (the candidates' count says more than the matches').
+    pub fn narrows(&self) -> bool {
+        self.any
+            .iter()
+            .any(|t| !matches!(t, RecheckTest::BlindAny(_) | RecheckTest::BlindNone(_)))
     }
 }
 
@@ -323,10 +351,12 @@ fn conds_for(
             _ if code == "_id" => any.push(Cond::Id(v.to_string())),
             (ParamType::String, None | Some("exact")) if param.phi && param.code == "phonetic" => {
                 let key = super::soundex(v).ok_or(QueryError::Invalid("phonetic needs a word"))?;
+                let blinds = vec![blind(&format!("{p}~soundex"), &key)];
+                recheck.push(RecheckTest::BlindAny(blinds.clone()));
                 any.push(Cond::Blind {
                     table: "search_string",
                     param: p.clone(),
-                    blinds: vec![blind(&format!("{p}~soundex"), &key)],
+                    blinds,
                 });
             }
             (ParamType::String, None) if param.phi => {
@@ -343,13 +373,15 @@ fn conds_for(
                     recheck.push(RecheckTest::StringPrefix(folded));
                 } else {
                     // a prefix, or the whole value (prefixes stop short of it)
+                    let blinds = vec![
+                        blind(&format!("{p}~prefix"), &folded),
+                        blind(&format!("{p}~full"), &folded),
+                    ];
+                    recheck.push(RecheckTest::BlindAny(blinds.clone()));
                     any.push(Cond::Blind {
                         table: "search_string",
                         param: p.clone(),
-                        blinds: vec![
-                            blind(&format!("{p}~prefix"), &folded),
-                            blind(&format!("{p}~full"), &folded),
-                        ],
+                        blinds,
                     });
                 }
             }
@@ -370,16 +402,11 @@ fn conds_for(
                         ":contains on an identifying parameter needs at least 3 characters",
                     ));
                 }
-                any.push(Cond::All(
-                    pieces
-                        .iter()
-                        .map(|t| Cond::Blind {
-                            table: "search_string",
-                            param: p.clone(),
-                            blinds: vec![blind(&format!("{p}~tri"), t)],
-                        })
-                        .collect(),
-                ));
+                any.push(Cond::BlindAll {
+                    table: "search_string",
+                    param: p.clone(),
+                    blinds: pieces.iter().map(|t| blind(&format!("{p}~tri"), t)).collect(),
+                });
                 recheck.push(RecheckTest::Contains(folded));
             }
             (ParamType::String, None) => any.push(Cond::StringPrefix {
@@ -398,10 +425,16 @@ fn conds_for(
                 let key = super::blind_token_query(v).ok_or(QueryError::NotSupported(
                     "system| alone cannot be searched on an identifying parameter",
                 ))?;
+                let blinds = vec![blind(&p, &key)];
+                recheck.push(if modifier == Some("not") {
+                    RecheckTest::BlindNone(blinds.clone())
+                } else {
+                    RecheckTest::BlindAny(blinds.clone())
+                });
                 any.push(Cond::Blind {
                     table: "search_token",
                     param: p.clone(),
-                    blinds: vec![blind(&p, &key)],
+                    blinds,
                 });
             }
             (ParamType::Token, Some("of-type")) => {
@@ -412,10 +445,12 @@ fn conds_for(
                 if tc.is_empty() || value.is_empty() {
                     return Err(QueryError::Invalid(":of-type takes type-system|type-code|value"));
                 }
+                let blinds = vec![blind(&p, &format!("of-type|{ts}|{tc}|{value}"))];
+                recheck.push(RecheckTest::BlindAny(blinds.clone()));
                 any.push(Cond::Blind {
                     table: "search_token",
                     param: p.clone(),
-                    blinds: vec![blind(&p, &format!("of-type|{ts}|{tc}|{value}"))],
+                    blinds,
                 });
             }
             (ParamType::Token, Some("text")) if param.phi => {
@@ -438,8 +473,15 @@ fn conds_for(
             (ParamType::Date, None) => {
                 let (op, start, end) = date_value(v)?;
                 if param.phi {
-                    any.push(phi_date(cipher, &p, op, start, end));
-                    recheck.push(RecheckTest::DateWithin(start, end, op));
+                    let cond = phi_date(cipher, &p, op, start, end);
+                    // eq looks up the bucket of its own precision: exact; ranges only narrow
+                    match (&cond, op) {
+                        (Cond::Blind { blinds, .. }, DateOp::Within) => {
+                            recheck.push(RecheckTest::BlindAny(blinds.clone()))
+                        }
+                        _ => recheck.push(RecheckTest::DateWithin(start, end, op)),
+                    }
+                    any.push(cond);
                 } else {
                     any.push(Cond::Date {
                         param: p.clone(),
@@ -453,9 +495,11 @@ fn conds_for(
                 let key = super::blind_token_query(v)
                     .ok_or(QueryError::Invalid(":identifier takes system|value, |value or value"))?;
                 let name = format!("{p}:identifier");
+                let blinds = vec![blind(&name, &key)];
+                recheck.push(RecheckTest::BlindAny(blinds.clone()));
                 any.push(Cond::Blind {
                     table: "search_token",
-                    blinds: vec![blind(&name, &key)],
+                    blinds,
                     param: name,
                 });
             }
@@ -523,19 +567,21 @@ fn conds_for(
         any = vec![Cond::Not(any)];
     }
     if !recheck.is_empty() {
+        let check = Recheck {
+            param: param.clone(),
+            any: recheck,
+        };
         if nested {
-            // a re-check reads the resource the chain reaches, which this search does not load
-            return Err(QueryError::NotSupported(
-                "this value of an identifying parameter cannot be searched through a chain",
-            ));
+            // a re-check reads the resource the chain reaches, which this search does not
+            // load: exact blind matches stand there unconfirmed; what only narrows is refused
+            if check.narrows() {
+                return Err(QueryError::NotSupported(
+                    "this value of an identifying parameter cannot be searched through a chain",
+                ));
+            }
+            return Ok((any, None));
         }
-        return Ok((
-            any,
-            Some(Recheck {
-                param: param.clone(),
-                any: recheck,
-            }),
-        ));
+        return Ok((any, Some(check)));
     }
     Ok((any, None))
 }

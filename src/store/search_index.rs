@@ -350,7 +350,6 @@ impl super::Store {
         rows: impl Fn(&str, &serde_json::Value) -> Vec<SearchRow> + Sync,
         mut progress: impl FnMut(u64),
     ) -> Result<u64, StoreError> {
-        use super::schema::resources as cur;
         // a rebuild: every row goes first (one statement per table), then pages only insert,
         // which halves the index maintenance of replacing row by row
         self.write_tx(&super::Access::All, |conn| {
@@ -359,6 +358,31 @@ impl super::Store {
             }
             Ok(())
         })?;
+        // a writer thread inserts page k while this one reads and builds page k + 1
+        let (pages, incoming) = std::sync::mpsc::sync_channel::<Vec<(String, String, Vec<SearchRow>)>>(1);
+        std::thread::scope(|scope| {
+            let writer = scope.spawn(move || -> Result<(), StoreError> {
+                for built in incoming {
+                    self.write_tx(&super::Access::All, |conn| insert_many(conn, &built))?;
+                }
+                Ok(())
+            });
+            let read = self.reindex_pages(&rows, &mut progress, &pages);
+            drop(pages);
+            let written = writer.join().unwrap_or(Err(StoreError::Integrity));
+            // the writer's error first: a failed send only says that the writer stopped
+            written.and(read)
+        })
+    }
+
+    /// Reads and builds the pages of a reindex, handing each to the writer; returns the count.
+    fn reindex_pages(
+        &self,
+        rows: &(impl Fn(&str, &serde_json::Value) -> Vec<SearchRow> + Sync),
+        progress: &mut impl FnMut(u64),
+        pages: &std::sync::mpsc::SyncSender<Vec<(String, String, Vec<SearchRow>)>>,
+    ) -> Result<u64, StoreError> {
+        use super::schema::resources as cur;
         let mut after: Option<(String, String)> = None;
         let mut done = 0u64;
         loop {
@@ -419,7 +443,10 @@ impl super::Store {
                     .collect::<Result<Vec<Vec<_>>, _>>()
                     .map(|v| v.into_iter().flatten().collect())
             })?;
-            self.write_tx(&super::Access::All, |conn| insert_many(conn, &built))?;
+            if pages.send(built).is_err() {
+                // the writer stopped on an error, which the caller reports
+                return Ok(done);
+            }
             done += page.len() as u64;
             progress(done);
             after = page.last().cloned();

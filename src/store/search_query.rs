@@ -85,8 +85,13 @@ pub enum Cond {
     },
     /// None of these holds (`:not`).
     Not(Vec<Cond>),
-    /// All of these hold (the pieces of a blind `:contains`).
-    All(Vec<Cond>),
+    /// PHI values: rows of `table` hold every one of these blind indexes (the three-character
+    /// pieces of a blind `:contains`), found in one pass over the index.
+    BlindAll {
+        table: &'static str,
+        param: String,
+        blinds: Vec<Vec<u8>>,
+    },
     /// `uri:below`: the indexed uri starts with `prefix`.
     UriBelow {
         param: String,
@@ -342,10 +347,6 @@ impl Sql {
                 let any: Vec<String> = inner.iter().map(|c| self.cond(c, ty, id, lit)).collect();
                 format!("NOT ({})", any.join(" OR "))
             }
-            Cond::All(inner) => {
-                let all: Vec<String> = inner.iter().map(|c| self.cond(c, ty, id, lit)).collect();
-                format!("({})", all.join(" AND "))
-            }
             Cond::UriBelow { param, prefix } => {
                 let p = self.p(Bind::Text(param.clone()));
                 let escaped = prefix.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_");
@@ -467,6 +468,20 @@ impl Sql {
                 let p = self.p(Bind::Text(param.clone()));
                 let v = self.p(Bind::Text(value.clone()));
                 exists(&s_, "search_string", format!("{s_}.param = {p} AND {s_}.exact = {v}"))
+            }
+            Cond::BlindAll { table, param, blinds } => {
+                let p = self.p(Bind::Text(param.clone()));
+                let list: Vec<String> = blinds.iter().map(|b| self.p(Bind::Blob(b.clone()))).collect();
+                let n = blinds.len();
+                let select = format!(
+                    "SELECT {s_}.logical_id FROM {table} {s_} WHERE {s_}.resource_type = {{ty}} AND {s_}.param = {p} \
+                     AND {s_}.blind IN ({}) GROUP BY {s_}.logical_id HAVING COUNT(DISTINCT {s_}.blind) = {n}",
+                    list.join(", ")
+                );
+                match lit {
+                    Some(rt) => format!("{id} IN ({})", select.replace("{ty}", &format!("'{rt}'"))),
+                    None => format!("{id} IN ({})", select.replace("{ty}", ty)),
+                }
             }
             Cond::Blind { table, param, blinds } => {
                 let p = self.p(Bind::Text(param.clone()));

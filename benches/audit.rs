@@ -105,6 +105,10 @@ fn bench_backend(db: Db, rows: u64, secs: u64) -> serde_json::Value {
             stats.commits.load(Ordering::Relaxed),
             stats.events.load(Ordering::Relaxed),
         );
+        let (cm0, lm0) = (
+            stats.commit_micros.load(Ordering::Relaxed),
+            stats.linger_micros.load(Ordering::Relaxed),
+        );
         let syncs0 = (db == Db::Postgres).then(|| wal_syncs(&owner_url)).flatten();
         let on = reads(s.addr, conc);
         let syncs1 = (db == Db::Postgres).then(|| wal_syncs(&owner_url)).flatten();
@@ -113,12 +117,14 @@ fn bench_backend(db: Db, rows: u64, secs: u64) -> serde_json::Value {
             stats.events.load(Ordering::Relaxed) - e0,
         );
         let per_commit = events as f64 / commits.max(1) as f64;
+        let commit_ms = (stats.commit_micros.load(Ordering::Relaxed) - cm0) as f64 / 1000.0 / commits.max(1) as f64;
+        let linger_ms = (stats.linger_micros.load(Ordering::Relaxed) - lm0) as f64 / 1000.0 / commits.max(1) as f64;
         let per_fsync = match (syncs0, syncs1) {
             (Some(a), Some(b)) if b > a => Some(events as f64 / (b - a) as f64),
             _ => None,
         };
         eprintln!(
-            "  c{conc:<2} reads/s audit off {off:>7.0}  audit on {on:>7.0}  ratio {:.2}  events/commit {per_commit:>5.1}{}",
+            "  c{conc:<2} reads/s audit off {off:>7.0}  audit on {on:>7.0}  ratio {:.2}  events/commit {per_commit:>5.1}  ms/commit {commit_ms:.2}  linger ms {linger_ms:.2}{}",
             on / off,
             per_fsync.map(|f| format!("  events/WAL fsync {f:.1}")).unwrap_or_default()
         );
@@ -128,6 +134,8 @@ fn bench_backend(db: Db, rows: u64, secs: u64) -> serde_json::Value {
             "reads_per_sec_audit_on": on,
             "ratio_on_vs_off": on / off,
             "audit_events": events,
+            "writer_ms_per_commit": commit_ms,
+            "linger_ms_per_commit": linger_ms,
             "writer_commits": commits,
             "events_per_commit": per_commit,
             "events_per_wal_fsync": per_fsync,

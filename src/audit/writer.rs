@@ -50,6 +50,9 @@ pub struct WriterStats {
     pub commits: AtomicU64,
     pub events: AtomicU64,
     pub failed_batches: AtomicU64,
+    /// Time spent appending batches (the transaction, its commit included), and lingering.
+    pub commit_micros: AtomicU64,
+    pub linger_micros: AtomicU64,
 }
 
 pub(super) struct Writer {
@@ -88,7 +91,11 @@ impl Writer {
                     Err(_) => break,
                 }
             }
+            let lingering = Instant::now();
             self.linger(&rx, &mut jobs);
+            self.stats
+                .linger_micros
+                .fetch_add(lingering.elapsed().as_micros() as u64, Ordering::Relaxed);
             self.process(jobs);
         }
         // shutting down: leave a checkpoint on the last event
@@ -164,6 +171,7 @@ impl Writer {
             return;
         }
         let mut attempts = 0;
+        let appending = Instant::now();
         let result = loop {
             attempts += 1;
             let mut signed: Option<Checkpoint> = None;
@@ -204,6 +212,9 @@ impl Writer {
                 other => break other.map(|head| (head, signed)),
             }
         };
+        self.stats
+            .commit_micros
+            .fetch_add(appending.elapsed().as_micros() as u64, Ordering::Relaxed);
         match result {
             Ok((head, signed)) => {
                 let n = order.len() as u64;

@@ -276,6 +276,44 @@ pub async fn create(
     })
 }
 
+/// The errors of an update (plain or conditional) that mean something particular there.
+fn update_error(e: StoreError) -> ApiError {
+    match e {
+        StoreError::VersionConflict { current: None } => ApiError::PreconditionFailed(
+            IssueType::Conflict,
+            "If-Match was given for a resource that does not exist",
+        ),
+        other => ApiError::from(other),
+    }
+}
+
+/// 201 with the new resource when the update created it, 200 otherwise.
+fn update_response(
+    req: &HttpRequest,
+    state: &AppState,
+    t: &str,
+    id: &str,
+    fmt: Format,
+    prefer: Prefer,
+    written: Written,
+) -> HttpResponse {
+    let status = if written.created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    let loc = version_location(&state.base_url(req), t, id, written.version_id);
+    resource_response(
+        status,
+        fmt,
+        prefer,
+        written.version_id,
+        &written.last_updated,
+        Some(loc),
+        written.json,
+    )
+}
+
 fn logical_id_of(json: &[u8]) -> String {
     #[derive(serde::Deserialize)]
     struct IdOnly {
@@ -555,30 +593,12 @@ pub async fn update(
             .map(|w| (w, tx))
             .map_err(|e| match e {
                 StoreError::CreateNotAllowed => ApiError::Forbidden,
-                StoreError::VersionConflict { current: None } => ApiError::PreconditionFailed(
-                    IssueType::Conflict,
-                    "If-Match was given for a resource that does not exist",
-                ),
-                other => ApiError::from(other),
+                other => update_error(other),
             })
     })
     .await?;
     trail.committed(&state, tx);
-    let status = if written.created {
-        StatusCode::CREATED
-    } else {
-        StatusCode::OK
-    };
-    let loc = version_location(&state.base_url(&req), &t, &id, written.version_id);
-    Ok(resource_response(
-        status,
-        fmt,
-        prefer,
-        written.version_id,
-        &written.last_updated,
-        Some(loc),
-        written.json,
-    ))
+    Ok(update_response(&req, &state, &t, &id, fmt, prefer, written))
 }
 
 pub async fn delete(
@@ -673,30 +693,12 @@ pub async fn conditional_update(
                     IssueType::Invalid,
                     "the id in the body is not that of the resource the condition matched",
                 ),
-                StoreError::VersionConflict { current: None } => ApiError::PreconditionFailed(
-                    IssueType::Conflict,
-                    "If-Match was given for a resource that does not exist",
-                ),
-                other => ApiError::from(other),
+                other => update_error(other),
             })
     })
     .await?;
     trail.committed(&state, tx);
-    let status = if written.created {
-        StatusCode::CREATED
-    } else {
-        StatusCode::OK
-    };
-    let loc = version_location(&state.base_url(&req), &t, &id, written.version_id);
-    Ok(resource_response(
-        status,
-        fmt,
-        prefer,
-        written.version_id,
-        &written.last_updated,
-        Some(loc),
-        written.json,
-    ))
+    Ok(update_response(&req, &state, &t, &id, fmt, prefer, written))
 }
 
 /// `DELETE [type]?…`: deletes the one match; none is nothing to delete; several are refused (412).

@@ -37,17 +37,8 @@ impl FhirPath {
 
     /// Evaluates against a resource (which is also `%resource` and `%context`).
     pub fn evaluate<'a>(&self, resource: &'a Value) -> Result<Vec<Item<'a>>, FhirPathError> {
-        let root = Item::Node(
-            resource,
-            resource.get("resourceType").and_then(Value::as_str).map(str::to_string),
-        );
-        let ctx = eval::Ctx {
-            resource,
-            this: Some(root.clone()),
-            index: None,
-            total: None,
-        };
-        eval::eval(&self.expr, &vec![root], &ctx)
+        let type_name = resource.get("resourceType").and_then(Value::as_str).map(str::to_string);
+        self.evaluate_at(resource, type_name, resource)
     }
 }
 

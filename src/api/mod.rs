@@ -3,6 +3,7 @@
 
 pub mod audit;
 pub mod crud;
+pub mod docs;
 pub mod error;
 pub mod history;
 pub mod metadata;
@@ -53,6 +54,8 @@ pub struct AppState {
     pub metrics: ops::Metrics,
     /// The CapabilityStatement, rendered once at start-up.
     pub capability: Vec<u8>,
+    /// The OpenAPI document, rendered on first request.
+    pub openapi: std::sync::OnceLock<Arc<Vec<u8>>>,
 }
 
 impl AppState {
@@ -88,6 +91,7 @@ impl AppState {
             auditor,
             metrics: ops::Metrics::default(),
             capability: serde_json::to_vec(&capability).expect("CapabilityStatement serializes"),
+            openapi: Default::default(),
         }
     }
 
@@ -258,6 +262,18 @@ pub fn app(
         .route("/healthz", web::get().to(ops::healthz))
         .route("/readyz", web::get().to(ops::readyz))
         .route("/metrics", web::get().to(ops::metrics))
+        .route("/openapi.json", web::get().to(docs::openapi_json))
+        .service(
+            // Swagger UI loads its own scripts and styles (from here, never a CDN)
+            web::scope("/docs")
+                .wrap(DefaultHeaders::new().add((
+                    header::CONTENT_SECURITY_POLICY,
+                    "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; \
+                     img-src 'self' data:; connect-src 'self'; frame-ancestors 'none'",
+                )))
+                .route("", web::get().to(docs::to_docs_index))
+                .service(docs::swagger_ui()),
+        )
         .service(web::scope(&base).default_service(web::to(route::dispatch)))
         .default_service(web::to(not_found))
 }

@@ -815,3 +815,88 @@ fn blind_matches_are_always_rechecked(db: Db) {
     assert_eq!(ids(&s, "/Patient?birthdate=1961-04-05"), only_real);
     assert_eq!(ids(&s, "/Patient?identifier:not=Q1"), Vec::<String>::new());
 }
+
+on_both_backends!(patient_everything);
+
+/// `Patient/[id]/$everything`: the compartment as a paged searchset, with start/end on care
+/// dates, `_since`, `_type` and `_count`, within what the token may search.
+fn patient_everything(db: Db) {
+    let s = TestServer::start(db);
+    put(
+        &s,
+        "/Patient/a",
+        json!({"resourceType": "Patient", "id": "a", "gender": "male"}),
+    );
+    put(&s, "/Patient/b", json!({"resourceType": "Patient", "id": "b"}));
+    for (id, pid, date) in [
+        ("o1", "a", "2023-01-01"),
+        ("o2", "a", "2025-06-01"),
+        ("o3", "b", "2025-06-01"),
+    ] {
+        put(
+            &s,
+            &format!("/Observation/{id}"),
+            json!({"resourceType": "Observation", "id": id, "status": "final", "code": {"text": "x"},
+                   "subject": {"reference": format!("Patient/{pid}")}, "effectiveDateTime": date}),
+        );
+    }
+    put(
+        &s,
+        "/Condition/c1",
+        json!({"resourceType": "Condition", "id": "c1", "subject": {"reference": "Patient/a"}}),
+    );
+    let v = |ids: &[&str]| -> Vec<String> { ids.iter().map(|s| s.to_string()).collect() };
+    assert_eq!(ids(&s, "/Patient/a/$everything"), v(&["a", "c1", "o1", "o2"]));
+    assert_eq!(ids(&s, "/Patient/a/$everything?_type=Observation"), v(&["o1", "o2"]));
+    // start bounds the care dates of the types that have them; the others stay
+    assert_eq!(
+        ids(&s, "/Patient/a/$everything?start=2024-01-01"),
+        v(&["a", "c1", "o2"])
+    );
+    assert_eq!(
+        ids(&s, "/Patient/a/$everything?end=2024-01-01&_type=Observation"),
+        v(&["o1"])
+    );
+    assert_eq!(
+        ids(&s, "/Patient/a/$everything?_since=2999-01-01T00:00:00Z"),
+        Vec::<String>::new()
+    );
+    assert_eq!(s.get("/Patient/a/$everything?nonsense=1").status, 400);
+    assert_eq!(s.get("/Patient/a/$everything?_type=Organization").status, 400);
+    // paged: the filters hold on the next pages, whose links carry none of them
+    let first = s.get("/Patient/a/$everything?_count=1&start=2024-01-01").json();
+    assert_eq!(first["total"], 3);
+    let mut seen = vec![first["entry"][0]["resource"]["id"].as_str().unwrap().to_string()];
+    let mut next = link(&first, "next");
+    while let Some(url) = next {
+        assert!(!url.contains("start") && !url.contains("2024"), "{url}");
+        let page: Value = s.client.get(&url).send().unwrap().json().unwrap();
+        seen.push(page["entry"][0]["resource"]["id"].as_str().unwrap().to_string());
+        next = link(&page, "next");
+    }
+    seen.sort();
+    assert_eq!(seen, v(&["a", "c1", "o2"]));
+    // a patient's token: its own compartment only, and only the types its scopes name
+    let tb = format!("Bearer {}", s.token("patient/*.rs", Some("b")));
+    let r = s.get_with("/Patient/a/$everything", &[("authorization", &tb)]);
+    assert_eq!(r.status, 200);
+    assert!(r.json()["entry"].is_null(), "b sees nothing of a");
+    let r = s.get_with("/Patient/b/$everything", &[("authorization", &tb)]);
+    let mut got: Vec<String> = r.json()["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["resource"]["id"].as_str().unwrap().to_string())
+        .collect();
+    got.sort();
+    assert_eq!(got, v(&["b", "o3"]));
+    let obs_only = format!("Bearer {}", s.token("patient/Observation.rs", Some("b")));
+    assert_eq!(
+        s.get_with("/Patient/b/$everything", &[("authorization", &obs_only)])
+            .json()["total"],
+        1
+    );
+    // audited like a search, with the patient whose data it returned
+    let events = s.get("/AuditEvent?subtype=operation&patient=Patient/a").json();
+    assert!(events["entry"].as_array().is_some_and(|e| !e.is_empty()));
+}

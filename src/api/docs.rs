@@ -365,6 +365,29 @@ pub fn document(validator: &Validator, registry: &Registry, base_path: &str) -> 
                 format!("{base}/{{id}}/$access-report"),
                 PathItemBuilder::new().operation(HttpMethod::Get, report).build(),
             );
+            let everything = with_errors(
+                operation(
+                    "patient-everything".into(),
+                    t,
+                    "Everything in the patient's compartment (the types the token may search)".into(),
+                    vec!["patient/*.rs".into(), "user/*.rs".into(), "system/*.rs".into()],
+                ),
+                &[],
+            )
+            .parameter(path_param("id", "The patient's logical id"))
+            .parameter(query_param(
+                "start",
+                "Care dates from (the types with a `date` parameter)",
+            ))
+            .parameter(query_param("end", "Care dates to"))
+            .parameter(query_param("_since", "Only resources updated since this instant"))
+            .parameter(query_param("_type", "Resource types, comma-separated"))
+            .parameter(query_param("_count", "Page size"))
+            .response("200", body_response("A searchset Bundle", "Bundle"));
+            paths = paths.path(
+                format!("{base}/{{id}}/$everything"),
+                PathItemBuilder::new().operation(HttpMethod::Get, everything).build(),
+            );
         }
     }
     // the patient compartment, and the system level

@@ -119,6 +119,11 @@ pub fn capability_statement(config: &Config, validator: &Validator, registry: &c
             r["searchRevInclude"] = json!(rev);
             if t == "Patient" {
                 r["operation"] = json!([{
+                    "name": "everything",
+                    "definition": "http://hl7.org/fhir/OperationDefinition/Patient-everything",
+                    "documentation": "The patient's compartment as a paged searchset Bundle (start, end, _since, _type, \
+                        _count), limited to the types the token may search; audited like a search."
+                }, {
                     "name": "access-report",
                     "definition": "https://fhirvault.dev/OperationDefinition/Patient-access-report",
                     "documentation": "Who accessed this patient's record, when and why (AuditEvents about the patient, \

@@ -386,6 +386,14 @@ async fn handle(
             id: Some(id),
             name,
         } if resource_type == "Patient" && name == "$access-report" => audit::access_report(req, p, id, state).await,
+        Interaction::Operation {
+            resource_type,
+            id: Some(id),
+            name,
+        } if resource_type == "Patient" && name == "$everything" && req.method() == actix_web::http::Method::GET => {
+            let pairs = super::negotiate::query_pairs(&req);
+            search::search(req, p, search::Target::Everything(id), pairs, state).await
+        }
         Interaction::Operation { .. } => Err(ApiError::NotFound("unknown operation")),
     };
     if matches!(result, Err(ApiError::Forbidden)) {

@@ -10,6 +10,7 @@ use crate::auth::{Permission, Principal};
 use crate::fhir::resource::instant;
 use crate::fhir::IssueType;
 use crate::search::query::{parse, QueryError};
+use crate::store::search_query::{Cond, DateOp};
 use crate::store::{now, StoredVersion};
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde_json::{json, Value};
@@ -36,6 +37,8 @@ pub enum Target {
     Compartment(String, String),
     /// `?_type=…` at the base.
     System,
+    /// `Patient/[id]/$everything`: the patient's compartment, every type the token may search.
+    Everything(String),
 }
 
 impl Target {
@@ -45,6 +48,7 @@ impl Target {
             Target::Type(t) => t.clone(),
             Target::Compartment(pid, t) => format!("Patient/{pid}/{t}"),
             Target::System => String::new(),
+            Target::Everything(pid) => format!("Patient/{pid}/$everything"),
         }
     }
 }
@@ -140,8 +144,56 @@ pub async fn search(
         cursor = c;
         page_token = Some(token);
     }
+    // $everything: its own parameters, turned into a search of the compartment
+    let mut care_dates: Vec<(DateOp, String)> = Vec::new();
+    // what the search engine parses (the pairs as received are what is audited and kept for
+    // the next pages)
+    let mut search_pairs = pairs.clone();
+    if matches!(target, Target::Everything(_)) {
+        let mut translated = Vec::new();
+        for (k, v) in pairs.iter().cloned() {
+            match k.as_str() {
+                "_since" => translated.push(("_lastUpdated".to_string(), format!("ge{v}"))),
+                "start" => care_dates.push((DateOp::Ge, v)),
+                "end" => care_dates.push((DateOp::Le, v)),
+                "_type" | "_count" | "_page" | "_format" | "_pretty" => translated.push((k, v)),
+                _ => {
+                    return Err(ApiError::bad_request(
+                        IssueType::NotSupported,
+                        "$everything takes start, end, _since, _type and _count",
+                    ))
+                }
+            }
+        }
+        search_pairs = translated;
+    }
     let types: Vec<String> = match &target {
         Target::Type(t) | Target::Compartment(_, t) => vec![t.clone()],
+        Target::Everything(_) => {
+            let all = state.compartment.types();
+            let listed: Vec<String> = pairs
+                .iter()
+                .filter(|(k, _)| k == "_type")
+                .flat_map(|(_, v)| v.split(',').map(str::trim).map(str::to_string))
+                .filter(|t| !t.is_empty())
+                .collect();
+            if listed.iter().any(|t| !all.contains(t)) {
+                return Err(ApiError::bad_request(
+                    IssueType::NotSupported,
+                    "_type names a type outside the patient compartment",
+                ));
+            }
+            // every type asked for (or in the compartment) that the token may search
+            let wanted = if listed.is_empty() { all } else { listed };
+            let mine: Vec<String> = wanted
+                .into_iter()
+                .filter(|t| t != "AuditEvent" && authorize(&p, t, Permission::Search).is_ok())
+                .collect();
+            if mine.is_empty() {
+                return Err(ApiError::Forbidden);
+            }
+            mine
+        }
         Target::System => {
             let listed: Vec<String> = pairs
                 .iter()
@@ -226,13 +278,40 @@ pub async fn search(
     );
     let strict = super::negotiate::strict_handling(&req);
     let cipher = state.store.cipher();
-    let mut parsed = parse(&state.search, cipher, &types[0], &pairs, count, strict)?;
+    let mut parsed = parse(&state.search, cipher, &types[0], &search_pairs, count, strict)?;
     for other in &types[1..] {
         // every parameter must mean something on every type searched
-        parse(&state.search, cipher, other, &pairs, count, strict)?;
+        parse(&state.search, cipher, other, &search_pairs, count, strict)?;
     }
-    if matches!(target, Target::System) {
+    if matches!(target, Target::System | Target::Everything(_)) {
         parsed.query.types = types.clone();
+    }
+    if let Target::Everything(pid) = &target {
+        parsed.query.compartment = Some(pid.clone());
+        // start/end bound the care date of the types that have one (`date`); the others stay
+        let dated: Vec<String> = types
+            .iter()
+            .filter(|t| {
+                state
+                    .search
+                    .get(t, "date")
+                    .is_some_and(|d| d.kind == crate::search::ParamType::Date)
+            })
+            .cloned()
+            .collect();
+        for (op, v) in &care_dates {
+            let (start, end) = crate::search::extract::date_range(v)
+                .ok_or_else(|| ApiError::bad_request(IssueType::Invalid, "start and end are dates"))?;
+            parsed.query.clauses.push(vec![
+                Cond::Date {
+                    param: "date".into(),
+                    op: *op,
+                    start,
+                    end,
+                },
+                Cond::TypeNotIn(dated.clone()),
+            ]);
+        }
     }
     if let Some(d) = &restricted {
         parsed.query.patient = d.patient.clone();

@@ -55,6 +55,15 @@ impl PatientCompartment {
         Ok(PatientCompartment { paths })
     }
 
+    /// The resource types a patient compartment can hold (Patient itself among them), sorted.
+    pub fn types(&self) -> Vec<String> {
+        let mut out: Vec<String> = self.paths.keys().cloned().collect();
+        out.push("Patient".into());
+        out.sort();
+        out.dedup();
+        out
+    }
+
     /// Whether resources of this type can be in a patient compartment at all.
     pub fn applies_to(&self, resource_type: &str) -> bool {
         resource_type == "Patient" || self.paths.contains_key(resource_type)

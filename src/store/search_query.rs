@@ -85,6 +85,8 @@ pub enum Cond {
     },
     /// None of these holds (`:not`).
     Not(Vec<Cond>),
+    /// The resource is not of one of these types (a filter that applies to some types only).
+    TypeNotIn(Vec<String>),
     /// PHI values: rows of `table` hold every one of these blind indexes (the three-character
     /// pieces of a blind `:contains`), found in one pass over the index.
     BlindAll {
@@ -343,6 +345,11 @@ impl Sql {
         let _ = (&s_, &t_, &d_, &f_, &n_, &q_, &u_, &m_);
         match c {
             Cond::Id(v) => format!("{id} = {}", self.p(Bind::Text(v.clone()))),
+            Cond::TypeNotIn(types) if types.is_empty() => "1 = 1".to_string(),
+            Cond::TypeNotIn(types) => {
+                let list: Vec<String> = types.iter().map(|t| self.p(Bind::Text(t.clone()))).collect();
+                format!("{ty} NOT IN ({})", list.join(", "))
+            }
             Cond::Not(inner) => {
                 let any: Vec<String> = inner.iter().map(|c| self.cond(c, ty, id, lit)).collect();
                 format!("NOT ({})", any.join(" OR "))

@@ -224,6 +224,7 @@ pub struct SearchPage {
     pub more: bool,
 }
 
+#[derive(Clone)]
 enum Bind {
     Text(String),
     Blob(Vec<u8>),
@@ -744,6 +745,56 @@ pub(super) fn matching_ids(
         .collect())
 }
 
+/// The count of a one-condition search of one type, from the index table alone: index rows
+/// exist only for current, not deleted, versions, so the join with `resources` adds nothing
+/// there, and skipping it turns a count of thousands of matches into an index-only scan.
+/// `None` where that does not hold (several conditions, compartments, negations, chains), and
+/// on SQLite, whose planner answers `COUNT(DISTINCT …)` by walking the index that yields the ids
+/// in order, all of the type's rows (measured: 7 counts per second instead of 3,500).
+fn index_count(pg: bool, q: &SearchQuery) -> Option<(String, Vec<Bind>)> {
+    if !pg {
+        return None;
+    }
+    let single_type = q.types.len() <= 1 && q.types.first().is_none_or(|t| *t == q.resource_type);
+    if !single_type || q.patient.is_some() || q.compartment.is_some() || q.nested_patient.is_some() {
+        return None;
+    }
+    let [clause] = q.clauses.as_slice() else { return None };
+    let [cond] = clause.as_slice() else { return None };
+    let plain = matches!(
+        cond,
+        Cond::Blind { .. }
+            | Cond::Token { .. }
+            | Cond::TokenText { .. }
+            | Cond::Reference { .. }
+            | Cond::Date { .. }
+            | Cond::StringPrefix { .. }
+            | Cond::StringExact { .. }
+            | Cond::StringContains { .. }
+            | Cond::Number { .. }
+            | Cond::Quantity { .. }
+            | Cond::Uri { .. }
+            | Cond::UriBelow { .. }
+            | Cond::Composite { .. }
+    );
+    if !plain {
+        return None;
+    }
+    let mut sql = Sql {
+        pg,
+        binds: Vec::new(),
+        aliases: 0,
+        patient: None,
+    };
+    let member = sql.cond(cond, "r.resource_type", "r.logical_id", Some(&q.resource_type));
+    // `r.logical_id IN (SELECT x.logical_id FROM …)`: its subquery
+    let sub = member.strip_prefix("r.logical_id IN (")?.strip_suffix(')')?;
+    Some((
+        format!("SELECT COUNT(DISTINCT c.logical_id) AS n FROM ({sub}) c"),
+        sql.binds,
+    ))
+}
+
 /// A resource's (type, id).
 pub type Key = (String, String);
 
@@ -836,7 +887,7 @@ impl Store {
     }
 
     /// The SQL of a search page: the count, its binds (a prefix of the page's), the page.
-    fn page_statements(&self, pg: bool, q: &SearchQuery) -> (String, usize, String, Vec<Bind>) {
+    fn page_statements(&self, pg: bool, q: &SearchQuery) -> (String, Vec<Bind>, String, Vec<Bind>) {
         let mut sql = Sql {
             pg,
             binds: Vec::new(),
@@ -844,8 +895,13 @@ impl Store {
             patient: q.nested_patient.clone(),
         };
         let filter = self.search_filter(&mut sql, q);
-        let count_sql = format!("SELECT COUNT(*) AS n FROM resources r WHERE {filter}");
-        let count_binds = sql.binds.len();
+        let (count_sql, count_binds) = match index_count(pg, q) {
+            Some(counted) => counted,
+            None => (
+                format!("SELECT COUNT(*) AS n FROM resources r WHERE {filter}"),
+                sql.binds.clone(),
+            ),
+        };
         let (cursor, backward) = match (&q.after, &q.before) {
             (Some(c), _) => (Some(c), false),
             (None, Some(c)) => (Some(c), true),
@@ -875,7 +931,7 @@ impl Store {
         let (count_sql, count_binds, page_sql, binds) = self.page_statements(pg, q);
         let result = (|| -> Result<(Option<i64>, Vec<Key>), StoreError> {
             let total = if q.total {
-                Some(Self::count_rows(&mut conn.conn, &count_sql, &binds[..count_binds])?)
+                Some(Self::count_rows(&mut conn.conn, &count_sql, &count_binds)?)
             } else {
                 None
             };

@@ -626,17 +626,26 @@ pub async fn delete(
     })
     .await?;
     trail.committed(&state, tx);
-    // Like HAPI: 200 with an OperationOutcome; deleting what is absent or already deleted succeeds too.
+    Ok(delete_response(
+        fmt,
+        outcome,
+        "nothing to delete: the resource does not exist or is already deleted",
+    ))
+}
+
+/// Like HAPI: 200 with an OperationOutcome; deleting what is absent or already deleted succeeds
+/// too (`nothing`: the text saying so).
+fn delete_response(fmt: Format, outcome: DeleteOutcome, nothing: &str) -> HttpResponse {
     let mut b = HttpResponse::Ok();
     let text = match outcome {
         DeleteOutcome::Deleted { version_id } => {
             b.insert_header((header::ETAG, etag(version_id)));
             "resource deleted"
         }
-        DeleteOutcome::NothingToDelete => "nothing to delete: the resource does not exist or is already deleted",
+        DeleteOutcome::NothingToDelete => nothing,
     };
-    Ok(b.content_type(fmt.content_type())
-        .body(fmt.render(&OperationOutcome::information(text))))
+    b.content_type(fmt.content_type())
+        .body(fmt.render(&OperationOutcome::information(text)))
 }
 
 /// `PUT [type]?…`: updates the one match, creates when there is none, refuses several (412).
@@ -726,16 +735,11 @@ pub async fn conditional_delete(
     })
     .await?;
     trail.committed(&state, tx);
-    let mut b = HttpResponse::Ok();
-    let text = match outcome {
-        DeleteOutcome::Deleted { version_id } => {
-            b.insert_header((header::ETAG, etag(version_id)));
-            "resource deleted"
-        }
-        DeleteOutcome::NothingToDelete => "nothing to delete: no resource matched the condition",
-    };
-    Ok(b.content_type(fmt.content_type())
-        .body(fmt.render(&OperationOutcome::information(text))))
+    Ok(delete_response(
+        fmt,
+        outcome,
+        "nothing to delete: no resource matched the condition",
+    ))
 }
 
 #[cfg(test)]

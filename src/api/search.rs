@@ -106,6 +106,16 @@ impl Cursor {
     }
 }
 
+/// The types `_type` lists (comma-separated, repeatable).
+fn listed_types(pairs: &[(String, String)]) -> Vec<String> {
+    pairs
+        .iter()
+        .filter(|(k, _)| k == "_type")
+        .flat_map(|(_, v)| v.split(',').map(str::trim).map(str::to_string))
+        .filter(|t| !t.is_empty())
+        .collect()
+}
+
 fn expired_page() -> ApiError {
     ApiError::bad_request(
         IssueType::Invalid,
@@ -171,12 +181,7 @@ pub async fn search(
         Target::Type(t) | Target::Compartment(_, t) => vec![t.clone()],
         Target::Everything(_) => {
             let all = state.compartment.types();
-            let listed: Vec<String> = pairs
-                .iter()
-                .filter(|(k, _)| k == "_type")
-                .flat_map(|(_, v)| v.split(',').map(str::trim).map(str::to_string))
-                .filter(|t| !t.is_empty())
-                .collect();
+            let listed = listed_types(&pairs);
             if listed.iter().any(|t| !all.contains(t)) {
                 return Err(ApiError::bad_request(
                     IssueType::NotSupported,
@@ -195,12 +200,7 @@ pub async fn search(
             mine
         }
         Target::System => {
-            let listed: Vec<String> = pairs
-                .iter()
-                .filter(|(k, _)| k == "_type")
-                .flat_map(|(_, v)| v.split(',').map(str::trim).map(str::to_string))
-                .filter(|t| !t.is_empty())
-                .collect();
+            let listed = listed_types(&pairs);
             if listed.is_empty() {
                 return Err(ApiError::bad_request(
                     IssueType::Required,

@@ -748,13 +748,11 @@ pub(super) fn matching_ids(
 /// The count of a one-condition search of one type, from the index table alone: index rows
 /// exist only for current, not deleted, versions, so the join with `resources` adds nothing
 /// there, and skipping it turns a count of thousands of matches into an index-only scan.
-/// `None` where that does not hold (several conditions, compartments, negations, chains), and
-/// on SQLite, whose planner answers `COUNT(DISTINCT …)` by walking the index that yields the ids
-/// in order, all of the type's rows (measured: 7 counts per second instead of 3,500).
+/// `None` where that does not hold (several conditions, compartments, negations, chains). On
+/// SQLite the count names the index to read: left to itself, its planner answers
+/// `COUNT(DISTINCT …)` by walking the index that yields the ids in order, all of the type's rows
+/// (measured: 7 counts per second instead of 3,500).
 fn index_count(pg: bool, q: &SearchQuery) -> Option<(String, Vec<Bind>)> {
-    if !pg {
-        return None;
-    }
     let single_type = q.types.len() <= 1 && q.types.first().is_none_or(|t| *t == q.resource_type);
     if !single_type || q.patient.is_some() || q.compartment.is_some() || q.nested_patient.is_some() {
         return None;
@@ -780,6 +778,18 @@ fn index_count(pg: bool, q: &SearchQuery) -> Option<(String, Vec<Bind>)> {
     if !plain {
         return None;
     }
+    // SQLite: the count is index-only only if it reads the index that serves the condition,
+    // which it must be told (a partial index only where the condition implies its WHERE)
+    let sqlite_index = match cond {
+        Cond::Blind { table, .. } => Some((*table, format!("{table}_blind"))),
+        Cond::Token { code: Some(_), .. } => Some(("search_token", "search_token_code".to_string())),
+        Cond::Reference { .. } => Some(("search_reference", "search_reference_target".to_string())),
+        Cond::Date { .. } => Some(("search_date", "search_date_range".to_string())),
+        _ => None,
+    };
+    if !pg && sqlite_index.is_none() {
+        return None;
+    }
     let mut sql = Sql {
         pg,
         binds: Vec::new(),
@@ -788,7 +798,14 @@ fn index_count(pg: bool, q: &SearchQuery) -> Option<(String, Vec<Bind>)> {
     };
     let member = sql.cond(cond, "r.resource_type", "r.logical_id", Some(&q.resource_type));
     // `r.logical_id IN (SELECT x.logical_id FROM …)`: its subquery
-    let sub = member.strip_prefix("r.logical_id IN (")?.strip_suffix(')')?;
+    let mut sub = member.strip_prefix("r.logical_id IN (")?.strip_suffix(')')?.to_string();
+    if let (false, Some((table, index))) = (pg, sqlite_index) {
+        // the alias follows the table name in `FROM {table} {alias} WHERE`
+        let from = format!("FROM {table} ");
+        let at = sub.find(&from)? + from.len();
+        let alias_end = at + sub[at..].find(' ')?;
+        sub.insert_str(alias_end, &format!(" INDEXED BY {index}"));
+    }
     Some((
         format!("SELECT COUNT(DISTINCT c.logical_id) AS n FROM ({sub}) c"),
         sql.binds,

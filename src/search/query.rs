@@ -656,8 +656,9 @@ fn num_value(v: &str) -> Result<NumTest, QueryError> {
         Some((m, e)) => (m, e.parse::<i32>().map_err(|_| QueryError::Invalid("not a number"))?),
         None => (rest, 0),
     };
-    let decimals = mantissa.split_once('.').map(|(_, d)| d.len() as i32).unwrap_or(0);
-    let half = 0.5 * 10f64.powi(exponent - decimals);
+    let decimals = mantissa.split_once('.').map(|(_, d)| d.len()).unwrap_or(0);
+    // saturating: a client's exponent may be anything an i32 holds
+    let half = 0.5 * 10f64.powi(exponent.saturating_sub(i32::try_from(decimals).unwrap_or(i32::MAX)));
     let (lo, hi) = if op == NumOp::Ap {
         let spread = (value.abs() / 10.0).max(half);
         (value - spread, value + spread)
@@ -828,4 +829,23 @@ pub fn supported(param: &SearchParam) -> bool {
             ParamType::Composite => composite_ok,
             _ => true,
         }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_carry_their_precision_and_odd_exponents_do_not_panic() {
+        let t = num_value("100").unwrap();
+        assert_eq!((t.lo, t.hi), (99.5, 100.5));
+        let t = num_value("1.50").unwrap();
+        assert!((t.lo - 1.495).abs() < 1e-12 && (t.hi - 1.505).abs() < 1e-12);
+        let t = num_value("1e2").unwrap();
+        assert_eq!((t.lo, t.hi), (50.0, 150.0));
+        // an extreme exponent is a (degenerate) range, never an overflow
+        assert!(num_value("1.5e-2147483648").is_ok());
+        assert!(num_value("1e2147483647").is_err(), "not finite");
+        assert!(num_value("eqx").is_err());
+    }
 }

@@ -50,16 +50,20 @@ impl Recheck {
     /// Whether the resource satisfies the condition.
     pub fn holds(&self, resource: &serde_json::Value, cipher: &Cipher) -> bool {
         let values = super::extract(&self.param, resource).unwrap_or_default();
-        let blinds = || -> Vec<Vec<u8>> {
-            super::param_rows(&self.param, cipher, values.clone())
-                .into_iter()
-                .filter_map(|r| match r {
-                    SearchRow::String { blind, .. }
-                    | SearchRow::Token { blind, .. }
-                    | SearchRow::Date { blind, .. } => blind,
-                    _ => None,
-                })
-                .collect()
+        // the resource's own blind rows, computed once however many tests need them
+        let own = std::cell::OnceCell::new();
+        let blinds = || -> &Vec<Vec<u8>> {
+            own.get_or_init(|| {
+                super::param_rows(&self.param, cipher, values.clone())
+                    .into_iter()
+                    .filter_map(|r| match r {
+                        SearchRow::String { blind, .. }
+                        | SearchRow::Token { blind, .. }
+                        | SearchRow::Date { blind, .. } => blind,
+                        _ => None,
+                    })
+                    .collect()
+            })
         };
         self.any.iter().any(|t| match t {
             RecheckTest::BlindAny(wanted) => blinds().iter().any(|b| wanted.contains(b)),

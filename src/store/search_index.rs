@@ -258,35 +258,16 @@ pub fn replace(
                 }
             }
             // one multi-row INSERT per table (a statement per row costs a preparation each)
-            for table in TABLES {
-                let mine: Vec<&SearchRow> = rows.iter().filter(|r| r.table() == *table).collect();
-                let Some(first) = mine.first() else { continue };
-                let (cols, _) = first.columns();
-                let mut binds = Vec::new();
-                let mut values = Vec::new();
-                for r in mine {
-                    let (_, vs) = r.columns();
-                    values.push(format!("(?, ?, {})", vec!["?"; vs.len()].join(", ")));
-                    binds.push(Bind::Text(Some(resource_type.to_string())));
-                    binds.push(Bind::Text(Some(id.to_string())));
-                    binds.extend(vs);
-                }
-                let sql = format!(
-                    "INSERT INTO {table} (resource_type, logical_id, {cols}) VALUES {}",
-                    values.join(", ")
-                );
-                let q = bind_all!(diesel::sql_query(sql).into_boxed::<diesel::sqlite::Sqlite>(), binds);
-                q.execute(c)?;
-            }
+            insert_many(conn, &[(resource_type, id, rows)])?;
         }
     }
     Ok(())
 }
 
-/// Inserts the index rows of many resources at once (reindex, after the tables were
-/// emptied): per table multi-row INSERTs of at most `MAX_BINDS` values, instead of statements
-/// per resource.
-fn insert_many(conn: &mut DbConnection, items: &[(String, String, Vec<SearchRow>)]) -> Result<(), StoreError> {
+/// Inserts index rows of one or many resources (a write on SQLite; a reindex page, after the
+/// tables were emptied): per table multi-row INSERTs of at most `MAX_BINDS` values, instead of a
+/// statement per row or per resource.
+fn insert_many(conn: &mut DbConnection, items: &[(&str, &str, &[SearchRow])]) -> Result<(), StoreError> {
     const MAX_BINDS: usize = 20_000;
     let pg = matches!(conn, DbConnection::Pg(_));
     let ph = |n: usize| if pg { format!("${n}") } else { "?".to_string() };
@@ -310,9 +291,9 @@ fn insert_many(conn: &mut DbConnection, items: &[(String, String, Vec<SearchRow>
                 let (c, vs) = r.columns();
                 cols = Some(c);
                 let mut row_ph = Vec::with_capacity(vs.len() + 2);
-                binds.push(Bind::Text(Some(t.clone())));
+                binds.push(Bind::Text(Some(t.to_string())));
                 row_ph.push(ph(binds.len()));
-                binds.push(Bind::Text(Some(id.clone())));
+                binds.push(Bind::Text(Some(id.to_string())));
                 row_ph.push(ph(binds.len()));
                 for v in vs {
                     binds.push(v);
@@ -363,7 +344,13 @@ impl super::Store {
         std::thread::scope(|scope| {
             let writer = scope.spawn(move || -> Result<(), StoreError> {
                 for built in incoming {
-                    self.write_tx(&super::Access::All, |conn| insert_many(conn, &built))?;
+                    self.write_tx(&super::Access::All, |conn| {
+                        let items: Vec<(&str, &str, &[SearchRow])> = built
+                            .iter()
+                            .map(|(t, id, rows)| (t.as_str(), id.as_str(), rows.as_slice()))
+                            .collect();
+                        insert_many(conn, &items)
+                    })?;
                 }
                 Ok(())
             });

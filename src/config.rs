@@ -42,6 +42,7 @@ pub struct ConfigLayer {
     pub key_file: Option<PathBuf>,
     pub public_url: Option<String>,
     pub max_body_bytes: Option<usize>,
+    pub max_bundle_entries: Option<usize>,
     pub pool_size: Option<u32>,
     pub behind_tls_proxy: Option<bool>,
     pub log_format: Option<String>,
@@ -116,6 +117,7 @@ impl ConfigLayer {
                 "KEY_FILE" => layer.key_file = Some(value.into()),
                 "PUBLIC_URL" => layer.public_url = Some(value),
                 "MAX_BODY_BYTES" => layer.max_body_bytes = Some(parse_num(&value)? as usize),
+                "MAX_BUNDLE_ENTRIES" => layer.max_bundle_entries = Some(parse_num(&value)? as usize),
                 "POOL_SIZE" => {
                     layer.pool_size = Some(parse_num(&value)?.try_into().map_err(|_| cerr(&key, "too large"))?)
                 }
@@ -187,6 +189,7 @@ impl ConfigLayer {
             key_file,
             public_url,
             max_body_bytes,
+            max_bundle_entries,
             pool_size,
             behind_tls_proxy,
             log_format,
@@ -240,6 +243,8 @@ pub struct Config {
     /// `fullUrl`. When unset, it is derived from each request's `Host`.
     pub public_url: Option<String>,
     pub max_body_bytes: usize,
+    /// The most entries a batch or transaction Bundle may hold (413 past it).
+    pub max_bundle_entries: usize,
     pub pool_size: u32,
     pub behind_tls_proxy: bool,
     pub log_format: LogFormat,
@@ -393,6 +398,10 @@ impl Config {
             _ => return Err(cerr("log_format", "expected text or json")),
         };
         let default_page_size = layer.default_page_size.unwrap_or(20);
+        let max_bundle_entries = layer.max_bundle_entries.unwrap_or(10_000);
+        if !(1..=1_000_000).contains(&max_bundle_entries) {
+            return Err(cerr("max_bundle_entries", "must be between 1 and 1000000"));
+        }
         let max_page_size = layer.max_page_size.unwrap_or(1000);
         if max_page_size == 0 || max_page_size > 10_000 {
             return Err(cerr("max_page_size", "must be between 1 and 10000"));
@@ -553,6 +562,7 @@ impl Config {
             key_file,
             public_url,
             max_body_bytes,
+            max_bundle_entries,
             pool_size,
             behind_tls_proxy: layer.behind_tls_proxy.unwrap_or(false),
             log_format,

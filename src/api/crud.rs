@@ -5,10 +5,11 @@ use super::trail::Trail;
 use super::{blocking, etag, http_date, ApiError, AppState, Format, Prefer};
 use crate::auth::policy::{authorize, Decision};
 use crate::auth::{Permission, Principal};
+use crate::fhir::patch::{Patch, PatchError};
 use crate::fhir::resource;
 use crate::fhir::{Issue, IssueType, OperationOutcome};
 use crate::store::{
-    Condition, Content, CreateMethod, CreateOutcome, DeleteOutcome, StoreError, StoredVersion, Written,
+    self, Condition, Content, CreateMethod, CreateOutcome, DeleteOutcome, StoreError, StoredVersion, Written,
 };
 use actix_web::http::header::{self, HeaderMap};
 use actix_web::http::StatusCode;
@@ -19,7 +20,7 @@ use std::sync::Arc;
 
 /// Lends a resource body as the `Value` that validation and the policy take, moving the map in
 /// and out rather than copying it.
-fn as_value<R>(body: &mut Map<String, Value>, f: impl FnOnce(&mut Value) -> R) -> R {
+pub(super) fn as_value<R>(body: &mut Map<String, Value>, f: impl FnOnce(&mut Value) -> R) -> R {
     let mut value = Value::Object(std::mem::take(body));
     let result = f(&mut value);
     if let Value::Object(m) = value {
@@ -31,7 +32,7 @@ fn as_value<R>(body: &mut Map<String, Value>, f: impl FnOnce(&mut Value) -> R) -
 /// Checks a submitted body: `resourceType` names the URL's type, then the R4 JSON Schema.
 /// `meta.versionId` and `meta.lastUpdated` belong to the server: they are dropped first, so a
 /// stale or malformed client value neither fails validation nor survives.
-fn check_body(state: &AppState, resource_type: &str, body: &mut Map<String, Value>) -> Result<(), ApiError> {
+pub(super) fn check_body(state: &AppState, resource_type: &str, body: &mut Map<String, Value>) -> Result<(), ApiError> {
     match body.get("resourceType").and_then(Value::as_str) {
         Some(t) if t == resource_type => {}
         Some(_) => {
@@ -71,7 +72,7 @@ fn if_match(headers: &HeaderMap) -> Result<Option<i64>, ApiError> {
         .ok_or_else(|| ApiError::bad_request(IssueType::Invalid, "If-Match must be an ETag such as W/\"1\""))
 }
 
-fn parse_etag(s: &str) -> Option<i64> {
+pub(super) fn parse_etag(s: &str) -> Option<i64> {
     let s = s.trim();
     let s = s.strip_prefix("W/").unwrap_or(s);
     s.strip_prefix('"')?.strip_suffix('"')?.parse().ok()
@@ -82,7 +83,12 @@ fn parse_etag(s: &str) -> Option<i64> {
 /// [type]?…`), parsed by the search engine. Strictly: a parameter left out would widen the
 /// condition to more resources than the client named. A token must be able to search, and
 /// read, every type the condition reaches, without compartment limits.
-fn parse_condition(state: &AppState, p: &Principal, resource_type: &str, query: &str) -> Result<Condition, ApiError> {
+pub(super) fn parse_condition(
+    state: &AppState,
+    p: &Principal,
+    resource_type: &str,
+    query: &str,
+) -> Result<Condition, ApiError> {
     let mut pairs = super::negotiate::url_decode_pairs(query.trim_start_matches('?'));
     pairs.retain(|(k, _)| !matches!(k.as_str(), "_format" | "_pretty"));
     if pairs.is_empty() {
@@ -127,6 +133,101 @@ fn parse_condition(state: &AppState, p: &Principal, resource_type: &str, query: 
     })
 }
 
+/// The checks of a create before it is written: the right to create, the body, and (for a
+/// patient-context token) that the new resource is inside its compartment, and the attribute
+/// rules. Returns the decision the write runs under.
+pub(super) fn check_create(
+    state: &AppState,
+    p: &Principal,
+    resource_type: &str,
+    body: &mut Map<String, Value>,
+) -> Result<Decision, ApiError> {
+    let decision = authorize(p, resource_type, Permission::Create)?;
+    check_body(state, resource_type, body)?;
+    // The server assigns the id (FHIR 3.1.0.7): drop the client's before anything looks at it.
+    body.remove("id");
+    // A patient-context token creates only inside its own compartment.
+    if !decision.unrestricted
+        && !as_value(body, |v| {
+            decision.admits(&state.compartment, resource_type, "", Some(v))
+        })
+    {
+        return Err(ApiError::Forbidden);
+    }
+    as_value(body, |v| state.attributes.check_write(p, resource_type, None, v))?;
+    Ok(decision)
+}
+
+/// The checks of an update (`PUT [type]/[id]`) that need no stored version: the rights, the
+/// body and its id, and that new content stays inside a patient-context token's compartment.
+/// Returns the decision and whether the token may create the resource if it does not exist.
+pub(super) fn check_update(
+    state: &AppState,
+    p: &Principal,
+    t: &str,
+    id: &str,
+    body: &mut Map<String, Value>,
+) -> Result<(Decision, bool), ApiError> {
+    let decision = authorize(p, t, Permission::Update)?;
+    // Update-as-create also needs the right to create (decided in the write transaction); a
+    // patient-context token only updates what exists and is already in its compartment.
+    let may_create = authorize(p, t, Permission::Create).is_ok_and(|d| d.unrestricted);
+    check_body(state, t, body)?;
+    match body.get("id").and_then(Value::as_str) {
+        Some(body_id) if body_id == id => {}
+        Some(_) => {
+            return Err(ApiError::BadRequest(vec![Issue::error(
+                IssueType::Invalid,
+                "the id in the body does not match the id in the URL",
+            )
+            .at(format!("{t}.id"))]))
+        }
+        None => {
+            return Err(ApiError::BadRequest(vec![Issue::error(
+                IssueType::Required,
+                "an update must carry the resource id",
+            )
+            .at(format!("{t}.id"))]))
+        }
+    }
+    // The new content must stay inside the compartment, and so must the old one (checked
+    // against the stored version, see `check_against_stored`).
+    if !decision.unrestricted && !as_value(body, |v| decision.admits(&state.compartment, t, id, Some(v))) {
+        return Err(ApiError::Forbidden);
+    }
+    Ok((decision, may_create))
+}
+
+/// Whether an update must be compared with the stored version before it is written.
+pub(super) fn update_needs_stored(state: &AppState, p: &Principal, decision: &Decision, t: &str) -> bool {
+    !decision.unrestricted || state.attributes.needs_old_content(p, t)
+}
+
+/// Checks an update against the stored version `found` (as this token may see it): the
+/// attribute rules compare old and new, and the write is pinned to that version (returned as
+/// the expected version). When nothing is stored an unrestricted token that may create only
+/// creates (`Ok((None, true))`), so a version written meanwhile is never overwritten unchecked.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn check_against_stored(
+    state: &AppState,
+    p: &Principal,
+    decision: &Decision,
+    t: &str,
+    id: &str,
+    body: &mut Map<String, Value>,
+    expected: Option<i64>,
+    may_create: bool,
+    found: Result<StoredVersion, ApiError>,
+) -> Result<(Option<i64>, bool), ApiError> {
+    let (expected, create_only, old) = match admitted(state, p, decision, t, id, found) {
+        Ok((version, content)) => (expected.or(Some(version)), false, content),
+        Err(ApiError::NotFound(_)) if decision.unrestricted && may_create && expected.is_none() => (None, true, None),
+        Err(e) => return Err(e),
+    };
+    as_value(body, |v| state.attributes.check_write(p, t, old.as_ref(), v))?;
+    Ok((expected, create_only))
+}
+
 /// Builds a read/write response with ETag, Last-Modified and the body the client prefers.
 fn resource_response(
     status: StatusCode,
@@ -161,7 +262,7 @@ fn version_location(base: &str, t: &str, id: &str, v: i64) -> String {
     format!("{base}/{t}/{id}/_history/{v}")
 }
 
-fn content_for(
+pub(super) fn content_for(
     state: &AppState,
     resource_type: &str,
     body: &mut Map<String, Value>,
@@ -190,22 +291,11 @@ pub async fn create(
     payload: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    let decision = authorize(&p, &resource_type, Permission::Create)?;
+    authorize(&p, &resource_type, Permission::Create)?;
     let fmt = Format::negotiate(&req)?;
     let prefer = Prefer::from_request(&req);
     let mut body = read_resource_body(&req, payload, state.config.max_body_bytes).await?;
-    check_body(&state, &resource_type, &mut body)?;
-    // The server assigns the id (FHIR 3.1.0.7): drop the client's before anything looks at it.
-    body.remove("id");
-    if !decision.unrestricted {
-        // A patient-context token creates only inside its own compartment.
-        if !as_value(&mut body, |v| {
-            decision.admits(&state.compartment, &resource_type, "", Some(v))
-        }) {
-            return Err(ApiError::Forbidden);
-        }
-    }
-    as_value(&mut body, |v| state.attributes.check_write(&p, &resource_type, None, v))?;
+    let decision = check_create(&state, &p, &resource_type, &mut body)?;
     let condition = match req.headers().get("if-none-exist") {
         // a conditional create is a search, and may answer with the match: it needs both
         Some(v) => Some(parse_condition(
@@ -277,7 +367,7 @@ pub async fn create(
 }
 
 /// The errors of an update (plain or conditional) that mean something particular there.
-fn update_error(e: StoreError) -> ApiError {
+pub(super) fn update_error(e: StoreError) -> ApiError {
     match e {
         StoreError::VersionConflict { current: None } => ApiError::PreconditionFailed(
             IssueType::Conflict,
@@ -314,7 +404,7 @@ fn update_response(
     )
 }
 
-fn logical_id_of(json: &[u8]) -> String {
+pub(super) fn logical_id_of(json: &[u8]) -> String {
     #[derive(serde::Deserialize)]
     struct IdOnly {
         id: String,
@@ -377,7 +467,7 @@ pub async fn vread(
 /// see; hidden elements are masked for readers (`keep_stored` hands a writer the stored content
 /// instead). The stored JSON is parsed once, and only when a restriction or the attribute
 /// policy concerns the resource.
-fn visible(
+pub(super) fn visible(
     state: &AppState,
     p: &Principal,
     decision: &Decision,
@@ -413,19 +503,29 @@ fn visible(
     Ok((v, None))
 }
 
-/// For a write that must be checked against the stored version: that version and its content,
-/// or the same 404 an absent resource gets.
-async fn current_admitted(
+/// The current version, read for a write that must be checked against it.
+async fn stored(
     state: &web::Data<AppState>,
+    decision: &Decision,
+    t: &str,
+    id: &str,
+) -> Result<StoredVersion, ApiError> {
+    let st = state.clone();
+    let (tt, iid) = (t.to_string(), id.to_string());
+    let access = decision.access();
+    blocking(move || st.store.read(&access, &tt, &iid).map_err(ApiError::from)).await
+}
+
+/// For a write that must be checked against the stored version `found`: that version and its
+/// content, or the same 404 an absent resource gets.
+pub(super) fn admitted(
+    state: &AppState,
     p: &Principal,
     decision: &Decision,
     t: &str,
     id: &str,
+    found: Result<StoredVersion, ApiError>,
 ) -> Result<(i64, Option<Value>), ApiError> {
-    let st = state.clone();
-    let (tt, iid) = (t.to_string(), id.to_string());
-    let access = decision.access();
-    let found = blocking(move || st.store.read(&access, &tt, &iid).map_err(ApiError::from)).await;
     match visible(state, p, decision, t, id, found, true) {
         Ok((v, content)) => {
             let content = match content {
@@ -500,57 +600,18 @@ pub async fn update(
     payload: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    let decision = authorize(&p, &t, Permission::Update)?;
-    // Update-as-create also needs the right to create (decided in the write transaction); a
-    // patient-context token only updates what exists and is already in its compartment.
-    let may_create = authorize(&p, &t, Permission::Create).is_ok_and(|d| d.unrestricted);
+    authorize(&p, &t, Permission::Update)?;
     let fmt = Format::negotiate(&req)?;
     let prefer = Prefer::from_request(&req);
     let mut expected = if_match(req.headers())?;
     let mut body = read_resource_body(&req, payload, state.config.max_body_bytes).await?;
-    check_body(&state, &t, &mut body)?;
-    match body.get("id").and_then(Value::as_str) {
-        Some(body_id) if body_id == id => {}
-        Some(_) => {
-            return Err(ApiError::BadRequest(vec![Issue::error(
-                IssueType::Invalid,
-                "the id in the body does not match the id in the URL",
-            )
-            .at(format!("{t}.id"))]))
-        }
-        None => {
-            return Err(ApiError::BadRequest(vec![Issue::error(
-                IssueType::Required,
-                "an update must carry the resource id",
-            )
-            .at(format!("{t}.id"))]))
-        }
-    }
-    if !decision.unrestricted {
-        // The new content must stay inside the compartment, and so must the old one: the
-        // write is pinned to the version checked, so it cannot slip out in between.
-        if !as_value(&mut body, |v| decision.admits(&state.compartment, &t, &id, Some(v))) {
-            return Err(ApiError::Forbidden);
-        }
-    }
+    let (decision, may_create) = check_update(&state, &p, &t, &id, &mut body)?;
     // Set when the write was checked against "no stored version": it may then only create.
     let mut create_only = false;
-    if !decision.unrestricted || state.attributes.needs_old_content(&p, &t) {
-        // Compare with (and restore from) the stored version; the write is pinned to it.
-        let old: Option<Value> = match current_admitted(&state, &p, &decision, &t, &id).await {
-            Ok((version, content)) => {
-                expected = expected.or(Some(version));
-                content
-            }
-            // Nothing stored (or nothing this token may see): an unrestricted token creates, and
-            // only creates, so a version written meanwhile is never overwritten unchecked.
-            Err(ApiError::NotFound(_)) if decision.unrestricted && may_create && expected.is_none() => {
-                create_only = true;
-                None
-            }
-            Err(e) => return Err(e),
-        };
-        as_value(&mut body, |v| state.attributes.check_write(&p, &t, old.as_ref(), v))?;
+    if update_needs_stored(&state, &p, &decision, &t) {
+        let found = stored(&state, &decision, &t, &id).await;
+        (expected, create_only) =
+            check_against_stored(&state, &p, &decision, &t, &id, &mut body, expected, may_create, found)?;
     }
     let st = state.clone();
     let (tt, iid) = (t.clone(), id.clone());
@@ -612,7 +673,8 @@ pub async fn delete(
     let fmt = Format::negotiate(&req)?;
     let mut expected = if_match(req.headers())?;
     if !decision.unrestricted || state.attributes.label_rules_bind(&p) {
-        expected = expected.or(Some(current_admitted(&state, &p, &decision, &t, &id).await?.0));
+        let found = stored(&state, &decision, &t, &id).await;
+        expected = expected.or(Some(admitted(&state, &p, &decision, &t, &id, found)?.0));
     }
     let st = state.clone();
     let access = decision.access();
@@ -635,7 +697,7 @@ pub async fn delete(
 
 /// Like HAPI: 200 with an OperationOutcome; deleting what is absent or already deleted succeeds
 /// too (`nothing`: the text saying so).
-fn delete_response(fmt: Format, outcome: DeleteOutcome, nothing: &str) -> HttpResponse {
+pub(super) fn delete_response(fmt: Format, outcome: DeleteOutcome, nothing: &str) -> HttpResponse {
     let mut b = HttpResponse::Ok();
     let text = match outcome {
         DeleteOutcome::Deleted { version_id } => {
@@ -648,6 +710,175 @@ fn delete_response(fmt: Format, outcome: DeleteOutcome, nothing: &str) -> HttpRe
         .body(fmt.render(&OperationOutcome::information(text)))
 }
 
+/// The checks of a conditional update (`PUT [type]?query`) before its body: it may update or
+/// create whatever the condition finds, so only tokens without compartment or element limits.
+/// Returns the parsed condition (the write runs with `Access::All`).
+pub(super) fn check_conditional_update(
+    state: &AppState,
+    p: &Principal,
+    t: &str,
+    query: &str,
+) -> Result<Condition, ApiError> {
+    for needed in [Permission::Update, Permission::Create] {
+        if !authorize(p, t, needed)?.unrestricted {
+            return Err(ApiError::Forbidden);
+        }
+    }
+    // element and label rules compare with the stored version, which is known only in the
+    // write: a token they bind uses conditional read and a plain update instead
+    if state.attributes.needs_old_content(p, t) || state.attributes.label_rules_bind(p) {
+        return Err(ApiError::Forbidden);
+    }
+    parse_condition(state, p, t, query)
+}
+
+/// The body of a conditional update: checked, and its id (if any) returned.
+pub(super) fn check_conditional_body(
+    state: &AppState,
+    p: &Principal,
+    t: &str,
+    body: &mut Map<String, Value>,
+) -> Result<Option<String>, ApiError> {
+    check_body(state, t, body)?;
+    let body_id = body.get("id").and_then(Value::as_str).map(str::to_string);
+    as_value(body, |v| state.attributes.check_write(p, t, None, v))?;
+    Ok(body_id)
+}
+
+/// The checks of a conditional delete (`DELETE [type]?query`): only tokens without compartment
+/// or label limits. Returns the parsed condition (the write runs with `Access::All`).
+pub(super) fn check_conditional_delete(
+    state: &AppState,
+    p: &Principal,
+    t: &str,
+    query: &str,
+) -> Result<Condition, ApiError> {
+    let decision = authorize(p, t, Permission::Delete)?;
+    if !decision.unrestricted || state.attributes.label_rules_bind(p) {
+        return Err(ApiError::Forbidden);
+    }
+    parse_condition(state, p, t, query)
+}
+
+/// The conditional update's errors that mean something particular there.
+pub(super) fn conditional_update_error(e: StoreError) -> ApiError {
+    match e {
+        StoreError::ConditionIdMismatch => ApiError::bad_request(
+            IssueType::Invalid,
+            "the id in the body is not that of the resource the condition matched",
+        ),
+        other => update_error(other),
+    }
+}
+
+/// A patch's own errors: a malformed patch is the client's bad request (400), one that does not
+/// apply to the resource cannot be processed (422).
+pub(super) fn patch_error(e: PatchError) -> ApiError {
+    match e {
+        PatchError::Invalid(text) => ApiError::bad_request(IssueType::Invalid, text),
+        PatchError::NotApplicable(text) => ApiError::Unprocessable(vec![Issue::error(IssueType::Processing, text)]),
+    }
+}
+
+/// `PATCH [type]/[id]` with a JSON Patch (`application/json-patch+json`) or a FHIRPath Patch
+/// (a Parameters resource). Applied to the current version inside the write's transaction,
+/// then checked like an update of that version.
+pub async fn patch(
+    req: HttpRequest,
+    p: Arc<Principal>,
+    t: String,
+    id: String,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let decision = authorize(&p, &t, Permission::Update)?;
+    let fmt = Format::negotiate(&req)?;
+    let prefer = Prefer::from_request(&req);
+    let expected = if_match(req.headers())?;
+    let (media_type, doc) = super::negotiate::read_json_body(&req, payload, state.config.max_body_bytes, true).await?;
+    let patch = if media_type == crate::fhir::patch::JSON_PATCH {
+        Patch::json(doc)
+    } else {
+        match &doc {
+            Value::Object(m) => Patch::fhirpath(m),
+            _ => Err(PatchError::Invalid("a FHIRPath Patch is a Parameters resource")),
+        }
+    }
+    .map_err(patch_error)?;
+    let st = state.clone();
+    let (tt, iid) = (t.clone(), id.clone());
+    let trail = Trail::of(&req)?;
+    let mut tx = trail.for_write(&state);
+    let pp = p.clone();
+    let (written, tx) = blocking(move || {
+        let mut failure = None;
+        let written = st.store.transaction(&decision.access(), |stx| {
+            patch_in_tx(&st, &pp, stx, &tt, &iid, &patch, expected, &mut tx).map_err(|e| {
+                failure = Some(e);
+                StoreError::Abandoned
+            })
+        });
+        match written {
+            Ok(w) => Ok((w, tx)),
+            Err(StoreError::Abandoned) => Err(failure.unwrap_or(ApiError::Internal)),
+            Err(e) => Err(ApiError::from(e)),
+        }
+    })
+    .await?;
+    trail.committed(&state, tx);
+    Ok(update_response(&req, &state, &t, &id, fmt, prefer, written))
+}
+
+/// Applies `patch` to the current version of `t/id` and writes the result as the next
+/// version, in the open transaction: the token must be able to see and update the resource,
+/// the result must be valid (422 if not) and is checked as an update of the version patched.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn patch_in_tx(
+    state: &AppState,
+    p: &Principal,
+    tx: &mut store::StoreTx<'_>,
+    t: &str,
+    id: &str,
+    patch: &Patch,
+    if_match: Option<i64>,
+    audit: &mut dyn store::WriteAudit,
+) -> Result<Written, ApiError> {
+    let decision = authorize(p, t, Permission::Update)?;
+    tx.set_access(&decision.access())?;
+    let found = tx.read(t, id).map_err(ApiError::from);
+    let (version, old) = admitted(state, p, &decision, t, id, found)?;
+    if if_match.is_some_and(|m| m != version) {
+        return Err(ApiError::from(StoreError::VersionConflict { current: Some(version) }));
+    }
+    let old = old.ok_or(ApiError::Internal)?;
+    let mut doc = old.clone();
+    patch.apply(&mut doc, &state.validator).map_err(patch_error)?;
+    let Value::Object(mut body) = doc else {
+        return Err(patch_error(PatchError::NotApplicable(
+            "the patch did not leave a resource",
+        )));
+    };
+    // the result is checked like any update of this resource; an invalid one is unprocessable
+    let (decision, _) = check_update(state, p, t, id, &mut body).map_err(|e| match e {
+        ApiError::BadRequest(issues) => ApiError::Unprocessable(issues),
+        other => other,
+    })?;
+    as_value(&mut body, |v| state.attributes.check_write(p, t, Some(&old), v))?;
+    tx.set_access(&decision.access())?;
+    tx.update(
+        t,
+        id,
+        Some(version),
+        false,
+        &|v, ts| {
+            let mut b = body.clone();
+            content_for(state, t, &mut b, id, v, ts)
+        },
+        audit,
+    )
+    .map_err(update_error)
+}
+
 /// `PUT [type]?…`: updates the one match, creates when there is none, refuses several (412).
 pub async fn conditional_update(
     req: HttpRequest,
@@ -656,29 +887,16 @@ pub async fn conditional_update(
     payload: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    // it may update or create whatever the condition finds: only unrestricted tokens
-    for needed in [Permission::Update, Permission::Create] {
-        if !authorize(&p, &t, needed)?.unrestricted {
-            return Err(ApiError::Forbidden);
-        }
-    }
-    // element and label rules compare with the stored version, which is known only in the
-    // write: a token they bind uses conditional read and a plain update instead
-    if state.attributes.needs_old_content(&p, &t) || state.attributes.label_rules_bind(&p) {
-        return Err(ApiError::Forbidden);
-    }
-    let cond = parse_condition(&state, &p, &t, req.query_string())?;
+    let cond = check_conditional_update(&state, &p, &t, req.query_string())?;
     let fmt = Format::negotiate(&req)?;
     let prefer = Prefer::from_request(&req);
     let expected = if_match(req.headers())?;
     let mut body = read_resource_body(&req, payload, state.config.max_body_bytes).await?;
-    check_body(&state, &t, &mut body)?;
-    let body_id = body.get("id").and_then(Value::as_str).map(str::to_string);
-    as_value(&mut body, |v| state.attributes.check_write(&p, &t, None, v))?;
+    let body_id = check_conditional_body(&state, &p, &t, &mut body)?;
     let new_id = uuid::Uuid::new_v4().to_string();
     let st = state.clone();
     let tt = t.clone();
-    let access = authorize(&p, &t, Permission::Update)?.access();
+    let access = store::Access::All;
     let trail = Trail::of(&req)?;
     let mut tx = trail.for_write(&state);
     let ((id, written), tx) = blocking(move || {
@@ -697,13 +915,7 @@ pub async fn conditional_update(
                 &mut tx,
             )
             .map(|w| (w, tx))
-            .map_err(|e| match e {
-                StoreError::ConditionIdMismatch => ApiError::bad_request(
-                    IssueType::Invalid,
-                    "the id in the body is not that of the resource the condition matched",
-                ),
-                other => update_error(other),
-            })
+            .map_err(conditional_update_error)
     })
     .await?;
     trail.committed(&state, tx);
@@ -717,14 +929,10 @@ pub async fn conditional_delete(
     t: String,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    let decision = authorize(&p, &t, Permission::Delete)?;
-    if !decision.unrestricted || state.attributes.label_rules_bind(&p) {
-        return Err(ApiError::Forbidden);
-    }
-    let cond = parse_condition(&state, &p, &t, req.query_string())?;
+    let cond = check_conditional_delete(&state, &p, &t, req.query_string())?;
     let fmt = Format::negotiate(&req)?;
     let st = state.clone();
-    let access = decision.access();
+    let access = store::Access::All;
     let trail = Trail::of(&req)?;
     let mut tx = trail.for_write(&state);
     let (outcome, tx) = blocking(move || {

@@ -13,6 +13,8 @@
 //! | `Gone`                | 410    | deleted           |
 //! | `PreconditionFailed`  | 412    | conflict / multiple-matches |
 //! | `PayloadTooLarge`     | 413    | too-long          |
+//! | `TooManyEntries`      | 413    | too-long (a Bundle past `max_bundle_entries`) |
+//! | `InEntry`             | the entry's | the entry's issues, located at `Bundle.entry[i]` |
 //! | `UnsupportedMediaType`| 415    | not-supported     |
 //! | `Unprocessable`       | 422    | given per issue   |
 //! | `Unavailable`         | 503    | transient → exception |
@@ -58,6 +60,11 @@ pub enum ApiError {
     PreconditionFailed(IssueType, &'static str),
     #[error("payload too large")]
     PayloadTooLarge(usize),
+    #[error("too many bundle entries")]
+    TooManyEntries(usize),
+    /// Entry `index` of a transaction failed with `error`: the whole transaction is undone.
+    #[error("bundle entry failed")]
+    InEntry { index: usize, error: Box<ApiError> },
     #[error("unsupported media type")]
     UnsupportedMediaType,
     #[error("unprocessable")]
@@ -82,6 +89,7 @@ impl ApiError {
             ApiError::Unauthorized { reason: Some(r) } => format!("{status} unauthorized: {r}"),
             ApiError::NotFound(what) => format!("{status} {what}"),
             ApiError::PreconditionFailed(_, text) => format!("{status} {text}"),
+            ApiError::InEntry { index, error } => format!("entry {index}: {}", error.audit_text()),
             other => format!("{status} {other}"),
         }
     }
@@ -134,6 +142,26 @@ impl ApiError {
                     format!("the request body exceeds the limit of {limit} bytes"),
                 )]
             }
+            ApiError::TooManyEntries(limit) => vec![Issue::error(
+                IssueType::TooLong,
+                format!("the Bundle has more than the {limit} entries this server accepts in one request"),
+            )],
+            ApiError::InEntry { index, error } => {
+                let mut issues = error.outcome().issue;
+                for i in &mut issues {
+                    let at = format!("Bundle.entry[{index}]");
+                    i.diagnostics = Some(format!(
+                        "{at}: {} (the transaction was not applied)",
+                        i.diagnostics.as_deref().unwrap_or("failed")
+                    ));
+                    i.expression = if i.expression.is_empty() {
+                        vec![at]
+                    } else {
+                        i.expression.iter().map(|e| format!("{at}.resource.{e}")).collect()
+                    };
+                }
+                issues
+            }
             ApiError::UnsupportedMediaType => vec![Issue::error(
                 IssueType::NotSupported,
                 "request bodies must be application/fhir+json or application/json",
@@ -166,7 +194,8 @@ impl ResponseError for ApiError {
             ApiError::NotAcceptable => StatusCode::NOT_ACCEPTABLE,
             ApiError::Gone { .. } => StatusCode::GONE,
             ApiError::PreconditionFailed(..) => StatusCode::PRECONDITION_FAILED,
-            ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::PayloadTooLarge(_) | ApiError::TooManyEntries(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::InEntry { error, .. } => error.status_code(),
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Unavailable | ApiError::AuditUnavailable | ApiError::Timeout => StatusCode::SERVICE_UNAVAILABLE,
@@ -177,15 +206,20 @@ impl ResponseError for ApiError {
     fn error_response(&self) -> HttpResponse {
         let mut resp = HttpResponse::build(self.status_code());
         resp.insert_header((header::CONTENT_TYPE, super::FHIR_JSON));
+        // an entry's failure answers with the headers that failure has (WWW-Authenticate …)
+        let headers_of = match self {
+            ApiError::InEntry { error, .. } => error.as_ref(),
+            other => other,
+        };
         if let ApiError::Gone {
             version_id,
             last_updated,
-        } = self
+        } = headers_of
         {
             resp.insert_header((header::ETAG, super::etag(*version_id)));
             resp.insert_header((header::LAST_MODIFIED, super::http_date(last_updated)));
         }
-        match self {
+        match headers_of {
             ApiError::Unauthorized { reason: None } => {
                 resp.insert_header((header::WWW_AUTHENTICATE, "Bearer realm=\"fhirvault\""));
             }
@@ -305,6 +339,14 @@ mod tests {
             ),
             (ApiError::PreconditionFailed(IssueType::Conflict, "x"), 412),
             (ApiError::PayloadTooLarge(10), 413),
+            (ApiError::TooManyEntries(10), 413),
+            (
+                ApiError::InEntry {
+                    index: 3,
+                    error: Box::new(ApiError::Forbidden),
+                },
+                403,
+            ),
             (ApiError::UnsupportedMediaType, 415),
             (ApiError::Unprocessable(vec![]), 422),
             (ApiError::Unavailable, 503),

@@ -2,6 +2,7 @@
 //! into the domain, and shape the response. Errors leave as OperationOutcome (see [`error`]).
 
 pub mod audit;
+mod bundle;
 pub mod crud;
 pub mod docs;
 pub mod error;

@@ -175,19 +175,40 @@ impl Prefer {
 /// (400, with position only: parse errors never quote the input), and an object required.
 pub async fn read_resource_body(
     req: &HttpRequest,
-    mut payload: web::Payload,
+    payload: web::Payload,
     limit: usize,
 ) -> Result<Map<String, Value>, ApiError> {
+    match read_json_body(req, payload, limit, false).await? {
+        (_, Value::Object(m)) => Ok(m),
+        _ => Err(ApiError::bad_request(
+            IssueType::Structure,
+            "the body must be a JSON object (a FHIR resource)",
+        )),
+    }
+}
+
+use crate::fhir::patch::JSON_PATCH;
+
+/// Reads a JSON body (FHIR JSON, or also a JSON Patch document when `json_patch`): returns the
+/// media type's essence and the parsed value. Same checks as [`read_resource_body`].
+pub async fn read_json_body(
+    req: &HttpRequest,
+    mut payload: web::Payload,
+    limit: usize,
+    json_patch: bool,
+) -> Result<(String, Value), ApiError> {
     let ct = req
         .headers()
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
     let essence = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
-    if !matches!(
+    let fhir = matches!(
         essence.as_str(),
         "application/fhir+json" | "application/json" | "application/json+fhir"
-    ) {
+    );
+    let patch_doc = json_patch && essence == JSON_PATCH;
+    if !fhir && !patch_doc {
         return Err(ApiError::UnsupportedMediaType);
     }
     if let Some(len) = req
@@ -216,11 +237,7 @@ pub async fn read_resource_body(
         ));
     }
     match crate::fhir::json::parse_strict(&body) {
-        Ok(Value::Object(m)) => Ok(m),
-        Ok(_) => Err(ApiError::bad_request(
-            IssueType::Structure,
-            "the body must be a JSON object (a FHIR resource)",
-        )),
+        Ok(v) => Ok((essence, v)),
         Err(e) => Err(ApiError::BadRequest(vec![Issue::error(
             IssueType::Structure,
             if e.duplicate_key {

@@ -5,7 +5,7 @@
 //! database read behind a `GET [type]/[id]`.
 
 use super::trail::Trail;
-use super::{audit, crud, history, metadata, search, ApiError, AppState};
+use super::{audit, bundle, crud, history, metadata, search, ApiError, AppState};
 use crate::fhir::resource::is_valid_id;
 use crate::fhir::{Issue, IssueType};
 use actix_web::http::Method;
@@ -65,6 +65,13 @@ pub enum Interaction {
         patient: String,
         resource_type: String,
     },
+    /// `PATCH [type]/[id]` with a JSON Patch or FHIRPath Patch.
+    Patch {
+        resource_type: String,
+        id: String,
+    },
+    /// `POST [base]` with a batch or transaction Bundle.
+    Bundle,
     /// `[type]/$name` or `[type]/[id]/$name`.
     Operation {
         resource_type: String,
@@ -93,6 +100,8 @@ impl Interaction {
             Interaction::SearchType { .. } | Interaction::SearchCompartment { .. } | Interaction::SearchPost { .. } => {
                 "search-type"
             }
+            Interaction::Patch { .. } => "patch",
+            Interaction::Bundle => "batch",
             Interaction::Operation { .. } => "operation",
         }
     }
@@ -102,22 +111,28 @@ impl Interaction {
         use crate::audit::Action;
         match self {
             Interaction::Create { .. } => Action::Create,
-            Interaction::Update { .. } | Interaction::ConditionalUpdate { .. } => Action::Update,
+            Interaction::Update { .. } | Interaction::ConditionalUpdate { .. } | Interaction::Patch { .. } => {
+                Action::Update
+            }
             Interaction::Delete { .. } | Interaction::ConditionalDelete { .. } => Action::Delete,
-            Interaction::Operation { .. } => Action::Execute,
+            Interaction::Operation { .. } | Interaction::Bundle => Action::Execute,
             _ => Action::Read,
         }
     }
 
     pub fn resource_type(&self) -> Option<&str> {
         match self {
-            Interaction::Capabilities | Interaction::HistorySystem | Interaction::SearchSystem => None,
+            Interaction::Capabilities
+            | Interaction::HistorySystem
+            | Interaction::SearchSystem
+            | Interaction::Bundle => None,
             Interaction::HistoryType { resource_type }
             | Interaction::HistoryInstance { resource_type, .. }
             | Interaction::Read { resource_type, .. }
             | Interaction::VRead { resource_type, .. }
             | Interaction::Create { resource_type }
             | Interaction::Update { resource_type, .. }
+            | Interaction::Patch { resource_type, .. }
             | Interaction::Delete { resource_type, .. }
             | Interaction::ConditionalUpdate { resource_type }
             | Interaction::ConditionalDelete { resource_type }
@@ -134,6 +149,7 @@ impl Interaction {
             Interaction::HistoryInstance { resource_type, id }
             | Interaction::Read { resource_type, id }
             | Interaction::Update { resource_type, id }
+            | Interaction::Patch { resource_type, id }
             | Interaction::Delete { resource_type, id }
             | Interaction::Operation {
                 resource_type,
@@ -167,6 +183,7 @@ impl Interaction {
         };
         let only = |ok: bool, i: Interaction| if ok { Ok(i) } else { Err(ApiError::MethodNotAllowed) };
         match segs.as_slice() {
+            [] if *method == Method::POST => Ok(Interaction::Bundle),
             [] => only(get, Interaction::SearchSystem),
             ["_search"] => only(*method == Method::POST, Interaction::SearchSystem),
             ["metadata"] => only(get, Interaction::Capabilities),
@@ -229,6 +246,7 @@ impl Interaction {
                     Method::GET | Method::HEAD => Ok(Interaction::Read { resource_type, id }),
                     Method::PUT => Ok(Interaction::Update { resource_type, id }),
                     Method::DELETE => Ok(Interaction::Delete { resource_type, id }),
+                    Method::PATCH => Ok(Interaction::Patch { resource_type, id }),
                     _ => Err(ApiError::MethodNotAllowed),
                 }
             }
@@ -394,6 +412,8 @@ async fn handle(
             let pairs = super::negotiate::query_pairs(&req);
             search::search(req, p, search::Target::Everything(id), pairs, state).await
         }
+        Interaction::Patch { resource_type, id } => crud::patch(req, p, resource_type, id, payload, state).await,
+        Interaction::Bundle => bundle::process(req, p, payload, state).await,
         Interaction::Operation { .. } => Err(ApiError::NotFound("unknown operation")),
     };
     if matches!(result, Err(ApiError::Forbidden)) {
@@ -454,9 +474,10 @@ mod tests {
 
     #[test]
     fn wrong_methods_and_unknown_paths() {
-        assert_eq!(parse(Method::PATCH, "Patient/1"), Err(405));
+        assert_eq!(parse(Method::PATCH, "Patient/1").unwrap().name(), "patch");
         assert_eq!(parse(Method::PATCH, "Patient"), Err(405));
-        assert_eq!(parse(Method::POST, ""), Err(405));
+        assert_eq!(parse(Method::POST, "").unwrap().name(), "batch");
+        assert_eq!(parse(Method::PUT, ""), Err(405));
         assert_eq!(parse(Method::PUT, "metadata"), Err(405));
         assert_eq!(parse(Method::GET, "Nope/1"), Err(404));
         assert_eq!(parse(Method::GET, "Patient/1/_history/2/x"), Err(404));

@@ -120,6 +120,53 @@ impl Trail {
         state.auditor.for_write(self.0.borrow().record.clone())
     }
 
+    /// What a Bundle turned out to be (`batch` or `transaction`): the request's own event's subtype.
+    pub fn bundle_kind(&self, code: &'static str) {
+        self.0.borrow_mut().record.kind = Kind::Rest(code);
+    }
+
+    /// The record of one entry of a Bundle: this request's agent, the entry's interaction.
+    fn entry_record(&self, interaction: &Interaction) -> AuditRecord {
+        let mut record = self.0.borrow().record.clone();
+        record.kind = Kind::Rest(interaction.name());
+        record.action = interaction.action();
+        record.resource_type = interaction.resource_type().map(str::to_string);
+        record.entities = interaction.reference().into_iter().collect();
+        record.patients = BTreeSet::new();
+        record.query = None;
+        record
+    }
+
+    /// The write hook of one Bundle entry: its own AuditEvent, inside the entry's transaction.
+    pub fn for_entry(&self, state: &AppState, interaction: &Interaction) -> TxAudit {
+        state.auditor.for_write(self.entry_record(interaction))
+    }
+
+    /// Records that a Bundle entry failed (its transaction, and the event in it, rolled back).
+    pub async fn entry_failed(
+        &self,
+        state: &AppState,
+        interaction: &Interaction,
+        error: &ApiError,
+    ) -> Result<(), ApiError> {
+        let mut record = self.entry_record(interaction);
+        record.id = uuid::Uuid::now_v7().to_string();
+        record.outcome = Outcome::of_status(error.status_code().as_u16());
+        record.outcome_desc = Some(error.audit_text());
+        record.recorded = crate::store::now();
+        state.auditor.record(&record).await.map_err(|e| {
+            tracing::error!(error = %e, "audit event not recorded: the response is withheld");
+            ApiError::AuditUnavailable
+        })
+    }
+
+    /// After a Bundle's entries committed: their events go into the chain.
+    pub fn entries_committed(&self, state: &AppState, txs: Vec<TxAudit>) {
+        for tx in txs {
+            state.auditor.link_committed(tx);
+        }
+    }
+
     /// The write committed with its event: nothing more to record for this request.
     pub fn committed(&self, state: &AppState, tx: TxAudit) {
         let mut s = self.0.borrow_mut();

@@ -6,6 +6,7 @@ pub mod compartment;
 pub mod fhirpath;
 pub mod json;
 pub mod outcome;
+pub mod patch;
 pub mod resource;
 pub mod summary;
 pub mod validate;

@@ -8,7 +8,7 @@
 use super::outcome::{Issue, IssueType};
 use jsonschema::error::ValidationErrorKind;
 use serde_json::Value;
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SchemaError {
@@ -23,6 +23,45 @@ pub enum SchemaError {
 pub struct Validator {
     all: jsonschema::Validator,
     by_type: BTreeSet<String>,
+    /// Per definition, per element: whether it repeats, and the definition of its type.
+    elements: HashMap<String, HashMap<String, Element>>,
+}
+
+/// What the schema says of one element of a type.
+#[derive(Debug, Clone)]
+pub struct Element {
+    pub repeats: bool,
+    /// The schema definition of its type (`Identifier`, `Patient_Contact`, `ResourceList` …).
+    pub type_def: Option<String>,
+}
+
+/// The element table of the schema's definitions.
+fn element_table(defs: &serde_json::Map<String, Value>) -> HashMap<String, HashMap<String, Element>> {
+    let def_of = |v: &Value| {
+        v.get("$ref")
+            .and_then(Value::as_str)
+            .and_then(|r| r.strip_prefix("#/definitions/"))
+            .map(str::to_string)
+    };
+    defs.iter()
+        .filter_map(|(name, def)| {
+            let props = def.get("properties")?.as_object()?;
+            let elements = props
+                .iter()
+                .filter(|(k, _)| !k.starts_with('_'))
+                .map(|(k, v)| {
+                    let repeats = v.get("type").and_then(Value::as_str) == Some("array");
+                    let type_def = if repeats {
+                        v.get("items").and_then(def_of)
+                    } else {
+                        def_of(v)
+                    };
+                    (k.clone(), Element { repeats, type_def })
+                })
+                .collect();
+            Some((name.clone(), elements))
+        })
+        .collect()
 }
 
 impl std::fmt::Debug for Validator {
@@ -60,6 +99,7 @@ impl Validator {
             .get_mut("definitions")
             .and_then(Value::as_object_mut)
             .ok_or(SchemaError::NoTypes)?;
+        let elements = element_table(defs);
         defs.insert(
             "ResourceList".into(),
             serde_json::json!({
@@ -86,12 +126,17 @@ impl Validator {
             .build(&root)
             .map_err(|e| SchemaError::Compile("R4".into(), e.to_string()))?;
         let by_type = types.into_iter().collect();
-        Ok(Validator { all, by_type })
+        Ok(Validator { all, by_type, elements })
     }
 
     /// Every resource type of the schema, in alphabetical order.
     pub fn resource_types(&self) -> impl Iterator<Item = &str> {
         self.by_type.iter().map(String::as_str)
+    }
+
+    /// The element `name` of the schema definition `def` (a resource type or a data type).
+    pub fn element(&self, def: &str, name: &str) -> Option<&Element> {
+        self.elements.get(def)?.get(name)
     }
 
     pub fn is_resource_type(&self, name: &str) -> bool {

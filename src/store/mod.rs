@@ -81,6 +81,9 @@ pub enum StoreError {
     Migration(String),
     #[error("an audit event could not be sealed")]
     AuditSeal,
+    /// The caller of [`Store::transaction`] gave up: everything was rolled back.
+    #[error("transaction abandoned by its caller")]
+    Abandoned,
 }
 
 /// Whose data a store operation may touch. Every store function takes it first; on PostgreSQL
@@ -669,54 +672,87 @@ impl Store {
         let content = make(1, ts);
         let sealed = self.seal(resource_type, id, 1, Some(&content))?;
         self.write_tx(access, |conn| {
-            if let Some(cond) = condition {
-                self.lock_condition(conn, resource_type, cond)?;
-                let matches = self.matching_ids(conn, resource_type, cond, 2)?;
-                match matches.as_slice() {
-                    [] => {}
-                    [id] => {
-                        let row: VersionRow = rv::table
-                            .filter(rv::resource_type.eq(resource_type).and(rv::logical_id.eq(&id)))
-                            .order(rv::version_id.desc())
-                            .select(VersionRow::as_select())
-                            .first(conn)?;
-                        let existing = self.decrypt_row(row)?;
-                        record_write(
-                            conn,
-                            audit,
-                            resource_type,
-                            &existing.logical_id,
-                            Some(existing.version_id),
-                            WriteEffect::Matched,
-                            &existing.patients,
-                        )?;
-                        return Ok(CreateOutcome::Existing(existing));
-                    }
-                    _ => return Err(StoreError::MultipleMatches),
+            self.create_in_tx(conn, resource_type, id, method, condition, ts, content, sealed, audit)
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn create_in_tx(
+        &self,
+        conn: &mut DbConnection,
+        resource_type: &str,
+        id: &str,
+        method: CreateMethod,
+        condition: Option<&Condition>,
+        ts: NaiveDateTime,
+        content: Content,
+        sealed: SealedVersion,
+        audit: &mut dyn WriteAudit,
+    ) -> Result<CreateOutcome, StoreError> {
+        if let Some(cond) = condition {
+            self.lock_condition(conn, resource_type, cond)?;
+            let matches = self.matching_ids(conn, resource_type, cond, 2)?;
+            match matches.as_slice() {
+                [] => {}
+                [id] => {
+                    let row: VersionRow = rv::table
+                        .filter(rv::resource_type.eq(resource_type).and(rv::logical_id.eq(&id)))
+                        .order(rv::version_id.desc())
+                        .select(VersionRow::as_select())
+                        .first(conn)?;
+                    let existing = self.decrypt_row(row)?;
+                    record_write(
+                        conn,
+                        audit,
+                        resource_type,
+                        &existing.logical_id,
+                        Some(existing.version_id),
+                        WriteEffect::Matched,
+                        &existing.patients,
+                    )?;
+                    return Ok(CreateOutcome::Existing(existing));
                 }
+                _ => return Err(StoreError::MultipleMatches),
             }
-            insert_current(conn, resource_type, id, ts)?;
-            let method = match method {
-                CreateMethod::Post => "POST",
-                CreateMethod::Put => "PUT",
-            };
-            self.append_version(conn, resource_type, id, 1, ts, method, Some(&content), sealed)?;
-            self.replace_index(conn, resource_type, id, Some(&content), true)?;
-            record_write(
+        }
+        insert_current(conn, resource_type, id, ts)?;
+        let method = match method {
+            CreateMethod::Post => "POST",
+            CreateMethod::Put => "PUT",
+        };
+        self.append_version(conn, resource_type, id, 1, ts, method, Some(&content), sealed)?;
+        self.replace_index(conn, resource_type, id, Some(&content), true)?;
+        record_write(
+            conn,
+            audit,
+            resource_type,
+            id,
+            Some(1),
+            WriteEffect::Created,
+            &content.compartments,
+        )?;
+        Ok(CreateOutcome::Created(Written {
+            version_id: 1,
+            last_updated: ts,
+            created: true,
+            json: content.json,
+        }))
+    }
+
+    /// Runs `f` in one write transaction with the operations of [`StoreTx`]: all of it commits
+    /// or none (a transaction bundle). `f`'s error rolls everything back.
+    pub fn transaction<T>(
+        &self,
+        access: &Access,
+        f: impl FnOnce(&mut StoreTx<'_>) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        self.write_tx(access, |conn| {
+            let mut tx = StoreTx {
+                store: self,
                 conn,
-                audit,
-                resource_type,
-                id,
-                Some(1),
-                WriteEffect::Created,
-                &content.compartments,
-            )?;
-            Ok(CreateOutcome::Created(Written {
-                version_id: 1,
-                last_updated: ts,
-                created: true,
-                json: content.json,
-            }))
+                access: access.clone(),
+            };
+            f(&mut tx)
         })
     }
 
@@ -819,26 +855,41 @@ impl Store {
         audit: &mut dyn WriteAudit,
     ) -> Result<(String, Written), StoreError> {
         self.write_tx(access, |conn| {
-            self.lock_condition(conn, resource_type, cond)?;
-            let matches = self.matching_ids(conn, resource_type, cond, 2)?;
-            let id = match (matches.as_slice(), body_id) {
-                ([], Some(b)) => b.to_string(),
-                ([], None) => new_id.to_string(),
-                ([one], Some(b)) if one != b => return Err(StoreError::ConditionIdMismatch),
-                ([one], _) => one.clone(),
-                _ => return Err(StoreError::MultipleMatches),
-            };
-            let written = self.update_in_tx(
-                conn,
-                resource_type,
-                &id,
-                if_match,
-                true,
-                &|v, ts| make(&id, v, ts),
-                audit,
-            )?;
-            Ok((id, written))
+            self.conditional_update_in_tx(conn, resource_type, cond, body_id, new_id, if_match, &make, audit)
         })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn conditional_update_in_tx(
+        &self,
+        conn: &mut DbConnection,
+        resource_type: &str,
+        cond: &Condition,
+        body_id: Option<&str>,
+        new_id: &str,
+        if_match: Option<i64>,
+        make: &dyn Fn(&str, i64, NaiveDateTime) -> Content,
+        audit: &mut dyn WriteAudit,
+    ) -> Result<(String, Written), StoreError> {
+        self.lock_condition(conn, resource_type, cond)?;
+        let matches = self.matching_ids(conn, resource_type, cond, 2)?;
+        let id = match (matches.as_slice(), body_id) {
+            ([], Some(b)) => b.to_string(),
+            ([], None) => new_id.to_string(),
+            ([one], Some(b)) if one != b => return Err(StoreError::ConditionIdMismatch),
+            ([one], _) => one.clone(),
+            _ => return Err(StoreError::MultipleMatches),
+        };
+        let written = self.update_in_tx(
+            conn,
+            resource_type,
+            &id,
+            if_match,
+            true,
+            &|v, ts| make(&id, v, ts),
+            audit,
+        )?;
+        Ok((id, written))
     }
 
     /// A conditional delete (`DELETE [type]?…`): the one match is deleted, none is nothing to
@@ -851,17 +902,27 @@ impl Store {
         audit: &mut dyn WriteAudit,
     ) -> Result<DeleteOutcome, StoreError> {
         self.write_tx(access, |conn| {
-            self.lock_condition(conn, resource_type, cond)?;
-            let matches = self.matching_ids(conn, resource_type, cond, 2)?;
-            match matches.as_slice() {
-                [] => {
-                    record_write(conn, audit, resource_type, "", None, WriteEffect::Nothing, &[])?;
-                    Ok(DeleteOutcome::NothingToDelete)
-                }
-                [id] => self.delete_in_tx(conn, resource_type, id, None, audit),
-                _ => Err(StoreError::MultipleMatches),
-            }
+            self.conditional_delete_in_tx(conn, resource_type, cond, audit)
         })
+    }
+
+    fn conditional_delete_in_tx(
+        &self,
+        conn: &mut DbConnection,
+        resource_type: &str,
+        cond: &Condition,
+        audit: &mut dyn WriteAudit,
+    ) -> Result<DeleteOutcome, StoreError> {
+        self.lock_condition(conn, resource_type, cond)?;
+        let matches = self.matching_ids(conn, resource_type, cond, 2)?;
+        match matches.as_slice() {
+            [] => {
+                record_write(conn, audit, resource_type, "", None, WriteEffect::Nothing, &[])?;
+                Ok(DeleteOutcome::NothingToDelete)
+            }
+            [id] => self.delete_in_tx(conn, resource_type, id, None, audit),
+            _ => Err(StoreError::MultipleMatches),
+        }
     }
 
     /// Deletes the resource: appends a tombstone version and drops its index entries.
@@ -1243,4 +1304,134 @@ struct VersionRow {
     ))]
     #[diesel(select_expression_type = diesel::expression::SqlLiteral<diesel::sql_types::Nullable<diesel::sql_types::Text>>)]
     patients: Option<String>,
+}
+
+/// The operations of one write transaction ([`Store::transaction`]): the same writes as the
+/// [`Store`] methods of those names, on the transaction's connection, each with its own audit
+/// record inserted in the transaction.
+pub struct StoreTx<'s> {
+    store: &'s Store,
+    conn: &'s mut DbConnection,
+    access: Access,
+}
+
+impl StoreTx<'_> {
+    /// Narrows or widens whose data the following statements may touch (PostgreSQL: a
+    /// transaction-local setting the row-level-security policy reads; it ends with the
+    /// transaction).
+    pub fn set_access(&mut self, access: &Access) -> Result<(), StoreError> {
+        if *access == self.access {
+            return Ok(());
+        }
+        if let DbConnection::Pg(pg) = &mut *self.conn {
+            diesel::sql_query("SELECT set_config('fhirvault.access', $1, true)")
+                .bind::<diesel::sql_types::Text, _>(access.setting())
+                .execute(pg)?;
+        }
+        self.access = access.clone();
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn create(
+        &mut self,
+        resource_type: &str,
+        id: &str,
+        method: CreateMethod,
+        condition: Option<&Condition>,
+        make: impl FnOnce(i64, NaiveDateTime) -> Content,
+        audit: &mut dyn WriteAudit,
+    ) -> Result<CreateOutcome, StoreError> {
+        let ts = now();
+        let content = make(1, ts);
+        let sealed = self.store.seal(resource_type, id, 1, Some(&content))?;
+        self.store.create_in_tx(
+            self.conn,
+            resource_type,
+            id,
+            method,
+            condition,
+            ts,
+            content,
+            sealed,
+            audit,
+        )
+    }
+
+    pub fn update(
+        &mut self,
+        resource_type: &str,
+        id: &str,
+        if_match: Option<i64>,
+        may_create: bool,
+        make: &dyn Fn(i64, NaiveDateTime) -> Content,
+        audit: &mut dyn WriteAudit,
+    ) -> Result<Written, StoreError> {
+        self.store
+            .update_in_tx(self.conn, resource_type, id, if_match, may_create, make, audit)
+    }
+
+    pub fn delete(
+        &mut self,
+        resource_type: &str,
+        id: &str,
+        if_match: Option<i64>,
+        audit: &mut dyn WriteAudit,
+    ) -> Result<DeleteOutcome, StoreError> {
+        self.store.delete_in_tx(self.conn, resource_type, id, if_match, audit)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn conditional_update(
+        &mut self,
+        resource_type: &str,
+        cond: &Condition,
+        body_id: Option<&str>,
+        new_id: &str,
+        if_match: Option<i64>,
+        make: &dyn Fn(&str, i64, NaiveDateTime) -> Content,
+        audit: &mut dyn WriteAudit,
+    ) -> Result<(String, Written), StoreError> {
+        self.store
+            .conditional_update_in_tx(self.conn, resource_type, cond, body_id, new_id, if_match, make, audit)
+    }
+
+    pub fn conditional_delete(
+        &mut self,
+        resource_type: &str,
+        cond: &Condition,
+        audit: &mut dyn WriteAudit,
+    ) -> Result<DeleteOutcome, StoreError> {
+        self.store
+            .conditional_delete_in_tx(self.conn, resource_type, cond, audit)
+    }
+
+    /// The ids of current resources matching `cond` (at most `limit`), under the condition's
+    /// lock: what a conditional write or a conditional reference resolves to.
+    pub fn resolve(&mut self, resource_type: &str, cond: &Condition, limit: usize) -> Result<Vec<String>, StoreError> {
+        self.store.lock_condition(self.conn, resource_type, cond)?;
+        self.store.matching_ids(self.conn, resource_type, cond, limit)
+    }
+
+    /// The current version as this transaction sees it (its own writes included).
+    pub fn read(&mut self, resource_type: &str, id: &str) -> Result<StoredVersion, StoreError> {
+        let current = cur::table
+            .filter(cur::resource_type.eq(resource_type).and(cur::logical_id.eq(id)))
+            .select(cur::version_id)
+            .single_value();
+        let row: Option<VersionRow> = rv::table
+            .filter(rv::resource_type.eq(resource_type).and(rv::logical_id.eq(id)))
+            .filter(rv::version_id.nullable().eq(current))
+            .select(VersionRow::as_select())
+            .get_result(self.conn)
+            .optional()?;
+        let row = row.ok_or(StoreError::NotFound)?;
+        if row.deleted {
+            return Err(StoreError::Gone {
+                version_id: row.version_id,
+                last_updated: row.last_updated,
+            });
+        }
+        self.store.decrypt_row(row)
+    }
 }

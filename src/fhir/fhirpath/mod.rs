@@ -26,13 +26,20 @@ pub enum FhirPathError {
 #[derive(Debug, Clone)]
 pub struct FhirPath {
     expr: parse::Expr,
+    src: String,
 }
 
 impl FhirPath {
     pub fn compile(src: &str) -> Result<FhirPath, FhirPathError> {
         Ok(FhirPath {
             expr: parse::parse(src)?,
+            src: src.to_string(),
         })
+    }
+
+    /// The expression as written.
+    pub fn source(&self) -> &str {
+        &self.src
     }
 
     /// Evaluates against a resource (which is also `%resource` and `%context`).

@@ -609,7 +609,7 @@ fn validation_and_errors(db: Db) {
         ("GET", "/NotAType", 404),
         ("POST", "/NotAType", 404),
         ("GET", "/Patient/1/extra/stuff/here", 404),
-        ("PATCH", "/Patient/1", 405),
+        ("PATCH", "/Patient/1", 415),
         ("POST", "/Patient/1", 405),
         ("DELETE", "/Patient", 400),
         ("PATCH", "/Patient", 405),
@@ -654,6 +654,7 @@ fn capability_statement(db: Db) {
                 "delete",
                 "history-instance",
                 "history-type",
+                "patch",
                 "read",
                 "search-type",
                 "update",
@@ -666,6 +667,18 @@ fn capability_statement(db: Db) {
             assert_ne!(p["type"], "special", "{p}");
         }
     }
+    let system: BTreeSet<&str> = cs["rest"][0]["interaction"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["code"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        system,
+        ["batch", "history-system", "search-system", "transaction"]
+            .into_iter()
+            .collect()
+    );
     // and every listed interaction answers on a sample of types
     for t in ["Patient", "Observation", "Bundle", "Binary"] {
         assert_ne!(s.get(&format!("/{t}/_history")).status, 404, "{t}");

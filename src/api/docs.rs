@@ -307,11 +307,51 @@ pub fn document(validator: &Validator, registry: &Registry, base_path: &str) -> 
             "200",
             body_response("Deleted, or nothing to delete", "OperationOutcome"),
         );
+        let patch = with_errors(
+            operation(
+                format!("patch-{t}"),
+                t,
+                format!("Patch a {t} (JSON Patch or FHIRPath Patch)"),
+                scopes(t, "u"),
+            ),
+            &[
+                ("412", "If-Match does not match the current version (OperationOutcome)"),
+                (
+                    "422",
+                    "The patch does not apply, or its result is not valid (OperationOutcome)",
+                ),
+            ],
+        )
+        .parameter(path_param("id", "Logical id"))
+        .parameter(header_param("If-Match", "Expected version: W/\"n\""))
+        .request_body(Some(
+            RequestBodyBuilder::new()
+                .required(Some(Required::True))
+                .content(
+                    crate::fhir::patch::JSON_PATCH,
+                    ContentBuilder::new()
+                        .schema(Some(
+                            ObjectBuilder::new()
+                                .schema_type(utoipa::openapi::schema::Type::Array)
+                                .description(Some("RFC 6902 operations")),
+                        ))
+                        .build(),
+                )
+                .content(
+                    FHIR_JSON,
+                    ContentBuilder::new()
+                        .schema(Some(Ref::from_schema_name("Parameters")))
+                        .build(),
+                )
+                .build(),
+        ))
+        .response("200", body_response("Patched", t));
         paths = paths.path(
             format!("{base}/{{id}}"),
             PathItemBuilder::new()
                 .operation(HttpMethod::Get, read)
                 .operation(HttpMethod::Put, update)
+                .operation(HttpMethod::Patch, patch)
                 .operation(HttpMethod::Delete, delete)
                 .build(),
         );
@@ -426,9 +466,27 @@ pub fn document(validator: &Validator, registry: &Registry, base_path: &str) -> 
             .build(),
     )
     .response("200", body_response("A searchset Bundle", "Bundle"));
+    let bundle = with_errors(
+        operation(
+            "batch-transaction".into(),
+            "system",
+            "A batch or transaction Bundle: each entry authorized and audited as if sent alone; a transaction commits all entries or none".into(),
+            vec!["user/*.cruds".into(), "system/*.cruds".into(), "patient/*.cruds".into()],
+        ),
+        &[
+            ("412", "A conditional entry matched several resources (OperationOutcome naming the entry)"),
+            ("413", "More entries than max_bundle_entries (OperationOutcome)"),
+        ],
+    )
+    .parameter(header_param("Prefer", "return=representation to include each entry's resource"))
+    .request_body(Some(resource_body("Bundle")))
+    .response("200", body_response("A batch-response or transaction-response Bundle", "Bundle"));
     paths = paths.path(
         base_path.to_string(),
-        PathItemBuilder::new().operation(HttpMethod::Get, system_search).build(),
+        PathItemBuilder::new()
+            .operation(HttpMethod::Get, system_search)
+            .operation(HttpMethod::Post, bundle)
+            .build(),
     );
     let system_history = with_errors(
         operation(

@@ -13,6 +13,7 @@ pub const TYPE_INTERACTIONS: &[&str] = &[
     "read",
     "vread",
     "update",
+    "patch",
     "delete",
     "history-instance",
     "history-type",
@@ -20,7 +21,7 @@ pub const TYPE_INTERACTIONS: &[&str] = &[
     "search-type",
 ];
 /// The system-level interactions routed.
-pub const SYSTEM_INTERACTIONS: &[&str] = &["history-system", "search-system"];
+pub const SYSTEM_INTERACTIONS: &[&str] = &["transaction", "batch", "history-system", "search-system"];
 
 /// AuditEvent is written only by the server: it is read and searched (see `api::audit`).
 fn audit_event_capability() -> Value {

@@ -256,6 +256,29 @@ impl TestDb {
         }
     }
 
+    /// Runs `SELECT COUNT(*) AS n …` directly against the test database.
+    pub fn count(&self, sql: &str) -> i64 {
+        use diesel::RunQueryDsl;
+        #[derive(diesel::QueryableByName)]
+        struct N {
+            #[diesel(sql_type = diesel::sql_types::BigInt)]
+            n: i64,
+        }
+        let rows: Vec<N> = match self.db {
+            Db::Sqlite => {
+                let path = self.database_url.trim_start_matches("sqlite://");
+                let mut c = diesel::SqliteConnection::establish(path).unwrap();
+                c.batch_execute("PRAGMA busy_timeout = 10000;").unwrap();
+                diesel::sql_query(sql).load(&mut c).unwrap()
+            }
+            Db::Postgres => {
+                let mut c = diesel::PgConnection::establish(&self.database_url).unwrap();
+                diesel::sql_query(sql).load(&mut c).unwrap()
+            }
+        };
+        rows[0].n
+    }
+
     /// Runs SQL directly against the test database, returning whether it succeeded.
     pub fn exec(&self, sql: &str) -> Result<(), String> {
         match self.db {

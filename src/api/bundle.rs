@@ -25,7 +25,7 @@ use crate::auth::policy::authorize;
 use crate::auth::{Permission, Principal};
 use crate::fhir::patch::Patch;
 use crate::fhir::{Issue, IssueType, OperationOutcome};
-use crate::store::{Access, CreateMethod, CreateOutcome, DeleteOutcome, StoreError, StoreTx, Written};
+use crate::store::{Access, CreateMethod, CreateOutcome, DeleteOutcome, NewResource, StoreError, StoreTx, Written};
 use actix_web::http::{Method, StatusCode};
 use actix_web::{web, HttpMessage, HttpRequest, HttpResponse, ResponseError};
 use chrono::NaiveDateTime;
@@ -559,17 +559,93 @@ fn apply(
         }
         rewrite_references(body, &|r| ids.get(r).or_else(|| resolved.get(r)).cloned());
     }
-    // 3. The writes, in the order the specification gives.
+    // 3. The writes, in the order the specification gives. Plain creates (most of a patient's
+    //    bundle) are written together, one multi-row INSERT per table.
     let mut order: Vec<usize> = (0..entries.len()).collect();
     order.sort_by_key(|&i| (phase(&entries[i].interaction), i));
     let mut results = Vec::with_capacity(entries.len());
+    let mut creates = Creates {
+        ts: crate::store::now(),
+        access: None,
+        pending: Vec::new(),
+    };
     for i in order {
         let e = &mut entries[i];
         let cond = conditions.remove(&e.index);
+        if let (Interaction::Create { resource_type: t }, None) = (&e.interaction, &cond) {
+            let mut body = e.resource.take().ok_or(ApiError::Internal)?;
+            let decision = crud::check_create(state, p, t, &mut body).map_err(in_entry(e.index))?;
+            let access = decision.access();
+            if creates.access.as_ref() != Some(&access) {
+                creates.flush(tx, audits, &mut results)?;
+                tx.set_access(&access)
+                    .map_err(ApiError::from)
+                    .map_err(in_entry(e.index))?;
+                creates.access = Some(access);
+            }
+            let content = content_for(state, t, &mut body, &e.new_id, 1, creates.ts);
+            creates.pending.push((
+                i,
+                e.index,
+                NewResource {
+                    resource_type: t.clone(),
+                    id: e.new_id.clone(),
+                    content,
+                },
+            ));
+            continue;
+        }
+        creates.flush(tx, audits, &mut results)?;
+        creates.access = None;
         let result = write_entry(state, p, tx, e, cond, &mut audits[i]).map_err(in_entry(e.index))?;
         results.push((e.index, result));
     }
+    creates.flush(tx, audits, &mut results)?;
     Ok(results)
+}
+
+/// Plain creates waiting to be written together.
+struct Creates {
+    /// The transaction's time: every version it writes has it as `lastUpdated`.
+    ts: NaiveDateTime,
+    /// The access the pending creates were checked under (the transaction's current one).
+    access: Option<Access>,
+    /// (position in the entries and audits, entry index, the resource)
+    pending: Vec<(usize, usize, NewResource)>,
+}
+
+impl Creates {
+    fn flush(
+        &mut self,
+        tx: &mut StoreTx<'_>,
+        audits: &mut [TxAudit],
+        results: &mut Vec<(usize, EntryResult)>,
+    ) -> Result<(), ApiError> {
+        let pending = std::mem::take(&mut self.pending);
+        let Some(&(_, first_index, _)) = pending.first() else {
+            return Ok(());
+        };
+        let positions: std::collections::HashSet<usize> = pending.iter().map(|(pos, _, _)| *pos).collect();
+        // the audit hooks of these entries, in the order of `pending` (positions ascend)
+        let hooks: Vec<&mut dyn crate::store::WriteAudit> = audits
+            .iter_mut()
+            .enumerate()
+            .filter(|(pos, _)| positions.contains(pos))
+            .map(|(_, a)| a as &mut dyn crate::store::WriteAudit)
+            .collect();
+        let (keys, items): (Vec<(usize, String, String)>, Vec<NewResource>) = pending
+            .into_iter()
+            .map(|(_, index, r)| ((index, r.resource_type.clone(), r.id.clone()), r))
+            .unzip();
+        let written = tx
+            .create_many(self.ts, items, hooks)
+            .map_err(ApiError::from)
+            .map_err(in_entry(first_index))?;
+        for ((index, t, id), w) in keys.into_iter().zip(written) {
+            results.push((index, EntryResult::written(StatusCode::CREATED, &t, &id, &w)));
+        }
+        Ok(())
+    }
 }
 
 /// One write entry inside the transaction: the same checks as the interaction sent alone.

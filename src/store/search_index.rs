@@ -266,8 +266,8 @@ pub fn replace(
 
 /// Inserts index rows of one or many resources (a write on SQLite; a reindex page, after the
 /// tables were emptied): per table multi-row INSERTs of at most `MAX_BINDS` values, instead of a
-/// statement per row or per resource.
-fn insert_many(conn: &mut DbConnection, items: &[(&str, &str, &[SearchRow])]) -> Result<(), StoreError> {
+/// statement per row or per resource. Public for the benches' raw baselines.
+pub fn insert_many(conn: &mut DbConnection, items: &[(&str, &str, &[SearchRow])]) -> Result<(), StoreError> {
     const MAX_BINDS: usize = 20_000;
     let pg = matches!(conn, DbConnection::Pg(_));
     let ph = |n: usize| if pg { format!("${n}") } else { "?".to_string() };

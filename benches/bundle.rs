@@ -1,0 +1,339 @@
+//! Transaction bundles shaped like Synthea patients, through the full HTTP stack, against a raw
+//! multi-row INSERT of the same rows measured in the same run, on SQLite and PostgreSQL.
+//!
+//! Bundles: the 60 real Synthea patients of ../shared/testdata/synthea-r4-60-patients.tgz (every
+//! entry a POST with a `urn:uuid` fullUrl, references between them) and generated ones (a
+//! patient, encounters, observations and conditions referencing them; 100 to 500 entries).
+//!
+//! Baselines, per bundle, one transaction each: the rows fhirvault writes for its resources
+//! (current-version rows, version rows with ciphertext of the same plaintext and its digest,
+//! compartment rows, search index rows) inserted with one multi-row INSERT per table —
+//! `raw_insert` times the INSERTs alone (rows built beforehand), `raw_build_and_insert` also
+//! builds them (encryption, index extraction), as the server must. Memory: the process's resident
+//! set after the first tenth of the bundles and at the end (bounded by the bundle, not the
+//! database, if it stays flat). Run: `cargo bench --bench bundle` (`BENCH_GENERATED=40`,
+//! `BENCH_CONC=2`). Writes benches/results/bundle-<date>.json.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+mod support;
+
+use common::{Db, TestServer};
+use diesel::prelude::*;
+use fhirvault::config::ConfigLayer;
+use fhirvault::crypto::{Aad, Cipher};
+use fhirvault::store::encrypted::EncryptedColumn;
+use fhirvault::store::schema::{resource_compartments as rc, resource_versions as rv, resources as cur};
+use fhirvault::store::{DbConnection, DbManager};
+use serde_json::{json, Value};
+use std::time::Instant;
+use support::{env_num, LeanClient};
+
+fn synthea() -> Vec<Value> {
+    let dir = tempfile::tempdir().unwrap();
+    let tgz = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/testdata/synthea-r4-60-patients.tgz");
+    let ok = std::process::Command::new("tar")
+        .arg("xzf")
+        .arg(&tgz)
+        .arg("-C")
+        .arg(dir.path())
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "could not unpack {}", tgz.display());
+    let mut files: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    files
+        .into_iter()
+        .map(|p| serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap())
+        .collect()
+}
+
+/// A generated patient bundle of about `size` entries with references between them.
+fn generated(n: u64, size: usize) -> Value {
+    let entry = |full: String, r: Value| {
+        let t = r["resourceType"].as_str().unwrap().to_string();
+        json!({"fullUrl": full, "resource": r, "request": {"method": "POST", "url": t}})
+    };
+    let p = format!("urn:uuid:{}", uuid::Uuid::new_v4());
+    let mut entries = vec![entry(
+        p.clone(),
+        json!({"resourceType": "Patient", "name": [{"family": format!("Gen{n}"), "given": ["Bench"]}],
+               "gender": "male", "birthDate": "1961-07-08",
+               "identifier": [{"system": "urn:bench:gen", "value": format!("gen-{n}")}]}),
+    )];
+    let mut encounter = p.clone();
+    for i in 0..size - 1 {
+        let r = match i % 10 {
+            0 => {
+                encounter = format!("urn:uuid:{}", uuid::Uuid::new_v4());
+                entries.push(entry(
+                    encounter.clone(),
+                    json!({"resourceType": "Encounter", "status": "finished",
+                           "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "AMB"},
+                           "subject": {"reference": p}, "period": {"start": format!("2020-01-{:02}T10:00:00Z", i % 28 + 1)}}),
+                ));
+                continue;
+            }
+            1 => {
+                json!({"resourceType": "Condition", "subject": {"reference": p}, "encounter": {"reference": encounter},
+                        "code": {"coding": [{"system": "http://snomed.info/sct", "code": "44054006"}]},
+                        "onsetDateTime": "2019-05-06"})
+            }
+            _ => json!({"resourceType": "Observation", "status": "final",
+                        "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4", "display": "Heart rate"}]},
+                        "subject": {"reference": p}, "encounter": {"reference": encounter},
+                        "effectiveDateTime": format!("2020-02-{:02}T08:30:00Z", i % 28 + 1),
+                        "valueQuantity": {"value": 60 + (i % 40), "unit": "/min", "system": "http://unitsofmeasure.org", "code": "/min"}}),
+        };
+        entries.push(entry(format!("urn:uuid:{}", uuid::Uuid::new_v4()), r));
+    }
+    json!({"resourceType": "Bundle", "type": "transaction", "entry": entries})
+}
+
+fn entries(b: &Value) -> usize {
+    b["entry"].as_array().map_or(0, Vec::len)
+}
+
+fn rss_kb() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// One resource's rows, built as the server builds them.
+struct Rows {
+    t: String,
+    id: String,
+    sealed: fhirvault::crypto::Sealed,
+    digest: Vec<u8>,
+    patients: Vec<String>,
+    index: Vec<fhirvault::store::search_index::SearchRow>,
+}
+
+fn build_rows(
+    bundle: &Value,
+    registry: &fhirvault::search::Registry,
+    compartment: &fhirvault::fhir::compartment::PatientCompartment,
+    cipher: &Cipher,
+) -> Vec<Rows> {
+    bundle["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            let r = &e["resource"];
+            let t = r["resourceType"].as_str().unwrap().to_string();
+            let id = uuid::Uuid::new_v4().to_string();
+            let plain = serde_json::to_vec(r).unwrap();
+            let aad = Aad {
+                table: "resource_versions",
+                resource_type: &t,
+                logical_id: &id,
+                version_id: 1,
+            };
+            Rows {
+                sealed: cipher.seal(&aad, &plain).unwrap(),
+                digest: fhirvault::crypto::sha256(&plain).to_vec(),
+                patients: compartment.patients_of(&t, r).into_iter().collect(),
+                index: fhirvault::search::index_rows(registry, cipher, &t, r),
+                t,
+                id,
+            }
+        })
+        .collect()
+}
+
+/// The rows of one bundle in one transaction, one multi-row INSERT per table.
+fn insert_rows(c: &mut DbConnection, rows: &[Rows]) {
+    let now = fhirvault::store::now();
+    c.transaction::<_, diesel::result::Error, _>(|c| {
+        let current: Vec<_> = rows
+            .iter()
+            .map(|r| {
+                (
+                    cur::resource_type.eq(&r.t),
+                    cur::logical_id.eq(&r.id),
+                    cur::version_id.eq(1i64),
+                    cur::last_updated.eq(now),
+                    cur::deleted.eq(false),
+                )
+            })
+            .collect();
+        let versions: Vec<_> = rows
+            .iter()
+            .map(|r| {
+                (
+                    rv::resource_type.eq(&r.t),
+                    rv::logical_id.eq(&r.id),
+                    rv::version_id.eq(1i64),
+                    rv::last_updated.eq(now),
+                    rv::deleted.eq(false),
+                    rv::method.eq("POST"),
+                    rv::key_version.eq(Some(1)),
+                    rv::content.eq(Some(EncryptedColumn(r.sealed.clone()))),
+                    rv::content_sha256.eq(Some(r.digest.clone())),
+                )
+            })
+            .collect();
+        let compartments: Vec<_> = rows
+            .iter()
+            .flat_map(|r| {
+                r.patients.iter().map(move |p| {
+                    (
+                        rc::resource_type.eq(&r.t),
+                        rc::logical_id.eq(&r.id),
+                        rc::version_id.eq(1i64),
+                        rc::patient_id.eq(p),
+                    )
+                })
+            })
+            .collect();
+        // bounded by the backends' bind limits: chunks of 1,000 rows
+        macro_rules! many {
+            ($table:expr, $rows:expr) => {
+                for chunk in $rows.chunks(1000) {
+                    match c {
+                        DbConnection::Pg(pg) => diesel::insert_into($table).values(chunk).execute(pg)?,
+                        DbConnection::Sqlite(s) => diesel::insert_into($table).values(chunk).execute(s)?,
+                    };
+                }
+            };
+        }
+        many!(cur::table, current);
+        many!(rc::table, compartments);
+        many!(rv::table, versions);
+        let items: Vec<(&str, &str, &[fhirvault::store::search_index::SearchRow])> = rows
+            .iter()
+            .map(|r| (r.t.as_str(), r.id.as_str(), r.index.as_slice()))
+            .collect();
+        fhirvault::store::search_index::insert_many(c, &items)
+            .map_err(|_| diesel::result::Error::RollbackTransaction)?;
+        Ok(())
+    })
+    .unwrap();
+}
+
+fn bench_backend(db: Db, bundles: &[Value], conc: usize) -> Value {
+    let tdb = common::TestDb::new(db);
+    let mut layer = ConfigLayer {
+        pool_size: Some(4),
+        ..Default::default()
+    };
+    support::serve_as_rls_role(&tdb, &mut layer);
+    let s = TestServer::start_on(tdb, layer);
+    let url = s.db.database_url.clone();
+    let cipher = s.store.cipher();
+    let registry = fhirvault::server::shared_registry(&s.config).unwrap();
+    let compartment = fhirvault::fhir::compartment::PatientCompartment::r4().unwrap();
+    let bodies: Vec<Vec<u8>> = bundles.iter().map(|b| serde_json::to_vec(b).unwrap()).collect();
+    let total: usize = bundles.iter().map(entries).sum();
+
+    // fhirvault over HTTP: `conc` clients, each posting its share of the bundles
+    let token = s.token("system/*.cruds", None);
+    let addr = s.addr;
+    let rss_start = rss_kb();
+    let rss_early = std::sync::atomic::AtomicU64::new(0);
+    let rss_peak = std::sync::atomic::AtomicU64::new(0);
+    let posted = std::sync::atomic::AtomicUsize::new(0);
+    let started = Instant::now();
+    std::thread::scope(|scope| {
+        for t in 0..conc {
+            let (bodies, posted, rss_early, rss_peak, token) = (&bodies, &posted, &rss_early, &rss_peak, &token);
+            scope.spawn(move || {
+                let mut c = LeanClient::connect(addr, token);
+                for b in bodies.iter().skip(t).step_by(conc) {
+                    assert_eq!(c.request("POST", "/fhir", Some(b)), 200);
+                    let n = posted.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                    let rss = rss_kb();
+                    rss_peak.fetch_max(rss, std::sync::atomic::Ordering::Relaxed);
+                    if n == bodies.len() / 10 {
+                        rss_early.store(rss, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+            });
+        }
+    });
+    let http_secs = started.elapsed().as_secs_f64();
+    let http_rate = total as f64 / http_secs;
+
+    // baselines on the owner's connection: the same rows, raw
+    let mut c = DbManager::new(&url).unwrap().connect().unwrap();
+    let built: Vec<Vec<Rows>> = bundles
+        .iter()
+        .map(|b| build_rows(b, &registry, &compartment, cipher))
+        .collect();
+    let started = Instant::now();
+    for rows in &built {
+        insert_rows(&mut c, rows);
+    }
+    let raw_rate = total as f64 / started.elapsed().as_secs_f64();
+    drop(built);
+    let started = Instant::now();
+    for b in bundles {
+        let rows = build_rows(b, &registry, &compartment, cipher);
+        insert_rows(&mut c, &rows);
+    }
+    let raw_build_rate = total as f64 / started.elapsed().as_secs_f64();
+
+    let early = rss_early.load(std::sync::atomic::Ordering::Relaxed);
+    let peak = rss_peak.load(std::sync::atomic::Ordering::Relaxed);
+    eprintln!(
+        "  {db:?}: {} bundles, {total} resources, c{conc}: fhirvault {http_rate:>7.0}/s  raw insert {raw_rate:>7.0}/s  raw build+insert {raw_build_rate:>7.0}/s  ratio {:.2} / {:.2}",
+        bundles.len(),
+        http_rate / raw_rate,
+        http_rate / raw_build_rate
+    );
+    eprintln!(
+        "  resident memory: {} MB before, {} MB after a tenth of the bundles, {} MB peak",
+        rss_start / 1024,
+        early / 1024,
+        peak / 1024
+    );
+    json!({
+        "backend": format!("{db:?}"),
+        "bundles": bundles.len(),
+        "resources": total,
+        "concurrency": conc,
+        "resources_per_sec": {"fhirvault_http": http_rate, "raw_multirow_insert": raw_rate, "raw_build_and_insert": raw_build_rate},
+        "ratio_vs_raw_multirow_insert": http_rate / raw_rate,
+        "ratio_vs_raw_build_and_insert": http_rate / raw_build_rate,
+        "rss_mb": {"before": rss_start / 1024, "after_first_tenth": early / 1024, "peak": peak / 1024},
+    })
+}
+
+fn main() {
+    if !support::start() {
+        return;
+    }
+    let conc = env_num("BENCH_CONC", 2) as usize;
+    let mut bundles = synthea();
+    let real = bundles.len();
+    let generated_n = env_num("BENCH_GENERATED", 40);
+    bundles.extend((0..generated_n).map(|i| generated(i, 100 + (i as usize * 37) % 401)));
+    let sizes: Vec<usize> = bundles.iter().map(entries).collect();
+    eprintln!(
+        "bundle bench: {real} Synthea + {generated_n} generated bundles, {} to {} entries ({} in all)",
+        sizes.iter().min().unwrap(),
+        sizes.iter().max().unwrap(),
+        sizes.iter().sum::<usize>()
+    );
+    let mut results = Vec::new();
+    for db in [Db::Sqlite, Db::Postgres] {
+        results.push(bench_backend(db, &bundles, conc));
+    }
+    let mut out = support::provenance("bundle");
+    out["backends"] = Value::Array(results);
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/results");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(format!("bundle-{}.json", chrono::Utc::now().format("%Y-%m-%d")));
+    std::fs::write(&path, serde_json::to_string_pretty(&out).unwrap()).unwrap();
+    eprintln!("wrote {}", path.display());
+}

@@ -78,7 +78,12 @@ fn transaction_resolves_references(db: Db) {
             post("urn:uuid:p1", patient("Txn", "t-1")),
             post(
                 "urn:uuid:e1",
-                json!({"resourceType": "Encounter", "status": "finished", "class": {"code": "AMB"}, "subject": {"reference": "urn:uuid:p1"}}),
+                json!({"resourceType": "Encounter", "status": "finished", "class": {"code": "AMB"}, "subject": {"reference": "urn:uuid:p1"},
+                       "serviceProvider": {"reference": "urn:oid:1.2.840.99.1"}}),
+            ),
+            post(
+                "urn:oid:1.2.840.99.1",
+                json!({"resourceType": "Organization", "name": "Clinic"}),
             ),
             json!({"fullUrl": "urn:uuid:p2", "resource": {"resourceType": "Patient", "id": "chosen-id", "name": [{"family": "Put"}]},
                    "request": {"method": "PUT", "url": "Patient/chosen-id"}}),
@@ -97,13 +102,14 @@ fn transaction_resolves_references(db: Db) {
             "201 Created",
             "201 Created",
             "201 Created",
+            "201 Created",
             "200 OK"
         ]
     );
     let entries = out["entry"].as_array().unwrap();
     // the GET ran after the writes: it finds the patient created in the same Bundle
     assert_eq!(entries[0]["resource"]["total"], 1, "{}", entries[0]);
-    for e in &entries[1..5] {
+    for e in &entries[1..6] {
         assert_eq!(e["response"]["etag"], "W/\"1\"");
         assert!(e["response"]["lastModified"].as_str().unwrap().ends_with('Z'));
         assert!(e["response"]["location"].as_str().unwrap().ends_with("/_history/1"));
@@ -125,8 +131,21 @@ fn transaction_resolves_references(db: Db) {
         "Patient/chosen-id"
     );
     assert_eq!(stored["performer"][0]["reference"], "#prov");
+    let org_id = id_of_location(entries[4]["response"]["location"].as_str().unwrap());
     let enc = s.get(&format!("/Encounter/{enc_id}")).json();
     assert_eq!(enc["subject"]["reference"], format!("Patient/{pat_id}"));
+    assert_eq!(enc["serviceProvider"]["reference"], format!("Organization/{org_id}"));
+    // a read entry carries its version and time
+    let r = send_bundle(
+        &s,
+        &bundle(
+            "batch",
+            vec![json!({"request": {"method": "GET", "url": format!("Patient/{pat_id}")}})],
+        ),
+    );
+    let read = &r.json()["entry"][0]["response"];
+    assert_eq!(read["etag"], "W/\"1\"");
+    assert!(read["lastModified"].is_string(), "{read}");
     // indexed under the rewritten references: the compartment and reference searches find them
     let r = s.get(&format!("/Patient/{pat_id}/Observation"));
     assert_eq!(r.json()["total"], 1, "{}", r.text());

@@ -32,6 +32,7 @@ use chrono::NaiveDateTime;
 use serde_json::{json, Map, Value};
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -256,6 +257,10 @@ pub async fn process(
     payload: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
+    // The router abandons the request at `request_timeout_secs`, but a transaction already
+    // running on a blocking thread would still commit: it gives up (rolls back) by itself at
+    // 80 % of that time, so a client told "timed out" never finds its writes applied later.
+    let deadline = Instant::now() + Duration::from_secs(state.config.request_timeout_secs) * 4 / 5;
     let fmt = Format::negotiate(&req)?;
     // entries carry their resources only when asked: a Synthea bundle echoed back is megabytes
     let with_resources = req.headers().contains_key("prefer") && Prefer::from_request(&req) == Prefer::Representation;
@@ -285,8 +290,8 @@ pub async fn process(
         .map(|(i, e)| Entry::parse(&state, &base, i, e))
         .collect();
     let results = match kind {
-        Kind::Transaction => transaction(&req, &p, &state, &trail, parsed).await?,
-        Kind::Batch => batch(&req, &p, &state, &trail, parsed).await?,
+        Kind::Transaction => transaction(&req, &p, &state, &trail, parsed, deadline).await?,
+        Kind::Batch => batch(&req, &p, &state, &trail, parsed, deadline).await?,
     };
     let response = json!({
         "resourceType": "Bundle",
@@ -305,6 +310,7 @@ async fn transaction(
     state: &web::Data<AppState>,
     trail: &Trail,
     parsed: Vec<Result<Entry, ApiError>>,
+    deadline: Instant,
 ) -> Result<Vec<EntryResult>, ApiError> {
     let mut entries = Vec::with_capacity(parsed.len());
     for (index, e) in parsed.into_iter().enumerate() {
@@ -316,7 +322,7 @@ async fn transaction(
     let (writes, reads): (Vec<Entry>, Vec<Entry>) = entries.into_iter().partition(|e| !is_read(&e.interaction));
     let audits: Vec<TxAudit> = writes.iter().map(|e| trail.for_entry(state, &e.interaction)).collect();
     let (st, pp) = (state.clone(), p.clone());
-    let (mut results, audits) = blocking(move || run_transaction(&st, &pp, writes, audits)).await?;
+    let (mut results, audits) = blocking(move || run_transaction(&st, &pp, writes, audits, deadline)).await?;
     trail.entries_committed(state, audits);
     for e in reads {
         let index = e.index;
@@ -332,6 +338,7 @@ async fn batch(
     state: &web::Data<AppState>,
     trail: &Trail,
     parsed: Vec<Result<Entry, ApiError>>,
+    deadline: Instant,
 ) -> Result<Vec<EntryResult>, ApiError> {
     let mut results = Vec::with_capacity(parsed.len());
     for e in parsed {
@@ -349,12 +356,12 @@ async fn batch(
         let interaction = e.interaction.clone();
         let audit = trail.for_entry(state, &interaction);
         let (st, pp) = (state.clone(), p.clone());
-        match blocking(move || run_transaction(&st, &pp, vec![e], vec![audit])).await {
+        match blocking(move || run_transaction(&st, &pp, vec![e], vec![audit], deadline)).await {
             Ok((mut done, audits)) => {
                 trail.entries_committed(state, audits);
                 results.push(done.pop().map(|(_, r)| r).ok_or(ApiError::Internal)?);
             }
-            // the entry's own failure; the server's (audit, database down) fails the batch
+            // the entry's own failure; the server's (audit, database down, time) fails the batch
             Err(ApiError::InEntry { error, .. }) => {
                 trail.entry_failed(state, &interaction, &error).await?;
                 results.push(EntryResult::failed(&error));
@@ -406,11 +413,11 @@ async fn read_entry(
     Ok(match result {
         Ok(resp) => {
             let status = resp.status();
-            let header_version = resp
-                .headers()
-                .get(actix_web::http::header::ETAG)
-                .and_then(|v| v.to_str().ok())
-                .and_then(crud::parse_etag);
+            let header = |name| resp.headers().get(name).and_then(|v| v.to_str().ok());
+            let header_version = header(actix_web::http::header::ETAG).and_then(crud::parse_etag);
+            let last_modified = header(actix_web::http::header::LAST_MODIFIED)
+                .and_then(|v| httpdate::parse_http_date(v).ok())
+                .map(|t| chrono::DateTime::<chrono::Utc>::from(t).naive_utc());
             let bytes = actix_web::body::to_bytes(resp.into_body())
                 .await
                 .map_err(|_| ApiError::Internal)?;
@@ -419,7 +426,7 @@ async fn read_entry(
                 status,
                 location: None,
                 version_id: header_version,
-                last_modified: None,
+                last_modified,
                 resource,
                 outcome: None,
                 read: true,
@@ -437,6 +444,7 @@ fn run_transaction(
     p: &Principal,
     mut entries: Vec<Entry>,
     mut audits: Vec<TxAudit>,
+    deadline: Instant,
 ) -> Result<Committed, ApiError> {
     // The transaction starts with the token's own reach; each entry then runs with its decision's.
     let base_access = match &p.patient {
@@ -445,7 +453,7 @@ fn run_transaction(
     };
     let mut failure: Option<ApiError> = None;
     let result = state.store.transaction(&base_access, |tx| {
-        match apply(state, p, tx, &mut entries, &mut audits) {
+        match apply(state, p, tx, &mut entries, &mut audits, deadline) {
             Ok(results) => Ok(results),
             Err(e) => {
                 failure = Some(e);
@@ -476,7 +484,16 @@ fn apply(
     tx: &mut StoreTx<'_>,
     entries: &mut [Entry],
     audits: &mut [TxAudit],
+    deadline: Instant,
 ) -> Result<Vec<(usize, EntryResult)>, ApiError> {
+    let in_time = || {
+        if Instant::now() > deadline {
+            tracing::warn!("a Bundle ran out of time and was rolled back");
+            Err(ApiError::Timeout)
+        } else {
+            Ok(())
+        }
+    };
     // 1. What each fullUrl becomes: the id a POST is given (or the resource its condition
     //    matched), the resource a PUT names.
     let mut ids: HashMap<String, String> = HashMap::new();
@@ -570,6 +587,7 @@ fn apply(
         pending: Vec::new(),
     };
     for i in order {
+        in_time()?;
         let e = &mut entries[i];
         let cond = conditions.remove(&e.index);
         if let (Interaction::Create { resource_type: t }, None) = (&e.interaction, &cond) {
@@ -601,6 +619,7 @@ fn apply(
         results.push((e.index, result));
     }
     creates.flush(tx, audits, &mut results)?;
+    in_time()?;
     Ok(results)
 }
 

@@ -146,3 +146,68 @@ fn server_role_sees_only_its_access_context_even_with_raw_sql() {
     // system tokens still see everything
     assert_eq!(s.get("/_history").json()["total"], 5);
 }
+
+/// Bundles and patches under row-level security: each entry runs with its own access
+/// context inside the one transaction (set transaction-locally), so a patient token's
+/// transaction writes inside its compartment and a system token's writes anywhere.
+#[test]
+fn bundles_and_patches_work_under_row_level_security() {
+    let tdb = TestDb::new(Db::Postgres);
+    let name = tdb.pg_name.clone().unwrap();
+    let role = format!("app_{name}");
+    pg().admin(&format!("CREATE ROLE {role} LOGIN NOSUPERUSER NOBYPASSRLS"));
+    let s = TestServer::start_on(
+        tdb,
+        ConfigLayer {
+            database_url: Some(pg().url_as(&role, &name)),
+            migration_database_url: Some(pg().url(&name)),
+            ..Default::default()
+        },
+    );
+    // a system token: patients, an organization and observations in one transaction
+    let b = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"fullUrl": "urn:uuid:o", "resource": {"resourceType": "Organization", "name": "x"}, "request": {"method": "POST", "url": "Organization"}},
+        {"resource": {"resourceType": "Patient", "id": "p1", "managingOrganization": {"reference": "urn:uuid:o"}}, "request": {"method": "PUT", "url": "Patient/p1"}},
+        {"resource": {"resourceType": "Patient", "id": "p2"}, "request": {"method": "PUT", "url": "Patient/p2"}},
+        {"resource": {"resourceType": "Observation", "status": "final", "code": {"text": "x"}, "subject": {"reference": "Patient/p2"}},
+         "request": {"method": "POST", "url": "Observation"}}
+    ]});
+    let r = s.post("", &b);
+    assert_eq!(r.status, 200, "{}", r.text());
+    // a patient token: its own compartment only, patched and deleted in one transaction
+    let t = format!("Bearer {}", s.token("patient/*.cruds", Some("p1")));
+    let send = |b: &serde_json::Value| {
+        common::Reply::from(
+            reqwest::blocking::Client::new()
+                .post(s.url(""))
+                .header("authorization", &t)
+                .header("content-type", "application/fhir+json")
+                .body(b.to_string())
+                .send()
+                .unwrap(),
+        )
+    };
+    let mine = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"fullUrl": "urn:uuid:a", "resource": {"resourceType": "Observation", "status": "final", "code": {"text": "mine"},
+         "subject": {"reference": "Patient/p1"}}, "request": {"method": "POST", "url": "Observation"}},
+        {"resource": {"resourceType": "Parameters", "parameter": [{"name": "operation", "part": [
+            {"name": "type", "valueCode": "add"}, {"name": "path", "valueString": "Patient"},
+            {"name": "name", "valueString": "gender"}, {"name": "value", "valueCode": "female"}]}]},
+         "request": {"method": "PATCH", "url": "Patient/p1"}},
+        {"request": {"method": "GET", "url": "Observation?subject=Patient/p1"}}
+    ]});
+    let r = send(&mine);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["entry"][2]["resource"]["total"], 1);
+    assert_eq!(s.get("/Patient/p1").json()["gender"], "female");
+    // the other patient's resources stay out of reach, in bundles as elsewhere
+    let theirs = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"resource": {"resourceType": "Parameters", "parameter": [{"name": "operation", "part": [
+            {"name": "type", "valueCode": "add"}, {"name": "path", "valueString": "Patient"},
+            {"name": "name", "valueString": "gender"}, {"name": "value", "valueCode": "male"}]}]},
+         "request": {"method": "PATCH", "url": "Patient/p2"}}
+    ]});
+    let r = send(&theirs);
+    assert_eq!(r.status, 404, "{}", r.text());
+    assert!(s.get("/Patient/p2").json().get("gender").is_none());
+}

@@ -675,12 +675,23 @@ impl Store {
     ) -> Result<CreateOutcome, StoreError> {
         // A new resource is version 1: its content is built and encrypted before the
         // transaction, so the write lock (SQLite's single writer) is held for the SQL only.
-        let ts = now();
-        let content = make(1, ts);
-        let sealed = self.seal(resource_type, id, 1, Some(&content))?;
+        let (ts, content, sealed) = self.first_version(resource_type, id, make)?;
         self.write_tx(access, |conn| {
             self.create_in_tx(conn, resource_type, id, method, condition, ts, content, sealed, audit)
         })
+    }
+
+    /// Version 1 of a new resource: its time, content and sealed row.
+    fn first_version(
+        &self,
+        resource_type: &str,
+        id: &str,
+        make: impl FnOnce(i64, NaiveDateTime) -> Content,
+    ) -> Result<(NaiveDateTime, Content, SealedVersion), StoreError> {
+        let ts = now();
+        let content = make(1, ts);
+        let sealed = self.seal(resource_type, id, 1, Some(&content))?;
+        Ok((ts, content, sealed))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -1349,9 +1360,7 @@ impl StoreTx<'_> {
         make: impl FnOnce(i64, NaiveDateTime) -> Content,
         audit: &mut dyn WriteAudit,
     ) -> Result<CreateOutcome, StoreError> {
-        let ts = now();
-        let content = make(1, ts);
-        let sealed = self.store.seal(resource_type, id, 1, Some(&content))?;
+        let (ts, content, sealed) = self.store.first_version(resource_type, id, make)?;
         self.store.create_in_tx(
             self.conn,
             resource_type,

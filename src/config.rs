@@ -40,6 +40,10 @@ pub struct ConfigLayer {
     pub data_dir: Option<PathBuf>,
     pub database_url: Option<String>,
     pub key_file: Option<PathBuf>,
+    pub key_provider: Option<String>,
+    pub kms_key_id: Option<String>,
+    pub kms_region: Option<String>,
+    pub kms_endpoint: Option<String>,
     pub public_url: Option<String>,
     pub max_body_bytes: Option<usize>,
     pub max_bundle_entries: Option<usize>,
@@ -115,6 +119,10 @@ impl ConfigLayer {
                 "DATA_DIR" => layer.data_dir = Some(value.into()),
                 "DATABASE_URL" => layer.database_url = Some(value),
                 "KEY_FILE" => layer.key_file = Some(value.into()),
+                "KEY_PROVIDER" => layer.key_provider = Some(value),
+                "KMS_KEY_ID" => layer.kms_key_id = Some(value),
+                "KMS_REGION" => layer.kms_region = Some(value),
+                "KMS_ENDPOINT" => layer.kms_endpoint = Some(value),
                 "PUBLIC_URL" => layer.public_url = Some(value),
                 "MAX_BODY_BYTES" => layer.max_body_bytes = Some(parse_num(&value)? as usize),
                 "MAX_BUNDLE_ENTRIES" => layer.max_bundle_entries = Some(parse_num(&value)? as usize),
@@ -187,6 +195,10 @@ impl ConfigLayer {
             data_dir,
             database_url,
             key_file,
+            key_provider,
+            kms_key_id,
+            kms_region,
+            kms_endpoint,
             public_url,
             max_body_bytes,
             max_bundle_entries,
@@ -230,6 +242,19 @@ pub enum LogFormat {
     Json,
 }
 
+/// The key provider: the local key file (embedded default), or AWS KMS wrapping the key file's
+/// data keys (credentials from the standard AWS environment variables).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyProviderConfig {
+    Local,
+    AwsKms {
+        key_id: String,
+        region: String,
+        /// Default: the region's public endpoint; plain http only on loopback (emulators).
+        endpoint: Option<String>,
+    },
+}
+
 /// The validated configuration. Its `Debug` hides database passwords.
 #[derive(Clone)]
 pub struct Config {
@@ -239,6 +264,8 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub database_url: String,
     pub key_file: PathBuf,
+    /// Where the key file's keys come from.
+    pub key_provider: KeyProviderConfig,
     /// The externally visible base URL (scheme, host, port, base path) used in `Location` and
     /// `fullUrl`. When unset, it is derived from each request's `Host`.
     pub public_url: Option<String>,
@@ -377,6 +404,22 @@ impl Config {
             None => format!("sqlite://{}", data_dir.join("fhirvault.db").display()),
         };
         let key_file = layer.key_file.unwrap_or_else(|| data_dir.join("fhirvault.key"));
+        let key_provider = match layer.key_provider.as_deref().unwrap_or("local") {
+            "local" => KeyProviderConfig::Local,
+            "aws-kms" => KeyProviderConfig::AwsKms {
+                key_id: layer
+                    .kms_key_id
+                    .filter(|k| !k.is_empty())
+                    .ok_or_else(|| cerr("kms_key_id", "required with key_provider = \"aws-kms\""))?,
+                region: layer
+                    .kms_region
+                    .or_else(|| std::env::var("AWS_REGION").ok())
+                    .or_else(|| std::env::var("AWS_DEFAULT_REGION").ok())
+                    .ok_or_else(|| cerr("kms_region", "required with key_provider = \"aws-kms\" (or AWS_REGION)"))?,
+                endpoint: layer.kms_endpoint,
+            },
+            _ => return Err(cerr("key_provider", "must be \"local\" or \"aws-kms\"")),
+        };
         let public_url = match layer.public_url {
             Some(u) if u.starts_with("https://") || u.starts_with("http://") => {
                 Some(u.trim_end_matches('/').to_string())
@@ -560,6 +603,7 @@ impl Config {
             data_dir,
             database_url,
             key_file,
+            key_provider,
             public_url,
             max_body_bytes,
             max_bundle_entries,

@@ -401,14 +401,13 @@ fn parse_since(s: &str) -> anyhow::Result<chrono::NaiveDateTime> {
 }
 
 fn keys_command(config: &Config, command: KeysCommand) -> anyhow::Result<()> {
-    use fhirvault::crypto::{KeyProvider, LocalKeyFile};
-    fhirvault::server::ensure_data_dir(config)?;
-    let mut keyfile = LocalKeyFile::open_or_create(&config.key_file).context("opening the key file")?;
+    use fhirvault::crypto::KeyProvider;
+    let mut keyfile = fhirvault::server::open_keys(config)?;
     let rotated = match command {
         KeysCommand::Status => {
             let store = open_store(config, false)?;
             let usage = store.key_usage()?;
-            println!("key file: {}", config.key_file.display());
+            println!("key file: {} ({})", config.key_file.display(), keyfile.provider());
             println!(
                 "current version: {}   blind-index version: {}",
                 keyfile.current_version(),

@@ -3,7 +3,7 @@
 
 use crate::api::AppState;
 use crate::config::Config;
-use crate::crypto::{Cipher, LocalKeyFile};
+use crate::crypto::{Cipher, KeyFile, Wrapping};
 use crate::fhir::Validator;
 use crate::store::Store;
 use anyhow::Context;
@@ -72,10 +72,27 @@ pub fn ensure_data_dir(config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Opens the key file through the configured key provider (with AWS KMS, every key version is
+/// unwrapped by KMS here: without KMS, fhirvault does not start).
+pub fn open_keys(config: &Config) -> anyhow::Result<KeyFile> {
+    ensure_data_dir(config)?;
+    let wrapping = match &config.key_provider {
+        crate::config::KeyProviderConfig::Local => Wrapping::Local,
+        crate::config::KeyProviderConfig::AwsKms {
+            key_id,
+            region,
+            endpoint,
+        } => Wrapping::Kms(
+            crate::crypto::kms::KmsClient::from_env(endpoint.as_deref(), region, key_id)
+                .context("configuring AWS KMS")?,
+        ),
+    };
+    KeyFile::open_with(&config.key_file, wrapping).context("opening the key file")
+}
+
 /// Opens the key provider and derives the cipher.
 pub fn open_cipher(config: &Config) -> anyhow::Result<Arc<Cipher>> {
-    ensure_data_dir(config)?;
-    let provider = LocalKeyFile::open_or_create(&config.key_file).context("opening the key file")?;
+    let provider = open_keys(config)?;
     Ok(Arc::new(Cipher::from_provider(&provider).context("deriving keys")?))
 }
 

@@ -9,13 +9,14 @@ use fhirvault::store::{Access, HistoryQuery, HistoryScope};
 use serde_json::json;
 use std::process::Command;
 
-fn run(s: &TestServer, args: &[&str]) -> std::process::Output {
+fn run(s: &TestServer, env: &[(&str, String)], args: &[&str]) -> std::process::Output {
     let mut c = Command::new(env!("CARGO_BIN_EXE_fhirvault"));
     for (k, _) in std::env::vars() {
         if k.starts_with("FHIRVAULT_") {
             c.env_remove(k);
         }
     }
+    c.envs(env.iter().map(|(k, v)| (k, v)));
     c.arg("--data-dir")
         .arg(&s.config.data_dir)
         .arg("--database-url")
@@ -25,10 +26,130 @@ fn run(s: &TestServer, args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
-on_both_backends!(rotation_reencrypts_everything_and_retires_unused_keys);
+on_both_backends!(
+    rotation_reencrypts_everything_and_retires_unused_keys,
+    rotation_with_aws_kms
+);
 
 fn rotation_reencrypts_everything_and_retires_unused_keys(db: Db) {
-    let s = TestServer::start(db);
+    rotation(&TestServer::start(db), &[]);
+}
+
+/// The moto KMS emulator (PyPI `moto[server]`, which .ci/run installs) on a loopback port.
+struct Moto {
+    child: std::process::Child,
+    endpoint: String,
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts moto's server from `MOTO_SERVER_BIN` (or the venv .ci/run makes under target/);
+/// without it the test is skipped locally, and fails in CI.
+fn moto() -> Option<Moto> {
+    let bin = std::env::var("MOTO_SERVER_BIN")
+        .ok()
+        .map(std::path::PathBuf::from)
+        .or_else(|| {
+            let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/py/bin/moto_server");
+            p.exists().then_some(p)
+        });
+    let Some(bin) = bin else {
+        assert!(
+            std::env::var("CI").is_err(),
+            "CI must run the KMS test: set MOTO_SERVER_BIN (see .ci/run)"
+        );
+        eprintln!("skipped: moto is not installed (pip install 'moto[server]'; MOTO_SERVER_BIN=…/moto_server)");
+        return None;
+    };
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let child = Command::new(bin)
+        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("starting moto_server");
+    let moto = Moto {
+        child,
+        endpoint: format!("http://127.0.0.1:{port}"),
+    };
+    for _ in 0..200 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Some(moto);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    panic!("moto_server did not start");
+}
+
+/// The same rotation with AWS KMS as the key provider (envelope encryption against moto): the
+/// key file holds only wrapped data keys, everything reads back after rotation and restart,
+/// and without KMS nothing starts.
+fn rotation_with_aws_kms(db: Db) {
+    let Some(moto) = moto() else { return };
+    std::env::set_var("AWS_ACCESS_KEY_ID", "testing");
+    std::env::set_var("AWS_SECRET_ACCESS_KEY", "testing");
+    let admin = fhirvault::crypto::kms::KmsClient::from_env(Some(&moto.endpoint), "us-east-1", "none").unwrap();
+    let created = admin
+        .call("CreateKey", &json!({"Description": "fhirvault test"}))
+        .unwrap();
+    let key_id = created["KeyMetadata"]["KeyId"].as_str().unwrap().to_string();
+    let layer = fhirvault::config::ConfigLayer {
+        key_provider: Some("aws-kms".into()),
+        kms_key_id: Some(key_id.clone()),
+        kms_region: Some("us-east-1".into()),
+        kms_endpoint: Some(moto.endpoint.clone()),
+        ..Default::default()
+    };
+    let s = TestServer::start_with(db, layer);
+    // the key file holds KMS ciphertext blobs, never a 256-bit key
+    let file: serde_json::Value = serde_json::from_slice(&std::fs::read(&s.config.key_file).unwrap()).unwrap();
+    assert_eq!(file["format"], "fhirvault-kms-keyfile-v1");
+    assert_eq!(file["kms_key_id"], key_id.as_str());
+    use base64::Engine;
+    let blob = base64::engine::general_purpose::STANDARD
+        .decode(file["keys"]["1"].as_str().unwrap())
+        .unwrap();
+    assert!(blob.len() > 32, "a wrapped data key, not the key itself");
+    let env = vec![
+        ("FHIRVAULT_KEY_PROVIDER", "aws-kms".to_string()),
+        ("FHIRVAULT_KMS_KEY_ID", key_id.clone()),
+        ("FHIRVAULT_KMS_REGION", "us-east-1".to_string()),
+        ("FHIRVAULT_KMS_ENDPOINT", moto.endpoint.clone()),
+        ("AWS_ACCESS_KEY_ID", "testing".to_string()),
+        ("AWS_SECRET_ACCESS_KEY", "testing".to_string()),
+    ];
+    rotation(&s, &env);
+    let status = run(&s, &env, &["keys", "status"]);
+    assert!(String::from_utf8_lossy(&status.stdout).contains(&format!("AWS KMS key {key_id}")));
+    // fail closed: KMS unreachable, or the file opened as a local key file
+    let mut dead = s.config.clone();
+    dead.key_provider = fhirvault::config::KeyProviderConfig::AwsKms {
+        key_id: key_id.clone(),
+        region: "us-east-1".into(),
+        endpoint: Some("http://127.0.0.1:9".into()),
+    };
+    let e = fhirvault::server::open_cipher(&dead).unwrap_err();
+    assert!(format!("{e:#}").contains("unreachable"), "{e:#}");
+    let mut local = s.config.clone();
+    local.key_provider = fhirvault::config::KeyProviderConfig::Local;
+    let e = fhirvault::server::open_cipher(&local).unwrap_err();
+    assert!(format!("{e:#}").contains("KMS-wrapped keys"), "{e:#}");
+    // a data key moved to another version does not unwrap (the encryption context binds it)
+    assert!(admin.decrypt(2, file["keys"]["1"].as_str().unwrap()).is_err());
+    drop(moto);
+}
+
+/// Writes, rotates through the CLI (`env`: its key-provider settings), and checks everything.
+fn rotation(s: &TestServer, env: &[(&str, String)]) {
     let mut ids = Vec::new();
     for i in 0..4 {
         let r = s.post(
@@ -46,7 +167,7 @@ fn rotation_reencrypts_everything_and_retires_unused_keys(db: Db) {
     assert_eq!(s.get("/AuditEvent?subtype=create").status, 200);
     s.auditor.flush_blocking().unwrap();
 
-    let out = run(&s, &["keys", "rotate"]);
+    let out = run(s, env, &["keys", "rotate"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("rows re-encrypted"),
@@ -87,7 +208,7 @@ fn rotation_reencrypts_everything_and_retires_unused_keys(db: Db) {
         .filter(|e| !e.deleted)
         .all(|e| String::from_utf8_lossy(e.content.as_ref().unwrap()).contains("Rotatename")));
     // the chain still verifies, and a sealed query still opens
-    let out = run(&s, &["audit", "verify"]);
+    let out = run(s, env, &["audit", "verify"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let (events, _) = store
         .audit_events_by_id(
@@ -114,9 +235,9 @@ fn rotation_reencrypts_everything_and_retires_unused_keys(db: Db) {
     assert!(with_query, "a search event's query opens after rotation");
     // version 1 stays (blind indexes and sealed queries derive from it); rotate again and the
     // now unused version 2 is retired, kept aside in its own file
-    let out = run(&s, &["keys", "rotate"]);
+    let out = run(s, env, &["keys", "rotate"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let status = run(&s, &["keys", "status"]);
+    let status = run(s, env, &["keys", "status"]);
     let text = String::from_utf8_lossy(&status.stdout).to_string();
     assert!(text.contains("current version: 3"), "{text}");
     assert!(

@@ -1,8 +1,9 @@
 //! Envelope encryption for everything at rest.
 //!
-//! * Key material comes only from a [`KeyProvider`]; the embedded default is [`LocalKeyFile`], a
-//!   file in the data directory created on first run with mode 0600. Key material is never read
-//!   from the configuration file, the environment or the source.
+//! * Key material comes only from a [`KeyProvider`]: the [`KeyFile`] in the data directory
+//!   (created on first run with mode 0600), holding the material itself (the embedded default)
+//!   or only data keys wrapped by AWS KMS ([`kms`], envelope encryption). Key material is never
+//!   read from the configuration file, the environment or the source.
 //! * Content keys and blind-index keys are derived separately with HKDF-SHA256 from the
 //!   provider's material, so rotating content keys never touches the blind-index key.
 //! * Ciphertext layout: `key version (u32, big endian) ‖ nonce (12 bytes) ‖ AES-256-GCM(ciphertext ‖ tag)`.
@@ -13,8 +14,9 @@
 //! This module knows nothing of HTTP or the database; `store` maps [`Sealed`] onto its column type.
 
 mod keyfile;
+pub mod kms;
 
-pub use keyfile::LocalKeyFile;
+pub use keyfile::{KeyFile, Wrapping};
 
 use aes_gcm::aead::{Aead, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};

@@ -299,7 +299,13 @@ pub fn document(validator: &Validator, registry: &Registry, base_path: &str) -> 
         .response("201", body_response("Created", t));
         let delete = with_errors(
             operation(format!("delete-{t}"), t, format!("Delete a {t}"), scopes(t, "d")),
-            &[("412", "If-Match does not match the current version (OperationOutcome)")],
+            &[
+                (
+                    "404",
+                    "Not a valid id, or not a resource the token may see (OperationOutcome)",
+                ),
+                ("412", "If-Match does not match the current version (OperationOutcome)"),
+            ],
         )
         .parameter(path_param("id", "Logical id"))
         .parameter(header_param("If-Match", "Expected version: W/\"n\""))
@@ -356,7 +362,12 @@ pub fn document(validator: &Validator, registry: &Registry, base_path: &str) -> 
                 .build(),
         );
         let history = |id: String, summary: String, with_id: bool| {
-            let mut op = with_errors(operation(id, t, summary, scopes(t, "r")), &[])
+            let errors: &[(&str, &str)] = if with_id {
+                &[("404", "Not a valid id (OperationOutcome)")]
+            } else {
+                &[]
+            };
+            let mut op = with_errors(operation(id, t, summary, scopes(t, "r")), errors)
                 .parameter(query_param("_count", "Page size"))
                 .parameter(query_param("_since", "Only versions since this instant"))
                 .response("200", body_response("A history Bundle", "Bundle"));
@@ -412,7 +423,10 @@ pub fn document(validator: &Validator, registry: &Registry, base_path: &str) -> 
                     "Everything in the patient's compartment (the types the token may search)".into(),
                     vec!["patient/*.rs".into(), "user/*.rs".into(), "system/*.rs".into()],
                 ),
-                &[],
+                &[(
+                    "404",
+                    "No such patient, or not one the token may see (OperationOutcome)",
+                )],
             )
             .parameter(path_param("id", "The patient's logical id"))
             .parameter(query_param(

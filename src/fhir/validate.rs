@@ -35,6 +35,39 @@ pub struct Element {
     pub type_def: Option<String>,
 }
 
+/// The schema's primitive patterns with the whitespace the FHIR specification means. JSON
+/// Schema evaluates `\s` as ECMA-262 does (every Unicode space), so HL7's `[ \r\n\t\S]+` for
+/// `string` refused a no-break space, which R4 allows (a string may hold any character but the
+/// controls below U+0020 other than tab, CR and LF: §2.1.28.0.1) and HL7's own validator accepts
+/// (Java's `\s` is ASCII). The official examples carry such text. Patterns are rewritten with
+/// ASCII whitespace, and `string`'s as the specification words it.
+fn fhir_whitespace_patterns(v: &mut Value) {
+    const WS: &str = r"[ \t\n\x0B\f\r]";
+    const NOT_WS: &str = r"[^ \t\n\x0B\f\r]";
+    match v {
+        Value::Object(m) => {
+            for (k, child) in m.iter_mut() {
+                if let (true, Value::String(p)) = (k == "pattern", &mut *child) {
+                    let rewritten = match p.as_str() {
+                        r"^[ \r\n\t\S]+$" => Some(r"^[^\x00-\x08\x0B\x0C\x0E-\x1F]+$".to_string()),
+                        r"^\S*$" => Some(format!("^{NOT_WS}*$")),
+                        r"^[^\s]+(\s[^\s]+)*$" => Some(format!("^{NOT_WS}+({WS}{NOT_WS}+)*$")),
+                        r"^(\s*([0-9a-zA-Z\+/=]){4}\s*)+$" => Some(format!("^({WS}*([0-9a-zA-Z\\+/=]){{4}}{WS}*)+$")),
+                        _ => None,
+                    };
+                    if let Some(r) = rewritten {
+                        *p = r;
+                    }
+                } else {
+                    fhir_whitespace_patterns(child);
+                }
+            }
+        }
+        Value::Array(a) => a.iter_mut().for_each(fhir_whitespace_patterns),
+        _ => {}
+    }
+}
+
 /// The element table of the schema's definitions.
 fn element_table(defs: &serde_json::Map<String, Value>) -> HashMap<String, HashMap<String, Element>> {
     let def_of = |v: &Value| {
@@ -78,6 +111,7 @@ impl Validator {
 
     pub fn from_schema_text(text: &str) -> Result<Validator, SchemaError> {
         let mut root: Value = serde_json::from_str(text).map_err(|e| SchemaError::Parse(e.to_string()))?;
+        fhir_whitespace_patterns(&mut root);
         let types: Vec<String> = root
             .pointer("/discriminator/mapping")
             .and_then(Value::as_object)
@@ -277,6 +311,27 @@ mod tests {
     fn v() -> &'static Validator {
         static V: OnceLock<Validator> = OnceLock::new();
         V.get_or_init(|| Validator::r4().unwrap())
+    }
+
+    #[test]
+    fn whitespace_is_what_fhir_means_by_it() {
+        let ok = |p: serde_json::Value| v().validate("Patient", &p).is_empty();
+        // a no-break space is a character like any other in a string (the official examples hold them)
+        assert!(ok(
+            json!({"resourceType": "Patient", "name": [{"text": "Ada\u{a0}Lovelace"}]})
+        ));
+        // control characters are not
+        assert!(!ok(json!({"resourceType": "Patient", "name": [{"text": "Ada\u{1}"}]})));
+        assert!(ok(
+            json!({"resourceType": "Patient", "name": [{"text": "two\r\nlines\tand a tab"}]})
+        ));
+        // codes: single inner spaces only; uris: no spaces
+        assert!(!ok(json!({"resourceType": "Patient", "language": "en  US"})));
+        assert!(ok(json!({"resourceType": "Patient", "language": "en US"})));
+        assert!(!ok(json!({"resourceType": "Patient", "implicitRules": "http://a b"})));
+        assert!(ok(
+            json!({"resourceType": "Patient", "photo": [{"data": "QUJD\nREVG"}]})
+        ));
     }
 
     #[test]

@@ -1,0 +1,519 @@
+#!/usr/bin/env python3
+"""fhirvault's black-box conformance suite: the server driven only over HTTP by software others wrote.
+
+Usage: suite.py --binary target/release/fhirvault --examples DIR [--backends sqlite,postgres]
+
+For each backend it starts the binary (SQLite in a temp data dir; PostgreSQL on a throwaway cluster
+started here with the server binaries of PG_BIN or /usr/lib/postgresql/*/bin), gets a token from
+`fhirvault token`, and runs the areas below. Every JSON resource or Bundle the server returns is
+validated as FHIR R4 (4.0.1) by fhir.resources (PyPI); failures count in the area `r4-validity`.
+
+Areas:
+  crud          fhirpy (PyPI): create, read, update, vread, history, delete, conditional create
+  search        fhirpy: searches, sorting, _include, counts, paging through every page
+  bundles       transaction and batch Bundles (urn:uuid references, conditional references, rollback)
+  smart-client  the SMART Python client (fhirclient, PyPI): read and search with its models
+  examples      every example of the official R4 examples package (hl7.fhir.r4.examples 4.0.1, npm):
+                loaded, read back and compared, ignoring only server-owned meta
+  fhirpath      the official FHIRPath Patch cases (FHIR/fhir-test-cases, tests/data/patch), over HTTP PATCH
+  r4-validity   every response validated by fhir.resources
+
+Prints a per-area table and `N passed, N failed`; exits 1 if anything failed.
+"""
+
+import argparse
+import base64
+import copy
+import glob
+import json
+import os
+import pathlib
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections import defaultdict
+
+import requests
+from fhir.resources import get_fhir_model_class
+from fhirclient import client as smart_client
+from fhirclient.models.observation import Observation as SmartObservation
+from fhirclient.models.patient import Patient as SmartPatient
+from fhirpy import SyncFHIRClient
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+AREAS = ["crud", "search", "bundles", "smart-client", "examples", "fhirpath", "r4-validity"]
+
+
+class Results:
+    def __init__(self):
+        self.passed = defaultdict(int)
+        self.failed = defaultdict(int)
+        self.known = defaultdict(int)
+        self.failures = defaultdict(list)
+        # failures explained in known-failures.json (the data's or a client library's, not the server's)
+        self.rules = json.load(open(pathlib.Path(__file__).with_name("known-failures.json")))
+        self.rule_hits = defaultdict(int)
+
+    def ok(self, area):
+        self.passed[area] += 1
+
+    def fail(self, area, what):
+        for i, rule in enumerate(self.rules):
+            if rule["area"] == area and re.search(rule["match"], what):
+                self.known[area] += 1
+                self.rule_hits[i] += 1
+                return
+        self.failed[area] += 1
+        if len(self.failures[area]) < 8 or os.environ.get("SUITE_ALL_FAILURES"):
+            self.failures[area].append(what)
+
+    def check(self, area, name, fn):
+        try:
+            fn()
+            self.ok(area)
+        except Exception as e:  # a failing check is a result, not the end of the suite
+            detail = "".join(traceback.format_exception_only(type(e), e)).strip()
+            self.fail(area, f"{name}: {detail[:300]}")
+
+
+RESULTS = Results()
+BACKEND = {"name": "?"}
+
+
+def validate_r4(obj):
+    """Validates a resource (and, for a Bundle, its entries) as FHIR R4 with fhir.resources."""
+    model = get_fhir_model_class(obj["resourceType"])
+    model.parse_obj(obj)
+
+
+_original_send = requests.Session.send
+
+
+def _validating_send(self, request, **kwargs):
+    """Every response the clients receive: a FHIR JSON body must be valid R4."""
+    response = _original_send(self, request, **kwargs)
+    ctype = response.headers.get("content-type", "")
+    if "json" in ctype and response.content:
+        try:
+            body = response.json()
+        except ValueError:
+            RESULTS.fail("r4-validity", f"{request.method} {request.path_url[:80]}: not JSON")
+            return response
+        if isinstance(body, dict) and "resourceType" in body:
+            try:
+                validate_r4(body)
+                RESULTS.ok("r4-validity")
+            except Exception as e:
+                RESULTS.fail("r4-validity", f"{BACKEND['name']} {request.method} {request.path_url[:80]}: {str(e)[:300]}")
+    return response
+
+
+requests.Session.send = _validating_send
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def is_root():
+    return os.geteuid() == 0
+
+
+def as_postgres(cmd):
+    return (["runuser", "-u", "postgres", "--"] + cmd) if is_root() else cmd
+
+
+class PgCluster:
+    """A throwaway PostgreSQL cluster on a loopback port, removed on stop."""
+
+    def __init__(self):
+        bins = os.environ.get("PG_BIN") or sorted(glob.glob("/usr/lib/postgresql/*/bin"))[-1]
+        self.bin = pathlib.Path(bins)
+        self.dir = pathlib.Path(tempfile.mkdtemp(prefix="fhirvault-conformance-pg-"))
+        if is_root():
+            shutil.chown(self.dir, "postgres", "postgres")
+        self.data = self.dir / "data"
+        self.port = free_port()
+        subprocess.run(
+            as_postgres([str(self.bin / "initdb"), "-U", "postgres", "--auth=trust", "--no-sync", "-E", "UTF8", "-D", str(self.data)]),
+            check=True,
+            capture_output=True,
+        )
+        opts = f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.dir} -c max_connections=200"
+        subprocess.run(
+            as_postgres([str(self.bin / "pg_ctl"), "-D", str(self.data), "-o", opts, "-l", str(self.dir / "log"), "-w", "start"]),
+            check=True,
+            capture_output=True,
+        )
+        self.url = f"postgres://postgres@127.0.0.1:{self.port}/postgres"
+
+    def stop(self):
+        subprocess.run(as_postgres([str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "stop"]), capture_output=True)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class Server:
+    def __init__(self, binary, database_url=None):
+        self.dir = tempfile.mkdtemp(prefix="fhirvault-conformance-")
+        self.port = free_port()
+        self.args = [binary, "--data-dir", self.dir]
+        if database_url:
+            self.args += ["--database-url", database_url]
+        self.log = open(os.path.join(self.dir, "server.log"), "w")
+        # the official examples include a 17 MB Bundle: the body limit is raised for them
+        env = dict(os.environ, FHIRVAULT_MAX_BODY_BYTES=str(64 * 1024 * 1024))
+        self.proc = subprocess.Popen(self.args + ["serve", "--listen", f"127.0.0.1:{self.port}"], stdout=self.log, stderr=self.log, env=env)
+        self.root = f"http://127.0.0.1:{self.port}"
+        self.base = f"{self.root}/fhir"
+        for _ in range(300):
+            try:
+                if requests.get(f"{self.root}/healthz", timeout=1).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            time.sleep(0.1)
+        else:
+            raise RuntimeError("the server did not start: " + open(os.path.join(self.dir, "server.log")).read()[-2000:])
+
+    def token(self, scope):
+        out = subprocess.run(self.args + ["token", "--scope", scope, "--expires-in", "900"], check=True, capture_output=True, text=True)
+        return out.stdout.strip()
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def session(token):
+    s = requests.Session()
+    s.headers.update({"Authorization": f"Bearer {token}", "Accept": "application/fhir+json"})
+    return s
+
+
+def expect(cond, what):
+    if not cond:
+        raise AssertionError(what)
+
+
+# ---- areas -------------------------------------------------------------------------------------
+
+
+def area_crud(base, token):
+    client = SyncFHIRClient(base, authorization=f"Bearer {token}")
+    state = {}
+
+    def create():
+        p = client.resource("Patient", name=[{"family": "Conformance", "given": ["Crud"]}], gender="female", birthDate="1971-02-03")
+        p.save()
+        expect(p.id and p["meta"]["versionId"] == "1", "created with id and version 1")
+        state["p"] = p
+
+    def read():
+        again = client.reference("Patient", state["p"].id).to_resource()
+        expect(again["name"][0]["family"] == "Conformance", "read back")
+
+    def update():
+        p = state["p"]
+        p["active"] = True
+        p.save()
+        expect(p["meta"]["versionId"] == "2", "version 2 after update")
+
+    def vread():
+        r = requests.Session().get(f"{base}/Patient/{state['p'].id}/_history/1", headers={"Authorization": f"Bearer {token}"})
+        expect(r.status_code == 200 and "active" not in r.json(), "version 1 as it was")
+
+    def history():
+        r = session(token).get(f"{base}/Patient/{state['p'].id}/_history")
+        expect(r.json()["type"] == "history" and len(r.json()["entry"]) == 2, "two versions in history")
+
+    def delete():
+        state["p"].delete()
+        r = session(token).get(f"{base}/Patient/{state['p'].id}")
+        expect(r.status_code == 410, f"410 after delete, got {r.status_code}")
+
+    def conditional_create():
+        s = session(token)
+        body = {"resourceType": "Patient", "identifier": [{"system": "urn:conformance", "value": "cc-1"}]}
+        h = {"If-None-Exist": "identifier=urn:conformance|cc-1", "Content-Type": "application/fhir+json"}
+        first = s.post(f"{base}/Patient", json=body, headers=h)
+        second = s.post(f"{base}/Patient", json=body, headers=h)
+        expect(first.status_code == 201 and second.status_code == 200, f"{first.status_code} then {second.status_code}")
+        expect(first.json()["id"] == second.json()["id"], "the same resource")
+
+    for name, fn in [("create", create), ("read", read), ("update", update), ("vread", vread), ("history", history),
+                     ("delete", delete), ("conditional create", conditional_create)]:
+        RESULTS.check("crud", name, fn)
+
+
+def area_search(base, token):
+    client = SyncFHIRClient(base, authorization=f"Bearer {token}")
+    patient = client.resource("Patient", name=[{"family": "Searchable", "given": ["Paging"]}], birthDate="1980-05-06")
+    patient.save()
+    for i in range(23):
+        client.resource(
+            "Observation",
+            status="final",
+            code={"coding": [{"system": "http://loinc.org", "code": "8867-4" if i % 2 else "8310-5"}]},
+            subject={"reference": f"Patient/{patient.id}"},
+            effectiveDateTime=f"2021-03-{i + 1:02d}T10:00:00Z",
+            valueQuantity={"value": 60 + i, "unit": "/min", "system": "http://unitsofmeasure.org", "code": "/min"},
+        ).save()
+    obs = client.resources("Observation").search(subject=f"Patient/{patient.id}")
+
+    def paging():
+        everything = obs.limit(5).fetch_all()
+        expect(len(everything) == 23, f"23 over five-entry pages, got {len(everything)}")
+        expect(len({o.id for o in everything}) == 23, "no duplicates across pages")
+
+    def count():
+        expect(obs.count() == 23, "count")
+
+    def token_search():
+        n = len(client.resources("Observation").search(subject=f"Patient/{patient.id}", code="http://loinc.org|8867-4").fetch_all())
+        expect(n == 11, f"11 with that code, got {n}")
+
+    def date_prefix():
+        n = len(obs.search(date="ge2021-03-20").fetch_all())
+        expect(n == 4, f"4 from the 20th, got {n}")
+
+    def sort():
+        got = [o["effectiveDateTime"] for o in obs.sort("-date").limit(3).fetch()]
+        expect(got == sorted(got, reverse=True) and got[0].startswith("2021-03-23"), f"newest first: {got}")
+
+    def include():
+        r = session(token).get(f"{base}/Observation", params={"subject": f"Patient/{patient.id}", "_include": "Observation:subject", "_count": 2})
+        kinds = [e["search"]["mode"] for e in r.json()["entry"]]
+        expect(kinds.count("include") == 1 and kinds.count("match") == 2, f"two matches and the patient: {kinds}")
+
+    def string_search():
+        found = client.resources("Patient").search(family="searchab").fetch_all()
+        expect(any(p.id == patient.id for p in found), "prefix match on family")
+
+    def quantity():
+        n = len(obs.search(**{"value-quantity": "gt80"}).fetch_all())
+        expect(n == 2, f"2 above 80, got {n}")
+
+    for name, fn in [("paging", paging), ("count", count), ("token", token_search), ("date prefix", date_prefix), ("sort", sort),
+                     ("_include", include), ("string", string_search), ("quantity", quantity)]:
+        RESULTS.check("search", name, fn)
+
+
+def area_bundles(base, token):
+    s = session(token)
+
+    def transaction():
+        bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [
+            {"fullUrl": "urn:uuid:61ebe359-bfdc-4613-8bf2-c5e300945f0a", "resource": {"resourceType": "Patient", "name": [{"family": "Bundled"}]},
+             "request": {"method": "POST", "url": "Patient"}},
+            {"fullUrl": "urn:uuid:88f151c0-a954-468a-88bd-5ae15c08e059",
+             "resource": {"resourceType": "Observation", "status": "final", "code": {"text": "x"},
+                          "subject": {"reference": "urn:uuid:61ebe359-bfdc-4613-8bf2-c5e300945f0a"}},
+             "request": {"method": "POST", "url": "Observation"}},
+        ]}
+        r = s.post(base, json=bundle, headers={"Content-Type": "application/fhir+json"})
+        expect(r.status_code == 200, f"status {r.status_code}")
+        entries = r.json()["entry"]
+        expect([e["response"]["status"][:3] for e in entries] == ["201", "201"], "both created")
+        pid = entries[0]["response"]["location"].split("/")[1]
+        oid = entries[1]["response"]["location"].split("/")[1]
+        o = s.get(f"{base}/Observation/{oid}").json()
+        expect(o["subject"]["reference"] == f"Patient/{pid}", "the reference points at the new patient")
+
+    def rollback():
+        bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [
+            {"resource": {"resourceType": "Patient", "name": [{"family": "NeverStored"}]}, "request": {"method": "POST", "url": "Patient"}},
+            {"resource": {"resourceType": "Observation", "status": 12}, "request": {"method": "POST", "url": "Observation"}},
+        ]}
+        r = s.post(base, json=bundle, headers={"Content-Type": "application/fhir+json"})
+        expect(r.status_code == 400 and r.json()["resourceType"] == "OperationOutcome", f"400, got {r.status_code}")
+        found = s.get(f"{base}/Patient", params={"family": "NeverStored"}).json()
+        expect(not found.get("entry"), "nothing stored")
+
+    def batch():
+        bundle = {"resourceType": "Bundle", "type": "batch", "entry": [
+            {"resource": {"resourceType": "Patient", "name": [{"family": "Batched"}]}, "request": {"method": "POST", "url": "Patient"}},
+            {"request": {"method": "GET", "url": "Patient/does-not-exist"}},
+        ]}
+        r = s.post(base, json=bundle, headers={"Content-Type": "application/fhir+json"})
+        codes = [e["response"]["status"][:3] for e in r.json()["entry"]]
+        expect(codes == ["201", "404"], f"{codes}")
+
+    def synthea():
+        path = ROOT.parent / "shared" / "testdata" / "synthea-r4-60-patients.tgz"
+        if not path.exists():
+            raise AssertionError(f"{path} missing")
+        import tarfile
+        with tarfile.open(path) as t:
+            member = sorted((m for m in t.getmembers() if m.isfile()), key=lambda m: m.name)[0]
+            bundle = json.load(t.extractfile(member))
+        r = s.post(base, json=bundle, headers={"Content-Type": "application/fhir+json"})
+        expect(r.status_code == 200, f"a Synthea patient as one transaction: {r.status_code} {r.text[:300]}")
+        expect(len(r.json()["entry"]) == len(bundle["entry"]), "an answer per entry")
+
+    for name, fn in [("transaction", transaction), ("rollback", rollback), ("batch", batch), ("synthea transaction", synthea)]:
+        RESULTS.check("bundles", name, fn)
+
+
+def area_smart_client(base, token):
+    smart = smart_client.FHIRClient(settings={"app_id": "fhirvault-conformance", "api_base": base})
+    smart.server.session.headers.update({"Authorization": f"Bearer {token}"})
+    state = {}
+
+    def create_and_read():
+        p = SmartPatient({"name": [{"family": "SmartClient"}], "gender": "male"})
+        created = p.create(smart.server)
+        pid = created["id"] if isinstance(created, dict) and "id" in created else None
+        if pid is None:
+            found = SmartPatient.where(struct={"family": "SmartClient"}).perform_resources(smart.server)
+            pid = found[0].id
+        again = SmartPatient.read(pid, smart.server)
+        expect(again.name[0].family == "SmartClient", "read with the client's models")
+        state["pid"] = pid
+
+    def search():
+        o = SmartObservation({"status": "final", "code": {"text": "smart"}, "subject": {"reference": f"Patient/{state['pid']}"}})
+        o.create(smart.server)
+        found = SmartObservation.where(struct={"subject": f"Patient/{state['pid']}"}).perform_resources(smart.server)
+        expect(len(found) == 1 and found[0].code.text == "smart", "found with the client's search")
+
+    def capabilities():
+        r = requests.get(f"{base}/metadata")
+        expect(r.json()["fhirVersion"] == "4.0.1", "R4")
+
+    for name, fn in [("create and read", create_and_read), ("search", search), ("capabilities", capabilities)]:
+        RESULTS.check("smart-client", name, fn)
+
+
+SERVER_META = ("versionId", "lastUpdated")
+
+
+def comparable(resource):
+    r = copy.deepcopy(resource)
+    meta = r.get("meta", {})
+    for k in SERVER_META:
+        meta.pop(k, None)
+    if not meta:
+        r.pop("meta", None)
+    return r
+
+
+def area_examples(base, token, examples_dir):
+    s = session(token)
+    files = sorted(glob.glob(os.path.join(examples_dir, "*.json")))
+    for path in files:
+        try:
+            resource = json.load(open(path))
+        except ValueError:
+            continue
+        if not isinstance(resource, dict) or "resourceType" not in resource or resource.get("resourceType") == "AuditEvent":
+            continue
+        name = os.path.basename(path)
+
+        def load_and_compare(resource=resource, name=name):
+            t, rid = resource["resourceType"], resource.get("id")
+            headers = {"Content-Type": "application/fhir+json"}
+            if rid:
+                r = s.put(f"{base}/{t}/{rid}", data=json.dumps(resource), headers=headers)
+            else:
+                r = s.post(f"{base}/{t}", data=json.dumps(resource), headers=headers)
+            expect(r.status_code in (200, 201), f"stored: {r.status_code} {r.text[:300]}")
+            stored_id = r.json()["id"]
+            back = s.get(f"{base}/{t}/{stored_id}").json()
+            sent = comparable(resource)
+            got = comparable(back)
+            if not rid:
+                got.pop("id", None)
+            expect(got == sent, "read back differs from what was sent")
+
+        RESULTS.check("examples", name, load_and_compare)
+
+
+def area_fhirpath(base, token):
+    s = session(token)
+    cases = json.load(open(ROOT / "tests" / "data" / "patch" / "fhir-patch-tests.json"))
+    for i, case in enumerate(cases):
+        def run(case=case, i=i):
+            resource = copy.deepcopy(case["input"])
+            rid = f"fp-case-{i}"
+            resource["id"] = rid
+            t = resource["resourceType"]
+            r = s.put(f"{base}/{t}/{rid}", data=json.dumps(resource), headers={"Content-Type": "application/fhir+json"})
+            expect(r.status_code in (200, 201), f"input stored: {r.status_code} {r.text[:200]}")
+            p = s.patch(f"{base}/{t}/{rid}", data=json.dumps(case["diff"]), headers={"Content-Type": "application/fhir+json"})
+            if "output" not in case:
+                expect(p.status_code in (400, 422), f"refused, got {p.status_code}")
+                return
+            expect(p.status_code == 200, f"patched: {p.status_code} {p.text[:300]}")
+            expected = comparable(case["output"])
+            expected["id"] = rid
+            got = comparable(s.get(f"{base}/{t}/{rid}").json())
+            expect(got == expected, f"result differs: {json.dumps(got)[:200]}")
+
+        RESULTS.check("fhirpath", case["name"], run)
+
+
+def run_backend(name, binary, examples_dir, database_url=None):
+    BACKEND["name"] = name
+    server = Server(binary, database_url)
+    try:
+        token = server.token("system/*.cruds")
+        area_crud(server.base, token)
+        area_search(server.base, token)
+        area_bundles(server.base, token)
+        area_smart_client(server.base, token)
+        area_fhirpath(server.base, token)
+        area_examples(server.base, token, examples_dir)
+    finally:
+        server.stop()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--binary", required=True)
+    ap.add_argument("--examples", required=True, help="the unpacked hl7.fhir.r4.examples package directory")
+    ap.add_argument("--backends", default="sqlite,postgres")
+    args = ap.parse_args()
+    started = time.time()
+    for backend in args.backends.split(","):
+        t0 = time.time()
+        if backend == "sqlite":
+            run_backend("sqlite", args.binary, args.examples)
+        elif backend == "postgres":
+            cluster = PgCluster()
+            try:
+                run_backend("postgres", args.binary, args.examples, cluster.url)
+            finally:
+                cluster.stop()
+        else:
+            sys.exit(f"unknown backend {backend}")
+        print(f"{backend}: {time.time() - t0:.0f}s", file=sys.stderr)
+    print(f"\n{'area':<14}{'passed':>8}{'failed':>8}{'known':>8}")
+    for area in AREAS:
+        print(f"{area:<14}{RESULTS.passed[area]:>8}{RESULTS.failed[area]:>8}{RESULTS.known[area]:>8}")
+    for i, rule in enumerate(RESULTS.rules):
+        print(f"  known ({RESULTS.rule_hits[i]}x): {rule['reason']}")
+    for area in AREAS:
+        for f in RESULTS.failures[area]:
+            print(f"  FAIL {area}: {f}")
+    passed, failed = sum(RESULTS.passed.values()), sum(RESULTS.failed.values())
+    known = sum(RESULTS.known.values())
+    print(f"\n{passed} passed, {failed} failed ({known} known failures explained in conformance/known-failures.json; "
+          f"{time.time() - started:.0f}s; backends {args.backends})")
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -27,6 +27,21 @@ impl LeanClient {
 
     /// Sends a request and returns the status, discarding the body.
     pub fn request(&mut self, method: &str, path: &str, body: Option<&[u8]>) -> u16 {
+        self.exchange(method, path, body, false).0
+    }
+
+    /// Sends a request and returns the status and the JSON body, if any.
+    pub fn request_body(&mut self, method: &str, path: &str, body: Option<&[u8]>) -> (u16, Option<serde_json::Value>) {
+        self.exchange(method, path, body, true)
+    }
+
+    fn exchange(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: Option<&[u8]>,
+        keep: bool,
+    ) -> (u16, Option<serde_json::Value>) {
         use std::io::{BufRead, Read, Write};
         let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {}\r\n{}", self.host, self.auth);
         if let Some(b) = body {
@@ -63,7 +78,7 @@ impl LeanClient {
         }
         let mut sink = vec![0u8; len];
         self.stream.read_exact(&mut sink).unwrap();
-        status
+        (status, if keep { serde_json::from_slice(&sink).ok() } else { None })
     }
 }
 

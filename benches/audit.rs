@@ -13,7 +13,6 @@ mod common;
 mod support;
 
 use common::{Db, TestServer};
-use diesel::prelude::*;
 use fhirvault::config::ConfigLayer;
 use serde_json::json;
 use std::sync::atomic::Ordering;
@@ -36,20 +35,6 @@ fn serve(state: fhirvault::api::AppState, workers: usize) -> std::net::SocketAdd
         })
     });
     rx.recv().unwrap()
-}
-
-/// WAL fsyncs so far (PostgreSQL 14+).
-fn wal_syncs(url: &str) -> Option<i64> {
-    #[derive(QueryableByName)]
-    struct Syncs {
-        #[diesel(sql_type = diesel::sql_types::BigInt)]
-        wal_sync: i64,
-    }
-    let mut c = diesel::PgConnection::establish(url).ok()?;
-    diesel::sql_query("SELECT wal_sync FROM pg_stat_wal")
-        .get_result::<Syncs>(&mut c)
-        .ok()
-        .map(|s| s.wal_sync)
 }
 
 fn bench_backend(db: Db, rows: u64, secs: u64) -> serde_json::Value {
@@ -109,9 +94,9 @@ fn bench_backend(db: Db, rows: u64, secs: u64) -> serde_json::Value {
             stats.commit_micros.load(Ordering::Relaxed),
             stats.linger_micros.load(Ordering::Relaxed),
         );
-        let syncs0 = (db == Db::Postgres).then(|| wal_syncs(&owner_url)).flatten();
+        let syncs0 = (db == Db::Postgres).then(|| support::wal_syncs(&owner_url)).flatten();
         let on = reads(s.addr, conc);
-        let syncs1 = (db == Db::Postgres).then(|| wal_syncs(&owner_url)).flatten();
+        let syncs1 = (db == Db::Postgres).then(|| support::wal_syncs(&owner_url)).flatten();
         let (commits, events) = (
             stats.commits.load(Ordering::Relaxed) - c0,
             stats.events.load(Ordering::Relaxed) - e0,
@@ -178,4 +163,5 @@ fn main() {
         o.extend(m.clone());
     }
     println!("{}", serde_json::to_string_pretty(&out).unwrap());
+    support::write_results("audit", &out);
 }

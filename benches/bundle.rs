@@ -3,7 +3,7 @@
 //!
 //! Bundles: the 60 real Synthea patients of ../shared/testdata/synthea-r4-60-patients.tgz (every
 //! entry a POST with a `urn:uuid` fullUrl, references between them) and generated ones (a
-//! patient, encounters, observations and conditions referencing them; 100 to 500 entries).
+//! Synthea-shaped patient from `support::synthetic_patient`, deterministic from its seed; 100 to 500 entries).
 //!
 //! Baselines, per bundle, one transaction each: the rows fhirvault writes for its resources
 //! (current-version rows, version rows with ciphertext of the same plaintext and its digest,
@@ -50,48 +50,6 @@ fn synthea() -> Vec<Value> {
         .into_iter()
         .map(|p| serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap())
         .collect()
-}
-
-/// A generated patient bundle of about `size` entries with references between them.
-fn generated(n: u64, size: usize) -> Value {
-    let entry = |full: String, r: Value| {
-        let t = r["resourceType"].as_str().unwrap().to_string();
-        json!({"fullUrl": full, "resource": r, "request": {"method": "POST", "url": t}})
-    };
-    let p = format!("urn:uuid:{}", uuid::Uuid::new_v4());
-    let mut entries = vec![entry(
-        p.clone(),
-        json!({"resourceType": "Patient", "name": [{"family": format!("Gen{n}"), "given": ["Bench"]}],
-               "gender": "male", "birthDate": "1961-07-08",
-               "identifier": [{"system": "urn:bench:gen", "value": format!("gen-{n}")}]}),
-    )];
-    let mut encounter = p.clone();
-    for i in 0..size - 1 {
-        let r = match i % 10 {
-            0 => {
-                encounter = format!("urn:uuid:{}", uuid::Uuid::new_v4());
-                entries.push(entry(
-                    encounter.clone(),
-                    json!({"resourceType": "Encounter", "status": "finished",
-                           "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "AMB"},
-                           "subject": {"reference": p}, "period": {"start": format!("2020-01-{:02}T10:00:00Z", i % 28 + 1)}}),
-                ));
-                continue;
-            }
-            1 => {
-                json!({"resourceType": "Condition", "subject": {"reference": p}, "encounter": {"reference": encounter},
-                        "code": {"coding": [{"system": "http://snomed.info/sct", "code": "44054006"}]},
-                        "onsetDateTime": "2019-05-06"})
-            }
-            _ => json!({"resourceType": "Observation", "status": "final",
-                        "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4", "display": "Heart rate"}]},
-                        "subject": {"reference": p}, "encounter": {"reference": encounter},
-                        "effectiveDateTime": format!("2020-02-{:02}T08:30:00Z", i % 28 + 1),
-                        "valueQuantity": {"value": 60 + (i % 40), "unit": "/min", "system": "http://unitsofmeasure.org", "code": "/min"}}),
-        };
-        entries.push(entry(format!("urn:uuid:{}", uuid::Uuid::new_v4()), r));
-    }
-    json!({"resourceType": "Bundle", "type": "transaction", "entry": entries})
 }
 
 fn entries(b: &Value) -> usize {
@@ -315,9 +273,11 @@ fn main() {
     }
     let conc = env_num("BENCH_CONC", 2) as usize;
     let mut bundles = synthea();
+    bundles.truncate(env_num("BENCH_SYNTHEA", 60) as usize);
     let real = bundles.len();
     let generated_n = env_num("BENCH_GENERATED", 40);
-    bundles.extend((0..generated_n).map(|i| generated(i, 100 + (i as usize * 37) % 401)));
+    // deterministic: patient i of seed i, 100 to 500 entries
+    bundles.extend((0..generated_n).map(|i| support::synthetic_patient(i, 100 + (i as usize * 37) % 401)));
     let sizes: Vec<usize> = bundles.iter().map(entries).collect();
     eprintln!(
         "bundle bench: {real} Synthea + {generated_n} generated bundles, {} to {} entries ({} in all)",
@@ -331,9 +291,5 @@ fn main() {
     }
     let mut out = support::provenance("bundle");
     out["backends"] = Value::Array(results);
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/results");
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(format!("bundle-{}.json", chrono::Utc::now().format("%Y-%m-%d")));
-    std::fs::write(&path, serde_json::to_string_pretty(&out).unwrap()).unwrap();
-    eprintln!("wrote {}", path.display());
+    support::write_results("bundle", &out);
 }

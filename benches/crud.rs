@@ -243,9 +243,6 @@ fn main() {
     let mut out = support::provenance("crud");
     out["crud"] = Value::Array(results);
     out["crypto"] = crypto;
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/results");
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(format!("crud-{}.json", chrono::Utc::now().format("%Y-%m-%d")));
-    std::fs::write(&path, serde_json::to_string_pretty(&out).unwrap()).unwrap();
-    eprintln!("wrote {} ({:.0}s)", path.display(), started.elapsed().as_secs_f64());
+    support::write_results("crud", &out);
+    eprintln!("({:.0}s)", started.elapsed().as_secs_f64());
 }

@@ -90,9 +90,12 @@ fn bench_backend(db: Db, rows: u64, secs: u64, read_levels: &[usize], create_lev
         .unwrap();
     }
     let audit_row = vec![7u8; 1200];
-    let audit_insert = |c: &mut DbConnection, t: usize, i: u64| {
+    let next_audit_id = std::sync::atomic::AtomicU64::new(0);
+    let audit_insert = |c: &mut DbConnection, _t: usize, _i: u64| {
         let q = diesel::sql_query("INSERT INTO bench_audit (id, content) VALUES ($1, $2)");
-        let id = format!("{t}-{i}");
+        let id = next_audit_id
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            .to_string();
         match c {
             DbConnection::Pg(c) => q
                 .bind::<diesel::sql_types::Text, _>(&id)
@@ -242,6 +245,7 @@ fn bench_backend(db: Db, rows: u64, secs: u64, read_levels: &[usize], create_lev
                     observation(i, pick(i))
                 }
             };
+            let syncs_before = support::wal_syncs(&url);
             let http = throughput(
                 conc,
                 secs,
@@ -253,6 +257,11 @@ fn bench_backend(db: Db, rows: u64, secs: u64, read_levels: &[usize], create_lev
                     );
                 },
             );
+            // transactions per WAL fsync (PostgreSQL's group commit), counted in the same window
+            let per_wal_sync = match (syncs_before, support::wal_syncs(&url)) {
+                (Some(b), Some(a)) if a > b => Some(http * secs as f64 / (a - b) as f64),
+                _ => None,
+            };
             let raw = throughput(
                 conc,
                 secs,
@@ -265,9 +274,13 @@ fn bench_backend(db: Db, rows: u64, secs: u64, read_levels: &[usize], create_lev
                 "  creates/s c{conc:<2} {t:<12}: fhirvault {http:>7.0}  raw insert {raw:>7.0}  ratio {:.2}",
                 http / raw
             );
+            if let Some(p) = per_wal_sync {
+                eprintln!("    {t} creates per WAL fsync (pg_stat_wal): {p:.1}");
+            }
             one.insert(
                 t.to_string(),
-                json!({"fhirvault_http": http, "raw_insert": raw, "ratio_vs_raw_insert": http / raw}),
+                json!({"fhirvault_http": http, "raw_insert": raw, "ratio_vs_raw_insert": http / raw,
+                       "creates_per_wal_fsync": per_wal_sync}),
             );
         }
         creates.push(json!({"concurrency": conc, "per_sec": one}));
@@ -387,14 +400,17 @@ fn main() {
     }
     let secs = env_num("BENCH_SECS", 3);
     let rows = env_num("BENCH_ROWS", 10_000);
-    let read_levels = [1, 8, 32];
-    let create_levels = [1, 16, 64];
+    let (read_levels, create_levels) = if support::smoke() {
+        (vec![1, 8], vec![1, 4])
+    } else {
+        (vec![1, 8, 32], vec![1, 16, 64])
+    };
     let cpu = support::cpu_model();
     eprintln!("fhirvault REST bench: {rows} patients, {secs}s per figure, CPU {cpu}");
     let fsyncs = fsyncs_per_sec();
     eprintln!("  pg_test_fsync: {fsyncs:?} fdatasync/s");
     let mut ceilings = serde_json::Map::new();
-    for c in read_levels {
+    for &c in &read_levels {
         let ceiling = http_ceiling(secs, c);
         eprintln!("  HTTP ceiling c{c} (in-memory actix route, same client): {ceiling:.0} req/s");
         ceilings.insert(c.to_string(), json!(ceiling));
@@ -433,9 +449,5 @@ fn main() {
     if let (Some(o), Some(m)) = (out.as_object_mut(), more.as_object()) {
         o.extend(m.clone());
     }
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/results");
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(format!("rest-{}.json", chrono::Utc::now().format("%Y-%m-%d")));
-    std::fs::write(&path, serde_json::to_string_pretty(&out).unwrap()).unwrap();
-    eprintln!("wrote {}", path.display());
+    support::write_results("rest", &out);
 }

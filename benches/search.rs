@@ -453,9 +453,5 @@ fn main() {
     }
     let mut out = support::provenance("search");
     out["backends"] = Value::Array(results);
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/results");
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(format!("search-{}.json", chrono::Utc::now().format("%Y-%m-%d")));
-    std::fs::write(&path, serde_json::to_string_pretty(&out).unwrap()).unwrap();
-    eprintln!("wrote {}", path.display());
+    support::write_results("search", &out);
 }

@@ -172,6 +172,9 @@ pub fn start() -> bool {
     if std::env::args().any(|a| a == "--list") {
         return false;
     }
+    if smoke() {
+        smoke_sizes();
+    }
     if std::env::var("PG_FSYNC").is_err() {
         std::env::set_var("PG_FSYNC", "on");
     }
@@ -202,4 +205,210 @@ pub fn provenance(bench: &str) -> serde_json::Value {
         "cpu": cpu_model(),
         "loadavg": std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim(),
     })
+}
+
+/// `BENCH_SMOKE=1`: every bench runs tiny (sizes below, unless set), writes no results file, and
+/// fails only on errors. What .ci/run runs (`cargo test --benches`, debug build).
+pub fn smoke() -> bool {
+    std::env::var("BENCH_SMOKE").is_ok_and(|v| v != "0")
+}
+
+/// The smoke sizes, set where the caller did not set them.
+fn smoke_sizes() {
+    for (k, v) in [
+        ("BENCH_SECS", "1"),
+        ("BENCH_ROWS", "200"),
+        ("BENCH_PATIENTS", "200"),
+        ("BENCH_OBS", "1"),
+        ("BENCH_GENERATED", "2"),
+        ("BENCH_SYNTHEA", "2"),
+        ("BENCH_CONC", "4"),
+        ("BENCH_SCALE_SMALL", "500"),
+        ("BENCH_SCALE_LARGE", "2000"),
+    ] {
+        if std::env::var(k).is_err() {
+            std::env::set_var(k, v);
+        }
+    }
+}
+
+/// Writes a bench's results to benches/results/<name>-<date>.json (not in smoke runs).
+pub fn write_results(name: &str, out: &serde_json::Value) {
+    if smoke() {
+        eprintln!("smoke run: results not written");
+        return;
+    }
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/results");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(format!("{name}-{}.json", chrono::Utc::now().format("%Y-%m-%d")));
+    std::fs::write(&path, serde_json::to_string_pretty(out).unwrap()).unwrap();
+    eprintln!("wrote {}", path.display());
+}
+
+/// A small deterministic generator (xorshift64*): the same data for the same seed.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    /// A version-4-shaped UUID from the generator.
+    pub fn uuid(&mut self) -> String {
+        let (a, b) = (self.next(), self.next());
+        format!(
+            "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
+            a >> 32,
+            (a >> 16) & 0xffff,
+            a & 0x0fff,
+            (b >> 48) & 0x3fff | 0x8000,
+            b & 0xffff_ffff_ffff
+        )
+    }
+}
+
+/// A Synthea-shaped patient as one transaction Bundle of about `size` entries (every entry a POST
+/// with a `urn:uuid` fullUrl, as Synthea writes them): the patient, the organization and the
+/// practitioner who care for them, and encounters, each with observations, a condition, a
+/// medication request and a claim referencing them. Deterministic from `seed`.
+pub fn synthetic_patient(seed: u64, size: usize) -> serde_json::Value {
+    let mut rng = Rng::new(seed);
+    let mut entries = Vec::with_capacity(size);
+    let add = |rng: &mut Rng, entries: &mut Vec<serde_json::Value>, r: serde_json::Value| -> String {
+        let full = format!("urn:uuid:{}", rng.uuid());
+        let t = r["resourceType"].as_str().unwrap().to_string();
+        entries.push(json!({"fullUrl": full, "resource": r, "request": {"method": "POST", "url": t}}));
+        full
+    };
+    const FAMILIES: [&str; 8] = [
+        "Koepp",
+        "Hartmann",
+        "Tremblay",
+        "Marquardt",
+        "Smith",
+        "Okuneva",
+        "Bode",
+        "Lind",
+    ];
+    const GIVEN: [&str; 6] = ["Abdul", "Addie", "Adolfo", "Bettye", "Cyril", "Dorthy"];
+    let birth = format!(
+        "19{:02}-{:02}-{:02}",
+        30 + rng.below(70),
+        1 + rng.below(12),
+        1 + rng.below(28)
+    );
+    let patient = add(
+        &mut rng,
+        &mut entries,
+        json!({"resourceType": "Patient",
+               "identifier": [{"system": "https://github.com/synthetichealth/synthea", "value": format!("gen-{seed}")}],
+               "name": [{"use": "official", "family": FAMILIES[(seed % 8) as usize], "given": [GIVEN[(seed % 6) as usize]]}],
+               "gender": if seed % 2 == 0 { "female" } else { "male" }, "birthDate": birth,
+               "address": [{"city": "Springfield", "state": "MA", "postalCode": format!("0{:04}", seed % 10_000)}]}),
+    );
+    let org = add(
+        &mut rng,
+        &mut entries,
+        json!({"resourceType": "Organization", "name": format!("Clinic {}", seed % 97)}),
+    );
+    let practitioner = add(
+        &mut rng,
+        &mut entries,
+        json!({"resourceType": "Practitioner", "name": [{"family": FAMILIES[((seed + 3) % 8) as usize], "prefix": ["Dr."]}]}),
+    );
+    const LABS: [(&str, &str, &str); 4] = [
+        ("8867-4", "Heart rate", "/min"),
+        ("8310-5", "Body temperature", "Cel"),
+        ("29463-7", "Body weight", "kg"),
+        ("8302-2", "Body height", "cm"),
+    ];
+    let mut visit = 0u64;
+    while entries.len() < size {
+        visit += 1;
+        let day = format!(
+            "20{:02}-{:02}-{:02}",
+            10 + visit % 14,
+            1 + rng.below(12),
+            1 + rng.below(28)
+        );
+        let encounter = add(
+            &mut rng,
+            &mut entries,
+            json!({"resourceType": "Encounter", "status": "finished",
+                   "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "AMB"},
+                   "type": [{"coding": [{"system": "http://snomed.info/sct", "code": "185349003"}]}],
+                   "subject": {"reference": patient}, "serviceProvider": {"reference": org},
+                   "participant": [{"individual": {"reference": practitioner}}],
+                   "period": {"start": format!("{day}T09:00:00Z"), "end": format!("{day}T09:30:00Z")}}),
+        );
+        for (code, display, unit) in LABS.iter().take(1 + rng.below(4) as usize) {
+            let value = 20 + rng.below(80);
+            add(
+                &mut rng,
+                &mut entries,
+                json!({"resourceType": "Observation", "status": "final",
+                       "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category", "code": "vital-signs"}]}],
+                       "code": {"coding": [{"system": "http://loinc.org", "code": code, "display": display}]},
+                       "subject": {"reference": patient}, "encounter": {"reference": encounter},
+                       "effectiveDateTime": format!("{day}T09:10:00Z"),
+                       "valueQuantity": {"value": value, "unit": unit, "system": "http://unitsofmeasure.org", "code": unit}}),
+            );
+        }
+        add(
+            &mut rng,
+            &mut entries,
+            json!({"resourceType": "Condition", "subject": {"reference": patient}, "encounter": {"reference": encounter},
+                   "code": {"coding": [{"system": "http://snomed.info/sct", "code": "44054006"}]}, "onsetDateTime": day.clone()}),
+        );
+        let prescription = add(
+            &mut rng,
+            &mut entries,
+            json!({"resourceType": "MedicationRequest", "status": "active", "intent": "order",
+                   "medicationCodeableConcept": {"coding": [{"system": "http://www.nlm.nih.gov/research/umls/rxnorm", "code": "860975"}]},
+                   "subject": {"reference": patient}, "encounter": {"reference": encounter},
+                   "requester": {"reference": practitioner}, "authoredOn": day.clone()}),
+        );
+        add(
+            &mut rng,
+            &mut entries,
+            json!({"resourceType": "Claim", "status": "active", "use": "claim",
+                   "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/claim-type", "code": "professional"}]},
+                   "patient": {"reference": patient}, "created": format!("{day}T10:00:00Z"),
+                   "provider": {"reference": org}, "priority": {"coding": [{"code": "normal"}]},
+                   "prescription": {"reference": prescription},
+                   "insurance": [{"sequence": 1, "focal": true, "coverage": {"display": "Self-pay"}}],
+                   "item": [{"sequence": 1, "productOrService": {"coding": [{"system": "http://snomed.info/sct", "code": "185349003"}]},
+                             "encounter": [{"reference": encounter}]}]}),
+        );
+    }
+    json!({"resourceType": "Bundle", "type": "transaction", "entry": entries})
+}
+
+/// WAL fsyncs so far on a PostgreSQL database (PostgreSQL 14+ `pg_stat_wal`); `None` elsewhere.
+pub fn wal_syncs(url: &str) -> Option<i64> {
+    use diesel::prelude::*;
+    #[derive(QueryableByName)]
+    struct Syncs {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        wal_sync: i64,
+    }
+    if !url.starts_with("postgres") {
+        return None;
+    }
+    let mut c = diesel::PgConnection::establish(url).ok()?;
+    diesel::sql_query("SELECT wal_sync FROM pg_stat_wal")
+        .get_result::<Syncs>(&mut c)
+        .ok()
+        .map(|s| s.wal_sync)
 }

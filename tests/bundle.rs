@@ -268,6 +268,28 @@ fn transaction_conditionals(db: Db) {
         let o = s.get(&format!("/Observation/{id}")).json();
         assert_eq!(o["subject"]["reference"], format!("Patient/{subject}"), "entry {i}");
     }
+    // the same conditional create twice in one transaction: one patient, both fullUrls point at it
+    let twice = bundle(
+        "transaction",
+        vec![
+            json!({"fullUrl": "urn:uuid:t1", "resource": patient("Twice", "tw-1"),
+                   "request": {"method": "POST", "url": "Patient", "ifNoneExist": "identifier=urn:mrn|tw-1"}}),
+            json!({"fullUrl": "urn:uuid:t2", "resource": patient("Twice", "tw-1"),
+                   "request": {"method": "POST", "url": "Patient", "ifNoneExist": "identifier=urn:mrn|tw-1"}}),
+            post("urn:uuid:to", observation("urn:uuid:t2")),
+        ],
+    );
+    let r = send_bundle(&s, &twice);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(statuses(&r)[..2], ["201 Created", "200 OK"]);
+    let e = r.json()["entry"].clone();
+    let first = id_of_location(e[0]["response"]["location"].as_str().unwrap());
+    assert_eq!(id_of_location(e[1]["response"]["location"].as_str().unwrap()), first);
+    let o = id_of_location(e[2]["response"]["location"].as_str().unwrap());
+    assert_eq!(
+        s.get(&format!("/Observation/{o}")).json()["subject"]["reference"],
+        format!("Patient/{first}")
+    );
     // a conditional reference must match exactly one resource
     let r = send_bundle(
         &s,

@@ -498,6 +498,9 @@ fn apply(
     //    matched), the resource a PUT names.
     let mut ids: HashMap<String, String> = HashMap::new();
     let mut conditions = HashMap::new();
+    // a condition met by nothing yet names what the first entry with it creates: a second
+    // entry with the same condition finds that one (and its fullUrl must point there too)
+    let mut created_for: HashMap<(String, String), String> = HashMap::new();
     for e in entries.iter_mut() {
         let at = in_entry(e.index);
         let target = match &e.interaction {
@@ -505,9 +508,15 @@ fn apply(
                 Some(q) => {
                     let cond = parse_condition(state, p, t, q).map_err(&at)?;
                     let found = tx.resolve(t, &cond, 2).map_err(ApiError::from).map_err(&at)?;
+                    let key = (t.clone(), cond.key.clone());
                     conditions.insert(e.index, cond);
                     match found.as_slice() {
-                        [] => Some(format!("{t}/{}", e.new_id)),
+                        [] => Some(
+                            created_for
+                                .entry(key)
+                                .or_insert_with(|| format!("{t}/{}", e.new_id))
+                                .clone(),
+                        ),
                         [one] => Some(format!("{t}/{one}")),
                         _ => return Err(at(ApiError::from(StoreError::MultipleMatches))),
                     }

@@ -360,7 +360,7 @@ fn batch_entries_stand_alone(db: Db) {
             post("urn:uuid:1", patient("Batch", "b-1")),
             post("urn:uuid:2", invalid),
             json!({"request": {"method": "GET", "url": "Patient/does-not-exist"}}),
-            json!({"request": {"method": "GET", "url": format!("Patient/{id}")}}),
+            json!({"request": {"method": "GET", "url": format!("/fhir/Patient/{id}")}}),
             json!({"resource": existing, "request": {"method": "PUT", "url": format!("Patient/{id}"), "ifMatch": "W/\"7\""}}),
             json!({"request": {"method": "POST"}}),
             json!({"request": {"method": "DELETE", "url": format!("Patient/{id}")}}),

@@ -194,6 +194,12 @@ impl Entry {
             _ if url.contains("://") => return Err(invalid("request.url must be relative to this server's base")),
             _ => url,
         };
+        // or a path from the server's root (`/fhir/Patient`)
+        let base_path = state.config.base_path.as_str();
+        let url = match url.strip_prefix(base_path) {
+            Some(rest) if !base_path.is_empty() && (rest.starts_with('/') || rest.starts_with('?')) => rest,
+            _ => url,
+        };
         let url = url.trim_start_matches('/');
         let (path, query) = url.split_once('?').unwrap_or((url, ""));
         let interaction = Interaction::parse(&method, path, |t| state.resource_types.contains(t))?;

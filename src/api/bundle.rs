@@ -457,21 +457,10 @@ fn run_transaction(
         Some(patient) => Access::Patient(patient.clone()),
         None => Access::All,
     };
-    let mut failure: Option<ApiError> = None;
-    let result = state.store.transaction(&base_access, |tx| {
-        match apply(state, p, tx, &mut entries, &mut audits, deadline) {
-            Ok(results) => Ok(results),
-            Err(e) => {
-                failure = Some(e);
-                Err(StoreError::Abandoned)
-            }
-        }
-    });
-    match result {
-        Ok(results) => Ok((results, audits)),
-        Err(StoreError::Abandoned) => Err(failure.unwrap_or(ApiError::Internal)),
-        Err(e) => Err(ApiError::from(e)),
-    }
+    let results = state.store.transaction(&base_access, |tx| {
+        apply(state, p, tx, &mut entries, &mut audits, deadline)
+    })?;
+    Ok((results, audits))
 }
 
 fn in_entry(index: usize) -> impl Fn(ApiError) -> ApiError {

@@ -811,18 +811,11 @@ pub async fn patch(
     let mut tx = trail.for_write(&state);
     let pp = p.clone();
     let (written, tx) = blocking(move || {
-        let mut failure = None;
-        let written = st.store.transaction(&decision.access(), |stx| {
-            patch_in_tx(&st, &pp, stx, &tt, &iid, &patch, expected, &mut tx).map_err(|e| {
-                failure = Some(e);
-                StoreError::Abandoned
+        st.store
+            .transaction(&decision.access(), |stx| {
+                patch_in_tx(&st, &pp, stx, &tt, &iid, &patch, expected, &mut tx)
             })
-        });
-        match written {
-            Ok(w) => Ok((w, tx)),
-            Err(StoreError::Abandoned) => Err(failure.unwrap_or(ApiError::Internal)),
-            Err(e) => Err(ApiError::from(e)),
-        }
+            .map(|w| (w, tx))
     })
     .await?;
     trail.committed(&state, tx);

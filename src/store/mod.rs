@@ -758,20 +758,30 @@ impl Store {
     }
 
     /// Runs `f` in one write transaction with the operations of [`StoreTx`]: all of it commits
-    /// or none (a transaction bundle). `f`'s error rolls everything back.
-    pub fn transaction<T>(
+    /// or none (a transaction bundle). `f`'s error (of the caller's type) rolls everything back
+    /// and is returned as it was; a failure of the store itself (the commit) is converted.
+    pub fn transaction<T, E: From<StoreError>>(
         &self,
         access: &Access,
-        f: impl FnOnce(&mut StoreTx<'_>) -> Result<T, StoreError>,
-    ) -> Result<T, StoreError> {
-        self.write_tx(access, |conn| {
+        f: impl FnOnce(&mut StoreTx<'_>) -> Result<T, E>,
+    ) -> Result<T, E> {
+        let mut failure = None;
+        let result = self.write_tx(access, |conn| {
             let mut tx = StoreTx {
                 store: self,
                 conn,
                 access: access.clone(),
             };
-            f(&mut tx)
-        })
+            f(&mut tx).map_err(|e| {
+                failure = Some(e);
+                StoreError::Abandoned
+            })
+        });
+        match (result, failure) {
+            (Ok(v), _) => Ok(v),
+            (Err(_), Some(e)) => Err(e),
+            (Err(e), None) => Err(E::from(e)),
+        }
     }
 
     /// Updates (or, when it does not exist yet and `may_create`, creates) the resource with

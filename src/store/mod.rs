@@ -1325,14 +1325,35 @@ struct VersionRow {
     /// The version's compartment patients, comma-separated (ids cannot hold a comma), fetched in
     /// the same statement so that auditing a read costs no extra round trip. `string_agg` exists
     /// in PostgreSQL and in SQLite from 3.44.
-    #[diesel(select_expression = diesel::dsl::sql::<diesel::sql_types::Nullable<diesel::sql_types::Text>>(
-        "(SELECT string_agg(c.patient_id, ',') FROM resource_compartments c \
-         WHERE c.resource_type = resource_versions.resource_type AND c.logical_id = resource_versions.logical_id \
-         AND c.version_id = resource_versions.version_id)"
-    ))]
-    #[diesel(select_expression_type = diesel::expression::SqlLiteral<diesel::sql_types::Nullable<diesel::sql_types::Text>>)]
+    #[diesel(select_expression = CompartmentPatients)]
+    #[diesel(select_expression_type = CompartmentPatients)]
     patients: Option<String>,
 }
+
+/// The patients of a version's compartments, comma-separated: a correlated subselect on
+/// `resource_versions`. Its own expression type rather than `diesel::dsl::sql`, because Diesel
+/// never caches a statement holding an SQL literal: every read was parsed (SQLite) or parsed
+/// and planned (PostgreSQL) again.
+#[derive(Debug, Clone, Copy, diesel::query_builder::QueryId, diesel::expression::ValidGrouping)]
+struct CompartmentPatients;
+
+impl Expression for CompartmentPatients {
+    type SqlType = diesel::sql_types::Nullable<diesel::sql_types::Text>;
+}
+
+impl<DB: diesel::backend::Backend> diesel::query_builder::QueryFragment<DB> for CompartmentPatients {
+    fn walk_ast<'b>(&'b self, mut out: diesel::query_builder::AstPass<'_, 'b, DB>) -> QueryResult<()> {
+        out.push_sql(
+            "(SELECT string_agg(c.patient_id, ',') FROM resource_compartments c \
+             WHERE c.resource_type = resource_versions.resource_type AND c.logical_id = resource_versions.logical_id \
+             AND c.version_id = resource_versions.version_id)",
+        );
+        Ok(())
+    }
+}
+
+impl<QS> diesel::expression::SelectableExpression<QS> for CompartmentPatients where Self: AppearsOnTable<QS> {}
+impl diesel::expression::AppearsOnTable<rv::table> for CompartmentPatients {}
 
 /// The operations of one write transaction ([`Store::transaction`]): the same writes as the
 /// [`Store`] methods of those names, on the transaction's connection, each with its own audit
@@ -1571,5 +1592,34 @@ impl StoreTx<'_> {
             });
         }
         self.store.decrypt_row(row)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use diesel::pg::Pg;
+    use diesel::query_builder::QueryFragment;
+    use diesel::sqlite::Sqlite;
+
+    /// A version's row is selected by every read, vread, history page and search page: its
+    /// statements must stay cacheable (an SQL literal anywhere in it makes Diesel parse, and
+    /// PostgreSQL plan, each execution anew).
+    #[test]
+    fn version_rows_are_selected_by_cacheable_statements() {
+        let on_pg = <VersionRow as SelectableHelper<Pg>>::as_select();
+        assert!(QueryFragment::<Pg>::is_safe_to_cache_prepared(&on_pg, &Pg).unwrap());
+        let current = cur::table
+            .filter(cur::resource_type.eq("Patient").and(cur::logical_id.eq("x")))
+            .select(cur::version_id)
+            .single_value();
+        let read = rv::table
+            .filter(rv::resource_type.eq("Patient").and(rv::logical_id.eq("x")))
+            .filter(rv::version_id.nullable().eq(current))
+            .select(<VersionRow as SelectableHelper<Sqlite>>::as_select());
+        assert!(QueryFragment::<Sqlite>::is_safe_to_cache_prepared(&read, &Sqlite).unwrap());
+        // the literal this replaced was not
+        let literal = diesel::dsl::sql::<diesel::sql_types::Text>("1");
+        assert!(!QueryFragment::<Sqlite>::is_safe_to_cache_prepared(&literal, &Sqlite).unwrap());
     }
 }

@@ -202,8 +202,8 @@ impl Trail {
             record.recorded = crate::store::now();
             record
         };
-        let recorded = state.auditor.record(&record).await;
-        self.0.borrow_mut().in_flight = None;
+        let in_flight = self.0.borrow_mut().in_flight.take();
+        let recorded = state.auditor.record_releasing(&record, in_flight).await;
         match recorded {
             Ok(()) => result,
             Err(e) => {

@@ -150,7 +150,7 @@ impl Auditor {
         }
     }
 
-    /// Marks a request whose event is coming (held until its event is recorded or the request
+    /// Marks a request whose event is coming (held until its event is queued or the request
     /// records it in its own transaction).
     pub fn in_flight(&self) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
@@ -179,11 +179,18 @@ impl Auditor {
         }
     }
 
-    fn submit(&self, record: &AuditRecord) -> Result<Option<oneshot::Receiver<Result<(), AuditError>>>, AuditError> {
+    /// Seals and queues an event; `in_flight` is released just before the event is queued (after,
+    /// the writer could see it still marked and wait for an event it already has).
+    fn submit(
+        &self,
+        record: &AuditRecord,
+        in_flight: Option<InFlight>,
+    ) -> Result<Option<oneshot::Receiver<Result<(), AuditError>>>, AuditError> {
         if !self.enabled {
             return Ok(None);
         }
         let (row, canonical) = record.seal(&self.source, &self.cipher)?;
+        drop(in_flight);
         let (ack, rx) = oneshot::channel();
         self.send(Job::Append {
             row: Box::new(row),
@@ -195,7 +202,14 @@ impl Auditor {
 
     /// Records an event and returns once it is committed.
     pub async fn record(&self, record: &AuditRecord) -> Result<(), AuditError> {
-        match self.submit(record)? {
+        self.record_releasing(record, None).await
+    }
+
+    /// [`Auditor::record`] for a request marked [`InFlight`]: the mark is released as soon as the
+    /// event is queued, so that the writer, which lingers for requests whose event is still to
+    /// come, does not wait for this one while it waits for the commit.
+    pub async fn record_releasing(&self, record: &AuditRecord, in_flight: Option<InFlight>) -> Result<(), AuditError> {
+        match self.submit(record, in_flight)? {
             Some(rx) => rx.await.map_err(|_| AuditError::Unavailable)?,
             None => Ok(()),
         }
@@ -203,7 +217,7 @@ impl Auditor {
 
     /// [`Auditor::record`] for threads outside the async runtime.
     pub fn record_blocking(&self, record: &AuditRecord) -> Result<(), AuditError> {
-        match self.submit(record)? {
+        match self.submit(record, None)? {
             Some(rx) => rx.blocking_recv().map_err(|_| AuditError::Unavailable)?,
             None => Ok(()),
         }

@@ -102,19 +102,24 @@ impl Writer {
         self.process_with(Vec::new(), true);
     }
 
-    /// Adaptive group commit: when more audited requests are in flight than have handed in
-    /// their event, they are about to (their database read is under way), so wait briefly for
-    /// them rather than commit, and fsync, once per handful. Never longer than [`MAX_LINGER`],
-    /// and not at all when the queued events are all there is (a lone request is not delayed).
+    /// Adaptive group commit: while audited requests are under way that have not handed in
+    /// their event yet, they are about to (their database read is under way), so wait briefly
+    /// for them rather than commit, and fsync, once per handful. Never longer than
+    /// [`MAX_LINGER`], and not at all when no other request is under way (a lone request is not
+    /// delayed).
     fn linger(&self, rx: &Receiver<Job>, jobs: &mut Vec<Job>) {
         let waiting = |jobs: &Vec<Job>| jobs.iter().filter(|j| matches!(j, Job::Append { .. })).count();
         let deadline = Instant::now() + MAX_LINGER;
+        let mut last_queued = usize::MAX;
         loop {
+            // requests release their mark when they queue their event: what is left is to come
+            let coming = self.in_flight.load(Ordering::Relaxed);
             let queued = waiting(jobs);
-            let in_flight = self.in_flight.load(Ordering::Relaxed);
-            if queued == 0 || queued >= in_flight || jobs.len() >= MAX_BATCH {
+            // nothing arrived during the last nap: the rest are not about to come
+            if queued == 0 || coming == 0 || queued == last_queued || jobs.len() >= MAX_BATCH {
                 return;
             }
+            last_queued = queued;
             let now = Instant::now();
             if now >= deadline {
                 return;

@@ -47,6 +47,10 @@ pub struct ConfigLayer {
     pub public_url: Option<String>,
     pub max_body_bytes: Option<usize>,
     pub max_bundle_entries: Option<usize>,
+    pub export_workers: Option<usize>,
+    pub export_retention_secs: Option<u64>,
+    pub export_file_resources: Option<u64>,
+    pub export_lease_secs: Option<u64>,
     pub pool_size: Option<u32>,
     pub behind_tls_proxy: Option<bool>,
     pub log_format: Option<String>,
@@ -126,6 +130,10 @@ impl ConfigLayer {
                 "PUBLIC_URL" => layer.public_url = Some(value),
                 "MAX_BODY_BYTES" => layer.max_body_bytes = Some(parse_num(&value)? as usize),
                 "MAX_BUNDLE_ENTRIES" => layer.max_bundle_entries = Some(parse_num(&value)? as usize),
+                "EXPORT_WORKERS" => layer.export_workers = Some(parse_num(&value)? as usize),
+                "EXPORT_RETENTION_SECS" => layer.export_retention_secs = Some(parse_num(&value)?),
+                "EXPORT_FILE_RESOURCES" => layer.export_file_resources = Some(parse_num(&value)?),
+                "EXPORT_LEASE_SECS" => layer.export_lease_secs = Some(parse_num(&value)?),
                 "POOL_SIZE" => {
                     layer.pool_size = Some(parse_num(&value)?.try_into().map_err(|_| cerr(&key, "too large"))?)
                 }
@@ -202,6 +210,10 @@ impl ConfigLayer {
             public_url,
             max_body_bytes,
             max_bundle_entries,
+            export_workers,
+            export_retention_secs,
+            export_file_resources,
+            export_lease_secs,
             pool_size,
             behind_tls_proxy,
             log_format,
@@ -272,6 +284,16 @@ pub struct Config {
     pub max_body_bytes: usize,
     /// The most entries a batch or transaction Bundle may hold (413 past it).
     pub max_bundle_entries: usize,
+    /// Threads running Bulk Data export jobs on this node (0: this node only accepts jobs and
+    /// serves their files; another node runs them).
+    pub export_workers: usize,
+    /// How long an export's files are kept after it completes (then deleted with the job).
+    pub export_retention_secs: i64,
+    /// Resources per NDJSON file of an export (a job resumes after its last complete file).
+    pub export_file_resources: u64,
+    /// How long a node's claim on a running export lasts without progress before another node
+    /// (or this one, restarted) takes the job over.
+    pub export_lease_secs: i64,
     pub pool_size: u32,
     pub behind_tls_proxy: bool,
     pub log_format: LogFormat,
@@ -445,6 +467,25 @@ impl Config {
         if !(1..=1_000_000).contains(&max_bundle_entries) {
             return Err(cerr("max_bundle_entries", "must be between 1 and 1000000"));
         }
+        let export_workers = layer.export_workers.unwrap_or(1);
+        if export_workers > 16 {
+            return Err(cerr("export_workers", "must be between 0 and 16"));
+        }
+        let export_retention_secs = layer.export_retention_secs.unwrap_or(86_400);
+        if !(60..=30 * 86_400).contains(&export_retention_secs) {
+            return Err(cerr(
+                "export_retention_secs",
+                "must be between 60 and 2592000 (30 days)",
+            ));
+        }
+        let export_file_resources = layer.export_file_resources.unwrap_or(50_000);
+        if !(1..=10_000_000).contains(&export_file_resources) {
+            return Err(cerr("export_file_resources", "must be between 1 and 10000000"));
+        }
+        let export_lease_secs = layer.export_lease_secs.unwrap_or(30);
+        if !(1..=3600).contains(&export_lease_secs) {
+            return Err(cerr("export_lease_secs", "must be between 1 and 3600"));
+        }
         let max_page_size = layer.max_page_size.unwrap_or(1000);
         if max_page_size == 0 || max_page_size > 10_000 {
             return Err(cerr("max_page_size", "must be between 1 and 10000"));
@@ -607,6 +648,10 @@ impl Config {
             public_url,
             max_body_bytes,
             max_bundle_entries,
+            export_workers,
+            export_retention_secs: export_retention_secs as i64,
+            export_file_resources,
+            export_lease_secs: export_lease_secs as i64,
             pool_size,
             behind_tls_proxy: layer.behind_tls_proxy.unwrap_or(false),
             log_format,

@@ -6,6 +6,7 @@
 pub mod api;
 pub mod audit;
 pub mod auth;
+pub mod bulk;
 pub mod config;
 pub mod crypto;
 pub mod fhir;

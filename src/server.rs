@@ -140,7 +140,7 @@ pub fn build_state(config: Config) -> anyhow::Result<AppState> {
     let auditor = Arc::new(open_auditor(&config, &store)?);
     let registry = shared_registry(&config)?;
     check_search_index(&store, &registry)?;
-    Ok(AppState::new(
+    let state = AppState::new(
         config,
         store,
         validator,
@@ -150,7 +150,9 @@ pub fn build_state(config: Config) -> anyhow::Result<AppState> {
         providers,
         auditor,
         registry,
-    ))
+    );
+    state.exporter.start_runners();
+    Ok(state)
 }
 
 /// The audit ledger's identity in every event.

@@ -6,6 +6,7 @@ mod bundle;
 pub mod crud;
 pub mod docs;
 pub mod error;
+mod export;
 pub mod history;
 pub mod metadata;
 mod negotiate;
@@ -51,6 +52,8 @@ pub struct AppState {
     pub resource_types: HashSet<String>,
     /// The audit ledger every request records through.
     pub auditor: Arc<crate::audit::Auditor>,
+    /// Bulk Data export jobs (their runners are started by `server::build_state`).
+    pub exporter: Arc<crate::bulk::Exporter>,
     /// Request counters and latency histograms (`/metrics`).
     pub metrics: ops::Metrics,
     /// The CapabilityStatement, rendered once at start-up.
@@ -72,7 +75,14 @@ impl AppState {
         auditor: Arc<crate::audit::Auditor>,
         search: Arc<crate::search::Registry>,
     ) -> AppState {
-        let resource_types = validator.resource_types().map(str::to_string).collect();
+        let resource_types: HashSet<String> = validator.resource_types().map(str::to_string).collect();
+        let exporter = crate::bulk::Exporter::new(
+            store.clone(),
+            search.clone(),
+            attributes.clone(),
+            config.clone(),
+            Arc::new(resource_types.clone()),
+        );
         let auth_failure_limit = config.auth_failure_limit;
         let rate_limit = config.rate_limit_per_minute;
         let capability = metadata::capability_statement(&config, &validator, &search);
@@ -90,6 +100,7 @@ impl AppState {
                 .then(|| crate::auth::limiter::FailureLimiter::new(rate_limit.min(u32::MAX as u64) as u32)),
             resource_types,
             auditor,
+            exporter,
             metrics: ops::Metrics::default(),
             capability: serde_json::to_vec(&capability).expect("CapabilityStatement serializes"),
             openapi: Default::default(),

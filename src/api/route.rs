@@ -5,7 +5,7 @@
 //! database read behind a `GET [type]/[id]`.
 
 use super::trail::Trail;
-use super::{audit, bundle, crud, history, metadata, search, ApiError, AppState};
+use super::{audit, bundle, crud, export, history, metadata, search, ApiError, AppState};
 use crate::fhir::resource::is_valid_id;
 use crate::fhir::{Issue, IssueType};
 use actix_web::http::Method;
@@ -72,6 +72,18 @@ pub enum Interaction {
     },
     /// `POST [base]` with a batch or transaction Bundle.
     Bundle,
+    /// `GET [base]/$export`: a system-level Bulk Data export (`Patient/$export` and
+    /// `Group/[id]/$export` are operations of their type).
+    BulkExport,
+    /// `GET` (poll) or `DELETE` (cancel) `[base]/$export-status/[job]`.
+    BulkStatus {
+        job: String,
+    },
+    /// `GET [base]/$export-file/[job]/[n]`: one NDJSON file of a completed export.
+    BulkFile {
+        job: String,
+        file: String,
+    },
     /// `[type]/$name` or `[type]/[id]/$name`.
     Operation {
         resource_type: String,
@@ -102,7 +114,10 @@ impl Interaction {
             }
             Interaction::Patch { .. } => "patch",
             Interaction::Bundle => "batch",
-            Interaction::Operation { .. } => "operation",
+            Interaction::Operation { .. }
+            | Interaction::BulkExport
+            | Interaction::BulkStatus { .. }
+            | Interaction::BulkFile { .. } => "operation",
         }
     }
 
@@ -115,7 +130,7 @@ impl Interaction {
                 Action::Update
             }
             Interaction::Delete { .. } | Interaction::ConditionalDelete { .. } => Action::Delete,
-            Interaction::Operation { .. } | Interaction::Bundle => Action::Execute,
+            Interaction::Operation { .. } | Interaction::Bundle | Interaction::BulkExport => Action::Execute,
             _ => Action::Read,
         }
     }
@@ -125,7 +140,10 @@ impl Interaction {
             Interaction::Capabilities
             | Interaction::HistorySystem
             | Interaction::SearchSystem
-            | Interaction::Bundle => None,
+            | Interaction::Bundle
+            | Interaction::BulkExport
+            | Interaction::BulkStatus { .. }
+            | Interaction::BulkFile { .. } => None,
             Interaction::HistoryType { resource_type }
             | Interaction::HistoryInstance { resource_type, .. }
             | Interaction::Read { resource_type, .. }
@@ -188,6 +206,18 @@ impl Interaction {
             ["_search"] => only(*method == Method::POST, Interaction::SearchSystem),
             ["metadata"] => only(get, Interaction::Capabilities),
             ["_history"] => only(get, Interaction::HistorySystem),
+            ["$export"] => only(get, Interaction::BulkExport),
+            ["$export-status", job] => only(
+                get || *method == Method::DELETE,
+                Interaction::BulkStatus { job: job.to_string() },
+            ),
+            ["$export-file", job, file] => only(
+                get,
+                Interaction::BulkFile {
+                    job: job.to_string(),
+                    file: file.to_string(),
+                },
+            ),
             [t] => {
                 let resource_type = known(t)?;
                 match *method {
@@ -414,6 +444,26 @@ async fn handle(
         }
         Interaction::Patch { resource_type, id } => crud::patch(req, p, resource_type, id, payload, state).await,
         Interaction::Bundle => bundle::process(req, p, payload, state).await,
+        Interaction::BulkExport => export::kick_off(req, p, export::Level::System, state).await,
+        Interaction::Operation {
+            resource_type,
+            id: None,
+            name,
+        } if resource_type == "Patient" && name == "$export" && req.method() == actix_web::http::Method::GET => {
+            export::kick_off(req, p, export::Level::Patient, state).await
+        }
+        Interaction::Operation {
+            resource_type,
+            id: Some(id),
+            name,
+        } if resource_type == "Group" && name == "$export" && req.method() == actix_web::http::Method::GET => {
+            export::kick_off(req, p, export::Level::Group(id), state).await
+        }
+        Interaction::BulkStatus { job } if req.method() == actix_web::http::Method::DELETE => {
+            export::cancel(req, p, job, state).await
+        }
+        Interaction::BulkStatus { job } => export::status(req, p, job, state).await,
+        Interaction::BulkFile { job, file } => export::file(req, p, job, file, state).await,
         Interaction::Operation { .. } => Err(ApiError::NotFound("unknown operation")),
     };
     if matches!(result, Err(ApiError::Forbidden)) {

@@ -15,6 +15,7 @@
 
 mod keyfile;
 pub mod kms;
+pub mod stream;
 
 pub use keyfile::{KeyFile, Wrapping};
 

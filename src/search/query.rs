@@ -808,6 +808,7 @@ pub fn parse(
             total: true,
             patient: None,
             nested_patient: None,
+            any_compartment: None,
             compartment: None,
         },
         rechecks,

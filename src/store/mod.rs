@@ -12,6 +12,7 @@ pub mod audit;
 pub mod backup;
 pub mod connection;
 pub mod encrypted;
+pub mod export;
 pub mod keys;
 pub mod schema;
 pub mod search_index;
@@ -358,7 +359,8 @@ fn grant_server_role(owner: &mut DbConnection, server: &mut DbConnection) -> Res
          GRANT SELECT ON audit_archives TO {ident}; \
          GRANT SELECT, INSERT, DELETE ON search_string, search_token, search_date, search_reference, \
                search_number, search_quantity, search_uri, search_composite, search_pages TO {ident}; \
-         GRANT SELECT, INSERT, UPDATE ON search_settings TO {ident};"
+         GRANT SELECT, INSERT, UPDATE ON search_settings TO {ident}; \
+         GRANT SELECT, INSERT, UPDATE, DELETE ON export_jobs, export_files TO {ident};"
     ))?;
     Ok(())
 }

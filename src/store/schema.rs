@@ -101,3 +101,28 @@ diesel::allow_tables_to_appear_in_same_query!(
     audit_checkpoints,
     audit_archives
 );
+
+diesel::table! {
+    export_jobs (id) {
+        id -> Text,
+        owner -> Text,
+        status -> Text,
+        request -> Binary,
+        transaction_time -> Timestamp,
+        created_at -> Timestamp,
+        lease_until -> Nullable<Timestamp>,
+        expires_at -> Nullable<Timestamp>,
+        resources_done -> BigInt,
+        error -> Nullable<Text>,
+    }
+}
+
+diesel::table! {
+    export_files (job_id, seq) {
+        job_id -> Text,
+        seq -> Integer,
+        resource_type -> Text,
+        resource_count -> BigInt,
+        last_id -> Text,
+    }
+}

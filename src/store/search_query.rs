@@ -212,6 +212,9 @@ pub struct SearchQuery {
     pub nested_patient: Option<String>,
     /// A compartment search: only resources in this patient's compartment.
     pub compartment: Option<String>,
+    /// Bulk export at Patient or Group level: only resources in the compartment of one of
+    /// these patients, or of any patient when the list is empty.
+    pub any_compartment: Option<Vec<String>>,
 }
 
 pub struct SearchPage {
@@ -754,7 +757,12 @@ pub(super) fn matching_ids(
 /// (measured: 7 counts per second instead of 3,500).
 fn index_count(pg: bool, q: &SearchQuery) -> Option<(String, Vec<Bind>)> {
     let single_type = q.types.len() <= 1 && q.types.first().is_none_or(|t| *t == q.resource_type);
-    if !single_type || q.patient.is_some() || q.compartment.is_some() || q.nested_patient.is_some() {
+    if !single_type
+        || q.patient.is_some()
+        || q.compartment.is_some()
+        || q.nested_patient.is_some()
+        || q.any_compartment.is_some()
+    {
         return None;
     }
     let [clause] = q.clauses.as_slice() else { return None };
@@ -846,6 +854,18 @@ impl Store {
             wheres.push(format!(
                 "EXISTS (SELECT 1 FROM resource_compartments c WHERE c.resource_type = r.resource_type \
                  AND c.logical_id = r.logical_id AND c.version_id = r.version_id AND c.patient_id = {p})"
+            ));
+        }
+        if let Some(patients) = &q.any_compartment {
+            let of = if patients.is_empty() {
+                String::new()
+            } else {
+                let list: Vec<String> = patients.iter().map(|p| sql.p(Bind::Text(p.clone()))).collect();
+                format!(" AND c.patient_id IN ({})", list.join(", "))
+            };
+            wheres.push(format!(
+                "EXISTS (SELECT 1 FROM resource_compartments c WHERE c.resource_type = r.resource_type \
+                 AND c.logical_id = r.logical_id AND c.version_id = r.version_id{of})"
             ));
         }
         let lit = (types.len() == 1).then(|| types[0].clone());

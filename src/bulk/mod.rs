@@ -1,0 +1,562 @@
+//! Bulk Data export (HL7 Bulk Data Access 2.0): jobs that run beside the request path.
+//!
+//! A kick-off stores a job (its request sealed: `_typeFilter` may carry PHI, and the token's
+//! scopes and roles decide what the job exports) and returns. Runner threads claim jobs with a
+//! lease, write each resource type's current versions as NDJSON files sealed chunk by chunk
+//! (`crypto::stream`), one file row per complete file, renewing the lease as they go. A job
+//! whose runner stopped (a restart, a crash, another node gone) is claimed again once its lease
+//! runs out and continues after its last complete file. Files are deleted with the job, when
+//! the client cancels it or when it expires.
+//!
+//! Reading goes through the search engine (`Store::search`, keyset pages in id order): the
+//! same filters, compartments and re-checks as a search, so `_typeFilter` means what it means
+//! in a search, and memory holds one page and one chunk whatever the size of the export.
+
+use crate::auth::attributes::AttributePolicy;
+use crate::auth::scope::ScopeSet;
+use crate::auth::{Principal, PrincipalKind};
+use crate::config::Config;
+use crate::crypto::stream::{SealedReader, SealedWriter, StreamError};
+use crate::crypto::{Aad, Cipher, Sealed};
+use crate::search::query::Recheck;
+use crate::search::Registry;
+use crate::store::export::{ExportFile, ExportJob};
+use crate::store::search_query::SearchQuery;
+use crate::store::{Access, Store, StoreError};
+use chrono::NaiveDateTime;
+use serde::{Deserialize, Serialize};
+use std::collections::HashSet;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, Weak};
+use std::time::Duration;
+
+/// Resources read per page (one query for the ids, one for the rows).
+const PAGE: u32 = 1000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    File(#[from] StreamError),
+    #[error("export file: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("the job's request could not be read")]
+    Request,
+    #[error("a _typeFilter no longer parses")]
+    Filter,
+    /// The job was cancelled (or expired) while it ran.
+    #[error("the job is gone")]
+    Gone,
+}
+
+/// The token a job runs under, as much of it as decides what the job may export.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JobPrincipal {
+    pub subject: String,
+    /// `system` or `user`.
+    pub kind: String,
+    pub scopes: String,
+    pub client_id: Option<String>,
+    pub roles: Vec<String>,
+    pub purpose_of_use: Option<String>,
+}
+
+impl JobPrincipal {
+    pub fn of(p: &Principal) -> JobPrincipal {
+        JobPrincipal {
+            subject: p.subject.clone(),
+            kind: match p.kind {
+                PrincipalKind::System => "system",
+                PrincipalKind::User => "user",
+                PrincipalKind::Patient => "patient",
+            }
+            .into(),
+            scopes: p.scopes.raw.join(" "),
+            client_id: p.client_id.clone(),
+            roles: p.roles.clone(),
+            purpose_of_use: p.purpose_of_use.clone(),
+        }
+    }
+
+    fn principal(&self, is_type: impl Fn(&str) -> bool) -> Principal {
+        Principal {
+            subject: self.subject.clone(),
+            kind: match self.kind.as_str() {
+                "system" => PrincipalKind::System,
+                "user" => PrincipalKind::User,
+                _ => PrincipalKind::Patient,
+            },
+            scopes: ScopeSet::parse(&self.scopes, is_type),
+            patient: None,
+            fhir_user: None,
+            client_id: self.client_id.clone(),
+            amr: Vec::new(),
+            roles: self.roles.clone(),
+            break_glass: false,
+            purpose_of_use: self.purpose_of_use.clone(),
+            token_id: String::new(),
+            expires_at: 0,
+        }
+    }
+}
+
+/// What a job exports, fixed at kick-off.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JobRequest {
+    /// The kick-off URL, for the manifest's `request`.
+    pub request_url: String,
+    /// `None`: every resource (system level); `Some([])`: resources in any patient's
+    /// compartment (Patient level); `Some(ids)`: in these patients' (a Group's members).
+    pub patients: Option<Vec<String>>,
+    /// The types to export, in order.
+    pub types: Vec<String>,
+    /// `_since`, as an instant.
+    pub since: Option<String>,
+    /// `_typeFilter`: (type, query string); several for one type are alternatives.
+    pub type_filters: Vec<(String, String)>,
+    pub principal: JobPrincipal,
+}
+
+/// Who may poll a job and download its files: the subject and client that started it.
+pub fn owner_of(p: &Principal) -> String {
+    format!("{}|{}", p.subject, p.client_id.as_deref().unwrap_or(""))
+}
+
+fn request_aad(job_id: &str) -> Aad<'_> {
+    Aad {
+        table: "export_jobs",
+        resource_type: "request",
+        logical_id: job_id,
+        version_id: 0,
+    }
+}
+
+/// The sealed file of one NDJSON output.
+fn file_id(job_id: &str, seq: i32) -> String {
+    format!("{job_id}/{seq}")
+}
+
+/// Runs export jobs and serves their files.
+pub struct Exporter {
+    store: Arc<Store>,
+    registry: Arc<Registry>,
+    attributes: Arc<AttributePolicy>,
+    config: Arc<Config>,
+    resource_types: Arc<HashSet<String>>,
+    stop: AtomicBool,
+    /// Wakes idle runners when a job arrives.
+    wake: (Mutex<u64>, Condvar),
+}
+
+impl Exporter {
+    pub fn new(
+        store: Arc<Store>,
+        registry: Arc<Registry>,
+        attributes: Arc<AttributePolicy>,
+        config: Arc<Config>,
+        resource_types: Arc<HashSet<String>>,
+    ) -> Arc<Exporter> {
+        Arc::new(Exporter {
+            store,
+            registry,
+            attributes,
+            config,
+            resource_types,
+            stop: AtomicBool::new(false),
+            wake: (Mutex::new(0), Condvar::new()),
+        })
+    }
+
+    /// Starts `export_workers` runner threads. They hold the exporter weakly and end once it
+    /// is dropped (the server stopped) or [`Exporter::stop`] is called.
+    pub fn start_runners(self: &Arc<Self>) {
+        for n in 0..self.config.export_workers {
+            let weak = Arc::downgrade(self);
+            let spawned = std::thread::Builder::new()
+                .name(format!("export-runner-{n}"))
+                .spawn(move || runner_loop(weak, n == 0));
+            if let Err(e) = spawned {
+                tracing::error!(error = %e, "an export runner thread could not start");
+            }
+        }
+    }
+
+    /// Stops the runners after the file each is writing (its job resumes elsewhere or later).
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.notify();
+    }
+
+    /// Tells an idle runner a job is waiting.
+    pub fn notify(&self) {
+        let (lock, cv) = &self.wake;
+        let mut n = lock.lock().unwrap_or_else(|p| p.into_inner());
+        *n += 1;
+        cv.notify_all();
+    }
+
+    fn cipher(&self) -> &Cipher {
+        self.store.cipher()
+    }
+
+    pub fn seal_request(&self, job_id: &str, req: &JobRequest) -> Result<Vec<u8>, ExportError> {
+        let json = serde_json::to_vec(req).map_err(|_| ExportError::Request)?;
+        let sealed = self
+            .cipher()
+            .seal(&request_aad(job_id), &json)
+            .map_err(|_| ExportError::Request)?;
+        Ok(sealed.as_bytes().to_vec())
+    }
+
+    pub fn open_request(&self, job: &ExportJob) -> Result<JobRequest, ExportError> {
+        let plain = self
+            .cipher()
+            .open(&request_aad(&job.id), &Sealed::from_stored(job.request.clone()))
+            .map_err(|_| ExportError::Request)?;
+        serde_json::from_slice(&plain).map_err(|_| ExportError::Request)
+    }
+
+    /// The directory of a job's files.
+    pub fn job_dir(&self, job_id: &str) -> PathBuf {
+        self.config.data_dir.join("exports").join(job_id)
+    }
+
+    fn file_path(&self, job_id: &str, seq: i32) -> PathBuf {
+        self.job_dir(job_id).join(format!("{seq}.ndjson.sealed"))
+    }
+
+    /// Deletes a job and its files; `false` when there was none.
+    pub fn delete_job(&self, job_id: &str) -> Result<bool, ExportError> {
+        let existed = self.store.delete_export_job(job_id)?;
+        self.remove_files(job_id);
+        Ok(existed)
+    }
+
+    fn remove_files(&self, job_id: &str) {
+        let dir = self.job_dir(job_id);
+        if let Err(e) = std::fs::remove_dir_all(&dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::error!(error = %e, "an export's files could not be deleted");
+            }
+        }
+    }
+
+    /// Deletes expired jobs and their files.
+    pub fn sweep_expired(&self) -> Result<usize, ExportError> {
+        let expired = self.store.expired_export_jobs(crate::store::now())?;
+        for id in &expired {
+            self.delete_job(id)?;
+        }
+        Ok(expired.len())
+    }
+
+    fn lease_until(&self) -> NaiveDateTime {
+        crate::store::now() + chrono::Duration::seconds(self.config.export_lease_secs)
+    }
+
+    /// Claims and runs one waiting (or abandoned) job to its end; `false` when none waited.
+    pub fn run_next_job(&self) -> Result<bool, ExportError> {
+        let Some(job) = self.store.claim_export_job(self.lease_until())? else {
+            return Ok(false);
+        };
+        self.run_job(&job);
+        Ok(true)
+    }
+
+    /// Runs a claimed job until it completes, fails, is cancelled or the runner stops.
+    fn run_job(&self, job: &ExportJob) {
+        let outcome = (|| -> Result<bool, ExportError> {
+            let req = self.open_request(job)?;
+            loop {
+                if self.stop.load(Ordering::SeqCst) {
+                    return Ok(false);
+                }
+                if self.write_next_file(job, &req)?.is_none() {
+                    return Ok(true);
+                }
+            }
+        })();
+        let expires = crate::store::now() + chrono::Duration::seconds(self.config.export_retention_secs);
+        let finished = match outcome {
+            Ok(false) => return, // stopping: the lease runs out and the job resumes
+            Ok(true) => self.store.finish_export_job(&job.id, Ok(()), expires),
+            Err(ExportError::Gone) => {
+                self.remove_files(&job.id);
+                return;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "export job failed");
+                let reason = match e {
+                    ExportError::Request | ExportError::Filter => "the export request could not be carried out",
+                    _ => "the export failed on the server; start it again",
+                };
+                self.store.finish_export_job(&job.id, Err(reason), expires)
+            }
+        };
+        if let Err(e) = finished {
+            tracing::error!(error = %e, "export job state could not be recorded");
+        }
+    }
+
+    /// The queries that select a type's resources (one per `_typeFilter` of the type, else
+    /// one), each with the re-checks its blind-indexed conditions need.
+    fn queries(
+        &self,
+        req: &JobRequest,
+        job: &ExportJob,
+        t: &str,
+    ) -> Result<Vec<(SearchQuery, Vec<Recheck>)>, ExportError> {
+        let mut base = vec![(
+            "_lastUpdated".to_string(),
+            format!(
+                "le{}",
+                job.transaction_time
+                    .and_utc()
+                    .to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+            ),
+        )];
+        if let Some(since) = &req.since {
+            base.push(("_lastUpdated".to_string(), format!("gt{since}")));
+        }
+        let filters: Vec<&str> = req
+            .type_filters
+            .iter()
+            .filter(|(ft, _)| ft == t)
+            .map(|(_, q)| q.as_str())
+            .collect();
+        let mut variants: Vec<Vec<(String, String)>> = Vec::new();
+        if filters.is_empty() {
+            variants.push(base.clone());
+        }
+        for f in filters {
+            let mut pairs = base.clone();
+            pairs.extend(form_urlencoded::parse(f.as_bytes()).into_owned());
+            variants.push(pairs);
+        }
+        let mut out = Vec::new();
+        for pairs in variants {
+            let parsed = crate::search::query::parse(&self.registry, self.cipher(), t, &pairs, PAGE, true)
+                .map_err(|_| ExportError::Filter)?;
+            let mut q = parsed.query;
+            q.total = false;
+            q.any_compartment = req.patients.clone();
+            out.push((q, parsed.rechecks));
+        }
+        Ok(out)
+    }
+
+    /// Writes the job's next file (where the last complete one left off) and records it;
+    /// `None` when nothing is left to export.
+    pub fn write_next_file(&self, job: &ExportJob, req: &JobRequest) -> Result<Option<ExportFile>, ExportError> {
+        let files = self.store.export_files(&job.id)?;
+        let seq = files.last().map_or(1, |f| f.seq + 1);
+        let (mut type_index, mut after) = match files.last() {
+            Some(f) => (
+                req.types
+                    .iter()
+                    .position(|t| *t == f.resource_type)
+                    .unwrap_or(req.types.len()),
+                Some(f.last_id.clone()),
+            ),
+            None => (0, None),
+        };
+        let principal = req.principal.principal(|t| self.resource_types.contains(t));
+        std::fs::create_dir_all(self.job_dir(&job.id))?;
+        let path = self.file_path(&job.id, seq);
+        let partial = path.with_extension("part");
+        while type_index < req.types.len() {
+            let t = &req.types[type_index];
+            // the token may have lost nothing since kick-off (it is the same scopes), but a
+            // type it may not read is never written
+            let allowed = crate::auth::policy::authorize(&principal, t, crate::auth::scope::Permission::Read)
+                .is_ok_and(|d| d.unrestricted);
+            let mut count: u64 = 0;
+            let mut last_id = after.clone();
+            if allowed {
+                let queries = self.queries(req, job, t)?;
+                let out = std::fs::File::create(&partial)?;
+                let mut writer = SealedWriter::new(self.cipher(), &file_id(&job.id, seq), std::io::BufWriter::new(out));
+                let limit = self.config.export_file_resources;
+                loop {
+                    let want = (limit - count).min(u64::from(PAGE)) as u32;
+                    let page = self.page(&principal, &queries, t, last_id.as_deref(), want)?;
+                    if page.is_empty() {
+                        break;
+                    }
+                    for (id, line) in &page.lines {
+                        writer.write_all(line)?;
+                        writer.write_all(b"\n")?;
+                        count += 1;
+                        last_id = Some(id.clone());
+                    }
+                    // a page of only hidden resources still moves the cursor
+                    if let Some(id) = page.last {
+                        last_id = Some(id);
+                    }
+                    if count >= limit {
+                        break;
+                    }
+                    if !self.store.renew_export_lease(&job.id, self.lease_until())? {
+                        return Err(ExportError::Gone);
+                    }
+                }
+                if count > 0 {
+                    let mut out = writer.finish()?.into_inner().map_err(|e| e.into_error())?;
+                    out.flush()?;
+                    out.sync_all()?;
+                    std::fs::rename(&partial, &path)?;
+                    let file = ExportFile {
+                        seq,
+                        resource_type: t.clone(),
+                        resource_count: count as i64,
+                        last_id: last_id.unwrap_or_default(),
+                    };
+                    match self.store.add_export_file(&job.id, &file, self.lease_until()) {
+                        Ok(()) => return Ok(Some(file)),
+                        Err(StoreError::NotFound) => return Err(ExportError::Gone),
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                drop(writer);
+                let _ = std::fs::remove_file(&partial);
+            }
+            // this type is done: the next one from its start
+            type_index += 1;
+            after = None;
+        }
+        Ok(None)
+    }
+
+    /// The next resources of type `t` after `after` that any of `queries` selects, in id
+    /// order, as NDJSON lines (shaped by the attribute policy), at most `want`.
+    fn page(
+        &self,
+        principal: &Principal,
+        queries: &[(SearchQuery, Vec<Recheck>)],
+        t: &str,
+        after: Option<&str>,
+        want: u32,
+    ) -> Result<Page, ExportError> {
+        let mut merged: std::collections::BTreeMap<String, Vec<u8>> = Default::default();
+        let mut hidden_last: Option<String> = None;
+        for (q, rechecks) in queries {
+            let mut q = q.clone();
+            q.count = want;
+            q.after = after.map(|id| (t.to_string(), id.to_string()));
+            let page = self.store.search(&Access::All, &q)?;
+            for v in page.entries {
+                let Some(json) = v.content else { continue };
+                if !rechecks.is_empty() {
+                    let value: serde_json::Value = serde_json::from_slice(&json).map_err(|_| ExportError::Filter)?;
+                    if !rechecks.iter().all(|r| r.holds(&value, self.cipher())) {
+                        hidden_last = hidden_last.max(Some(v.logical_id.clone()));
+                        continue;
+                    }
+                }
+                merged.insert(v.logical_id, json);
+            }
+        }
+        // with several filters, only the first `want` of their union are certainly complete
+        let mut lines = Vec::new();
+        let mut last = None;
+        for (id, json) in merged.into_iter().take(want as usize) {
+            last = Some(id.clone());
+            // hidden elements masked, labelled resources left out, as for any read by the token
+            if let Some(json) = self.attributes.shape_stored(principal, t, json) {
+                lines.push((id, one_line(json)));
+            }
+        }
+        if queries.len() == 1 {
+            last = last.max(hidden_last);
+        }
+        Ok(Page { lines, last })
+    }
+
+    /// Opens one file of a job for reading, chunk by chunk.
+    pub fn open_file(&self, job_id: &str, seq: i32) -> Result<SealedFile, ExportError> {
+        let file = std::fs::File::open(self.file_path(job_id, seq))?;
+        Ok(SealedFile {
+            store: self.store.clone(),
+            id: file_id(job_id, seq),
+            file: std::io::BufReader::new(file),
+        })
+    }
+}
+
+/// One page of an export.
+struct Page {
+    lines: Vec<(String, Vec<u8>)>,
+    /// The last id the page covered (shown or not): where the next page starts.
+    last: Option<String>,
+}
+
+impl Page {
+    fn is_empty(&self) -> bool {
+        self.lines.is_empty() && self.last.is_none()
+    }
+}
+
+/// Stored JSON on one line (NDJSON): stored resources are compact, but never trust it.
+fn one_line(json: Vec<u8>) -> Vec<u8> {
+    if !json.contains(&b'\n') {
+        return json;
+    }
+    serde_json::from_slice::<serde_json::Value>(&json)
+        .ok()
+        .and_then(|v| serde_json::to_vec(&v).ok())
+        .unwrap_or_default()
+}
+
+/// A sealed export file being read.
+pub struct SealedFile {
+    store: Arc<Store>,
+    id: String,
+    file: std::io::BufReader<std::fs::File>,
+}
+
+impl SealedFile {
+    /// Reads and opens every chunk in turn, calling `each` with its plaintext.
+    pub fn for_each_chunk(mut self, mut each: impl FnMut(Vec<u8>) -> bool) -> Result<(), ExportError> {
+        let cipher = self.store.cipher();
+        let mut reader = SealedReader::new(cipher, &self.id, &mut self.file);
+        while let Some(chunk) = reader.next_chunk()? {
+            if !each(chunk) {
+                break;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn runner_loop(exporter: Weak<Exporter>, sweeper: bool) {
+    let mut last_sweep = std::time::Instant::now() - Duration::from_secs(3600);
+    loop {
+        let Some(ex) = exporter.upgrade() else { return };
+        if ex.stop.load(Ordering::SeqCst) {
+            return;
+        }
+        let seen = *ex.wake.0.lock().unwrap_or_else(|p| p.into_inner());
+        if sweeper && last_sweep.elapsed() >= Duration::from_secs(60) {
+            last_sweep = std::time::Instant::now();
+            if let Err(e) = ex.sweep_expired() {
+                tracing::error!(error = %e, "expired exports could not be deleted");
+            }
+        }
+        let ran = match ex.run_next_job() {
+            Ok(ran) => ran,
+            Err(e) => {
+                tracing::error!(error = %e, "export runner could not claim a job");
+                false
+            }
+        };
+        if !ran {
+            // idle: wait for a kick-off, or look again in a second (jobs of other nodes, leases)
+            let (lock, cv) = &ex.wake;
+            let guard = lock.lock().unwrap_or_else(|p| p.into_inner());
+            let _ = cv.wait_timeout_while(guard, Duration::from_secs(1), |n| *n == seen);
+        }
+    }
+}

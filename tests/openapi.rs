@@ -50,6 +50,33 @@ fn openapi_document_matches_capabilities_and_the_committed_copy() {
     );
     // the search parameters are the CapabilityStatement's, type by type
     let cs = s.get("/metadata").json();
+    // Bulk Data export: listed in both, at each level, with its parameters
+    assert_eq!(cs["rest"][0]["operation"][0]["name"], "export");
+    for t in ["Patient", "Group"] {
+        let res = cs["rest"][0]["resource"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["type"] == t)
+            .unwrap();
+        assert!(
+            res["operation"].as_array().unwrap().iter().any(|o| o["name"] == "export"),
+            "{t}"
+        );
+    }
+    for path in ["/fhir/$export", "/fhir/Patient/$export", "/fhir/Group/{id}/$export"] {
+        let names: BTreeSet<&str> = doc["paths"][path]["get"]["parameters"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{path}"))
+            .iter()
+            .map(|p| p["name"].as_str().unwrap())
+            .collect();
+        for p in ["Prefer", "_outputFormat", "_since", "_type", "_typeFilter"] {
+            assert!(names.contains(p), "{path} {p}");
+        }
+    }
+    assert!(doc["paths"]["/fhir/$export-status/{job}"]["delete"].is_object());
+    assert!(doc["paths"]["/fhir/$export-file/{job}/{file}"]["get"].is_object());
     for res in cs["rest"][0]["resource"].as_array().unwrap() {
         let t = res["type"].as_str().unwrap();
         let listed: BTreeSet<&str> = res["searchParam"]

@@ -502,6 +502,125 @@ pub fn document(validator: &Validator, registry: &Registry, base_path: &str) -> 
             .operation(HttpMethod::Post, bundle)
             .build(),
     );
+    // Bulk Data export: kick-off at three levels, then the job's status and files
+    let export_scopes = || vec!["system/*.rs".into(), "user/*.rs".into()];
+    let kick_off = |id: &str, tag: &str, summary: &str, group: bool| {
+        let mut op = with_errors(
+            operation(id.into(), tag, summary.into(), export_scopes()),
+            &[("404", "No such Group (OperationOutcome)")],
+        );
+        if group {
+            op = op.parameter(path_param("id", "The Group's logical id"));
+        }
+        op.parameter(header_param("Prefer", "respond-async (required)"))
+            .parameter(query_param("_outputFormat", "application/fhir+ndjson (the default)"))
+            .parameter(query_param("_since", "Only resources changed after this instant"))
+            .parameter(query_param("_type", "Resource types, comma-separated"))
+            .parameter(query_param(
+                "_typeFilter",
+                "[type]?[search parameters]: only the resources of that type the search selects",
+            ))
+            .response(
+                "202",
+                ResponseBuilder::new()
+                    .description("Accepted: poll the Content-Location URL")
+                    .build(),
+            )
+    };
+    paths = paths.path(
+        format!("{base_path}/$export"),
+        PathItemBuilder::new()
+            .operation(
+                HttpMethod::Get,
+                kick_off("export", "system", "Bulk Data export of every resource type", false),
+            )
+            .build(),
+    );
+    paths = paths.path(
+        format!("{base_path}/Patient/$export"),
+        PathItemBuilder::new()
+            .operation(
+                HttpMethod::Get,
+                kick_off(
+                    "patient-export",
+                    "Patient",
+                    "Bulk Data export of every patient's compartment",
+                    false,
+                ),
+            )
+            .build(),
+    );
+    paths = paths.path(
+        format!("{base_path}/Group/{{id}}/$export"),
+        PathItemBuilder::new()
+            .operation(
+                HttpMethod::Get,
+                kick_off(
+                    "group-export",
+                    "Group",
+                    "Bulk Data export of the compartments of a Group's members",
+                    true,
+                ),
+            )
+            .build(),
+    );
+    let job_missing = [("404", "No such export, or not this client's (OperationOutcome)")];
+    let poll = with_errors(
+        operation(
+            "export-status".into(),
+            "system",
+            "An export's progress (202 with X-Progress and Retry-After) or its manifest".into(),
+            export_scopes(),
+        ),
+        &job_missing,
+    )
+    .parameter(path_param("job", "The export job"))
+    .response(
+        "200",
+        ResponseBuilder::new()
+            .description("The completion manifest (transactionTime, request, output files)")
+            .build(),
+    )
+    .response("202", ResponseBuilder::new().description("Still running").build());
+    let cancel = with_errors(
+        operation(
+            "export-cancel".into(),
+            "system",
+            "Cancel an export and delete its files".into(),
+            export_scopes(),
+        ),
+        &job_missing,
+    )
+    .parameter(path_param("job", "The export job"))
+    .response("202", body_response("Cancelled", "OperationOutcome"));
+    paths = paths.path(
+        format!("{base_path}/$export-status/{{job}}"),
+        PathItemBuilder::new()
+            .operation(HttpMethod::Get, poll)
+            .operation(HttpMethod::Delete, cancel)
+            .build(),
+    );
+    let download = with_errors(
+        operation(
+            "export-file".into(),
+            "system",
+            "One NDJSON file of a completed export".into(),
+            export_scopes(),
+        ),
+        &job_missing,
+    )
+    .parameter(path_param("job", "The export job"))
+    .parameter(path_param("file", "The file's number in the manifest"))
+    .response(
+        "200",
+        ResponseBuilder::new()
+            .description("application/fhir+ndjson: one resource per line")
+            .build(),
+    );
+    paths = paths.path(
+        format!("{base_path}/$export-file/{{job}}/{{file}}"),
+        PathItemBuilder::new().operation(HttpMethod::Get, download).build(),
+    );
     let system_history = with_errors(
         operation(
             "history-system".into(),

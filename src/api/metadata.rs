@@ -129,6 +129,17 @@ pub fn capability_statement(config: &Config, validator: &Validator, registry: &c
                     "definition": "https://fhirvault.dev/OperationDefinition/Patient-access-report",
                     "documentation": "Who accessed this patient's record, when and why (AuditEvents about the patient, \
                         without other patients' data); for the patient themself with patient/AuditEvent.rs, or an auditor."
+                }, {
+                    "name": "export",
+                    "definition": "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/patient-export",
+                    "documentation": BULK_EXPORT_DOC
+                }]);
+            }
+            if t == "Group" {
+                r["operation"] = json!([{
+                    "name": "export",
+                    "definition": "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/group-export",
+                    "documentation": BULK_EXPORT_DOC
                 }]);
             }
             r
@@ -153,13 +164,26 @@ pub fn capability_statement(config: &Config, validator: &Validator, registry: &c
             // `Patient/[id]/[type]` searches the patient compartment
             "compartment": ["http://hl7.org/fhir/CompartmentDefinition/patient"],
             "interaction": SYSTEM_INTERACTIONS.iter().map(|i| json!({"code": i})).collect::<Vec<_>>(),
+            "operation": [{
+                "name": "export",
+                "definition": "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/export",
+                "documentation": BULK_EXPORT_DOC
+            }],
         }],
+        "instantiates": ["http://hl7.org/fhir/uv/bulkdata/CapabilityStatement/bulk-data"],
     });
     if let Some(url) = &config.public_url {
         cs["implementation"]["url"] = Value::String(url.clone());
     }
     cs
 }
+
+/// What the three `$export` operations take and how they answer.
+const BULK_EXPORT_DOC: &str = "Bulk Data Access 2.0 export (Prefer: respond-async): _outputFormat \
+    (application/fhir+ndjson), _since, _type, _typeFilter. 202 with Content-Location: poll it \
+    ($export-status, X-Progress, Retry-After) for the manifest, DELETE it to cancel. Files are NDJSON, \
+    encrypted at rest, served only to the client that started the job while its token grants their \
+    type (system/ or user/ read scopes), and deleted after export_retention_secs.";
 
 pub async fn capabilities(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let fmt = Format::negotiate(&req)?;

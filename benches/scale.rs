@@ -16,60 +16,6 @@ use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 use support::{env_num, LeanClient};
 
-/// Posts patient bundles from two clients until `total` resources are stored; returns the
-/// patients' ids.
-fn load_until(
-    s: &TestServer,
-    token: &str,
-    next_seed: &mut u64,
-    stored: &mut usize,
-    total: usize,
-    ids: &mut Vec<String>,
-) {
-    let started = Instant::now();
-    let from = *stored;
-    while *stored < total {
-        let seeds: Vec<u64> = (0..2).map(|k| *next_seed + k).collect();
-        *next_seed += 2;
-        let results: Vec<(usize, String)> = std::thread::scope(|scope| {
-            let hs: Vec<_> = seeds
-                .iter()
-                .map(|&seed| {
-                    let (addr, token) = (s.addr, token);
-                    scope.spawn(move || {
-                        let bundle = support::synthetic_patient(seed, 300);
-                        let mut c = LeanClient::connect(addr, token);
-                        let (status, body) = c.request_body("POST", "/fhir", Some(bundle.to_string().as_bytes()));
-                        assert_eq!(status, 200);
-                        let body = body.unwrap();
-                        let entries = body["entry"].as_array().unwrap();
-                        let id = entries[0]["response"]["location"]
-                            .as_str()
-                            .unwrap()
-                            .split('/')
-                            .nth(1)
-                            .unwrap()
-                            .to_string();
-                        (entries.len(), id)
-                    })
-                })
-                .collect();
-            hs.into_iter().map(|h| h.join().unwrap()).collect()
-        });
-        for (n, id) in results {
-            *stored += n;
-            ids.push(id);
-        }
-        if (*stored / 50_000) != ((*stored).saturating_sub(600) / 50_000) {
-            eprintln!(
-                "    {} resources stored ({:.0}/s)",
-                stored,
-                (*stored - from) as f64 / started.elapsed().as_secs_f64()
-            );
-        }
-    }
-}
-
 /// One client reading random patients: (median, 99th percentile) in microseconds.
 fn latency(s: &TestServer, token: &str, ids: &[String], n: usize) -> (f64, f64) {
     let mut c = LeanClient::connect(s.addr, token);
@@ -99,11 +45,11 @@ fn bench_backend(db: Db, small: usize, large: usize, samples: usize) -> Value {
     let s = TestServer::start_on(tdb, layer);
     let token = s.token("system/*.cruds", None);
     let (mut seed, mut stored, mut ids) = (1u64, 0usize, Vec::new());
-    load_until(&s, &token, &mut seed, &mut stored, small, &mut ids);
+    support::load_until(&s, &token, &mut seed, &mut stored, small, &mut ids);
     let (small_p50, small_p99) = latency(&s, &token, &ids, samples);
     let small_stored = stored;
     eprintln!("  {db:?}: {stored} resources: read p50 {small_p50:.0} µs, p99 {small_p99:.0} µs");
-    load_until(&s, &token, &mut seed, &mut stored, large, &mut ids);
+    support::load_until(&s, &token, &mut seed, &mut stored, large, &mut ids);
     let (large_p50, large_p99) = latency(&s, &token, &ids, samples);
     eprintln!(
         "  {db:?}: {stored} resources: read p50 {large_p50:.0} µs, p99 {large_p99:.0} µs; p50 ratio {:.2}",

@@ -60,7 +60,11 @@ fn openapi_document_matches_capabilities_and_the_committed_copy() {
             .find(|r| r["type"] == t)
             .unwrap();
         assert!(
-            res["operation"].as_array().unwrap().iter().any(|o| o["name"] == "export"),
+            res["operation"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|o| o["name"] == "export"),
             "{t}"
         );
     }

@@ -412,3 +412,57 @@ pub fn wal_syncs(url: &str) -> Option<i64> {
         .ok()
         .map(|s| s.wal_sync)
 }
+
+/// Posts patient bundles from two clients until `total` resources are stored; returns the
+/// patients' ids.
+pub fn load_until(
+    s: &crate::common::TestServer,
+    token: &str,
+    next_seed: &mut u64,
+    stored: &mut usize,
+    total: usize,
+    ids: &mut Vec<String>,
+) {
+    let started = Instant::now();
+    let from = *stored;
+    while *stored < total {
+        let seeds: Vec<u64> = (0..2).map(|k| *next_seed + k).collect();
+        *next_seed += 2;
+        let results: Vec<(usize, String)> = std::thread::scope(|scope| {
+            let hs: Vec<_> = seeds
+                .iter()
+                .map(|&seed| {
+                    let (addr, token) = (s.addr, token);
+                    scope.spawn(move || {
+                        let bundle = synthetic_patient(seed, 300);
+                        let mut c = LeanClient::connect(addr, token);
+                        let (status, body) = c.request_body("POST", "/fhir", Some(bundle.to_string().as_bytes()));
+                        assert_eq!(status, 200);
+                        let body = body.unwrap();
+                        let entries = body["entry"].as_array().unwrap();
+                        let id = entries[0]["response"]["location"]
+                            .as_str()
+                            .unwrap()
+                            .split('/')
+                            .nth(1)
+                            .unwrap()
+                            .to_string();
+                        (entries.len(), id)
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for (n, id) in results {
+            *stored += n;
+            ids.push(id);
+        }
+        if (*stored / 50_000) != ((*stored).saturating_sub(600) / 50_000) {
+            eprintln!(
+                "    {} resources stored ({:.0}/s)",
+                stored,
+                (*stored - from) as f64 / started.elapsed().as_secs_f64()
+            );
+        }
+    }
+}

@@ -309,32 +309,23 @@ impl Exporter {
         job: &ExportJob,
         t: &str,
     ) -> Result<Vec<(SearchQuery, Vec<Recheck>)>, ExportError> {
-        let mut base = vec![(
-            "_lastUpdated".to_string(),
-            format!(
-                "le{}",
-                job.transaction_time
-                    .and_utc()
-                    .to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+        let since = match &req.since {
+            Some(s) => Some(
+                chrono::DateTime::parse_from_rfc3339(s)
+                    .map_err(|_| ExportError::Request)?
+                    .naive_utc(),
             ),
-        )];
-        if let Some(since) = &req.since {
-            base.push(("_lastUpdated".to_string(), format!("gt{since}")));
-        }
-        let filters: Vec<&str> = req
+            None => None,
+        };
+        // one search per `_typeFilter` of the type (alternatives), or one selecting every resource
+        let mut variants: Vec<Vec<(String, String)>> = req
             .type_filters
             .iter()
             .filter(|(ft, _)| ft == t)
-            .map(|(_, q)| q.as_str())
+            .map(|(_, q)| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
             .collect();
-        let mut variants: Vec<Vec<(String, String)>> = Vec::new();
-        if filters.is_empty() {
-            variants.push(base.clone());
-        }
-        for f in filters {
-            let mut pairs = base.clone();
-            pairs.extend(form_urlencoded::parse(f.as_bytes()).into_owned());
-            variants.push(pairs);
+        if variants.is_empty() {
+            variants.push(Vec::new());
         }
         let mut out = Vec::new();
         for pairs in variants {
@@ -343,6 +334,9 @@ impl Exporter {
             let mut q = parsed.query;
             q.total = false;
             q.any_compartment = req.patients.clone();
+            // what changed after `_since`, as it stood at kick-off
+            q.updated_after = since;
+            q.updated_until = Some(job.transaction_time);
             out.push((q, parsed.rechecks));
         }
         Ok(out)
@@ -377,8 +371,8 @@ impl Exporter {
             let mut last_id = after.clone();
             if allowed {
                 let queries = self.queries(req, job, t)?;
-                let out = std::fs::File::create(&partial)?;
-                let mut writer = SealedWriter::new(self.cipher(), &file_id(&job.id, seq), std::io::BufWriter::new(out));
+                // the file is created with the first resource (most types of a system export have none)
+                let mut writer: Option<SealedWriter<'_, std::io::BufWriter<std::fs::File>>> = None;
                 let limit = self.config.export_file_resources;
                 loop {
                     let want = (limit - count).min(u64::from(PAGE)) as u32;
@@ -387,6 +381,13 @@ impl Exporter {
                         break;
                     }
                     for (id, line) in &page.lines {
+                        let writer = match &mut writer {
+                            Some(w) => w,
+                            None => {
+                                let out = std::io::BufWriter::new(std::fs::File::create(&partial)?);
+                                writer.insert(SealedWriter::new(self.cipher(), &file_id(&job.id, seq), out))
+                            }
+                        };
                         writer.write_all(line)?;
                         writer.write_all(b"\n")?;
                         count += 1;
@@ -403,7 +404,7 @@ impl Exporter {
                         return Err(ExportError::Gone);
                     }
                 }
-                if count > 0 {
+                if let Some(writer) = writer {
                     let mut out = writer.finish()?.into_inner().map_err(|e| e.into_error())?;
                     out.flush()?;
                     out.sync_all()?;
@@ -420,8 +421,6 @@ impl Exporter {
                         Err(e) => return Err(e.into()),
                     }
                 }
-                drop(writer);
-                let _ = std::fs::remove_file(&partial);
             }
             // this type is done: the next one from its start
             type_index += 1;
@@ -446,17 +445,15 @@ impl Exporter {
             let mut q = q.clone();
             q.count = want;
             q.after = after.map(|id| (t.to_string(), id.to_string()));
-            let page = self.store.search(&Access::All, &q)?;
-            for v in page.entries {
-                let Some(json) = v.content else { continue };
+            for (id, json) in self.store.search_contents(&Access::All, &q)? {
                 if !rechecks.is_empty() {
                     let value: serde_json::Value = serde_json::from_slice(&json).map_err(|_| ExportError::Filter)?;
                     if !rechecks.iter().all(|r| r.holds(&value, self.cipher())) {
-                        hidden_last = hidden_last.max(Some(v.logical_id.clone()));
+                        hidden_last = hidden_last.max(Some(id));
                         continue;
                     }
                 }
-                merged.insert(v.logical_id, json);
+                merged.insert(id, json);
             }
         }
         // with several filters, only the first `want` of their union are certainly complete

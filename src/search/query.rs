@@ -809,6 +809,8 @@ pub fn parse(
             patient: None,
             nested_patient: None,
             any_compartment: None,
+            updated_after: None,
+            updated_until: None,
             compartment: None,
         },
         rechecks,

@@ -489,20 +489,32 @@ impl Store {
         note(&mut conn, result)
     }
 
+    /// Decrypts a version's content and checks it against its stored SHA-256.
+    fn open_version(
+        &self,
+        resource_type: &str,
+        logical_id: &str,
+        version_id: i64,
+        sealed: &crate::crypto::Sealed,
+        digest: &[u8],
+    ) -> Result<Vec<u8>, StoreError> {
+        let aad = Aad {
+            table: VERSIONS_TABLE,
+            resource_type,
+            logical_id,
+            version_id,
+        };
+        let plain = self.cipher.open(&aad, sealed)?;
+        if sha256(&plain).as_slice() != digest {
+            return Err(StoreError::Integrity);
+        }
+        Ok(plain)
+    }
+
     fn decrypt_row(&self, row: VersionRow) -> Result<StoredVersion, StoreError> {
         let content = match (&row.content, &row.content_sha256) {
             (Some(sealed), Some(digest)) => {
-                let aad = Aad {
-                    table: VERSIONS_TABLE,
-                    resource_type: &row.resource_type,
-                    logical_id: &row.logical_id,
-                    version_id: row.version_id,
-                };
-                let plain = self.cipher.open(&aad, &sealed.0)?;
-                if sha256(&plain).as_slice() != digest.as_slice() {
-                    return Err(StoreError::Integrity);
-                }
-                Some(plain)
+                Some(self.open_version(&row.resource_type, &row.logical_id, row.version_id, &sealed.0, digest)?)
             }
             (None, None) if row.deleted => None,
             _ => return Err(StoreError::Integrity),

@@ -215,6 +215,11 @@ pub struct SearchQuery {
     /// Bulk export at Patient or Group level: only resources in the compartment of one of
     /// these patients, or of any patient when the list is empty.
     pub any_compartment: Option<Vec<String>>,
+    /// Only resources whose current version was written after this (exclusive) and up to that
+    /// (inclusive) instant: Bulk export's `_since` and transaction time, on the `resources`
+    /// row itself rather than through the `_lastUpdated` index.
+    pub updated_after: Option<NaiveDateTime>,
+    pub updated_until: Option<NaiveDateTime>,
 }
 
 pub struct SearchPage {
@@ -762,6 +767,8 @@ fn index_count(pg: bool, q: &SearchQuery) -> Option<(String, Vec<Bind>)> {
         || q.compartment.is_some()
         || q.nested_patient.is_some()
         || q.any_compartment.is_some()
+        || q.updated_after.is_some()
+        || q.updated_until.is_some()
     {
         return None;
     }
@@ -824,6 +831,20 @@ fn index_count(pg: bool, q: &SearchQuery) -> Option<(String, Vec<Bind>)> {
 pub type Key = (String, String);
 
 #[derive(QueryableByName)]
+struct ContentRow {
+    #[diesel(sql_type = Text)]
+    resource_type: String,
+    #[diesel(sql_type = Text)]
+    logical_id: String,
+    #[diesel(sql_type = BigInt)]
+    version_id: i64,
+    #[diesel(sql_type = Binary)]
+    content: Vec<u8>,
+    #[diesel(sql_type = Binary)]
+    content_sha256: Vec<u8>,
+}
+
+#[derive(QueryableByName)]
 struct KeyRow {
     #[diesel(sql_type = Text)]
     resource_type: String,
@@ -855,6 +876,14 @@ impl Store {
                 "EXISTS (SELECT 1 FROM resource_compartments c WHERE c.resource_type = r.resource_type \
                  AND c.logical_id = r.logical_id AND c.version_id = r.version_id AND c.patient_id = {p})"
             ));
+        }
+        if let Some(after) = q.updated_after {
+            let p = sql.p(Bind::Ts(after));
+            wheres.push(format!("r.last_updated > {p}"));
+        }
+        if let Some(until) = q.updated_until {
+            let p = sql.p(Bind::Ts(until));
+            wheres.push(format!("r.last_updated <= {p}"));
         }
         if let Some(patients) = &q.any_compartment {
             let of = if patients.is_empty() {
@@ -957,6 +986,57 @@ impl Store {
              ORDER BY r.resource_type {dir}, r.logical_id {dir} LIMIT {limit}"
         );
         (count_sql, count_binds, page_sql, sql.binds)
+    }
+
+    /// The next `q.count` matches after `q.after`, in (type, id) order, as (id, decrypted
+    /// content): the rows read in the same statement that selects them, without the compartment
+    /// list (Bulk Data export, where one round trip per page is most of the cost).
+    pub fn search_contents(&self, access: &Access, q: &SearchQuery) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let mut conn = self.checkout(access)?;
+        let pg = matches!(conn.conn, DbConnection::Pg(_));
+        let mut sql = Sql {
+            pg,
+            binds: Vec::new(),
+            aliases: 0,
+            patient: q.nested_patient.clone(),
+        };
+        let mut filter = self.search_filter(&mut sql, q);
+        if let Some((t, id)) = &q.after {
+            let (a, b) = (sql.p(Bind::Text(t.clone())), sql.p(Bind::Text(id.clone())));
+            filter.push_str(&format!(" AND (r.resource_type, r.logical_id) > ({a}, {b})"));
+        }
+        let limit = sql.p(Bind::Int(i64::from(q.count)));
+        let text = format!(
+            "SELECT v.resource_type, v.logical_id, v.version_id, v.content, v.content_sha256 FROM resources r \
+             JOIN resource_versions v ON v.resource_type = r.resource_type AND v.logical_id = r.logical_id \
+             AND v.version_id = r.version_id WHERE {filter} ORDER BY r.resource_type, r.logical_id LIMIT {limit}"
+        );
+        let rows: Result<Vec<ContentRow>, StoreError> = match &mut conn.conn {
+            DbConnection::Pg(c) => bind_all!(diesel::sql_query(&text).into_boxed::<diesel::pg::Pg>(), &sql.binds)
+                .load(c)
+                .map_err(StoreError::from),
+            DbConnection::Sqlite(c) => bind_all!(
+                diesel::sql_query(&text).into_boxed::<diesel::sqlite::Sqlite>(),
+                &sql.binds
+            )
+            .load(c)
+            .map_err(StoreError::from),
+        };
+        let rows = super::note(&mut conn, rows)?;
+        drop(conn);
+        rows.into_iter()
+            .map(|r| {
+                let sealed = crate::crypto::Sealed::from_stored(r.content);
+                let plain = self.open_version(
+                    &r.resource_type,
+                    &r.logical_id,
+                    r.version_id,
+                    &sealed,
+                    &r.content_sha256,
+                )?;
+                Ok((r.logical_id, plain))
+            })
+            .collect()
     }
 
     /// The SQL of a search page run on its own (the count when asked, and up to `count + 1`

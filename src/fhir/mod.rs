@@ -8,6 +8,7 @@ pub mod json;
 pub mod outcome;
 pub mod patch;
 pub mod resource;
+pub mod structure;
 pub mod summary;
 pub mod validate;
 

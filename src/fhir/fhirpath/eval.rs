@@ -28,6 +28,8 @@ fn err(msg: impl Into<String>) -> FhirPathError {
 /// What `%resource`, `%context` and `$this` mean during one evaluation.
 pub struct Ctx<'a> {
     pub resource: &'a Value,
+    /// `%rootResource`: the resource a contained resource sits in (else `resource`).
+    pub root_resource: &'a Value,
     pub this: Option<Item<'a>>,
     pub index: Option<i64>,
     pub total: Option<Coll<'a>>,
@@ -67,6 +69,24 @@ fn is_quantity(m: &serde_json::Map<String, Value>) -> bool {
     m.contains_key("value") && (m.contains_key("code") || m.contains_key("unit") || m.contains_key("system"))
 }
 
+/// Whether R4 has a choice element (`value[x]`) of this name, anywhere: read once from the
+/// structure definitions the validator uses.
+fn is_choice_name(name: &str) -> bool {
+    static NAMES: std::sync::OnceLock<std::collections::HashSet<String>> = std::sync::OnceLock::new();
+    NAMES
+        .get_or_init(|| {
+            let text = crate::fhir::structure::R4_RULES;
+            let mut names = std::collections::HashSet::new();
+            for (at, _) in text.match_indices("[x]\"") {
+                let before = &text[..at];
+                let start = before.rfind(['.', '"']).map_or(0, |i| i + 1);
+                names.insert(before[start..].to_string());
+            }
+            names
+        })
+        .contains(name)
+}
+
 /// Children of a node by name: arrays flattened; choice elements (`value` → `valueQuantity`)
 /// found by prefix, with their type.
 fn member<'a>(item: &Item<'a>, name: &str, out: &mut Coll<'a>) {
@@ -86,7 +106,19 @@ fn member<'a>(item: &Item<'a>, name: &str, out: &mut Coll<'a>) {
         push(v, primitive_type_of(name));
         return;
     }
+    // a primitive present only through its extensions (`_given`) exists, without a value
+    if let Some(v) = m.get(&format!("_{name}")) {
+        push(v, primitive_type_of(name));
+        return;
+    }
+    // only R4's choice elements are found by prefix (`response` is not `responseCode`)
+    if !is_choice_name(name) {
+        return;
+    }
     for (k, v) in m {
+        let k = k.strip_prefix('_').filter(|plain| !m.contains_key(*plain)).unwrap_or(k);
+        // `_valueString` alone: the choice is there, its value only extended
+        let v = m.get(k).unwrap_or(v);
         if let Some(rest) = k.strip_prefix(name) {
             if rest.chars().next().is_some_and(|c| c.is_ascii_uppercase()) {
                 let mut ty = rest.to_string();
@@ -166,6 +198,17 @@ pub(super) fn is_type(item: &Item<'_>, ty: &str) -> bool {
     if actual.eq_ignore_ascii_case(ty) {
         // System types are capitalized, FHIR primitives are not: `Patient.active is Boolean` is
         // false in the strict spec, but treated leniently here
+        return true;
+    }
+    // a string `descendants()` reached, of an element whose type is unknown (no model here),
+    // may be any string-based primitive: dom-3's `descendants().as(canonical)` must see
+    // `#id` in `definitionCanonical`
+    if matches!(item, Item::Node(Value::String(_), Some(t)) if t.is_empty())
+        && matches!(
+            ty,
+            "code" | "id" | "uri" | "url" | "canonical" | "markdown" | "oid" | "uuid"
+        )
+    {
         return true;
     }
     match (actual.as_str(), ty) {
@@ -373,7 +416,8 @@ pub fn eval<'a>(e: &Expr, focus: &Coll<'a>, ctx: &Ctx<'a>) -> Result<Coll<'a>, F
         Expr::Index => ctx.index.map(Item::Int).into_iter().collect(),
         Expr::Total => ctx.total.clone().unwrap_or_default(),
         Expr::External(name) => match name.as_str() {
-            "resource" | "context" | "rootResource" => vec![Item::Node(ctx.resource, resource_type(ctx.resource))],
+            "resource" | "context" => vec![Item::Node(ctx.resource, resource_type(ctx.resource))],
+            "rootResource" => vec![Item::Node(ctx.root_resource, resource_type(ctx.root_resource))],
             "ucum" => vec![Item::Str("http://unitsofmeasure.org".into())],
             "sct" => vec![Item::Str("http://snomed.info/sct".into())],
             "loinc" => vec![Item::Str("http://loinc.org".into())],

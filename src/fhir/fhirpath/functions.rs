@@ -17,6 +17,7 @@ fn per_item<'a>(e: &Expr, input: &Coll<'a>, ctx: &Ctx<'a>) -> Result<Vec<Coll<'a
         .map(|(i, item)| {
             let sub = Ctx {
                 resource: ctx.resource,
+                root_resource: ctx.root_resource,
                 this: Some(item.clone()),
                 index: Some(i as i64),
                 total: ctx.total.clone(),
@@ -87,7 +88,8 @@ fn descendants<'a>(item: &Item<'a>, out: &mut Coll<'a>) {
                 other => vec![other],
             };
             for c in children {
-                let child = Item::Node(c, None);
+                // strings: an unknown string-based primitive (see `is_type`)
+                let child = Item::Node(c, c.is_string().then(String::new));
                 out.push(child.clone());
                 descendants(&child, out);
             }
@@ -299,6 +301,7 @@ pub fn call<'a>(
             // the criterion and results see the input as $this (the focus when called bare)
             let sub = Ctx {
                 resource: ctx.resource,
+                root_resource: ctx.root_resource,
                 this: input.first().cloned().or_else(|| ctx.this.clone()),
                 index: ctx.index,
                 total: ctx.total.clone(),
@@ -588,6 +591,7 @@ pub fn call<'a>(
             for (i, item) in input.iter().enumerate() {
                 let sub = Ctx {
                     resource: ctx.resource,
+                    root_resource: ctx.root_resource,
                     this: Some(item.clone()),
                     index: Some(i as i64),
                     total: Some(total.clone()),

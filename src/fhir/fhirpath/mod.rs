@@ -58,9 +58,22 @@ impl FhirPath {
         type_name: Option<String>,
         resource: &'a Value,
     ) -> Result<Vec<Item<'a>>, FhirPathError> {
+        self.evaluate_in(node, type_name, resource, resource)
+    }
+
+    /// [`FhirPath::evaluate_at`] inside a contained resource: `%resource` is the contained
+    /// resource, `%rootResource` the one holding it (an invariant's context).
+    pub fn evaluate_in<'a>(
+        &self,
+        node: &'a Value,
+        type_name: Option<String>,
+        resource: &'a Value,
+        root_resource: &'a Value,
+    ) -> Result<Vec<Item<'a>>, FhirPathError> {
         let root = Item::Node(node, type_name);
         let ctx = eval::Ctx {
             resource,
+            root_resource,
             this: Some(root.clone()),
             index: None,
             total: None,

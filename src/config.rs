@@ -48,6 +48,8 @@ pub struct ConfigLayer {
     pub max_body_bytes: Option<usize>,
     pub max_bundle_entries: Option<usize>,
     pub export_workers: Option<usize>,
+    pub profile_dir: Option<PathBuf>,
+    pub validate_profiles_on_write: Option<bool>,
     pub export_retention_secs: Option<u64>,
     pub export_file_resources: Option<u64>,
     pub export_lease_secs: Option<u64>,
@@ -131,6 +133,8 @@ impl ConfigLayer {
                 "MAX_BODY_BYTES" => layer.max_body_bytes = Some(parse_num(&value)? as usize),
                 "MAX_BUNDLE_ENTRIES" => layer.max_bundle_entries = Some(parse_num(&value)? as usize),
                 "EXPORT_WORKERS" => layer.export_workers = Some(parse_num(&value)? as usize),
+                "PROFILE_DIR" => layer.profile_dir = Some(value.into()),
+                "VALIDATE_PROFILES_ON_WRITE" => layer.validate_profiles_on_write = Some(parse_bool(&key, &value)?),
                 "EXPORT_RETENTION_SECS" => layer.export_retention_secs = Some(parse_num(&value)?),
                 "EXPORT_FILE_RESOURCES" => layer.export_file_resources = Some(parse_num(&value)?),
                 "EXPORT_LEASE_SECS" => layer.export_lease_secs = Some(parse_num(&value)?),
@@ -211,6 +215,8 @@ impl ConfigLayer {
             max_body_bytes,
             max_bundle_entries,
             export_workers,
+            profile_dir,
+            validate_profiles_on_write,
             export_retention_secs,
             export_file_resources,
             export_lease_secs,
@@ -287,6 +293,12 @@ pub struct Config {
     /// Threads running Bulk Data export jobs on this node (0: this node only accepts jobs and
     /// serves their files; another node runs them).
     pub export_workers: usize,
+    /// StructureDefinitions (profiles, with snapshots) and expanded ValueSets to validate
+    /// against (`$validate?profile=`, `meta.profile`); `profiles/us-core-6.1.0` ships US Core.
+    pub profile_dir: Option<PathBuf>,
+    /// Create and update refuse (422) a resource that fails validation against a profile its
+    /// `meta.profile` declares and the server knows.
+    pub validate_profiles_on_write: bool,
     /// How long an export's files are kept after it completes (then deleted with the job).
     pub export_retention_secs: i64,
     /// Resources per NDJSON file of an export (a job resumes after its last complete file).
@@ -649,6 +661,8 @@ impl Config {
             max_body_bytes,
             max_bundle_entries,
             export_workers,
+            profile_dir: layer.profile_dir,
+            validate_profiles_on_write: layer.validate_profiles_on_write.unwrap_or(false),
             export_retention_secs: export_retention_secs as i64,
             export_file_resources,
             export_lease_secs: export_lease_secs as i64,

@@ -140,6 +140,7 @@ pub fn build_state(config: Config) -> anyhow::Result<AppState> {
     let auditor = Arc::new(open_auditor(&config, &store)?);
     let registry = shared_registry(&config)?;
     check_search_index(&store, &registry)?;
+    let structures = Arc::new(open_structures(&config)?);
     let state = AppState::new(
         config,
         store,
@@ -150,9 +151,22 @@ pub fn build_state(config: Config) -> anyhow::Result<AppState> {
         providers,
         auditor,
         registry,
+        structures,
     );
     state.exporter.start_runners();
     Ok(state)
+}
+
+/// The R4 StructureDefinitions and the profiles of `profile_dir`.
+pub fn open_structures(config: &Config) -> anyhow::Result<crate::fhir::structure::StructureValidator> {
+    let mut v = crate::fhir::structure::StructureValidator::r4().context("the R4 structure definitions")?;
+    if let Some(dir) = &config.profile_dir {
+        let n = v
+            .load_profiles(dir)
+            .map_err(|e| anyhow::anyhow!("configuration setting `profile_dir`: {e}"))?;
+        tracing::info!(profiles = n, "profiles loaded");
+    }
+    Ok(v)
 }
 
 /// The audit ledger's identity in every event.

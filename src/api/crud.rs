@@ -55,10 +55,45 @@ pub(super) fn check_body(state: &AppState, resource_type: &str, body: &mut Map<S
         meta.remove("lastUpdated");
     }
     let issues = as_value(body, |v| state.validator.validate(resource_type, v));
-    if issues.is_empty() {
+    if !issues.is_empty() {
+        return Err(ApiError::BadRequest(issues));
+    }
+    if state.config.validate_profiles_on_write {
+        check_declared_profiles(state, body)?;
+    }
+    Ok(())
+}
+
+/// `validate_profiles_on_write`: a resource declaring profiles the server knows must meet them
+/// (and the R4 definitions); one that fails is refused with every error (422). Profiles the
+/// server does not know are not checked.
+fn check_declared_profiles(state: &AppState, body: &mut Map<String, Value>) -> Result<(), ApiError> {
+    let declared: Vec<String> = body
+        .get("meta")
+        .and_then(|m| m.get("profile"))
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .filter(|url| state.structures.knows_profile(url))
+        .map(str::to_string)
+        .collect();
+    if declared.is_empty() {
+        return Ok(());
+    }
+    let errors: Vec<Issue> = as_value(body, |v| state.structures.validate(v, &declared))
+        .into_iter()
+        .filter(|i| {
+            matches!(
+                i.severity,
+                crate::fhir::IssueSeverity::Error | crate::fhir::IssueSeverity::Fatal
+            )
+        })
+        .collect();
+    if errors.is_empty() {
         Ok(())
     } else {
-        Err(ApiError::BadRequest(issues))
+        Err(ApiError::Unprocessable(errors))
     }
 }
 

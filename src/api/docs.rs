@@ -400,6 +400,48 @@ pub fn document(validator: &Validator, registry: &Registry, base_path: &str) -> 
             format!("{base}/{{id}}/_history/{{vid}}"),
             PathItemBuilder::new().operation(HttpMethod::Get, vread).build(),
         );
+        if t != "AuditEvent" {
+            let validate = |id: String, instance: bool, get: bool| {
+                let mut op = with_errors(
+                    operation(
+                        id,
+                        t,
+                        format!("Validate a {t} (R4 schema and definitions, profiles); an OperationOutcome"),
+                        scopes(t, "c"),
+                    ),
+                    &[("404", "Not found (OperationOutcome)")],
+                );
+                if instance {
+                    op = op.parameter(path_param("id", "Logical id"));
+                }
+                op = op
+                    .parameter(query_param("mode", "create, update or delete"))
+                    .parameter(query_param("profile", "A profile's canonical URL to validate against"));
+                if !get {
+                    op = op.request_body(Some(resource_body(t)));
+                }
+                op.response(
+                    "200",
+                    body_response("The issues found (information only when none)", "OperationOutcome"),
+                )
+            };
+            paths = paths.path(
+                format!("{base}/$validate"),
+                PathItemBuilder::new()
+                    .operation(HttpMethod::Post, validate(format!("validate-{t}"), false, false))
+                    .build(),
+            );
+            paths = paths.path(
+                format!("{base}/{{id}}/$validate"),
+                PathItemBuilder::new()
+                    .operation(
+                        HttpMethod::Post,
+                        validate(format!("validate-instance-{t}"), true, false),
+                    )
+                    .operation(HttpMethod::Get, validate(format!("validate-stored-{t}"), true, true))
+                    .build(),
+            );
+        }
         if t == "Patient" {
             let report = with_errors(
                 operation(

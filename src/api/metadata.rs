@@ -52,7 +52,12 @@ fn audit_event_capability() -> Value {
     })
 }
 
-pub fn capability_statement(config: &Config, validator: &Validator, registry: &crate::search::Registry) -> Value {
+pub fn capability_statement(
+    config: &Config,
+    validator: &Validator,
+    registry: &crate::search::Registry,
+    structures: &crate::fhir::structure::StructureValidator,
+) -> Value {
     use crate::search::ParamType;
     // `_revinclude` values per target type: every reference parameter that can point to it
     let mut revincludes: std::collections::BTreeMap<String, Vec<String>> = Default::default();
@@ -141,6 +146,24 @@ pub fn capability_statement(config: &Config, validator: &Validator, registry: &c
                     "definition": "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/group-export",
                     "documentation": BULK_EXPORT_DOC
                 }]);
+            }
+            let profiles = structures.profiles_of(t);
+            if !profiles.is_empty() {
+                r["supportedProfile"] = json!(profiles);
+            }
+            if t != "AuditEvent" {
+                let validate = json!({
+                    "name": "validate",
+                    "definition": "http://hl7.org/fhir/OperationDefinition/Resource-validate",
+                    "documentation": "POST [type]/$validate, POST or GET [type]/[id]/$validate: the R4 JSON Schema and \
+                        StructureDefinitions (cardinality, types, fixed and pattern values, required bindings, \
+                        invariants) and the profiles named by `profile` or meta.profile; mode create, update or \
+                        delete. An OperationOutcome, one issue per problem with its expression."
+                });
+                match r["operation"].as_array_mut() {
+                    Some(ops) => ops.push(validate),
+                    None => r["operation"] = json!([validate]),
+                }
             }
             r
         })

@@ -14,6 +14,7 @@ pub mod ops;
 pub mod route;
 pub mod search;
 pub mod trail;
+mod validate;
 
 pub use error::ApiError;
 pub use negotiate::{Format, Prefer};
@@ -40,6 +41,8 @@ pub struct AppState {
     pub config: Arc<Config>,
     pub store: Arc<Store>,
     pub validator: Arc<Validator>,
+    /// StructureDefinition validation (R4 and the loaded profiles), compiled once.
+    pub structures: Arc<crate::fhir::structure::StructureValidator>,
     pub issuer: Arc<crate::auth::Issuer>,
     pub compartment: Arc<crate::fhir::compartment::PatientCompartment>,
     /// The R4 search parameters, compiled once.
@@ -74,6 +77,7 @@ impl AppState {
         providers: crate::auth::oidc::Providers,
         auditor: Arc<crate::audit::Auditor>,
         search: Arc<crate::search::Registry>,
+        structures: Arc<crate::fhir::structure::StructureValidator>,
     ) -> AppState {
         let resource_types: HashSet<String> = validator.resource_types().map(str::to_string).collect();
         let exporter = crate::bulk::Exporter::new(
@@ -85,11 +89,12 @@ impl AppState {
         );
         let auth_failure_limit = config.auth_failure_limit;
         let rate_limit = config.rate_limit_per_minute;
-        let capability = metadata::capability_statement(&config, &validator, &search);
+        let capability = metadata::capability_statement(&config, &validator, &search, &structures);
         AppState {
             config,
             store,
             validator,
+            structures,
             issuer,
             compartment,
             search,

@@ -5,7 +5,7 @@
 //! database read behind a `GET [type]/[id]`.
 
 use super::trail::Trail;
-use super::{audit, bundle, crud, export, history, metadata, search, ApiError, AppState};
+use super::{audit, bundle, crud, export, history, metadata, search, validate, ApiError, AppState};
 use crate::fhir::resource::is_valid_id;
 use crate::fhir::{Issue, IssueType};
 use actix_web::http::Method;
@@ -445,6 +445,16 @@ async fn handle(
         Interaction::Patch { resource_type, id } => crud::patch(req, p, resource_type, id, payload, state).await,
         Interaction::Bundle => bundle::process(req, p, payload, state).await,
         Interaction::BulkExport => export::kick_off(req, p, export::Level::System, state).await,
+        Interaction::Operation {
+            resource_type,
+            id,
+            name,
+        } if name == "$validate"
+            && (req.method() == actix_web::http::Method::POST
+                || (id.is_some() && req.method() == actix_web::http::Method::GET)) =>
+        {
+            validate::validate(req, p, resource_type, id, payload, state).await
+        }
         Interaction::Operation {
             resource_type,
             id: None,

@@ -305,9 +305,14 @@ impl StructureValidator {
         self.profiles.contains_key(url)
     }
 
-    /// The profiles loaded (canonical URLs without versions), sorted.
-    pub fn profile_urls(&self) -> Vec<String> {
-        let mut urls: Vec<String> = self.profiles.values().map(|p| p.url.clone()).collect();
+    /// The loaded profiles of a resource type (canonical URLs without versions), sorted.
+    pub fn profiles_of(&self, resource_type: &str) -> Vec<String> {
+        let mut urls: Vec<String> = self
+            .profiles
+            .values()
+            .filter(|p| p.type_name == resource_type)
+            .map(|p| p.url.clone())
+            .collect();
         urls.sort();
         urls.dedup();
         urls
@@ -572,12 +577,13 @@ impl<'a> Walk<'a> {
         }
         !el.discriminators.is_empty()
             && el.discriminators.iter().all(|(kind, path)| {
+                // `$this` without a value on the slice: a slice by value set (not recognised)
                 matches!(kind.as_str(), "value" | "pattern")
-                    && (path == "$this"
-                        || st
-                            .by_id
-                            .get(&format!("{}.{path}", s.id))
-                            .is_some_and(|&i| st.elements[i].fixed.is_some() || st.elements[i].pattern.is_some()))
+                    && path != "$this"
+                    && st
+                        .by_id
+                        .get(&format!("{}.{path}", s.id))
+                        .is_some_and(|&i| st.elements[i].fixed.is_some() || st.elements[i].pattern.is_some())
             })
     }
 

@@ -17,7 +17,6 @@ mod support;
 use common::{Db, TestServer};
 use diesel::prelude::*;
 use serde_json::{json, Value};
-use std::sync::Arc;
 use std::time::Instant;
 use support::env_num;
 
@@ -175,19 +174,7 @@ fn bench_backend(db: Db, small: usize, large: usize) -> Value {
             ..Default::default()
         },
     );
-    let config = Arc::new(s.config.clone());
-    let types = fhirvault::server::shared_validator()
-        .unwrap()
-        .resource_types()
-        .map(str::to_string)
-        .collect();
-    let exporter = fhirvault::bulk::Exporter::new(
-        s.store.clone(),
-        fhirvault::server::shared_registry(&config).unwrap(),
-        Arc::new(Default::default()),
-        config,
-        Arc::new(types),
-    );
+    let exporter = common::exporter(&s);
     let token = s.token("system/*.cruds", None);
     let (mut seed, mut stored, mut ids) = (1u64, 0usize, Vec::new());
     eprintln!("  {db:?}:");

@@ -16,6 +16,8 @@ Areas:
   examples      every example of the official R4 examples package (hl7.fhir.r4.examples 4.0.1, npm):
                 loaded, read back and compared, ignoring only server-owned meta
   fhirpath      the official FHIRPath Patch cases (FHIR/fhir-test-cases, tests/data/patch), over HTTP PATCH
+  validate      every official example (and every conformance resource of the package) through
+                `$validate`: no error issues, and every issue with a severity and an expression
   r4-validity   every response validated by fhir.resources
 
 Prints a per-area table and `N passed, N failed`; exits 1 if anything failed.
@@ -46,7 +48,7 @@ from fhirclient.models.patient import Patient as SmartPatient
 from fhirpy import SyncFHIRClient
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-AREAS = ["crud", "search", "bundles", "smart-client", "examples", "fhirpath", "r4-validity"]
+AREAS = ["crud", "search", "bundles", "smart-client", "examples", "fhirpath", "validate", "r4-validity"]
 
 
 class Results:
@@ -441,6 +443,35 @@ def area_examples(base, token, examples_dir):
         RESULTS.check("examples", name, load_and_compare)
 
 
+def area_validate(base, token, examples_dir):
+    s = session(token)
+    for path in sorted(glob.glob(os.path.join(examples_dir, "*.json"))):
+        name = os.path.basename(path)
+        # the package's large aggregate Bundles are the definitions themselves
+        if name.startswith("Bundle-") and os.path.getsize(path) > 1_000_000:
+            continue
+        try:
+            resource = json.load(open(path))
+        except ValueError:
+            continue
+        if not isinstance(resource, dict) or "resourceType" not in resource or resource["resourceType"] == "AuditEvent":
+            continue
+
+        def run(resource=resource):
+            t = resource["resourceType"]
+            r = s.post(f"{base}/{t}/$validate", data=json.dumps(resource),
+                       headers={"Content-Type": "application/fhir+json"})
+            expect(r.status_code == 200, f"status {r.status_code} {r.text[:300]}")
+            oo = r.json()
+            expect(oo["resourceType"] == "OperationOutcome", "not an OperationOutcome")
+            errors = [i for i in oo["issue"] if i["severity"] in ("error", "fatal")]
+            for i in oo["issue"]:
+                expect(i["severity"] == "information" or i.get("expression"), f"an issue without expression: {i}")
+            expect(not errors, "errors: " + "; ".join(f"{i.get('expression')} {i.get('diagnostics')}" for i in errors[:5]))
+
+        RESULTS.check("validate", name, run)
+
+
 def area_fhirpath(base, token):
     s = session(token)
     cases = json.load(open(ROOT / "tests" / "data" / "patch" / "fhir-patch-tests.json"))
@@ -476,6 +507,9 @@ def run_backend(name, binary, examples_dir, database_url=None):
         area_smart_client(server.base, token)
         area_fhirpath(server.base, token)
         area_examples(server.base, token, examples_dir)
+        if name == "sqlite":
+            # validation does not touch the database: once is enough
+            area_validate(server.base, token, examples_dir)
     finally:
         server.stop()
 

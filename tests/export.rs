@@ -9,7 +9,6 @@ use common::{Db, Reply, TestServer};
 use fhirvault::config::ConfigLayer;
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
 
 const ASYNC: (&str, &str) = ("prefer", "respond-async");
 
@@ -370,21 +369,7 @@ fn resumes_after_a_stop(db: Db) {
     let r = s.get(&status);
     assert_eq!(r.status, 202);
     assert_eq!(r.header("x-progress"), Some("queued"));
-    let node = || {
-        let config = Arc::new(s.config.clone());
-        let types = fhirvault::server::shared_validator()
-            .unwrap()
-            .resource_types()
-            .map(str::to_string)
-            .collect();
-        fhirvault::bulk::Exporter::new(
-            s.store.clone(),
-            fhirvault::server::shared_registry(&config).unwrap(),
-            Arc::new(Default::default()),
-            config,
-            Arc::new(types),
-        )
-    };
+    let node = || common::exporter(&s);
     // the first node claims the job, writes one file, and stops (no more progress)
     let first = node();
     let lease = chrono::Utc::now().naive_utc() + chrono::Duration::seconds(1);

@@ -63,7 +63,8 @@ pub struct ExportFile {
     pub last_id: String,
 }
 
-#[derive(Queryable)]
+#[derive(Queryable, Selectable)]
+#[diesel(table_name = ej)]
 struct JobRow {
     id: String,
     owner: String,
@@ -91,30 +92,6 @@ impl From<JobRow> for ExportJob {
         }
     }
 }
-
-type JobColumns = (
-    ej::id,
-    ej::owner,
-    ej::status,
-    ej::request,
-    ej::transaction_time,
-    ej::created_at,
-    ej::expires_at,
-    ej::resources_done,
-    ej::error,
-);
-
-const JOB_COLUMNS: JobColumns = (
-    ej::id,
-    ej::owner,
-    ej::status,
-    ej::request,
-    ej::transaction_time,
-    ej::created_at,
-    ej::expires_at,
-    ej::resources_done,
-    ej::error,
-);
 
 impl Store {
     /// Records a new job, waiting for a node to run it.
@@ -146,7 +123,7 @@ impl Store {
         let mut conn = self.checkout(&Access::All)?;
         let result = ej::table
             .filter(ej::id.eq(id))
-            .select(JOB_COLUMNS)
+            .select(JobRow::as_select())
             .first::<JobRow>(&mut conn.conn)
             .optional()
             .map_err(StoreError::from);
@@ -198,7 +175,7 @@ impl Store {
                 if claimed == 1 {
                     let row = ej::table
                         .filter(ej::id.eq(&id))
-                        .select(JOB_COLUMNS)
+                        .select(JobRow::as_select())
                         .first::<JobRow>(&mut conn.conn)?;
                     return Ok(Some(row.into()));
                 }

@@ -712,6 +712,19 @@ macro_rules! bind_all {
     }};
 }
 
+/// Runs `text` with `binds` on either backend, for rows of `T`.
+fn load_rows<T>(conn: &mut DbConnection, text: &str, binds: &[Bind]) -> Result<Vec<T>, StoreError>
+where
+    T: QueryableByName<diesel::pg::Pg> + QueryableByName<diesel::sqlite::Sqlite> + 'static,
+{
+    Ok(match conn {
+        DbConnection::Pg(c) => bind_all!(diesel::sql_query(text).into_boxed::<diesel::pg::Pg>(), binds).load(c)?,
+        DbConnection::Sqlite(c) => {
+            bind_all!(diesel::sql_query(text).into_boxed::<diesel::sqlite::Sqlite>(), binds).load(c)?
+        }
+    })
+}
+
 /// Ids of current resources of `resource_type` meeting every clause, in id order, at most
 /// `limit`: a conditional write's search, on the write transaction's connection.
 pub(super) fn matching_ids(
@@ -912,12 +925,7 @@ impl Store {
 
     /// Runs `text` with `binds` for (type, id) rows.
     fn key_rows(conn: &mut DbConnection, text: &str, binds: &[Bind]) -> Result<Vec<(String, String)>, StoreError> {
-        let rows: Vec<KeyRow> = match conn {
-            DbConnection::Pg(c) => bind_all!(diesel::sql_query(text).into_boxed::<diesel::pg::Pg>(), binds).load(c)?,
-            DbConnection::Sqlite(c) => {
-                bind_all!(diesel::sql_query(text).into_boxed::<diesel::sqlite::Sqlite>(), binds).load(c)?
-            }
-        };
+        let rows: Vec<KeyRow> = load_rows(conn, text, binds)?;
         Ok(rows.into_iter().map(|r| (r.resource_type, r.logical_id)).collect())
     }
 
@@ -1011,17 +1019,7 @@ impl Store {
              JOIN resource_versions v ON v.resource_type = r.resource_type AND v.logical_id = r.logical_id \
              AND v.version_id = r.version_id WHERE {filter} ORDER BY r.resource_type, r.logical_id LIMIT {limit}"
         );
-        let rows: Result<Vec<ContentRow>, StoreError> = match &mut conn.conn {
-            DbConnection::Pg(c) => bind_all!(diesel::sql_query(&text).into_boxed::<diesel::pg::Pg>(), &sql.binds)
-                .load(c)
-                .map_err(StoreError::from),
-            DbConnection::Sqlite(c) => bind_all!(
-                diesel::sql_query(&text).into_boxed::<diesel::sqlite::Sqlite>(),
-                &sql.binds
-            )
-            .load(c)
-            .map_err(StoreError::from),
-        };
+        let rows: Result<Vec<ContentRow>, StoreError> = load_rows(&mut conn.conn, &text, &sql.binds);
         let rows = super::note(&mut conn, rows)?;
         drop(conn);
         rows.into_iter()
@@ -1275,17 +1273,7 @@ impl Store {
                 sql.p(Bind::Text(t.to_string()))
             ));
         }
-        let rows: Result<Vec<RefRow>, StoreError> = match &mut conn.conn {
-            DbConnection::Pg(c) => bind_all!(diesel::sql_query(&text).into_boxed::<diesel::pg::Pg>(), &sql.binds)
-                .load(c)
-                .map_err(StoreError::from),
-            DbConnection::Sqlite(c) => bind_all!(
-                diesel::sql_query(&text).into_boxed::<diesel::sqlite::Sqlite>(),
-                &sql.binds
-            )
-            .load(c)
-            .map_err(StoreError::from),
-        };
+        let rows: Result<Vec<RefRow>, StoreError> = load_rows(&mut conn.conn, &text, &sql.binds);
         super::note(&mut conn, rows)
     }
 }

@@ -419,6 +419,24 @@ impl Drop for TestServer {
     }
 }
 
+/// Another node's Bulk export runner over the same store (its own exporter, no threads): what a
+/// test or bench drives job by job.
+pub fn exporter(s: &TestServer) -> std::sync::Arc<fhirvault::bulk::Exporter> {
+    let config = std::sync::Arc::new(s.config.clone());
+    let types = fhirvault::server::shared_validator()
+        .unwrap()
+        .resource_types()
+        .map(str::to_string)
+        .collect();
+    fhirvault::bulk::Exporter::new(
+        s.store.clone(),
+        fhirvault::server::shared_registry(&config).unwrap(),
+        std::sync::Arc::new(Default::default()),
+        config,
+        std::sync::Arc::new(types),
+    )
+}
+
 /// Mints an access token (15 minutes) from an issuer.
 pub fn mint(issuer: &fhirvault::auth::Issuer, scope: &str, patient: Option<&str>) -> String {
     issuer

@@ -16,6 +16,9 @@ Areas:
   examples      every example of the official R4 examples package (hl7.fhir.r4.examples 4.0.1, npm):
                 loaded, read back and compared, ignoring only server-owned meta
   fhirpath      the official FHIRPath Patch cases (FHIR/fhir-test-cases, tests/data/patch), over HTTP PATCH
+  external-idp  oidc-provider (npm, a certified OpenID provider) on loopback as fhirvault's external
+                issuer: its client-credentials JWTs are accepted with their scopes, and refused when
+                minted for another audience
   validate      every official example (and every conformance resource of the package) through
                 `$validate`: no error issues, and every issue with a severity and an expression
   r4-validity   every response validated by fhir.resources
@@ -48,7 +51,7 @@ from fhirclient.models.patient import Patient as SmartPatient
 from fhirpy import SyncFHIRClient
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-AREAS = ["crud", "search", "bundles", "smart-client", "examples", "fhirpath", "validate", "r4-validity"]
+AREAS = ["crud", "search", "bundles", "smart-client", "examples", "fhirpath", "validate", "external-idp", "r4-validity"]
 
 
 class Results:
@@ -164,7 +167,7 @@ class PgCluster:
 
 
 class Server:
-    def __init__(self, binary, database_url=None):
+    def __init__(self, binary, database_url=None, config=None):
         self.dir = tempfile.mkdtemp(prefix="fhirvault-conformance-")
         self.port = free_port()
         self.args = [binary, "--data-dir", self.dir]
@@ -173,7 +176,13 @@ class Server:
         self.log = open(os.path.join(self.dir, "server.log"), "w")
         # the official examples include a 17 MB Bundle: the body limit is raised for them
         env = dict(os.environ, FHIRVAULT_MAX_BODY_BYTES=str(64 * 1024 * 1024))
-        self.proc = subprocess.Popen(self.args + ["serve", "--listen", f"127.0.0.1:{self.port}"], stdout=self.log, stderr=self.log, env=env)
+        serve = ["serve", "--listen", f"127.0.0.1:{self.port}"]
+        if config:
+            path = os.path.join(self.dir, "fhirvault.toml")
+            with open(path, "w") as f:
+                f.write(config)
+            serve += ["--config", path]
+        self.proc = subprocess.Popen(self.args + serve, stdout=self.log, stderr=self.log, env=env)
         self.root = f"http://127.0.0.1:{self.port}"
         self.base = f"{self.root}/fhir"
         for _ in range(300):
@@ -472,6 +481,75 @@ def area_validate(base, token, examples_dir):
         RESULTS.check("validate", name, run)
 
 
+def area_external_idp(binary):
+    """oidc-provider as the external issuer of a fhirvault of its own (SQLite)."""
+    port = free_port()
+    script = ROOT / "conformance" / "external-idp" / "provider.mjs"
+    log = tempfile.NamedTemporaryFile(prefix="oidc-provider-", suffix=".log", delete=False)
+    provider = subprocess.Popen(["node", str(script), str(port)], stdout=log, stderr=log)
+    issuer = f"http://127.0.0.1:{port}"
+    audience = "urn:fhirvault:conformance"
+    server = None
+    try:
+        for _ in range(100):
+            try:
+                if requests.get(f"{issuer}/.well-known/openid-configuration", timeout=1).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            time.sleep(0.1)
+        server = Server(binary, config=f'[[oidc_provider]]\nissuer = "{issuer}"\naudience = "{audience}"\n')
+        base = server.base
+
+        def token(scope, resource=audience):
+            r = requests.post(f"{issuer}/token", auth=("suite-backend", "suite-backend-secret-not-for-production"),
+                              data={"grant_type": "client_credentials", "scope": scope, "resource": resource})
+            expect(r.status_code == 200, f"provider token: {r.status_code} {r.text[:200]}")
+            return r.json()["access_token"]
+
+        def accepted_with_its_scopes():
+            s = session(token("system/*.rs"))
+            r = s.get(f"{base}/Patient")
+            expect(r.status_code == 200, f"search with the provider's token: {r.status_code} {r.text[:200]}")
+            expect(r.json()["resourceType"] == "Bundle", "a Bundle")
+            # read-only scopes: a write is refused
+            r = s.post(f"{base}/Patient", data=json.dumps({"resourceType": "Patient"}),
+                       headers={"Content-Type": "application/fhir+json"})
+            expect(r.status_code == 403, f"create with system/*.rs: {r.status_code}")
+
+        def narrower_scope():
+            s = session(token("system/Observation.rs"))
+            expect(s.get(f"{base}/Observation").status_code == 200, "Observation with system/Observation.rs")
+            expect(s.get(f"{base}/Patient").status_code == 403, "Patient with system/Observation.rs")
+
+        def wrong_audience_refused():
+            s = session(token("system/*.rs", resource="urn:another:api"))
+            r = s.get(f"{base}/Patient")
+            expect(r.status_code == 401, f"a token for another audience: {r.status_code}")
+            expect("invalid_token" in r.headers.get("WWW-Authenticate", ""), "WWW-Authenticate names invalid_token")
+
+        def tampered_refused():
+            t = token("system/*.rs")
+            head, body, sig = t.split(".")
+            claims = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
+            claims["scope"] = "system/*.cruds"
+            forged = base64.urlsafe_b64encode(json.dumps(claims).encode()).decode().rstrip("=")
+            r = session(f"{head}.{forged}.{sig}").get(f"{base}/Patient")
+            expect(r.status_code == 401, f"a token with an edited payload: {r.status_code}")
+
+        RESULTS.check("external-idp", "accepted with its scopes", accepted_with_its_scopes)
+        RESULTS.check("external-idp", "narrower scope", narrower_scope)
+        RESULTS.check("external-idp", "wrong audience refused", wrong_audience_refused)
+        RESULTS.check("external-idp", "tampered token refused", tampered_refused)
+    except Exception as e:  # the provider or the server did not start
+        RESULTS.fail("external-idp", f"setup: {e}; provider log: {open(log.name).read()[-500:]}")
+    finally:
+        if server:
+            server.stop()
+        provider.terminate()
+        provider.wait(timeout=10)
+
+
 def area_fhirpath(base, token):
     s = session(token)
     cases = json.load(open(ROOT / "tests" / "data" / "patch" / "fhir-patch-tests.json"))
@@ -508,8 +586,9 @@ def run_backend(name, binary, examples_dir, database_url=None):
         area_fhirpath(server.base, token)
         area_examples(server.base, token, examples_dir)
         if name == "sqlite":
-            # validation does not touch the database: once is enough
+            # neither touches the database: once is enough
             area_validate(server.base, token, examples_dir)
+            area_external_idp(binary)
     finally:
         server.stop()
 

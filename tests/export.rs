@@ -210,6 +210,26 @@ fn levels_types_and_filters(db: Db) {
         .values()
         .filter(|v| v["resourceType"] == "Observation")
         .all(|o| o["code"]["coding"][0]["code"] == "1234-5"));
+    // two alternatives for one type: their union, each resource once (pages of 5 merged)
+    let manifest = wait(
+        &s,
+        &kick_off(
+            &s,
+            "/$export?_type=Observation&_typeFilter=Observation%3Fcode%3D1234-5,Observation%3Fcode%3D9999-9",
+        ),
+    )
+    .json();
+    let exported = download(&s, &manifest);
+    assert_eq!(ids_of(&exported, "Observation"), set(&pop.observations));
+    let manifest = wait(
+        &s,
+        &kick_off(
+            &s,
+            "/$export?_type=Observation&_typeFilter=Observation%3Fcode%3D1234-5&_typeFilter=Observation%3Fcode%3D1234-5,Observation%3Fstatus%3Dfinal",
+        ),
+    )
+    .json();
+    assert_eq!(ids_of(&download(&s, &manifest), "Observation"), set(&pop.observations));
     // a filter on an identifying parameter (blind index, then re-checked on the decrypted resource)
     let manifest = wait(
         &s,

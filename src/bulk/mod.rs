@@ -287,6 +287,12 @@ impl Exporter {
                 self.remove_files(&job.id);
                 return;
             }
+            // the database went away: the job stays claimed until its lease runs out, then
+            // resumes (here or on another node) after its last complete file
+            Err(ExportError::Store(e)) if e.is_lost_connection() => {
+                tracing::warn!(error = %e, "export job interrupted; it resumes after its lease");
+                return;
+            }
             Err(e) => {
                 tracing::error!(error = %e, "export job failed");
                 let reason = match e {
@@ -439,35 +445,65 @@ impl Exporter {
         after: Option<&str>,
         want: u32,
     ) -> Result<Page, ExportError> {
-        let mut merged: std::collections::BTreeMap<String, Vec<u8>> = Default::default();
-        let mut hidden_last: Option<String> = None;
+        // each search's page, in the database's order; `None`: a candidate the re-checks refused
+        let mut pages: Vec<Vec<(String, Option<Vec<u8>>)>> = Vec::with_capacity(queries.len());
         for (q, rechecks) in queries {
             let mut q = q.clone();
             q.count = want;
             q.after = after.map(|id| (t.to_string(), id.to_string()));
+            let mut rows = Vec::new();
             for (id, json) in self.store.search_contents(&Access::All, &q)? {
-                if !rechecks.is_empty() {
+                let shown = if rechecks.is_empty() {
+                    true
+                } else {
                     let value: serde_json::Value = serde_json::from_slice(&json).map_err(|_| ExportError::Filter)?;
-                    if !rechecks.iter().all(|r| r.holds(&value, self.cipher())) {
-                        hidden_last = hidden_last.max(Some(id));
-                        continue;
+                    rechecks.iter().all(|r| r.holds(&value, self.cipher()))
+                };
+                rows.push((id, shown.then_some(json)));
+            }
+            pages.push(rows);
+        }
+        let taken: Vec<(String, Option<Vec<u8>>)> = if pages.len() == 1 {
+            pages.pop().unwrap_or_default()
+        } else {
+            // Several alternatives: their union, in the database's order (its collation, not
+            // Rust's), up to the earliest last id of a full page: beyond it a search may have
+            // more to give on its next page.
+            let mut found: std::collections::HashMap<String, Option<Vec<u8>>> = Default::default();
+            let mut bounds: Vec<String> = Vec::new();
+            for rows in pages {
+                if rows.len() as u32 >= want {
+                    if let Some((id, _)) = rows.last() {
+                        bounds.push(id.clone());
                     }
                 }
-                merged.insert(id, json);
+                for (id, json) in rows {
+                    let slot = found.entry(id).or_insert(None);
+                    if slot.is_none() {
+                        *slot = json;
+                    }
+                }
             }
-        }
-        // with several filters, only the first `want` of their union are certainly complete
+            let ids: Vec<String> = found.keys().cloned().collect();
+            let ordered = self.store.order_ids(t, &ids)?;
+            let mut out = Vec::new();
+            for id in ordered {
+                let at_bound = bounds.contains(&id);
+                let json = found.remove(&id).flatten();
+                out.push((id, json));
+                if at_bound {
+                    break;
+                }
+            }
+            out
+        };
+        let last = taken.last().map(|(id, _)| id.clone());
         let mut lines = Vec::new();
-        let mut last = None;
-        for (id, json) in merged.into_iter().take(want as usize) {
-            last = Some(id.clone());
+        for (id, json) in taken {
             // hidden elements masked, labelled resources left out, as for any read by the token
-            if let Some(json) = self.attributes.shape_stored(principal, t, json) {
+            if let Some(json) = json.and_then(|j| self.attributes.shape_stored(principal, t, j)) {
                 lines.push((id, one_line(json)));
             }
-        }
-        if queries.len() == 1 {
-            last = last.max(hidden_last);
         }
         Ok(Page { lines, last })
     }

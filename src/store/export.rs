@@ -272,6 +272,21 @@ impl Store {
         })
     }
 
+    /// `ids` of current resources of a type, in the database's order of ids (its collation):
+    /// how an export merges the pages of several `_typeFilter` alternatives.
+    pub fn order_ids(&self, resource_type: &str, ids: &[String]) -> Result<Vec<String>, StoreError> {
+        use super::schema::resources as cur;
+        let mut conn = self.checkout(&Access::All)?;
+        let result = cur::table
+            .filter(cur::resource_type.eq(resource_type))
+            .filter(cur::logical_id.eq_any(ids))
+            .order(cur::logical_id.asc())
+            .select(cur::logical_id)
+            .load(&mut conn.conn)
+            .map_err(StoreError::from);
+        super::note(&mut conn, result)
+    }
+
     /// Jobs whose files have expired.
     pub fn expired_export_jobs(&self, now: NaiveDateTime) -> Result<Vec<String>, StoreError> {
         let mut conn = self.checkout(&Access::All)?;

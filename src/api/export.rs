@@ -193,8 +193,7 @@ pub async fn kick_off(
     if types.is_empty() {
         return Err(ApiError::Forbidden);
     }
-    if let Some((t, _)) = filters.iter().find(|(t, _)| !types.contains(t)) {
-        let _ = t;
+    if filters.iter().any(|(t, _)| !types.contains(t)) {
         return Err(bad(
             IssueType::Invalid,
             "_typeFilter names a type the export does not include",

@@ -53,12 +53,7 @@ fn openapi_document_matches_capabilities_and_the_committed_copy() {
     // Bulk Data export: listed in both, at each level, with its parameters
     assert_eq!(cs["rest"][0]["operation"][0]["name"], "export");
     for t in ["Patient", "Group"] {
-        let res = cs["rest"][0]["resource"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|r| r["type"] == t)
-            .unwrap();
+        let res = common::capability_of(&cs, t);
         assert!(
             res["operation"]
                 .as_array()

@@ -328,13 +328,7 @@ fn search_by_parameter_type(db: Db) {
     assert!(events["entry"].as_array().is_some_and(|e| !e.is_empty()));
     // the CapabilityStatement lists search and the parameters it answers
     let cs = s.get("/metadata").json();
-    let patient = cs["rest"][0]["resource"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["type"] == "Patient")
-        .unwrap()
-        .clone();
+    let patient = common::capability_of(&cs, "Patient");
     assert!(patient["interaction"]
         .as_array()
         .unwrap()

@@ -273,13 +273,7 @@ fn us_core_profiles(db: Db) {
     assert!(errors(&oo).is_empty());
     // the CapabilityStatement lists $validate and the loaded profiles
     let cs = s.get("/metadata").json();
-    let res = cs["rest"][0]["resource"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["type"] == "Patient")
-        .unwrap()
-        .clone();
+    let res = common::capability_of(&cs, "Patient");
     assert!(res["operation"]
         .as_array()
         .unwrap()

@@ -251,6 +251,18 @@ struct Sql {
 }
 
 impl Sql {
+    /// The SQL being built for a search's filter (its placeholders numbered for `pg`).
+    fn for_query(pg: bool, q: &SearchQuery) -> Sql {
+        Sql {
+            pg,
+            binds: Vec::new(),
+            aliases: 0,
+            patient: q.nested_patient.clone(),
+        }
+    }
+}
+
+impl Sql {
     fn p(&mut self, b: Bind) -> String {
         self.binds.push(b);
         if self.pg {
@@ -962,12 +974,7 @@ impl Store {
 
     /// The SQL of a search page: the count, its binds (a prefix of the page's), the page.
     fn page_statements(&self, pg: bool, q: &SearchQuery) -> (String, Vec<Bind>, String, Vec<Bind>) {
-        let mut sql = Sql {
-            pg,
-            binds: Vec::new(),
-            aliases: 0,
-            patient: q.nested_patient.clone(),
-        };
+        let mut sql = Sql::for_query(pg, q);
         let filter = self.search_filter(&mut sql, q);
         let (count_sql, count_binds) = match index_count(pg, q) {
             Some(counted) => counted,
@@ -1002,12 +1009,7 @@ impl Store {
     pub fn search_contents(&self, access: &Access, q: &SearchQuery) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         let mut conn = self.checkout(access)?;
         let pg = matches!(conn.conn, DbConnection::Pg(_));
-        let mut sql = Sql {
-            pg,
-            binds: Vec::new(),
-            aliases: 0,
-            patient: q.nested_patient.clone(),
-        };
+        let mut sql = Sql::for_query(pg, q);
         let mut filter = self.search_filter(&mut sql, q);
         if let Some((t, id)) = &q.after {
             let (a, b) = (sql.p(Bind::Text(t.clone())), sql.p(Bind::Text(id.clone())));
@@ -1100,12 +1102,7 @@ impl Store {
     ) -> Result<(i64, Vec<(String, String)>), StoreError> {
         let mut conn = self.checkout(access)?;
         let pg = matches!(conn.conn, DbConnection::Pg(_));
-        let mut sql = Sql {
-            pg,
-            binds: Vec::new(),
-            aliases: 0,
-            patient: q.nested_patient.clone(),
-        };
+        let mut sql = Sql::for_query(pg, q);
         let mut order = Vec::new();
         let mut select_binds = Vec::new();
         // sort keys are subqueries in the ORDER BY, after the filter's placeholders in the text

@@ -437,6 +437,17 @@ pub fn exporter(s: &TestServer) -> std::sync::Arc<fhirvault::bulk::Exporter> {
     )
 }
 
+/// The CapabilityStatement's entry for a resource type.
+pub fn capability_of(cs: &Value, resource_type: &str) -> Value {
+    cs["rest"][0]["resource"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["type"] == resource_type)
+        .unwrap_or_else(|| panic!("{resource_type} not in the CapabilityStatement"))
+        .clone()
+}
+
 /// Mints an access token (15 minutes) from an issuer.
 pub fn mint(issuer: &fhirvault::auth::Issuer, scope: &str, patient: Option<&str>) -> String {
     issuer

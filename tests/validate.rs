@@ -208,6 +208,26 @@ fn modes_and_stored_resources(db: Db) {
     let r = s.get(&format!("/Patient/{id}/$validate"));
     assert_eq!(r.status, 200);
     assert!(errors(&r.outcome()).is_empty());
+    // a stored resource is validated only if the token may read it: a patient's token sees its
+    // own record, and another patient's is absent, whatever else the token may do
+    let other_id = s.post("/Patient", &json!({"resourceType": "Patient"})).json()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    for scope in ["patient/Patient.rs", "system/Patient.c patient/Patient.rs"] {
+        let t = s.token(scope, Some(&id));
+        let get = |path: &str| {
+            Reply::from(
+                reqwest::blocking::Client::new()
+                    .get(s.url(path))
+                    .bearer_auth(&t)
+                    .send()
+                    .unwrap(),
+            )
+        };
+        assert_eq!(get(&format!("/Patient/{id}/$validate")).status, 200, "{scope}");
+        assert_eq!(get(&format!("/Patient/{other_id}/$validate")).status, 404, "{scope}");
+    }
     // a token without any scope on the type gets 403
     let other = s.token("system/Observation.cruds", None);
     let r = Reply::from(

@@ -117,10 +117,11 @@ pub async fn validate(
             return Err(bad("mode update and delete need [type]/[id]/$validate", "mode"))
         }
         (Mode::Delete, Some(id)) => {
-            // the resource must exist and be visible to the token; deleting it is then allowed
+            // the resource must exist and be one the token may delete (its compartment, labels)
             let st = state.clone();
             let (t, i, access) = (resource_type.clone(), id.clone(), decision.access());
-            let found = blocking(move || st.store.read(&access, &t, &i).map_err(ApiError::from)).await?;
+            let found = blocking(move || st.store.read(&access, &t, &i).map_err(ApiError::from)).await;
+            let (found, _) = super::crud::visible(&state, &p, &decision, &resource_type, id, found, true)?;
             Trail::of(&req)?.touched(
                 format!("{resource_type}/{id}/_history/{}", found.version_id),
                 &found.patients,
@@ -133,16 +134,17 @@ pub async fn validate(
             (Some(r), _) => r,
             // GET [type]/[id]/$validate: the stored resource
             (None, Some(id)) => {
-                authorize(&p, &resource_type, Permission::Read)?;
+                // exactly what a read by this token would return (compartment, labels, masks)
+                let read = authorize(&p, &resource_type, Permission::Read)?;
                 let st = state.clone();
-                let (t, i, access) = (resource_type.clone(), id.clone(), decision.access());
-                let found = blocking(move || st.store.read(&access, &t, &i).map_err(ApiError::from)).await?;
-                let json = found.content.unwrap_or_default();
-                let json = state
-                    .attributes
-                    .shape_stored(&p, &resource_type, json)
-                    .ok_or(ApiError::NotFound("resource not found"))?;
-                serde_json::from_slice(&json).map_err(|_| ApiError::Internal)?
+                let (t, i, access) = (resource_type.clone(), id.clone(), read.access());
+                let found = blocking(move || st.store.read(&access, &t, &i).map_err(ApiError::from)).await;
+                let (found, _) = super::crud::visible(&state, &p, &read, &resource_type, id, found, false)?;
+                Trail::of(&req)?.touched(
+                    format!("{resource_type}/{id}/_history/{}", found.version_id),
+                    &found.patients,
+                );
+                serde_json::from_slice(found.content.as_deref().unwrap_or(b"{}")).map_err(|_| ApiError::Internal)?
             }
             (None, None) => return Err(bad("$validate needs a resource to validate", "resource")),
         };

@@ -62,7 +62,7 @@ fn bench_backend(db: Db, rows: u64, secs: u64) -> serde_json::Value {
             fhirvault::server::audit_source(&config),
         )),
         fhirvault::server::shared_registry(&config).unwrap(),
-        Arc::new(fhirvault::fhir::structure::StructureValidator::r4().unwrap()),
+        fhirvault::server::shared_structures(&config).unwrap(),
     );
     let off_addr = serve(unaudited, config.workers);
     let token = s.token("system/*.cruds", None);

@@ -117,14 +117,7 @@ fn raw_select_and_decrypt(s: &TestServer) -> (u64, f64) {
 /// One system-level export of every type, run to completion on this thread: (resources,
 /// seconds, resident memory before it and at its peak, in kB).
 fn export_once(s: &TestServer, exporter: &fhirvault::bulk::Exporter) -> (u64, f64, u64, u64) {
-    let r = s.get_with("/$export", &[("prefer", "respond-async")]);
-    assert_eq!(r.status, 202, "{}", r.text());
-    let status = r
-        .header("content-location")
-        .unwrap()
-        .strip_prefix(&s.base)
-        .unwrap()
-        .to_string();
+    let status = common::export_kick_off(s, "/$export");
     reset_peak_rss();
     let before = status_kb("VmRSS:");
     let started = Instant::now();

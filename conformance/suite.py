@@ -166,6 +166,18 @@ class PgCluster:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def wait_for(url, tries):
+    """Whether `url` answers 200 within `tries` tenths of a second."""
+    for _ in range(tries):
+        try:
+            if requests.get(url, timeout=1).status_code == 200:
+                return True
+        except requests.RequestException:
+            pass
+        time.sleep(0.1)
+    return False
+
+
 class Server:
     def __init__(self, binary, database_url=None, config=None):
         self.dir = tempfile.mkdtemp(prefix="fhirvault-conformance-")
@@ -185,14 +197,7 @@ class Server:
         self.proc = subprocess.Popen(self.args + serve, stdout=self.log, stderr=self.log, env=env)
         self.root = f"http://127.0.0.1:{self.port}"
         self.base = f"{self.root}/fhir"
-        for _ in range(300):
-            try:
-                if requests.get(f"{self.root}/healthz", timeout=1).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            time.sleep(0.1)
-        else:
+        if not wait_for(f"{self.root}/healthz", tries=300):
             raise RuntimeError("the server did not start: " + open(os.path.join(self.dir, "server.log")).read()[-2000:])
 
     def token(self, scope):
@@ -491,13 +496,8 @@ def area_external_idp(binary):
     audience = "urn:fhirvault:conformance"
     server = None
     try:
-        for _ in range(100):
-            try:
-                if requests.get(f"{issuer}/.well-known/openid-configuration", timeout=1).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            time.sleep(0.1)
+        if not wait_for(f"{issuer}/.well-known/openid-configuration", tries=100):
+            raise RuntimeError("oidc-provider did not start")
         server = Server(binary, config=f'[[oidc_provider]]\nissuer = "{issuer}"\naudience = "{audience}"\n')
         base = server.base
 

@@ -587,6 +587,7 @@ fn serve(config: Config) -> anyhow::Result<()> {
         None => None,
     };
     let reload_auditor = auditor.clone();
+    let exporter = state.exporter.clone();
     let (shutdown_timeout, request_timeout) = (state.config.shutdown_timeout_secs, state.config.request_timeout_secs);
     let served = actix_web::rt::System::new().block_on(async move {
         let server = actix_web::HttpServer::new(move || fhirvault::api::app(state.clone()))
@@ -629,6 +630,8 @@ fn serve(config: Config) -> anyhow::Result<()> {
         };
         server.run().await.context("server stopped with an error")
     });
+    // export runners take no new work (a job being written resumes after its lease, here or elsewhere)
+    exporter.stop();
     // commit what is queued and sign a last checkpoint before exiting
     let stopped_event = cli_record(Kind::Admin("server-stop"), Action::Execute);
     if let Err(e) = auditor.record_blocking(&stopped_event) {

@@ -140,7 +140,7 @@ pub fn build_state(config: Config) -> anyhow::Result<AppState> {
     let auditor = Arc::new(open_auditor(&config, &store)?);
     let registry = shared_registry(&config)?;
     check_search_index(&store, &registry)?;
-    let structures = Arc::new(open_structures(&config)?);
+    let structures = shared_structures(&config)?;
     let state = AppState::new(
         config,
         store,
@@ -157,16 +157,24 @@ pub fn build_state(config: Config) -> anyhow::Result<AppState> {
     Ok(state)
 }
 
-/// The R4 StructureDefinitions and the profiles of `profile_dir`.
-pub fn open_structures(config: &Config) -> anyhow::Result<crate::fhir::structure::StructureValidator> {
-    let mut v = crate::fhir::structure::StructureValidator::r4().context("the R4 structure definitions")?;
-    if let Some(dir) = &config.profile_dir {
-        let n = v
-            .load_profiles(dir)
-            .map_err(|e| anyhow::anyhow!("configuration setting `profile_dir`: {e}"))?;
-        tracing::info!(profiles = n, "profiles loaded");
-    }
-    Ok(v)
+/// The R4 StructureDefinitions and the profiles of `profile_dir`; without profiles, compiled
+/// once per process (tests build many states), as the schema and the registry are.
+pub fn shared_structures(config: &Config) -> anyhow::Result<Arc<crate::fhir::structure::StructureValidator>> {
+    use crate::fhir::structure::StructureValidator;
+    static R4: OnceLock<Arc<StructureValidator>> = OnceLock::new();
+    let Some(dir) = &config.profile_dir else {
+        if let Some(v) = R4.get() {
+            return Ok(v.clone());
+        }
+        let v = Arc::new(StructureValidator::r4().context("the R4 structure definitions")?);
+        return Ok(R4.get_or_init(|| v).clone());
+    };
+    let mut v = StructureValidator::r4().context("the R4 structure definitions")?;
+    let n = v
+        .load_profiles(dir)
+        .map_err(|e| anyhow::anyhow!("configuration setting `profile_dir`: {e}"))?;
+    tracing::info!(profiles = n, "profiles loaded");
+    Ok(Arc::new(v))
 }
 
 /// The audit ledger's identity in every event.

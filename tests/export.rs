@@ -72,16 +72,6 @@ fn populate(s: &TestServer, n: usize) -> Population {
     }
 }
 
-/// Kicks off an export; returns the status URL's path below the base.
-fn kick_off(s: &TestServer, path: &str) -> String {
-    let r = s.get_with(path, &[ASYNC]);
-    assert_eq!(r.status, 202, "{path}: {}", r.text());
-    let loc = r.header("content-location").unwrap().to_string();
-    let rel = loc.strip_prefix(&s.base).unwrap().to_string();
-    assert!(rel.starts_with("/$export-status/"), "{loc}");
-    rel
-}
-
 /// Polls until the manifest (or an error) comes back.
 fn wait(s: &TestServer, status: &str) -> Reply {
     for _ in 0..300 {
@@ -138,7 +128,7 @@ fn levels_types_and_filters(db: Db) {
     let audit_before = s.db.count("SELECT COUNT(*) AS n FROM audit_events");
 
     // system level, three types, files of at most 5 resources
-    let status = kick_off(
+    let status = common::export_kick_off(
         &s,
         "/$export?_type=Patient,Observation,Practitioner&_outputFormat=application/fhir+ndjson",
     );
@@ -171,7 +161,7 @@ fn levels_types_and_filters(db: Db) {
     assert!(audit_after - audit_before >= 1 + 1 + manifest["output"].as_array().unwrap().len() as i64);
 
     // Patient level: the compartment types, so no Practitioner
-    let manifest = wait(&s, &kick_off(&s, "/Patient/$export")).json();
+    let manifest = wait(&s, &common::export_kick_off(&s, "/Patient/$export")).json();
     let exported = download(&s, &manifest);
     assert_eq!(ids_of(&exported, "Patient"), set(&pop.patients));
     assert_eq!(ids_of(&exported, "Observation"), set(&pop.observations));
@@ -182,7 +172,7 @@ fn levels_types_and_filters(db: Db) {
     // Group level: its three members and their observations only
     let manifest = wait(
         &s,
-        &kick_off(&s, &format!("/Group/{}/$export?_type=Patient,Observation", pop.group)),
+        &common::export_kick_off(&s, &format!("/Group/{}/$export?_type=Patient,Observation", pop.group)),
     )
     .json();
     let exported = download(&s, &manifest);
@@ -197,7 +187,7 @@ fn levels_types_and_filters(db: Db) {
     // _typeFilter: only the observations with code 1234-5 (and every patient)
     let manifest = wait(
         &s,
-        &kick_off(
+        &common::export_kick_off(
             &s,
             "/$export?_type=Patient,Observation&_typeFilter=Observation%3Fcode%3Dhttp%3A%2F%2Floinc.org%7C1234-5",
         ),
@@ -213,7 +203,7 @@ fn levels_types_and_filters(db: Db) {
     // two alternatives for one type: their union, each resource once (pages of 5 merged)
     let manifest = wait(
         &s,
-        &kick_off(
+        &common::export_kick_off(
             &s,
             "/$export?_type=Observation&_typeFilter=Observation%3Fcode%3D1234-5,Observation%3Fcode%3D9999-9",
         ),
@@ -223,7 +213,7 @@ fn levels_types_and_filters(db: Db) {
     assert_eq!(ids_of(&exported, "Observation"), set(&pop.observations));
     let manifest = wait(
         &s,
-        &kick_off(
+        &common::export_kick_off(
             &s,
             "/$export?_type=Observation&_typeFilter=Observation%3Fcode%3D1234-5&_typeFilter=Observation%3Fcode%3D1234-5,Observation%3Fstatus%3Dfinal",
         ),
@@ -233,7 +223,7 @@ fn levels_types_and_filters(db: Db) {
     // a filter on an identifying parameter (blind index, then re-checked on the decrypted resource)
     let manifest = wait(
         &s,
-        &kick_off(
+        &common::export_kick_off(
             &s,
             "/$export?_type=Patient&_typeFilter=Patient%3Ffamily%3Aexact%3DExportfam2",
         ),
@@ -251,7 +241,7 @@ fn levels_types_and_filters(db: Db) {
     assert_eq!(s.put(&format!("/Patient/{}", pop.patients[0]), &p0).status, 200);
     let manifest = wait(
         &s,
-        &kick_off(
+        &common::export_kick_off(
             &s,
             &format!(
                 "/$export?_type=Patient,Observation&_since={}",
@@ -301,12 +291,7 @@ fn refusals_and_ownership(db: Db) {
     // without _type, a token exports the types it may read: here only Observation
     let r = as_other(&obs_only, "/$export");
     assert_eq!(r.status, 202);
-    let status = r
-        .header("content-location")
-        .unwrap()
-        .strip_prefix(&s.base)
-        .unwrap()
-        .to_string();
+    let status = common::status_path(&s, &r);
     let done = || {
         for _ in 0..300 {
             let r = as_other(&obs_only, &status);
@@ -351,7 +336,7 @@ fn refusals_and_ownership(db: Db) {
     assert_eq!(s.get("/$export-status/not-a-job").status, 404);
 
     // the files at rest hold no plaintext: no family name, no resource JSON
-    let status = kick_off(&s, "/$export?_type=Patient");
+    let status = common::export_kick_off(&s, "/$export?_type=Patient");
     let manifest = wait(&s, &status).json();
     assert_eq!(download(&s, &manifest).len(), 3);
     let job = status.rsplit('/').next().unwrap();
@@ -384,7 +369,7 @@ fn resumes_after_a_stop(db: Db) {
         },
     );
     let pop = populate(&s, 5);
-    let status = kick_off(&s, "/$export?_type=Patient,Observation");
+    let status = common::export_kick_off(&s, "/$export?_type=Patient,Observation");
     // no runner on this node: the job waits
     let r = s.get(&status);
     assert_eq!(r.status, 202);

@@ -85,7 +85,7 @@ impl AppState {
             search.clone(),
             attributes.clone(),
             config.clone(),
-            Arc::new(resource_types.clone()),
+            validator.clone(),
         );
         let auth_failure_limit = config.auth_failure_limit;
         let rate_limit = config.rate_limit_per_minute;

@@ -25,7 +25,6 @@ use crate::store::search_query::SearchQuery;
 use crate::store::{Access, Store, StoreError};
 use chrono::NaiveDateTime;
 use serde::{Deserialize, Serialize};
-use std::collections::HashSet;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -145,7 +144,8 @@ pub struct Exporter {
     registry: Arc<Registry>,
     attributes: Arc<AttributePolicy>,
     config: Arc<Config>,
-    resource_types: Arc<HashSet<String>>,
+    /// The R4 resource types (for the job's scopes).
+    validator: Arc<crate::fhir::Validator>,
     stop: AtomicBool,
     /// Wakes idle runners when a job arrives.
     wake: (Mutex<u64>, Condvar),
@@ -157,14 +157,14 @@ impl Exporter {
         registry: Arc<Registry>,
         attributes: Arc<AttributePolicy>,
         config: Arc<Config>,
-        resource_types: Arc<HashSet<String>>,
+        validator: Arc<crate::fhir::Validator>,
     ) -> Arc<Exporter> {
         Arc::new(Exporter {
             store,
             registry,
             attributes,
             config,
-            resource_types,
+            validator,
             stop: AtomicBool::new(false),
             wake: (Mutex::new(0), Condvar::new()),
         })
@@ -363,7 +363,7 @@ impl Exporter {
             ),
             None => (0, None),
         };
-        let principal = req.principal.principal(|t| self.resource_types.contains(t));
+        let principal = req.principal.principal(|t| self.validator.is_resource_type(t));
         std::fs::create_dir_all(self.job_dir(&job.id))?;
         let path = self.file_path(&job.id, seq);
         let partial = path.with_extension("part");

@@ -332,7 +332,7 @@ impl StructureValidator {
             return vec![Issue::error(IssueType::Structure, "resourceType is missing").at("resourceType")];
         };
         match self.base.get(t) {
-            Some(st) => w.resource(st, resource, t.to_string()),
+            Some(st) => w.resource(st, resource, t.to_string(), false),
             None => w.push(
                 IssueSeverity::Error,
                 IssueType::NotSupported,
@@ -342,7 +342,7 @@ impl StructureValidator {
         }
         for url in profiles {
             match self.profiles.get(url) {
-                Some(st) if st.type_name == t => w.resource(st, resource, t.to_string()),
+                Some(st) if st.type_name == t => w.resource(st, resource, t.to_string(), false),
                 Some(_) => w.push(
                     IssueSeverity::Error,
                     IssueType::Invalid,
@@ -448,12 +448,10 @@ impl<'a> Walk<'a> {
     }
 
     /// A resource (the root, or one contained or in a Bundle) against a structure of its type.
-    fn resource(&mut self, st: &Structure, resource: &'a Value, loc: String) {
+    fn resource(&mut self, st: &Structure, resource: &'a Value, loc: String, contained: bool) {
         // `%resource` in the invariants of this resource's elements is this resource
         // (a contained resource keeps its container as `%rootResource`; a Bundle's entry is
         // its own root)
-        let contained = loc.ends_with(']') && loc.rsplit('.').next().is_some_and(|l| l.starts_with("contained["))
-            || loc.ends_with(".contained");
         let outer = std::mem::replace(&mut self.root, resource);
         let outer_container = self.container;
         if !contained {
@@ -670,7 +668,7 @@ impl<'a> Walk<'a> {
         {
             let inner = value["resourceType"].as_str().unwrap_or_default();
             match self.v.base.get(inner).cloned() {
-                Some(b) => self.resource(&b, value, loc.to_string()),
+                Some(b) => self.resource(&b, value, loc.to_string(), el.name == "contained"),
                 None => self.push(
                     IssueSeverity::Error,
                     IssueType::Invalid,

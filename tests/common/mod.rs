@@ -423,18 +423,28 @@ impl Drop for TestServer {
 /// test or bench drives job by job.
 pub fn exporter(s: &TestServer) -> std::sync::Arc<fhirvault::bulk::Exporter> {
     let config = std::sync::Arc::new(s.config.clone());
-    let types = fhirvault::server::shared_validator()
-        .unwrap()
-        .resource_types()
-        .map(str::to_string)
-        .collect();
     fhirvault::bulk::Exporter::new(
         s.store.clone(),
         fhirvault::server::shared_registry(&config).unwrap(),
         std::sync::Arc::new(Default::default()),
         config,
-        std::sync::Arc::new(types),
+        fhirvault::server::shared_validator().unwrap(),
     )
+}
+
+/// The path below the base of the status URL a Bulk export kick-off answered with.
+pub fn status_path(s: &TestServer, kicked_off: &Reply) -> String {
+    let loc = kicked_off.header("content-location").expect("Content-Location");
+    let rel = loc.strip_prefix(&s.base).unwrap_or(loc).to_string();
+    assert!(rel.starts_with("/$export-status/"), "{loc}");
+    rel
+}
+
+/// Kicks off a Bulk export (`Prefer: respond-async`); returns its status URL's path.
+pub fn export_kick_off(s: &TestServer, path: &str) -> String {
+    let r = s.get_with(path, &[("prefer", "respond-async")]);
+    assert_eq!(r.status, 202, "{path}: {}", r.text());
+    status_path(s, &r)
 }
 
 /// The CapabilityStatement's entry for a resource type.

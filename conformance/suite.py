@@ -16,6 +16,11 @@ Areas:
   examples      every example of the official R4 examples package (hl7.fhir.r4.examples 4.0.1, npm):
                 loaded, read back and compared, ignoring only server-owned meta
   fhirpath      the official FHIRPath Patch cases (FHIR/fhir-test-cases, tests/data/patch), over HTTP PATCH
+  smart-launch  the built-in authorization server with clients others wrote: fhirclient (PyPI) completes a
+                standalone launch with PKCE (a script plays the browser: login form, TOTP enrolment and code,
+                consent with the patient picker) and reads the patient; refresh rotation (a spent refresh
+                token revokes its grant) and revocation; a backend service signing its own RS384 and ES384
+                assertions with jwcrypto (PyPI) searches, and a replayed assertion is refused
   external-idp  oidc-provider (npm, a certified OpenID provider) on loopback as fhirvault's external
                 issuer: its client-credentials JWTs are accepted with their scopes, and refused when
                 minted for another audience
@@ -49,9 +54,11 @@ from fhirclient import client as smart_client
 from fhirclient.models.observation import Observation as SmartObservation
 from fhirclient.models.patient import Patient as SmartPatient
 from fhirpy import SyncFHIRClient
+from jwcrypto import jwk as jw_jwk, jwt as jw_jwt
+import pyotp
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-AREAS = ["crud", "search", "bundles", "smart-client", "examples", "fhirpath", "validate", "external-idp", "r4-validity"]
+AREAS = ["crud", "search", "bundles", "smart-client", "smart-launch", "examples", "fhirpath", "validate", "external-idp", "r4-validity"]
 
 
 class Results:
@@ -203,6 +210,10 @@ class Server:
     def token(self, scope):
         out = subprocess.run(self.args + ["token", "--scope", scope, "--expires-in", "900"], check=True, capture_output=True, text=True)
         return out.stdout.strip()
+
+    def admin(self, *args, stdin=None):
+        out = subprocess.run(self.args + ["admin", *args], check=True, capture_output=True, text=True, input=stdin)
+        return out.stdout
 
     def stop(self):
         self.proc.terminate()
@@ -550,6 +561,132 @@ def area_external_idp(binary):
         provider.wait(timeout=10)
 
 
+def hidden_fields(html):
+    return {m.group(1): m.group(2).replace("&amp;", "&").replace("&quot;", '"')
+            for m in re.finditer(r'<input type="hidden" name="([^"]+)" value="([^"]*)">', html)}
+
+
+def area_smart_launch(server, token):
+    """fhirclient's standalone launch against the built-in authorization server, backend services."""
+    base, root = server.base, server.root
+    redirect = "http://127.0.0.1:9/smart-callback"
+    server.admin("client", "add", "suite-smart-app", "--name", "Suite SMART app", "--redirect-uri", redirect,
+                 "--scope", "launch/patient openid fhirUser offline_access patient/*.rs user/Patient.rs")
+    password = "suite-password-" + os.urandom(6).hex()
+    server.admin("user", "add", "suite-doctor", "--fhir-user", "Practitioner/suite-doctor", "--password-stdin",
+                 stdin=password + "\n")
+    admin = session(token)
+    family = "Launchpatient" + os.urandom(3).hex()
+    pid = admin.post(f"{base}/Patient", data=json.dumps({"resourceType": "Patient", "name": [{"family": family, "given": ["Ada"]}]}),
+                     headers={"Content-Type": "application/fhir+json"}).json()["id"]
+    state = {}
+
+    def standalone_launch():
+        settings = {"app_id": "suite-smart-app", "api_base": base, "redirect_uri": redirect,
+                    "scope": "launch/patient openid fhirUser offline_access patient/*.rs user/Patient.rs"}
+        smart = smart_client.FHIRClient(settings=settings)
+        url = smart.authorize_url
+        expect(url.startswith(f"{root}/auth/authorize") and "code_challenge_method=S256" in url, f"authorize URL {url[:80]}")
+        browser = requests.Session()
+        page = browser.get(url)
+        expect(page.status_code == 200 and 'name="username"' in page.text, f"login page: {page.status_code}")
+        page = browser.post(f"{root}/auth/login", data={**hidden_fields(page.text), "username": "suite-doctor", "password": password})
+        expect(page.status_code == 200 and "/auth/mfa/enrol" in page.text, f"enrolment page: {page.status_code}")
+        secret = re.search(r'<code class="secret"[^>]*>([A-Z2-7 ]+)</code>', page.text).group(1).replace(" ", "")
+        totp = pyotp.TOTP(secret)
+        page = browser.post(f"{root}/auth/mfa/enrol", data={**hidden_fields(page.text), "code": totp.now()})
+        expect(page.status_code == 200 and "Allow access" in page.text, f"consent page: {page.status_code} {page.text[:200]}")
+        fields = hidden_fields(page.text)
+        picked = browser.get(f"{root}/auth/consent", params={"request": fields["request"], "q": family})
+        choice = re.search(r'name="patient" value="([^"]+)"', picked.text)
+        expect(choice and choice.group(1) == pid, "the picker finds the patient by name")
+        done = browser.post(f"{root}/auth/consent", data={**hidden_fields(picked.text), "decision": "allow", "patient": pid},
+                            allow_redirects=False)
+        expect(done.status_code == 303, f"consent redirects: {done.status_code}")
+        smart.handle_callback(done.headers["Location"])
+        expect(smart.patient_id == pid, f"launch patient {smart.patient_id}")
+        patient = SmartPatient.read(pid, smart.server)
+        expect(patient.name[0].family == family, "the patient read through fhirclient")
+        obs = SmartObservation.where({"patient": pid}).perform_resources(smart.server)
+        expect(obs == [], "a search in the patient's compartment")
+        state.update(smart=smart, totp=totp, browser=browser)
+
+    def second_sign_in_asks_the_code():
+        browser = requests.Session()
+        smart = smart_client.FHIRClient(settings={"app_id": "suite-smart-app", "api_base": base, "redirect_uri": redirect,
+                                                  "scope": "openid fhirUser user/Patient.rs"})
+        page = browser.get(smart.authorize_url)
+        page = browser.post(f"{root}/auth/login", data={**hidden_fields(page.text), "username": "suite-doctor", "password": password})
+        expect('action="/auth/mfa"' in page.text, "the code page for an enrolled user")
+        fields = hidden_fields(page.text)
+        wrong = browser.post(f"{root}/auth/mfa", data={**fields, "code": "000000" if state["totp"].now() != "000000" else "111111"})
+        expect(wrong.status_code == 401, f"a wrong code: {wrong.status_code}")
+        # the enrolment used this step's code: the next step's is accepted, never the same twice
+        page = browser.post(f"{root}/auth/mfa", data={**fields, "code": state["totp"].at(time.time() + 30)})
+        expect("Allow access" in page.text, f"consent after the code: {page.status_code}")
+        # fhirclient adds launch/patient to a standalone launch: the user picks the patient
+        done = browser.post(f"{root}/auth/consent", data={**hidden_fields(page.text), "decision": "allow", "patient": pid},
+                            allow_redirects=False)
+        expect(done.status_code == 303, f"consent: {done.status_code} {done.text[:300]}")
+        smart.handle_callback(done.headers["Location"])
+        r = session(smart.server.auth.access_token).get(f"{base}/Patient/{pid}")
+        expect(r.status_code == 200, f"user-level read: {r.status_code}")
+
+    def refresh_and_revoke():
+        smart = state["smart"]
+        spent = smart.server.auth.refresh_token
+        smart.reauthorize()
+        expect(smart.server.auth.refresh_token != spent, "the refresh token rotates")
+        r = session(smart.server.auth.access_token).get(f"{base}/Patient/{pid}")
+        expect(r.status_code == 200, f"read with the refreshed token: {r.status_code}")
+        current = smart.server.auth.refresh_token
+        r = requests.post(f"{root}/auth/revoke", data={"token": current, "client_id": "suite-smart-app"})
+        expect(r.status_code == 200, f"revoke: {r.status_code}")
+        r = requests.post(f"{root}/auth/token", data={"grant_type": "refresh_token", "refresh_token": current,
+                                                     "client_id": "suite-smart-app"})
+        expect(r.status_code == 400 and r.json()["error"] == "invalid_grant", f"refresh after revocation: {r.status_code}")
+        access = smart.server.auth.access_token
+        requests.post(f"{root}/auth/revoke", data={"token": access, "client_id": "suite-smart-app"})
+        r = session(access).get(f"{base}/Patient/{pid}")
+        expect(r.status_code == 401, f"a revoked access token: {r.status_code}")
+
+    def backend_services():
+        token_url = f"{root}/auth/token"
+        for alg, key in (("RS384", jw_jwk.JWK.generate(kty="RSA", size=2048)),
+                         ("ES384", jw_jwk.JWK.generate(kty="EC", crv="P-384"))):
+            cid = f"suite-backend-{alg.lower()}"
+            key["kid"] = key.thumbprint()
+            jwks = os.path.join(server.dir, f"{cid}.jwks.json")
+            with open(jwks, "w") as f:
+                f.write(json.dumps({"keys": [json.loads(key.export_public())]}))
+            server.admin("client", "add", cid, "--type", "confidential", "--jwks", jwks, "--scope", "system/Patient.rs")
+
+            def assertion():
+                now = int(time.time())
+                t = jw_jwt.JWT(header={"alg": alg, "kid": key["kid"], "typ": "JWT"},
+                               claims={"iss": cid, "sub": cid, "aud": token_url, "exp": now + 240,
+                                       "jti": os.urandom(12).hex()})
+                t.make_signed_token(key)
+                return t.serialize()
+
+            signed = assertion()
+            form = {"grant_type": "client_credentials", "scope": "system/Patient.rs",
+                    "client_assertion_type": "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+                    "client_assertion": signed}
+            r = requests.post(token_url, data=form)
+            expect(r.status_code == 200, f"{alg} client credentials: {r.status_code} {r.text[:200]}")
+            found = session(r.json()["access_token"]).get(f"{base}/Patient", params={"family": family}).json()
+            expect(found.get("total") == 1 or len(found.get("entry", [])) == 1, f"{alg} backend search")
+            replay = requests.post(token_url, data=form)
+            expect(replay.status_code == 401 and replay.json()["error"] == "invalid_client", f"{alg} replay: {replay.status_code}")
+
+    RESULTS.check("smart-launch", "fhirclient standalone launch (PKCE, TOTP enrolment, picker)", standalone_launch)
+    if "smart" in state:
+        RESULTS.check("smart-launch", "second sign-in asks the TOTP code", second_sign_in_asks_the_code)
+        RESULTS.check("smart-launch", "refresh rotation and revocation", refresh_and_revoke)
+    RESULTS.check("smart-launch", "backend services RS384 and ES384 (jwcrypto)", backend_services)
+
+
 def area_fhirpath(base, token):
     s = session(token)
     cases = json.load(open(ROOT / "tests" / "data" / "patch" / "fhir-patch-tests.json"))
@@ -583,6 +720,7 @@ def run_backend(name, binary, examples_dir, database_url=None):
         area_search(server.base, token)
         area_bundles(server.base, token)
         area_smart_client(server.base, token)
+        area_smart_launch(server, token)
         area_fhirpath(server.base, token)
         area_examples(server.base, token, examples_dir)
         if name == "sqlite":

@@ -84,6 +84,13 @@ pub struct ConfigLayer {
     pub search_phi_parameters: Option<Vec<String>>,
     /// External OpenID Connect providers (TOML `[[oidc_provider]]` tables only).
     pub oidc_provider: Option<Vec<crate::auth::oidc::ProviderConfig>>,
+    pub auth_server: Option<bool>,
+    pub auth_mfa_required: Option<bool>,
+    pub session_idle_secs: Option<u64>,
+    pub refresh_idle_secs: Option<u64>,
+    pub refresh_absolute_secs: Option<u64>,
+    pub login_max_failures: Option<u32>,
+    pub login_lockout_secs: Option<u64>,
 }
 
 impl ConfigLayer {
@@ -179,6 +186,15 @@ impl ConfigLayer {
                             .collect(),
                     )
                 }
+                "AUTH_SERVER" => layer.auth_server = Some(parse_bool(&key, &value)?),
+                "AUTH_MFA_REQUIRED" => layer.auth_mfa_required = Some(parse_bool(&key, &value)?),
+                "SESSION_IDLE_SECS" => layer.session_idle_secs = Some(parse_num(&value)?),
+                "REFRESH_IDLE_SECS" => layer.refresh_idle_secs = Some(parse_num(&value)?),
+                "REFRESH_ABSOLUTE_SECS" => layer.refresh_absolute_secs = Some(parse_num(&value)?),
+                "LOGIN_LOCKOUT_SECS" => layer.login_lockout_secs = Some(parse_num(&value)?),
+                "LOGIN_MAX_FAILURES" => {
+                    layer.login_max_failures = Some(parse_num(&value)?.try_into().map_err(|_| cerr(&key, "too large"))?)
+                }
                 "AUTH_FAILURE_LIMIT" => {
                     layer.auth_failure_limit = Some(parse_num(&value)?.try_into().map_err(|_| cerr(&key, "too large"))?)
                 }
@@ -248,7 +264,14 @@ impl ConfigLayer {
             request_timeout_secs,
             shutdown_timeout_secs,
             search_phi_parameters,
-            oidc_provider
+            oidc_provider,
+            auth_server,
+            auth_mfa_required,
+            session_idle_secs,
+            refresh_idle_secs,
+            refresh_absolute_secs,
+            login_max_failures,
+            login_lockout_secs
         );
         self
     }
@@ -362,6 +385,21 @@ pub struct Config {
     pub shutdown_timeout_secs: u64,
     /// External OpenID Connect providers whose access tokens are accepted beside the built-in issuer's.
     pub oidc_providers: Vec<crate::auth::oidc::ProviderConfig>,
+    /// The built-in SMART authorization server (`/auth/…`) [default true]; off where an
+    /// external OpenID Connect provider signs users in.
+    pub auth_server: bool,
+    /// Users sign in with a TOTP second factor, enrolled at their first sign-in [default true].
+    pub auth_mfa_required: bool,
+    /// A sign-in session ends after this long without use [default 900].
+    pub session_idle_secs: i64,
+    /// A refresh token unused for this long expires [default 604800: a week] …
+    pub refresh_idle_secs: i64,
+    /// … and no refresh token of a grant outlives this [default 7776000: 90 days].
+    pub refresh_absolute_secs: i64,
+    /// Wrong passwords or codes in a row before an account is locked [default 5] …
+    pub login_max_failures: i32,
+    /// … for this long [default 900].
+    pub login_lockout_secs: i64,
 }
 
 /// The certificate chain and private key files of the server's TLS endpoint.
@@ -627,7 +665,37 @@ impl Config {
             }
             None => crate::search::registry::default_phi(),
         };
+        let session_idle_secs = layer.session_idle_secs.unwrap_or(900);
+        if !(1..=86_400).contains(&session_idle_secs) {
+            return Err(cerr("session_idle_secs", "must be between 1 and 86400"));
+        }
+        let refresh_absolute_secs = layer.refresh_absolute_secs.unwrap_or(90 * 86_400);
+        if !(60..=365 * 86_400).contains(&refresh_absolute_secs) {
+            return Err(cerr(
+                "refresh_absolute_secs",
+                "must be between 60 and 31536000 (a year)",
+            ));
+        }
+        let refresh_idle_secs = layer.refresh_idle_secs.unwrap_or(7 * 86_400);
+        if !(1..=refresh_absolute_secs).contains(&refresh_idle_secs) {
+            return Err(cerr("refresh_idle_secs", "must be between 1 and refresh_absolute_secs"));
+        }
+        let login_max_failures = layer.login_max_failures.unwrap_or(5);
+        if !(1..=100).contains(&login_max_failures) {
+            return Err(cerr("login_max_failures", "must be between 1 and 100"));
+        }
+        let login_lockout_secs = layer.login_lockout_secs.unwrap_or(900);
+        if !(1..=86_400).contains(&login_lockout_secs) {
+            return Err(cerr("login_lockout_secs", "must be between 1 and 86400"));
+        }
         Ok(Config {
+            auth_server: layer.auth_server.unwrap_or(true),
+            auth_mfa_required: layer.auth_mfa_required.unwrap_or(true),
+            session_idle_secs: session_idle_secs as i64,
+            refresh_idle_secs: refresh_idle_secs as i64,
+            refresh_absolute_secs: refresh_absolute_secs as i64,
+            login_max_failures: login_max_failures as i32,
+            login_lockout_secs: login_lockout_secs as i64,
             search_phi_parameters,
             rate_limit_per_minute: layer.rate_limit_per_minute.unwrap_or(0),
             request_timeout_secs,

@@ -10,6 +10,8 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+mod admin;
+
 #[derive(Parser)]
 #[command(
     name = "fhirvault",
@@ -115,6 +117,11 @@ enum Command {
     Audit {
         #[command(subcommand)]
         command: AuditCommand,
+    },
+    /// The built-in authorization server's users, clients and EHR launches.
+    Admin {
+        #[command(subcommand)]
+        command: admin::AdminCommand,
     },
 }
 
@@ -243,6 +250,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{token}");
             Ok(())
         }
+        Command::Admin { command } => {
+            let config = load_config(&cli.common, None)?;
+            let store = open_store(&config, false)?;
+            admin::run(&config, &store, command)
+        }
         Command::Backup { out } => {
             let config = load_config(&cli.common, None)?;
             let store = open_store(&config, false)?;
@@ -369,7 +381,7 @@ fn reindex(config: &Config, store: &Arc<Store>) -> anyhow::Result<u64> {
 }
 
 /// An event made by this command line, on behalf of the operating-system user running it.
-fn cli_record(kind: Kind, action: Action) -> AuditRecord {
+pub(crate) fn cli_record(kind: Kind, action: Action) -> AuditRecord {
     let agent = Agent {
         subject: Some(format!(
             "os-user:{}",
@@ -382,7 +394,7 @@ fn cli_record(kind: Kind, action: Action) -> AuditRecord {
 }
 
 /// Records one event and waits until it is in the ledger (and a checkpoint signed).
-fn audit_now(config: &Config, store: &Arc<Store>, record: &AuditRecord) -> anyhow::Result<()> {
+pub(crate) fn audit_now(config: &Config, store: &Arc<Store>, record: &AuditRecord) -> anyhow::Result<()> {
     let auditor = fhirvault::server::open_auditor(config, store)?;
     auditor
         .record_blocking(record)
@@ -437,7 +449,10 @@ fn keys_command(config: &Config, command: KeysCommand) -> anyhow::Result<()> {
     // the store (as the tables' owner: re-encryption updates rows) with the key file as it is now
     let store = open_store(config, true)?;
     let mut record = cli_record(Kind::Admin("key-rotate"), Action::Update);
-    let result = store.reencrypt(|n| eprintln!("  {n} rows re-encrypted"));
+    let result = store.reencrypt(|n| eprintln!("  {n} rows re-encrypted")).and_then(|n| {
+        // the sign-in second factors are sealed with the content key too
+        Ok(n + fhirvault::auth::server::reencrypt_totp_secrets(&store)?)
+    });
     let usage = store.key_usage();
     let mut retired = Vec::new();
     if let (Ok(_), Ok(usage)) = (&result, &usage) {
@@ -576,6 +591,7 @@ fn serve(config: Config) -> anyhow::Result<()> {
     auditor
         .record_blocking(&started_event)
         .context("recording the start in the audit log")?;
+    admin::bootstrap(&state.config, &state.store, &auditor)?;
     tracing::info!(
         %listen,
         backend = ?state.store.backend(),

@@ -153,8 +153,59 @@ pub fn build_state(config: Config) -> anyhow::Result<AppState> {
         registry,
         structures,
     );
+    let mut state = state;
+    if state.config.auth_server {
+        let server = Arc::new(open_auth_server(&state.config, &state.store, &state.issuer)?);
+        start_revocation_reloader(&server, &state.store);
+        state.auth_server = Some(server);
+    }
     state.exporter.start_runners();
     Ok(state)
+}
+
+/// The built-in SMART authorization server, with the configured lifetimes and limits.
+pub fn open_auth_server(
+    config: &Config,
+    store: &Arc<Store>,
+    issuer: &Arc<crate::auth::Issuer>,
+) -> anyhow::Result<crate::auth::server::AuthServer> {
+    let settings = crate::auth::server::Settings {
+        access_token_secs: config.max_token_lifetime_secs,
+        session_idle_secs: config.session_idle_secs,
+        refresh_idle_secs: config.refresh_idle_secs,
+        refresh_absolute_secs: config.refresh_absolute_secs,
+        login_max_failures: config.login_max_failures,
+        login_lockout_secs: config.login_lockout_secs,
+        mfa_required: config.auth_mfa_required,
+    };
+    crate::auth::server::AuthServer::new(store.clone(), issuer.clone(), settings)
+        .map_err(|e| anyhow::anyhow!("starting the authorization server: {e}"))
+}
+
+/// How often each node reloads the access tokens revoked anywhere.
+const REVOCATION_RELOAD: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Loads the revoked access tokens now, then every few seconds on a thread of its own (the
+/// thread ends with the server).
+fn start_revocation_reloader(server: &Arc<crate::auth::server::AuthServer>, store: &Arc<Store>) {
+    if let Err(e) = server.revoked.reload(store) {
+        tracing::warn!(error = %e, "loading revoked tokens failed");
+    }
+    let (revoked, store) = (Arc::downgrade(&server.revoked), Arc::downgrade(store));
+    let spawned = std::thread::Builder::new()
+        .name("revocations".into())
+        .spawn(move || loop {
+            std::thread::sleep(REVOCATION_RELOAD);
+            let (Some(revoked), Some(store)) = (revoked.upgrade(), store.upgrade()) else {
+                return;
+            };
+            if let Err(e) = revoked.reload(&store) {
+                tracing::warn!(error = %e, "reloading revoked tokens failed");
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "the revocation reloader could not start");
+    }
 }
 
 /// The R4 StructureDefinitions and the profiles of `profile_dir`; without profiles, compiled

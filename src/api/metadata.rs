@@ -52,8 +52,60 @@ fn audit_event_capability() -> Value {
     })
 }
 
+/// Stands for the origin the client reached the server at, in the stored CapabilityStatement,
+/// when no public URL is configured (replaced per request).
+pub const ORIGIN_PLACEHOLDER: &str = "https://origin.fhirvault.invalid";
+
+/// `rest.security`: SMART on FHIR, with the OAuth endpoints of the built-in server (or of the
+/// external provider that signs users in).
+fn security(config: &Config, providers: &crate::auth::oidc::Providers) -> Value {
+    let description = "Every interaction but capabilities requires an OAuth 2 bearer token whose SMART App Launch \
+        scopes allow it (see .well-known/smart-configuration).";
+    let origin = match &config.public_url {
+        Some(u) => {
+            let after = u.find("://").map_or(0, |i| i + 3);
+            u[..u[after..].find('/').map_or(u.len(), |i| after + i)].to_string()
+        }
+        None => ORIGIN_PLACEHOLDER.to_string(),
+    };
+    let uris: Vec<(&str, String)> = if config.auth_server {
+        ["authorize", "token", "introspect", "revoke"]
+            .iter()
+            .map(|e| (*e, format!("{origin}/auth/{e}")))
+            .collect()
+    } else if let Some(p) = providers.metadata().into_iter().next() {
+        let mut v = Vec::new();
+        if let Some(a) = p.authorization_endpoint {
+            v.push(("authorize", a));
+        }
+        if let Some(t) = p.token_endpoint {
+            v.push(("token", t));
+        }
+        v
+    } else {
+        return json!({"cors": false, "description": description});
+    };
+    json!({
+        "cors": false,
+        "extension": [{
+            "url": "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris",
+            "extension": uris.into_iter().map(|(k, v)| json!({"url": k, "valueUri": v})).collect::<Vec<_>>(),
+        }],
+        "service": [{
+            "coding": [{
+                "system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
+                "code": "SMART-on-FHIR",
+                "display": "SMART-on-FHIR"
+            }],
+            "text": "OAuth2 using SMART-on-FHIR profile (see http://docs.smarthealthit.org)"
+        }],
+        "description": description,
+    })
+}
+
 pub fn capability_statement(
     config: &Config,
+    providers: &crate::auth::oidc::Providers,
     validator: &Validator,
     registry: &crate::search::Registry,
     structures: &crate::fhir::structure::StructureValidator,
@@ -180,9 +232,7 @@ pub fn capability_statement(
         "format": ["application/fhir+json", "application/json", "json"],
         "rest": [{
             "mode": "server",
-            "security": {
-                "description": "Every interaction but capabilities requires an OAuth 2 bearer token (ES256 JWT from the server's issuer) whose SMART App Launch scopes allow it.",
-            },
+            "security": security(config, providers),
             "resource": resources,
             // `Patient/[id]/[type]` searches the patient compartment
             "compartment": ["http://hl7.org/fhir/CompartmentDefinition/patient"],
@@ -210,7 +260,15 @@ const BULK_EXPORT_DOC: &str = "Bulk Data Access 2.0 export (Prefer: respond-asyn
 
 pub async fn capabilities(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let fmt = Format::negotiate(&req)?;
+    let stored = if state.config.public_url.is_none() {
+        // the OAuth URIs name the origin this client reached us at
+        let text = String::from_utf8_lossy(&state.capability);
+        text.replace(ORIGIN_PLACEHOLDER, &super::smart::origin(&state, &req))
+            .into_bytes()
+    } else {
+        state.capability.clone()
+    };
     Ok(HttpResponse::Ok()
         .content_type(fmt.content_type())
-        .body(fmt.render_stored(state.capability.clone())))
+        .body(fmt.render_stored(stored)))
 }

@@ -11,8 +11,10 @@ pub mod history;
 pub mod metadata;
 mod negotiate;
 pub mod ops;
+mod pages;
 pub mod route;
 pub mod search;
+pub mod smart;
 pub mod trail;
 mod validate;
 
@@ -55,6 +57,8 @@ pub struct AppState {
     pub resource_types: HashSet<String>,
     /// The audit ledger every request records through.
     pub auditor: Arc<crate::audit::Auditor>,
+    /// The built-in SMART authorization server (`auth_server`; set by `server::build_state`).
+    pub auth_server: Option<Arc<crate::auth::server::AuthServer>>,
     /// Bulk Data export jobs (their runners are started by `server::build_state`).
     pub exporter: Arc<crate::bulk::Exporter>,
     /// Request counters and latency histograms (`/metrics`).
@@ -89,7 +93,7 @@ impl AppState {
         );
         let auth_failure_limit = config.auth_failure_limit;
         let rate_limit = config.rate_limit_per_minute;
-        let capability = metadata::capability_statement(&config, &validator, &search, &structures);
+        let capability = metadata::capability_statement(&config, &providers, &validator, &search, &structures);
         AppState {
             config,
             store,
@@ -105,6 +109,7 @@ impl AppState {
                 .then(|| crate::auth::limiter::FailureLimiter::new(rate_limit.min(u32::MAX as u64) as u32)),
             resource_types,
             auditor,
+            auth_server: None,
             exporter,
             metrics: ops::Metrics::default(),
             capability: serde_json::to_vec(&capability).expect("CapabilityStatement serializes"),
@@ -204,7 +209,17 @@ impl AppState {
                 Some(provider) => provider.authenticate(token, is_type),
                 None => Err(AuthError::InvalidToken("wrong issuer")),
             },
-            _ => self.issuer.authenticate(token, is_type),
+            _ => {
+                let p = self.issuer.authenticate(token, is_type)?;
+                if self
+                    .auth_server
+                    .as_ref()
+                    .is_some_and(|a| a.revoked.is_revoked(&p.token_id))
+                {
+                    return Err(AuthError::InvalidToken("token revoked"));
+                }
+                Ok(p)
+            }
         }
     }
 
@@ -291,7 +306,49 @@ pub fn app(
                 .route("", web::get().to(docs::to_docs_index))
                 .service(docs::swagger_ui()),
         )
-        .service(web::scope(&base).default_service(web::to(route::dispatch)))
+        .route(
+            "/.well-known/smart-configuration",
+            web::get().to(smart::smart_configuration),
+        )
+        .route(
+            "/.well-known/openid-configuration",
+            web::get().to(smart::openid_configuration),
+        )
+        .route("/.well-known/jwks.json", web::get().to(smart::jwks))
+        .service(
+            // the sign-in pages: one same-origin stylesheet, no scripts, never framed
+            web::scope("/auth")
+                .wrap(DefaultHeaders::new().add((
+                    header::CONTENT_SECURITY_POLICY,
+                    "default-src 'none'; style-src 'self'; img-src 'self'; base-uri 'none'; frame-ancestors 'none'",
+                )))
+                .route("/authorize", web::get().to(smart::authorize))
+                .route("/login", web::post().to(smart::login))
+                .route("/mfa", web::post().to(smart::mfa))
+                .route("/mfa/enrol", web::post().to(smart::enrol))
+                .route("/consent", web::get().to(smart::consent_search))
+                .route("/consent", web::post().to(smart::consent))
+                .route("/logout", web::post().to(smart::logout))
+                .route("/token", web::post().to(smart::token))
+                .route("/introspect", web::post().to(smart::introspect))
+                .route("/revoke", web::post().to(smart::revoke))
+                .route("/jwks", web::get().to(smart::jwks))
+                .route("/userinfo", web::get().to(smart::userinfo))
+                .route("/userinfo", web::post().to(smart::userinfo))
+                .route("/static/fhirvault.css", web::get().to(smart::stylesheet)),
+        )
+        .service(
+            web::scope(&base)
+                .route(
+                    "/.well-known/smart-configuration",
+                    web::get().to(smart::smart_configuration),
+                )
+                .route(
+                    "/.well-known/openid-configuration",
+                    web::get().to(smart::openid_configuration),
+                )
+                .default_service(web::to(route::dispatch)),
+        )
         .default_service(web::to(not_found))
 }
 
@@ -336,7 +393,10 @@ fn ensure_operation_outcome<B: MessageBody + 'static>(
         .headers()
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/fhir+json") || v.starts_with("application/json"));
+        .is_some_and(|v| {
+            // the sign-in pages answer their errors as pages
+            v.starts_with("application/fhir+json") || v.starts_with("application/json") || v.starts_with("text/html")
+        });
     // our own JSON (OperationOutcomes, `/readyz`) stays; actix's plain-text errors are replaced
     if is_fhir {
         return Ok(ErrorHandlerResponse::Response(res.map_into_left_body()));

@@ -7,6 +7,7 @@
 use super::scope::ScopeSet;
 use super::{AuthError, Principal, PrincipalKind, TokenCache};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use p256::elliptic_curve::sec1::ToEncodedPoint;
 use p256::pkcs8::{DecodePrivateKey, EncodePrivateKey, EncodePublicKey, LineEnding};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -68,6 +69,8 @@ pub struct Issuer {
     max_lifetime: i64,
     break_glass_secs: i64,
     cache: TokenCache,
+    /// The verification key as a JWK (the JWKS endpoint publishes it).
+    jwk: serde_json::Value,
 }
 
 impl std::fmt::Debug for Issuer {
@@ -122,6 +125,16 @@ impl Issuer {
             .to_public_key_der()
             .map_err(|_| err("encoding the public key"))?;
         let kid = hex(&Sha256::digest(public_der.as_bytes())[..16]);
+        let point = secret.public_key().to_encoded_point(false);
+        let (Some(x), Some(y)) = (point.x(), point.y()) else {
+            return Err(err("the signing key has no affine coordinates"));
+        };
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let jwk = serde_json::json!({
+            "kty": "EC", "crv": "P-256", "use": "sig", "alg": "ES256", "kid": kid,
+            "x": b64.encode(x), "y": b64.encode(y),
+        });
         let encoding = EncodingKey::from_ec_pem(pem.as_bytes()).map_err(|_| err("loading the signing key"))?;
         let decoding =
             DecodingKey::from_ec_pem(public_pem.as_bytes()).map_err(|_| err("loading the verification key"))?;
@@ -142,11 +155,35 @@ impl Issuer {
             max_lifetime,
             break_glass_secs,
             cache: TokenCache::default(),
+            jwk,
         })
     }
 
     pub fn issuer(&self) -> &str {
         &self.issuer
+    }
+
+    /// The `aud` of this issuer's access tokens.
+    pub fn audience(&self) -> &str {
+        &self.audience
+    }
+
+    /// The public key that verifies this issuer's tokens, as a JWK.
+    pub fn jwk(&self) -> &serde_json::Value {
+        &self.jwk
+    }
+
+    /// The longest lifetime this issuer gives an access token.
+    pub fn max_lifetime(&self) -> i64 {
+        self.max_lifetime
+    }
+
+    /// Signs other claims (an OpenID Connect ID token) with the issuer's key.
+    pub fn sign(&self, claims: &impl Serialize, typ: &str) -> Result<String, AuthError> {
+        let mut header = Header::new(Algorithm::ES256);
+        header.kid = Some(self.kid.clone());
+        header.typ = Some(typ.into());
+        jsonwebtoken::encode(&header, claims, &self.encoding).map_err(|_| AuthError::Setup("signing failed".into()))
     }
 
     /// Signs a new access token. Lifetimes above the configured maximum are refused.

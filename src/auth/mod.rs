@@ -16,6 +16,7 @@ pub mod limiter;
 pub mod oidc;
 pub mod policy;
 pub mod scope;
+pub mod server;
 
 pub use issuer::{Issuer, TokenRequest};
 pub use scope::{Context, Permission, ScopeSet};

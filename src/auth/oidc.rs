@@ -69,6 +69,7 @@ pub struct ExternalProvider {
     http: openidconnect::reqwest::blocking::Client,
     keys: Mutex<Keys>,
     cache: TokenCache,
+    endpoints: ProviderEndpoints,
 }
 
 impl std::fmt::Debug for ExternalProvider {
@@ -79,14 +80,32 @@ impl std::fmt::Debug for ExternalProvider {
     }
 }
 
+/// Where a provider's endpoints are (from its discovery document), for the SMART configuration
+/// this server publishes when the provider signs users in.
+#[derive(Debug, Clone)]
+pub struct ProviderEndpoints {
+    pub issuer: String,
+    pub jwks_uri: String,
+    pub authorization_endpoint: Option<String>,
+    pub token_endpoint: Option<String>,
+}
+
+type KeysByKid = HashMap<String, (DecodingKey, Option<Algorithm>)>;
+
 fn fetch_keys(
     config: &ProviderConfig,
     http: &openidconnect::reqwest::blocking::Client,
-) -> Result<HashMap<String, (DecodingKey, Option<Algorithm>)>, AuthError> {
+) -> Result<(KeysByKid, ProviderEndpoints), AuthError> {
     let issuer =
         IssuerUrl::new(config.issuer.clone()).map_err(|_| AuthError::Setup("oidc issuer is not a URL".into()))?;
     let metadata = CoreProviderMetadata::discover(&issuer, http)
         .map_err(|e| AuthError::Setup(format!("OpenID Connect discovery for {} failed: {e}", config.issuer)))?;
+    let endpoints = ProviderEndpoints {
+        issuer: config.issuer.clone(),
+        jwks_uri: metadata.jwks_uri().url().to_string(),
+        authorization_endpoint: Some(metadata.authorization_endpoint().url().to_string()),
+        token_endpoint: metadata.token_endpoint().map(|t| t.url().to_string()),
+    };
     let mut by_kid = HashMap::new();
     for key in metadata.jwks().keys() {
         let Ok(json) = serde_json::to_value(key) else { continue };
@@ -102,7 +121,7 @@ fn fetch_keys(
             by_kid.insert(kid, (decoding, alg));
         }
     }
-    Ok(by_kid)
+    Ok((by_kid, endpoints))
 }
 
 impl ExternalProvider {
@@ -114,9 +133,10 @@ impl ExternalProvider {
             .timeout(Duration::from_secs(10))
             .build()
             .map_err(|e| AuthError::Setup(format!("HTTP client: {e}")))?;
-        let by_kid = fetch_keys(&config, &http)?;
+        let (by_kid, endpoints) = fetch_keys(&config, &http)?;
         Ok(ExternalProvider {
             config,
+            endpoints,
             http,
             keys: Mutex::new(Keys {
                 by_kid,
@@ -147,7 +167,7 @@ impl ExternalProvider {
         let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
         keys.fetched = Instant::now();
         match fetched {
-            Ok(by_kid) => keys.by_kid = by_kid,
+            Ok((by_kid, _)) => keys.by_kid = by_kid,
             Err(e) => tracing::warn!(issuer = %self.config.issuer, error = %e, "refreshing provider keys failed"),
         }
         keys.by_kid.get(kid).cloned()
@@ -256,5 +276,12 @@ impl Providers {
 
     pub fn is_empty(&self) -> bool {
         self.by_issuer.is_empty()
+    }
+
+    /// The providers' endpoints, by issuer.
+    pub fn metadata(&self) -> Vec<ProviderEndpoints> {
+        let mut out: Vec<ProviderEndpoints> = self.by_issuer.values().map(|p| p.endpoints.clone()).collect();
+        out.sort_by(|a, b| a.issuer.cmp(&b.issuer));
+        out
     }
 }

@@ -9,6 +9,7 @@
 //! that they never spin on `SQLITE_BUSY`; reads go through the pool in parallel (WAL).
 
 pub mod audit;
+pub mod auth;
 pub mod backup;
 pub mod connection;
 pub mod encrypted;
@@ -360,7 +361,9 @@ fn grant_server_role(owner: &mut DbConnection, server: &mut DbConnection) -> Res
          GRANT SELECT, INSERT, DELETE ON search_string, search_token, search_date, search_reference, \
                search_number, search_quantity, search_uri, search_composite, search_pages TO {ident}; \
          GRANT SELECT, INSERT, UPDATE ON search_settings TO {ident}; \
-         GRANT SELECT, INSERT, UPDATE, DELETE ON export_jobs, export_files TO {ident};"
+         GRANT SELECT, INSERT, UPDATE, DELETE ON export_jobs, export_files TO {ident}; \
+         GRANT SELECT, INSERT, UPDATE, DELETE ON auth_users, auth_clients, auth_sessions, auth_codes, \
+               auth_refresh_tokens, auth_launches, auth_assertions, auth_revoked_tokens TO {ident};"
     ))?;
     Ok(())
 }

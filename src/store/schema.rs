@@ -126,3 +126,107 @@ diesel::table! {
         last_id -> Text,
     }
 }
+
+diesel::table! {
+    auth_users (id) {
+        id -> Text,
+        username -> Text,
+        password_hash -> Text,
+        fhir_user -> Nullable<Text>,
+        roles -> Text,
+        totp_secret -> Nullable<Binary>,
+        totp_last_step -> BigInt,
+        disabled -> Bool,
+        failed_logins -> Integer,
+        locked_until -> Nullable<Timestamp>,
+        created_at -> Timestamp,
+    }
+}
+
+diesel::table! {
+    auth_clients (client_id) {
+        client_id -> Text,
+        name -> Text,
+        client_type -> Text,
+        secret_hash -> Nullable<Text>,
+        jwks -> Nullable<Text>,
+        jwks_uri -> Nullable<Text>,
+        redirect_uris -> Text,
+        scopes -> Text,
+        disabled -> Bool,
+        created_at -> Timestamp,
+    }
+}
+
+diesel::table! {
+    auth_sessions (id_hash) {
+        id_hash -> Binary,
+        user_id -> Text,
+        mfa_done -> Bool,
+        amr -> Text,
+        created_at -> Timestamp,
+        last_seen -> Timestamp,
+    }
+}
+
+diesel::table! {
+    auth_codes (code_hash) {
+        code_hash -> Binary,
+        client_id -> Text,
+        user_id -> Text,
+        redirect_uri -> Text,
+        scope -> Text,
+        patient -> Nullable<Text>,
+        encounter -> Nullable<Text>,
+        code_challenge -> Text,
+        nonce -> Nullable<Text>,
+        amr -> Text,
+        auth_time -> Timestamp,
+        expires_at -> Timestamp,
+    }
+}
+
+diesel::table! {
+    auth_refresh_tokens (token_hash) {
+        token_hash -> Binary,
+        family_id -> Text,
+        client_id -> Text,
+        user_id -> Nullable<Text>,
+        scope -> Text,
+        patient -> Nullable<Text>,
+        encounter -> Nullable<Text>,
+        amr -> Text,
+        status -> Text,
+        issued_at -> Timestamp,
+        idle_expires_at -> Timestamp,
+        family_expires_at -> Timestamp,
+    }
+}
+
+diesel::table! {
+    auth_launches (launch_hash) {
+        launch_hash -> Binary,
+        patient -> Nullable<Text>,
+        encounter -> Nullable<Text>,
+        client_id -> Nullable<Text>,
+        expires_at -> Timestamp,
+    }
+}
+
+diesel::table! {
+    auth_assertions (client_id, jti) {
+        client_id -> Text,
+        jti -> Text,
+        expires_at -> Timestamp,
+    }
+}
+
+diesel::table! {
+    auth_revoked_tokens (jti) {
+        jti -> Text,
+        revoked_at -> Timestamp,
+        expires_at -> Timestamp,
+    }
+}
+
+diesel::allow_tables_to_appear_in_same_query!(auth_users, auth_sessions);

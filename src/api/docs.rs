@@ -706,6 +706,90 @@ pub fn document(validator: &Validator, registry: &Registry, base_path: &str) -> 
             .response("200", ResponseBuilder::new().description("OK").build());
         paths = paths.path(path, PathItemBuilder::new().operation(HttpMethod::Get, op).build());
     }
+    // the built-in SMART authorization server (`auth_server`, on by default)
+    let form_body = |fields: &str| {
+        RequestBodyBuilder::new()
+            .required(Some(Required::True))
+            .description(Some(fields.to_string()))
+            .content("application/x-www-form-urlencoded", ContentBuilder::new().build())
+            .build()
+    };
+    let oauth_errors = |op: OperationBuilder| {
+        op.response(
+            "400",
+            ResponseBuilder::new()
+                .description("RFC 6749 error: {\"error\": invalid_request | invalid_grant | unauthorized_client | unsupported_grant_type | invalid_scope, \"error_description\": …}")
+                .build(),
+        )
+        .response(
+            "401",
+            ResponseBuilder::new()
+                .description("invalid_client: client authentication failed (or a replayed or invalid assertion)")
+                .build(),
+        )
+        .response("429", ResponseBuilder::new().description("Too many failed attempts from this address").build())
+    };
+    let json_ok = |d: &str| ResponseBuilder::new().description(d).build();
+    for (path, id, summary, fields, ok) in [
+        (
+            "/auth/token",
+            "oauth-token",
+            "Token endpoint: authorization_code (with PKCE code_verifier), refresh_token (rotating), client_credentials (private_key_jwt RS384/ES384, or a client secret)",
+            "grant_type, code, redirect_uri, code_verifier, refresh_token, scope, client_id, client_secret, client_assertion_type, client_assertion (HTTP Basic also accepted)",
+            "access_token, token_type, expires_in, scope, refresh_token, id_token, patient, encounter, need_patient_banner",
+        ),
+        (
+            "/auth/introspect",
+            "oauth-introspect",
+            "RFC 7662 introspection, for a confidential client or the bearer of a valid token",
+            "token (and client authentication)",
+            "{active, scope, client_id, sub, exp, patient, fhirUser …} or {active: false}",
+        ),
+        (
+            "/auth/revoke",
+            "oauth-revoke",
+            "RFC 7009 revocation of an access token or a refresh token (its whole grant) by the client it was issued to",
+            "token, token_type_hint (and client authentication)",
+            "{} whether or not there was anything to revoke",
+        ),
+    ] {
+        let op = oauth_errors(
+            OperationBuilder::new()
+                .operation_id(Some(id))
+                .tag("authorization")
+                .summary(Some(summary))
+                .request_body(Some(form_body(fields)))
+                .response("200", json_ok(ok)),
+        );
+        paths = paths.path(path, PathItemBuilder::new().operation(HttpMethod::Post, op).build());
+    }
+    for (path, id, summary) in [
+        (
+            "/auth/authorize",
+            "oauth-authorize",
+            "Authorization endpoint (response_type=code, PKCE S256 required, aud, scope, state, launch, nonce): the sign-in, TOTP and consent pages (HTML)",
+        ),
+        ("/auth/userinfo", "oidc-userinfo", "OpenID Connect userinfo of the token's user (sub, preferred_username, fhirUser)"),
+        ("/auth/jwks", "oauth-jwks", "The JWK Set that verifies this server's access and ID tokens"),
+        (
+            "/.well-known/smart-configuration",
+            "smart-configuration",
+            "SMART App Launch 2 configuration (also under the FHIR base)",
+        ),
+        (
+            "/.well-known/openid-configuration",
+            "openid-configuration",
+            "OpenID Connect discovery of the built-in authorization server",
+        ),
+    ] {
+        let op = OperationBuilder::new()
+            .operation_id(Some(id))
+            .tag("authorization")
+            .summary(Some(summary))
+            .response("200", json_ok("OK"))
+            .response("404", json_ok("The built-in authorization server is turned off"));
+        paths = paths.path(path, PathItemBuilder::new().operation(HttpMethod::Get, op).build());
+    }
     let bearer = Http::builder()
         .scheme(HttpAuthScheme::Bearer)
         .bearer_format("JWT")

@@ -177,6 +177,22 @@ async fn audit(
     })
 }
 
+/// Records a sign-in step of a user and an app; `Err` is the page to answer when the audit log
+/// cannot record it (nothing was done).
+async fn audit_user(
+    state: &AppState,
+    req: &HttpRequest,
+    code: &'static str,
+    outcome: Outcome,
+    reason: Option<&str>,
+    user: &UserRow,
+    client_id: &str,
+) -> Result<(), HttpResponse> {
+    audit(state, req, code, outcome, reason, user_agent(user, Some(client_id)))
+        .await
+        .map_err(|_| unavailable())
+}
+
 /// A page that says the audit log could not record the step (nothing was done).
 fn unavailable() -> HttpResponse {
     html(
@@ -404,7 +420,7 @@ pub async fn authorize(req: HttpRequest, state: web::Data<AppState>) -> Result<H
     if let Some(cookie) = session_cookie(&req) {
         let (s2, c2) = (srv.clone(), cookie.clone());
         if let Some((session, user)) = blocking(move || s2.session(&c2).map_err(internal)).await? {
-            if session.mfa_done || (!state.config.auth_mfa_required && user.totp_secret.is_none()) {
+            if signed_in(&state, &session, &user) {
                 return consent_page(&state, &srv, &cookie, &user, &authz, &sealed, "", None).await;
             }
         }
@@ -482,18 +498,8 @@ pub async fn login(req: HttpRequest, state: web::Data<AppState>, body: web::Byte
     let (s2, u2) = (srv.clone(), user.clone());
     let cookie = blocking(move || s2.start_session(&u2, !needs_factor, "pwd").map_err(internal)).await?;
     let mut resp = if !needs_factor {
-        if audit(
-            &state,
-            &req,
-            "login",
-            Outcome::Success,
-            None,
-            user_agent(&user, Some(&authz.client_id)),
-        )
-        .await
-        .is_err()
-        {
-            return Ok(unavailable());
+        if let Err(page) = audit_user(&state, &req, "login", Outcome::Success, None, &user, &authz.client_id).await {
+            return Ok(page);
         }
         consent_page(&state, &srv, &cookie, &user, &authz, &sealed, "", None).await?
     } else if user.totp_secret.is_none() {
@@ -549,23 +555,69 @@ async fn form_session(
         .map(|(s, u)| (cookie, s, u)))
 }
 
+/// A sign-in form post past the checks every step makes: the server is on, the address is not
+/// throttled, the sealed request is intact and current, and the session cookie matches the
+/// form's CSRF field. `Err` holds the page to answer instead.
+struct FormStep {
+    srv: Arc<AuthServer>,
+    form: HashMap<String, String>,
+    sealed: String,
+    authz: AuthzRequest,
+    cookie: String,
+    session: crate::store::auth::SessionRow,
+    user: UserRow,
+}
+
+async fn form_step(
+    req: &HttpRequest,
+    state: &AppState,
+    body: &[u8],
+) -> Result<Result<FormStep, HttpResponse>, ApiError> {
+    let srv = server(state)?;
+    if let Some(retry) = throttled(state, req) {
+        return Ok(Err(too_many(retry, true)));
+    }
+    let Ok(form) = parse_pairs(body) else {
+        return Ok(Err(expired_page()));
+    };
+    let sealed = form.get("request").cloned().unwrap_or_default();
+    let Some(authz) = srv.open_request(&sealed) else {
+        return Ok(Err(expired_page()));
+    };
+    let Some((cookie, session, user)) = form_session(&srv, req, &form).await? else {
+        return Ok(Err(expired_page()));
+    };
+    Ok(Ok(FormStep {
+        srv,
+        form,
+        sealed,
+        authz,
+        cookie,
+        session,
+        user,
+    }))
+}
+
+/// Whether a session has signed in completely (the second factor too, where one is needed).
+fn signed_in(state: &AppState, session: &crate::store::auth::SessionRow, user: &UserRow) -> bool {
+    session.mfa_done || (!state.config.auth_mfa_required && user.totp_secret.is_none())
+}
+
 const CODE_FAILED: &str = "That code is not right (or was already used). Enter the current code.";
 
 /// `POST /auth/mfa`: the second factor of an enrolled user.
 pub async fn mfa(req: HttpRequest, state: web::Data<AppState>, body: web::Bytes) -> Result<HttpResponse, ApiError> {
-    let srv = server(&state)?;
-    if let Some(retry) = throttled(&state, &req) {
-        return Ok(too_many(retry, true));
-    }
-    let Ok(form) = parse_pairs(&body) else {
-        return Ok(expired_page());
-    };
-    let sealed = form.get("request").cloned().unwrap_or_default();
-    let Some(authz) = srv.open_request(&sealed) else {
-        return Ok(expired_page());
-    };
-    let Some((cookie, session, user)) = form_session(&srv, &req, &form).await? else {
-        return Ok(expired_page());
+    let FormStep {
+        srv,
+        form,
+        sealed,
+        authz,
+        cookie,
+        session,
+        user,
+    } = match form_step(&req, &state, &body).await? {
+        Ok(step) => step,
+        Err(page) => return Ok(page),
     };
     if session.mfa_done {
         return consent_page(&state, &srv, &cookie, &user, &authz, &sealed, "", None).await;
@@ -583,18 +635,18 @@ pub async fn mfa(req: HttpRequest, state: web::Data<AppState>, body: web::Bytes)
     .await?;
     if !ok {
         count_failure(&state, &req);
-        if audit(
+        if let Err(page) = audit_user(
             &state,
             &req,
             "login-failure",
             Outcome::MinorFailure,
             Some("wrong second factor"),
-            user_agent(&user, Some(&authz.client_id)),
+            &user,
+            &authz.client_id,
         )
         .await
-        .is_err()
         {
-            return Ok(unavailable());
+            return Ok(page);
         }
         return Ok(html(
             StatusCode::UNAUTHORIZED,
@@ -616,18 +668,8 @@ async fn finish_sign_in(
     sealed: &str,
     event: &'static str,
 ) -> Result<HttpResponse, ApiError> {
-    if audit(
-        state,
-        req,
-        event,
-        Outcome::Success,
-        None,
-        user_agent(user, Some(&authz.client_id)),
-    )
-    .await
-    .is_err()
-    {
-        return Ok(unavailable());
+    if let Err(page) = audit_user(state, req, event, Outcome::Success, None, user, &authz.client_id).await {
+        return Ok(page);
     }
     let (s2, c2) = (srv.clone(), cookie.to_string());
     blocking(move || s2.complete_session(&c2, "pwd otp mfa").map_err(internal)).await?;
@@ -636,19 +678,17 @@ async fn finish_sign_in(
 
 /// `POST /auth/mfa/enrol`: the first code from a newly added authenticator.
 pub async fn enrol(req: HttpRequest, state: web::Data<AppState>, body: web::Bytes) -> Result<HttpResponse, ApiError> {
-    let srv = server(&state)?;
-    if let Some(retry) = throttled(&state, &req) {
-        return Ok(too_many(retry, true));
-    }
-    let Ok(form) = parse_pairs(&body) else {
-        return Ok(expired_page());
-    };
-    let sealed = form.get("request").cloned().unwrap_or_default();
-    let Some(authz) = srv.open_request(&sealed) else {
-        return Ok(expired_page());
-    };
-    let Some((cookie, session, user)) = form_session(&srv, &req, &form).await? else {
-        return Ok(expired_page());
+    let FormStep {
+        srv,
+        form,
+        sealed,
+        authz,
+        cookie,
+        session,
+        user,
+    } = match form_step(&req, &state, &body).await? {
+        Ok(step) => step,
+        Err(page) => return Ok(page),
     };
     if session.mfa_done || user.totp_secret.is_some() {
         return Ok(expired_page());
@@ -661,18 +701,18 @@ pub async fn enrol(req: HttpRequest, state: web::Data<AppState>, body: web::Byte
         count_failure(&state, &req);
         return enrol_page(&srv, &cookie, &user, &sealed, Some(&pending), Some(CODE_FAILED));
     }
-    if audit(
+    if let Err(page) = audit_user(
         &state,
         &req,
         "mfa-enrol",
         Outcome::Success,
         None,
-        user_agent(&user, Some(&authz.client_id)),
+        &user,
+        &authz.client_id,
     )
     .await
-    .is_err()
     {
-        return Ok(unavailable());
+        return Ok(page);
     }
     finish_sign_in(&state, &req, &srv, &cookie, &user, &authz, &sealed, "login").await
 }
@@ -853,7 +893,7 @@ pub async fn consent_search(req: HttpRequest, state: web::Data<AppState>) -> Res
     let Some((session, user)) = blocking(move || s2.session(&c2).map_err(internal)).await? else {
         return Ok(expired_page());
     };
-    if !session.mfa_done && (state.config.auth_mfa_required || user.totp_secret.is_some()) {
+    if !signed_in(&state, &session, &user) {
         return Ok(expired_page());
     }
     let q = params.get("q").cloned().unwrap_or_default();
@@ -862,33 +902,34 @@ pub async fn consent_search(req: HttpRequest, state: web::Data<AppState>) -> Res
 
 /// `POST /auth/consent`: allow (with the chosen patient) or deny; back to the application.
 pub async fn consent(req: HttpRequest, state: web::Data<AppState>, body: web::Bytes) -> Result<HttpResponse, ApiError> {
-    let srv = server(&state)?;
-    let Ok(form) = parse_pairs(&body) else {
-        return Ok(expired_page());
+    let FormStep {
+        srv,
+        form,
+        sealed,
+        authz,
+        cookie,
+        session,
+        user,
+    } = match form_step(&req, &state, &body).await? {
+        Ok(step) => step,
+        Err(page) => return Ok(page),
     };
-    let sealed = form.get("request").cloned().unwrap_or_default();
-    let Some(authz) = srv.open_request(&sealed) else {
-        return Ok(expired_page());
-    };
-    let Some((cookie, session, user)) = form_session(&srv, &req, &form).await? else {
-        return Ok(expired_page());
-    };
-    if !session.mfa_done && (state.config.auth_mfa_required || user.totp_secret.is_some()) {
+    if !signed_in(&state, &session, &user) {
         return Ok(expired_page());
     }
     if form.get("decision").map(String::as_str) != Some("allow") {
-        if audit(
+        if let Err(page) = audit_user(
             &state,
             &req,
             "consent-denied",
             Outcome::Success,
             None,
-            user_agent(&user, Some(&authz.client_id)),
+            &user,
+            &authz.client_id,
         )
         .await
-        .is_err()
         {
-            return Ok(unavailable());
+            return Ok(page);
         }
         return Ok(see_other(&srv.deny(&authz, "access_denied", "the user denied access")));
     }
@@ -933,18 +974,8 @@ pub async fn consent(req: HttpRequest, state: web::Data<AppState>, body: web::By
             .map_err(internal)
     })
     .await?;
-    if audit(
-        &state,
-        &req,
-        "consent",
-        Outcome::Success,
-        None,
-        user_agent(&user, Some(&authz.client_id)),
-    )
-    .await
-    .is_err()
-    {
-        return Ok(unavailable());
+    if let Err(page) = audit_user(&state, &req, "consent", Outcome::Success, None, &user, &authz.client_id).await {
+        return Ok(page);
     }
     Ok(see_other(&location))
 }

@@ -22,8 +22,9 @@ Areas:
                 token revokes its grant) and revocation; a backend service signing its own RS384 and ES384
                 assertions with jwcrypto (PyPI) searches, and a replayed assertion is refused
   external-idp  oidc-provider (npm, a certified OpenID provider) on loopback as fhirvault's external
-                issuer: its client-credentials JWTs are accepted with their scopes, and refused when
-                minted for another audience
+                issuer (the built-in authorization server off: the SMART configuration and the
+                CapabilityStatement name the provider): its client-credentials JWTs are accepted with
+                their scopes, and refused when minted for another audience
   validate      every official example (and every conformance resource of the package) through
                 `$validate`: no error issues, and every issue with a severity and an expression
   r4-validity   every response validated by fhir.resources
@@ -509,7 +510,8 @@ def area_external_idp(binary):
     try:
         if not wait_for(f"{issuer}/.well-known/openid-configuration", tries=100):
             raise RuntimeError("oidc-provider did not start")
-        server = Server(binary, config=f'[[oidc_provider]]\nissuer = "{issuer}"\naudience = "{audience}"\n')
+        # the provider signs users in: the built-in authorization server is turned off
+        server = Server(binary, config=f'auth_server = false\n[[oidc_provider]]\nissuer = "{issuer}"\naudience = "{audience}"\n')
         base = server.base
 
         def token(scope, resource=audience):
@@ -548,6 +550,17 @@ def area_external_idp(binary):
             r = session(f"{head}.{forged}.{sig}").get(f"{base}/Patient")
             expect(r.status_code == 401, f"a token with an edited payload: {r.status_code}")
 
+        def advertised_instead_of_the_built_in_server():
+            provider_meta = requests.get(f"{issuer}/.well-known/openid-configuration").json()
+            smart = requests.get(f"{base}/.well-known/smart-configuration").json()
+            expect(smart["token_endpoint"] == provider_meta["token_endpoint"], f"token endpoint {smart.get('token_endpoint')}")
+            expect(smart["issuer"] == issuer, "the provider is the issuer")
+            expect(requests.get(f"{server.root}/auth/authorize").status_code == 404, "no built-in /auth/authorize")
+            cs = requests.get(f"{base}/metadata").json()
+            uris = {e["url"]: e["valueUri"] for e in cs["rest"][0]["security"]["extension"][0]["extension"]}
+            expect(uris.get("token") == provider_meta["token_endpoint"], f"CapabilityStatement oauth-uris {uris}")
+
+        RESULTS.check("external-idp", "advertised instead of the built-in server", advertised_instead_of_the_built_in_server)
         RESULTS.check("external-idp", "accepted with its scopes", accepted_with_its_scopes)
         RESULTS.check("external-idp", "narrower scope", narrower_scope)
         RESULTS.check("external-idp", "wrong audience refused", wrong_audience_refused)

@@ -366,6 +366,15 @@ fn standalone_launch_with_pkce_totp_and_picker(db: Db) {
     assert!(claims["amr"].as_array().unwrap().iter().any(|m| m == "mfa"));
     assert_eq!(claims["fhirUser"], "Practitioner/doc-1");
 
+    // the TOTP secret is at rest only sealed: neither its bytes nor its base32 text are stored
+    let at_rest = s.db.bytes_at_rest();
+    let text = match totp_rs::Secret::Raw(secret.clone()).to_encoded() {
+        totp_rs::Secret::Encoded(t) => t,
+        totp_rs::Secret::Raw(_) => unreachable!(),
+    };
+    assert!(!at_rest.windows(secret.len()).any(|w| w == secret.as_slice()));
+    assert!(!at_rest.windows(text.len()).any(|w| w == text.as_bytes()));
+
     // every step is in the audit log
     assert_eq!(events(&s, "login"), 1);
     assert_eq!(events(&s, "mfa-enrol"), 1);
@@ -607,6 +616,61 @@ fn backend_services_private_key_jwt(db: Db) {
         let old = assertion(&s, key, alg, key, -60, &format!("old-{key}"), None);
         assert_eq!(client_credentials(&s, &old, "system/Patient.rs").0, 401);
     }
+    // keys published by the client at a URL (fetched by the server, then cached)
+    let jwks = std::fs::read_to_string(format!(
+        "{}/tests/data/oauth/client-rs384.jwks.json",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let jwks_uri = format!("http://{}/jwks.json", listener.local_addr().unwrap());
+    let fetches = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = fetches.clone();
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        for mut conn in listener.incoming().flatten() {
+            let mut buf = [0u8; 2048];
+            let _ = conn.read(&mut buf);
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let _ = write!(
+                conn,
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{jwks}",
+                jwks.len()
+            );
+        }
+    });
+    s.store
+        .auth_client_add(&ClientRow {
+            client_id: "by-url".into(),
+            name: "by-url".into(),
+            client_type: "confidential".into(),
+            secret_hash: None,
+            jwks: None,
+            jwks_uri: Some(jwks_uri),
+            redirect_uris: String::new(),
+            scopes: "system/Patient.rs".into(),
+            disabled: false,
+            created_at: fhirvault::store::now(),
+        })
+        .unwrap();
+    for n in 0..2 {
+        let a = assertion(
+            &s,
+            "by-url",
+            Algorithm::RS384,
+            "client-rs384",
+            240,
+            &format!("url-{n}"),
+            None,
+        );
+        assert_eq!(client_credentials(&s, &a, "system/Patient.rs").0, 200);
+    }
+    assert_eq!(
+        fetches.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "the key set is cached"
+    );
+
     // RS256 (not RS384) is refused; a key the client did not register is refused
     let rs256 = assertion(&s, "client-rs384", Algorithm::RS256, "client-rs384", 240, "rs256", None);
     assert_eq!(client_credentials(&s, &rs256, "system/Patient.rs").0, 401);
@@ -808,6 +872,23 @@ fn ehr_launch_and_patient_users(db: Db) {
         &[("launch", &value)],
     ));
     assert_eq!(p.query()["error"], "invalid_request");
+
+    // a grant without user-level Patient read lets the practitioner choose no patient
+    add_user(&s, "narrow", Some("Practitioner/doc-3"));
+    let (_, challenge) = pkce();
+    let mut b = Browser::new(&s);
+    let (consent, _) = sign_in(
+        &mut b,
+        &s,
+        "narrow",
+        None,
+        &authorize_path(&s, "launch/patient patient/*.rs", &challenge, &[]),
+    );
+    assert!(consent.body.contains("Choose the patient"));
+    assert!(consent.body.contains("No patient you may access matches"));
+    assert!(!consent.body.contains("name=\"patient\" value="));
+    let refused = b.post_with("/auth/consent", &consent, &[("decision", "allow"), ("patient", &pid)]);
+    assert_eq!(refused.status, 400, "a patient the picker did not offer");
 
     // a patient signs in: their own compartment, no picker, no user-level scopes
     add_user(&s, "ada", Some(&format!("Patient/{pid}")));
@@ -1055,7 +1136,123 @@ fn admin_commands(db: Db) {
     }
 }
 
+/// `serve` on an empty data directory creates `admin` with a generated password, printed once on
+/// standard output and never in the log; the password signs in; the next start prints none.
+fn first_run_bootstrap(db: Db) {
+    let t = common::TestDb::new(db);
+    let data = t.dir.path().join("data");
+    let fhirvault = || {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_fhirvault"));
+        c.arg("--data-dir")
+            .arg(&data)
+            .arg("--database-url")
+            .arg(&t.database_url);
+        c
+    };
+    // starts `serve`, waits until it answers; returns it with its root URL and its output files
+    let serve = |tag: &str| {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let out = t.dir.path().join(format!("{tag}.out"));
+        let err = t.dir.path().join(format!("{tag}.err"));
+        let child = fhirvault()
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .stdout(std::fs::File::create(&out).unwrap())
+            .stderr(std::fs::File::create(&err).unwrap())
+            .spawn()
+            .unwrap();
+        let root = format!("http://127.0.0.1:{port}");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while reqwest::blocking::get(format!("{root}/healthz")).is_err() {
+            assert!(std::time::Instant::now() < deadline, "the server did not start");
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        (child, root, out, err)
+    };
+    let (mut child, root, out, err) = serve("first");
+    let printed = std::fs::read_to_string(&out).unwrap();
+    let password = printed
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("password  "))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no generated password printed: {printed}"))
+        .to_string();
+    assert_eq!(password.len(), 20);
+    assert!(printed.contains("username  admin"));
+    // the password signs in (an app registered by the CLI meanwhile)
+    let added = fhirvault()
+        .args([
+            "admin",
+            "client",
+            "add",
+            APP,
+            "--redirect-uri",
+            REDIRECT,
+            "--scope",
+            "openid user/Patient.rs",
+        ])
+        .output()
+        .unwrap();
+    assert!(added.status.success(), "{}", String::from_utf8_lossy(&added.stderr));
+    let http = Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let (_, challenge) = pkce();
+    let page = http
+        .get(format!("{root}/auth/authorize"))
+        .query(&[
+            ("response_type", "code"),
+            ("client_id", APP),
+            ("redirect_uri", REDIRECT),
+            ("scope", "openid user/Patient.rs"),
+            ("aud", &format!("{root}/fhir")),
+            ("code_challenge", &challenge),
+            ("code_challenge_method", "S256"),
+        ])
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    let request = page
+        .split("name=\"request\" value=\"")
+        .nth(1)
+        .unwrap()
+        .split('"')
+        .next()
+        .unwrap();
+    let login = |pw: &str| {
+        http.post(format!("{root}/auth/login"))
+            .form(&[("request", request), ("username", "admin"), ("password", pw)])
+            .send()
+            .unwrap()
+    };
+    let r = login(&password);
+    assert_eq!(r.status(), 200);
+    assert!(
+        r.text().unwrap().contains("/auth/mfa/enrol"),
+        "the admin enrols a second factor"
+    );
+    assert_eq!(login("not the password").status(), 401);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        !std::fs::read_to_string(&err).unwrap().contains(&password),
+        "the password is never logged"
+    );
+    // the next start creates nobody and prints no password
+    let (mut again, _, out, _) = serve("second");
+    let printed = std::fs::read_to_string(&out).unwrap();
+    again.kill().unwrap();
+    again.wait().unwrap();
+    assert!(!printed.contains("password"), "{printed}");
+}
+
 on_both_backends!(
+    first_run_bootstrap,
     standalone_launch_with_pkce_totp_and_picker,
     authorize_request_rules,
     refresh_rotation_and_lifetimes,

@@ -155,6 +155,14 @@ pub fn build_state(config: Config) -> anyhow::Result<AppState> {
     );
     let mut state = state;
     if state.config.auth_server {
+        if state.config.public_url.is_none() && !state.config.listen.ip().is_loopback() {
+            // the token endpoint's own URL (the `aud` of client assertions) would come from each
+            // request's Host header: an assertion made for another server could be replayed here
+            tracing::warn!(
+                "public_url is not set: the authorization server derives its URLs from the Host header; \
+                 set public_url in production"
+            );
+        }
         let server = Arc::new(open_auth_server(&state.config, &state.store, &state.issuer)?);
         start_revocation_reloader(&server, &state.store);
         state.auth_server = Some(server);

@@ -393,6 +393,10 @@ fn standalone_launch_with_pkce_totp_and_picker(db: Db) {
     assert_eq!(consent.status, 200);
     let denied = b2.post_with("/auth/consent", &consent, &[("decision", "deny")]);
     assert_eq!(denied.query()["error"], "access_denied");
+    // a signed-in browser goes straight to consent; after signing out, back to the login form
+    assert!(b2.get(&auth).body.contains("Allow access?"));
+    assert_eq!(b2.post("/auth/logout", &[]).status, 200);
+    assert!(b2.get(&auth).body.contains("name=\"username\""));
 }
 
 fn authorize_request_rules(db: Db) {

@@ -166,6 +166,23 @@ fn rotation(s: &TestServer, env: &[(&str, String)]) {
     // an audit search, whose query is sealed inside its event
     assert_eq!(s.get("/AuditEvent?subtype=create").status, 200);
     s.auditor.flush_blocking().unwrap();
+    // a user's TOTP secret, sealed with the content key
+    let mut user = fhirvault::auth::server::new_user("rotated", "a long enough password", None, &[]).unwrap();
+    let totp: Vec<u8> = (1..=20).collect();
+    user.totp_secret = Some(fhirvault::auth::server::seal_totp(s.store.cipher(), &user.id, &totp).unwrap());
+    s.store.auth_user_add(&user).unwrap();
+    let totp_under = |store: &fhirvault::store::Store, cipher: &fhirvault::crypto::Cipher| {
+        let sealed = store.auth_user(&user.id).unwrap().unwrap().totp_secret.unwrap();
+        let sealed = fhirvault::crypto::Sealed::from_stored(sealed);
+        let aad = fhirvault::crypto::Aad {
+            table: "auth_users",
+            resource_type: "totp",
+            logical_id: &user.id,
+            version_id: 0,
+        };
+        assert_eq!(cipher.open(&aad, &sealed).unwrap(), totp, "the TOTP secret opens");
+        sealed.key_version()
+    };
 
     let out = run(s, env, &["keys", "rotate"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -202,6 +219,11 @@ fn rotation(s: &TestServer, env: &[(&str, String)]) {
         )
         .unwrap();
     assert_eq!(page.entries.len(), 4 * 2 + 1);
+    assert_eq!(
+        totp_under(&store, &cipher),
+        Some(2),
+        "the TOTP secret is re-encrypted too"
+    );
     assert!(page
         .entries
         .iter()
@@ -251,4 +273,6 @@ fn rotation(s: &TestServer, env: &[(&str, String)]) {
     for id in &ids[..3] {
         assert!(store.read(&Access::All, "Patient", id).is_ok());
     }
+    let cipher = fhirvault::server::open_cipher(&s.config).unwrap();
+    assert_eq!(totp_under(&store, &cipher), Some(3));
 }

@@ -441,6 +441,13 @@ impl std::fmt::Debug for Config {
 }
 
 impl Config {
+    /// The scheme, host and port of `public_url` (without its path), when one is configured.
+    pub fn public_origin(&self) -> Option<&str> {
+        let u = self.public_url.as_deref()?;
+        let after_scheme = u.find("://").map_or(0, |i| i + 3);
+        Some(&u[..u[after_scheme..].find('/').map_or(u.len(), |i| after_scheme + i)])
+    }
+
     pub fn resolve(layer: ConfigLayer) -> Result<Config, ConfigError> {
         let listen_s = layer.listen.unwrap_or_else(|| "127.0.0.1:8080".into());
         let listen: SocketAddr = listen_s

@@ -61,13 +61,7 @@ pub const ORIGIN_PLACEHOLDER: &str = "https://origin.fhirvault.invalid";
 fn security(config: &Config, providers: &crate::auth::oidc::Providers) -> Value {
     let description = "Every interaction but capabilities requires an OAuth 2 bearer token whose SMART App Launch \
         scopes allow it (see .well-known/smart-configuration).";
-    let origin = match &config.public_url {
-        Some(u) => {
-            let after = u.find("://").map_or(0, |i| i + 3);
-            u[..u[after..].find('/').map_or(u.len(), |i| after + i)].to_string()
-        }
-        None => ORIGIN_PLACEHOLDER.to_string(),
-    };
+    let origin = config.public_origin().unwrap_or(ORIGIN_PLACEHOLDER);
     let uris: Vec<(&str, String)> = if config.auth_server {
         ["authorize", "token", "introspect", "revoke"]
             .iter()

@@ -306,14 +306,8 @@ pub fn app(
                 .route("", web::get().to(docs::to_docs_index))
                 .service(docs::swagger_ui()),
         )
-        .route(
-            "/.well-known/smart-configuration",
-            web::get().to(smart::smart_configuration),
-        )
-        .route(
-            "/.well-known/openid-configuration",
-            web::get().to(smart::openid_configuration),
-        )
+        // the discovery documents at the root and under the FHIR base (SMART clients look there)
+        .configure(smart::well_known)
         .route("/.well-known/jwks.json", web::get().to(smart::jwks))
         .service(
             // the sign-in pages: one same-origin stylesheet, no scripts, never framed
@@ -339,14 +333,7 @@ pub fn app(
         )
         .service(
             web::scope(&base)
-                .route(
-                    "/.well-known/smart-configuration",
-                    web::get().to(smart::smart_configuration),
-                )
-                .route(
-                    "/.well-known/openid-configuration",
-                    web::get().to(smart::openid_configuration),
-                )
+                .configure(smart::well_known)
                 .default_service(web::to(route::dispatch)),
         )
         .default_service(web::to(not_found))

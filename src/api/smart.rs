@@ -23,12 +23,8 @@ const FORM: &str = "application/x-www-form-urlencoded";
 
 /// Scheme, host and port the server is reached at (the public URL's, when configured).
 pub fn origin(state: &AppState, req: &HttpRequest) -> String {
-    match &state.config.public_url {
-        Some(u) => {
-            let after_scheme = u.find("://").map_or(0, |i| i + 3);
-            let end = u[after_scheme..].find('/').map_or(u.len(), |i| after_scheme + i);
-            u[..end].to_string()
-        }
+    match state.config.public_origin() {
+        Some(o) => o.to_string(),
         None => {
             let info = req.connection_info();
             format!("{}://{}", info.scheme(), info.host())
@@ -281,6 +277,12 @@ fn user_agent(user: &UserRow, client_id: Option<&str>) -> impl FnOnce(&mut Agent
 }
 
 // ---- well-known documents ----
+
+/// Registers the discovery documents (on the root and on the FHIR base alike).
+pub fn well_known(cfg: &mut web::ServiceConfig) {
+    cfg.route("/.well-known/smart-configuration", web::get().to(smart_configuration))
+        .route("/.well-known/openid-configuration", web::get().to(openid_configuration));
+}
 
 /// `GET [base]/.well-known/smart-configuration` (and at the root): SMART App Launch 2.
 pub async fn smart_configuration(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {

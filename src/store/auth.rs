@@ -138,6 +138,21 @@ const SPENT: &str = "spent";
 const REVOKED: &str = "revoked";
 
 impl Store {
+    /// One write statement: atomic by itself, so without BEGIN and COMMIT around it (one round
+    /// trip on PostgreSQL), and serialized with every other write on SQLite.
+    fn auth_exec(
+        &self,
+        f: impl FnOnce(&mut super::DbConnection) -> diesel::QueryResult<usize>,
+    ) -> Result<usize, StoreError> {
+        let _guard = match self.backend {
+            super::Backend::Sqlite => Some(self.sqlite_writer.lock().unwrap_or_else(|p| p.into_inner())),
+            super::Backend::Postgres => None,
+        };
+        let mut conn = self.checkout(&Access::All)?;
+        let result = f(&mut conn.conn).map_err(StoreError::from);
+        super::note(&mut conn, result)
+    }
+
     fn auth_read<T>(&self, f: impl FnOnce(&mut super::DbConnection) -> Result<T, StoreError>) -> Result<T, StoreError> {
         let mut conn = self.checkout(&Access::All)?;
         let result = f(&mut conn.conn);
@@ -150,7 +165,7 @@ impl Store {
 
     /// Adds a user (a unique violation if the username is taken).
     pub fn auth_user_add(&self, user: &NewUser) -> Result<(), StoreError> {
-        self.write_tx(&Access::All, |c| {
+        self.auth_exec(|c| {
             diesel::insert_into(au::table)
                 .values((
                     au::id.eq(&user.id),
@@ -161,9 +176,9 @@ impl Store {
                     au::totp_secret.eq(&user.totp_secret),
                     au::created_at.eq(super::now()),
                 ))
-                .execute(c)?;
-            Ok(())
+                .execute(c)
         })
+        .map(|_| ())
     }
 
     pub fn auth_user_by_name(&self, username: &str) -> Result<Option<UserRow>, StoreError> {
@@ -225,23 +240,21 @@ impl Store {
     /// Stores the (sealed) TOTP secret of a user who just proved they hold it, and the time
     /// step of that proof (never accepted again). False if the user enrolled meanwhile.
     pub fn auth_user_enrol_totp(&self, id: &str, sealed_secret: &[u8], step: i64) -> Result<bool, StoreError> {
-        self.write_tx(&Access::All, |c| {
-            let n = diesel::update(au::table.find(id).filter(au::totp_secret.is_null()))
+        Ok(self.auth_exec(|c| {
+            diesel::update(au::table.find(id).filter(au::totp_secret.is_null()))
                 .set((au::totp_secret.eq(sealed_secret), au::totp_last_step.eq(step)))
-                .execute(c)?;
-            Ok(n == 1)
-        })
+                .execute(c)
+        })? == 1)
     }
 
     /// Accepts a TOTP time step for the user only if it is later than every step accepted
     /// before: a code (even a valid one) works once.
     pub fn auth_user_accept_totp_step(&self, id: &str, step: i64) -> Result<bool, StoreError> {
-        self.write_tx(&Access::All, |c| {
-            let n = diesel::update(au::table.find(id).filter(au::totp_last_step.lt(step)))
+        Ok(self.auth_exec(|c| {
+            diesel::update(au::table.find(id).filter(au::totp_last_step.lt(step)))
                 .set(au::totp_last_step.eq(step))
-                .execute(c)?;
-            Ok(n == 1)
-        })
+                .execute(c)
+        })? == 1)
     }
 
     /// Counts a failed sign-in; at `max_failures` in a row the account is locked until `until`.
@@ -258,15 +271,15 @@ impl Store {
     }
 
     pub fn auth_user_login_succeeded(&self, id: &str) -> Result<(), StoreError> {
-        self.write_tx(&Access::All, |c| {
+        self.auth_exec(|c| {
             diesel::update(au::table.find(id))
                 .set((au::failed_logins.eq(0), au::locked_until.eq(None::<NaiveDateTime>)))
-                .execute(c)?;
-            Ok(())
+                .execute(c)
         })
+        .map(|_| ())
     }
 
-    /// Every sealed TOTP secret under a key version other than `current`, for re-encryption.
+    /// Every sealed TOTP secret with its user (key rotation re-encrypts those under old keys).
     pub fn auth_totp_secrets(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         self.auth_read(|c| {
             let rows: Vec<(String, Option<Vec<u8>>)> = au::table
@@ -279,19 +292,16 @@ impl Store {
 
     /// Replaces a sealed TOTP secret with its re-encryption (only if it is still `old`).
     pub fn auth_replace_totp_secret(&self, id: &str, old: &[u8], new: &[u8]) -> Result<bool, StoreError> {
-        self.write_tx(&Access::All, |c| {
-            let n = diesel::update(au::table.find(id).filter(au::totp_secret.eq(old)))
+        Ok(self.auth_exec(|c| {
+            diesel::update(au::table.find(id).filter(au::totp_secret.eq(old)))
                 .set(au::totp_secret.eq(new))
-                .execute(c)?;
-            Ok(n == 1)
-        })
+                .execute(c)
+        })? == 1)
     }
 
     pub fn auth_client_add(&self, client: &ClientRow) -> Result<(), StoreError> {
-        self.write_tx(&Access::All, |c| {
-            diesel::insert_into(ac::table).values(client).execute(c)?;
-            Ok(())
-        })
+        self.auth_exec(|c| diesel::insert_into(ac::table).values(client).execute(c))
+            .map(|_| ())
     }
 
     pub fn auth_client(&self, client_id: &str) -> Result<Option<ClientRow>, StoreError> {
@@ -330,7 +340,7 @@ impl Store {
         amr: &str,
     ) -> Result<(), StoreError> {
         let now = super::now();
-        self.write_tx(&Access::All, |c| {
+        self.auth_exec(|c| {
             diesel::insert_into(asess::table)
                 .values((
                     asess::id_hash.eq(id_hash),
@@ -340,9 +350,9 @@ impl Store {
                     asess::created_at.eq(now),
                     asess::last_seen.eq(now),
                 ))
-                .execute(c)?;
-            Ok(())
+                .execute(c)
         })
+        .map(|_| ())
     }
 
     /// The session, if it has been used since `idle_since` and its user is enabled; its last
@@ -373,26 +383,22 @@ impl Store {
 
     /// The second factor was verified: the session is complete.
     pub fn auth_session_complete(&self, id_hash: &[u8], amr: &str) -> Result<(), StoreError> {
-        self.write_tx(&Access::All, |c| {
+        self.auth_exec(|c| {
             diesel::update(asess::table.find(id_hash))
                 .set((asess::mfa_done.eq(true), asess::amr.eq(amr)))
-                .execute(c)?;
-            Ok(())
+                .execute(c)
         })
+        .map(|_| ())
     }
 
     pub fn auth_session_end(&self, id_hash: &[u8]) -> Result<(), StoreError> {
-        self.write_tx(&Access::All, |c| {
-            diesel::delete(asess::table.find(id_hash)).execute(c)?;
-            Ok(())
-        })
+        self.auth_exec(|c| diesel::delete(asess::table.find(id_hash)).execute(c))
+            .map(|_| ())
     }
 
     pub fn auth_code_add(&self, code: &CodeRow) -> Result<(), StoreError> {
-        self.write_tx(&Access::All, |c| {
-            diesel::insert_into(acode::table).values(code).execute(c)?;
-            Ok(())
-        })
+        self.auth_exec(|c| diesel::insert_into(acode::table).values(code).execute(c))
+            .map(|_| ())
     }
 
     /// Takes an authorization code: it is deleted by the same transaction that returns it, so
@@ -415,10 +421,8 @@ impl Store {
     }
 
     pub fn auth_refresh_add(&self, row: &RefreshRow) -> Result<(), StoreError> {
-        self.write_tx(&Access::All, |c| {
-            diesel::insert_into(ar::table).values(row).execute(c)?;
-            Ok(())
-        })
+        self.auth_exec(|c| diesel::insert_into(ar::table).values(row).execute(c))
+            .map(|_| ())
     }
 
     /// Presents a refresh token: an active one within its lifetimes is spent and `next_hash`
@@ -480,19 +484,17 @@ impl Store {
 
     /// Revokes the family of a refresh token (RFC 7009: revoking one revokes the grant).
     pub fn auth_refresh_revoke_family(&self, family_id: &str) -> Result<(), StoreError> {
-        self.write_tx(&Access::All, |c| {
+        self.auth_exec(|c| {
             diesel::update(ar::table.filter(ar::family_id.eq(family_id)))
                 .set(ar::status.eq(REVOKED))
-                .execute(c)?;
-            Ok(())
+                .execute(c)
         })
+        .map(|_| ())
     }
 
     pub fn auth_launch_add(&self, launch: &LaunchRow) -> Result<(), StoreError> {
-        self.write_tx(&Access::All, |c| {
-            diesel::insert_into(al::table).values(launch).execute(c)?;
-            Ok(())
-        })
+        self.auth_exec(|c| diesel::insert_into(al::table).values(launch).execute(c))
+            .map(|_| ())
     }
 
     /// Takes a launch value (once): its context, if it exists and has not expired.

@@ -6,6 +6,11 @@
 //! the ratio audit-on / audit-off, and the audit events made durable per commit of the writer
 //! (and, on PostgreSQL, per WAL fsync counted by `pg_stat_wal` in the same window).
 //!
+//! A third server over the same store measures the durability floor: its auditor seals each
+//! event as the real one does and makes every batch durable with one `fdatasync` of a plain
+//! file, and does nothing else (no database, no chain, no index). No design that answers only
+//! once the read's event is durable can do better on the machine the bench runs on.
+//!
 //! Run: `cargo bench --bench audit` (optionally `BENCH_SECS=5 BENCH_ROWS=5000`).
 
 #[path = "../tests/common/mod.rs"]
@@ -65,6 +70,33 @@ fn bench_backend(db: Db, rows: u64, secs: u64) -> serde_json::Value {
         fhirvault::server::shared_structures(&config).unwrap(),
     );
     let off_addr = serve(unaudited, config.workers);
+    // the same again, with an auditor that only makes each batch of sealed events durable in
+    // a plain file: the floor of any design that answers only once the event is durable
+    let streams: usize = env_num("BENCH_FLOOR_STREAMS", 1) as usize;
+    let floor_files: Vec<_> = (0..streams.max(1))
+        .map(|i| std::env::temp_dir().join(format!("fhirvault-audit-floor-{}-{i}.bin", std::process::id())))
+        .collect();
+    let floor_auditor = Arc::new(
+        fhirvault::audit::Auditor::durability_floor(
+            s.store.shared_cipher(),
+            fhirvault::server::audit_source(&config),
+            &floor_files,
+        )
+        .unwrap(),
+    );
+    let floor_state = fhirvault::api::AppState::new(
+        config.clone(),
+        s.store.clone(),
+        fhirvault::server::shared_validator().unwrap(),
+        s.issuer.clone(),
+        Arc::new(fhirvault::fhir::compartment::PatientCompartment::r4().unwrap()),
+        Arc::new(Default::default()),
+        Default::default(),
+        floor_auditor.clone(),
+        fhirvault::server::shared_registry(&config).unwrap(),
+        fhirvault::server::shared_structures(&config).unwrap(),
+    );
+    let floor_addr = serve(floor_state, config.workers);
     let token = s.token("system/*.cruds", None);
     let reads = |addr: std::net::SocketAddr, conc: usize| {
         throughput(
@@ -105,6 +137,13 @@ fn bench_backend(db: Db, rows: u64, secs: u64) -> serde_json::Value {
         let per_commit = events as f64 / commits.max(1) as f64;
         let commit_ms = (stats.commit_micros.load(Ordering::Relaxed) - cm0) as f64 / 1000.0 / commits.max(1) as f64;
         let linger_ms = (stats.linger_micros.load(Ordering::Relaxed) - lm0) as f64 / 1000.0 / commits.max(1) as f64;
+        let (fc0, fe0) = (
+            floor_auditor.stats().commits.load(Ordering::Relaxed),
+            floor_auditor.stats().events.load(Ordering::Relaxed),
+        );
+        let floor = reads(floor_addr, conc);
+        let floor_per_sync = (floor_auditor.stats().events.load(Ordering::Relaxed) - fe0) as f64
+            / (floor_auditor.stats().commits.load(Ordering::Relaxed) - fc0).max(1) as f64;
         let per_fsync = match (syncs0, syncs1) {
             (Some(a), Some(b)) if b > a => Some(events as f64 / (b - a) as f64),
             _ => None,
@@ -113,6 +152,10 @@ fn bench_backend(db: Db, rows: u64, secs: u64) -> serde_json::Value {
             "  c{conc:<2} reads/s audit off {off:>7.0}  audit on {on:>7.0}  ratio {:.2}  events/commit {per_commit:>5.1}  ms/commit {commit_ms:.2}  linger ms {linger_ms:.2}{}",
             on / off,
             per_fsync.map(|f| format!("  events/WAL fsync {f:.1}")).unwrap_or_default()
+        );
+        eprintln!(
+            "      durability floor (sealed events fdatasync'd to a file, nothing else) {floor:>7.0}  ratio {:.2}  events/fdatasync {floor_per_sync:.1}",
+            floor / off
         );
         let r = json!({
             "concurrency": conc,
@@ -125,11 +168,18 @@ fn bench_backend(db: Db, rows: u64, secs: u64) -> serde_json::Value {
             "writer_commits": commits,
             "events_per_commit": per_commit,
             "events_per_wal_fsync": per_fsync,
+            "reads_per_sec_durability_floor": floor,
+            "ratio_floor_vs_off": floor / off,
+            "floor_events_per_fdatasync": floor_per_sync,
         });
         if conc == 32 {
             at_32 = r.clone();
         }
         by_concurrency.push(r);
+    }
+    floor_auditor.shutdown();
+    for f in &floor_files {
+        let _ = std::fs::remove_file(f);
     }
     json!({
         "backend": format!("{db:?}"),

@@ -54,7 +54,8 @@ pub struct Auditor {
     cipher: Arc<Cipher>,
     source: Source,
     stats: Arc<WriterStats>,
-    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// The writer thread (the floor's stream threads), joined at shutdown.
+    threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
     /// False only for [`Auditor::without_ledger`] (benchmark baselines).
     enabled: bool,
     /// Requests that will hand in an event soon (the writer waits briefly for them).
@@ -130,7 +131,7 @@ impl Auditor {
             cipher,
             source,
             stats,
-            thread: Mutex::new(Some(thread)),
+            threads: Mutex::new(vec![thread]),
             enabled: true,
             in_flight,
         })
@@ -144,10 +145,50 @@ impl Auditor {
             cipher,
             source,
             stats: Arc::new(WriterStats::default()),
-            thread: Mutex::new(None),
+            threads: Mutex::new(Vec::new()),
             enabled: false,
             in_flight: Arc::new(AtomicUsize::new(0)),
         }
+    }
+
+    /// An auditor whose events are made durable in a plain file and nowhere else: no
+    /// database, no chain, no index. Not reachable from configuration or the command line:
+    /// benches measure against it the floor of any design that makes an event durable before
+    /// the answer (see `benches/audit.rs`).
+    /// `streams` files are synced side by side (one thread each), as a design with several
+    /// commit streams could.
+    pub fn durability_floor(
+        cipher: Arc<Cipher>,
+        source: Source,
+        paths: &[std::path::PathBuf],
+    ) -> Result<Auditor, AuditError> {
+        let stats = Arc::new(WriterStats::default());
+        let (tx, rx) = std::sync::mpsc::channel();
+        let rx = Arc::new(Mutex::new(rx));
+        let mut threads = Vec::new();
+        for path in paths {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|e| AuditError::Io(e.to_string()))?;
+            let (rx, stats) = (rx.clone(), stats.clone());
+            threads.push(
+                std::thread::Builder::new()
+                    .name("audit-floor".into())
+                    .spawn(move || writer::run_floor(rx, file, stats))
+                    .map_err(|e| AuditError::Io(e.to_string()))?,
+            );
+        }
+        Ok(Auditor {
+            sender: RwLock::new(Some(tx)),
+            cipher,
+            source,
+            stats,
+            threads: Mutex::new(threads),
+            enabled: true,
+            in_flight: Arc::new(AtomicUsize::new(0)),
+        })
     }
 
     /// Marks a request whose event is coming (held until its event is queued or the request
@@ -267,7 +308,8 @@ impl Auditor {
     /// Stops the writer after it has committed what is queued (and signed a last checkpoint).
     pub fn shutdown(&self) {
         self.sender.write().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(t) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
+        for t in threads {
             let _ = t.join();
         }
     }

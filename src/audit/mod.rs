@@ -386,3 +386,50 @@ impl WriteAudit for TxAudit {
         self.enabled
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The floor answers only once the batch is in its file: sealed, so the file holds no
+    /// plaintext of the event (the bench's floor pays for the same sealing the ledger does).
+    #[test]
+    fn the_durability_floor_acknowledges_events_written_sealed() {
+        let dir = std::env::temp_dir().join(format!("fhirvault-floor-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let paths = vec![dir.join("a.bin"), dir.join("b.bin")];
+        let source = Source {
+            site: "test".into(),
+            observer: "fhirvault".into(),
+        };
+        let floor = Auditor::durability_floor(Arc::new(crate::crypto::test_cipher()), source, &paths).unwrap();
+        let mut ids = Vec::new();
+        for _ in 0..5 {
+            let mut r = AuditRecord::new(
+                Kind::Rest("read"),
+                Action::Read,
+                Agent {
+                    user: Some("Practitioner/Sentinel7".into()),
+                    ..Default::default()
+                },
+            );
+            r.entities.push("Patient/Sentinel8".into());
+            floor.record_blocking(&r).unwrap();
+            ids.push(r.id.clone());
+        }
+        floor.flush_blocking().unwrap();
+        assert_eq!(floor.stats().events.load(Ordering::Relaxed), 5);
+        floor.shutdown();
+        let written: Vec<u8> = paths.iter().flat_map(|p| std::fs::read(p).unwrap()).collect();
+        let text = String::from_utf8_lossy(&written);
+        for id in &ids {
+            assert!(text.contains(id.as_str()), "every event reached a file");
+        }
+        assert!(!text.contains("Sentinel"), "only sealed content is written");
+        assert!(
+            written.len() > 5 * 500,
+            "the sealed events themselves, not only their ids"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

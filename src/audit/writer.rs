@@ -291,6 +291,7 @@ pub(super) fn run_floor(rx: Arc<Mutex<Receiver<Job>>>, mut file: std::fs::File, 
         stats.queued.fetch_sub(jobs.len() as u64, Ordering::Relaxed);
         buf.clear();
         let mut acks = Vec::new();
+        let mut events = 0;
         for job in jobs {
             match job {
                 Job::Append { row, canonical, ack } => {
@@ -298,6 +299,7 @@ pub(super) fn run_floor(rx: Arc<Mutex<Receiver<Job>>>, mut file: std::fs::File, 
                     buf.extend_from_slice(row.content.as_bytes());
                     drop(canonical);
                     acks.push(ack);
+                    events += 1;
                 }
                 Job::Link { .. } => {}
                 Job::Flush(ack) => acks.push(ack),
@@ -309,7 +311,7 @@ pub(super) fn run_floor(rx: Arc<Mutex<Receiver<Job>>>, mut file: std::fs::File, 
             .commit_micros
             .fetch_add(appending.elapsed().as_micros() as u64, Ordering::Relaxed);
         stats.commits.fetch_add(1, Ordering::Relaxed);
-        stats.events.fetch_add(acks.len() as u64, Ordering::Relaxed);
+        stats.events.fetch_add(events, Ordering::Relaxed);
         for a in acks {
             let _ = a.send(result.as_ref().map(|_| ()).map_err(|_| AuditError::Unavailable));
         }

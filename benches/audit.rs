@@ -52,26 +52,30 @@ fn bench_backend(db: Db, rows: u64, secs: u64) -> serde_json::Value {
     support::serve_as_rls_role(&tdb, &mut layer);
     let s = TestServer::start_on(tdb, layer);
     let ids = support::preload_patients(&s, rows);
-    // the same server wiring over the same store, with an auditor that records nothing
+    // the same server wiring over the same store, with another auditor
     let config = Arc::new(s.config.clone());
-    let unaudited = fhirvault::api::AppState::new(
-        config.clone(),
-        s.store.clone(),
-        fhirvault::server::shared_validator().unwrap(),
-        s.issuer.clone(),
-        Arc::new(fhirvault::fhir::compartment::PatientCompartment::r4().unwrap()),
-        Arc::new(Default::default()),
-        Default::default(),
-        Arc::new(fhirvault::audit::Auditor::without_ledger(
-            s.store.shared_cipher(),
-            fhirvault::server::audit_source(&config),
-        )),
-        fhirvault::server::shared_registry(&config).unwrap(),
-        fhirvault::server::shared_structures(&config).unwrap(),
-    );
-    let off_addr = serve(unaudited, config.workers);
-    // the same again, with an auditor that only makes each batch of sealed events durable in
-    // a plain file: the floor of any design that answers only once the event is durable
+    let serve_with = |auditor: Arc<fhirvault::audit::Auditor>| {
+        let state = fhirvault::api::AppState::new(
+            config.clone(),
+            s.store.clone(),
+            fhirvault::server::shared_validator().unwrap(),
+            s.issuer.clone(),
+            Arc::new(fhirvault::fhir::compartment::PatientCompartment::r4().unwrap()),
+            Arc::new(Default::default()),
+            Default::default(),
+            auditor,
+            fhirvault::server::shared_registry(&config).unwrap(),
+            fhirvault::server::shared_structures(&config).unwrap(),
+        );
+        serve(state, config.workers)
+    };
+    // one that records nothing
+    let off_addr = serve_with(Arc::new(fhirvault::audit::Auditor::without_ledger(
+        s.store.shared_cipher(),
+        fhirvault::server::audit_source(&config),
+    )));
+    // one that only makes each batch of sealed events durable in a plain file: the floor of
+    // any design that answers only once the event is durable
     let streams: usize = env_num("BENCH_FLOOR_STREAMS", 1) as usize;
     let floor_files: Vec<_> = (0..streams.max(1))
         .map(|i| std::env::temp_dir().join(format!("fhirvault-audit-floor-{}-{i}.bin", std::process::id())))
@@ -84,19 +88,7 @@ fn bench_backend(db: Db, rows: u64, secs: u64) -> serde_json::Value {
         )
         .unwrap(),
     );
-    let floor_state = fhirvault::api::AppState::new(
-        config.clone(),
-        s.store.clone(),
-        fhirvault::server::shared_validator().unwrap(),
-        s.issuer.clone(),
-        Arc::new(fhirvault::fhir::compartment::PatientCompartment::r4().unwrap()),
-        Arc::new(Default::default()),
-        Default::default(),
-        floor_auditor.clone(),
-        fhirvault::server::shared_registry(&config).unwrap(),
-        fhirvault::server::shared_structures(&config).unwrap(),
-    );
-    let floor_addr = serve(floor_state, config.workers);
+    let floor_addr = serve_with(floor_auditor.clone());
     let token = s.token("system/*.cruds", None);
     let reads = |addr: std::net::SocketAddr, conc: usize| {
         throughput(

@@ -154,9 +154,9 @@ impl Auditor {
     /// An auditor whose events are made durable in a plain file and nowhere else: no
     /// database, no chain, no index. Not reachable from configuration or the command line:
     /// benches measure against it the floor of any design that makes an event durable before
-    /// the answer (see `benches/audit.rs`).
-    /// `streams` files are synced side by side (one thread each), as a design with several
-    /// commit streams could.
+    /// the answer (see `benches/audit.rs`). Each of `paths` is synced by a thread of its own,
+    /// side by side, as a design with several commit streams could; a flush waits only for the
+    /// stream that takes it.
     pub fn durability_floor(
         cipher: Arc<Cipher>,
         source: Source,

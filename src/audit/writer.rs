@@ -18,8 +18,8 @@ use tokio::sync::oneshot;
 const MAX_BATCH: usize = 1024;
 
 /// The longest a batch waits for events of requests still in flight. Measured at c32
-/// (benches/audit.rs): 1.5 ms held PostgreSQL at 0.43 of unaudited reads, 0.3 ms gives 0.51
-/// with 13-16 events per WAL fsync; with none, fewer than 8 events share a fsync there.
+/// (benches/audit.rs): 1.5 ms held PostgreSQL at 0.43 of unaudited reads, 0.3 ms gives
+/// 0.50-0.52 with 10-16 events per WAL fsync; with none, fewer than 8 events share a fsync.
 const MAX_LINGER: Duration = Duration::from_micros(300);
 const LINGER_STEP: Duration = Duration::from_micros(100);
 

@@ -23,6 +23,19 @@ const MAX_BATCH: usize = 1024;
 const MAX_LINGER: Duration = Duration::from_micros(300);
 const LINGER_STEP: Duration = Duration::from_micros(100);
 
+/// Adds whatever is queued to `jobs`, up to [`MAX_BATCH`], without waiting. False once every
+/// sender is gone.
+fn take_queued(rx: &Receiver<Job>, jobs: &mut Vec<Job>) -> bool {
+    while jobs.len() < MAX_BATCH {
+        match rx.try_recv() {
+            Ok(job) => jobs.push(job),
+            Err(std::sync::mpsc::TryRecvError::Empty) => return true,
+            Err(std::sync::mpsc::TryRecvError::Disconnected) => return false,
+        }
+    }
+    true
+}
+
 pub(super) enum Job {
     /// Store and link this event, then acknowledge.
     Append {
@@ -87,12 +100,7 @@ impl Writer {
                 Err(RecvTimeoutError::Disconnected) => break,
             };
             let mut jobs: Vec<Job> = first.into_iter().collect();
-            while jobs.len() < MAX_BATCH {
-                match rx.try_recv() {
-                    Ok(job) => jobs.push(job),
-                    Err(_) => break,
-                }
-            }
+            take_queued(&rx, &mut jobs);
             let lingering = Instant::now();
             self.linger(&rx, &mut jobs);
             self.stats
@@ -128,12 +136,8 @@ impl Writer {
             }
             // Nap, then take all that arrived: one wake-up for many events, not one each.
             std::thread::sleep(LINGER_STEP.min(deadline - now));
-            while jobs.len() < MAX_BATCH {
-                match rx.try_recv() {
-                    Ok(job) => jobs.push(job),
-                    Err(std::sync::mpsc::TryRecvError::Empty) => break,
-                    Err(std::sync::mpsc::TryRecvError::Disconnected) => return,
-                }
+            if !take_queued(rx, jobs) {
+                return;
             }
         }
     }
@@ -280,12 +284,7 @@ pub(super) fn run_floor(rx: Arc<Mutex<Receiver<Job>>>, mut file: std::fs::File, 
             let rx = rx.lock().unwrap_or_else(|p| p.into_inner());
             let Ok(first) = rx.recv() else { break };
             let mut jobs = vec![first];
-            while jobs.len() < MAX_BATCH {
-                match rx.try_recv() {
-                    Ok(job) => jobs.push(job),
-                    Err(_) => break,
-                }
-            }
+            take_queued(&rx, &mut jobs);
             jobs
         };
         stats.queued.fetch_sub(jobs.len() as u64, Ordering::Relaxed);

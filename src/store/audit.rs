@@ -384,7 +384,7 @@ impl Store {
             // One statement is atomic by itself: no BEGIN and COMMIT round trips around it.
             super::Backend::Postgres => run(conn),
             super::Backend::Sqlite => {
-                let _guard = self.sqlite_writer.lock().unwrap_or_else(|p| p.into_inner());
+                let _guard = self.sqlite_write_guard();
                 conn.transaction(run)
             }
         };

@@ -144,10 +144,7 @@ impl Store {
         &self,
         f: impl FnOnce(&mut super::DbConnection) -> diesel::QueryResult<usize>,
     ) -> Result<usize, StoreError> {
-        let _guard = match self.backend {
-            super::Backend::Sqlite => Some(self.sqlite_writer.lock().unwrap_or_else(|p| p.into_inner())),
-            super::Backend::Postgres => None,
-        };
+        let _guard = self.sqlite_write_guard();
         let mut conn = self.checkout(&Access::All)?;
         let result = f(&mut conn.conn).map_err(StoreError::from);
         super::note(&mut conn, result)

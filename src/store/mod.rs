@@ -477,16 +477,22 @@ impl Store {
         Ok(conn)
     }
 
+    /// Held while writing on SQLite, which takes one writer at a time: this process's writers
+    /// queue here rather than in SQLite's busy handler. `None` on PostgreSQL.
+    fn sqlite_write_guard(&self) -> Option<std::sync::MutexGuard<'_, ()>> {
+        match self.backend {
+            Backend::Sqlite => Some(self.sqlite_writer.lock().unwrap_or_else(|p| p.into_inner())),
+            Backend::Postgres => None,
+        }
+    }
+
     /// Runs `f` in one write transaction (serialized on SQLite).
     fn write_tx<T>(
         &self,
         access: &Access,
         f: impl FnOnce(&mut DbConnection) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let _guard = match self.backend {
-            Backend::Sqlite => Some(self.sqlite_writer.lock().unwrap_or_else(|p| p.into_inner())),
-            Backend::Postgres => None,
-        };
+        let _guard = self.sqlite_write_guard();
         let mut conn = self.checkout(access)?;
         let result = conn.conn.transaction(f);
         note(&mut conn, result)

@@ -80,6 +80,8 @@ pub struct ConfigLayer {
     pub audit_checkpoint_secs: Option<u64>,
     pub audit_retention_days: Option<u64>,
     pub audit_site: Option<String>,
+    /// This node's name in the audit ledger (its chain).
+    pub node_name: Option<String>,
     /// Search parameters stored only as blind indexes, as `Type.code` (`*.code`: on every type).
     pub search_phi_parameters: Option<Vec<String>>,
     /// External OpenID Connect providers (TOML `[[oidc_provider]]` tables only).
@@ -177,6 +179,7 @@ impl ConfigLayer {
                 "AUDIT_CHECKPOINT_SECS" => layer.audit_checkpoint_secs = Some(parse_num(&value)?),
                 "AUDIT_RETENTION_DAYS" => layer.audit_retention_days = Some(parse_num(&value)?),
                 "AUDIT_SITE" => layer.audit_site = Some(value),
+                "NODE_NAME" => layer.node_name = Some(value),
                 "SEARCH_PHI_PARAMETERS" => {
                     layer.search_phi_parameters = Some(
                         value
@@ -258,6 +261,7 @@ impl ConfigLayer {
             audit_checkpoint_secs,
             audit_retention_days,
             audit_site,
+            node_name,
             tls_cert_file,
             tls_key_file,
             rate_limit_per_minute,
@@ -372,6 +376,10 @@ pub struct Config {
     pub audit_retention_days: u64,
     /// `AuditEvent.source.site` [default: fhirvault].
     pub audit_site: String,
+    /// This node's stable name: its audit chain is registered under it, and a restarted node
+    /// continues the chain of its name. Each node on one database needs its own [default: the
+    /// host name and the listening port, `host:8080`; commands run from the shell use `cli@host`].
+    pub node_name: String,
     /// Search parameters indexed only as blind indexes (`Type.code`, `*.code`); changing the
     /// list needs `fhirvault reindex` [default: `crate::search::registry::DEFAULT_PHI`].
     pub search_phi_parameters: Vec<String>,
@@ -438,6 +446,15 @@ impl std::fmt::Debug for Config {
             .field("workers", &self.workers)
             .finish_non_exhaustive()
     }
+}
+
+/// The kernel's host name (`localhost` where it cannot be read).
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into())
 }
 
 impl Config {
@@ -638,6 +655,13 @@ impl Config {
         if audit_retention_days < 1 {
             return Err(cerr("audit_retention_days", "must be at least 1"));
         }
+        let node_name = match layer.node_name {
+            Some(n) if n.trim().is_empty() || n.len() > 200 || n.chars().any(char::is_control) => {
+                return Err(cerr("node_name", "must be 1 to 200 printable characters"))
+            }
+            Some(n) => n,
+            None => format!("{}:{}", host_name(), listen.port()),
+        };
         let audit_signing_key_file = layer
             .audit_signing_key_file
             .unwrap_or_else(|| data_dir.join("audit-ed25519.key"));
@@ -714,6 +738,7 @@ impl Config {
             audit_checkpoint_secs,
             audit_retention_days,
             audit_site: layer.audit_site.unwrap_or_else(|| "fhirvault".into()),
+            node_name,
             break_glass_webhook,
             oidc_providers,
             break_glass_secs: break_glass_secs as i64,
@@ -747,6 +772,11 @@ impl Config {
             default_page_size,
             max_page_size,
         })
+    }
+
+    /// The name of this machine, for default node names.
+    pub fn host_name(&self) -> String {
+        host_name()
     }
 
     /// True when the database URL names PostgreSQL.

@@ -139,16 +139,21 @@ enum KeysCommand {
 
 #[derive(Subcommand)]
 enum AuditCommand {
-    /// Check the hash chain, every record's content and the signed checkpoints (in the database
-    /// and in the checkpoint file); name the first edited, inserted, deleted, reordered or
-    /// truncated record. Exits 1 when the ledger fails.
+    /// Check every node's hash chain, every record's content and the signed checkpoints (in the
+    /// database and in the checkpoint files); name the first edited, inserted, deleted,
+    /// reordered or truncated record of each chain, and any chain dropped whole. Exits 1 when
+    /// the ledger fails.
     Verify {
-        /// First sequence number to check [default: the start of the chain].
+        /// First sequence number to check in each chain [default: the start of the chain].
         #[arg(long, value_name = "N")]
         from: Option<i64>,
-        /// Last sequence number to check [default: the end of the chain].
+        /// Last sequence number to check in each chain [default: the end of the chain].
         #[arg(long, value_name = "M")]
         to: Option<i64>,
+        /// Other nodes' checkpoint files to check too (this node's, `audit_checkpoint_file`,
+        /// always is). Repeatable.
+        #[arg(long = "checkpoint-file", value_name = "FILE")]
+        checkpoint_files: Vec<std::path::PathBuf>,
     },
     /// Write the ledger as NDJSON, one AuditEvent per line with its chain position (queries
     /// stay sealed), for shipping to external immutable storage.
@@ -395,7 +400,7 @@ pub(crate) fn cli_record(kind: Kind, action: Action) -> AuditRecord {
 
 /// Records one event and waits until it is in the ledger (and a checkpoint signed).
 pub(crate) fn audit_now(config: &Config, store: &Arc<Store>, record: &AuditRecord) -> anyhow::Result<()> {
-    let auditor = fhirvault::server::open_auditor(config, store)?;
+    let auditor = fhirvault::server::open_auditor(config, store, &fhirvault::server::cli_node_name(config))?;
     auditor
         .record_blocking(record)
         .context("recording the audit event (nothing else was changed)")?;
@@ -486,14 +491,29 @@ fn keys_command(config: &Config, command: KeysCommand) -> anyhow::Result<()> {
 
 fn audit_command(config: &Config, command: AuditCommand) -> anyhow::Result<()> {
     match command {
-        AuditCommand::Verify { from, to } => {
+        AuditCommand::Verify {
+            from,
+            to,
+            checkpoint_files,
+        } => {
             let store = open_store(config, false)?;
             let (key, file) = fhirvault::server::audit_checkpointing(config)?;
             eprintln!("verifying the audit chain (checkpoint key {})", key.key_id());
-            let report =
-                fhirvault::audit::verify::verify(&store, store.cipher(), &key.verifying_key(), &file, from, to, |n| {
-                    eprintln!("  {n} records verified")
-                })?;
+            let mut files = vec![file];
+            files.extend(
+                checkpoint_files
+                    .into_iter()
+                    .map(fhirvault::audit::checkpoint::CheckpointFile::new),
+            );
+            let report = fhirvault::audit::verify::verify(
+                &store,
+                store.cipher(),
+                &key.verifying_key(),
+                &files,
+                from,
+                to,
+                |n| eprintln!("  {n} records verified"),
+            )?;
             let mut record = cli_record(Kind::Admin("audit-verify"), Action::Execute);
             if let Some(f) = &report.finding {
                 record.outcome = Outcome::MajorFailure;
@@ -503,12 +523,17 @@ fn audit_command(config: &Config, command: AuditCommand) -> anyhow::Result<()> {
             match report.finding {
                 None => {
                     println!(
-                        "audit chain intact: records {}..{} ({} checked), {} signed checkpoints verified",
-                        report.first_seq, report.last_seq, report.checked, report.checkpoints
+                        "audit chains intact: {} chains, {} records checked, {} signed checkpoints verified",
+                        report.chains, report.checked, report.checkpoints
                     );
                     Ok(())
                 }
-                Some(f) => anyhow::bail!("audit chain verification failed: {f}"),
+                Some(f) => {
+                    for other in report.findings.iter().skip(1) {
+                        eprintln!("  also: {other}");
+                    }
+                    anyhow::bail!("audit chain verification failed: {f}")
+                }
             }
         }
         AuditCommand::Export { since, format, out } => {
@@ -543,7 +568,11 @@ fn audit_command(config: &Config, command: AuditCommand) -> anyhow::Result<()> {
             let mut record = cli_record(Kind::Admin("audit-export"), Action::Read);
             record.outcome_desc = Some(format!("{} events exported", summary.events));
             audit_now(config, &store, &record)?;
-            eprintln!("exported {} events (last record {})", summary.events, summary.last_seq);
+            eprintln!(
+                "exported {} events from {} chains",
+                summary.events,
+                summary.chains.len()
+            );
             Ok(())
         }
         AuditCommand::Archive { out } => {
@@ -556,17 +585,29 @@ fn audit_command(config: &Config, command: AuditCommand) -> anyhow::Result<()> {
                 |n| eprintln!("  {n} events archived"),
             )?;
             let mut record = cli_record(Kind::Admin("audit-archive"), Action::Delete);
+            let describe = |runs: &[fhirvault::store::audit::ArchiveRun]| {
+                runs.iter()
+                    .map(|r| {
+                        format!(
+                            "chain {} up to record {} ({} events)",
+                            r.chain_id, r.up_to_seq, r.events
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
             record.outcome_desc = Some(match &result {
-                Some((run, removed)) => format!("records up to {} archived, {removed} removed", run.up_to_seq),
+                Some((runs, removed)) => format!("{} archived, {removed} removed", describe(runs)),
                 None => "nothing older than the retention period".into(),
             });
             audit_now(config, &store, &record)?;
             match result {
-                Some((run, removed)) => println!(
-                    "archived records up to {} ({} events, older than {}) to {}; removed {removed} from the database",
-                    run.up_to_seq,
-                    run.events,
-                    run.cutoff.and_utc().format("%Y-%m-%dT%H:%M:%SZ"),
+                Some((runs, removed)) => println!(
+                    "archived {} (older than {}) to {}; removed {removed} from the database",
+                    describe(&runs),
+                    fhirvault::audit::export::retention_cutoff(config.audit_retention_days)
+                        .and_utc()
+                        .format("%Y-%m-%dT%H:%M:%SZ"),
                     out.display()
                 ),
                 None => println!(

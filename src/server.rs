@@ -137,7 +137,11 @@ pub fn build_state(config: Config) -> anyhow::Result<AppState> {
     });
     let providers = crate::auth::oidc::Providers::discover_all(&config.oidc_providers)
         .context("configuration setting `oidc_provider`")?;
-    let auditor = Arc::new(open_auditor(&config, &store)?);
+    // SQLite serves one node: a second process serving the same database is refused
+    let single_node = store
+        .claim_single_node()
+        .context("the SQLite database is in use by another server")?;
+    let auditor = Arc::new(open_auditor(&config, &store, &config.node_name)?);
     let registry = shared_registry(&config)?;
     check_search_index(&store, &registry)?;
     let structures = shared_structures(&config)?;
@@ -154,6 +158,7 @@ pub fn build_state(config: Config) -> anyhow::Result<AppState> {
         structures,
     );
     let mut state = state;
+    state.single_node = single_node.map(Arc::new);
     if state.config.auth_server {
         if state.config.public_url.is_none() && !state.config.listen.ip().is_loopback() {
             // the token endpoint's own URL (the `aud` of client assertions) would come from each
@@ -260,8 +265,13 @@ pub fn audit_checkpointing(
     ))
 }
 
-/// Starts the audit writer (linking any events an interruption left unlinked).
-pub fn open_auditor(config: &Config, store: &Arc<Store>) -> anyhow::Result<crate::audit::Auditor> {
+/// The node name of commands run from the shell (they append to a chain of their own).
+pub fn cli_node_name(config: &Config) -> String {
+    format!("cli@{}", config.host_name())
+}
+
+/// Starts the audit writer on `node`'s chain (linking any events an interruption left unlinked).
+pub fn open_auditor(config: &Config, store: &Arc<Store>, node: &str) -> anyhow::Result<crate::audit::Auditor> {
     let (key, file) = audit_checkpointing(config)?;
     crate::audit::Auditor::start(
         store.clone(),
@@ -272,6 +282,7 @@ pub fn open_auditor(config: &Config, store: &Arc<Store>) -> anyhow::Result<crate
             every_events: config.audit_checkpoint_events,
             every: std::time::Duration::from_secs(config.audit_checkpoint_secs),
         },
+        node,
     )
     .context("starting the audit ledger")
 }

@@ -37,13 +37,13 @@ fn without_token(s: &TestServer, path: &str, token: Option<&str>) -> Reply {
 }
 
 fn run_verify(s: &TestServer) -> Report {
-    s.auditor.flush_blocking().unwrap();
+    s.auditor.sync_search_blocking().unwrap();
     let (key, file) = fhirvault::server::audit_checkpointing(&s.config).unwrap();
     verify(
         &s.store,
         s.store.cipher(),
         &key.verifying_key(),
-        &file,
+        &[file],
         None,
         None,
         |_| {},
@@ -55,6 +55,7 @@ on_both_backends!(
     every_request_yields_exactly_one_event,
     fail_closed_when_the_ledger_cannot_be_written,
     verifier_catches_each_kind_of_tampering,
+    verifier_catches_a_node_chain_truncated_or_dropped,
     audit_tables_are_append_only,
     audit_log_search_and_access_report,
     archive_exports_before_it_removes_and_keeps_the_chain_verifiable,
@@ -231,10 +232,10 @@ fn ledger(db: Db, n: usize) -> TestServer {
     for i in 0..n {
         assert_eq!(s.get(&format!("/Patient/p{i}")).status, 404);
     }
-    s.auditor.flush_blocking().unwrap();
     let report = run_verify(&s);
     assert_eq!(report.finding, None);
     assert_eq!(report.checked, n as u64);
+    assert_eq!(s.auditor.chain_id(), 1, "the first node registers chain 1");
     s
 }
 
@@ -243,19 +244,35 @@ fn unprotect(s: &TestServer) {
         Db::Sqlite => {
             "DROP TRIGGER audit_events_no_update; DROP TRIGGER audit_events_no_delete; \
                        DROP TRIGGER audit_chain_no_update; DROP TRIGGER audit_chain_no_delete; \
-                       DROP TRIGGER audit_entities_no_delete; DROP TRIGGER audit_checkpoints_no_delete;"
+                       DROP TRIGGER audit_entities_no_delete; DROP TRIGGER audit_checkpoints_no_delete; \
+                       DROP TRIGGER audit_search_no_update; DROP TRIGGER audit_search_no_delete; \
+                       DROP TRIGGER audit_chains_no_delete;"
         }
         Db::Postgres => {
             "ALTER TABLE audit_events DISABLE TRIGGER USER; ALTER TABLE audit_chain DISABLE TRIGGER USER; \
-                         ALTER TABLE audit_entities DISABLE TRIGGER USER; \
-                         ALTER TABLE audit_checkpoints DISABLE TRIGGER USER;"
+                         ALTER TABLE audit_entities DISABLE TRIGGER USER; ALTER TABLE audit_search DISABLE TRIGGER USER; \
+                         ALTER TABLE audit_checkpoints DISABLE TRIGGER USER; ALTER TABLE audit_chains DISABLE TRIGGER USER;"
         }
     };
     s.db.exec(sql).unwrap();
 }
 
+/// The event at `seq` of chain 1 (the server's), as SQL.
 fn event_at(seq: i64) -> String {
-    format!("(SELECT event_id FROM audit_chain WHERE seq = {seq})")
+    format!("(SELECT event_id FROM audit_chain WHERE chain_id = 1 AND seq = {seq})")
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// A binary literal in the test database's SQL.
+fn blob(s: &TestServer, b: &[u8]) -> String {
+    if s.db.db == Db::Sqlite {
+        format!("X'{}'", hex(b))
+    } else {
+        format!("'\\x{}'::bytea", hex(b))
+    }
 }
 
 fn verifier_catches_each_kind_of_tampering(db: Db) {
@@ -272,30 +289,30 @@ fn verifier_catches_each_kind_of_tampering(db: Db) {
                 ))
                 .unwrap()
             },
-            |f| matches!(f, Finding::Edited { seq: 5, .. }),
+            |f| matches!(f, Finding::Edited { chain: 1, seq: 5, .. }),
         ),
         (
             "search column edited",
             |s| {
                 s.db.exec(&format!(
-                    "UPDATE audit_events SET outcome = '0' WHERE id = {}",
+                    "UPDATE audit_search SET outcome = '0' WHERE event_id = {}",
                     event_at(6)
                 ))
                 .unwrap()
             },
-            |f| matches!(f, Finding::Edited { seq: 6, .. }),
+            |f| matches!(f, Finding::Edited { chain: 1, seq: 6, .. }),
         ),
         (
             "record deleted",
             |s| {
                 s.db.exec(&format!(
-                    "DELETE FROM audit_entities WHERE event_id = {e}; DELETE FROM audit_events WHERE id = {e}; \
-                     DELETE FROM audit_chain WHERE seq = 4;",
+                    "DELETE FROM audit_entities WHERE event_id = {e}; DELETE FROM audit_search WHERE event_id = {e}; \
+                     DELETE FROM audit_events WHERE id = {e}; DELETE FROM audit_chain WHERE chain_id = 1 AND seq = 4;",
                     e = event_at(4)
                 ))
                 .unwrap()
             },
-            |f| matches!(f, Finding::Deleted { seq: 4, .. }),
+            |f| matches!(f, Finding::Deleted { chain: 1, seq: 4, .. }),
         ),
         (
             "records reordered",
@@ -306,7 +323,7 @@ fn verifier_catches_each_kind_of_tampering(db: Db) {
                 )
                 .unwrap()
             },
-            |f| matches!(f, Finding::Reordered { seq: 5 }),
+            |f| matches!(f, Finding::Reordered { chain: 1, seq: 5 }),
         ),
         (
             "record inserted",
@@ -316,58 +333,58 @@ fn verifier_catches_each_kind_of_tampering(db: Db) {
                 use fhirvault::audit::{Action, Agent, AuditRecord, Kind};
                 let rec = AuditRecord::new(Kind::Rest("read"), Action::Read, Agent::default());
                 let (row, canonical) = rec.seal(s.auditor.source(), s.store.cipher()).unwrap();
-                let prev = s.store.audit_chain_page(3, Some(4), 1).unwrap().pop().unwrap().hash;
+                let prev = s.store.audit_link_at(1, 4).unwrap().unwrap().hash;
                 let hash = fhirvault::audit::link_hash(&prev, &canonical);
-                let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
-                let sqlite = s.db.db == Db::Sqlite;
-                let blob = |b: &[u8]| {
-                    if sqlite {
-                        format!("X'{}'", hex(b))
-                    } else {
-                        format!("'\\x{}'::bytea", hex(b))
-                    }
-                };
-                let content = blob(row.content.as_bytes());
-                let max = s.store.audit_chain_head().unwrap().seq;
+                let content = blob(s, row.content.as_bytes());
+                let max = s.store.audit_chain_head(1).unwrap().seq;
                 let mut sql = String::new();
                 for seq in (5..=max).rev() {
                     sql.push_str(&format!("UPDATE audit_chain SET seq = {} WHERE seq = {seq};", seq + 1));
                 }
+                let recorded = row.recorded.format("%Y-%m-%d %H:%M:%S%.6f");
+                // a complete forgery: its search row too
                 sql.push_str(&format!(
-                    "INSERT INTO audit_events (id, recorded, type_code, subtype, action, outcome, agent, key_version, content) \
-                     VALUES ('{}', '{}', 'rest', 'read', 'R', '0', 'anonymous', 1, {content}); \
-                     INSERT INTO audit_chain (seq, event_id, prev_hash, hash) VALUES (5, '{}', {}, {});",
-                    row.id,
-                    row.recorded.format("%Y-%m-%d %H:%M:%S%.6f"),
-                    row.id,
-                    blob(&prev),
-                    blob(&hash)
+                    "INSERT INTO audit_events (id, recorded, key_version, content, chain_id) \
+                     VALUES ('{id}', '{recorded}', 1, {content}, 1); \
+                     INSERT INTO audit_search (event_id, recorded, type_code, subtype, action, outcome, agent) \
+                     VALUES ('{id}', '{recorded}', '{}', '{}', '{}', '{}', '{}'); \
+                     INSERT INTO audit_chain (chain_id, seq, event_id, prev_hash, hash) VALUES (1, 5, '{id}', {}, {});",
+                    row.type_code,
+                    row.subtype,
+                    row.action,
+                    row.outcome,
+                    row.agent,
+                    blob(s, &prev),
+                    blob(s, &hash),
+                    id = row.id,
                 ));
                 s.db.exec(&sql).unwrap();
             },
-            |f| matches!(f, Finding::Inserted { seq: 5 }),
+            |f| matches!(f, Finding::Inserted { chain: 1, seq: 5 }),
         ),
         (
             "tail truncated (with its database checkpoints)",
             |s| {
-                let max = s.store.audit_chain_head().unwrap().seq;
-                s.db.exec(&format!(
-                    "DELETE FROM audit_entities WHERE event_id IN (SELECT event_id FROM audit_chain WHERE seq > {k}); \
-                     DELETE FROM audit_events WHERE id IN (SELECT event_id FROM audit_chain WHERE seq > {k}); \
-                     DELETE FROM audit_chain WHERE seq > {k}; DELETE FROM audit_checkpoints WHERE seq > {k};",
-                    k = max - 3
-                ))
-                .unwrap()
+                let max = s.store.audit_chain_head(1).unwrap().seq;
+                truncate_chain(s, 1, max - 3);
             },
-            |f| matches!(f, Finding::Truncated { last_seq: 7, .. }),
+            |f| {
+                matches!(
+                    f,
+                    Finding::Truncated {
+                        chain: 1,
+                        last_seq: 7,
+                        ..
+                    }
+                )
+            },
         ),
         (
             "event added outside the chain",
             |s| {
                 s.db.exec(
-                    "INSERT INTO audit_events (id, recorded, type_code, subtype, action, outcome, agent, key_version, content) \
-                     SELECT 'forged', recorded, type_code, subtype, action, outcome, agent, key_version, content \
-                     FROM audit_events LIMIT 1",
+                    "INSERT INTO audit_events (id, recorded, key_version, content, chain_id) \
+                     SELECT 'forged', recorded, key_version, content, chain_id FROM audit_events LIMIT 1",
                 )
                 .unwrap()
             },
@@ -384,6 +401,77 @@ fn verifier_catches_each_kind_of_tampering(db: Db) {
     }
 }
 
+/// Removes `chain`'s records after `keep` (rows, search rows, links) and every checkpoint in
+/// the database: only the checkpoint file outside it is left to tell.
+fn truncate_chain(s: &TestServer, chain: i64, keep: i64) {
+    let after = format!("(SELECT event_id FROM audit_chain WHERE chain_id = {chain} AND seq > {keep})");
+    s.db.exec(&format!(
+        "DELETE FROM audit_entities WHERE event_id IN {after}; DELETE FROM audit_search WHERE event_id IN {after}; \
+         DELETE FROM audit_events WHERE id IN {after}; \
+         DELETE FROM audit_chain WHERE chain_id = {chain} AND seq > {keep}; DELETE FROM audit_checkpoints;"
+    ))
+    .unwrap()
+}
+
+/// Two nodes' chains on one database: the server's (chain 1) and a second node's (chain 2,
+/// five events), with checkpoints signed by both covering both.
+fn two_nodes(db: Db) -> TestServer {
+    let s = ledger(db, 6);
+    let second = fhirvault::server::open_auditor(&s.config, &s.store, "second-node").unwrap();
+    assert_eq!(second.chain_id(), 2);
+    use fhirvault::audit::{Action, Agent, AuditRecord, Kind};
+    for _ in 0..5 {
+        let mut r = AuditRecord::new(Kind::Rest("read"), Action::Read, Agent::default());
+        r.entities.push("Patient/p1".into());
+        second.record_blocking(&r).unwrap();
+    }
+    second.shutdown();
+    // the first node signs over both heads too
+    assert_eq!(s.get("/Patient/after").status, 404);
+    let report = run_verify(&s);
+    assert_eq!(report.finding, None, "{report:?}");
+    assert_eq!((report.chains, report.checked), (2, 12));
+    s
+}
+
+fn verifier_catches_a_node_chain_truncated_or_dropped(db: Db) {
+    // one node's chain cut short (and every checkpoint in the database removed)
+    let s = two_nodes(db);
+    unprotect(&s);
+    truncate_chain(&s, 2, 3);
+    let f = run_verify(&s).finding.expect("truncation detected");
+    assert!(
+        matches!(
+            f,
+            Finding::Truncated {
+                chain: 2,
+                last_seq: 3,
+                checkpoint_seq: 5
+            }
+        ),
+        "{f}"
+    );
+    // one node's chain dropped whole: its rows, its links, its registration
+    let s = two_nodes(db);
+    unprotect(&s);
+    truncate_chain(&s, 2, 0);
+    s.db.exec("DELETE FROM audit_chains WHERE id = 2; DELETE FROM audit_index_progress WHERE chain_id = 2;")
+        .unwrap();
+    let report = run_verify(&s);
+    let f = report.finding.expect("dropped chain detected");
+    assert!(
+        matches!(
+            f,
+            Finding::Dropped {
+                chain: 2,
+                checkpoint_seq: 5
+            }
+        ),
+        "{f}"
+    );
+    assert_eq!(report.chains, 1);
+}
+
 fn audit_tables_are_append_only(db: Db) {
     let s = ledger(db, 3);
     for sql in [
@@ -393,7 +481,11 @@ fn audit_tables_are_append_only(db: Db) {
         "DELETE FROM audit_chain",
         "DELETE FROM audit_entities",
         "DELETE FROM audit_checkpoints",
-        "UPDATE audit_checkpoints SET seq = seq + 1",
+        "UPDATE audit_checkpoints SET key_id = 'x'",
+        "UPDATE audit_search SET outcome = '0'",
+        "DELETE FROM audit_search",
+        "DELETE FROM audit_chains",
+        "UPDATE audit_chains SET node = 'x'",
     ] {
         assert!(s.db.exec(sql).is_err(), "{sql} must be refused");
     }
@@ -570,8 +662,8 @@ fn audit_log_search_and_access_report(db: Db) {
 
 fn archive_exports_before_it_removes_and_keeps_the_chain_verifiable(db: Db) {
     let s = ledger(db, 8);
-    let links = s.store.audit_chain_page(0, None, 100).unwrap();
-    let (events, _) = s.store.audit_events_by_id(&[links[4].event_id.clone()]).unwrap();
+    let links = s.store.audit_chain_page(1, 0, None, 100).unwrap();
+    let (events, _, _) = s.store.audit_events_by_id(&[links[4].event_id.clone()]).unwrap();
     let cutoff = events[0].recorded; // events 1..=4 are older than this
                                      // the configured retention (six years) archives nothing
     let out = s.db.dir.path().join("archive-none.ndjson");
@@ -582,10 +674,11 @@ fn archive_exports_before_it_removes_and_keeps_the_chain_verifiable(db: Db) {
             .is_none()
     );
     let out = s.db.dir.path().join("archive.ndjson");
-    let (run, removed) = fhirvault::audit::export::archive(&s.store, s.store.cipher(), cutoff, &out, |_| {})
+    let (runs, removed) = fhirvault::audit::export::archive(&s.store, s.store.cipher(), cutoff, &out, |_| {})
         .unwrap()
         .expect("events to archive");
-    assert_eq!((run.up_to_seq, removed), (4, 4));
+    assert_eq!(runs.len(), 1);
+    assert_eq!((runs[0].chain_id, runs[0].up_to_seq, removed), (1, 4, 4));
     assert_eq!(s.store.audit_event_count().unwrap(), 4, "8 events, 4 archived");
     // the archive re-verifies outside fhirvault: strip the chain extension, hash, link
     let text = std::fs::read_to_string(&out).unwrap();
@@ -620,9 +713,10 @@ fn archive_exports_before_it_removes_and_keeps_the_chain_verifiable(db: Db) {
     // removing archived rows is allowed by the triggers; the rest of the chain still verifies
     let report = run_verify(&s);
     assert_eq!(report.finding, None, "{report:?}");
-    assert_eq!(report.first_seq, 5);
+    assert_eq!(report.checked, 4);
     // younger rows stay protected
     assert!(s.db.exec("DELETE FROM audit_chain WHERE seq = 5").is_err());
+    assert!(s.db.exec("DELETE FROM audit_search").is_err());
 }
 
 /// No PHI in operational logs: the real binary, with debug logging, is driven with a sentinel

@@ -232,10 +232,10 @@ fn rotation(s: &TestServer, env: &[(&str, String)]) {
     // the chain still verifies, and a sealed query still opens
     let out = run(s, env, &["audit", "verify"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let (events, _) = store
+    let (events, _, _) = store
         .audit_events_by_id(
             &store
-                .audit_chain_page(0, None, 1000)
+                .audit_chain_page(1, 0, None, 1000)
                 .unwrap()
                 .into_iter()
                 .map(|l| l.event_id)

@@ -29,7 +29,7 @@ pub async fn read(
     let fmt = Format::negotiate(&req)?;
     let st = state.clone();
     let ids = vec![id.clone()];
-    let (events, _) = blocking(move || st.store.audit_events_by_id(&ids).map_err(ApiError::from)).await?;
+    let (events, _, _) = blocking(move || st.store.audit_events_by_id(&ids).map_err(ApiError::from)).await?;
     let ev = events
         .into_iter()
         .next()
@@ -276,6 +276,13 @@ async fn list(
         query.before = Some(cursor);
     }
     let count = query.count as usize;
+    // search rows are derived off the request path: wait for this node's own (other nodes'
+    // events are searchable within a second of their commit)
+    state
+        .auditor
+        .sync_search()
+        .await
+        .map_err(|_| ApiError::AuditUnavailable)?;
     let st = state.clone();
     let rows = blocking(move || st.store.search_audit(&query).map_err(ApiError::from)).await?;
     let has_more = rows.len() > count;

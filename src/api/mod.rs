@@ -67,6 +67,9 @@ pub struct AppState {
     pub capability: Vec<u8>,
     /// The OpenAPI document, rendered on first request.
     pub openapi: std::sync::OnceLock<Arc<Vec<u8>>>,
+    /// SQLite: the lock that keeps a second server process off this database (held while the
+    /// state lives; set by `server::build_state`).
+    pub single_node: Option<Arc<std::fs::File>>,
 }
 
 impl AppState {
@@ -114,6 +117,7 @@ impl AppState {
             metrics: ops::Metrics::default(),
             capability: serde_json::to_vec(&capability).expect("CapabilityStatement serializes"),
             openapi: Default::default(),
+            single_node: None,
         }
     }
 

@@ -1,8 +1,11 @@
-//! Signed checkpoints of the chain head: (sequence number, hash, time) signed with Ed25519,
-//! stored in `audit_checkpoints` and appended to a file outside the database, so that cutting
-//! the chain's tail or rewriting it wholesale is caught even by someone who controls the database.
+//! Signed checkpoints of every chain's head at once: (chain, seq, hash) for each registered
+//! chain and the time, signed with Ed25519, stored in `audit_checkpoints` and appended to a file
+//! outside the database, so that cutting a chain's tail, dropping a whole node's chain or
+//! rewriting one wholesale is caught even by someone who controls the database. Any node signs
+//! them (each its own, on its own schedule); each node appends to its own checkpoint file, and a
+//! file several nodes share takes whole lines under an exclusive lock.
 
-use crate::store::audit::Checkpoint;
+use crate::store::audit::{ChainHead, Checkpoint};
 use chrono::NaiveDateTime;
 use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
 use sha2::{Digest, Sha256};
@@ -44,14 +47,70 @@ pub fn key_id(key: &VerifyingKey) -> String {
     hex(&Sha256::digest(key.as_bytes())[..8])
 }
 
-/// The signed message: a fixed label, the sequence number, the hash and the time.
-fn message(seq: i64, hash: &[u8], signed_at: &NaiveDateTime) -> Vec<u8> {
-    format!(
-        "fhirvault-audit-checkpoint\n{seq}\n{}\n{}",
-        hex(hash),
-        signed_at.and_utc().format("%Y-%m-%dT%H:%M:%S%.6fZ")
-    )
-    .into_bytes()
+/// One chain's head as a checkpoint names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NamedHead {
+    pub chain: i64,
+    pub seq: i64,
+    pub hash: Vec<u8>,
+}
+
+/// The `heads` text of a checkpoint: `chain:seq:hash` lines, by chain.
+pub fn format_heads(heads: &[(i64, ChainHead)]) -> String {
+    let mut sorted: Vec<&(i64, ChainHead)> = heads.iter().collect();
+    sorted.sort_by_key(|(c, _)| *c);
+    sorted
+        .iter()
+        .map(|(c, h)| format!("{c}:{}:{}", h.seq, hex(&h.hash)))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The heads a checkpoint names; `None` if its text is not well formed.
+pub fn parse_heads(text: &str) -> Option<Vec<NamedHead>> {
+    text.lines()
+        .filter(|l| !l.is_empty())
+        .map(|l| {
+            let mut parts = l.split(':');
+            let chain = parts.next()?.parse().ok()?;
+            let seq = parts.next()?.parse().ok()?;
+            let hash = unhex(parts.next()?)?;
+            parts.next().is_none().then_some(NamedHead { chain, seq, hash })
+        })
+        .collect()
+}
+
+fn timestamp(t: &NaiveDateTime) -> String {
+    t.and_utc().format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()
+}
+
+/// The signed message. Format 2: a fixed label, the time and every head. Format 1 (earlier
+/// versions, one chain): a fixed label, the sequence number, the hash and the time.
+fn message(cp: &Checkpoint) -> Option<Vec<u8>> {
+    match cp.format {
+        1 => {
+            let heads = parse_heads(&cp.heads)?;
+            let [h] = heads.as_slice() else { return None };
+            Some(
+                format!(
+                    "fhirvault-audit-checkpoint\n{}\n{}\n{}",
+                    h.seq,
+                    hex(&h.hash),
+                    timestamp(&cp.signed_at)
+                )
+                .into_bytes(),
+            )
+        }
+        2 => Some(
+            format!(
+                "fhirvault-audit-checkpoint-v2\n{}\n{}",
+                timestamp(&cp.signed_at),
+                cp.heads
+            )
+            .into_bytes(),
+        ),
+        _ => None,
+    }
 }
 
 impl CheckpointKey {
@@ -88,15 +147,20 @@ impl CheckpointKey {
         &self.key_id
     }
 
-    pub fn sign(&self, seq: i64, hash: &[u8], signed_at: NaiveDateTime) -> Checkpoint {
-        let signature = self.signing.sign(&message(seq, hash, &signed_at));
-        Checkpoint {
-            seq,
-            hash: hash.to_vec(),
+    /// Signs the heads of every chain (format 2).
+    pub fn sign(&self, heads: &[(i64, ChainHead)], signed_at: NaiveDateTime) -> Checkpoint {
+        let mut cp = Checkpoint {
+            id: uuid::Uuid::now_v7().to_string(),
+            format: 2,
             signed_at,
             key_id: self.key_id.clone(),
-            signature: signature.to_bytes().to_vec(),
+            heads: format_heads(heads),
+            signature: Vec::new(),
+        };
+        if let Some(m) = message(&cp) {
+            cp.signature = self.signing.sign(&m).to_bytes().to_vec();
         }
+        cp
     }
 }
 
@@ -105,7 +169,7 @@ pub fn signature_valid(key: &VerifyingKey, cp: &Checkpoint) -> bool {
     let Ok(sig) = Signature::from_slice(&cp.signature) else {
         return false;
     };
-    key.verify(&message(cp.seq, &cp.hash, &cp.signed_at), &sig).is_ok()
+    message(cp).is_some_and(|m| key.verify(&m, &sig).is_ok())
 }
 
 /// The file sink: one JSON line per checkpoint, fsynced after each append.
@@ -116,10 +180,11 @@ pub struct CheckpointFile {
 
 #[derive(serde::Serialize, serde::Deserialize)]
 struct Line {
-    seq: i64,
-    hash: String,
+    id: String,
+    format: i32,
     signed_at: String,
     key_id: String,
+    heads: String,
     signature: String,
 }
 
@@ -134,15 +199,18 @@ impl CheckpointFile {
 
     pub fn append(&self, cp: &Checkpoint) -> std::io::Result<()> {
         let line = Line {
-            seq: cp.seq,
-            hash: hex(&cp.hash),
-            signed_at: cp.signed_at.and_utc().format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string(),
+            id: cp.id.clone(),
+            format: cp.format,
+            signed_at: timestamp(&cp.signed_at),
             key_id: cp.key_id.clone(),
+            heads: cp.heads.clone(),
             signature: hex(&cp.signature),
         };
         let mut text = serde_json::to_string(&line).map_err(std::io::Error::other)?;
         text.push('\n');
         let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&self.path)?;
+        // nodes sharing one file (one data directory) append whole lines, one at a time
+        f.lock()?;
         f.write_all(text.as_bytes())?;
         f.sync_data()
     }
@@ -161,11 +229,13 @@ impl CheckpointFile {
             let signed_at = chrono::DateTime::parse_from_rfc3339(&l.signed_at)
                 .map_err(|_| bad())?
                 .naive_utc();
+            parse_heads(&l.heads).ok_or_else(bad)?;
             out.push(Checkpoint {
-                seq: l.seq,
-                hash: unhex(&l.hash).ok_or_else(bad)?,
+                id: l.id,
+                format: l.format,
                 signed_at,
                 key_id: l.key_id,
+                heads: l.heads,
                 signature: unhex(&l.signature).ok_or_else(bad)?,
             });
         }
@@ -183,11 +253,23 @@ mod tests {
         let key = CheckpointKey::open_or_create(&dir.path().join("k")).unwrap();
         let again = CheckpointKey::open_or_create(&dir.path().join("k")).unwrap();
         assert_eq!(key.key_id(), again.key_id());
-        let cp = key.sign(42, &[7u8; 32], crate::store::now());
+        let head = |seq, b| ChainHead { seq, hash: vec![b; 32] };
+        let cp = key.sign(&[(2, head(5, 9)), (1, head(42, 7))], crate::store::now());
         assert!(signature_valid(&key.verifying_key(), &cp));
+        let heads = parse_heads(&cp.heads).unwrap();
+        assert_eq!(
+            heads.iter().map(|h| (h.chain, h.seq)).collect::<Vec<_>>(),
+            vec![(1, 42), (2, 5)]
+        );
         let mut forged = cp.clone();
-        forged.seq = 43;
+        forged.heads = forged.heads.replace("1:42:", "1:41:");
         assert!(!signature_valid(&key.verifying_key(), &forged));
+        let mut dropped = cp.clone();
+        dropped.heads = dropped.heads.lines().next().unwrap().to_string();
+        assert!(
+            !signature_valid(&key.verifying_key(), &dropped),
+            "a chain left out is caught"
+        );
         let file = CheckpointFile::new(dir.path().join("cp.jsonl"));
         file.append(&cp).unwrap();
         assert_eq!(file.read().unwrap(), vec![cp]);

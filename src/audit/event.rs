@@ -329,6 +329,7 @@ impl AuditRecord {
         let row = AuditRow {
             id: self.id.clone(),
             recorded: self.recorded,
+            chain_id: 0,
             type_code: type_code.to_string(),
             subtype: subtype.to_string(),
             action: self.action.code().to_string(),

@@ -4,14 +4,20 @@
 //! * Writes put their event in the write's own transaction ([`TxAudit`], through the store's
 //!   `WriteAudit` hook) and then hand the chain link to the writer; reads and failures hand
 //!   the whole event to the writer and wait until it is committed ([`Auditor::record`]).
-//! * [`writer`]: one thread owns the chain and commits queued events in batches (group commit).
-//! * [`checkpoint`]: Ed25519-signed checkpoints of the chain head, in the database and a file.
-//! * [`verify`]: `fhirvault audit verify`, which names the first tampered record.
+//! * [`writer`]: one thread owns this node's chain and commits queued events in batches (group
+//!   commit). Every node has a chain of its own, so N nodes append side by side without
+//!   contending for a head (see `crate::store::audit::ledger` for how a chain is claimed).
+//! * [`deriver`]: one thread derives the AuditEvent search rows from committed events, off the
+//!   request path, and looks after the chains of nodes that are gone.
+//! * [`checkpoint`]: Ed25519-signed checkpoints of every chain's head, in the database and a file.
+//! * [`verify`]: `fhirvault audit verify`, which checks every chain and names the first tampered
+//!   record of each.
 //!
 //! Fail closed: if an event cannot be committed, the request gets an error and no PHI.
 
 mod chain;
 pub mod checkpoint;
+mod deriver;
 pub mod event;
 pub mod export;
 pub mod verify;
@@ -21,16 +27,17 @@ pub use chain::link_hash;
 pub use event::{Action, Agent, AuditRecord, Kind, Outcome, Source};
 pub use writer::{CheckpointPolicy, WriterStats};
 
-use crate::crypto::{Aad, Cipher};
-use crate::store::audit::{AuditRow, AUDIT_TABLE};
+use crate::crypto::Cipher;
+use crate::store::audit::AuditRow;
 use crate::store::{Store, StoreError, WriteAudit, WriteEffect, WriteFacts};
 use checkpoint::{CheckpointFile, CheckpointKey};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use deriver::{Derived, Deriver};
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 use tokio::sync::oneshot;
-use writer::{Job, Writer};
+use writer::{Job, Pending, Writer};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuditError {
@@ -51,6 +58,10 @@ pub enum AuditError {
 pub struct Auditor {
     /// Senders are shared by all request threads; the lock is only taken for writing at shutdown.
     sender: RwLock<Option<Sender<Job>>>,
+    /// To the deriver (waits for search rows), taken at shutdown after the writer stopped.
+    derived: Mutex<Option<Sender<Derived>>>,
+    /// The chain this node appends to (0: none, for the benches' auditors).
+    chain: Arc<AtomicI64>,
     cipher: Arc<Cipher>,
     source: Source,
     stats: Arc<WriterStats>,
@@ -81,57 +92,68 @@ impl std::fmt::Debug for Auditor {
 }
 
 impl Auditor {
-    /// Links any events stored but not yet chained (a crash between a write's commit and its
-    /// link), then starts the writer thread.
+    /// Claims this node's chain (see [`crate::store::audit::AuditSession::claim`]), links any
+    /// of its events a crash left unlinked, then starts the writer and the deriver.
     pub fn start(
         store: Arc<Store>,
         source: Source,
         key: CheckpointKey,
         file: CheckpointFile,
         policy: CheckpointPolicy,
+        node: &str,
     ) -> Result<Auditor, AuditError> {
         let cipher = store.shared_cipher();
         let stats = Arc::new(WriterStats::default());
         let in_flight = Arc::new(AtomicUsize::new(0));
-        let last_checkpoint = store.audit_checkpoints()?.last().map(|c| c.seq).unwrap_or(0);
+        let mut session = crate::store::audit::AuditSession::default();
+        let chain = Arc::new(AtomicI64::new(session.claim(&store, node)?));
+        let (derived_tx, derived_rx) = std::sync::mpsc::channel();
         let mut w = Writer {
             store: store.clone(),
             key,
             file,
             policy,
             stats: stats.clone(),
-            last_checkpoint: (last_checkpoint, Instant::now()),
+            node: node.to_string(),
+            chain: chain.clone(),
+            last_checkpoint: Instant::now(),
             since_checkpoint: 0,
             retry_links: Vec::new(),
-            head_seq: store.audit_chain_head()?.seq,
-            head: None,
-            session: Default::default(),
             in_flight: in_flight.clone(),
+            session,
+            head: None,
+            derived: derived_tx.clone(),
         };
-        let recovered = recover_unchained(&store, &cipher)?;
-        if !recovered.is_empty() {
-            tracing::warn!(
-                events = recovered.len(),
-                "linking audit events stored before an interruption"
-            );
-            w.retry_links = recovered;
-            // an empty batch still carries the retried links
-            w.process_pending();
-            if !w.retry_links.is_empty() {
-                return Err(AuditError::Unavailable);
-            }
+        let recovered = w.recover(&cipher)?;
+        if recovered > 0 {
+            tracing::warn!(events = recovered, "linked audit events stored before an interruption");
         }
         let (tx, rx) = std::sync::mpsc::channel();
-        let thread = std::thread::Builder::new()
-            .name("audit-writer".into())
-            .spawn(move || w.run(rx))
-            .map_err(|e| AuditError::Io(e.to_string()))?;
+        let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
+            std::thread::Builder::new()
+                .name(name.into())
+                .spawn(f)
+                .map_err(|e| AuditError::Io(e.to_string()))
+        };
+        let writer = spawn("audit-writer", Box::new(move || w.run(rx)))?;
+        let d = Deriver {
+            store: store.clone(),
+            cipher: cipher.clone(),
+            chain: chain.clone(),
+            session: Default::default(),
+            pending: Default::default(),
+            positions: Default::default(),
+            last_sweep: None,
+        };
+        let deriver = spawn("audit-deriver", Box::new(move || d.run(derived_rx)))?;
         Ok(Auditor {
             sender: RwLock::new(Some(tx)),
+            derived: Mutex::new(Some(derived_tx)),
+            chain,
             cipher,
             source,
             stats,
-            threads: Mutex::new(vec![thread]),
+            threads: Mutex::new(vec![writer, deriver]),
             enabled: true,
             in_flight,
         })
@@ -142,6 +164,8 @@ impl Auditor {
     pub fn without_ledger(cipher: Arc<Cipher>, source: Source) -> Auditor {
         Auditor {
             sender: RwLock::new(None),
+            derived: Mutex::new(None),
+            chain: Arc::new(AtomicI64::new(0)),
             cipher,
             source,
             stats: Arc::new(WriterStats::default()),
@@ -182,6 +206,8 @@ impl Auditor {
         }
         Ok(Auditor {
             sender: RwLock::new(Some(tx)),
+            derived: Mutex::new(None),
+            chain: Arc::new(AtomicI64::new(0)),
             cipher,
             source,
             stats,
@@ -204,6 +230,11 @@ impl Auditor {
 
     pub fn stats(&self) -> &WriterStats {
         &self.stats
+    }
+
+    /// The chain this node appends to.
+    pub fn chain_id(&self) -> i64 {
+        self.chain.load(Ordering::Relaxed)
     }
 
     fn send(&self, job: Job) -> Result<(), AuditError> {
@@ -270,19 +301,51 @@ impl Auditor {
             template,
             source: self.source.clone(),
             cipher: self.cipher.clone(),
+            chain: self.chain.clone(),
             sealed: None,
             enabled: self.enabled,
         }
     }
 
     /// After the write committed: its event goes into the chain (nobody waits for this; the
-    /// event is already durable, and a link lost to a crash is made at the next start).
+    /// event is already durable, and a link lost to a crash is made at the next start, or by
+    /// another node if this one does not come back).
     pub fn link_committed(&self, tx: TxAudit) {
-        if let Some((event_id, canonical)) = tx.sealed {
-            if self.send(Job::Link { event_id, canonical }).is_err() {
+        if let Some(pending) = tx.sealed {
+            if self.send(Job::Link(Box::new(pending))).is_err() {
                 tracing::error!("audit writer unavailable: an event stays unlinked until the next start");
             }
         }
+    }
+
+    /// Waits until everything queued so far is committed and its search rows are stored, so
+    /// that an AuditEvent search on this node sees every event this node recorded before it
+    /// (events of other nodes are searchable within a second of their commit).
+    pub async fn sync_search(&self) -> Result<(), AuditError> {
+        self.flush().await?;
+        let Some(rx) = self.ask_deriver()? else { return Ok(()) };
+        rx.await.map_err(|_| AuditError::Unavailable)?
+    }
+
+    /// [`Auditor::sync_search`] for threads outside the async runtime.
+    pub fn sync_search_blocking(&self) -> Result<(), AuditError> {
+        self.flush_blocking()?;
+        let Some(rx) = self.ask_deriver()? else { return Ok(()) };
+        rx.blocking_recv().map_err(|_| AuditError::Unavailable)?
+    }
+
+    fn ask_deriver(&self) -> Result<Option<oneshot::Receiver<Result<(), AuditError>>>, AuditError> {
+        if !self.enabled {
+            return Ok(None);
+        }
+        let guard = self.derived.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(s) = guard.as_ref() else {
+            // the floor derives nothing
+            return Ok(None);
+        };
+        let (ack, rx) = oneshot::channel();
+        s.send(Derived::Sync(ack)).map_err(|_| AuditError::Unavailable)?;
+        Ok(Some(rx))
     }
 
     /// Waits until everything queued so far is committed.
@@ -305,9 +368,12 @@ impl Auditor {
         rx.blocking_recv().map_err(|_| AuditError::Unavailable)?
     }
 
-    /// Stops the writer after it has committed what is queued (and signed a last checkpoint).
+    /// Stops the writer after it has committed what is queued (and signed a last checkpoint),
+    /// then the deriver after it has stored the search rows of all of it.
     pub fn shutdown(&self) {
         self.sender.write().unwrap_or_else(|p| p.into_inner()).take();
+        // the deriver ends once the writer (which holds the other sender) has ended too
+        self.derived.lock().unwrap_or_else(|p| p.into_inner()).take();
         let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
         for t in threads {
             let _ = t.join();
@@ -321,33 +387,16 @@ impl Drop for Auditor {
     }
 }
 
-/// Stored events without a chain link, decrypted back to their canonical bytes, oldest first.
-fn recover_unchained(store: &Store, cipher: &Cipher) -> Result<Vec<(String, Vec<u8>)>, AuditError> {
-    let mut out = Vec::new();
-    for ev in store.unchained_audit_events(100_000)? {
-        let aad = Aad {
-            table: AUDIT_TABLE,
-            resource_type: "AuditEvent",
-            logical_id: &ev.id,
-            version_id: 1,
-        };
-        match cipher.open(&aad, &ev.content.0) {
-            Ok(plain) => out.push((ev.id, plain)),
-            // Not ours to chain: `audit verify` reports it as an inserted record.
-            Err(_) => tracing::error!("an unchained audit row does not decrypt; left for audit verify"),
-        }
-    }
-    Ok(out)
-}
-
 /// Builds a write's event inside its transaction (the store calls [`WriteAudit::record`]).
 pub struct TxAudit {
     template: AuditRecord,
     source: Source,
     cipher: Arc<Cipher>,
-    /// The event id and canonical bytes of the last record built (a retried transaction
-    /// builds again).
-    sealed: Option<(String, Vec<u8>)>,
+    /// The chain that will link the event (its owner, should this node not come back).
+    chain: Arc<AtomicI64>,
+    /// The last record built (a retried transaction builds again): its id, canonical bytes and
+    /// search row.
+    sealed: Option<Pending>,
     enabled: bool,
 }
 
@@ -377,8 +426,13 @@ impl WriteAudit for TxAudit {
         if facts.effect == WriteEffect::Created && r.action == Action::Update {
             r.action = Action::Create;
         }
-        let (row, canonical) = r.seal(&self.source, &self.cipher).map_err(|_| StoreError::AuditSeal)?;
-        self.sealed = self.enabled.then(|| (row.id.clone(), canonical));
+        let (mut row, canonical) = r.seal(&self.source, &self.cipher).map_err(|_| StoreError::AuditSeal)?;
+        row.chain_id = self.chain.load(Ordering::Relaxed);
+        self.sealed = self.enabled.then(|| Pending {
+            event_id: row.id.clone(),
+            canonical,
+            search: row.search_row(),
+        });
         Ok(row)
     }
 

@@ -1,15 +1,20 @@
-//! The group-commit writer: one thread owns the chain. Request handlers hand it events (reads,
-//! failures) or links (events a write transaction already stored); it takes whatever is queued,
-//! appends it in one transaction (one fsync for the batch), then acknowledges every waiting
-//! request. Under load many events share a commit; alone, an event waits for one commit only.
+//! The group-commit writer: one thread per process owns this node's chain. Request handlers
+//! hand it events (reads, failures) or links (events a write transaction already stored); it
+//! takes whatever is queued, appends it to the chain in one transaction (one fsync for the
+//! batch), then acknowledges every waiting request and hands the batch's search rows to the
+//! deriver. Under load many events share a commit; alone, an event waits for one commit only.
+//!
+//! The chain is this process's alone (see `crate::store::audit::ledger`): no other node appends
+//! to it, so a batch never collides with another node's and is never retried for that reason.
 
 use super::chain::link_hash;
 use super::checkpoint::{CheckpointFile, CheckpointKey};
+use super::deriver::Derived;
 use super::AuditError;
-use crate::store::audit::{AuditRow, ChainLink, Checkpoint};
-use crate::store::Store;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use crate::store::audit::{AuditRow, AuditSession, ChainHead, ChainLink, SearchRow};
+use crate::store::{Store, StoreError};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
@@ -44,9 +49,16 @@ pub(super) enum Job {
         ack: oneshot::Sender<Result<(), AuditError>>,
     },
     /// Link an event a write transaction has stored (nobody waits).
-    Link { event_id: String, canonical: Vec<u8> },
+    Link(Box<Pending>),
     /// Acknowledge once everything queued before has been committed.
     Flush(oneshot::Sender<Result<(), AuditError>>),
+}
+
+/// An event to link: its id, the bytes its hash covers, and what it derives to.
+pub(super) struct Pending {
+    pub event_id: String,
+    pub canonical: Vec<u8>,
+    pub search: SearchRow,
 }
 
 /// When to sign a checkpoint: after this many events, or this long after the last one if
@@ -70,25 +82,89 @@ pub struct WriterStats {
     pub linger_micros: AtomicU64,
 }
 
+/// Appends `order` to `chain` after `head` through `session` (which holds the chain), as links
+/// computed here. `rows` are the events of `order` not stored yet. When the append fails on a
+/// unique key, some event of `order` that was already stored has meanwhile been linked by a
+/// node adopting this chain's leftovers: those are dropped and the rest appended again.
+pub(super) fn append_linked(
+    store: &Store,
+    session: &mut AuditSession,
+    chain: i64,
+    head: &ChainHead,
+    rows: &mut [AuditRow],
+    order: &mut Vec<Pending>,
+) -> Result<(ChainHead, Vec<(i64, SearchRow)>), StoreError> {
+    for r in rows.iter_mut() {
+        r.chain_id = chain;
+    }
+    let mut prev = head.hash.clone();
+    let mut seq = head.seq;
+    let links: Vec<ChainLink> = order
+        .iter()
+        .map(|p| {
+            seq += 1;
+            let hash = link_hash(&prev, &p.canonical).to_vec();
+            ChainLink {
+                chain_id: chain,
+                seq,
+                event_id: p.event_id.clone(),
+                prev_hash: std::mem::replace(&mut prev, hash.clone()),
+                hash,
+            }
+        })
+        .collect();
+    match session.append(store, rows, &links) {
+        Ok(()) => {
+            let new_head = links.last().map_or_else(
+                || head.clone(),
+                |l| ChainHead {
+                    seq: l.seq,
+                    hash: l.hash.clone(),
+                },
+            );
+            let derived = links
+                .iter()
+                .zip(order.drain(..))
+                .map(|(l, p)| (l.seq, p.search))
+                .collect();
+            Ok((new_head, derived))
+        }
+        Err(e) if e.is_unique_violation() => {
+            let stored: Vec<String> = order
+                .iter()
+                .filter(|p| !rows.iter().any(|r| r.id == p.event_id))
+                .map(|p| p.event_id.clone())
+                .collect();
+            let linked = session.linked(store, &stored)?;
+            order.retain(|p| !linked.contains(&p.event_id));
+            Err(e)
+        }
+        Err(e) => Err(e),
+    }
+}
+
 pub(super) struct Writer {
     pub store: Arc<Store>,
     pub key: CheckpointKey,
     pub file: CheckpointFile,
     pub policy: CheckpointPolicy,
     pub stats: Arc<WriterStats>,
-    /// Chain seq of the last checkpoint, and when it was signed.
-    pub last_checkpoint: (i64, Instant),
-    /// Events appended since the last checkpoint.
+    /// This node's name (its chain's, see [`AuditSession::claim`]).
+    pub node: String,
+    /// The chain this node appends to, shared with the handlers (write events name it).
+    pub chain: Arc<AtomicI64>,
+    /// When the last checkpoint was signed, and events appended since.
+    pub last_checkpoint: Instant,
     pub since_checkpoint: u64,
     /// Links whose batch failed, tried again with the next one.
-    pub retry_links: Vec<(String, Vec<u8>)>,
+    pub retry_links: Vec<Pending>,
     /// Audited requests under way (see [`super::InFlight`]).
     pub in_flight: Arc<std::sync::atomic::AtomicUsize>,
-    /// The chain's last seq as this writer last saw it.
-    pub head_seq: i64,
-    pub session: crate::store::audit::AuditSession,
+    pub session: AuditSession,
     /// The chain head after this writer's last commit (`None`: read it from the database).
-    pub head: Option<crate::store::audit::ChainHead>,
+    pub head: Option<ChainHead>,
+    /// Where committed batches' search rows go.
+    pub derived: Sender<Derived>,
 }
 
 impl Writer {
@@ -142,9 +218,38 @@ impl Writer {
         }
     }
 
-    /// Commits the retried links now (start-up recovery).
-    pub(super) fn process_pending(&mut self) {
-        self.process_with(Vec::new(), false)
+    /// The chain to append to: this node's, claimed again after a lost connection (or another
+    /// one, if a different process took it meanwhile).
+    fn chain(&mut self) -> Result<i64, StoreError> {
+        let current = self.chain.load(Ordering::Relaxed);
+        if self.session.chain() == Some(current) {
+            return Ok(current);
+        }
+        let chain = self.session.reclaim(&self.store, current, &self.node)?;
+        if chain != current {
+            self.chain.store(chain, Ordering::Relaxed);
+        }
+        self.head = None;
+        Ok(chain)
+    }
+
+    /// Links this chain's events that a crash left stored but unlinked (start-up).
+    pub(super) fn recover(&mut self, cipher: &crate::crypto::Cipher) -> Result<usize, AuditError> {
+        let chain = self.chain()?;
+        let mut linked = 0;
+        loop {
+            let orphans = super::deriver::unlinked(&self.store, cipher, chain, None)?;
+            if orphans.is_empty() {
+                return Ok(linked);
+            }
+            let n = orphans.len();
+            self.retry_links.extend(orphans);
+            self.process_with(Vec::new(), false);
+            if !self.retry_links.is_empty() {
+                return Err(AuditError::Unavailable);
+            }
+            linked += n;
+        }
     }
 
     fn process(&mut self, jobs: Vec<Job>) {
@@ -154,120 +259,124 @@ impl Writer {
     fn process_with(&mut self, jobs: Vec<Job>, final_checkpoint: bool) {
         self.stats.queued.fetch_sub(jobs.len() as u64, Ordering::Relaxed);
         let mut rows = Vec::new();
-        let mut order: Vec<(String, Vec<u8>)> = std::mem::take(&mut self.retry_links);
+        let mut order: Vec<Pending> = std::mem::take(&mut self.retry_links);
         let mut acks = Vec::new();
         let mut flushes = Vec::new();
-        let mut linked_only = order.len();
         for job in jobs {
             match job {
                 Job::Append { row, canonical, ack } => {
-                    order.push((row.id.clone(), canonical));
+                    order.push(Pending {
+                        event_id: row.id.clone(),
+                        canonical,
+                        search: row.search_row(),
+                    });
                     rows.push(*row);
                     acks.push(ack);
                 }
-                Job::Link { event_id, canonical } => {
-                    order.push((event_id, canonical));
-                    linked_only += 1;
-                }
+                Job::Link(p) => order.push(*p),
                 Job::Flush(ack) => flushes.push(ack),
             }
         }
-        let time_due = self.last_checkpoint.1.elapsed() >= self.policy.every;
-        let checkpoint_pending = self.head_seq > self.last_checkpoint.0 || self.since_checkpoint > 0;
-        let want_checkpoint = (final_checkpoint || time_due) && checkpoint_pending;
-        if order.is_empty() && !want_checkpoint {
-            for f in flushes {
-                let _ = f.send(Ok(()));
-            }
-            return;
-        }
-        let mut attempts = 0;
-        let appending = Instant::now();
-        let result = loop {
-            attempts += 1;
-            let mut signed: Option<Checkpoint> = None;
-            let since = self.since_checkpoint;
-            let (policy, last_seq, key) = (self.policy, self.last_checkpoint.0, &self.key);
-            let known_head = if attempts == 1 { self.head.as_ref() } else { None };
-            let result = self
-                .store
-                .append_audit_batch(&mut self.session, &rows, known_head, |head| {
-                    let mut prev = head.hash.clone();
-                    let mut seq = head.seq;
-                    let links: Vec<ChainLink> = order
-                        .iter()
-                        .map(|(id, canonical)| {
-                            seq += 1;
-                            let hash = link_hash(&prev, canonical).to_vec();
-                            ChainLink {
-                                seq,
-                                event_id: id.clone(),
-                                prev_hash: std::mem::replace(&mut prev, hash.clone()),
-                                hash,
-                            }
-                        })
-                        .collect();
-                    let due = since + links.len() as u64 >= policy.every_events || want_checkpoint || time_due;
-                    if due && seq > last_seq && seq > 0 {
-                        signed = Some(key.sign(seq, &prev, crate::store::now()));
-                    }
-                    (links, signed.clone())
-                });
+        if !order.is_empty() {
+            let n = order.len() as u64;
+            let appending = Instant::now();
+            let result = self.append(&mut rows, &mut order);
+            self.stats
+                .commit_micros
+                .fetch_add(appending.elapsed().as_micros() as u64, Ordering::Relaxed);
             match result {
-                // Another process appended at the same seq, SQLite's write lock was held, or
-                // the connection died (the session reconnects): read the head again and retry.
-                Err(_) if attempts < 4 => {
-                    std::thread::sleep(Duration::from_millis(5 * attempts));
-                    continue;
+                Ok((chain, derived)) => {
+                    self.stats.commits.fetch_add(1, Ordering::Relaxed);
+                    self.stats.events.fetch_add(n, Ordering::Relaxed);
+                    self.since_checkpoint += n;
+                    let _ = self.derived.send(Derived::Appended { chain, rows: derived });
                 }
-                other => break other.map(|head| (head, signed)),
+                Err(e) => {
+                    self.head = None;
+                    self.stats.failed_batches.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(error = %e, events = rows.len(), "audit batch could not be committed");
+                    // links name events already stored: keep them for the next batch
+                    self.retry_links = order
+                        .into_iter()
+                        .filter(|p| !rows.iter().any(|r| r.id == p.event_id))
+                        .collect();
+                    for a in acks {
+                        let _ = a.send(Err(AuditError::Unavailable));
+                    }
+                    for f in flushes {
+                        let _ = f.send(Err(AuditError::Unavailable));
+                    }
+                    return;
+                }
+            }
+        }
+        for a in acks {
+            let _ = a.send(Ok(()));
+        }
+        let time_due = self.last_checkpoint.elapsed() >= self.policy.every;
+        let pending = self.since_checkpoint > 0;
+        if pending && (final_checkpoint || time_due || self.since_checkpoint >= self.policy.every_events) {
+            self.checkpoint();
+        }
+        for f in flushes {
+            let _ = f.send(Ok(()));
+        }
+    }
+
+    /// Appends with a few retries: a lost connection (claimed again) or a link some adopting
+    /// node made first (dropped). Returns the chain and the search rows of what was linked.
+    fn append(
+        &mut self,
+        rows: &mut [AuditRow],
+        order: &mut Vec<Pending>,
+    ) -> Result<(i64, Vec<(i64, SearchRow)>), StoreError> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let result = (|| {
+                let chain = self.chain()?;
+                let head = match &self.head {
+                    Some(h) => h.clone(),
+                    None => self.session.head(&self.store, chain)?,
+                };
+                append_linked(&self.store, &mut self.session, chain, &head, rows, order).map(|(h, d)| (chain, h, d))
+            })();
+            match result {
+                Ok((chain, head, derived)) => {
+                    self.head = Some(head);
+                    return Ok((chain, derived));
+                }
+                Err(e) if attempt < 4 => {
+                    tracing::warn!(error = %e, attempt, "audit batch failed; trying again");
+                    self.head = None;
+                    std::thread::sleep(Duration::from_millis(5 * attempt));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Signs the heads of every chain (this one's as just committed) and stores the checkpoint
+    /// in the database and the checkpoint file. A failure is logged and tried again later: the
+    /// events themselves are durable and chained.
+    fn checkpoint(&mut self) {
+        let heads = match self.session.all_heads(&self.store) {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::error!(error = %e, "audit checkpoint: the chain heads could not be read");
+                return;
             }
         };
-        self.stats
-            .commit_micros
-            .fetch_add(appending.elapsed().as_micros() as u64, Ordering::Relaxed);
-        match result {
-            Ok((head, signed)) => {
-                let n = order.len() as u64;
-                self.head_seq = head.seq;
-                self.head = Some(head);
-                self.stats.commits.fetch_add(1, Ordering::Relaxed);
-                self.stats.events.fetch_add(n, Ordering::Relaxed);
-                self.since_checkpoint += n;
-                if let Some(cp) = signed {
-                    if let Err(e) = self.file.append(&cp) {
-                        tracing::error!(error = %e, "audit checkpoint could not be written to the checkpoint file");
-                    }
-                    self.last_checkpoint = (cp.seq, Instant::now());
-                    self.since_checkpoint = 0;
-                }
-                for a in acks {
-                    let _ = a.send(Ok(()));
-                }
-                for f in flushes {
-                    let _ = f.send(Ok(()));
-                }
-            }
-            Err(e) => {
-                // read the head again next time: the failure may have been someone else's append
-                self.head = None;
-                self.stats.failed_batches.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(error = %e, events = rows.len(), "audit batch could not be committed");
-                // links name events already stored: keep them for the next batch
-                let stored_only: Vec<(String, Vec<u8>)> = order
-                    .into_iter()
-                    .filter(|(id, _)| !rows.iter().any(|r| &r.id == id))
-                    .collect();
-                debug_assert_eq!(stored_only.len(), linked_only);
-                self.retry_links = stored_only;
-                for a in acks {
-                    let _ = a.send(Err(AuditError::Unavailable));
-                }
-                for f in flushes {
-                    let _ = f.send(Err(AuditError::Unavailable));
-                }
-            }
+        let cp = self.key.sign(&heads, crate::store::now());
+        if let Err(e) = self.session.insert_checkpoint(&self.store, &cp) {
+            tracing::error!(error = %e, "audit checkpoint could not be stored");
+            return;
         }
+        if let Err(e) = self.file.append(&cp) {
+            tracing::error!(error = %e, "audit checkpoint could not be written to the checkpoint file");
+        }
+        self.last_checkpoint = Instant::now();
+        self.since_checkpoint = 0;
     }
 }
 
@@ -300,7 +409,7 @@ pub(super) fn run_floor(rx: Arc<Mutex<Receiver<Job>>>, mut file: std::fs::File, 
                     acks.push(ack);
                     events += 1;
                 }
-                Job::Link { .. } => {}
+                Job::Link(_) => {}
                 Job::Flush(ack) => acks.push(ack),
             }
         }

@@ -12,8 +12,8 @@
 
 use super::encrypted::EncryptedColumn;
 use super::schema::{
-    audit_archives, audit_chain, audit_checkpoints, audit_entities, audit_events, resource_compartments,
-    resource_versions, resources,
+    audit_archives, audit_chain, audit_chains, audit_checkpoints, audit_entities, audit_events, audit_index_progress,
+    audit_search, resource_compartments, resource_versions, resources,
 };
 use super::{Access, DbConnection, Store, StoreError};
 use crate::crypto::{Aad, Cipher, Sealed};
@@ -26,7 +26,8 @@ use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 
-const MAGIC: &[u8] = b"FHIRVAULT-BACKUP 1\n";
+/// Format 2: the audit ledger's several chains (format 1 backups were made before them).
+const MAGIC: &[u8] = b"FHIRVAULT-BACKUP 2\n";
 const CHUNK: usize = 1 << 20;
 const PAGE: i64 = 5000;
 
@@ -152,22 +153,33 @@ backup_table!(CompartmentRow, resource_compartments, order: (resource_compartmen
     resource_type: String, logical_id: String, version_id: i64, patient_id: String,
 });
 backup_table!(AuditEventRow, audit_events, order: (audit_events::id), {
-    id: String, recorded: NaiveDateTime, type_code: String, subtype: String, action: String, outcome: String,
-    agent: String, key_version: i32, #[serde(with = "sealed")] content: EncryptedColumn,
+    id: String, recorded: NaiveDateTime, key_version: i32, #[serde(with = "sealed")] content: EncryptedColumn,
+    chain_id: i64,
+});
+backup_table!(AuditSearchRow, audit_search, order: (audit_search::event_id), {
+    event_id: String, recorded: NaiveDateTime, type_code: String, subtype: String, action: String, outcome: String,
+    agent: String,
 });
 backup_table!(AuditEntityRow, audit_entities, order: (audit_entities::event_id, audit_entities::role, audit_entities::reference), {
     event_id: String, role: String, reference: String,
 });
-backup_table!(ChainRow, audit_chain, order: (audit_chain::seq), {
-    seq: i64, event_id: String, #[serde(with = "b64")] prev_hash: Vec<u8>, #[serde(with = "b64")] hash: Vec<u8>,
+backup_table!(AuditChainsRow, audit_chains, order: (audit_chains::id), {
+    id: i64, node: String, created_at: NaiveDateTime,
 });
-backup_table!(CheckpointRow, audit_checkpoints, order: (audit_checkpoints::seq), {
-    seq: i64, #[serde(with = "b64")] hash: Vec<u8>, signed_at: NaiveDateTime, key_id: String,
+backup_table!(ChainRow, audit_chain, order: (audit_chain::chain_id, audit_chain::seq), {
+    chain_id: i64, seq: i64, event_id: String, #[serde(with = "b64")] prev_hash: Vec<u8>,
+    #[serde(with = "b64")] hash: Vec<u8>,
+});
+backup_table!(CheckpointRow, audit_checkpoints, order: (audit_checkpoints::id), {
+    id: String, format: i32, signed_at: NaiveDateTime, key_id: String, heads: String,
     #[serde(with = "b64")] signature: Vec<u8>,
 });
-backup_table!(ArchiveRow, audit_archives, order: (audit_archives::up_to_seq), {
-    up_to_seq: i64, #[serde(with = "b64")] last_hash: Vec<u8>, archived_at: NaiveDateTime, cutoff: NaiveDateTime,
-    events: i64, #[serde(with = "b64")] file_sha256: Vec<u8>,
+backup_table!(ArchiveRow, audit_archives, order: (audit_archives::chain_id, audit_archives::up_to_seq), {
+    chain_id: i64, up_to_seq: i64, #[serde(with = "b64")] last_hash: Vec<u8>, archived_at: NaiveDateTime,
+    cutoff: NaiveDateTime, events: i64, #[serde(with = "b64")] file_sha256: Vec<u8>,
+});
+backup_table!(IndexProgressRow, audit_index_progress, order: (audit_index_progress::chain_id), {
+    chain_id: i64, indexed_seq: i64,
 });
 
 /// The tables in restore order (parents before what refers to them).
@@ -175,11 +187,14 @@ const TABLES: &[&str] = &[
     "resources",
     "resource_compartments",
     "resource_versions",
+    "audit_chains",
     "audit_archives",
     "audit_events",
+    "audit_search",
     "audit_entities",
     "audit_chain",
     "audit_checkpoints",
+    "audit_index_progress",
 ];
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -292,10 +307,13 @@ impl Store {
                         "resources" => page!(ResourceRow),
                         "resource_compartments" => page!(CompartmentRow),
                         "resource_versions" => page!(VersionRow),
+                        "audit_chains" => page!(AuditChainsRow),
                         "audit_archives" => page!(ArchiveRow),
                         "audit_events" => page!(AuditEventRow),
+                        "audit_search" => page!(AuditSearchRow),
                         "audit_entities" => page!(AuditEntityRow),
                         "audit_chain" => page!(ChainRow),
+                        "audit_index_progress" => page!(IndexProgressRow),
                         _ => page!(CheckpointRow),
                     };
                     rows += n as u64;
@@ -501,11 +519,14 @@ fn insert_lines(conn: &mut DbConnection, table: &str, lines: &[Vec<u8>]) -> Resu
         "resources" => ins!(ResourceRow),
         "resource_compartments" => ins!(CompartmentRow),
         "resource_versions" => ins!(VersionRow),
+        "audit_chains" => ins!(AuditChainsRow),
         "audit_archives" => ins!(ArchiveRow),
         "audit_events" => ins!(AuditEventRow),
+        "audit_search" => ins!(AuditSearchRow),
         "audit_entities" => ins!(AuditEntityRow),
         "audit_chain" => ins!(ChainRow),
         "audit_checkpoints" => ins!(CheckpointRow),
+        "audit_index_progress" => ins!(IndexProgressRow),
         _ => return Err(BackupError::Damaged("unknown table")),
     }
     Ok(())

@@ -68,6 +68,13 @@ impl DbManager {
     pub fn backend(&self) -> Backend {
         self.backend
     }
+    /// The SQLite database's file, if that is the backend.
+    pub fn sqlite_path(&self) -> Option<&str> {
+        match self.backend {
+            Backend::Sqlite => Some(self.url.trim_start_matches("sqlite://")),
+            Backend::Postgres => None,
+        }
+    }
     pub fn connect(&self) -> Result<DbConnection, ConnectError> {
         match self.backend {
             Backend::Postgres => Ok(DbConnection::Pg(PgConnection::establish(&self.url)?)),

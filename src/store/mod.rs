@@ -86,6 +86,9 @@ pub enum StoreError {
     /// The caller of [`Store::transaction`] gave up: everything was rolled back.
     #[error("transaction abandoned by its caller")]
     Abandoned,
+    /// A claim (an audit chain, SQLite's single node) could not be taken or checked.
+    #[error("{0}")]
+    Lock(String),
 }
 
 /// Whose data a store operation may touch. Every store function takes it first; on PostgreSQL
@@ -356,7 +359,9 @@ fn grant_server_role(owner: &mut DbConnection, server: &mut DbConnection) -> Res
         "GRANT SELECT, INSERT, UPDATE, DELETE ON resources TO {ident}; \
          GRANT SELECT, INSERT ON resource_versions, resource_compartments TO {ident}; \
          GRANT USAGE, SELECT ON SEQUENCE resource_versions_id_seq TO {ident}; \
-         GRANT SELECT, INSERT ON audit_events, audit_entities, audit_chain, audit_checkpoints TO {ident}; \
+         GRANT SELECT, INSERT ON audit_events, audit_search, audit_entities, audit_chains, audit_chain, \
+               audit_checkpoints TO {ident}; \
+         GRANT SELECT, INSERT, UPDATE ON audit_index_progress TO {ident}; \
          GRANT SELECT ON audit_archives TO {ident}; \
          GRANT SELECT, INSERT, DELETE ON search_string, search_token, search_date, search_reference, \
                search_number, search_quantity, search_uri, search_composite, search_pages TO {ident}; \
@@ -390,14 +395,31 @@ fn warn_if_rls_bypassed(conn: &mut DbConnection) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Runs the migrations of the backend `conn` is on.
+/// The advisory lock several nodes starting at once take around migrations (PostgreSQL).
+const MIGRATION_LOCK: i64 = 0x6676_6d69_6772;
+
+/// Runs the migrations of the backend `conn` is on. On PostgreSQL, nodes starting at once
+/// take turns (a session advisory lock): the first applies them, the others find none pending.
 pub fn run_migrations(conn: &mut DbConnection) -> Result<Vec<String>, StoreError> {
     let applied = match conn {
-        DbConnection::Pg(c) => c.run_pending_migrations(PG_MIGRATIONS),
-        DbConnection::Sqlite(c) => c.run_pending_migrations(SQLITE_MIGRATIONS),
+        DbConnection::Pg(c) => {
+            diesel::sql_query("SELECT pg_advisory_lock($1)")
+                .bind::<diesel::sql_types::BigInt, _>(MIGRATION_LOCK)
+                .execute(c)?;
+            let applied = c
+                .run_pending_migrations(PG_MIGRATIONS)
+                .map(|v| v.iter().map(|m| m.to_string()).collect::<Vec<_>>());
+            diesel::sql_query("SELECT pg_advisory_unlock($1)")
+                .bind::<diesel::sql_types::BigInt, _>(MIGRATION_LOCK)
+                .execute(c)?;
+            applied
+        }
+        DbConnection::Sqlite(c) => c
+            .run_pending_migrations(SQLITE_MIGRATIONS)
+            .map(|v| v.iter().map(|m| m.to_string()).collect::<Vec<_>>()),
     }
     .map_err(|e| StoreError::Migration(e.to_string()))?;
-    Ok(applied.iter().map(|m| m.to_string()).collect())
+    Ok(applied)
 }
 
 impl Store {

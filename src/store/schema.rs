@@ -46,13 +46,21 @@ diesel::table! {
     audit_events (id) {
         id -> Text,
         recorded -> Timestamp,
+        key_version -> Integer,
+        content -> Encrypted,
+        chain_id -> BigInt,
+    }
+}
+
+diesel::table! {
+    audit_search (event_id) {
+        event_id -> Text,
+        recorded -> Timestamp,
         type_code -> Text,
         subtype -> Text,
         action -> Text,
         outcome -> Text,
         agent -> Text,
-        key_version -> Integer,
-        content -> Encrypted,
     }
 }
 
@@ -65,41 +73,62 @@ diesel::table! {
 }
 
 diesel::table! {
-    audit_chain (seq) {
-        seq -> BigInt,
-        event_id -> Text,
-        prev_hash -> Binary,
-        hash -> Binary,
+    audit_chains (id) {
+        id -> BigInt,
+        node -> Text,
+        created_at -> Timestamp,
     }
 }
 
 diesel::table! {
-    audit_checkpoints (seq) {
+    audit_chain (chain_id, seq) {
         seq -> BigInt,
+        event_id -> Text,
+        prev_hash -> Binary,
         hash -> Binary,
+        chain_id -> BigInt,
+    }
+}
+
+diesel::table! {
+    audit_checkpoints (id) {
+        id -> Text,
+        format -> Integer,
         signed_at -> Timestamp,
         key_id -> Text,
+        heads -> Text,
         signature -> Binary,
     }
 }
 
 diesel::table! {
-    audit_archives (up_to_seq) {
+    audit_archives (chain_id, up_to_seq) {
         up_to_seq -> BigInt,
         last_hash -> Binary,
         archived_at -> Timestamp,
         cutoff -> Timestamp,
         events -> BigInt,
         file_sha256 -> Binary,
+        chain_id -> BigInt,
+    }
+}
+
+diesel::table! {
+    audit_index_progress (chain_id) {
+        chain_id -> BigInt,
+        indexed_seq -> BigInt,
     }
 }
 
 diesel::allow_tables_to_appear_in_same_query!(
     audit_events,
+    audit_search,
     audit_entities,
+    audit_chains,
     audit_chain,
     audit_checkpoints,
-    audit_archives
+    audit_archives,
+    audit_index_progress
 );
 
 diesel::table! {

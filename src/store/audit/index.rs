@@ -1,0 +1,242 @@
+//! The rows AuditEvent search filters on (`audit_search`, `audit_entities`), derived from the
+//! chained events after they are durable, and the search itself.
+//!
+//! Deriving happens off the request path, chain by chain in `seq` order; each batch of rows
+//! and the chain's new `audit_index_progress` position commit together, and the position only
+//! moves from the value the deriver read (so two derivers of one chain never both apply a batch).
+//! After a crash, the events past a chain's position are derived again from the durable rows.
+
+use super::super::schema::audit_events as ev;
+use super::super::schema::{audit_chain as ac, audit_entities as ae, audit_index_progress as ip, audit_search as asr};
+use super::{ChainLink, StoredAuditEvent};
+use crate::store::{Access, DbConnection, Store, StoreError};
+use chrono::NaiveDateTime;
+use diesel::prelude::*;
+
+/// What one event derives to: its search columns and its entity rows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SearchRow {
+    pub event_id: String,
+    pub recorded: NaiveDateTime,
+    pub type_code: String,
+    pub subtype: String,
+    pub action: String,
+    pub outcome: String,
+    pub agent: String,
+    /// (role, versionless reference): `patient` for the patients, `entity` for the rest.
+    pub references: std::collections::BTreeSet<(String, String)>,
+}
+
+/// Filters of an AuditEvent search (all ANDed; values within one filter ORed).
+#[derive(Debug, Clone, Default)]
+pub struct AuditQuery {
+    pub recorded_from: Option<NaiveDateTime>,
+    pub recorded_before: Option<NaiveDateTime>,
+    pub agents: Vec<String>,
+    pub entities: Vec<String>,
+    pub patients: Vec<String>,
+    pub types: Vec<String>,
+    pub subtypes: Vec<String>,
+    pub actions: Vec<String>,
+    pub outcomes: Vec<String>,
+    /// Newest first; only rows strictly older than this (recorded, id) cursor.
+    pub before: Option<(NaiveDateTime, String)>,
+    pub count: u32,
+}
+
+/// The search rows of these events (entity rows not filled in).
+pub(super) fn search_rows_by_id(conn: &mut DbConnection, ids: &[String]) -> Result<Vec<SearchRow>, StoreError> {
+    Ok(asr::table
+        .filter(asr::event_id.eq_any(ids))
+        .select((
+            asr::event_id,
+            asr::recorded,
+            asr::type_code,
+            asr::subtype,
+            asr::action,
+            asr::outcome,
+            asr::agent,
+        ))
+        .load::<(String, NaiveDateTime, String, String, String, String, String)>(conn)?
+        .into_iter()
+        .map(
+            |(event_id, recorded, type_code, subtype, action, outcome, agent)| SearchRow {
+                event_id,
+                recorded,
+                type_code,
+                subtype,
+                action,
+                outcome,
+                agent,
+                references: Default::default(),
+            },
+        )
+        .collect())
+}
+
+/// Inserts search and entity rows, leaving any already there (a batch derived again after a
+/// crash between its commit and the caller learning of it).
+fn insert_ignoring_present(conn: &mut DbConnection, rows: &[SearchRow]) -> Result<(), StoreError> {
+    let search: Vec<_> = rows
+        .iter()
+        .map(|r| {
+            (
+                asr::event_id.eq(&r.event_id),
+                asr::recorded.eq(r.recorded),
+                asr::type_code.eq(&r.type_code),
+                asr::subtype.eq(&r.subtype),
+                asr::action.eq(&r.action),
+                asr::outcome.eq(&r.outcome),
+                asr::agent.eq(&r.agent),
+            )
+        })
+        .collect();
+    let entities: Vec<_> = rows
+        .iter()
+        .flat_map(|r| {
+            r.references.iter().map(move |(role, reference)| {
+                (
+                    ae::event_id.eq(&r.event_id),
+                    ae::role.eq(role),
+                    ae::reference.eq(reference),
+                )
+            })
+        })
+        .collect();
+    match conn {
+        DbConnection::Pg(c) => {
+            // bounded by the deriver's batch size: well under PostgreSQL's 65,535 parameters
+            for chunk in search.chunks(1000) {
+                diesel::insert_into(asr::table)
+                    .values(chunk)
+                    .on_conflict_do_nothing()
+                    .execute(c)?;
+            }
+            for chunk in entities.chunks(2000) {
+                diesel::insert_into(ae::table)
+                    .values(chunk)
+                    .on_conflict_do_nothing()
+                    .execute(c)?;
+            }
+        }
+        DbConnection::Sqlite(c) => {
+            for r in &search {
+                diesel::insert_or_ignore_into(asr::table).values(r).execute(c)?;
+            }
+            for e in &entities {
+                diesel::insert_or_ignore_into(ae::table).values(e).execute(c)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+impl Store {
+    /// How far `chain` has been derived (0: nothing yet).
+    pub fn audit_indexed_seq(&self, chain: i64) -> Result<i64, StoreError> {
+        let mut conn = self.checkout(&Access::All)?;
+        Ok(ip::table
+            .filter(ip::chain_id.eq(chain))
+            .select(ip::indexed_seq)
+            .first(&mut conn.conn)
+            .optional()?
+            .unwrap_or(0))
+    }
+
+    /// The links of `chain` after `after` (at most `limit`) with their events, for deriving
+    /// what the deriver did not see being appended.
+    pub fn audit_links_with_events(
+        &self,
+        chain: i64,
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<(ChainLink, Option<StoredAuditEvent>)>, StoreError> {
+        let mut conn = self.checkout(&Access::All)?;
+        Ok(ac::table
+            .left_join(ev::table.on(ev::id.eq(ac::event_id)))
+            .filter(ac::chain_id.eq(chain).and(ac::seq.gt(after)))
+            .order(ac::seq.asc())
+            .limit(limit)
+            .select((ChainLink::as_select(), Option::<StoredAuditEvent>::as_select()))
+            .load(&mut conn.conn)?)
+    }
+
+    /// Stores the derived rows of `chain`'s links `(from, to]` and moves its position from
+    /// `from` to `to`, in one transaction. False (nothing stored) if the position was no longer
+    /// `from`: someone else derived them.
+    pub fn audit_index_batch(&self, chain: i64, from: i64, to: i64, rows: &[SearchRow]) -> Result<bool, StoreError> {
+        self.write_tx(&Access::All, |conn| {
+            let moved = diesel::update(ip::table.filter(ip::chain_id.eq(chain).and(ip::indexed_seq.eq(from))))
+                .set(ip::indexed_seq.eq(to))
+                .execute(conn)?;
+            if moved == 0 {
+                let present: Option<i64> = ip::table
+                    .filter(ip::chain_id.eq(chain))
+                    .select(ip::indexed_seq)
+                    .first(conn)
+                    .optional()?;
+                if present.is_some() || from != 0 {
+                    return Ok(false);
+                }
+                diesel::insert_into(ip::table)
+                    .values((ip::chain_id.eq(chain), ip::indexed_seq.eq(to)))
+                    .execute(conn)?;
+            }
+            insert_ignoring_present(conn, rows)?;
+            Ok(true)
+        })
+        .or_else(|e| if e.is_unique_violation() { Ok(false) } else { Err(e) })
+    }
+
+    /// AuditEvent search: newest first, one page plus one row (to tell whether more follow).
+    pub fn search_audit(&self, q: &AuditQuery) -> Result<Vec<StoredAuditEvent>, StoreError> {
+        let mut conn = self.checkout(&Access::All)?;
+        let mut b = asr::table
+            .inner_join(ev::table.on(ev::id.eq(asr::event_id)))
+            .into_boxed();
+        if let Some(from) = q.recorded_from {
+            b = b.filter(asr::recorded.ge(from));
+        }
+        if let Some(before) = q.recorded_before {
+            b = b.filter(asr::recorded.lt(before));
+        }
+        if !q.agents.is_empty() {
+            b = b.filter(asr::agent.eq_any(q.agents.clone()));
+        }
+        if !q.types.is_empty() {
+            b = b.filter(asr::type_code.eq_any(q.types.clone()));
+        }
+        if !q.subtypes.is_empty() {
+            b = b.filter(asr::subtype.eq_any(q.subtypes.clone()));
+        }
+        if !q.actions.is_empty() {
+            b = b.filter(asr::action.eq_any(q.actions.clone()));
+        }
+        if !q.outcomes.is_empty() {
+            b = b.filter(asr::outcome.eq_any(q.outcomes.clone()));
+        }
+        for (role, refs) in [("entity", &q.entities), ("patient", &q.patients)] {
+            if !refs.is_empty() {
+                b = b.filter(diesel::dsl::exists(
+                    ae::table.filter(
+                        ae::event_id
+                            .eq(asr::event_id)
+                            .and(ae::role.eq(role))
+                            .and(ae::reference.eq_any(refs.clone())),
+                    ),
+                ));
+            }
+        }
+        if let Some((ts, id)) = &q.before {
+            b = b.filter(
+                asr::recorded
+                    .lt(*ts)
+                    .or(asr::recorded.eq(*ts).and(asr::event_id.lt(id.clone()))),
+            );
+        }
+        Ok(b.order((asr::recorded.desc(), asr::event_id.desc()))
+            .limit(i64::from(q.count) + 1)
+            .select(StoredAuditEvent::as_select())
+            .load(&mut conn.conn)?)
+    }
+}

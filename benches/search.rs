@@ -122,7 +122,7 @@ fn patient(i: u64) -> Value {
         "identifier": [{"system": "urn:bench:mrn", "value": format!("MRN{i:07}")}],
         "name": [{"family": FAMILIES[(spread(i, 2) % FAMILIES.len() as u64) as usize],
                   "given": [GIVEN[(spread(i, 3) % GIVEN.len() as u64) as usize]]}],
-        "gender": if i % 2 == 0 { "female" } else { "male" },
+        "gender": if i.is_multiple_of(2) { "female" } else { "male" },
         "birthDate": format!("{year}-{:02}-{:02}", 1 + spread(i, 4) % 12, 1 + spread(i, 5) % 28),
         "address": [{"line": [format!("{} Main Street", i % 500)], "city": "Springfield", "postalCode": "12345"}],
         "telecom": [{"system": "phone", "value": format!("555-{:04}", i % 10000)}]

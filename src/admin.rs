@@ -429,7 +429,20 @@ pub fn bootstrap(config: &Config, store: &Arc<Store>, auditor: &fhirvault::audit
     auditor
         .record_blocking(&record)
         .context("recording the bootstrap in the audit log")?;
-    add_user(store, "admin", &password, None, &["admin".to_string()], false)?;
+    if let Err(e) = add_user(store, "admin", &password, None, &["admin".to_string()], false) {
+        // several nodes starting at once on one database: another one created it first
+        if store.auth_user_count().context("counting users")? > 0 {
+            let mut record = cli_record(Kind::Admin("bootstrap"), Action::Create);
+            record.outcome = fhirvault::audit::Outcome::MinorFailure;
+            record.outcome_desc = Some("another node created the first-run administrator".into());
+            auditor
+                .record_blocking(&record)
+                .context("recording the bootstrap in the audit log")?;
+            tracing::info!("another node created the first-run administrator");
+            return Ok(());
+        }
+        return Err(e);
+    }
     println!(
         "\nfhirvault first run: no users yet, so one was created.\n\
          \n  username  admin\n  password  {}   (shown once: store it now)\n\

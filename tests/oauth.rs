@@ -249,8 +249,10 @@ fn exchange(s: &TestServer, code: &str, verifier: &str) -> (u16, Value) {
 }
 
 fn events(s: &TestServer, subtype: &str) -> i64 {
+    // search rows are derived off the request path: wait for this node's
+    s.auditor.sync_search_blocking().unwrap();
     s.db.count(&format!(
-        "SELECT COUNT(*) AS n FROM audit_events WHERE subtype = '{subtype}'"
+        "SELECT COUNT(*) AS n FROM audit_search WHERE subtype = '{subtype}'"
     ))
 }
 

@@ -83,7 +83,14 @@ fn server_role_sees_only_its_access_context_even_with_raw_sql() {
         #[diesel(sql_type = diesel::sql_types::Bool)]
         can_delete: bool,
     }
-    for table in ["audit_events", "audit_entities", "audit_chain", "audit_checkpoints"] {
+    for table in [
+        "audit_events",
+        "audit_search",
+        "audit_entities",
+        "audit_chains",
+        "audit_chain",
+        "audit_checkpoints",
+    ] {
         let p: Privileges = diesel::sql_query(format!(
             "SELECT has_table_privilege('{table}', 'INSERT') AS can_insert, \
              has_table_privilege('{table}', 'SELECT') AS can_select, \
@@ -106,13 +113,16 @@ fn server_role_sees_only_its_access_context_even_with_raw_sql() {
         "DELETE FROM resource_versions",
         "DELETE FROM resource_compartments",
         // the audit ledger: INSERT and SELECT only, whatever the triggers would allow
-        "UPDATE audit_events SET outcome = '0'",
+        "UPDATE audit_events SET recorded = now()",
+        "UPDATE audit_search SET outcome = '0'",
         "DELETE FROM audit_events",
+        "DELETE FROM audit_search",
+        "DELETE FROM audit_chains",
         "DELETE FROM audit_chain",
         "DELETE FROM audit_entities",
         "DELETE FROM audit_checkpoints",
-        "INSERT INTO audit_archives (up_to_seq, last_hash, archived_at, cutoff, events, file_sha256) \
-         VALUES (1000000, '\\x00', now(), now(), 0, '\\x00')",
+        "INSERT INTO audit_archives (chain_id, up_to_seq, last_hash, archived_at, cutoff, events, file_sha256) \
+         VALUES (1, 1000000, '\\x00', now(), now(), 0, '\\x00')",
         "ALTER TABLE audit_events DISABLE TRIGGER USER",
         "TRUNCATE audit_chain",
     ] {

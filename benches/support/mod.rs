@@ -314,7 +314,7 @@ pub fn synthetic_patient(seed: u64, size: usize) -> serde_json::Value {
         json!({"resourceType": "Patient",
                "identifier": [{"system": "https://github.com/synthetichealth/synthea", "value": format!("gen-{seed}")}],
                "name": [{"use": "official", "family": FAMILIES[(seed % 8) as usize], "given": [GIVEN[(seed % 6) as usize]]}],
-               "gender": if seed % 2 == 0 { "female" } else { "male" }, "birthDate": birth,
+               "gender": if seed.is_multiple_of(2) { "female" } else { "male" }, "birthDate": birth,
                "address": [{"city": "Springfield", "state": "MA", "postalCode": format!("0{:04}", seed % 10_000)}]}),
     );
     let org = add(

@@ -404,7 +404,7 @@ impl Walk<'_> {
                 last_seq = link.seq;
                 expected += 1;
                 checked += 1;
-                if checked % 10_000 == 0 {
+                if checked.is_multiple_of(10_000) {
                     progress(checked);
                 }
             }
@@ -450,12 +450,15 @@ fn decrypts(cipher: &Cipher, ev: &StoredAuditEvent) -> bool {
     cipher.open(&event_aad(&ev.id), &ev.content.0).is_ok()
 }
 
+/// A record's derived rows, as found: its search row and its entity rows.
+type DerivedRows<'a> = (Option<&'a SearchRow>, Option<&'a BTreeSet<(String, String)>>);
+
 /// Why a record's stored rows do not match its chain link, if they do not. `derived` holds its
 /// search and entity rows where they must exist (the chain was derived past it).
 fn check_event(
     cipher: &Cipher,
     ev: &StoredAuditEvent,
-    derived: Option<(Option<&SearchRow>, Option<&BTreeSet<(String, String)>>)>,
+    derived: Option<DerivedRows<'_>>,
     link: &ChainLink,
 ) -> Option<&'static str> {
     let Ok(plain) = cipher.open(&event_aad(&ev.id), &ev.content.0) else {
@@ -478,9 +481,7 @@ fn check_event(
     if recorded != stored_recorded {
         return Some("its recorded time differs from its content");
     }
-    let Some((search, entities)) = derived else {
-        return None;
-    };
+    let (search, entities) = derived?;
     let Some(s) = search else {
         return Some("its search row is missing");
     };

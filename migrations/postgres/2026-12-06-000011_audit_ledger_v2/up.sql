@@ -94,6 +94,13 @@ CREATE FUNCTION fhirvault_audit_guard() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
     ok BOOLEAN := false;
 BEGIN
+    -- key rotation re-encrypts an event's content (and its key version), nothing else
+    -- (nested: the row fields exist only for audit_events, and an outer AND is not short-circuited)
+    IF TG_OP = 'UPDATE' AND TG_TABLE_NAME = 'audit_events' THEN
+        IF (NEW.id, NEW.recorded, NEW.chain_id) IS NOT DISTINCT FROM (OLD.id, OLD.recorded, OLD.chain_id) THEN
+            RETURN NEW;
+        END IF;
+    END IF;
     IF TG_OP = 'DELETE' THEN
         IF TG_TABLE_NAME = 'audit_chain' THEN
             ok := fhirvault_audit_archived(OLD.chain_id, OLD.seq);

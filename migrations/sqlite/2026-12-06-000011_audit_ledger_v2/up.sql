@@ -100,8 +100,10 @@ SELECT 1, MAX(COALESCE((SELECT MAX(seq) FROM audit_chain), 0),
 WHERE EXISTS (SELECT 1 FROM audit_chains WHERE id = 1);
 
 -- Append-only: DELETE passes only for rows an archive run has exported first.
+-- key rotation re-encrypts an event's content (and its key version), nothing else
 CREATE TRIGGER audit_events_no_update BEFORE UPDATE ON audit_events
-BEGIN SELECT RAISE(ABORT, 'audit_events is append-only'); END;
+WHEN OLD.id IS NOT NEW.id OR OLD.recorded IS NOT NEW.recorded OR OLD.chain_id IS NOT NEW.chain_id
+BEGIN SELECT RAISE(ABORT, 'audit_events is append-only (only re-encryption may update a row)'); END;
 CREATE TRIGGER audit_search_no_update BEFORE UPDATE ON audit_search
 BEGIN SELECT RAISE(ABORT, 'audit_search is append-only'); END;
 CREATE TRIGGER audit_entities_no_update BEFORE UPDATE ON audit_entities

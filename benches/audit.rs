@@ -11,6 +11,10 @@
 //! file, and does nothing else (no database, no chain, no index). No design that answers only
 //! once the read's event is durable can do better on the machine the bench runs on.
 //!
+//! The ledger is one chain per node: on PostgreSQL a second ledger server (a second node with
+//! its own chain, on the same database) takes half of the c32 clients, against all of them on
+//! one node, to show that adding a node does not make the ledger slower.
+//!
 //! Run: `cargo bench --bench audit` (optionally `BENCH_SECS=5 BENCH_ROWS=5000`).
 
 #[path = "../tests/common/mod.rs"]
@@ -89,6 +93,11 @@ fn bench_backend(db: Db, rows: u64, secs: u64) -> serde_json::Value {
         .unwrap(),
     );
     let floor_addr = serve_with(floor_auditor.clone());
+    // a second node on the same database: its own ledger and chain
+    let second = (db == Db::Postgres).then(|| {
+        let auditor = Arc::new(fhirvault::server::open_auditor(&config, &s.store, "bench-node-2").unwrap());
+        (serve_with(auditor.clone()), auditor)
+    });
     let token = s.token("system/*.cruds", None);
     let reads = |addr: std::net::SocketAddr, conc: usize| {
         throughput(
@@ -136,6 +145,25 @@ fn bench_backend(db: Db, rows: u64, secs: u64) -> serde_json::Value {
         let floor = reads(floor_addr, conc);
         let floor_per_sync = (floor_auditor.stats().events.load(Ordering::Relaxed) - fe0) as f64
             / (floor_auditor.stats().commits.load(Ordering::Relaxed) - fc0).max(1) as f64;
+        // two nodes against one, PostgreSQL at c32: the same clients, half on each node
+        let two_nodes = second.as_ref().filter(|_| conc == 32).map(|(addr2, _)| {
+            let addr2 = *addr2;
+            throughput(
+                conc,
+                secs,
+                |k| LeanClient::connect(if k % 2 == 0 { s.addr } else { addr2 }, &token),
+                |c, i| {
+                    let id = &ids[(i.wrapping_mul(2654435761) % ids.len() as u64) as usize];
+                    assert_eq!(c.request("GET", &format!("/fhir/Patient/{id}"), None), 200);
+                },
+            )
+        });
+        if let Some(two) = two_nodes {
+            eprintln!(
+                "      two nodes on one database (two chains), same c{conc} clients split: {two:>7.0}  ratio to one node {:.2}",
+                two / on
+            );
+        }
         let per_fsync = match (syncs0, syncs1) {
             (Some(a), Some(b)) if b > a => Some(events as f64 / (b - a) as f64),
             _ => None,
@@ -149,6 +177,7 @@ fn bench_backend(db: Db, rows: u64, secs: u64) -> serde_json::Value {
             "      durability floor (sealed events fdatasync'd to a file, nothing else) {floor:>7.0}  ratio {:.2}  events/fdatasync {floor_per_sync:.1}",
             floor / off
         );
+        eprintln!("      ledger against the floor: {:.2}", on / floor);
         let r = json!({
             "concurrency": conc,
             "reads_per_sec_audit_off": off,
@@ -163,6 +192,9 @@ fn bench_backend(db: Db, rows: u64, secs: u64) -> serde_json::Value {
             "reads_per_sec_durability_floor": floor,
             "ratio_floor_vs_off": floor / off,
             "floor_events_per_fdatasync": floor_per_sync,
+            "ratio_ledger_vs_floor": on / floor,
+            "reads_per_sec_two_nodes": two_nodes,
+            "ratio_two_nodes_vs_one": two_nodes.map(|t| t / on),
         });
         if conc == 32 {
             at_32 = r.clone();
@@ -170,6 +202,9 @@ fn bench_backend(db: Db, rows: u64, secs: u64) -> serde_json::Value {
         by_concurrency.push(r);
     }
     floor_auditor.shutdown();
+    if let Some((_, a)) = &second {
+        a.shutdown();
+    }
     for f in &floor_files {
         let _ = std::fs::remove_file(f);
     }

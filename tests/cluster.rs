@@ -560,3 +560,131 @@ fn sqlite_refuses_a_second_serving_process() {
     let r = reqwest::blocking::get(format!("http://127.0.0.1:{}/healthz", first.port)).unwrap();
     assert!(r.status().is_success());
 }
+
+/// State that must hold across processes, each tried from three nodes at once: a conditional
+/// create raced from every node creates one resource; conditional updates raced from every node
+/// lose no update; a paging token made on one node is followed on the others.
+#[test]
+fn shared_state_holds_across_nodes() {
+    let cluster = pg();
+    let url = cluster.url(&cluster.create_db());
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut nodes = vec![Node::start(&data, &url, free_port(), "a")];
+    nodes.push(Node::start(&data, &url, free_port(), "b"));
+    nodes.push(Node::start(&data, &url, free_port(), "c"));
+    let out = bin()
+        .args(["token", "--scope", "system/*.cruds", "--data-dir"])
+        .arg(&data)
+        .arg("--database-url")
+        .arg(&url)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let bases: Vec<String> = nodes.iter().map(Node::base).collect();
+    let send = |base: &str, method: &str, path: &str, body: Option<Value>, headers: &[(&str, &str)]| {
+        let http = reqwest::blocking::Client::new();
+        let mut r = http
+            .request(method.parse().unwrap(), format!("{base}{path}"))
+            .bearer_auth(&token);
+        if let Some(b) = body {
+            r = r.header("content-type", "application/fhir+json").body(b.to_string());
+        }
+        for (k, v) in headers {
+            r = r.header(*k, *v);
+        }
+        let resp = r.send().unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json::<Value>().unwrap_or(Value::Null))
+    };
+    let with_identifier = |value: &str| {
+        json!({"resourceType": "Patient", "identifier": [{"system": "urn:race", "value": value}],
+               "name": [{"family": "Racefamily"}]})
+    };
+    // a conditional create raced from nine clients on three nodes
+    let statuses: Vec<u16> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..9)
+            .map(|k| {
+                let (base, body) = (bases[k % 3].clone(), with_identifier("c1"));
+                let send = &send;
+                scope.spawn(move || {
+                    send(
+                        &base,
+                        "POST",
+                        "/Patient",
+                        Some(body),
+                        &[("if-none-exist", "identifier=urn:race|c1")],
+                    )
+                    .0
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(statuses.iter().filter(|s| **s == 201).count(), 1, "{statuses:?}");
+    assert_eq!(statuses.iter().filter(|s| **s == 200).count(), 8, "{statuses:?}");
+    let (_, found) = send(&bases[1], "GET", "/Patient?identifier=urn:race|c1", None, &[]);
+    assert_eq!(found["total"], 1);
+    // conditional updates raced from every node: one creates, the others update; none is lost
+    let statuses: Vec<u16> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..9)
+            .map(|k| {
+                let (base, body) = (bases[k % 3].clone(), with_identifier("u1"));
+                let send = &send;
+                scope.spawn(move || send(&base, "PUT", "/Patient?identifier=urn:race|u1", Some(body), &[]).0)
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(statuses.iter().filter(|s| **s == 201).count(), 1, "{statuses:?}");
+    assert_eq!(statuses.iter().filter(|s| **s == 200).count(), 8, "{statuses:?}");
+    let (_, found) = send(&bases[2], "GET", "/Patient?identifier=urn:race|u1", None, &[]);
+    assert_eq!(found["total"], 1);
+    assert_eq!(
+        found["entry"][0]["resource"]["meta"]["versionId"], "9",
+        "every update kept"
+    );
+    // a search paged on one node, its next page followed on the others
+    for i in 0..7 {
+        let (status, _) = send(
+            &bases[i % 3],
+            "POST",
+            "/Patient",
+            Some(with_identifier(&format!("p{i}"))),
+            &[],
+        );
+        assert_eq!(status, 201);
+    }
+    let (_, first) = send(&bases[0], "GET", "/Patient?family=Racefamily&_count=3", None, &[]);
+    let next = first["link"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["relation"] == "next")
+        .expect("a next page")["url"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let path = next.split("/fhir").nth(1).unwrap().to_string();
+    assert!(!path.contains("Racefamily"), "no search value in the page link");
+    let mut ids = std::collections::BTreeSet::new();
+    for b in &bases[1..] {
+        let (status, page) = send(b, "GET", &path, None, &[]);
+        assert_eq!(status, 200, "{page}");
+        let got: Vec<String> = page["entry"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["resource"]["id"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(got.len(), 3);
+        ids.insert(got);
+    }
+    assert_eq!(ids.len(), 1, "the same page on every node");
+    for n in nodes.iter_mut() {
+        n.stop();
+    }
+    let out = verify(&data, &url);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}

@@ -50,6 +50,9 @@ pub(super) struct Deriver {
     /// Each chain's derived position as last stored or read.
     pub positions: HashMap<i64, i64>,
     pub last_sweep: Option<Instant>,
+    /// Chains of nodes that are gone whose leftovers were all taken care of: skipped until
+    /// their claim is seen held again (their node came back, and may die again).
+    pub settled: std::collections::HashSet<i64>,
 }
 
 impl Deriver {
@@ -175,22 +178,28 @@ impl Deriver {
             if chain.id == own {
                 continue;
             }
-            let head = self.store.audit_chain_head(chain.id)?;
-            let indexed = self.store.audit_indexed_seq(chain.id)?;
-            let orphans = self.store.unchained_audit_events(Some(chain.id), Some(cutoff), 1)?;
-            if indexed >= head.seq && orphans.is_empty() {
-                continue;
-            }
+            // a live node holds its chain: one cheap lock attempt, nothing else, per sweep
             if !self.session.try_hold(&self.store, chain.id)? {
+                self.settled.remove(&chain.id);
                 continue;
             }
-            let result = self.adopt(chain.id, cutoff);
+            let result = if self.settled.contains(&chain.id) {
+                Ok(())
+            } else {
+                self.adopt(chain.id, cutoff)
+            };
             self.session.release(&self.store, chain.id);
             result?;
+            // leftovers younger than the cut-off are taken at the next sweep
+            if self.store.unchained_audit_events(Some(chain.id), None, 1)?.is_empty() {
+                self.settled.insert(chain.id);
+            }
         }
         Ok(())
     }
 
+    /// Links `chain`'s leftover events recorded before `cutoff` and derives its search rows
+    /// (the caller holds the chain).
     fn adopt(&mut self, chain: i64, cutoff: chrono::NaiveDateTime) -> Result<(), AuditError> {
         loop {
             let mut order = unlinked(&self.store, &self.cipher, chain, Some(cutoff))?;

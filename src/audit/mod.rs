@@ -144,6 +144,7 @@ impl Auditor {
             pending: Default::default(),
             positions: Default::default(),
             last_sweep: None,
+            settled: Default::default(),
         };
         let deriver = spawn("audit-deriver", Box::new(move || d.run(derived_rx)))?;
         Ok(Auditor {

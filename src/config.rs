@@ -448,8 +448,8 @@ impl std::fmt::Debug for Config {
     }
 }
 
-/// The kernel's host name (`localhost` where it cannot be read).
-fn host_name() -> String {
+/// The kernel's host name (`localhost` where it cannot be read): default node names use it.
+pub fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
         .map(|h| h.trim().to_string())

@@ -270,6 +270,19 @@ fn chain_id_of(url: &str, node: &str) -> i64 {
     count(url, &format!("SELECT id AS n FROM audit_chains WHERE node = '{node}'"))
 }
 
+/// A `system/*.cruds` token from the nodes' shared issuer key (`fhirvault token`).
+fn token(data: &Path, url: &str) -> String {
+    let out = bin()
+        .args(["token", "--scope", "system/*.cruds", "--data-dir"])
+        .arg(data)
+        .arg("--database-url")
+        .arg(url)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
 fn verify(data: &Path, url: &str) -> std::process::Output {
     bin()
         .args(["audit", "verify", "--data-dir"])
@@ -289,7 +302,10 @@ fn three_nodes_on_one_database_under_load_with_a_node_killed() {
     let data = dir.path().join("data");
     // the first node creates the keys; the others start at once beside it
     let ports = [free_port(), free_port(), free_port()];
-    let names: Vec<String> = ports.iter().map(|p| format!("{}:{p}", host_name())).collect();
+    let names: Vec<String> = ports
+        .iter()
+        .map(|p| format!("{}:{p}", fhirvault::config::host_name()))
+        .collect();
     let mut nodes: Vec<Node> = vec![Node::start(&data, &url, ports[0], "a")];
     let starting: Vec<_> = [(ports[1], "b"), (ports[2], "c")]
         .into_iter()
@@ -299,17 +315,7 @@ fn three_nodes_on_one_database_under_load_with_a_node_killed() {
         })
         .collect();
     nodes.extend(starting.into_iter().map(|h| h.join().unwrap()));
-    let token = {
-        let out = bin()
-            .args(["token", "--scope", "system/*.cruds", "--data-dir"])
-            .arg(&data)
-            .arg("--database-url")
-            .arg(&url)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8(out.stdout).unwrap().trim().to_string()
-    };
+    let token = token(&data, &url);
     let tallies: Vec<Arc<Tally>> = (0..3).map(|_| Arc::new(Tally::default())).collect();
     let acked: Acked = Default::default();
     let stop = Arc::new(AtomicBool::new(false));
@@ -525,14 +531,6 @@ fn tampering_on_copies(data: &Path, db: &str, node_b: &i64) {
     }
 }
 
-fn host_name() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .map(|h| h.trim().to_string())
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "localhost".into())
-}
-
 /// SQLite serves one node: a second process on the same database is refused at start-up, and
 /// says why; the first keeps serving.
 #[test]
@@ -573,15 +571,7 @@ fn shared_state_holds_across_nodes() {
     let mut nodes = vec![Node::start(&data, &url, free_port(), "a")];
     nodes.push(Node::start(&data, &url, free_port(), "b"));
     nodes.push(Node::start(&data, &url, free_port(), "c"));
-    let out = bin()
-        .args(["token", "--scope", "system/*.cruds", "--data-dir"])
-        .arg(&data)
-        .arg("--database-url")
-        .arg(&url)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let token = token(&data, &url);
     let bases: Vec<String> = nodes.iter().map(Node::base).collect();
     let send = |base: &str, method: &str, path: &str, body: Option<Value>, headers: &[(&str, &str)]| {
         let http = reqwest::blocking::Client::new();

@@ -672,6 +672,44 @@ fn shared_state_holds_across_nodes() {
         ids.insert(got);
     }
     assert_eq!(ids.len(), 1, "the same page on every node");
+    // fail closed on every node: while the ledger cannot be written, reads answer 503 without
+    // data and writes store nothing; once it can, every node serves again
+    let (status, created) = send(
+        &bases[0],
+        "POST",
+        "/Patient",
+        Some(with_identifier("Failclosedsentinel")),
+        &[],
+    );
+    assert_eq!(status, 201);
+    let id = created["id"].as_str().unwrap().to_string();
+    let mut admin = diesel::PgConnection::establish(&url).unwrap();
+    admin
+        .batch_execute(
+            "CREATE FUNCTION audit_block() RETURNS trigger LANGUAGE plpgsql AS \
+             $$ BEGIN RAISE EXCEPTION 'audit storage down'; END; $$; \
+             CREATE TRIGGER audit_block BEFORE INSERT ON audit_events FOR EACH ROW EXECUTE FUNCTION audit_block();",
+        )
+        .unwrap();
+    for b in &bases {
+        let http = reqwest::blocking::Client::new();
+        let r = http
+            .get(format!("{b}/Patient/{id}"))
+            .bearer_auth(&token)
+            .send()
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 503);
+        assert!(!r.text().unwrap().contains("Failclosedsentinel"));
+        let (status, _) = send(b, "POST", "/Patient", Some(with_identifier("Neverstored")), &[]);
+        assert!(status >= 500, "{status}");
+    }
+    admin.batch_execute("DROP TRIGGER audit_block ON audit_events").unwrap();
+    for b in &bases {
+        let (status, _) = send(b, "GET", &format!("/Patient/{id}"), None, &[]);
+        assert_eq!(status, 200);
+        let (_, none) = send(b, "GET", "/Patient?identifier=urn:race|Neverstored", None, &[]);
+        assert_eq!(none["total"], 0, "the refused creates stored nothing");
+    }
     for n in nodes.iter_mut() {
         n.stop();
     }

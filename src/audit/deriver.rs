@@ -29,8 +29,9 @@ const INTERVAL: Duration = Duration::from_millis(200);
 const SWEEP: Duration = Duration::from_secs(10);
 /// Events of another node's chain younger than this are left to that node.
 const ADOPT_AFTER: chrono::Duration = chrono::Duration::seconds(5);
-/// Rows stored per transaction.
-const BATCH: usize = 1000;
+/// Rows stored per transaction: short enough that SQLite's one writer (the ledger's, too) is
+/// not held for long.
+const BATCH: usize = 256;
 
 pub(super) enum Derived {
     /// A batch the writer committed to `chain`: `(seq, search row)` in order.
@@ -45,6 +46,8 @@ pub(super) struct Deriver {
     pub chain: Arc<AtomicI64>,
     /// A session of its own, to take other nodes' chains for a moment.
     pub session: AuditSession,
+    /// Where derived rows are stored (commits that do not wait for the disk).
+    pub rows_session: AuditSession,
     /// Rows received and not stored yet, by chain and seq.
     pub pending: HashMap<i64, BTreeMap<i64, SearchRow>>,
     /// Each chain's derived position as last stored or read.
@@ -160,7 +163,7 @@ impl Deriver {
                     return Ok(());
                 }
             }
-            if !self.store.audit_index_batch(chain, from, to, &rows)? {
+            if !self.rows_session.index_batch(&self.store, chain, from, to, &rows)? {
                 // another process derived this chain meanwhile: read its position again
                 self.positions.remove(&chain);
                 continue;

@@ -141,6 +141,7 @@ impl Auditor {
             cipher: cipher.clone(),
             chain: chain.clone(),
             session: Default::default(),
+            rows_session: crate::store::audit::AuditSession::derived_rows(),
             pending: Default::default(),
             positions: Default::default(),
             last_sweep: None,

@@ -74,6 +74,36 @@ pub(super) fn search_rows_by_id(conn: &mut DbConnection, ids: &[String]) -> Resu
         .collect())
 }
 
+/// Stores the derived rows of `chain`'s links `(from, to]` and moves its position from `from`
+/// to `to`, in the transaction the caller opened. False (nothing stored) if the position was no
+/// longer `from`: someone else derived them.
+pub(super) fn index_batch(
+    conn: &mut DbConnection,
+    chain: i64,
+    from: i64,
+    to: i64,
+    rows: &[SearchRow],
+) -> Result<bool, StoreError> {
+    let moved = diesel::update(ip::table.filter(ip::chain_id.eq(chain).and(ip::indexed_seq.eq(from))))
+        .set(ip::indexed_seq.eq(to))
+        .execute(conn)?;
+    if moved == 0 {
+        let present: Option<i64> = ip::table
+            .filter(ip::chain_id.eq(chain))
+            .select(ip::indexed_seq)
+            .first(conn)
+            .optional()?;
+        if present.is_some() || from != 0 {
+            return Ok(false);
+        }
+        diesel::insert_into(ip::table)
+            .values((ip::chain_id.eq(chain), ip::indexed_seq.eq(to)))
+            .execute(conn)?;
+    }
+    insert_ignoring_present(conn, rows)?;
+    Ok(true)
+}
+
 /// Inserts search and entity rows, leaving any already there (a batch derived again after a
 /// crash between its commit and the caller learning of it).
 fn insert_ignoring_present(conn: &mut DbConnection, rows: &[SearchRow]) -> Result<(), StoreError> {
@@ -159,33 +189,6 @@ impl Store {
             .limit(limit)
             .select((ChainLink::as_select(), Option::<StoredAuditEvent>::as_select()))
             .load(&mut conn.conn)?)
-    }
-
-    /// Stores the derived rows of `chain`'s links `(from, to]` and moves its position from
-    /// `from` to `to`, in one transaction. False (nothing stored) if the position was no longer
-    /// `from`: someone else derived them.
-    pub fn audit_index_batch(&self, chain: i64, from: i64, to: i64, rows: &[SearchRow]) -> Result<bool, StoreError> {
-        self.write_tx(&Access::All, |conn| {
-            let moved = diesel::update(ip::table.filter(ip::chain_id.eq(chain).and(ip::indexed_seq.eq(from))))
-                .set(ip::indexed_seq.eq(to))
-                .execute(conn)?;
-            if moved == 0 {
-                let present: Option<i64> = ip::table
-                    .filter(ip::chain_id.eq(chain))
-                    .select(ip::indexed_seq)
-                    .first(conn)
-                    .optional()?;
-                if present.is_some() || from != 0 {
-                    return Ok(false);
-                }
-                diesel::insert_into(ip::table)
-                    .values((ip::chain_id.eq(chain), ip::indexed_seq.eq(to)))
-                    .execute(conn)?;
-            }
-            insert_ignoring_present(conn, rows)?;
-            Ok(true)
-        })
-        .or_else(|e| if e.is_unique_violation() { Ok(false) } else { Err(e) })
     }
 
     /// AuditEvent search: newest first, one page plus one row (to tell whether more follow).

@@ -32,6 +32,9 @@ pub struct ChainHead {
 #[derive(Default)]
 pub struct AuditSession {
     conn: Option<DbConnection>,
+    /// Commits without waiting for the disk (for rows that can be derived again: see
+    /// [`AuditSession::derived_rows`]).
+    relaxed: bool,
     /// The chain this session holds, if any.
     chain: Option<i64>,
     /// SQLite: the lock files of the chains held.
@@ -44,9 +47,28 @@ impl AuditSession {
         self.chain
     }
 
+    /// A session for the derived search rows, which a crash may lose and which are derived
+    /// again from the durable events (their position commits with them): its commits do not
+    /// wait for the disk (PostgreSQL `synchronous_commit = off`, SQLite `synchronous = NORMAL`,
+    /// both crash-consistent), so deriving adds no flush of its own beside the ledger's.
+    pub fn derived_rows() -> AuditSession {
+        AuditSession {
+            relaxed: true,
+            ..Default::default()
+        }
+    }
+
     fn conn<'a>(&'a mut self, store: &Store) -> Result<&'a mut DbConnection, StoreError> {
         if self.conn.is_none() {
-            self.conn = Some(store.manager.connect()?);
+            let mut conn = store.manager.connect()?;
+            if self.relaxed {
+                use diesel::connection::SimpleConnection;
+                conn.batch_execute(match store.backend() {
+                    Backend::Postgres => "SET synchronous_commit = off",
+                    Backend::Sqlite => "PRAGMA synchronous = NORMAL",
+                })?;
+            }
+            self.conn = Some(conn);
         }
         self.conn
             .as_mut()
@@ -196,6 +218,26 @@ impl AuditSession {
                 .load(self.conn(store)?)?)
         })();
         self.note(store, result)
+    }
+
+    /// Stores derived search rows of `chain`'s links `(from, to]` with its new position, in
+    /// one transaction; false if another process derived them first (see
+    /// `super::index::index_batch`).
+    pub fn index_batch(
+        &mut self,
+        store: &Store,
+        chain: i64,
+        from: i64,
+        to: i64,
+        rows: &[super::SearchRow],
+    ) -> Result<bool, StoreError> {
+        let result = (|| {
+            let _guard = store.sqlite_write_guard();
+            self.conn(store)?
+                .transaction(|conn| super::index::index_batch(conn, chain, from, to, rows))
+        })();
+        self.note(store, result)
+            .or_else(|e| if e.is_unique_violation() { Ok(false) } else { Err(e) })
     }
 
     /// Appends `rows` (new events) and `links` (for them and for events already stored, in

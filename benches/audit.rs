@@ -93,10 +93,15 @@ fn bench_backend(db: Db, rows: u64, secs: u64) -> serde_json::Value {
         .unwrap(),
     );
     let floor_addr = serve_with(floor_auditor.clone());
-    // a second node on the same database: its own ledger and chain
+    // a second node on the same database: its own ledger and chain; and, for the baseline of
+    // two server instances sharing these two cores, a second one that records nothing
     let second = (db == Db::Postgres).then(|| {
         let auditor = Arc::new(fhirvault::server::open_auditor(&config, &s.store, "bench-node-2").unwrap());
-        (serve_with(auditor.clone()), auditor)
+        let off2 = serve_with(Arc::new(fhirvault::audit::Auditor::without_ledger(
+            s.store.shared_cipher(),
+            fhirvault::server::audit_source(&config),
+        )));
+        (serve_with(auditor.clone()), auditor, off2)
     });
     let token = s.token("system/*.cruds", None);
     let reads = |addr: std::net::SocketAddr, conc: usize| {
@@ -145,25 +150,33 @@ fn bench_backend(db: Db, rows: u64, secs: u64) -> serde_json::Value {
         let floor = reads(floor_addr, conc);
         let floor_per_sync = (floor_auditor.stats().events.load(Ordering::Relaxed) - fe0) as f64
             / (floor_auditor.stats().commits.load(Ordering::Relaxed) - fc0).max(1) as f64;
-        // two nodes against one, PostgreSQL at c32: the same clients, half on each node
-        let two_nodes = second.as_ref().filter(|_| conc == 32).map(|(addr2, _)| {
-            let addr2 = *addr2;
+        // two nodes against one, PostgreSQL at c32: the same clients, half on each node, with
+        // the ledger and without (two server instances share these two cores either way)
+        let split = |a: std::net::SocketAddr, b: std::net::SocketAddr| {
             throughput(
                 conc,
                 secs,
-                |k| LeanClient::connect(if k % 2 == 0 { s.addr } else { addr2 }, &token),
+                |k| LeanClient::connect(if k % 2 == 0 { a } else { b }, &token),
                 |c, i| {
                     let id = &ids[(i.wrapping_mul(2654435761) % ids.len() as u64) as usize];
                     assert_eq!(c.request("GET", &format!("/fhir/Patient/{id}"), None), 200);
                 },
             )
-        });
-        if let Some(two) = two_nodes {
+        };
+        let two_nodes = second
+            .as_ref()
+            .filter(|_| conc == 32)
+            .map(|(addr2, _, off2)| (split(s.addr, *addr2), split(off_addr, *off2)));
+        if let Some((two, two_off)) = two_nodes {
             eprintln!(
-                "      two nodes on one database (two chains), same c{conc} clients split: {two:>7.0}  ratio to one node {:.2}",
-                two / on
+                "      two nodes on one database, same c{conc} clients split: ledger {two:>7.0} ({:.2} of one node), \
+                 audit off {two_off:>7.0} ({:.2} of one node)",
+                two / on,
+                two_off / off
             );
         }
+        let two_nodes_on = two_nodes.map(|(t, _)| t);
+        let two_nodes_off = two_nodes.map(|(_, t)| t);
         let per_fsync = match (syncs0, syncs1) {
             (Some(a), Some(b)) if b > a => Some(events as f64 / (b - a) as f64),
             _ => None,
@@ -193,8 +206,10 @@ fn bench_backend(db: Db, rows: u64, secs: u64) -> serde_json::Value {
             "ratio_floor_vs_off": floor / off,
             "floor_events_per_fdatasync": floor_per_sync,
             "ratio_ledger_vs_floor": on / floor,
-            "reads_per_sec_two_nodes": two_nodes,
-            "ratio_two_nodes_vs_one": two_nodes.map(|t| t / on),
+            "reads_per_sec_two_nodes": two_nodes_on,
+            "ratio_two_nodes_vs_one": two_nodes_on.map(|t| t / on),
+            "reads_per_sec_two_nodes_audit_off": two_nodes_off,
+            "ratio_two_nodes_vs_one_audit_off": two_nodes_off.map(|t| t / off),
         });
         if conc == 32 {
             at_32 = r.clone();
@@ -202,7 +217,7 @@ fn bench_backend(db: Db, rows: u64, secs: u64) -> serde_json::Value {
         by_concurrency.push(r);
     }
     floor_auditor.shutdown();
-    if let Some((_, a)) = &second {
+    if let Some((_, a, _)) = &second {
         a.shutdown();
     }
     for f in &floor_files {

@@ -107,10 +107,17 @@ pub(super) fn index_batch(
 /// Inserts search and entity rows, leaving any already there (a batch derived again after a
 /// crash between its commit and the caller learning of it).
 fn insert_ignoring_present(conn: &mut DbConnection, rows: &[SearchRow]) -> Result<(), StoreError> {
-    let search: Vec<_> = rows
-        .iter()
-        .map(|r| {
-            (
+    let c = match conn {
+        DbConnection::Pg(c) => {
+            DerivePg::new(rows).execute(c)?;
+            return Ok(());
+        }
+        DbConnection::Sqlite(c) => c,
+    };
+    // SQLite: one cached single-row statement per row (no round trips to save)
+    for r in rows {
+        diesel::insert_or_ignore_into(asr::table)
+            .values((
                 asr::event_id.eq(&r.event_id),
                 asr::recorded.eq(r.recorded),
                 asr::type_code.eq(&r.type_code),
@@ -118,48 +125,89 @@ fn insert_ignoring_present(conn: &mut DbConnection, rows: &[SearchRow]) -> Resul
                 asr::action.eq(&r.action),
                 asr::outcome.eq(&r.outcome),
                 asr::agent.eq(&r.agent),
-            )
-        })
-        .collect();
-    let entities: Vec<_> = rows
-        .iter()
-        .flat_map(|r| {
-            r.references.iter().map(move |(role, reference)| {
-                (
+            ))
+            .execute(c)?;
+        for (role, reference) in &r.references {
+            diesel::insert_or_ignore_into(ae::table)
+                .values((
                     ae::event_id.eq(&r.event_id),
                     ae::role.eq(role),
                     ae::reference.eq(reference),
-                )
-            })
-        })
-        .collect();
-    match conn {
-        DbConnection::Pg(c) => {
-            // bounded by the deriver's batch size: well under PostgreSQL's 65,535 parameters
-            for chunk in search.chunks(1000) {
-                diesel::insert_into(asr::table)
-                    .values(chunk)
-                    .on_conflict_do_nothing()
-                    .execute(c)?;
-            }
-            for chunk in entities.chunks(2000) {
-                diesel::insert_into(ae::table)
-                    .values(chunk)
-                    .on_conflict_do_nothing()
-                    .execute(c)?;
-            }
-        }
-        DbConnection::Sqlite(c) => {
-            for r in &search {
-                diesel::insert_or_ignore_into(asr::table).values(r).execute(c)?;
-            }
-            for e in &entities {
-                diesel::insert_or_ignore_into(ae::table).values(e).execute(c)?;
-            }
+                ))
+                .execute(c)?;
         }
     }
     Ok(())
 }
+
+/// The PostgreSQL insert of derived rows: one statement of fixed text (arrays through
+/// `unnest`), prepared once per connection whatever the batch size.
+#[derive(diesel::query_builder::QueryId)]
+struct DerivePg {
+    ids: Vec<String>,
+    recorded: Vec<NaiveDateTime>,
+    type_codes: Vec<String>,
+    subtypes: Vec<String>,
+    actions: Vec<String>,
+    outcomes: Vec<String>,
+    agents: Vec<String>,
+    entity_ids: Vec<String>,
+    roles: Vec<String>,
+    references: Vec<String>,
+}
+
+impl DerivePg {
+    fn new(rows: &[SearchRow]) -> DerivePg {
+        let refs = || rows.iter().flat_map(|r| r.references.iter().map(move |x| (r, x)));
+        DerivePg {
+            ids: rows.iter().map(|r| r.event_id.clone()).collect(),
+            recorded: rows.iter().map(|r| r.recorded).collect(),
+            type_codes: rows.iter().map(|r| r.type_code.clone()).collect(),
+            subtypes: rows.iter().map(|r| r.subtype.clone()).collect(),
+            actions: rows.iter().map(|r| r.action.clone()).collect(),
+            outcomes: rows.iter().map(|r| r.outcome.clone()).collect(),
+            agents: rows.iter().map(|r| r.agent.clone()).collect(),
+            entity_ids: refs().map(|(r, _)| r.event_id.clone()).collect(),
+            roles: refs().map(|(_, (role, _))| role.clone()).collect(),
+            references: refs().map(|(_, (_, reference))| reference.clone()).collect(),
+        }
+    }
+}
+
+impl diesel::query_builder::QueryFragment<diesel::pg::Pg> for DerivePg {
+    fn walk_ast<'b>(&'b self, mut out: diesel::query_builder::AstPass<'_, 'b, diesel::pg::Pg>) -> QueryResult<()> {
+        use diesel::sql_types::{Array, Text, Timestamp};
+        out.push_sql(
+            "WITH s AS (INSERT INTO audit_search (event_id, recorded, type_code, subtype, action, outcome, agent) \
+             SELECT * FROM unnest(",
+        );
+        out.push_bind_param::<Array<Text>, _>(&self.ids)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<Timestamp>, _>(&self.recorded)?;
+        for texts in [
+            &self.type_codes,
+            &self.subtypes,
+            &self.actions,
+            &self.outcomes,
+            &self.agents,
+        ] {
+            out.push_sql(", ");
+            out.push_bind_param::<Array<Text>, _>(texts)?;
+        }
+        out.push_sql(
+            ") ON CONFLICT DO NOTHING) INSERT INTO audit_entities (event_id, role, reference) SELECT * FROM unnest(",
+        );
+        out.push_bind_param::<Array<Text>, _>(&self.entity_ids)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<Text>, _>(&self.roles)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<Text>, _>(&self.references)?;
+        out.push_sql(") ON CONFLICT DO NOTHING");
+        Ok(())
+    }
+}
+
+impl RunQueryDsl<diesel::PgConnection> for DerivePg {}
 
 impl Store {
     /// How far `chain` has been derived (0: nothing yet).

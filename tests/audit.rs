@@ -841,3 +841,34 @@ fn operational_logs_hold_no_phi() {
     assert!(!logs.contains(SENTINEL), "PHI in logs:\n{logs}");
     assert!(!logs.contains(id), "resource ids (paths) in logs");
 }
+
+/// PostgreSQL ends the audit writer's connection (a restarted or failed-over server does the
+/// same to every connection): the next read still answers, its event on the node's own chain,
+/// claimed again on a new connection; the ledger verifies. (SQLite has no server to lose.)
+#[test]
+fn the_writer_reconnects_and_keeps_its_chain() {
+    let s = TestServer::start(Db::Postgres);
+    assert_eq!(s.get("/Patient/before").status, 404);
+    let chain = s.auditor.chain_id();
+    // the backend holding the chain's advisory lock is the writer's
+    let killed = s.db.count(&format!(
+        "SELECT COUNT(pg_terminate_backend(pid)) AS n FROM pg_locks \
+         WHERE locktype = 'advisory' AND classid = {} AND objid = {chain}",
+        0x6676_6175
+    ));
+    assert_eq!(killed, 1, "the writer's connection holds the chain");
+    for i in 0..5 {
+        assert_eq!(s.get(&format!("/Patient/after{i}")).status, 404);
+    }
+    assert_eq!(s.auditor.chain_id(), chain, "the same chain, claimed again");
+    assert_eq!(
+        s.db.count(&format!(
+            "SELECT COUNT(*) AS n FROM pg_locks WHERE locktype = 'advisory' AND classid = {} AND objid = {chain}",
+            0x6676_6175
+        )),
+        1
+    );
+    let report = run_verify(&s);
+    assert_eq!(report.finding, None, "{report:?}");
+    assert_eq!(report.checked, 6);
+}

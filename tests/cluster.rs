@@ -672,6 +672,69 @@ fn shared_state_holds_across_nodes() {
         ids.insert(got);
     }
     assert_eq!(ids.len(), 1, "the same page on every node");
+    // an access token revoked on one node stops working there at once, and on the others
+    // within seconds (each reloads the revocations from the database)
+    let cli = |args: &[&str]| {
+        let out = bin()
+            .args(args)
+            .arg("--data-dir")
+            .arg(&data)
+            .arg("--database-url")
+            .arg(&url)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    };
+    cli(&[
+        "admin",
+        "client",
+        "add",
+        "rev-app",
+        "--redirect-uri",
+        "http://127.0.0.1/cb",
+        "--scope",
+        "system/*.rs",
+    ]);
+    let app_token = cli(&["token", "--scope", "system/*.rs", "--client", "rev-app"]);
+    let status_with = |base: &str, t: &str| {
+        reqwest::blocking::Client::new()
+            .get(format!("{base}/Patient?_count=1"))
+            .bearer_auth(t)
+            .send()
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    for b in &bases {
+        assert_eq!(status_with(b, &app_token), 200);
+    }
+    let revoked = reqwest::blocking::Client::new()
+        .post(format!("http://127.0.0.1:{}/auth/revoke", nodes[0].port))
+        .form(&[("token", app_token.as_str()), ("client_id", "rev-app")])
+        .send()
+        .unwrap();
+    assert_eq!(revoked.status().as_u16(), 200);
+    let revoked_at = Instant::now();
+    assert_eq!(
+        status_with(&bases[0], &app_token),
+        401,
+        "at once on the node that revoked it"
+    );
+    for b in &bases[1..] {
+        while status_with(b, &app_token) != 401 {
+            assert!(
+                revoked_at.elapsed() < Duration::from_secs(12),
+                "{b} still accepts a revoked token"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    eprintln!("revocation seen by every node within {:?}", revoked_at.elapsed());
     // fail closed on every node: while the ledger cannot be written, reads answer 503 without
     // data and writes store nothing; once it can, every node serves again
     let (status, created) = send(

@@ -42,12 +42,23 @@ struct Node {
     port: u16,
     child: Option<Child>,
     log: std::path::PathBuf,
+    /// Settings of this node alone (`FHIRVAULT_*`).
+    env: Vec<(String, String)>,
 }
 
 impl Node {
     fn start(data: &Path, url: &str, port: u16, name: &str) -> Node {
+        Node::start_with(data, url, port, name, &[])
+    }
+
+    fn start_with(data: &Path, url: &str, port: u16, name: &str, env: &[(&str, &str)]) -> Node {
         let log = data.parent().unwrap().join(format!("{name}.log"));
-        let mut node = Node { port, child: None, log };
+        let mut node = Node {
+            port,
+            child: None,
+            log,
+            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        };
         node.spawn(data, url);
         node
     }
@@ -69,6 +80,7 @@ impl Node {
             .env("FHIRVAULT_POOL_SIZE", "8")
             .env("FHIRVAULT_AUTH_FAILURE_LIMIT", "1000000")
             .env("FHIRVAULT_AUDIT_CHECKPOINT_SECS", "1")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::from(out.try_clone().unwrap()))
             .stderr(Stdio::from(out))
             .spawn()
@@ -778,4 +790,80 @@ fn shared_state_holds_across_nodes() {
     }
     let out = verify(&data, &url);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A Bulk export kicked off on a node that runs no exports is run by another node (which
+/// claims it in the database), and its status and files are served by any node.
+#[test]
+fn an_export_accepted_on_one_node_runs_on_another() {
+    let cluster = pg();
+    let url = cluster.url(&cluster.create_db());
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let accepting = Node::start_with(
+        &data,
+        &url,
+        free_port(),
+        "accepting",
+        &[("FHIRVAULT_EXPORT_WORKERS", "0")],
+    );
+    let running = Node::start(&data, &url, free_port(), "running");
+    let token = token(&data, &url);
+    let http = reqwest::blocking::Client::new();
+    for i in 0..20 {
+        let r = http
+            .post(format!("{}/Patient", accepting.base()))
+            .bearer_auth(&token)
+            .header("content-type", "application/fhir+json")
+            .body(patient(&format!("Exportfam{i}")).to_string())
+            .send()
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 201);
+    }
+    let kicked = http
+        .get(format!("{}/Patient/$export", accepting.base()))
+        .bearer_auth(&token)
+        .header("prefer", "respond-async")
+        .send()
+        .unwrap();
+    assert_eq!(kicked.status().as_u16(), 202);
+    let status_url = kicked.headers()["content-location"].to_str().unwrap().to_string();
+    let status_path = status_url.split("/fhir").nth(1).unwrap().to_string();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut polls = 0u32;
+    let manifest: Value = loop {
+        // asked alternately of both nodes
+        polls += 1;
+        let base = if polls % 2 == 0 {
+            accepting.base()
+        } else {
+            running.base()
+        };
+        let r = http
+            .get(format!("{base}{status_path}"))
+            .bearer_auth(&token)
+            .send()
+            .unwrap();
+        match r.status().as_u16() {
+            202 => {
+                assert!(Instant::now() < deadline, "the export did not finish");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            200 => break r.json().unwrap(),
+            other => panic!("status {other}: {}", r.text().unwrap()),
+        }
+    };
+    let mut exported = 0;
+    for o in manifest["output"].as_array().unwrap() {
+        // the file, from the node that accepted the job (it ran none of it)
+        let path = o["url"].as_str().unwrap().split("/fhir").nth(1).unwrap().to_string();
+        let r = http
+            .get(format!("{}{path}", accepting.base()))
+            .bearer_auth(&token)
+            .send()
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 200);
+        exported += r.text().unwrap().lines().count();
+    }
+    assert_eq!(exported, 20);
 }

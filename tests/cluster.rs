@@ -834,7 +834,7 @@ fn an_export_accepted_on_one_node_runs_on_another() {
     let manifest: Value = loop {
         // asked alternately of both nodes
         polls += 1;
-        let base = if polls % 2 == 0 {
+        let base = if polls.is_multiple_of(2) {
             accepting.base()
         } else {
             running.base()

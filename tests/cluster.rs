@@ -9,7 +9,7 @@
 
 mod common;
 
-use common::pg;
+use common::{free_port, pg};
 use diesel::connection::SimpleConnection;
 use diesel::Connection;
 use serde_json::{json, Value};
@@ -27,14 +27,6 @@ fn bin() -> Command {
         }
     }
     c
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// A node: the binary serving on `port`, its output in `log`.

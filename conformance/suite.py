@@ -450,9 +450,16 @@ def area_examples(base, token, examples_dir):
             continue
         name = os.path.basename(path)
 
-        def load_and_compare(resource=resource, name=name):
+        large = os.path.getsize(path) > 1_000_000
+
+        def load_and_compare(resource=resource, name=name, large=large):
             t, rid = resource["resourceType"], resource.get("id")
             headers = {"Content-Type": "application/fhir+json"}
+            if large:
+                # reading and serializing a file of tens of MB can outlast the server's keep-alive
+                # on a slow machine: a pooled connection the server has closed would then fail
+                # the request ("Remote end closed connection without response"), so open a new one
+                s.close()
             if rid:
                 r = s.put(f"{base}/{t}/{rid}", data=json.dumps(resource), headers=headers)
             else:

@@ -663,7 +663,7 @@ fn audit_log_search_and_access_report(db: Db) {
 fn archive_exports_before_it_removes_and_keeps_the_chain_verifiable(db: Db) {
     let s = ledger(db, 8);
     let links = s.store.audit_chain_page(1, 0, None, 100).unwrap();
-    let (events, _, _) = s.store.audit_events_by_id(&[links[4].event_id.clone()]).unwrap();
+    let (events, _) = s.store.audit_events_by_id(&[links[4].event_id.clone()]).unwrap();
     let cutoff = events[0].recorded; // events 1..=4 are older than this
                                      // the configured retention (six years) archives nothing
     let out = s.db.dir.path().join("archive-none.ndjson");

@@ -232,7 +232,7 @@ fn rotation(s: &TestServer, env: &[(&str, String)]) {
     // the chain still verifies, and a sealed query still opens
     let out = run(s, env, &["audit", "verify"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let (events, _, _) = store
+    let (events, _) = store
         .audit_events_by_id(
             &store
                 .audit_chain_page(1, 0, None, 1000)

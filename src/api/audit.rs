@@ -9,10 +9,9 @@ use super::trail::Trail;
 use super::{blocking, ApiError, AppState, Format};
 use crate::auth::policy::{authorize_access_report, authorize_audit_log};
 use crate::auth::{Permission, Principal};
-use crate::crypto::Aad;
 use crate::fhir::resource::{instant, is_valid_id};
 use crate::fhir::IssueType;
-use crate::store::audit::{AuditQuery, StoredAuditEvent, AUDIT_TABLE};
+use crate::store::audit::{event_aad, AuditQuery, StoredAuditEvent};
 use crate::store::now;
 use actix_web::{web, HttpRequest, HttpResponse};
 use chrono::{NaiveDate, NaiveDateTime};
@@ -29,7 +28,7 @@ pub async fn read(
     let fmt = Format::negotiate(&req)?;
     let st = state.clone();
     let ids = vec![id.clone()];
-    let (events, _, _) = blocking(move || st.store.audit_events_by_id(&ids).map_err(ApiError::from)).await?;
+    let (events, _) = blocking(move || st.store.audit_events_by_id(&ids).map_err(ApiError::from)).await?;
     let ev = events
         .into_iter()
         .next()
@@ -207,16 +206,14 @@ fn parse_query(req: &HttpRequest, state: &AppState) -> Result<AuditQuery, ApiErr
 
 /// Decrypts a stored event.
 fn open(state: &AppState, ev: &StoredAuditEvent) -> Result<Value, ApiError> {
-    let aad = Aad {
-        table: AUDIT_TABLE,
-        resource_type: "AuditEvent",
-        logical_id: &ev.id,
-        version_id: 1,
-    };
-    let plain = state.store.cipher().open(&aad, &ev.content.0).map_err(|_| {
-        tracing::error!("an audit event failed authentication on read; run `fhirvault audit verify`");
-        ApiError::Internal
-    })?;
+    let plain = state
+        .store
+        .cipher()
+        .open(&event_aad(&ev.id), &ev.content.0)
+        .map_err(|_| {
+            tracing::error!("an audit event failed authentication on read; run `fhirvault audit verify`");
+            ApiError::Internal
+        })?;
     let mut value = serde_json::from_slice(&plain).map_err(|_| ApiError::Internal)?;
     crate::audit::event::reveal_query(&mut value, state.store.cipher());
     Ok(value)

@@ -13,8 +13,8 @@
 use super::event::columns_of;
 use super::writer::{append_linked, Pending};
 use super::AuditError;
-use crate::crypto::{Aad, Cipher};
-use crate::store::audit::{AuditSession, SearchRow, StoredAuditEvent, AUDIT_TABLE};
+use crate::crypto::Cipher;
+use crate::store::audit::{event_aad, AuditSession, SearchRow, StoredAuditEvent};
 use crate::store::Store;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -242,16 +242,6 @@ pub(super) fn unlinked(
         }
     }
     Ok(out)
-}
-
-/// The AAD of an event's content.
-pub(crate) fn event_aad(id: &str) -> Aad<'_> {
-    Aad {
-        table: AUDIT_TABLE,
-        resource_type: "AuditEvent",
-        logical_id: id,
-        version_id: 1,
-    }
 }
 
 /// An event's canonical bytes and search row, if its content opens and is an AuditEvent.

@@ -4,7 +4,7 @@
 //! and sealed for storage; its search columns are taken from the same values.
 
 use crate::crypto::{Aad, Cipher};
-use crate::store::audit::{AuditRow, AUDIT_TABLE};
+use crate::store::audit::{event_aad, AuditRow};
 use chrono::NaiveDateTime;
 use serde_json::{json, Map, Value};
 use std::collections::BTreeSet;
@@ -316,13 +316,9 @@ impl AuditRecord {
     /// Canonical bytes (what the chain hashes) and the sealed row.
     pub fn seal(&self, source: &Source, cipher: &Cipher) -> Result<(AuditRow, Vec<u8>), AuditError> {
         let canonical = canonical_json(&self.to_resource(source, cipher)?);
-        let aad = Aad {
-            table: AUDIT_TABLE,
-            resource_type: "AuditEvent",
-            logical_id: &self.id,
-            version_id: 1,
-        };
-        let content = cipher.seal(&aad, &canonical).map_err(|_| AuditError::Seal)?;
+        let content = cipher
+            .seal(&event_aad(&self.id), &canonical)
+            .map_err(|_| AuditError::Seal)?;
         let (_, subtype) = self.kind.subtype_coding();
         let (_, type_code, _) = self.kind.type_coding();
         let entities: Vec<String> = self.entities.iter().map(|e| versionless(e).to_string()).collect();

@@ -5,11 +5,10 @@
 //! `hash = SHA-256(prev_hash || bytes)`. Queries stay sealed inside the events, so an export
 //! holds no search text in plaintext.
 
-use super::deriver::event_aad;
 use super::event::canonical_json;
 use super::AuditError;
 use crate::crypto::Cipher;
-use crate::store::audit::ArchiveRun;
+use crate::store::audit::{event_aad, ArchiveRun};
 use crate::store::Store;
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
@@ -65,7 +64,7 @@ pub fn export_ndjson(
                 break;
             }
             let ids: Vec<String> = links.iter().map(|l| l.event_id.clone()).collect();
-            let (events, _, _) = store.audit_events_by_id(&ids)?;
+            let (events, _) = store.audit_events_by_id(&ids)?;
             let events: HashMap<String, _> = events.into_iter().map(|e| (e.id.clone(), e)).collect();
             for link in &links {
                 after = link.seq;

@@ -8,11 +8,10 @@
 //! each chain that fails, and what happened to it.
 
 use super::checkpoint::{parse_heads, signature_valid, CheckpointFile};
-use super::deriver::event_aad;
 use super::event::columns_of;
 use super::link_hash;
 use crate::crypto::Cipher;
-use crate::store::audit::{ChainLink, Checkpoint, SearchRow, StoredAuditEvent, GENESIS_HASH};
+use crate::store::audit::{event_aad, ChainLink, Checkpoint, SearchRow, StoredAuditEvent, GENESIS_HASH};
 use crate::store::Store;
 use ed25519_dalek::VerifyingKey;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -349,7 +348,8 @@ impl Walk<'_> {
         let mut links = self.page(start - 1, PAGE)?;
         while !links.is_empty() {
             let ids: Vec<String> = links.iter().map(|l| l.event_id.clone()).collect();
-            let (events, entity_rows, search_rows) = self.store.audit_events_by_id(&ids)?;
+            let (events, entity_rows) = self.store.audit_events_by_id(&ids)?;
+            let search_rows = self.store.audit_search_rows_by_id(&ids)?;
             let events: HashMap<String, StoredAuditEvent> = events.into_iter().map(|e| (e.id.clone(), e)).collect();
             let search: HashMap<String, SearchRow> = search_rows.into_iter().map(|r| (r.event_id.clone(), r)).collect();
             let mut entities: HashMap<String, BTreeSet<(String, String)>> = HashMap::new();

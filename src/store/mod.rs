@@ -472,6 +472,26 @@ impl Store {
         self.backend
     }
 
+    /// SQLite serves one node: takes an exclusive lock beside the database for as long as the
+    /// returned file is open, and refuses when another process holds it.
+    pub fn claim_single_node(&self) -> Result<Option<std::fs::File>, StoreError> {
+        let Some(db) = self.sqlite_path() else {
+            return Ok(None);
+        };
+        let path = format!("{db}.serve.lock");
+        let file = crate::secret_file::open_lock_file(std::path::Path::new(&path))
+            .map_err(|e| StoreError::Lock(e.to_string()))?;
+        match file.try_lock() {
+            Ok(()) => Ok(Some(file)),
+            Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::Lock(
+                "another fhirvault process is serving this SQLite database; SQLite serves one node \
+                 (use PostgreSQL for several)"
+                    .into(),
+            )),
+            Err(std::fs::TryLockError::Error(e)) => Err(StoreError::Lock(e.to_string())),
+        }
+    }
+
     /// One round trip to the database (readiness).
     pub fn ping(&self) -> Result<(), StoreError> {
         let mut conn = self.pool.get()?;

@@ -33,6 +33,16 @@ pub use ledger::{AuditSession, ChainHead};
 /// The table name bound into the AAD of audit event content.
 pub const AUDIT_TABLE: &str = "audit_events";
 
+/// The AAD that binds an event's sealed content to its row.
+pub fn event_aad(id: &str) -> crate::crypto::Aad<'_> {
+    crate::crypto::Aad {
+        table: AUDIT_TABLE,
+        resource_type: "AuditEvent",
+        logical_id: id,
+        version_id: 1,
+    }
+}
+
 /// Genesis: the `prev_hash` of the first event of every chain.
 pub const GENESIS_HASH: [u8; 32] = [0; 32];
 
@@ -253,13 +263,12 @@ impl Store {
             .load(&mut conn.conn)?)
     }
 
-    /// The events with these ids (any order), their entity rows `(event_id, role, reference)`
-    /// and their search rows.
+    /// The events with these ids (any order) and their entity rows `(event_id, role, reference)`.
     #[allow(clippy::type_complexity)]
     pub fn audit_events_by_id(
         &self,
         ids: &[String],
-    ) -> Result<(Vec<StoredAuditEvent>, Vec<(String, String, String)>, Vec<SearchRow>), StoreError> {
+    ) -> Result<(Vec<StoredAuditEvent>, Vec<(String, String, String)>), StoreError> {
         let mut conn = self.checkout(&Access::All)?;
         let events = ev::table
             .filter(ev::id.eq_any(ids))
@@ -269,8 +278,13 @@ impl Store {
             .filter(ae::event_id.eq_any(ids))
             .select((ae::event_id, ae::role, ae::reference))
             .load(&mut conn.conn)?;
-        let search = index::search_rows_by_id(&mut conn.conn, ids)?;
-        Ok((events, entities, search))
+        Ok((events, entities))
+    }
+
+    /// The search rows of these events (their entity rows not filled in).
+    pub fn audit_search_rows_by_id(&self, ids: &[String]) -> Result<Vec<SearchRow>, StoreError> {
+        let mut conn = self.checkout(&Access::All)?;
+        index::search_rows_by_id(&mut conn.conn, ids)
     }
 
     /// The number of stored events (chained or not).

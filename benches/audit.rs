@@ -68,7 +68,10 @@ fn bench_backend(db: Db, rows: u64, secs: u64) -> serde_json::Value {
             Arc::new(Default::default()),
             Default::default(),
             auditor,
-            fhirvault::server::shared_registry(&config).unwrap(),
+            Arc::new(
+                fhirvault::server::live_registry(&config, fhirvault::server::shared_registry(&config).unwrap())
+                    .unwrap(),
+            ),
             fhirvault::server::shared_structures(&config).unwrap(),
         );
         serve(state, config.workers)

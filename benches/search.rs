@@ -258,6 +258,15 @@ fn searches(ids: &[String]) -> Vec<Search> {
             }),
         ),
         (
+            // names longer than the blind prefixes: the candidates are confirmed after decryption
+            "chained name",
+            "Observation",
+            Box::new(|i| {
+                let long: Vec<&str> = FAMILIES.iter().copied().filter(|f| f.len() > 6).collect();
+                format!("patient.name={}", long[(spread(i, 18) % long.len() as u64) as usize])
+            }),
+        ),
+        (
             "code with system",
             "Observation",
             Box::new(|i| format!("code=http://loinc.org|{}", CODES[(i % CODES.len() as u64) as usize].0)),
@@ -328,7 +337,9 @@ fn bench_backend(db: Db, patients: u64, per_patient: u64, secs: u64, conc: usize
             |_| (),
             |_, i| {
                 let q = make(i);
-                let parsed = fhirvault::search::query::parse(&registry, &cipher, t, &pairs(&q), 20, false).unwrap();
+                let parsed =
+                    fhirvault::search::query::parse_confirming_chains(&registry, &cipher, t, &pairs(&q), 20, false)
+                        .unwrap();
                 let (_, keys) = s.store.search_page_keys(&Access::All, &parsed.query).unwrap();
                 let page: Vec<String> = keys.into_iter().take(20).map(|(_, id)| id).collect();
                 s.store.fetch_current_rows(&Access::All, t, &page).unwrap();
@@ -344,7 +355,9 @@ fn bench_backend(db: Db, patients: u64, per_patient: u64, secs: u64, conc: usize
             },
         );
         let plan = if db == Db::Postgres {
-            let parsed = fhirvault::search::query::parse(&registry, &cipher, t, &pairs(&make(1)), 20, false).unwrap();
+            let parsed =
+                fhirvault::search::query::parse_confirming_chains(&registry, &cipher, t, &pairs(&make(1)), 20, false)
+                    .unwrap();
             s.store
                 .explain_search(&Access::All, &parsed.query, false, false)
                 .unwrap()

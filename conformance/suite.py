@@ -209,7 +209,9 @@ class Server:
             raise RuntimeError("the server did not start: " + open(os.path.join(self.dir, "server.log")).read()[-2000:])
 
     def token(self, scope):
-        out = subprocess.run(self.args + ["token", "--scope", scope, "--expires-in", "900"], check=True, capture_output=True, text=True)
+        # an administrator's: the examples include SearchParameter resources, which only admins write
+        out = subprocess.run(self.args + ["token", "--scope", scope, "--expires-in", "900", "--role", "admin"],
+                             check=True, capture_output=True, text=True)
         return out.stdout.strip()
 
     def admin(self, *args, stdin=None):

@@ -66,6 +66,7 @@ pub struct ConfigLayer {
     pub require_mfa: Option<bool>,
     pub auth_failure_limit: Option<u32>,
     pub migration_database_url: Option<String>,
+    pub replica_database_url: Option<String>,
     pub policy_file: Option<PathBuf>,
     pub break_glass_secs: Option<u64>,
     pub break_glass_webhook: Option<String>,
@@ -76,6 +77,8 @@ pub struct ConfigLayer {
     pub rate_limit_per_minute: Option<u64>,
     pub request_timeout_secs: Option<u64>,
     pub shutdown_timeout_secs: Option<u64>,
+    pub drain_delay_secs: Option<u64>,
+    pub replica_max_wait_ms: Option<u64>,
     pub audit_checkpoint_events: Option<u64>,
     pub audit_checkpoint_secs: Option<u64>,
     pub audit_retention_days: Option<u64>,
@@ -84,6 +87,8 @@ pub struct ConfigLayer {
     pub node_name: Option<String>,
     /// Search parameters stored only as blind indexes, as `Type.code` (`*.code`: on every type).
     pub search_phi_parameters: Option<Vec<String>>,
+    /// Types readable and searchable in any patient's context (see `Config::shared_resource_types`).
+    pub shared_resource_types: Option<Vec<String>>,
     /// External OpenID Connect providers (TOML `[[oidc_provider]]` tables only).
     pub oidc_provider: Option<Vec<crate::auth::oidc::ProviderConfig>>,
     pub auth_server: Option<bool>,
@@ -165,6 +170,7 @@ impl ConfigLayer {
                 "WORKERS" => layer.workers = Some(parse_num(&value)? as usize),
                 "REQUIRE_MFA" => layer.require_mfa = Some(parse_bool(&key, &value)?),
                 "MIGRATION_DATABASE_URL" => layer.migration_database_url = Some(value),
+                "REPLICA_DATABASE_URL" => layer.replica_database_url = Some(value),
                 "POLICY_FILE" => layer.policy_file = Some(value.into()),
                 "BREAK_GLASS_SECS" => layer.break_glass_secs = Some(parse_num(&value)?),
                 "BREAK_GLASS_WEBHOOK" => layer.break_glass_webhook = Some(value),
@@ -174,6 +180,8 @@ impl ConfigLayer {
                 "RATE_LIMIT_PER_MINUTE" => layer.rate_limit_per_minute = Some(parse_num(&value)?),
                 "REQUEST_TIMEOUT_SECS" => layer.request_timeout_secs = Some(parse_num(&value)?),
                 "SHUTDOWN_TIMEOUT_SECS" => layer.shutdown_timeout_secs = Some(parse_num(&value)?),
+                "DRAIN_DELAY_SECS" => layer.drain_delay_secs = Some(parse_num(&value)?),
+                "REPLICA_MAX_WAIT_MS" => layer.replica_max_wait_ms = Some(parse_num(&value)?),
                 "AUDIT_CHECKPOINT_FILE" => layer.audit_checkpoint_file = Some(value.into()),
                 "AUDIT_CHECKPOINT_EVENTS" => layer.audit_checkpoint_events = Some(parse_num(&value)?),
                 "AUDIT_CHECKPOINT_SECS" => layer.audit_checkpoint_secs = Some(parse_num(&value)?),
@@ -182,6 +190,15 @@ impl ConfigLayer {
                 "NODE_NAME" => layer.node_name = Some(value),
                 "SEARCH_PHI_PARAMETERS" => {
                     layer.search_phi_parameters = Some(
+                        value
+                            .split(',')
+                            .map(|s| s.trim().to_string())
+                            .filter(|s| !s.is_empty())
+                            .collect(),
+                    )
+                }
+                "SHARED_RESOURCE_TYPES" => {
+                    layer.shared_resource_types = Some(
                         value
                             .split(',')
                             .map(|s| s.trim().to_string())
@@ -252,6 +269,7 @@ impl ConfigLayer {
             require_mfa,
             auth_failure_limit,
             migration_database_url,
+            replica_database_url,
             policy_file,
             break_glass_secs,
             break_glass_webhook,
@@ -267,7 +285,10 @@ impl ConfigLayer {
             rate_limit_per_minute,
             request_timeout_secs,
             shutdown_timeout_secs,
+            drain_delay_secs,
+            replica_max_wait_ms,
             search_phi_parameters,
+            shared_resource_types,
             oidc_provider,
             auth_server,
             auth_mfa_required,
@@ -356,6 +377,13 @@ pub struct Config {
     /// PostgreSQL: the table owner's URL, for migrations and grants; the server itself then
     /// connects with `database_url` as a role row-level security binds. Defaults to `database_url`.
     pub migration_database_url: Option<String>,
+    /// PostgreSQL: a streaming-replication standby's URL; searches, history, `$everything` and
+    /// Bulk export run there (a client's own writes seen: see `store::replica`), reads by id and
+    /// every write on the primary. None: everything on `database_url`.
+    pub replica_database_url: Option<String>,
+    /// How long a read waits for the replica to replay the writes acknowledged before it,
+    /// before it runs on the primary instead [default 200].
+    pub replica_max_wait_ms: u64,
     /// Attribute-level access rules (see `auth::attributes`); none when unset.
     pub policy_file: Option<PathBuf>,
     /// How long after its issue a break-glass token widens access (default 3600 s).
@@ -383,6 +411,13 @@ pub struct Config {
     /// Search parameters indexed only as blind indexes (`Type.code`, `*.code`); changing the
     /// list needs `fhirvault reindex` [default: `crate::search::registry::DEFAULT_PHI`].
     pub search_phi_parameters: Vec<String>,
+    /// Types that belong to no patient and that a patient-context token whose scopes grant the
+    /// type may read and search (and reach through `_include`): practitioners, organizations,
+    /// locations, medications, a Device implanted in nobody. A resource of these types that lies
+    /// in some patient's compartment (a Device naming a patient) stays that patient's alone.
+    /// `None`: the types the R4 Patient CompartmentDefinition leaves outside, less those that
+    /// carry one patient's data elsewhere (`fhir::compartment::NEVER_SHARED_BY_DEFAULT`).
+    pub shared_resource_types: Option<Vec<String>>,
     /// TLS: certificate chain and private key (PEM), both or neither; reloaded on SIGHUP.
     pub tls: Option<TlsFiles>,
     /// Requests per minute one client (client id, else token subject) may make; 0 = no limit.
@@ -391,6 +426,9 @@ pub struct Config {
     pub request_timeout_secs: u64,
     /// How long a stopping server lets requests in flight finish [default 30].
     pub shutdown_timeout_secs: u64,
+    /// After SIGTERM, how long `/readyz` fails while requests are still served (so that a load
+    /// balancer stops sending before the listener closes) [default 0].
+    pub drain_delay_secs: u64,
     /// External OpenID Connect providers whose access tokens are accepted beside the built-in issuer's.
     pub oidc_providers: Vec<crate::auth::oidc::ProviderConfig>,
     /// The built-in SMART authorization server (`/auth/…`) [default true]; off where an
@@ -441,6 +479,10 @@ impl std::fmt::Debug for Config {
             .field(
                 "migration_database_url",
                 &self.migration_database_url.as_deref().map(redact_url),
+            )
+            .field(
+                "replica_database_url",
+                &self.replica_database_url.as_deref().map(redact_url),
             )
             .field("key_file", &self.key_file)
             .field("workers", &self.workers)
@@ -605,6 +647,14 @@ impl Config {
         if migration_database_url.is_some() && !database_url.starts_with("postgres") {
             return Err(cerr("migration_database_url", "only applies to PostgreSQL"));
         }
+        let replica_database_url = match layer.replica_database_url {
+            Some(_) if !database_url.starts_with("postgres") => {
+                return Err(cerr("replica_database_url", "only applies to PostgreSQL"))
+            }
+            Some(u) if u.starts_with("postgres://") || u.starts_with("postgresql://") => Some(u),
+            Some(_) => return Err(cerr("replica_database_url", "expected postgres://…")),
+            None => None,
+        };
         let break_glass_secs = layer.break_glass_secs.unwrap_or(3600);
         if break_glass_secs > 86_400 {
             return Err(cerr("break_glass_secs", "must be at most 86400"));
@@ -682,6 +732,14 @@ impl Config {
         if shutdown_timeout_secs > 3600 {
             return Err(cerr("shutdown_timeout_secs", "must be at most 3600"));
         }
+        let replica_max_wait_ms = layer.replica_max_wait_ms.unwrap_or(200);
+        if replica_max_wait_ms > 60_000 {
+            return Err(cerr("replica_max_wait_ms", "must be at most 60000"));
+        }
+        let drain_delay_secs = layer.drain_delay_secs.unwrap_or(0);
+        if drain_delay_secs > 600 {
+            return Err(cerr("drain_delay_secs", "must be at most 600"));
+        }
         let search_phi_parameters = match layer.search_phi_parameters {
             Some(list) => {
                 for entry in &list {
@@ -728,9 +786,11 @@ impl Config {
             login_max_failures: login_max_failures as i32,
             login_lockout_secs: login_lockout_secs as i64,
             search_phi_parameters,
+            shared_resource_types: layer.shared_resource_types,
             rate_limit_per_minute: layer.rate_limit_per_minute.unwrap_or(0),
             request_timeout_secs,
             shutdown_timeout_secs,
+            drain_delay_secs,
             tls,
             audit_signing_key_file,
             audit_checkpoint_file,
@@ -744,6 +804,8 @@ impl Config {
             break_glass_secs: break_glass_secs as i64,
             policy_file: layer.policy_file,
             migration_database_url,
+            replica_database_url,
+            replica_max_wait_ms,
             require_mfa: layer.require_mfa.unwrap_or(false),
             auth_failure_limit,
             workers,
@@ -863,6 +925,24 @@ mod tests {
         })
         .unwrap_err();
         assert_eq!(e.setting, "database_url");
+        // a replica is a PostgreSQL standby: refused beside SQLite, and as another scheme
+        let e = Config::resolve(ConfigLayer {
+            replica_database_url: Some("postgres://db2/fhir".into()),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert_eq!(e.setting, "replica_database_url");
+        let e = Config::resolve(ConfigLayer {
+            database_url: Some("postgres://db/fhir".into()),
+            replica_database_url: Some("sqlite://x.db".into()),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert_eq!(e.setting, "replica_database_url");
+        let e = ConfigLayer::from_env([("FHIRVAULT_DRAIN_DELAY_SECS".to_string(), "9999".to_string())])
+            .and_then(Config::resolve)
+            .unwrap_err();
+        assert_eq!(e.setting, "drain_delay_secs");
     }
 
     #[test]
@@ -870,11 +950,15 @@ mod tests {
         let c = Config::resolve(ConfigLayer {
             database_url: Some("postgres://app:s3cret@db/fhir".into()),
             migration_database_url: Some("postgres://owner:0wner-pw@db/fhir".into()),
+            replica_database_url: Some("postgres://app:r3plica@db2/fhir".into()),
             ..Default::default()
         })
         .unwrap();
         let text = format!("{c:?}");
-        assert!(!text.contains("s3cret") && !text.contains("0wner-pw"), "{text}");
+        assert!(
+            !text.contains("s3cret") && !text.contains("0wner-pw") && !text.contains("r3plica"),
+            "{text}"
+        );
         assert!(text.contains("postgres://app:***@db/fhir"));
     }
 

@@ -64,7 +64,8 @@ enum Command {
     /// Print an access token from the built-in issuer (for development and scripts):
     /// `curl -H "Authorization: Bearer $(fhirvault token --scope 'system/*.cruds')" …`
     Token {
-        /// Space-separated SMART scopes, for example "patient/*.rs" or "system/Patient.cruds".
+        /// Space-separated SMART scopes, for example "patient/*.rs", "system/Patient.cruds" or the
+        /// granular "patient/Observation.rs?category=http://terminology.hl7.org/CodeSystem/observation-category|laboratory".
         #[arg(long)]
         scope: String,
         /// Launch patient (the `patient` claim): limits patient/ scopes to this patient.
@@ -231,6 +232,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     .is_some_and(|(t, id)| !t.is_empty() && fhirvault::fhir::resource::is_valid_id(id));
                 anyhow::ensure!(ok, "--user must be a reference such as Practitioner/123");
             }
+            // a granular scope the server cannot evaluate would grant nothing: say so now
+            let mut parsed = fhirvault::auth::ScopeSet::parse(&scope, |_| true);
+            parsed.compile_filters(&*fhirvault::server::shared_registry(&config)?);
+            if let Some(bad) = parsed
+                .resources
+                .iter()
+                .find(|s| !s.constraints.is_empty() && s.filter.is_none())
+            {
+                let (name, _) = &bad.constraints[0];
+                anyhow::bail!(
+                    "a granular scope (condition on `{name}`) grants nothing: conditions must be token \
+                     search parameters of the scope's type (category, code, status …), not on `*`"
+                );
+            }
             let issuer = fhirvault::server::open_issuer(&config)?;
             let (token_user, token_patient) = (user.clone(), patient.clone());
             let token = issuer.issue(&fhirvault::auth::TokenRequest {
@@ -366,7 +381,12 @@ fn open_store(config: &Config, as_owner: bool) -> anyhow::Result<Arc<Store>> {
 
 /// Rebuilds every search index row, with progress on stderr.
 fn reindex(config: &Config, store: &Arc<Store>) -> anyhow::Result<u64> {
-    let registry = fhirvault::server::shared_registry(config)?;
+    let base = fhirvault::server::shared_registry(config)?;
+    // the SearchParameters stored through the API are indexed too (they are not part of the
+    // fingerprint: the server indexes them on new writes without asking for a reindex)
+    let live = fhirvault::server::live_registry(config, base.clone())?;
+    live.update(&fhirvault::server::stored_search_parameters(store, &base)?)?;
+    let registry = live.current();
     let cipher = store.shared_cipher();
     // until every row is rebuilt, the index matches no settings (the server refuses it)
     store
@@ -646,6 +666,7 @@ fn serve(config: Config) -> anyhow::Result<()> {
     let reload_auditor = auditor.clone();
     let exporter = state.exporter.clone();
     let (shutdown_timeout, request_timeout) = (state.config.shutdown_timeout_secs, state.config.request_timeout_secs);
+    let (draining, drain_delay) = (state.draining.clone(), state.config.drain_delay_secs);
     let served = actix_web::rt::System::new().block_on(async move {
         let server = actix_web::HttpServer::new(move || fhirvault::api::app(state.clone()))
             .workers(workers)
@@ -685,7 +706,24 @@ fn serve(config: Config) -> anyhow::Result<()> {
             }
             None => server.bind(listen).with_context(|| format!("binding {listen}"))?,
         };
-        server.run().await.context("server stopped with an error")
+        // SIGTERM and SIGINT: readiness fails at once (`draining`), requests are still served
+        // for `drain_delay_secs` (a load balancer notices and stops sending), then the listener
+        // closes and requests in flight finish within `shutdown_timeout_secs`.
+        let server = server.disable_signals().run();
+        let handle = server.handle();
+        actix_web::rt::spawn(async move {
+            use tokio::signal::unix::{signal, SignalKind};
+            let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+                tracing::error!("cannot listen for SIGTERM and SIGINT: the server will not drain on stop");
+                return;
+            };
+            let _ = futures_util::future::select(Box::pin(term.recv()), Box::pin(int.recv())).await;
+            draining.store(true, std::sync::atomic::Ordering::Relaxed);
+            tracing::info!(drain_delay_secs = drain_delay, "stopping: draining");
+            actix_web::rt::time::sleep(std::time::Duration::from_secs(drain_delay)).await;
+            handle.stop(true).await;
+        });
+        server.await.context("server stopped with an error")
     });
     // export runners take no new work (a job being written resumes after its lease, here or elsewhere)
     exporter.stop();

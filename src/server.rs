@@ -21,22 +21,100 @@ pub fn shared_validator() -> anyhow::Result<Arc<Validator>> {
     Ok(V.get_or_init(|| v).clone())
 }
 
-/// The R4 search-parameter registry, compiled once per process (tests build many states).
+/// The search-parameter registry (R4, plus the SearchParameter resources of the implementation
+/// guides under `profile_dir`), compiled once per process and configuration (tests build many
+/// states).
 pub fn shared_registry(config: &Config) -> anyhow::Result<Arc<crate::search::Registry>> {
-    // one per identifying list (tests run servers with different ones in one process)
-    static R: OnceLock<std::sync::Mutex<HashMap<Vec<String>, Arc<crate::search::Registry>>>> = OnceLock::new();
+    type Key = (Vec<String>, Option<std::path::PathBuf>);
+    static R: OnceLock<std::sync::Mutex<HashMap<Key, Arc<crate::search::Registry>>>> = OnceLock::new();
     let map = R.get_or_init(Default::default);
-    let key = config.search_phi_parameters.clone();
+    let key: Key = (config.search_phi_parameters.clone(), config.profile_dir.clone());
     if let Some(r) = map.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
         return Ok(r.clone());
     }
-    let r = Arc::new(crate::search::Registry::r4_with_phi(&key).context("loading the R4 search parameters")?);
+    let extra = match &config.profile_dir {
+        Some(dir) => crate::search::registry::search_parameters_in(dir)
+            .with_context(|| format!("reading the search parameters under {}", dir.display()))?,
+        None => Vec::new(),
+    };
+    let r = crate::search::Registry::r4_with(&key.0, &extra).context("loading the R4 search parameters")?;
+    for skipped in r.skipped() {
+        tracing::warn!(definition = %skipped, "an implementation guide's search parameter is not supported; left out");
+    }
+    let r = Arc::new(r);
     Ok(map
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .entry(key)
         .or_insert(r)
         .clone())
+}
+
+/// The registry that follows the SearchParameter resources stored through the API, starting
+/// from `base` (R4 and the guides of `profile_dir`).
+pub fn live_registry(
+    config: &Config,
+    base: Arc<crate::search::Registry>,
+) -> anyhow::Result<crate::search::live::LiveRegistry> {
+    Ok(crate::search::live::LiveRegistry::new(
+        base,
+        config.search_phi_parameters.clone(),
+    ))
+}
+
+/// The active SearchParameter resources stored through the API, as stored (JSON).
+pub fn stored_search_parameters(store: &Store, registry: &crate::search::Registry) -> anyhow::Result<Vec<Vec<u8>>> {
+    let pairs = vec![("status".to_string(), "active".to_string())];
+    let parsed = crate::search::query::parse(registry, store.cipher(), "SearchParameter", &pairs, 500, true)
+        .map_err(|e| anyhow::anyhow!("the search for SearchParameters: {e:?}"))?;
+    let mut q = parsed.query;
+    q.total = false;
+    let mut out = Vec::new();
+    loop {
+        let page = store.search_contents(&crate::store::Access::All, &q)?;
+        let full = page.len() == q.count as usize;
+        if let Some((id, _)) = page.last() {
+            q.after = Some(("SearchParameter".into(), id.clone()));
+        }
+        out.extend(page.into_iter().map(|(_, json)| json));
+        if !full {
+            return Ok(out);
+        }
+    }
+}
+
+/// Rebuilds `registry` from the SearchParameters stored now (after a write of one, and every
+/// few seconds for those other nodes write). Failures are logged: the registry stays as it was.
+pub fn refresh_search_parameters(store: &Store, registry: &crate::search::live::LiveRegistry) {
+    let result = stored_search_parameters(store, &registry.current())
+        .and_then(|stored| registry.update(&stored).map_err(anyhow::Error::from));
+    match result {
+        Ok(true) => tracing::info!(
+            stored = registry.current().stored_codes().len(),
+            "search parameters stored through the API changed: registry rebuilt"
+        ),
+        Ok(false) => {}
+        Err(e) => tracing::warn!(error = %e, "reading the stored SearchParameters failed"),
+    }
+}
+
+/// How often each node looks for SearchParameters other nodes stored.
+const SEARCH_PARAMETER_RELOAD: std::time::Duration = std::time::Duration::from_secs(5);
+
+fn start_search_parameter_reloader(registry: &Arc<crate::search::live::LiveRegistry>, store: &Arc<Store>) {
+    let (registry, store) = (Arc::downgrade(registry), Arc::downgrade(store));
+    let spawned = std::thread::Builder::new()
+        .name("search-parameters".into())
+        .spawn(move || loop {
+            std::thread::sleep(SEARCH_PARAMETER_RELOAD);
+            let (Some(registry), Some(store)) = (registry.upgrade(), store.upgrade()) else {
+                return;
+            };
+            refresh_search_parameters(&store, &registry);
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "the search parameter reloader could not start");
+    }
 }
 
 /// Refuses a search index built under other settings than `registry`'s (another list of
@@ -106,7 +184,27 @@ pub fn open_store(config: &Config, cipher: Arc<Cipher>) -> anyhow::Result<Arc<St
         cipher,
     )
     .context("opening the database")?;
+    let store = store.with_shared_types(&shared_types(config)?);
+    let store = match &config.replica_database_url {
+        Some(url) => store
+            .with_replica(
+                url,
+                config.pool_size,
+                std::time::Duration::from_millis(config.replica_max_wait_ms),
+            )
+            .context("configuration setting `replica_database_url`")?,
+        None => store,
+    };
     Ok(Arc::new(store))
+}
+
+/// The types patients share: `shared_resource_types`, or its default from the R4 definitions
+/// (checked by `PatientCompartment::with_shared` when the server state is built).
+pub fn shared_types(config: &Config) -> anyhow::Result<Vec<String>> {
+    Ok(match &config.shared_resource_types {
+        Some(list) => list.clone(),
+        None => crate::fhir::compartment::PatientCompartment::r4_shared_default()?,
+    })
 }
 
 /// Opens the built-in token issuer (creating its signing key on first use).
@@ -129,7 +227,11 @@ pub fn build_state(config: Config) -> anyhow::Result<AppState> {
     let validator = shared_validator()?;
     let store = open_store(&config, cipher)?;
     let issuer = Arc::new(open_issuer(&config)?);
-    let compartment = Arc::new(crate::fhir::compartment::PatientCompartment::r4()?);
+    let compartment = Arc::new(
+        crate::fhir::compartment::PatientCompartment::r4()?
+            .with_shared(&shared_types(&config)?)
+            .map_err(|e| anyhow::anyhow!("configuration setting `shared_resource_types`: {e}"))?,
+    );
     let attributes = Arc::new(match &config.policy_file {
         Some(path) => crate::auth::attributes::AttributePolicy::load(path, |t| validator.is_resource_type(t))
             .map_err(|e| anyhow::anyhow!("configuration setting `policy_file`: {e}"))?,
@@ -144,6 +246,10 @@ pub fn build_state(config: Config) -> anyhow::Result<AppState> {
     let auditor = Arc::new(open_auditor(&config, &store, &config.node_name)?);
     let registry = shared_registry(&config)?;
     check_search_index(&store, &registry)?;
+    let registry = Arc::new(live_registry(&config, registry)?);
+    // the SearchParameters stored through the API, now and as any node changes them
+    refresh_search_parameters(&store, &registry);
+    start_search_parameter_reloader(&registry, &store);
     let structures = shared_structures(&config)?;
     let state = AppState::new(
         config,

@@ -5,6 +5,7 @@ mod common;
 use common::{Db, Reply, TestServer};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
+use std::collections::BTreeSet;
 
 fn call(s: &TestServer, method: &str, path: &str, auth: Option<&str>, body: Option<&Value>) -> Reply {
     // A client without the harness's default token.
@@ -240,9 +241,10 @@ fn scopes_decide_by_type_and_interaction(db: Db) {
         403,
         "system history needs every type"
     );
-    // unknown and granular scopes grant nothing
+    // unknown scopes, and granular ones whose condition the server cannot evaluate, grant
+    // nothing (granular scopes that it can: `granular_scopes`)
     for scope in [
-        "system/Observation.rs?category=laboratory",
+        "system/Observation.rs?date=2020",
         "system/Observatio.rs",
         "sys/*.cruds",
         "system/*.rx",
@@ -322,7 +324,22 @@ fn patient_context_sees_only_its_compartment(db: Db) {
         .as_str()
         .unwrap()
         .to_string();
+    // Binary lies outside every compartment and is never shared (it may hold anyone's document)
+    let binary = s
+        .post(
+            "/Binary",
+            &json!({"resourceType": "Binary", "contentType": "text/plain", "data": "eA=="}),
+        )
+        .json()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let t = bearer(&s.token("patient/*.rs launch/patient", Some("p1")));
+    // an Organization is shared: readable in any patient's context (issue 21)
+    assert_eq!(
+        call(&s, "GET", &format!("/Organization/{org}"), Some(&t), None).status,
+        200
+    );
     for path in ["/Patient/p1", "/Patient/p1/_history", "/Patient/p1/_history/1"] {
         assert_eq!(call(&s, "GET", path, Some(&t), None).status, 200, "{path}");
     }
@@ -338,13 +355,14 @@ fn patient_context_sees_only_its_compartment(db: Db) {
     let h = call(&s, "GET", &format!("/Observation/{mine}/_history"), Some(&t), None).json();
     assert!(h.get("total").is_none());
     assert_eq!(h["entry"].as_array().unwrap().len(), 1);
-    // other patients' data, and data outside any compartment, looks exactly like absent data
+    // other patients' data, and data outside any compartment that is not shared, looks exactly
+    // like absent data
     let absent = call(&s, "GET", "/Observation/nobody", Some(&t), None);
     for path in [
         "/Patient/p2".to_string(),
         format!("/Observation/{theirs}"),
         format!("/Observation/{theirs}/_history/1"),
-        format!("/Organization/{org}"),
+        format!("/Binary/{binary}"),
     ] {
         let r = call(&s, "GET", &path, Some(&t), None);
         assert_eq!(r.status, 404, "{path}");
@@ -377,8 +395,9 @@ fn patient_context_sees_only_its_compartment(db: Db) {
         h["total"], 1,
         "only the version of {mine} that was in the compartment: {h}"
     );
+    // the system history: p1, the version of {mine} in the compartment, the shared Organization
     let h = call(&s, "GET", "/_history?_count=1", Some(&t), None).json();
-    assert_eq!(h["total"], 2, "{h}");
+    assert_eq!(h["total"], 3, "{h}");
     let next = h["link"]
         .as_array()
         .unwrap()
@@ -399,7 +418,11 @@ fn patient_context_sees_only_its_compartment(db: Db) {
         .iter()
         .map(|b| b["entry"][0]["resource"]["resourceType"].as_str().unwrap())
         .collect();
-    assert!(seen.contains(&"Patient") && seen.contains(&"Observation"), "{seen:?}");
+    let listed = ["Patient", "Observation", "Organization"];
+    assert!(
+        seen[0] != seen[1] && seen.iter().all(|t| listed.contains(t)),
+        "{seen:?}"
+    );
     // a scope for some types only does not open the system history
     let t_obs = bearer(&s.token("patient/Observation.rs", Some("p1")));
     assert_eq!(call(&s, "GET", "/_history", Some(&t_obs), None).status, 403);
@@ -589,11 +612,25 @@ fn repeated_denials_are_throttled(db: Db) {
 
 /// The attribute policy: hidden elements (SUBSETTED), read-only elements, label-protected
 /// resources; exempt roles see and change everything.
-fn attribute_policy_masks_and_protects(db: Db) {
+/// A server under the attribute policy `toml` (the directory holding it lives as long as the
+/// returned guard).
+fn with_policy(db: Db, toml: &str) -> (TestServer, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let policy = dir.path().join("policy.toml");
-    std::fs::write(
-        &policy,
+    std::fs::write(&policy, toml).unwrap();
+    let s = TestServer::start_with(
+        db,
+        fhirvault::config::ConfigLayer {
+            policy_file: Some(policy),
+            ..Default::default()
+        },
+    );
+    (s, dir)
+}
+
+fn attribute_policy_masks_and_protects(db: Db) {
+    let (s, _policy_dir) = with_policy(
+        db,
         r#"
 [[element_rule]]
 resource = "Patient"
@@ -606,14 +643,6 @@ system = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
 code = "HIV"
 require_roles = ["hiv-care"]
 "#,
-    )
-    .unwrap();
-    let s = TestServer::start_with(
-        db,
-        fhirvault::config::ConfigLayer {
-            policy_file: Some(policy),
-            ..Default::default()
-        },
     );
     let user = |roles: &[&str]| {
         issue(
@@ -1034,7 +1063,328 @@ fn page_links_are_bound_to_the_subject(db: Db) {
     assert_eq!(moved.status, 400);
 }
 
+/// SMART v2 granular scopes (issue 21): a scope with a condition grants only the resources the
+/// condition admits, on every path (search with counts, read, vread, history, includes,
+/// `$everything`, bundles, writes, Bulk export); several are alternatives; conditions the
+/// server cannot evaluate grant nothing.
+fn granular_scopes(db: Db) {
+    const CAT: &str = "http://terminology.hl7.org/CodeSystem/observation-category";
+    let s = TestServer::start(db);
+    for p in ["p1", "p2"] {
+        assert_eq!(
+            s.put(&format!("/Patient/{p}"), &json!({"resourceType": "Patient", "id": p}))
+                .status,
+            201
+        );
+    }
+    let obs = |id: &str, patient: &str, category: Option<&str>| {
+        let mut o = json!({"resourceType": "Observation", "id": id, "status": "final", "code": {"text": "x"},
+                           "subject": {"reference": format!("Patient/{patient}")}});
+        if let Some(c) = category {
+            o["category"] = json!([{"coding": [{"system": CAT, "code": c}]}]);
+        }
+        o
+    };
+    for (id, patient, category) in [
+        ("lab-1", "p1", Some("laboratory")),
+        ("vitals-1", "p1", Some("vital-signs")),
+        ("bare-1", "p1", None),
+        ("lab-2", "p2", Some("laboratory")),
+    ] {
+        assert_eq!(
+            s.put(&format!("/Observation/{id}"), &obs(id, patient, category)).status,
+            201
+        );
+    }
+    let lab_scope = format!("patient/Observation.rs?category={CAT}%7Claboratory");
+    let t = bearer(&s.token(&format!("{lab_scope} patient/Patient.rs"), Some("p1")));
+    let ids = |r: &Reply, mode: &str| -> BTreeSet<String> {
+        r.json()["entry"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|e| e["search"]["mode"] == mode || mode.is_empty())
+            .map(|e| e["resource"]["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let set = |v: &[&str]| -> BTreeSet<String> { v.iter().map(|x| x.to_string()).collect() };
+    // search: only what the condition admits, counted so
+    let r = call(&s, "GET", "/Observation?_count=100", Some(&t), None);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(ids(&r, "match"), set(&["lab-1"]));
+    assert_eq!(r.json()["total"], 1);
+    assert!(ids(
+        &call(&s, "GET", "/Observation?category=vital-signs", Some(&t), None),
+        "match"
+    )
+    .is_empty());
+    // read and vread: outside the condition looks like absent
+    assert_eq!(call(&s, "GET", "/Observation/lab-1", Some(&t), None).status, 200);
+    assert_eq!(
+        call(&s, "GET", "/Observation/lab-1/_history/1", Some(&t), None).status,
+        200
+    );
+    for id in ["vitals-1", "bare-1", "lab-2"] {
+        assert_eq!(
+            call(&s, "GET", &format!("/Observation/{id}"), Some(&t), None).status,
+            404,
+            "{id}"
+        );
+        assert_eq!(
+            call(&s, "GET", &format!("/Observation/{id}/_history/1"), Some(&t), None).status,
+            404
+        );
+    }
+    // history of the type: checked on content, without a total
+    let h = call(&s, "GET", "/Observation/_history", Some(&t), None);
+    assert_eq!(h.status, 200, "{}", h.text());
+    assert_eq!(ids(&h, ""), set(&["lab-1"]));
+    assert!(h.json().get("total").is_none());
+    // an unconditioned scope of the same context grants more, and wins
+    let all_types = bearer(&s.token(&format!("{lab_scope} patient/*.rs"), Some("p1")));
+    assert_eq!(
+        call(&s, "GET", "/Observation?_count=100", Some(&all_types), None).json()["total"],
+        3,
+        "an unconditioned scope of the same context wins"
+    );
+    // includes and $everything
+    let r = call(
+        &s,
+        "GET",
+        "/Patient?_id=p1&_revinclude=Observation:subject",
+        Some(&t),
+        None,
+    );
+    assert_eq!(ids(&r, "include"), set(&["lab-1"]));
+    let r = call(&s, "GET", "/Patient/p1/$everything", Some(&t), None);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(ids(&r, ""), set(&["p1", "lab-1"]));
+    // a batch's reads
+    let batch = json!({"resourceType": "Bundle", "type": "batch", "entry": [
+        {"request": {"method": "GET", "url": "Observation/lab-1"}},
+        {"request": {"method": "GET", "url": "Observation/vitals-1"}}]});
+    let r = call(&s, "POST", "/", Some(&t), Some(&batch));
+    let statuses = r.entry_statuses();
+    assert_eq!(statuses, ["200", "404"]);
+    // several granular scopes of a type are alternatives
+    let two = bearer(&s.token(
+        &format!("{lab_scope} patient/Observation.rs?category=vital-signs"),
+        Some("p1"),
+    ));
+    assert_eq!(
+        ids(&call(&s, "GET", "/Observation", Some(&two), None), "match"),
+        set(&["lab-1", "vitals-1"])
+    );
+    // in a user's or a service's context: every patient's, still only what the condition admits
+    let sys = bearer(&s.token(&lab_scope.replace("patient/", "system/"), None));
+    assert_eq!(
+        ids(&call(&s, "GET", "/Observation", Some(&sys), None), "match"),
+        set(&["lab-1", "lab-2"])
+    );
+    // writes: a new or changed resource must stay inside the condition
+    let w = bearer(&s.token(
+        &format!("patient/Observation.cruds?category={CAT}%7Claboratory"),
+        Some("p1"),
+    ));
+    let mut new_lab = obs("x", "p1", Some("laboratory"));
+    new_lab.as_object_mut().unwrap().remove("id");
+    assert_eq!(call(&s, "POST", "/Observation", Some(&w), Some(&new_lab)).status, 201);
+    let mut new_vitals = obs("x", "p1", Some("vital-signs"));
+    new_vitals.as_object_mut().unwrap().remove("id");
+    assert_eq!(
+        call(&s, "POST", "/Observation", Some(&w), Some(&new_vitals)).status,
+        403
+    );
+    let moved = obs("lab-1", "p1", Some("vital-signs"));
+    assert_eq!(
+        call(&s, "PUT", "/Observation/lab-1", Some(&w), Some(&moved)).status,
+        403
+    );
+    assert_eq!(
+        s.get("/Observation/lab-1").json()["category"][0]["coding"][0]["code"],
+        "laboratory"
+    );
+    // a condition the server cannot evaluate grants nothing
+    let odd = bearer(&s.token("patient/Observation.rs?date=2020", Some("p1")));
+    assert_eq!(call(&s, "GET", "/Observation", Some(&odd), None).status, 403);
+    assert_eq!(call(&s, "GET", "/Observation/lab-1", Some(&odd), None).status, 403);
+    // Bulk export with a granular system scope: the files hold only what the condition admits
+    let kick = Reply::from(
+        reqwest::blocking::Client::new()
+            .get(s.url("/$export?_type=Observation"))
+            .header("authorization", &sys)
+            .header("prefer", "respond-async")
+            .send()
+            .unwrap(),
+    );
+    assert_eq!(kick.status, 202, "{}", kick.text());
+    let status = common::status_path(&s, &kick);
+    let manifest = (0..300)
+        .find_map(|_| {
+            let r = call(&s, "GET", &status, Some(&sys), None);
+            if r.status == 202 {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                None
+            } else {
+                Some(r)
+            }
+        })
+        .expect("export finished");
+    assert_eq!(manifest.status, 200, "{}", manifest.text());
+    let mut exported = BTreeSet::new();
+    for o in manifest.json()["output"].as_array().unwrap() {
+        let r = Reply::from(
+            reqwest::blocking::Client::new()
+                .get(o["url"].as_str().unwrap())
+                .header("authorization", &sys)
+                .send()
+                .unwrap(),
+        );
+        assert_eq!(r.status, 200);
+        for line in r.text().lines() {
+            let v: Value = serde_json::from_str(line).unwrap();
+            exported.insert(v["id"].as_str().unwrap().to_string());
+        }
+    }
+    assert_eq!(exported.len(), 3, "{exported:?}");
+    assert!(exported.contains("lab-1") && exported.contains("lab-2") && !exported.contains("vitals-1"));
+}
+
+/// Issue 21 point 5: on the new paths (shared resources, granular scopes) the attribute policy
+/// still masks and its labels still hide, and break-glass widens the compartment only: a
+/// granular scope's condition holds through it.
+fn policy_labels_and_break_glass_hold_on_shared_and_granular_paths(db: Db) {
+    const CAT: &str = "http://terminology.hl7.org/CodeSystem/observation-category";
+    let (s, _policy_dir) = with_policy(
+        db,
+        r#"
+[[element_rule]]
+resource = "Practitioner"
+hide = ["telecom"]
+
+[[label_rule]]
+system = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
+code = "HIV"
+require_roles = ["hiv-care"]
+"#,
+    );
+    let hiv_label = json!([{"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "HIV"}]);
+    // labelled resources are written by a token that may see them
+    let writer = issue(
+        &s,
+        fhirvault::auth::TokenRequest {
+            scope: "system/*.cruds".into(),
+            roles: vec!["hiv-care".into()],
+            expires_in: 300,
+            ..Default::default()
+        },
+    );
+    let put = |path: &str, body: &Value| call(&s, "PUT", path, Some(&writer), Some(body)).status;
+    for p in ["p1", "p2"] {
+        assert_eq!(
+            s.put(&format!("/Patient/{p}"), &json!({"resourceType": "Patient", "id": p}))
+                .status,
+            201
+        );
+    }
+    let practitioner = json!({"resourceType": "Practitioner", "id": "doc",
+        "telecom": [{"system": "phone", "value": "555-0177"}]});
+    assert_eq!(s.put("/Practitioner/doc", &practitioner).status, 201);
+    let clinic =
+        json!({"resourceType": "Organization", "id": "hiv-clinic", "name": "x", "meta": {"security": hiv_label}});
+    assert_eq!(put("/Organization/hiv-clinic", &clinic), 201);
+    assert_eq!(
+        s.put(
+            "/Organization/plain",
+            &json!({"resourceType": "Organization", "id": "plain", "name": "y"})
+        )
+        .status,
+        201
+    );
+    let obs = |id: &str, patient: &str, cat: &str, labelled: bool| {
+        let mut o = json!({"resourceType": "Observation", "id": id, "status": "final", "code": {"text": "x"},
+            "subject": {"reference": format!("Patient/{patient}")},
+            "category": [{"coding": [{"system": CAT, "code": cat}]}]});
+        if labelled {
+            o["meta"] = json!({"security": hiv_label});
+        }
+        o
+    };
+    for (id, patient, cat, labelled) in [
+        ("lab-1", "p1", "laboratory", false),
+        ("lab-hiv-1", "p1", "laboratory", true),
+        ("vitals-1", "p1", "vital-signs", false),
+        ("lab-2", "p2", "laboratory", false),
+    ] {
+        assert_eq!(
+            put(&format!("/Observation/{id}"), &obs(id, patient, cat, labelled)),
+            201
+        );
+    }
+    let ids = |r: &Reply| -> BTreeSet<String> {
+        r.json()["entry"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|e| e["resource"]["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let set = |v: &[&str]| -> BTreeSet<String> { v.iter().map(|x| x.to_string()).collect() };
+    // shared resources in a patient's context: masked, and hidden by their labels
+    let patient = bearer(&s.token("patient/*.rs", Some("p1")));
+    let r = call(&s, "GET", "/Practitioner/doc", Some(&patient), None);
+    assert_eq!(r.status, 200);
+    assert!(
+        !r.text().contains("555-0177"),
+        "the element rule masks a shared resource too"
+    );
+    assert_eq!(
+        call(&s, "GET", "/Organization/hiv-clinic", Some(&patient), None).status,
+        404
+    );
+    assert_eq!(
+        ids(&call(&s, "GET", "/Organization", Some(&patient), None)),
+        set(&["plain"])
+    );
+    // granular scopes: labels still hide
+    let granular = bearer(&s.token(
+        &format!("patient/Observation.rs?category={CAT}%7Claboratory"),
+        Some("p1"),
+    ));
+    assert_eq!(
+        ids(&call(&s, "GET", "/Observation", Some(&granular), None)),
+        set(&["lab-1"])
+    );
+    assert_eq!(
+        call(&s, "GET", "/Observation/lab-hiv-1", Some(&granular), None).status,
+        404
+    );
+    // break-glass widens the compartment, never the granular condition
+    let btg = bearer(
+        &s.issuer
+            .issue(&fhirvault::auth::TokenRequest {
+                scope: format!("patient/Observation.rs?category={CAT}%7Claboratory"),
+                patient: Some("p1".into()),
+                fhir_user: Some("Practitioner/er-doc".into()),
+                roles: vec!["hiv-care".into()],
+                expires_in: 300,
+                purpose_of_use: Some("BTG".into()),
+                btg_reason: Some("unconscious patient in ED".into()),
+                ..Default::default()
+            })
+            .unwrap(),
+    );
+    assert_eq!(
+        ids(&call(&s, "GET", "/Observation", Some(&btg), None)),
+        set(&["lab-1", "lab-hiv-1", "lab-2"])
+    );
+    assert_eq!(call(&s, "GET", "/Observation/lab-2", Some(&btg), None).status, 200);
+    assert_eq!(call(&s, "GET", "/Observation/vitals-1", Some(&btg), None).status, 404);
+}
+
 on_both_backends!(
+    granular_scopes,
+    policy_labels_and_break_glass_hold_on_shared_and_granular_paths,
     page_links_are_bound_to_the_subject,
     repeated_denials_are_throttled,
     external_oidc_provider_tokens,

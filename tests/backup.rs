@@ -36,6 +36,7 @@ fn all_versions(store: &fhirvault::store::Store) -> Vec<Version> {
                 before_row: None,
                 count: 10_000,
                 patient: None,
+                shared_types: Vec::new(),
             },
         )
         .unwrap();

@@ -278,12 +278,22 @@ fn audit_commands_are_audited_and_name_the_tampered_record(db: Db) {
         // stdout is the token alone
         assert_eq!(String::from_utf8_lossy(&out.stdout).trim().split('.').count(), 3);
     }
+    // SMART v2 granular scopes are minted; one the server cannot evaluate is refused, saying why
+    let out = run(&[
+        "token",
+        "--scope",
+        "system/Observation.rs?category=http://terminology.hl7.org/CodeSystem/observation-category|laboratory",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = run(&["token", "--scope", "system/Observation.rs?date=2020"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("grants nothing"));
     let out = run(&["audit", "verify"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8_lossy(&out.stdout);
     // the command line's own chain (no server ran): chain 1
     assert!(
-        text.contains("audit chains intact: 1 chains, 4 records checked"),
+        text.contains("audit chains intact: 1 chains, 5 records checked"),
         "{text}"
     );
     let out = run(&["audit", "export", "--format", "ndjson"]);
@@ -292,15 +302,22 @@ fn audit_commands_are_audited_and_name_the_tampered_record(db: Db) {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    // migrate, 3 token issues, the verify
-    assert_eq!(lines.len(), 5);
+    // migrate, 4 token issues (the last granular), the verify
+    assert_eq!(lines.len(), 6);
     let subtypes: Vec<&str> = lines
         .iter()
         .map(|l| l["subtype"][0]["code"].as_str().unwrap())
         .collect();
     assert_eq!(
         subtypes,
-        ["migrate", "token-issue", "token-issue", "token-issue", "audit-verify"]
+        [
+            "migrate",
+            "token-issue",
+            "token-issue",
+            "token-issue",
+            "token-issue",
+            "audit-verify"
+        ]
     );
     assert_eq!(lines[1]["entity"][0]["what"]["reference"], "Practitioner/1");
     assert!(run(&["audit", "export", "--format", "csv"]).status.code() != Some(0));

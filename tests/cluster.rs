@@ -9,129 +9,15 @@
 
 mod common;
 
+use common::node::{bin, count, token, verify, Node};
 use common::{free_port, pg};
 use diesel::connection::SimpleConnection;
 use diesel::Connection;
 use serde_json::{json, Value};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-
-fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_fhirvault"));
-    for (k, _) in std::env::vars() {
-        if k.starts_with("FHIRVAULT_") {
-            c.env_remove(k);
-        }
-    }
-    c
-}
-
-/// A node: the binary serving on `port`, its output in `log`.
-struct Node {
-    port: u16,
-    child: Option<Child>,
-    log: std::path::PathBuf,
-    /// Settings of this node alone (`FHIRVAULT_*`).
-    env: Vec<(String, String)>,
-}
-
-impl Node {
-    fn start(data: &Path, url: &str, port: u16, name: &str) -> Node {
-        Node::start_with(data, url, port, name, &[])
-    }
-
-    fn start_with(data: &Path, url: &str, port: u16, name: &str, env: &[(&str, &str)]) -> Node {
-        let log = data.parent().unwrap().join(format!("{name}.log"));
-        let mut node = Node {
-            port,
-            child: None,
-            log,
-            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
-        };
-        node.spawn(data, url);
-        node
-    }
-
-    fn spawn(&mut self, data: &Path, url: &str) {
-        let out = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .unwrap();
-        let child = bin()
-            .arg("serve")
-            .arg("--data-dir")
-            .arg(data)
-            .arg("--database-url")
-            .arg(url)
-            .arg("--listen")
-            .arg(format!("127.0.0.1:{}", self.port))
-            .env("FHIRVAULT_POOL_SIZE", "8")
-            .env("FHIRVAULT_AUTH_FAILURE_LIMIT", "1000000")
-            .env("FHIRVAULT_AUDIT_CHECKPOINT_SECS", "1")
-            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .stdout(Stdio::from(out.try_clone().unwrap()))
-            .stderr(Stdio::from(out))
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(90);
-        let http = reqwest::blocking::Client::new();
-        loop {
-            if http
-                .get(format!("http://127.0.0.1:{}/healthz", self.port))
-                .send()
-                .is_ok_and(|r| r.status().is_success())
-            {
-                return;
-            }
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!(
-                    "node exited ({status}): {}",
-                    std::fs::read_to_string(&self.log).unwrap_or_default()
-                );
-            }
-            assert!(Instant::now() < deadline, "node did not start: {}", self.logs());
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill(); // SIGKILL
-            let _ = c.wait();
-        }
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while c.try_wait().unwrap().is_none() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    fn logs(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn base(&self) -> String {
-        format!("http://127.0.0.1:{}/fhir", self.port)
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
 
 /// What one node was asked and answered.
 #[derive(Default)]
@@ -247,18 +133,6 @@ fn client(base: String, token: String, n: usize, tally: Arc<Tally>, acked: Acked
     }
 }
 
-fn count(url: &str, sql: &str) -> i64 {
-    use diesel::RunQueryDsl;
-    #[derive(diesel::QueryableByName)]
-    struct N {
-        #[diesel(sql_type = diesel::sql_types::BigInt)]
-        n: i64,
-    }
-    let mut c = diesel::PgConnection::establish(url).unwrap();
-    let rows: Vec<N> = diesel::sql_query(sql).load(&mut c).unwrap();
-    rows[0].n
-}
-
 /// REST events stored for `node`'s chain (its requests' events, whoever linked them).
 fn rest_events_of(url: &str, node: &str) -> i64 {
     count(
@@ -272,29 +146,6 @@ fn rest_events_of(url: &str, node: &str) -> i64 {
 
 fn chain_id_of(url: &str, node: &str) -> i64 {
     count(url, &format!("SELECT id AS n FROM audit_chains WHERE node = '{node}'"))
-}
-
-/// A `system/*.cruds` token from the nodes' shared issuer key (`fhirvault token`).
-fn token(data: &Path, url: &str) -> String {
-    let out = bin()
-        .args(["token", "--scope", "system/*.cruds", "--data-dir"])
-        .arg(data)
-        .arg("--database-url")
-        .arg(url)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
-}
-
-fn verify(data: &Path, url: &str) -> std::process::Output {
-    bin()
-        .args(["audit", "verify", "--data-dir"])
-        .arg(data)
-        .arg("--database-url")
-        .arg(url)
-        .output()
-        .unwrap()
 }
 
 #[test]
@@ -858,4 +709,63 @@ fn an_export_accepted_on_one_node_runs_on_another() {
         exported += r.text().unwrap().lines().count();
     }
     assert_eq!(exported, 20);
+}
+
+/// A SearchParameter an administrator stores on one node is a search parameter on the others
+/// within seconds (each node's registry follows the database), and a node killed with SIGKILL
+/// knows it again as soon as it restarts.
+#[test]
+fn stored_search_parameters_reach_every_node() {
+    let cluster = pg();
+    let url = cluster.url(&cluster.create_db());
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let a = Node::start(&data, &url, free_port(), "a");
+    let mut b = Node::start(&data, &url, free_port(), "b");
+    let out = bin()
+        .args(["token", "--scope", "system/*.cruds", "--role", "admin", "--data-dir"])
+        .arg(&data)
+        .arg("--database-url")
+        .arg(&url)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let admin = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let send = |base: &str, method: &str, path: &str, body: Option<Value>| {
+        let mut r = reqwest::blocking::Client::new()
+            .request(method.parse().unwrap(), format!("{base}{path}"))
+            .bearer_auth(&admin)
+            .header("prefer", "handling=strict");
+        if let Some(b) = body {
+            r = r.header("content-type", "application/fhir+json").body(b.to_string());
+        }
+        let resp = r.send().unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json::<Value>().unwrap_or(Value::Null))
+    };
+    let definition = json!({"resourceType": "SearchParameter", "url": "http://example.org/sp/observation-method",
+        "name": "ObservationMethod", "status": "active", "description": "How the observation was made",
+        "code": "obs-method", "base": ["Observation"], "type": "token", "expression": "Observation.method"});
+    assert_eq!(send(&b.base(), "GET", "/Observation?obs-method=m1", None).0, 400);
+    assert_eq!(send(&a.base(), "POST", "/SearchParameter", Some(definition)).0, 201);
+    // node b learns it from the database within its reload interval
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while send(&b.base(), "GET", "/Observation?obs-method=m1", None).0 != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "node b never learned the parameter:\n{}",
+            b.logs()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let obs = json!({"resourceType": "Observation", "status": "final", "code": {"text": "x"},
+        "method": {"coding": [{"system": "http://snomed.info/sct", "code": "m1"}]}});
+    assert_eq!(send(&b.base(), "POST", "/Observation", Some(obs)).0, 201);
+    assert_eq!(send(&a.base(), "GET", "/Observation?obs-method=m1", None).1["total"], 1);
+    // killed and restarted, node b reads it at start
+    b.kill();
+    b.spawn(&data, &url);
+    let (status, found) = send(&b.base(), "GET", "/Observation?obs-method=m1", None);
+    assert_eq!(status, 200, "{found}");
+    assert_eq!(found["total"], 1);
 }

@@ -267,6 +267,10 @@ fn refusals_and_ownership(db: Db) {
     assert_eq!(s.get_with("/$export?_outputFormat=text/csv", &[ASYNC]).status, 400);
     assert_eq!(s.get_with("/$export?_elements=id", &[ASYNC]).status, 400);
     assert_eq!(s.get_with("/$export?_since=yesterday", &[ASYNC]).status, 400);
+    // in the future: refused, naming the parameter
+    let r = s.get_with("/$export?_since=2999-01-01T00:00:00Z", &[ASYNC]);
+    assert_eq!(r.status, 400);
+    assert!(r.text().contains("_since"));
     assert_eq!(
         s.get_with("/$export?_typeFilter=Observation%3Fnope%3D1", &[ASYNC])
             .status,
@@ -353,7 +357,10 @@ fn refusals_and_ownership(db: Db) {
     // cancel: the job and its files are gone
     let r = s.delete(&status);
     assert_eq!(r.status, 202, "{}", r.text());
-    assert_eq!(s.get(&status).status, 404);
+    // later polls: 404 with an OperationOutcome
+    let gone = s.get(&status);
+    assert_eq!(gone.status, 404);
+    assert_eq!(gone.outcome()["resourceType"], "OperationOutcome");
     assert!(!dir.exists());
     assert_eq!(s.delete(&status).status, 404);
 }

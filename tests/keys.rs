@@ -215,6 +215,7 @@ fn rotation(s: &TestServer, env: &[(&str, String)]) {
                 before_row: None,
                 count: 1000,
                 patient: None,
+                shared_types: Vec::new(),
             },
         )
         .unwrap();

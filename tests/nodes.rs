@@ -50,6 +50,25 @@ fn user_and_client(store: &Store) {
         .unwrap();
 }
 
+/// An active refresh token of user `u1` for client `app`, valid for an hour.
+fn refresh_token(family: &str, hash: [u8; 32]) -> RefreshRow {
+    let now = fhirvault::store::now();
+    RefreshRow {
+        token_hash: hash.to_vec(),
+        family_id: family.into(),
+        client_id: "app".into(),
+        user_id: Some("u1".into()),
+        scope: "offline_access".into(),
+        patient: None,
+        encounter: None,
+        amr: "pwd".into(),
+        status: "active".into(),
+        issued_at: now,
+        idle_expires_at: now + chrono::Duration::hours(1),
+        family_expires_at: now + chrono::Duration::hours(2),
+    }
+}
+
 /// One refresh token presented at once from four threads on each of three nodes: exactly one
 /// rotation wins, and the family never has two live tokens (a racer that finds the token
 /// already spent treats it as a replay and revokes the family, as RFC 9700 advises); presenting
@@ -58,23 +77,7 @@ fn refresh_rotation_raced_on_three_nodes(db: Db) {
     let tdb = TestDb::new(db);
     let nodes = nodes(&tdb);
     user_and_client(&nodes[0]);
-    let now = fhirvault::store::now();
-    nodes[0]
-        .auth_refresh_add(&RefreshRow {
-            token_hash: vec![1; 32],
-            family_id: "f1".into(),
-            client_id: "app".into(),
-            user_id: Some("u1".into()),
-            scope: "offline_access".into(),
-            patient: None,
-            encounter: None,
-            amr: "pwd".into(),
-            status: "active".into(),
-            issued_at: now,
-            idle_expires_at: now + chrono::Duration::hours(1),
-            family_expires_at: now + chrono::Duration::hours(2),
-        })
-        .unwrap();
+    nodes[0].auth_refresh_add(&refresh_token("f1", [1; 32])).unwrap();
     let outcomes: Vec<String> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..12u8)
             .map(|k| {
@@ -133,4 +136,42 @@ fn lockout_counted_across_nodes(db: Db) {
     nodes[2].auth_user_login_failed("u1", 10, until).unwrap();
     let user = nodes[0].auth_user("u1").unwrap().unwrap();
     assert!(user.locked_until.is_some(), "the tenth failure, on another node, locks");
+}
+
+/// A command-line process writing beside the server on one SQLite file (two stores, as two
+/// processes have): a transaction that reads before it writes (a refresh rotation) is never
+/// refused with "database is locked" because the other process committed in between. Write
+/// transactions begin IMMEDIATE on SQLite, so they wait for the other writer instead.
+#[test]
+fn sqlite_write_transactions_beside_another_process() {
+    let tdb = TestDb::new(Db::Sqlite);
+    let cipher = fhirvault::server::open_cipher(&tdb.config(Default::default())).unwrap();
+    let server = Store::open(&tdb.database_url, None, 4, cipher.clone()).unwrap();
+    let cli = Store::open(&tdb.database_url, None, 2, cipher).unwrap();
+    user_and_client(&server);
+    let hash = |tag: u8, i: u16| {
+        let mut h = [tag; 32];
+        h[..2].copy_from_slice(&i.to_be_bytes());
+        h
+    };
+    server.auth_refresh_add(&refresh_token("rotating", hash(1, 0))).unwrap();
+    std::thread::scope(|scope| {
+        let rotations = scope.spawn(|| {
+            for i in 0..300u16 {
+                match server.auth_refresh_use(&hash(1, i), &hash(1, i + 1), 3600) {
+                    Ok(RefreshUse::Rotated(_)) => {}
+                    Ok(_) => panic!("rotation {i} refused"),
+                    Err(e) => panic!("rotation {i} failed: {e}"),
+                }
+            }
+        });
+        let other_process = scope.spawn(|| {
+            for i in 0..300u16 {
+                cli.auth_refresh_add(&refresh_token(&format!("cli{i}"), hash(2, i)))
+                    .unwrap();
+            }
+        });
+        rotations.join().unwrap();
+        other_process.join().unwrap();
+    });
 }

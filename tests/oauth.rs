@@ -296,7 +296,8 @@ fn standalone_launch_with_pkce_totp_and_picker(db: Db) {
     let bad = b.post_with("/auth/mfa/enrol", &next, &[("code", "000000")]);
     assert_eq!(bad.status, 401);
     assert_eq!(bad.secret(), secret, "the same secret is offered again");
-    let consent = b.post_with("/auth/mfa/enrol", &bad, &[("code", &totp_at(&secret, now()))]);
+    let accepted = totp_at(&secret, now());
+    let consent = b.post_with("/auth/mfa/enrol", &bad, &[("code", &accepted)]);
     assert_eq!(consent.status, 200, "{}", consent.body);
     assert!(consent.body.contains("Choose the patient"));
     let request = consent.hidden()["request"].clone();
@@ -384,12 +385,14 @@ fn standalone_launch_with_pkce_totp_and_picker(db: Db) {
     assert_eq!(events(&s, "token-issue"), 1);
     assert_eq!(events(&s, "token-failure"), 2);
 
-    // signing in again asks for a code (the one just used is refused: each code works once)
+    // signing in again asks for a code (the one just used is refused: each code works once).
+    // The replay is the very code accepted above, not "the code of now", which is a fresh one
+    // once a 30-second step has passed since (CI once crossed that boundary mid-test).
     let mut b2 = Browser::new(&s);
     let login = b2.get(&auth);
     let mfa = b2.post_with("/auth/login", &login, &[("username", "doctor"), ("password", PASSWORD)]);
     assert!(mfa.body.contains("action=\"/auth/mfa\""));
-    let replayed = b2.post_with("/auth/mfa", &mfa, &[("code", &totp_at(&secret, now()))]);
+    let replayed = b2.post_with("/auth/mfa", &mfa, &[("code", &accepted)]);
     assert_eq!(replayed.status, 401, "a code already accepted is refused");
     let consent = b2.post_with("/auth/mfa", &mfa, &[("code", &totp_at(&secret, now() + 30))]);
     assert_eq!(consent.status, 200);
@@ -953,6 +956,15 @@ fn well_known_documents(db: Db) {
         }
         assert_eq!(doc["code_challenge_methods_supported"], json!(["S256"]));
         assert_eq!(doc["token_endpoint"], format!("{}/auth/token", root(&s)));
+        // SMART v2, granular scopes among the examples
+        assert!(doc["capabilities"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c == "permission-v2"));
+        assert!(doc["scopes_supported"].as_array().unwrap().iter().any(|c| {
+            c == "patient/Observation.rs?category=http://terminology.hl7.org/CodeSystem/observation-category|laboratory"
+        }));
         // the metadata and well-known documents need no token
     }
     let oidc: Value = Client::new()

@@ -10,22 +10,7 @@ use diesel::prelude::*;
 use fhirvault::config::ConfigLayer;
 use serde_json::json;
 
-#[derive(QueryableByName)]
-struct Row {
-    #[diesel(sql_type = diesel::sql_types::Text)]
-    logical_id: String,
-}
-
-fn visible(c: &mut PgConnection) -> Vec<String> {
-    let mut ids: Vec<String> = diesel::sql_query("SELECT logical_id FROM resource_versions")
-        .load::<Row>(c)
-        .unwrap()
-        .into_iter()
-        .map(|r| r.logical_id)
-        .collect();
-    ids.sort();
-    ids
-}
+use common::visible_ids as visible;
 
 #[test]
 fn server_role_sees_only_its_access_context_even_with_raw_sql() {
@@ -54,6 +39,14 @@ fn server_role_sees_only_its_access_context_even_with_raw_sql() {
     }
     let o = json!({"resourceType": "Organization", "id": "org", "name": "x"});
     assert_eq!(s.put("/Organization/org", &o).status, 201);
+    // shared resources (issue 21): a Device implanted in p2 is p2's; one in nobody is shared
+    let d = json!({"resourceType": "Device", "id": "dev-p2", "patient": {"reference": "Patient/p2"}});
+    assert_eq!(s.put("/Device/dev-p2", &d).status, 201);
+    assert_eq!(
+        s.put("/Device/dev-none", &json!({"resourceType": "Device", "id": "dev-none"}))
+            .status,
+        201
+    );
 
     // Raw SQL through the server's role.
     let mut c = PgConnection::establish(&app_url).unwrap();
@@ -63,14 +56,21 @@ fn server_role_sees_only_its_access_context_even_with_raw_sql() {
     assert_eq!(
         visible(&mut c),
         vec!["o-p1", "p1"],
-        "a forgotten WHERE still cannot reach p2"
+        "a forgotten WHERE still cannot reach p2, nor shared types without the shared setting"
+    );
+    c.batch_execute("SELECT set_config('fhirvault.shared', ',Organization,Device,', false)")
+        .unwrap();
+    assert_eq!(
+        visible(&mut c),
+        vec!["dev-none", "o-p1", "org", "p1"],
+        "shared types in nobody's compartment, never a Device of p2"
     );
     c.batch_execute("SELECT set_config('fhirvault.access', 'patient:p2', false)")
         .unwrap();
-    assert_eq!(visible(&mut c), vec!["o-p2", "p2"]);
+    assert_eq!(visible(&mut c), vec!["dev-none", "dev-p2", "o-p2", "org", "p2"]);
     c.batch_execute("SELECT set_config('fhirvault.access', 'all', false)")
         .unwrap();
-    assert_eq!(visible(&mut c).len(), 5);
+    assert_eq!(visible(&mut c).len(), 7);
     // the role may read and append to the audit ledger (the writer runs as it)
     #[derive(QueryableByName)]
     struct Privileges {
@@ -139,6 +139,14 @@ fn server_role_sees_only_its_access_context_even_with_raw_sql() {
         forged.is_err(),
         "insert outside the compartment must fail the policy check"
     );
+    // shared types are read-only in a patient's context, in the database too
+    c.batch_execute("SELECT set_config('fhirvault.shared', ',Organization,Device,', false)")
+        .unwrap();
+    let forged = c.batch_execute(
+        "INSERT INTO resource_versions (resource_type, logical_id, version_id, last_updated, deleted, method) \
+         VALUES ('Organization', 'org', 99, now(), TRUE, 'DELETE')",
+    );
+    assert!(forged.is_err(), "a patient context never writes a shared resource");
 
     // And the server works under it: a patient token reads its own data, not the other's.
     let t = format!("Bearer {}", s.token("patient/*.rs", Some("p1")));
@@ -151,10 +159,16 @@ fn server_role_sees_only_its_access_context_even_with_raw_sql() {
     };
     assert_eq!(get("/Observation/o-p1").status().as_u16(), 200);
     assert_eq!(get("/Observation/o-p2").status().as_u16(), 404);
+    assert_eq!(get("/Organization/org").status().as_u16(), 200);
+    assert_eq!(get("/Device/dev-none").status().as_u16(), 200);
+    assert_eq!(get("/Device/dev-p2").status().as_u16(), 404);
+    let devices: serde_json::Value = get("/Device").json().unwrap();
+    assert_eq!(devices["total"], 1, "{devices}");
+    assert_eq!(devices["entry"][0]["resource"]["id"], "dev-none");
     let h: serde_json::Value = get("/Observation/_history").json().unwrap();
     assert_eq!(h["total"], 1);
     // system tokens still see everything
-    assert_eq!(s.get("/_history").json()["total"], 5);
+    assert_eq!(s.get("/_history").json()["total"], 7);
 }
 
 /// Bundles and patches under row-level security: each entry runs with its own access

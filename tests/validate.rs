@@ -336,7 +336,154 @@ fn writes_held_to_declared_profiles(db: Db) {
     assert_eq!(s.put(&format!("/Patient/{id}"), &broken).status, 200);
 }
 
+/// Issue 23: `Prefer: handling=lenient` on writes drops elements R4 does not know, with a warning
+/// per element; strict stays the default; nothing else is forgiven.
+fn lenient_writes(db: Db) {
+    let s = TestServer::start(db);
+    let lenient = [("Prefer", "handling=lenient")];
+    let with_outcome = [("Prefer", "handling=lenient, return=OperationOutcome")];
+    // the defect of a US Core example served by a public test server: Period has no `stop`
+    let observation = json!({"resourceType": "Observation", "status": "final",
+        "code": {"text": "glucose"}, "effectivePeriod": {"start": "2024-01-01", "stop": "SECRET-2024"}});
+    let r = s.post("/Observation", &observation);
+    assert_eq!(r.status, 400, "strict is the default: {}", r.text());
+    assert!(errors(&r.outcome())
+        .iter()
+        .any(|(at, _)| at == "Observation.effectivePeriod.stop"));
+    let r = s.send("POST", "/Observation", Some(&observation), &lenient);
+    assert_eq!(r.status, 201, "{}", r.text());
+    let stored = r.json();
+    assert_eq!(stored["effectivePeriod"], json!({"start": "2024-01-01"}));
+    let id = stored["id"].as_str().unwrap().to_string();
+    assert_eq!(
+        s.get(&format!("/Observation/{id}")).json()["effectivePeriod"],
+        json!({"start": "2024-01-01"})
+    );
+    // the warnings, with return=OperationOutcome: each element by path, never its value
+    let r = s.send("POST", "/Observation", Some(&observation), &with_outcome);
+    assert_eq!(r.status, 201, "{}", r.text());
+    assert!(!r.text().contains("SECRET"));
+    let warnings: Vec<Value> = r.outcome()["issue"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i["severity"] == "warning")
+        .cloned()
+        .collect();
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert_eq!(warnings[0]["expression"][0], "Observation.effectivePeriod.stop");
+    // update and conditional update alike
+    let mut updated = observation.clone();
+    updated["id"] = json!(id);
+    assert_eq!(s.put(&format!("/Observation/{id}"), &updated).status, 400);
+    let r = s.send("PUT", &format!("/Observation/{id}"), Some(&updated), &with_outcome);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        r.outcome()["issue"][1]["expression"][0],
+        "Observation.effectivePeriod.stop"
+    );
+    let r = s.send("PUT", &format!("/Observation?_id={id}"), Some(&updated), &lenient);
+    assert_eq!(r.status, 200, "{}", r.text());
+    // lenient forgives unknown elements only: a wrong value is still refused, and nothing stored
+    let mut wrong = observation.clone();
+    wrong["status"] = json!("not-a-status");
+    assert_eq!(s.send("POST", "/Observation", Some(&wrong), &lenient).status, 400);
+
+    // a transaction: strict refuses it whole; lenient stores it, each entry's outcome says what went
+    let patient = json!({"resourceType": "Patient", "name": [{"family": "Lenient", "nickname": "SECRET"}]});
+    let bundle = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"fullUrl": "urn:uuid:8d2c5a8e-0000-4000-8000-000000000001", "resource": patient,
+         "request": {"method": "POST", "url": "Patient"}},
+        {"resource": {"resourceType": "Observation", "status": "final", "code": {"text": "x"},
+            "subject": {"reference": "urn:uuid:8d2c5a8e-0000-4000-8000-000000000001"}},
+         "request": {"method": "POST", "url": "Observation"}},
+        {"resource": observation, "request": {"method": "POST", "url": "Observation"}}]});
+    let count = |s: &TestServer| {
+        let r = s.get("/Patient?family=Lenient");
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.json()["entry"].as_array().map_or(0, Vec::len)
+    };
+    assert_eq!(s.post("/", &bundle).status, 400);
+    assert_eq!(count(&s), 0, "nothing of a refused transaction is stored");
+    let r = s.send("POST", "/", Some(&bundle), &lenient);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(!r.text().contains("SECRET"));
+    let entries = r.json()["entry"].as_array().unwrap().clone();
+    assert_eq!(
+        entries[0]["response"]["outcome"]["issue"][0]["expression"][0],
+        "Patient.name[0].nickname"
+    );
+    assert_eq!(entries[0]["response"]["outcome"]["issue"][0]["severity"], "warning");
+    assert!(entries[1]["response"].get("outcome").is_none());
+    assert_eq!(
+        entries[2]["response"]["outcome"]["issue"][0]["expression"][0],
+        "Observation.effectivePeriod.stop"
+    );
+    assert_eq!(count(&s), 1);
+    // a batch: each entry on its own
+    let mut batch = bundle.clone();
+    batch["type"] = json!("batch");
+    batch["entry"][1]["resource"]["status"] = json!("not-a-status");
+    let r = s.send("POST", "/", Some(&batch), &lenient);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let statuses = r.entry_statuses();
+    assert_eq!(statuses, ["201", "400", "201"]);
+}
+
+/// An implementation guide's server CapabilityStatement under `profile_dir` is declared in
+/// `instantiates` only when everything it requires is there: US Core 6.1's is not yet (its
+/// `$docref` operation is missing); a requirements statement the server covers is.
+fn guide_capabilities_are_instantiated_only_when_covered(db: Db) {
+    let dir = tempfile::tempdir().unwrap();
+    let covered = json!({"resourceType": "CapabilityStatement", "url": "http://example.org/cs/covered",
+        "status": "active", "kind": "requirements", "date": "2024-01-01", "fhirVersion": "4.0.1", "format": ["json"],
+        "rest": [{"mode": "server", "resource": [{"type": "Patient",
+            "interaction": [{"code": "read"}, {"code": "search-type"}],
+            "searchParam": [{"name": "family", "type": "string"}, {"name": "race", "type": "token"}],
+            "searchRevInclude": ["Provenance:target"]}]}]});
+    let mut uncovered = covered.clone();
+    uncovered["url"] = json!("http://example.org/cs/uncovered");
+    uncovered["rest"][0]["resource"][0]["operation"] = json!([{"name": "docref", "definition": "http://x"}]);
+    std::fs::write(dir.path().join("CapabilityStatement-covered.json"), covered.to_string()).unwrap();
+    std::fs::write(
+        dir.path().join("CapabilityStatement-uncovered.json"),
+        uncovered.to_string(),
+    )
+    .unwrap();
+    // with US Core beside them, whose SearchParameters add `race`
+    let us_core = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("profiles/us-core-6.1.0");
+    for f in std::fs::read_dir(&us_core).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, dir.path().join(f.file_name().unwrap())).unwrap();
+    }
+    let s = TestServer::start_with(
+        db,
+        ConfigLayer {
+            profile_dir: Some(dir.path().to_path_buf()),
+            ..Default::default()
+        },
+    );
+    let instantiates: Vec<String> = s.get("/metadata").json()["instantiates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        instantiates.contains(&"http://example.org/cs/covered".to_string()),
+        "{instantiates:?}"
+    );
+    assert!(!instantiates.contains(&"http://example.org/cs/uncovered".to_string()));
+    assert!(
+        !instantiates.iter().any(|u| u.contains("us-core-server")),
+        "US Core lacks $docref: {instantiates:?}"
+    );
+    assert!(instantiates.iter().any(|u| u.contains("bulk-data")));
+}
+
 on_both_backends!(
+    guide_capabilities_are_instantiated_only_when_covered,
+    lenient_writes,
     official_examples_and_broken_copies,
     modes_and_stored_resources,
     us_core_profiles,

@@ -145,6 +145,19 @@ impl EntryResult {
     }
 }
 
+/// Drops the unknown elements of an entry's resource (lenient handling), returning a warning
+/// for each, with paths from the resource's type. An entry without a resource of a known type
+/// is left for parsing to judge.
+fn drop_unknown_in_entry(state: &AppState, entry: &mut Value) -> Vec<Issue> {
+    let Some(resource) = entry.get_mut("resource") else {
+        return Vec::new();
+    };
+    match resource.get("resourceType").and_then(Value::as_str).map(str::to_string) {
+        Some(t) if state.validator.is_resource_type(&t) => state.validator.drop_unknown_elements(&t, resource),
+        _ => Vec::new(),
+    }
+}
+
 fn invalid(text: &'static str) -> ApiError {
     ApiError::bad_request(IssueType::Invalid, text)
 }
@@ -289,16 +302,29 @@ pub async fn process(
     if entries.len() > state.config.max_bundle_entries {
         return Err(ApiError::TooManyEntries(state.config.max_bundle_entries));
     }
+    // Prefer: handling=lenient: each entry's resource loses the elements R4 does not know,
+    // reported in that entry's `response.outcome` when it succeeds
+    let mut entries = entries;
+    let dropped: Vec<Vec<Issue>> = if super::negotiate::lenient_handling(&req) {
+        entries.iter_mut().map(|e| drop_unknown_in_entry(&state, e)).collect()
+    } else {
+        Vec::new()
+    };
     let base = state.base_url(&req);
     let parsed: Vec<Result<Entry, ApiError>> = entries
         .into_iter()
         .enumerate()
         .map(|(i, e)| Entry::parse(&state, &base, i, e))
         .collect();
-    let results = match kind {
+    let mut results = match kind {
         Kind::Transaction => transaction(&req, &p, &state, &trail, parsed, deadline).await?,
         Kind::Batch => batch(&req, &p, &state, &trail, parsed, deadline).await?,
     };
+    for (result, warnings) in results.iter_mut().zip(dropped) {
+        if result.status.is_success() && !warnings.is_empty() {
+            result.outcome = serde_json::to_value(OperationOutcome::new(warnings)).ok();
+        }
+    }
     let response = json!({
         "resourceType": "Bundle",
         "id": uuid::Uuid::new_v4().to_string(),

@@ -1,6 +1,6 @@
 //! create, read, vread, update, delete.
 
-use super::negotiate::read_resource_body;
+use super::negotiate::{lenient_handling, read_resource_body};
 use super::trail::Trail;
 use super::{blocking, etag, http_date, ApiError, AppState, Format, Prefer};
 use crate::auth::policy::{authorize, Decision};
@@ -27,6 +27,24 @@ pub(super) fn as_value<R>(body: &mut Map<String, Value>, f: impl FnOnce(&mut Val
         *body = m;
     }
     result
+}
+
+/// The body of a create or update. Under `Prefer: handling=lenient` the elements the R4
+/// definitions do not know are dropped first and returned as warnings (for the response's
+/// OperationOutcome); strict, the default, leaves them for validation to refuse.
+pub(super) async fn read_write_body(
+    req: &HttpRequest,
+    payload: web::Payload,
+    state: &AppState,
+    resource_type: &str,
+) -> Result<(Map<String, Value>, Vec<Issue>), ApiError> {
+    let mut body = read_resource_body(req, payload, state.config.max_body_bytes).await?;
+    let dropped = if lenient_handling(req) && body.get("resourceType").and_then(Value::as_str) == Some(resource_type) {
+        as_value(&mut body, |v| state.validator.drop_unknown_elements(resource_type, v))
+    } else {
+        Vec::new()
+    };
+    Ok((body, dropped))
 }
 
 /// Checks a submitted body: `resourceType` names the URL's type, then the R4 JSON Schema.
@@ -57,6 +75,14 @@ pub(super) fn check_body(state: &AppState, resource_type: &str, body: &mut Map<S
     let issues = as_value(body, |v| state.validator.validate(resource_type, v));
     if !issues.is_empty() {
         return Err(ApiError::BadRequest(issues));
+    }
+    // an active SearchParameter becomes a search parameter of this server: it must be one
+    if resource_type == "SearchParameter" {
+        let registry = state.search.current();
+        as_value(body, |v| {
+            crate::search::registry::check_stored_definition(&registry, |t| state.validator.is_resource_type(t), v)
+        })
+        .map_err(|reason| ApiError::BadRequest(vec![Issue::error(IssueType::Invalid, reason).at("SearchParameter")]))?;
     }
     if state.config.validate_profiles_on_write {
         check_declared_profiles(state, body)?;
@@ -145,7 +171,14 @@ pub(super) fn parse_condition(
             "a condition takes search parameters, not result parameters",
         ));
     }
-    let parsed = crate::search::query::parse(&state.search, state.store.cipher(), resource_type, &pairs, 0, true)?;
+    let parsed = crate::search::query::parse(
+        &state.search.current(),
+        state.store.cipher(),
+        resource_type,
+        &pairs,
+        0,
+        true,
+    )?;
     for t in std::iter::once(resource_type.to_string()).chain(parsed.types.iter().cloned()) {
         for needed in [Permission::Search, Permission::Read] {
             if !authorize(p, &t, needed)?.unrestricted {
@@ -264,6 +297,7 @@ pub(super) fn check_against_stored(
 }
 
 /// Builds a read/write response with ETag, Last-Modified and the body the client prefers.
+#[allow(clippy::too_many_arguments)]
 fn resource_response(
     status: StatusCode,
     fmt: Format,
@@ -272,6 +306,7 @@ fn resource_response(
     last_updated: &NaiveDateTime,
     location: Option<String>,
     json: Vec<u8>,
+    warnings: Vec<Issue>,
 ) -> HttpResponse {
     let mut b = HttpResponse::build(status);
     b.insert_header((header::ETAG, etag(version_id)))
@@ -287,8 +322,9 @@ fn resource_response(
         Prefer::Representation => b.content_type(fmt.content_type()).body(fmt.render_stored(json)),
         Prefer::OperationOutcome => {
             let text = if status == StatusCode::CREATED { "created" } else { "ok" };
-            b.content_type(fmt.content_type())
-                .body(fmt.render(&OperationOutcome::information(text)))
+            let mut outcome = OperationOutcome::information(text);
+            outcome.issue.extend(warnings);
+            b.content_type(fmt.content_type()).body(fmt.render(&outcome))
         }
     }
 }
@@ -309,7 +345,7 @@ pub(super) fn content_for(
     let (compartments, search) = as_value(body, |v| {
         (
             state.compartment.patients_of(resource_type, v).into_iter().collect(),
-            crate::search::index_rows(&state.search, state.store.cipher(), resource_type, v),
+            crate::search::index_rows(&state.search.current(), state.store.cipher(), resource_type, v),
         )
     });
     Content {
@@ -329,7 +365,7 @@ pub async fn create(
     authorize(&p, &resource_type, Permission::Create)?;
     let fmt = Format::negotiate(&req)?;
     let prefer = Prefer::from_request(&req);
-    let mut body = read_resource_body(&req, payload, state.config.max_body_bytes).await?;
+    let (mut body, dropped) = read_write_body(&req, payload, &state, &resource_type).await?;
     let decision = check_create(&state, &p, &resource_type, &mut body)?;
     let condition = match req.headers().get("if-none-exist") {
         // a conditional create is a search, and may answer with the match: it needs both
@@ -383,6 +419,7 @@ pub async fn create(
                 &last_updated,
                 Some(loc),
                 json,
+                dropped,
             )
         }
         CreateOutcome::Existing(existing) => {
@@ -396,6 +433,7 @@ pub async fn create(
                 &existing.last_updated,
                 Some(loc),
                 json,
+                Vec::new(),
             )
         }
     })
@@ -413,6 +451,7 @@ pub(super) fn update_error(e: StoreError) -> ApiError {
 }
 
 /// 201 with the new resource when the update created it, 200 otherwise.
+#[allow(clippy::too_many_arguments)]
 fn update_response(
     req: &HttpRequest,
     state: &AppState,
@@ -421,6 +460,7 @@ fn update_response(
     fmt: Format,
     prefer: Prefer,
     written: Written,
+    warnings: Vec<Issue>,
 ) -> HttpResponse {
     let status = if written.created {
         StatusCode::CREATED
@@ -436,6 +476,7 @@ fn update_response(
         &written.last_updated,
         Some(loc),
         written.json,
+        warnings,
     )
 }
 
@@ -624,6 +665,7 @@ fn respond_read(req: &HttpRequest, fmt: Format, found: StoredVersion) -> Result<
         &found.last_updated,
         None,
         json,
+        Vec::new(),
     ))
 }
 
@@ -639,7 +681,7 @@ pub async fn update(
     let fmt = Format::negotiate(&req)?;
     let prefer = Prefer::from_request(&req);
     let mut expected = if_match(req.headers())?;
-    let mut body = read_resource_body(&req, payload, state.config.max_body_bytes).await?;
+    let (mut body, dropped) = read_write_body(&req, payload, &state, &t).await?;
     let (decision, may_create) = check_update(&state, &p, &t, &id, &mut body)?;
     // Set when the write was checked against "no stored version": it may then only create.
     let mut create_only = false;
@@ -694,7 +736,7 @@ pub async fn update(
     })
     .await?;
     trail.committed(&state, tx);
-    Ok(update_response(&req, &state, &t, &id, fmt, prefer, written))
+    Ok(update_response(&req, &state, &t, &id, fmt, prefer, written, dropped))
 }
 
 pub async fn delete(
@@ -854,7 +896,7 @@ pub async fn patch(
     })
     .await?;
     trail.committed(&state, tx);
-    Ok(update_response(&req, &state, &t, &id, fmt, prefer, written))
+    Ok(update_response(&req, &state, &t, &id, fmt, prefer, written, Vec::new()))
 }
 
 /// Applies `patch` to the current version of `t/id` and writes the result as the next
@@ -919,7 +961,7 @@ pub async fn conditional_update(
     let fmt = Format::negotiate(&req)?;
     let prefer = Prefer::from_request(&req);
     let expected = if_match(req.headers())?;
-    let mut body = read_resource_body(&req, payload, state.config.max_body_bytes).await?;
+    let (mut body, dropped) = read_write_body(&req, payload, &state, &t).await?;
     let body_id = check_conditional_body(&state, &p, &t, &mut body)?;
     let new_id = uuid::Uuid::new_v4().to_string();
     let st = state.clone();
@@ -947,7 +989,7 @@ pub async fn conditional_update(
     })
     .await?;
     trail.committed(&state, tx);
-    Ok(update_response(&req, &state, &t, &id, fmt, prefer, written))
+    Ok(update_response(&req, &state, &t, &id, fmt, prefer, written, dropped))
 }
 
 /// `DELETE [type]?…`: deletes the one match; none is nothing to delete; several are refused (412).

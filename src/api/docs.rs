@@ -20,6 +20,11 @@ use utoipa::openapi::{
 const FHIR_JSON: &str = "application/fhir+json";
 const SECURITY: &str = "smart";
 
+/// The `Prefer` header of a create or update.
+const WRITE_PREFER: &str = "return=minimal, representation or OperationOutcome; handling=lenient drops \
+     elements R4 does not know instead of refusing the resource (each listed as a warning with \
+     return=OperationOutcome); strict is the default";
+
 fn string_schema() -> ObjectBuilder {
     ObjectBuilder::new().schema_type(Type::String)
 }
@@ -201,10 +206,7 @@ pub fn document(validator: &Validator, registry: &Registry, base_path: &str) -> 
             ],
         )
         .parameter(header_param("If-None-Exist", "Conditional create: a search query"))
-        .parameter(header_param(
-            "Prefer",
-            "return=minimal, representation or OperationOutcome",
-        ))
+        .parameter(header_param("Prefer", WRITE_PREFER))
         .request_body(Some(resource_body(t)))
         .response("201", body_response("Created", t))
         .response("200", body_response("The If-None-Exist condition matched this one", t));
@@ -220,6 +222,7 @@ pub fn document(validator: &Validator, registry: &Registry, base_path: &str) -> 
                 ("422", "Not a valid resource (OperationOutcome)"),
             ],
         )
+        .parameter(header_param("Prefer", WRITE_PREFER))
         .request_body(Some(resource_body(t)))
         .response("200", body_response("Updated", t))
         .response("201", body_response("Created", t));
@@ -294,6 +297,7 @@ pub fn document(validator: &Validator, registry: &Registry, base_path: &str) -> 
         )
         .parameter(path_param("id", "Logical id"))
         .parameter(header_param("If-Match", "Expected version: W/\"n\""))
+        .parameter(header_param("Prefer", WRITE_PREFER))
         .request_body(Some(resource_body(t)))
         .response("200", body_response("Updated", t))
         .response("201", body_response("Created", t));
@@ -534,7 +538,11 @@ pub fn document(validator: &Validator, registry: &Registry, base_path: &str) -> 
             ("413", "More entries than max_bundle_entries (OperationOutcome)"),
         ],
     )
-    .parameter(header_param("Prefer", "return=representation to include each entry's resource"))
+    .parameter(header_param(
+        "Prefer",
+        "return=representation to include each entry's resource; handling=lenient drops elements R4 \
+         does not know, listed as warnings in each entry's response.outcome",
+    ))
     .request_body(Some(resource_body("Bundle")))
     .response("200", body_response("A batch-response or transaction-response Bundle", "Bundle"));
     paths = paths.path(
@@ -840,10 +848,27 @@ pub fn document_bytes(validator: &Validator, registry: &Registry, base_path: &st
 
 /// `GET /openapi.json` (no token: it describes the API, holds no data).
 pub async fn openapi_json(state: actix_web::web::Data<super::AppState>) -> actix_web::HttpResponse {
-    let bytes = state
+    // rendered on first request, and again once the search parameters changed
+    let registry = state.search.current();
+    let key = std::sync::Arc::as_ptr(&registry) as usize;
+    let cached = state
         .openapi
-        .get_or_init(|| std::sync::Arc::new(document_bytes(&state.validator, &state.search, &state.config.base_path)))
-        .clone();
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .as_ref()
+        .filter(|r| r.registry == key)
+        .map(|r| r.bytes.clone());
+    let bytes = match cached {
+        Some(b) => b,
+        None => {
+            let bytes = std::sync::Arc::new(document_bytes(&state.validator, &registry, &state.config.base_path));
+            *state.openapi.write().unwrap_or_else(|p| p.into_inner()) = Some(super::metadata::Rendered {
+                registry: key,
+                bytes: bytes.clone(),
+            });
+            bytes
+        }
+    };
     actix_web::HttpResponse::Ok()
         .content_type("application/json")
         .body(bytes.as_ref().clone())

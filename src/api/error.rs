@@ -246,7 +246,12 @@ impl ResponseError for ApiError {
             }
             _ => {}
         }
-        if matches!(self, ApiError::Unavailable | ApiError::AuditUnavailable) {
+        // every 503 says when to come back: a timed-out request too (during a failover a request
+        // may wait on the pool past `request_timeout_secs`; the next one will not)
+        if matches!(
+            self,
+            ApiError::Unavailable | ApiError::AuditUnavailable | ApiError::Timeout
+        ) {
             resp.insert_header((header::RETRY_AFTER, HeaderValue::from_static("1")));
         }
         resp.body(serde_json::to_vec(&self.outcome()).expect("OperationOutcome serializes"))
@@ -358,6 +363,11 @@ mod tests {
             assert_eq!(e.status_code().as_u16(), status);
             let resp = e.error_response();
             assert_eq!(resp.headers().get("content-type").unwrap(), super::super::FHIR_JSON);
+            // a 503 always says when to come back
+            assert_eq!(
+                status == 503,
+                resp.headers().contains_key("retry-after") && status != 429
+            );
         }
     }
 }

@@ -71,11 +71,7 @@ pub async fn kick_off(
     level: Level,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    let prefers = |what: &str| {
-        req.headers()
-            .get_all("prefer")
-            .any(|v| v.to_str().is_ok_and(|s| s.split([',', ';']).any(|t| t.trim() == what)))
-    };
+    let prefers = |what: &str| super::negotiate::prefers(&req, what);
     let respond_async = prefers("respond-async");
     if !respond_async {
         return Err(bad(
@@ -122,6 +118,11 @@ pub async fn kick_off(
                         "_since",
                     )
                 })?;
+                // Bulk Data: a `_since` after the kick-off's transaction time selects nothing that
+                // could ever be right (a client's clock or typo): refused
+                if at.to_utc() > chrono::Utc::now() {
+                    return Err(bad(IssueType::Invalid, "_since must not be in the future", "_since"));
+                }
                 since = Some(at.to_utc().to_rfc3339_opts(chrono::SecondsFormat::Micros, true));
             }
             "_typeFilter" => {
@@ -169,12 +170,13 @@ pub async fn kick_off(
             "_type",
         ));
     }
-    // Bulk export is for backend services and users with unrestricted read: a token limited
-    // to one patient's compartment exports nothing (fail closed)
+    // Bulk export is for backend services and users with unrestricted read (or read limited by
+    // granular scopes, whose filters the job applies): a token limited to one patient's
+    // compartment exports nothing (fail closed)
     let may_export = |t: &str| {
         [Permission::Read, Permission::Search]
             .into_iter()
-            .all(|needed| authorize(&p, t, needed).is_ok_and(|d| d.unrestricted))
+            .all(|needed| authorize(&p, t, needed).is_ok_and(|d| d.reaches_every_patient()))
     };
     let types: Vec<String> = if listed.is_empty() {
         in_scope
@@ -203,7 +205,7 @@ pub async fn kick_off(
     // every filter must parse as a search of its type (and what it reads must be the token's)
     for (t, q) in &filters {
         let fp: Vec<(String, String)> = form_urlencoded::parse(q.as_bytes()).into_owned().collect();
-        let parsed = crate::search::query::parse(&state.search, state.store.cipher(), t, &fp, 1, true)?;
+        let parsed = crate::search::query::parse(&state.search.current(), state.store.cipher(), t, &fp, 1, true)?;
         if parsed.types.iter().any(|other| !may_export(other)) {
             return Err(ApiError::Forbidden);
         }
@@ -390,7 +392,7 @@ pub async fn file(
         return Err(ApiError::NotFound("no such export file"));
     };
     // the token downloading must still grant what the file holds
-    if !authorize(&p, &f.resource_type, Permission::Read).is_ok_and(|d| d.unrestricted) {
+    if !authorize(&p, &f.resource_type, Permission::Read).is_ok_and(|d| d.reaches_every_patient()) {
         return Err(ApiError::Forbidden);
     }
     // Decrypt on a blocking thread, a chunk at a time, into a bounded channel the response

@@ -27,6 +27,10 @@ pub async fn system_history(
     let mut patient = None;
     for t in &state.resource_types {
         let d = authorize(&p, t, Permission::Search)?;
+        // granular scopes: the listing cannot filter every type by them (fail closed)
+        if !d.filters.is_empty() {
+            return Err(ApiError::Forbidden);
+        }
         if !d.unrestricted {
             patient = d.patient;
         }
@@ -42,9 +46,11 @@ pub async fn type_history(
 ) -> Result<HttpResponse, ApiError> {
     // A patient-context token lists only its compartment, filtered in the query (counts too).
     let d = authorize(&p, &t, Permission::Search)?;
-    let patient = if d.unrestricted { None } else { d.patient };
+    let patient = if d.unrestricted { None } else { d.patient.clone() };
     let rel = format!("{t}/_history");
-    history(req, p, state, HistoryScope::Type(t), rel, None, patient).await
+    // granular scopes: each version is checked on its content, and the total is not shown
+    let restricted = (!d.filters.is_empty()).then_some(d);
+    history(req, p, state, HistoryScope::Type(t), rel, restricted, patient).await
 }
 
 pub async fn instance_history(
@@ -187,8 +193,15 @@ async fn history(
                 .ok_or_else(|| ApiError::bad_request(IssueType::Invalid, "invalid or expired page token"))?,
         );
     }
+    // in a patient's context, versions of shared types in nobody's compartment are listed too
+    let shared_types = match &scope {
+        HistoryScope::System => state.compartment.shared_types(),
+        HistoryScope::Type(t) | HistoryScope::Instance(t, _) if state.compartment.is_shared(t) => vec![t.clone()],
+        _ => Vec::new(),
+    };
     let query = HistoryQuery {
         patient,
+        shared_types,
         scope,
         since,
         before_row,

@@ -7,6 +7,7 @@ use crate::config::Config;
 use crate::fhir::{Validator, FHIR_VERSION};
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde_json::{json, Value};
+use std::sync::Arc;
 
 /// The interactions `api::app` routes for every resource type.
 pub const TYPE_INTERACTIONS: &[&str] = &[
@@ -242,7 +243,118 @@ pub fn capability_statement(
     if let Some(url) = &config.public_url {
         cs["implementation"]["url"] = Value::String(url.clone());
     }
+    // the implementation guides' server CapabilityStatements this one covers in full
+    for (url, gaps) in guide_requirements(config, &cs) {
+        if gaps.is_empty() {
+            if let Some(list) = cs["instantiates"].as_array_mut() {
+                list.push(Value::String(url));
+            }
+        } else {
+            tracing::info!(capability = %url, missing = %gaps.join(", "), "not declared as instantiated: requirements not met");
+        }
+    }
     cs
+}
+
+/// The server CapabilityStatements (`kind: requirements`) under `profile_dir`, each with what
+/// `ours` lacks of the resource types, interactions, search parameters, includes, profiles and
+/// operations it requires (SHALL and SHOULD alike): declared as instantiated only when nothing
+/// is missing (US Core's `$docref`, for one, keeps it from being declared today).
+pub fn guide_requirements(config: &Config, ours: &Value) -> Vec<(String, Vec<String>)> {
+    let Some(dir) = &config.profile_dir else {
+        return Vec::new();
+    };
+    let mut found = Vec::new();
+    let mut stack = vec![dir.clone()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else { continue };
+        for path in entries.filter_map(|e| e.ok().map(|e| e.path())) {
+            if path.is_dir() {
+                stack.push(path);
+                continue;
+            }
+            let is_capability = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("CapabilityStatement") && n.ends_with(".json"));
+            let Some(required) = is_capability
+                .then(|| std::fs::read(&path).ok())
+                .flatten()
+                .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+            else {
+                continue;
+            };
+            if required["kind"] != "requirements" || required["rest"][0]["mode"] != "server" {
+                continue;
+            }
+            let Some(url) = required["url"].as_str() else { continue };
+            found.push((url.to_string(), requirement_gaps(&required, ours)));
+        }
+    }
+    found.sort();
+    found
+}
+
+/// What `ours` lacks of `required`'s first `rest`.
+fn requirement_gaps(required: &Value, ours: &Value) -> Vec<String> {
+    let names = |v: &Value, key: &str, field: &str| -> Vec<String> {
+        v[key]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|x| {
+                if field.is_empty() {
+                    x.as_str()
+                } else {
+                    x[field].as_str()
+                }
+            })
+            .map(str::to_string)
+            .collect()
+    };
+    let our_rest = &ours["rest"][0];
+    let mut gaps = Vec::new();
+    for code in names(&required["rest"][0], "interaction", "code") {
+        if !names(our_rest, "interaction", "code").contains(&code) {
+            gaps.push(format!("system {code}"));
+        }
+    }
+    for r in required["rest"][0]["resource"].as_array().into_iter().flatten() {
+        let Some(t) = r["type"].as_str() else { continue };
+        let Some(mine) = our_rest["resource"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|m| m["type"] == t)
+        else {
+            gaps.push(t.to_string());
+            continue;
+        };
+        let checks = [
+            ("interaction", "code", "interaction"),
+            ("searchParam", "name", "search parameter"),
+            ("operation", "name", "operation"),
+            ("searchInclude", "", "_include"),
+            ("searchRevInclude", "", "_revinclude"),
+        ];
+        for (key, field, what) in checks {
+            let have = names(mine, key, field);
+            for want in names(r, key, field) {
+                // `CareTeam:participant:Practitioner` narrows `CareTeam:participant` to a type
+                let untyped = want.splitn(3, ':').take(2).collect::<Vec<_>>().join(":");
+                let covered = have.contains(&want) || (field.is_empty() && have.contains(&untyped));
+                if !covered {
+                    gaps.push(format!("{t} {what} {want}"));
+                }
+            }
+        }
+        for profile in names(r, "supportedProfile", "") {
+            if !names(mine, "supportedProfile", "").contains(&profile) {
+                gaps.push(format!("{t} profile {profile}"));
+            }
+        }
+    }
+    gaps
 }
 
 /// What the three `$export` operations take and how they answer.
@@ -252,15 +364,49 @@ const BULK_EXPORT_DOC: &str = "Bulk Data Access 2.0 export (Prefer: respond-asyn
     encrypted at rest, served only to the client that started the job while its token grants their \
     type (system/ or user/ read scopes), and deleted after export_retention_secs.";
 
+/// A document rendered from one registry (told apart by its address): rendered again when the
+/// search parameters change.
+#[derive(Debug, Clone)]
+pub struct Rendered {
+    pub registry: usize,
+    pub bytes: Arc<Vec<u8>>,
+}
+
+/// The CapabilityStatement of the current search parameters (rendered again after they changed).
+fn current_capability(state: &AppState) -> Arc<Vec<u8>> {
+    let registry = state.search.current();
+    let key = Arc::as_ptr(&registry) as usize;
+    {
+        let cached = state.capability.read().unwrap_or_else(|p| p.into_inner());
+        if cached.registry == key {
+            return cached.bytes.clone();
+        }
+    }
+    let cs = capability_statement(
+        &state.config,
+        &state.providers,
+        &state.validator,
+        &registry,
+        &state.structures,
+    );
+    let bytes = Arc::new(serde_json::to_vec(&cs).unwrap_or_default());
+    *state.capability.write().unwrap_or_else(|p| p.into_inner()) = Rendered {
+        registry: key,
+        bytes: bytes.clone(),
+    };
+    bytes
+}
+
 pub async fn capabilities(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let fmt = Format::negotiate(&req)?;
+    let capability = current_capability(&state);
     let stored = if state.config.public_url.is_none() {
         // the OAuth URIs name the origin this client reached us at
-        let text = String::from_utf8_lossy(&state.capability);
+        let text = String::from_utf8_lossy(&capability);
         text.replace(ORIGIN_PLACEHOLDER, &super::smart::origin(&state, &req))
             .into_bytes()
     } else {
-        state.capability.clone()
+        capability.as_ref().clone()
     };
     Ok(HttpResponse::Ok()
         .content_type(fmt.content_type())

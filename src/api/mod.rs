@@ -47,8 +47,8 @@ pub struct AppState {
     pub structures: Arc<crate::fhir::structure::StructureValidator>,
     pub issuer: Arc<crate::auth::Issuer>,
     pub compartment: Arc<crate::fhir::compartment::PatientCompartment>,
-    /// The R4 search parameters, compiled once.
-    pub search: Arc<crate::search::Registry>,
+    /// The search parameters (R4, the guides', those stored through the API): `current()`.
+    pub search: Arc<crate::search::live::LiveRegistry>,
     pub attributes: Arc<crate::auth::attributes::AttributePolicy>,
     pub providers: crate::auth::oidc::Providers,
     pub auth_failures: crate::auth::limiter::FailureLimiter,
@@ -63,13 +63,16 @@ pub struct AppState {
     pub exporter: Arc<crate::bulk::Exporter>,
     /// Request counters and latency histograms (`/metrics`).
     pub metrics: ops::Metrics,
-    /// The CapabilityStatement, rendered once at start-up.
-    pub capability: Vec<u8>,
-    /// The OpenAPI document, rendered on first request.
-    pub openapi: std::sync::OnceLock<Arc<Vec<u8>>>,
+    /// The CapabilityStatement, rendered at start-up and again when the search parameters change.
+    pub capability: std::sync::RwLock<metadata::Rendered>,
+    /// The OpenAPI document, rendered on first request and again when the search parameters change.
+    pub openapi: std::sync::RwLock<Option<metadata::Rendered>>,
     /// SQLite: the lock that keeps a second server process off this database (held while the
     /// state lives; set by `server::build_state`).
     pub single_node: Option<Arc<std::fs::File>>,
+    /// Set when the node was asked to stop (SIGTERM): `/readyz` fails so that load balancers
+    /// send no new requests, while requests keep being served until the drain delay ends.
+    pub draining: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl AppState {
@@ -83,7 +86,7 @@ impl AppState {
         attributes: Arc<crate::auth::attributes::AttributePolicy>,
         providers: crate::auth::oidc::Providers,
         auditor: Arc<crate::audit::Auditor>,
-        search: Arc<crate::search::Registry>,
+        search: Arc<crate::search::live::LiveRegistry>,
         structures: Arc<crate::fhir::structure::StructureValidator>,
     ) -> AppState {
         let resource_types: HashSet<String> = validator.resource_types().map(str::to_string).collect();
@@ -96,7 +99,8 @@ impl AppState {
         );
         let auth_failure_limit = config.auth_failure_limit;
         let rate_limit = config.rate_limit_per_minute;
-        let capability = metadata::capability_statement(&config, &providers, &validator, &search, &structures);
+        let registry = search.current();
+        let capability = metadata::capability_statement(&config, &providers, &validator, &registry, &structures);
         AppState {
             config,
             store,
@@ -115,9 +119,13 @@ impl AppState {
             auth_server: None,
             exporter,
             metrics: ops::Metrics::default(),
-            capability: serde_json::to_vec(&capability).expect("CapabilityStatement serializes"),
+            capability: std::sync::RwLock::new(metadata::Rendered {
+                registry: Arc::as_ptr(&registry) as usize,
+                bytes: Arc::new(serde_json::to_vec(&capability).expect("CapabilityStatement serializes")),
+            }),
             openapi: Default::default(),
             single_node: None,
+            draining: Default::default(),
         }
     }
 
@@ -130,6 +138,17 @@ impl AppState {
         }
     }
 
+    /// A principal whose SMART v2 granular scopes are compiled against this server's search
+    /// parameters (until then they grant nothing); others are returned as they are.
+    fn with_scope_filters(&self, p: Arc<crate::auth::Principal>) -> Arc<crate::auth::Principal> {
+        if !p.scopes.any_granular() {
+            return p;
+        }
+        let mut compiled = (*p).clone();
+        compiled.scopes.compile_filters(&self.search.current());
+        Arc::new(compiled)
+    }
+
     /// Validates the request's bearer token and the authentication policy. Failures are logged
     /// (reason and client address, never the token) and counted per address; an address over
     /// the limit gets 429 without its token being looked at.
@@ -140,7 +159,7 @@ impl AppState {
         if let Some(retry_after) = peer.and_then(|ip| self.auth_failures.blocked(&FailureKey::Address(ip))) {
             return Err(AuthError::TooManyFailures { retry_after }.into());
         }
-        let result = self.check_token(req).and_then(|p| {
+        let result = self.check_token(req).map(|p| self.with_scope_filters(p)).and_then(|p| {
             if self.config.require_mfa && p.kind == crate::auth::PrincipalKind::User && !p.has_mfa() {
                 Err(AuthError::InsufficientAuthentication)
             } else {

@@ -145,11 +145,23 @@ pub enum Prefer {
 /// `Prefer: handling=strict`: unknown or malformed search parameters are errors rather than
 /// ignored (lenient, the default) and reported.
 pub fn strict_handling(req: &HttpRequest) -> bool {
+    prefers(req, "handling=strict")
+}
+
+/// `Prefer: handling=lenient` on a write: elements the R4 definitions do not know are dropped
+/// with a warning each, rather than refusing the resource (strict, the default for writes).
+pub fn lenient_handling(req: &HttpRequest) -> bool {
+    prefers(req, "handling=lenient")
+}
+
+/// Whether a `Prefer` header of the request holds `preference` (RFC 7240: comma or semicolon
+/// separated, case-insensitive).
+pub fn prefers(req: &HttpRequest, preference: &str) -> bool {
     req.headers().get_all("prefer").any(|v| {
         v.to_str().is_ok_and(|s| {
             s.split(',')
                 .flat_map(|p| p.split(';'))
-                .any(|p| p.trim().eq_ignore_ascii_case("handling=strict"))
+                .any(|p| p.trim().eq_ignore_ascii_case(preference))
         })
     })
 }

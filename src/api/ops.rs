@@ -93,7 +93,9 @@ impl Metrics {
             );
         }
         for (name, help, value) in gauges {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}");
+            // by Prometheus' naming rule, a `_total` only grows
+            let kind = if name.ends_with("_total") { "counter" } else { "gauge" };
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
         }
         out
     }
@@ -127,18 +129,31 @@ pub async fn healthz(req: actix_web::HttpRequest) -> HttpResponse {
     HttpResponse::Ok().content_type("text/plain").body("ok\n")
 }
 
-/// Ready when a database round trip and a seal/open with the current key both work.
+/// Ready when the node is not draining, the database is reachable and takes writes (a
+/// standby before its promotion does not), and a seal/open with the current key works.
 pub async fn readyz(req: actix_web::HttpRequest, state: web::Data<AppState>) -> HttpResponse {
     req.extensions_mut().insert(RouteLabel("readyz"));
+    let draining = state.draining.load(std::sync::atomic::Ordering::Relaxed);
     let st = state.clone();
-    let checks = web::block(move || (st.store.ping().is_ok(), st.store.cipher().self_test().is_ok())).await;
-    let (database, keys) = checks.unwrap_or((false, false));
+    let checks = web::block(move || (st.store.writable(), st.store.cipher().self_test().is_ok())).await;
+    let (database, keys) = match checks {
+        Ok((database, keys)) => (
+            match database {
+                Ok(true) => "ok",
+                Ok(false) => "read-only",
+                Err(_) => "unreachable",
+            },
+            keys,
+        ),
+        Err(_) => ("unreachable", false),
+    };
+    let ready = !draining && database == "ok" && keys;
     let body = serde_json::json!({
-        "status": if database && keys { "ready" } else { "not ready" },
-        "database": if database { "ok" } else { "unreachable" },
+        "status": if ready { "ready" } else if draining { "draining" } else { "not ready" },
+        "database": database,
         "keys": if keys { "ok" } else { "unavailable" },
     });
-    let mut resp = if database && keys {
+    let mut resp = if ready {
         HttpResponse::Ok()
     } else {
         HttpResponse::ServiceUnavailable()
@@ -150,8 +165,25 @@ pub async fn metrics(req: actix_web::HttpRequest, state: web::Data<AppState>) ->
     req.extensions_mut().insert(RouteLabel("metrics"));
     let pool = state.store.pool_status();
     let audit = state.auditor.stats();
+    let servers = state.store.servers();
     use std::sync::atomic::Ordering::Relaxed;
     let gauges = [
+        (
+            "fhirvault_db_failovers_total",
+            "New database connections that reached another server than the one before (a failover \
+             to a promoted standby, or a restart of the primary), since start.",
+            servers.changes.load(Relaxed) as f64,
+        ),
+        (
+            "fhirvault_db_connections_lost_total",
+            "Pooled connections found dead or on a read-only server and dropped, since start.",
+            servers.lost.load(Relaxed) as f64,
+        ),
+        (
+            "fhirvault_draining",
+            "1 while the node drains after SIGTERM (readiness fails, requests are still served).",
+            if state.draining.load(Relaxed) { 1.0 } else { 0.0 },
+        ),
         (
             "fhirvault_db_pool_connections",
             "Open pooled database connections.",
@@ -183,6 +215,37 @@ pub async fn metrics(req: actix_web::HttpRequest, state: web::Data<AppState>) ->
             audit.failed_batches.load(Relaxed) as f64,
         ),
     ];
+    let mut gauges = gauges.to_vec();
+    if let Some(replica) = state.store.replica_stats() {
+        gauges.extend([
+            (
+                "fhirvault_db_replica_reads_total",
+                "Searches, history and export pages the read replica served, since start.",
+                replica.served.load(Relaxed) as f64,
+            ),
+            (
+                "fhirvault_db_replica_behind_total",
+                "Reads run on the primary because the replica had not replayed the writes \
+                 acknowledged before them within replica_max_wait_ms, since start.",
+                replica.behind.load(Relaxed) as f64,
+            ),
+            (
+                "fhirvault_db_replica_unavailable_total",
+                "Reads run on the primary because the replica could not be used, since start.",
+                replica.unavailable.load(Relaxed) as f64,
+            ),
+            (
+                "fhirvault_db_replica_wait_seconds_total",
+                "Time reads spent waiting for the replica to catch up, since start.",
+                replica.wait_micros.load(Relaxed) as f64 / 1e6,
+            ),
+            (
+                "fhirvault_db_replica_lag_bytes",
+                "WAL the replica still had to replay at the last read (bytes), as this node saw it.",
+                replica.lag_bytes.load(Relaxed) as f64,
+            ),
+        ]);
+    }
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4")
         .body(state.metrics.render(&gauges))

@@ -9,7 +9,7 @@ use crate::auth::policy::authorize;
 use crate::auth::{Permission, Principal};
 use crate::fhir::resource::instant;
 use crate::fhir::IssueType;
-use crate::search::query::{parse, QueryError};
+use crate::search::query::{parse_confirming_chains, QueryError};
 use crate::store::search_query::{Cond, DateOp};
 use crate::store::{now, StoredVersion};
 use actix_web::{web, HttpRequest, HttpResponse};
@@ -25,6 +25,9 @@ impl From<QueryError> for ApiError {
             ),
             QueryError::NotSupported(text) => ApiError::bad_request(IssueType::NotSupported, text),
             QueryError::Invalid(text) => ApiError::bad_request(IssueType::Invalid, text),
+            e @ QueryError::InvalidValue(..) => {
+                ApiError::BadRequest(vec![crate::fhir::Issue::error(IssueType::Invalid, e.to_string())])
+            }
         }
     }
 }
@@ -227,7 +230,7 @@ pub async fn search(
         decisions.insert(t.clone(), authorize(&p, t, Permission::Search)?);
     }
     // where any type is limited to a compartment, the whole search is (fail closed)
-    let restricted = decisions.values().find(|d| !d.unrestricted).cloned();
+    let restricted = decisions.values().find(|d| d.patient.is_some()).cloned();
     let access = restricted
         .as_ref()
         .map(|d| d.access())
@@ -278,10 +281,10 @@ pub async fn search(
     );
     let strict = super::negotiate::strict_handling(&req);
     let cipher = state.store.cipher();
-    let mut parsed = parse(&state.search, cipher, &types[0], &search_pairs, count, strict)?;
+    let mut parsed = parse_confirming_chains(&state.search.current(), cipher, &types[0], &search_pairs, count, strict)?;
     for other in &types[1..] {
         // every parameter must mean something on every type searched
-        parse(&state.search, cipher, other, &search_pairs, count, strict)?;
+        parse_confirming_chains(&state.search.current(), cipher, other, &search_pairs, count, strict)?;
     }
     if matches!(target, Target::System | Target::Everything(_)) {
         parsed.query.types = types.clone();
@@ -294,6 +297,7 @@ pub async fn search(
             .filter(|t| {
                 state
                     .search
+                    .current()
                     .get(t, "date")
                     .is_some_and(|d| d.kind == crate::search::ParamType::Date)
             })
@@ -324,8 +328,39 @@ pub async fn search(
     // they reach is held to its compartment where that is all the token may see.
     for other in &parsed.types {
         let d = authorize(&p, other, Permission::Search)?;
+        // a chain or `_has` through a type the token reaches only by granular scopes would
+        // test resources their filters do not admit: refused (fail closed)
+        if !d.filters.is_empty() {
+            return Err(ApiError::Forbidden);
+        }
         if !d.unrestricted {
             parsed.query.nested_patient = d.patient.clone();
+        }
+    }
+    // granular scopes: each type searched holds only what one of its filters admits, in the
+    // query (counts and pages included) and again on the content
+    for t in &types {
+        if let Some(clause) = decisions[t].filter_clause(t) {
+            parsed.query.clauses.push(clause);
+        }
+    }
+    // in a patient's context, the shared types (practitioners, organizations …) searched or
+    // reached also match where they lie in no patient's compartment
+    let reached: Vec<String> = types.iter().chain(parsed.types.iter()).cloned().collect();
+    if let Some(d) = restricted.as_ref().or_else(|| decisions.values().next()) {
+        parsed.query.shared_types = d.shared_among(&state.compartment, &reached);
+    }
+    // Chains through an identifying parameter whose blind index only narrows: the chained
+    // type's candidates are loaded, confirmed after decryption as an unchained search confirms
+    // its own, and the confirmed ids become the chain's condition (a blind index never decides
+    // alone).
+    for check in std::mem::take(&mut parsed.chain_checks) {
+        let confirmed = confirm_chain(&state, &access, &parsed.query, &check).await?;
+        if let Some(Cond::Chain { inner, .. }) = parsed.query.clauses.get_mut(check.clause).and_then(|c| c.first_mut())
+        {
+            *inner = crate::search::query::ChainCheck::confirmed(confirmed);
+        } else {
+            return Err(ApiError::Internal);
         }
     }
     let labels_bind = state.attributes.label_rules_bind(&p);
@@ -528,6 +563,49 @@ pub async fn search(
         .body(fmt.render(&bundle)))
 }
 
+/// The most candidates a chain through an identifying parameter confirms (each is read and
+/// decrypted): past it the search is refused as too costly, not answered in part.
+const CHAIN_CANDIDATES_MAX: u32 = 1_000;
+
+/// The ids of `check`'s target type that its condition holds for, on the decrypted resources:
+/// the candidates its blind index finds (within the compartment the token may search), each
+/// confirmed.
+async fn confirm_chain(
+    state: &web::Data<AppState>,
+    access: &crate::store::Access,
+    query: &crate::store::search_query::SearchQuery,
+    check: &crate::search::query::ChainCheck,
+) -> Result<Vec<String>, ApiError> {
+    let mut q = query.clone();
+    q.resource_type = check.target_type.clone();
+    q.types = Vec::new();
+    q.clauses = vec![check.candidates.clone()];
+    q.count = CHAIN_CANDIDATES_MAX;
+    (q.after, q.before, q.sort, q.total) = (None, None, Vec::new(), false);
+    // what the chain may reach is what the token may search of the target type
+    (q.patient, q.nested_patient) = (query.nested_patient.clone(), None);
+    (q.compartment, q.any_compartment, q.updated_after, q.updated_until) = (None, None, None, None);
+    let (st, acc) = (state.clone(), access.clone());
+    let page = blocking(move || st.store.search(&acc, &q).map_err(ApiError::from)).await?;
+    if page.more {
+        return Err(ApiError::BadRequest(vec![crate::fhir::Issue::error(
+            IssueType::TooCostly,
+            "the chained value of an identifying parameter matches too many candidates to confirm: \
+             make it longer or exact",
+        )]));
+    }
+    let cipher = state.store.cipher();
+    let mut ids = Vec::new();
+    for v in page.entries {
+        let Some(json) = v.content else { continue };
+        let value: Value = serde_json::from_slice(&json).map_err(|_| ApiError::Internal)?;
+        if check.recheck.holds(&value, cipher) {
+            ids.push(v.logical_id);
+        }
+    }
+    Ok(ids)
+}
+
 /// The matches of a sorted search, in order: by SQL on plaintext keys, or (a key that is an
 /// identifying parameter, stored only blind) by the decrypted values, which bounds it.
 async fn sorted_snapshot(
@@ -643,7 +721,8 @@ fn include_specs(state: &AppState, pairs: &[(String, String)]) -> Result<Vec<Inc
             return Err(bad());
         }
         if param != "*" {
-            let def = state.search.get(source, param).ok_or_else(bad)?;
+            let registry = state.search.current();
+            let def = registry.get(source, param).ok_or_else(bad)?;
             if def.kind != crate::search::ParamType::Reference {
                 return Err(bad());
             }

@@ -290,9 +290,53 @@ pub async fn smart_configuration(req: HttpRequest, state: web::Data<AppState>) -
     Ok(json_response(StatusCode::OK, &doc))
 }
 
+/// Granular scopes advertised in `scopes_supported`: (type, category system, code).
+const GRANULAR_EXAMPLES: &[(&str, &str, &str)] = &[
+    (
+        "Condition",
+        "http://terminology.hl7.org/CodeSystem/condition-category",
+        "encounter-diagnosis",
+    ),
+    (
+        "Condition",
+        "http://terminology.hl7.org/CodeSystem/condition-category",
+        "problem-list-item",
+    ),
+    (
+        "Condition",
+        "http://hl7.org/fhir/us/core/CodeSystem/condition-category",
+        "health-concern",
+    ),
+    (
+        "Observation",
+        "http://terminology.hl7.org/CodeSystem/observation-category",
+        "laboratory",
+    ),
+    (
+        "Observation",
+        "http://terminology.hl7.org/CodeSystem/observation-category",
+        "social-history",
+    ),
+    (
+        "Observation",
+        "http://terminology.hl7.org/CodeSystem/observation-category",
+        "vital-signs",
+    ),
+    (
+        "Observation",
+        "http://terminology.hl7.org/CodeSystem/observation-category",
+        "survey",
+    ),
+    (
+        "Observation",
+        "http://hl7.org/fhir/us/core/CodeSystem/us-core-category",
+        "sdoh",
+    ),
+];
+
 /// The document, or `None` when no authorization server (built-in or external) is configured.
 pub fn smart_document(state: &AppState, req: &HttpRequest) -> Option<Value> {
-    let scopes = json!([
+    let mut scopes: Vec<String> = [
         "openid",
         "fhirUser",
         "profile",
@@ -308,8 +352,19 @@ pub fn smart_document(state: &AppState, req: &HttpRequest) -> Option<Value> {
         "system/*.read",
         "patient/*.write",
         "user/*.write",
-        "system/*.write"
-    ]);
+        "system/*.write",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    // SMART v2 granular scopes: the category scopes US Core and ONC (g)(10) ask for, as examples
+    // of the token search parameters any type's scope may be narrowed by
+    scopes.extend(
+        GRANULAR_EXAMPLES
+            .iter()
+            .map(|(t, system, code)| format!("patient/{t}.rs?category={system}|{code}")),
+    );
+    let scopes = json!(scopes);
     if state.auth_server.is_some() {
         return Some(json!({
             "issuer": state.issuer.issuer(),
@@ -756,7 +811,8 @@ fn patient_choices(
         pairs.push(("name".into(), query.trim().to_string()));
     }
     let store = state.store.clone();
-    let parsed = match crate::search::query::parse(&state.search, store.cipher(), "Patient", &pairs, 20, true) {
+    let parsed = match crate::search::query::parse(&state.search.current(), store.cipher(), "Patient", &pairs, 20, true)
+    {
         Ok(p) => p,
         Err(_) => return Ok(Vec::new()),
     };

@@ -162,8 +162,12 @@ impl Trail {
 
     /// After a Bundle's entries committed: their events go into the chain.
     pub fn entries_committed(&self, state: &AppState, txs: Vec<TxAudit>) {
+        let search_parameters = txs.iter().any(|tx| tx.resource_type() == Some("SearchParameter"));
         for tx in txs {
             state.auditor.link_committed(tx);
+        }
+        if search_parameters {
+            crate::server::refresh_search_parameters(&state.store, &state.search);
         }
     }
 
@@ -173,7 +177,12 @@ impl Trail {
         s.committed = true;
         s.in_flight = None;
         drop(s);
+        let search_parameter = tx.resource_type() == Some("SearchParameter");
         state.auditor.link_committed(tx);
+        // a SearchParameter written here is searchable, and indexed by the next write, at once
+        if search_parameter {
+            crate::server::refresh_search_parameters(&state.store, &state.search);
+        }
     }
 
     /// Records the request's event with the outcome of `result` (unless a write transaction

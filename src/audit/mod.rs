@@ -123,6 +123,7 @@ impl Auditor {
             session,
             head: None,
             derived: derived_tx.clone(),
+            confirm_links_until: None,
         };
         let recovered = w.recover(&cipher)?;
         if recovered > 0 {
@@ -403,6 +404,11 @@ pub struct TxAudit {
 }
 
 impl TxAudit {
+    /// The resource type the write touched, if one.
+    pub fn resource_type(&self) -> Option<&str> {
+        self.template.resource_type.as_deref()
+    }
+
     /// The event as recorded, once the write ran (for the request's own bookkeeping).
     pub fn record_built(&self) -> bool {
         self.sealed.is_some() || !self.enabled

@@ -167,7 +167,15 @@ pub(super) struct Writer {
     pub head: Option<ChainHead>,
     /// Where committed batches' search rows go.
     pub derived: Sender<Derived>,
+    /// Until then, links of writes' events are appended only if their events are stored: see
+    /// [`Writer::drop_lost_links`].
+    pub confirm_links_until: Option<Instant>,
 }
+
+/// How long after re-claiming its chain on a new connection the writer confirms that the
+/// events it links are stored. Links are queued the moment their write commits, so those of
+/// writes committed before the connection was lost arrive within this window.
+const CONFIRM_LINKS_WINDOW: Duration = Duration::from_secs(30);
 
 impl Writer {
     pub(super) fn run(mut self, rx: Receiver<Job>) {
@@ -236,7 +244,44 @@ impl Writer {
             self.chain.store(chain, Ordering::Relaxed);
         }
         self.head = None;
+        self.confirm_links_until = Some(Instant::now() + CONFIRM_LINKS_WINDOW);
         Ok(chain)
+    }
+
+    /// After a lost connection the server may be another one (a promoted standby). With
+    /// asynchronous replication, writes the old primary acknowledged but had not streamed are
+    /// gone, their AuditEvents with them (same transaction): their links, queued or kept for a
+    /// retry, would name events that do not exist. Those are dropped, and said so (`audit
+    /// verify` reports the tail the checkpoints had signed as truncated). With synchronous
+    /// replication nothing is dropped here.
+    fn drop_lost_links(&mut self, rows: &[AuditRow], order: &mut Vec<Pending>) -> Result<(), StoreError> {
+        match self.confirm_links_until {
+            Some(until) if Instant::now() < until => {}
+            Some(_) => {
+                self.confirm_links_until = None;
+                return Ok(());
+            }
+            None => return Ok(()),
+        }
+        let written: Vec<String> = order
+            .iter()
+            .filter(|p| !rows.iter().any(|r| r.id == p.event_id))
+            .map(|p| p.event_id.clone())
+            .collect();
+        if written.is_empty() {
+            return Ok(());
+        }
+        let stored = self.session.stored_events(&self.store, &written)?;
+        let before = order.len();
+        order.retain(|p| rows.iter().any(|r| r.id == p.event_id) || stored.contains(&p.event_id));
+        if order.len() < before {
+            tracing::error!(
+                events = before - order.len(),
+                "audit events of acknowledged writes are not in the database after reconnecting: \
+                 the server lost committed transactions (asynchronous replication failover?)"
+            );
+        }
+        Ok(())
     }
 
     /// Links this chain's events that a crash left stored but unlinked (start-up).
@@ -341,6 +386,7 @@ impl Writer {
             attempt += 1;
             let result = (|| {
                 let chain = self.chain()?;
+                self.drop_lost_links(rows, order)?;
                 let head = match &self.head {
                     Some(h) => h.clone(),
                     None => self.session.head(&self.store, chain)?,

@@ -7,7 +7,13 @@
 //! * a `patient/` scope reaches the patient's compartment (official CompartmentDefinition),
 //!   decided on the resource content for reads and writes (old and new content alike), and on
 //!   the stored `resource_compartments` of each version for listings (filtered in the query);
-//! * granular scopes (`?category=…`) grant nothing until search can evaluate them.
+//! * in a patient's context, the shared types (`shared_resource_types`) are readable where a
+//!   resource lies in nobody's compartment;
+//! * SMART v2 granular scopes (`patient/Observation.rs?category=…|laboratory`) grant only what
+//!   their filter admits (`crate::search::granular`): in the query for searches and `$everything`
+//!   and Bulk export, on the content for reads, includes, history and writes. A condition the
+//!   server cannot evaluate (not a token parameter, a `*` type) grants nothing; so do granular
+//!   scopes where a listing cannot apply them (system history, chains through such a type).
 
 pub mod alert;
 pub mod attributes;

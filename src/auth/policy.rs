@@ -2,40 +2,96 @@
 //! token holds it. Handlers call [`authorize`] before touching storage, and
 //! [`Decision::check_resource`] on what storage returns.
 
-use super::scope::{Context, Permission};
+use super::scope::{Context, Permission, ResourceScope};
 use super::{AuthError, Principal};
 use crate::fhir::compartment::PatientCompartment;
+use crate::search::granular::ScopeFilter;
 use crate::store::Access;
 use serde_json::Value;
+use std::sync::Arc;
 
 /// What a token may do for one interaction on one resource type.
 #[derive(Debug, Clone)]
 pub struct Decision {
-    /// Any resource of the type (a `user/` or `system/` scope grants it).
+    /// Any resource of the type (a `user/` or `system/` scope without conditions grants it).
     pub unrestricted: bool,
     /// Only resources in this patient's compartment (a `patient/` scope grants it).
     pub patient: Option<String>,
+    /// The interaction only reads (read, search, includes): in a patient's context it also
+    /// reaches the shared resources (see [`Decision::admits`]). Writes never do.
+    pub reads: bool,
+    /// SMART v2 granular scopes: only resources one of these filters admits (none: no such
+    /// condition). Never set together with `unrestricted`.
+    pub filters: Vec<Arc<ScopeFilter>>,
 }
 
 /// Decides whether `principal` may perform an interaction needing `needed` on `resource_type`.
+///
+/// Where scopes of several kinds grant it, the widest one without conditions decides (`user/`
+/// or `system/`, then break-glass, then `patient/`); only where every granting scope is
+/// granular do their filters apply, as alternatives (any may admit), those of `user/` and
+/// `system/` scopes before those of `patient/` ones. A combination is never widened into
+/// "this context or that one": the decision may be narrower than the union, never wider.
 pub fn authorize(principal: &Principal, resource_type: &str, needed: Permission) -> Result<Decision, AuthError> {
-    let contexts = principal.scopes.contexts_granting(resource_type, needed);
-    // A user/ scope applies to the user's access; a system/ scope to a backend service. Both are
-    // unrestricted by compartment here (user-level policy comes with attribute rules).
-    let unrestricted = contexts.contains(&Context::User)
-        || contexts.contains(&Context::System)
-        // break-glass widens the compartment check, nothing else (scope letters and labels hold)
-        || (principal.break_glass && contexts.contains(&Context::Patient));
-    let patient = if contexts.contains(&Context::Patient) {
-        principal.patient.clone()
-    } else {
-        None
-    };
-    if !unrestricted && patient.is_none() {
+    // a SearchParameter changes what the server indexes and answers: written by admins only
+    if resource_type == "SearchParameter"
+        && !matches!(needed, Permission::Read | Permission::Search)
+        && !principal.roles.iter().any(|r| r == ADMIN_ROLE)
+    {
         return Err(AuthError::InsufficientScope);
     }
-    Ok(Decision { unrestricted, patient })
+    let granting: Vec<&ResourceScope> = principal
+        .scopes
+        .resources
+        .iter()
+        .filter(|s| s.grants(resource_type, needed))
+        .collect();
+    let plain = |c: Context| granting.iter().any(|s| s.context == c && s.filter.is_none());
+    let filters = |contexts: &[Context]| -> Vec<Arc<ScopeFilter>> {
+        granting
+            .iter()
+            .filter(|s| contexts.contains(&s.context))
+            .filter_map(|s| s.filter.clone())
+            .collect()
+    };
+    let reads = matches!(needed, Permission::Read | Permission::Search);
+    let decision = |unrestricted: bool, patient: Option<String>, filters: Vec<Arc<ScopeFilter>>| Decision {
+        unrestricted,
+        patient,
+        reads,
+        filters,
+    };
+    // A user/ scope applies to the user's access; a system/ scope to a backend service. Both are
+    // unrestricted by compartment here (user-level policy comes with attribute rules).
+    if plain(Context::User) || plain(Context::System) {
+        return Ok(decision(true, None, Vec::new()));
+    }
+    // break-glass widens the compartment check, nothing else (scope letters and labels hold)
+    if plain(Context::Patient) && principal.break_glass {
+        return Ok(decision(true, None, Vec::new()));
+    }
+    if let (true, Some(p)) = (plain(Context::Patient), &principal.patient) {
+        return Ok(decision(false, Some(p.clone()), Vec::new()));
+    }
+    let broad = filters(&[Context::User, Context::System]);
+    if !broad.is_empty() {
+        return Ok(decision(false, None, broad));
+    }
+    let in_patient = filters(&[Context::Patient]);
+    if !in_patient.is_empty() {
+        if principal.break_glass {
+            return Ok(decision(false, None, in_patient));
+        }
+        if let Some(p) = &principal.patient {
+            return Ok(decision(false, Some(p.clone()), in_patient));
+        }
+    }
+    Err(AuthError::InsufficientScope)
 }
+
+/// The role a token needs (besides its scopes) to create, change or delete SearchParameter
+/// resources, which change what the server indexes.
+pub const ADMIN_ROLE: &str = "admin";
 
 /// The role a user token needs (besides a `user/` scope on AuditEvent) to read the audit log.
 pub const AUDITOR_ROLE: &str = "auditor";
@@ -75,8 +131,10 @@ pub fn authorize_access_report(principal: &Principal, patient_id: &str) -> Resul
 impl Decision {
     /// Whether a resource is inside the token's rights: any resource for an unrestricted
     /// decision; for a patient-context one, the patient's own Patient resource and resources
-    /// whose content places them in the patient's compartment. Without content (a deletion)
-    /// only the Patient itself qualifies.
+    /// whose content places them in the patient's compartment, and, to read, resources of a
+    /// shared type that lie in no patient's compartment (a Device naming another patient is
+    /// that patient's, never shared). Without content (a deletion) only the Patient itself
+    /// qualifies.
     pub fn admits(
         &self,
         compartment: &PatientCompartment,
@@ -87,13 +145,46 @@ impl Decision {
         if self.unrestricted {
             return true;
         }
-        let Some(patient) = self.patient.as_deref() else {
-            return false;
+        let in_context = match self.patient.as_deref() {
+            // granular scopes of user/ or system/ context (or break-glass): any patient's
+            None => !self.filters.is_empty(),
+            Some(patient) if resource_type == "Patient" && id == patient => true,
+            Some(patient) => content.is_some_and(|c| {
+                let patients = compartment.patients_of(resource_type, c);
+                patients.contains(patient)
+                    || (self.reads && patients.is_empty() && compartment.is_shared(resource_type))
+            }),
         };
-        if resource_type == "Patient" && id == patient {
-            return true;
+        // granular scopes: one of the filters admits the content (a deletion, without content,
+        // only where no filter binds)
+        in_context && (self.filters.is_empty() || content.is_some_and(|c| self.filters.iter().any(|f| f.matches(c))))
+    }
+
+    /// Whether the decision reaches resources of any patient (no compartment): unrestricted, or
+    /// limited only by granular scopes' filters (Bulk export's condition).
+    pub fn reaches_every_patient(&self) -> bool {
+        self.unrestricted || (self.patient.is_none() && !self.filters.is_empty())
+    }
+
+    /// The search condition of the granular scopes on `resource_type` (one clause: the type is
+    /// another, or one filter's conditions all hold); `None` where no filter binds.
+    pub fn filter_clause(&self, resource_type: &str) -> Option<Vec<crate::store::search_query::Cond>> {
+        use crate::store::search_query::Cond;
+        if self.filters.is_empty() {
+            return None;
         }
-        content.is_some_and(|c| compartment.patients_of(resource_type, c).contains(patient))
+        let mut clause = vec![Cond::TypeNotIn(vec![resource_type.to_string()])];
+        clause.extend(self.filters.iter().map(|f| Cond::All(f.conditions())));
+        Some(clause)
+    }
+
+    /// The shared types a patient-context search of `types` may also return (resources of
+    /// them in no patient's compartment); none for an unrestricted or a writing decision.
+    pub fn shared_among(&self, compartment: &PatientCompartment, types: &[String]) -> Vec<String> {
+        if self.unrestricted || !self.reads || self.patient.is_none() {
+            return Vec::new();
+        }
+        types.iter().filter(|t| compartment.is_shared(t)).cloned().collect()
     }
 
     /// The storage access context for this decision (row-level security on PostgreSQL).

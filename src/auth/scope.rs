@@ -102,15 +102,19 @@ pub struct ResourceScope {
     /// `None` for `*`.
     pub resource_type: Option<String>,
     pub permissions: Permissions,
-    /// Granular constraints (`?category=…|laboratory`). Until search can evaluate them, a
-    /// granular scope grants nothing (it only ever narrows).
+    /// Granular constraints (`?category=…|laboratory`), as written.
     pub constraints: Vec<(String, String)>,
+    /// The constraints compiled against the search parameters of the type
+    /// ([`ScopeSet::compile_filters`]). A scope with constraints but no filter (not compiled, a
+    /// `*` type, or a condition the server cannot evaluate) grants nothing: it only narrows.
+    pub filter: Option<std::sync::Arc<crate::search::granular::ScopeFilter>>,
 }
 
 impl ResourceScope {
-    /// Whether this scope grants `needed` on `resource_type` (without constraints).
+    /// Whether this scope grants `needed` on `resource_type` (a granular scope: on the
+    /// resources its filter admits, see `policy::Decision`).
     pub fn grants(&self, resource_type: &str, needed: Permission) -> bool {
-        self.constraints.is_empty()
+        (self.constraints.is_empty() || self.filter.is_some())
             && self.resource_type.as_deref().is_none_or(|t| t == resource_type)
             && self.permissions.allows(needed)
     }
@@ -154,6 +158,22 @@ impl ScopeSet {
             }
         }
         set
+    }
+
+    /// Compiles the granular scopes' constraints (SMART v2 `?param=value`) against the search
+    /// parameters of their type; those that do not compile keep granting nothing.
+    pub fn compile_filters(&mut self, registry: &crate::search::Registry) {
+        for s in &mut self.resources {
+            if let (Some(t), false) = (&s.resource_type, s.constraints.is_empty()) {
+                s.filter =
+                    crate::search::granular::ScopeFilter::compile(registry, t, &s.constraints).map(std::sync::Arc::new);
+            }
+        }
+    }
+
+    /// Whether any scope is granular (carries constraints).
+    pub fn any_granular(&self) -> bool {
+        self.resources.iter().any(|s| !s.constraints.is_empty())
     }
 
     /// Whether any scope of `context` grants `needed` on `resource_type`.
@@ -218,6 +238,7 @@ fn parse_resource_scope(token: &str, is_type: &impl Fn(&str) -> bool) -> Option<
         resource_type,
         permissions,
         constraints,
+        filter: None,
     })
 }
 
@@ -264,13 +285,23 @@ mod tests {
     }
 
     #[test]
-    fn granular_scopes_grant_nothing_until_they_can_be_evaluated() {
+    fn granular_scopes_grant_only_once_compiled() {
         let s = parse(
             "patient/Observation.rs?category=http://terminology.hl7.org/CodeSystem/observation-category|laboratory",
         );
         assert_eq!(s.resources.len(), 1);
         assert_eq!(s.resources[0].constraints[0].0, "category");
         assert!(!s.grants(Context::Patient, "Observation", Permission::Read));
+        // compiled against the search parameters, it grants (what its filter admits: policy)
+        let registry = crate::search::Registry::r4().unwrap();
+        let mut compiled = s.clone();
+        compiled.compile_filters(&registry);
+        assert!(compiled.grants(Context::Patient, "Observation", Permission::Read));
+        assert!(!compiled.grants(Context::Patient, "Observation", Permission::Create));
+        // a condition the server cannot evaluate keeps granting nothing
+        let mut odd = parse("patient/Observation.rs?date=2020 patient/*.rs?category=laboratory");
+        odd.compile_filters(&registry);
+        assert!(!odd.grants(Context::Patient, "Observation", Permission::Read));
     }
 
     #[test]

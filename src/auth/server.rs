@@ -1228,8 +1228,31 @@ pub fn describe_scope(scope: &str) -> String {
         Context::User => "you may access",
         Context::System => "on the whole server",
     };
-    let constrained = if r.constraints.is_empty() { "" } else { " (a subset)" };
-    format!("{} {what}{constrained} {whose}", capitalize(&verbs.join(", ")))
+    // a granular scope names its condition plainly: "… Observation, only where category is
+    // laboratory (http://terminology.hl7.org/CodeSystem/observation-category) …"
+    let conditions: Vec<String> = r
+        .constraints
+        .iter()
+        .map(|(param, value)| {
+            let value: String = percent_encoding::percent_decode_str(value)
+                .decode_utf8_lossy()
+                .into_owned();
+            let values: Vec<String> = value
+                .split(',')
+                .map(|v| match v.rsplit_once('|') {
+                    Some((system, code)) if !system.is_empty() && !code.is_empty() => format!("{code} ({system})"),
+                    _ => v.trim_matches('|').to_string(),
+                })
+                .collect();
+            format!("{param} is {}", values.join(" or "))
+        })
+        .collect();
+    let constrained = if conditions.is_empty() {
+        String::new()
+    } else {
+        format!(", only where {}", conditions.join(" and "))
+    };
+    format!("{} {what} {whose}{constrained}", capitalize(&verbs.join(", ")))
 }
 
 fn capitalize(s: &str) -> String {
@@ -1319,5 +1342,17 @@ mod tests {
             "Create, read, update, delete, search all resource types you may access"
         );
         assert_eq!(describe_scope("launch/patient"), "Work with the patient you choose");
+        assert_eq!(
+            describe_scope(
+                "patient/Observation.rs?category=http://terminology.hl7.org/CodeSystem/observation-category%7Claboratory"
+            ),
+            "Read, search Observation of the selected patient, only where category is laboratory \
+             (http://terminology.hl7.org/CodeSystem/observation-category)"
+        );
+        assert_eq!(
+            describe_scope("user/Condition.rs?category=problem-list-item,health-concern&clinical-status=active"),
+            "Read, search Condition you may access, only where category is problem-list-item or health-concern \
+             and clinical-status is active"
+        );
     }
 }

@@ -19,7 +19,6 @@ use crate::config::Config;
 use crate::crypto::stream::{SealedReader, SealedWriter, StreamError};
 use crate::crypto::{Aad, Cipher, Sealed};
 use crate::search::query::Recheck;
-use crate::search::Registry;
 use crate::store::export::{ExportFile, ExportJob};
 use crate::store::search_query::SearchQuery;
 use crate::store::{Access, Store, StoreError};
@@ -141,7 +140,7 @@ fn file_id(job_id: &str, seq: i32) -> String {
 /// Runs export jobs and serves their files.
 pub struct Exporter {
     store: Arc<Store>,
-    registry: Arc<Registry>,
+    registry: Arc<crate::search::live::LiveRegistry>,
     attributes: Arc<AttributePolicy>,
     config: Arc<Config>,
     /// The R4 resource types (for the job's scopes).
@@ -154,7 +153,7 @@ pub struct Exporter {
 impl Exporter {
     pub fn new(
         store: Arc<Store>,
-        registry: Arc<Registry>,
+        registry: Arc<crate::search::live::LiveRegistry>,
         attributes: Arc<AttributePolicy>,
         config: Arc<Config>,
         validator: Arc<crate::fhir::Validator>,
@@ -335,7 +334,7 @@ impl Exporter {
         }
         let mut out = Vec::new();
         for pairs in variants {
-            let parsed = crate::search::query::parse(&self.registry, self.cipher(), t, &pairs, PAGE, true)
+            let parsed = crate::search::query::parse(&self.registry.current(), self.cipher(), t, &pairs, PAGE, true)
                 .map_err(|_| ExportError::Filter)?;
             let mut q = parsed.query;
             q.total = false;
@@ -363,7 +362,8 @@ impl Exporter {
             ),
             None => (0, None),
         };
-        let principal = req.principal.principal(|t| self.validator.is_resource_type(t));
+        let mut principal = req.principal.principal(|t| self.validator.is_resource_type(t));
+        principal.scopes.compile_filters(&self.registry.current());
         std::fs::create_dir_all(self.job_dir(&job.id))?;
         let path = self.file_path(&job.id, seq);
         let partial = path.with_extension("part");
@@ -371,12 +371,19 @@ impl Exporter {
             let t = &req.types[type_index];
             // the token may have lost nothing since kick-off (it is the same scopes), but a
             // type it may not read is never written
-            let allowed = crate::auth::policy::authorize(&principal, t, crate::auth::scope::Permission::Read)
-                .is_ok_and(|d| d.unrestricted);
+            // (granular scopes: only what their filters admit, as a condition of every query)
+            let decision = crate::auth::policy::authorize(&principal, t, crate::auth::scope::Permission::Read)
+                .ok()
+                .filter(|d| d.reaches_every_patient());
             let mut count: u64 = 0;
             let mut last_id = after.clone();
-            if allowed {
-                let queries = self.queries(req, job, t)?;
+            if let Some(decision) = decision {
+                let mut queries = self.queries(req, job, t)?;
+                if let Some(clause) = decision.filter_clause(t) {
+                    for (q, _) in &mut queries {
+                        q.clauses.push(clause.clone());
+                    }
+                }
                 // the file is created with the first resource (most types of a system export have none)
                 let mut writer: Option<SealedWriter<'_, std::io::BufWriter<std::fs::File>>> = None;
                 let limit = self.config.export_file_resources;

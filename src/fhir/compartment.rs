@@ -17,11 +17,34 @@ const SEARCH_PARAMETERS_JSON: &str = include_str!("../../fhir-schemas/search-par
 #[error("the bundled Patient CompartmentDefinition or search parameters are unreadable: {0}")]
 pub struct CompartmentError(String);
 
-/// For each resource type, the element paths (below the resource) that link it to a patient.
+/// For each resource type, the element paths (below the resource) that link it to a patient,
+/// and the types patients share (readable in any patient's context, see [`Self::is_shared`]).
 #[derive(Debug, Clone, Default)]
 pub struct PatientCompartment {
     paths: HashMap<String, Vec<Vec<String>>>,
+    shared: BTreeSet<String>,
 }
+
+/// The types outside the R4 Patient compartment that still carry, or point at, one patient's
+/// data in elements the CompartmentDefinition leaves out (`Task.for`, `Binary.securityContext`,
+/// a stored document `Bundle`, a claim's payment notices …): never shared by default, whatever
+/// the definition says, since sharing them would show one patient's data to another.
+pub const NEVER_SHARED_BY_DEFAULT: &[&str] = &[
+    "Binary",
+    "BiologicallyDerivedProduct",
+    "Bundle",
+    "Contract",
+    "EnrollmentResponse",
+    "GuidanceResponse",
+    "Linkage",
+    "MessageHeader",
+    "OperationOutcome",
+    "PaymentNotice",
+    "PaymentReconciliation",
+    "Subscription",
+    "Task",
+    "VerificationResult",
+];
 
 impl PatientCompartment {
     pub fn r4() -> Result<PatientCompartment, CompartmentError> {
@@ -52,7 +75,59 @@ impl PatientCompartment {
                 }
             }
         }
-        Ok(PatientCompartment { paths })
+        // Device: R4 lists it without a parameter, so no Device was ever in a compartment. A
+        // Device whose `patient` names a patient (US Core's implantable device) is that
+        // patient's; one naming nobody is shared (see `is_shared`).
+        paths.entry("Device".into()).or_default().push(vec!["patient".into()]);
+        Ok(PatientCompartment {
+            paths,
+            shared: BTreeSet::new(),
+        })
+    }
+
+    /// The default of `shared_resource_types`: the types the R4 Patient CompartmentDefinition
+    /// leaves outside (lists without a parameter), Device included, less
+    /// [`NEVER_SHARED_BY_DEFAULT`].
+    pub fn r4_shared_default() -> Result<Vec<String>, CompartmentError> {
+        let def: Value = serde_json::from_str(COMPARTMENT_JSON).map_err(|e| CompartmentError(e.to_string()))?;
+        Ok(def["resource"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|r| r["param"].as_array().is_none_or(|p| p.is_empty()))
+            .filter_map(|r| r["code"].as_str())
+            .filter(|t| !NEVER_SHARED_BY_DEFAULT.contains(t))
+            .map(str::to_string)
+            .collect())
+    }
+
+    /// With these types shared. A type a patient's compartment can hold is refused (sharing it
+    /// would show one patient's data to another), Device excepted: its own rule holds.
+    pub fn with_shared(mut self, types: &[String]) -> Result<PatientCompartment, String> {
+        let def: Value = serde_json::from_str(COMPARTMENT_JSON).unwrap_or_default();
+        let listed = |t: &str| def["resource"].as_array().into_iter().flatten().any(|r| r["code"] == t);
+        for t in types {
+            if !listed(t) {
+                return Err(format!("{t} is not an R4 resource type"));
+            }
+            if t != "Device" && self.applies_to(t) {
+                return Err(format!("{t} belongs to patients' compartments and cannot be shared"));
+            }
+        }
+        self.shared = types.iter().cloned().collect();
+        Ok(self)
+    }
+
+    /// Whether resources of this type that lie in no patient's compartment may be read and
+    /// searched in any patient's context (a Practitioner, an Organization, a Medication, a
+    /// Device implanted in nobody). A resource in some patient's compartment never is.
+    pub fn is_shared(&self, resource_type: &str) -> bool {
+        self.shared.contains(resource_type)
+    }
+
+    /// The shared types, sorted.
+    pub fn shared_types(&self) -> Vec<String> {
+        self.shared.iter().cloned().collect()
     }
 
     /// The resource types a patient compartment can hold (Patient itself among them), sorted.
@@ -144,6 +219,43 @@ mod tests {
             assert!(c.applies_to(t), "{t}");
         }
         assert!(!c.applies_to("Organization"));
+    }
+
+    #[test]
+    fn devices_belong_to_the_patient_they_name_and_shared_types_exclude_compartments() {
+        let c = c();
+        let d = json!({"resourceType": "Device", "patient": {"reference": "Patient/p1"}});
+        assert_eq!(c.patients_of("Device", &d), ["p1".to_string()].into_iter().collect());
+        assert!(c.patients_of("Device", &json!({"resourceType": "Device"})).is_empty());
+        let shared = PatientCompartment::r4_shared_default().unwrap();
+        for t in [
+            "Practitioner",
+            "PractitionerRole",
+            "Organization",
+            "Location",
+            "Medication",
+            "Substance",
+            "HealthcareService",
+            "Endpoint",
+            "Device",
+        ] {
+            assert!(shared.iter().any(|s| s == t), "{t}");
+        }
+        for t in NEVER_SHARED_BY_DEFAULT {
+            assert!(!shared.iter().any(|s| s == t), "{t}");
+        }
+        let c = c.with_shared(&shared).unwrap();
+        assert!(c.is_shared("Practitioner") && c.is_shared("Device") && !c.is_shared("Binary"));
+        assert!(!c.is_shared("Observation"));
+        // a type of the compartment cannot be made shared
+        assert!(PatientCompartment::r4()
+            .unwrap()
+            .with_shared(&["Observation".to_string()])
+            .is_err());
+        assert!(PatientCompartment::r4()
+            .unwrap()
+            .with_shared(&["Nonsense".to_string()])
+            .is_err());
     }
 
     #[test]

@@ -57,6 +57,12 @@ impl Issue {
             expression: Vec::new(),
         }
     }
+    pub fn warning(code: IssueType, diagnostics: impl Into<String>) -> Issue {
+        Issue {
+            severity: IssueSeverity::Warning,
+            ..Issue::error(code, diagnostics)
+        }
+    }
     pub fn at(mut self, expression: impl Into<String>) -> Issue {
         self.expression.push(expression.into());
         self

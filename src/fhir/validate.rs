@@ -186,6 +186,69 @@ impl Validator {
         issues
     }
 
+    /// Lenient parsing (`Prefer: handling=lenient` on a write): removes every element the R4
+    /// definitions do not know for where it stands, nested resources included, and returns one
+    /// warning per element removed, with its path (never its value). Whatever else is wrong is
+    /// left for [`Validator::validate`] to refuse: only unknown elements are forgiven.
+    pub fn drop_unknown_elements(&self, resource_type: &str, resource: &mut Value) -> Vec<Issue> {
+        let mut dropped = Vec::new();
+        self.drop_unknown_at(resource_type, resource, resource_type, &mut dropped, 0);
+        dropped
+    }
+
+    fn drop_unknown_at(&self, def: &str, node: &mut Value, path: &str, out: &mut Vec<Issue>, depth: usize) {
+        // as deep as validation goes (resources nest at most 16 deep, data types little more)
+        if depth > 64 {
+            return;
+        }
+        let Value::Object(map) = node else { return };
+        // a nested resource is read as its own type
+        let def = if def == "ResourceList" {
+            match map.get("resourceType").and_then(Value::as_str) {
+                Some(t) if self.by_type.contains(t) => t.to_string(),
+                _ => return,
+            }
+        } else {
+            def.to_string()
+        };
+        let Some(elements) = self.elements.get(&def) else {
+            return;
+        };
+        let unknown: Vec<String> = map
+            .keys()
+            .filter(|k| !elements.contains_key(k.strip_prefix('_').unwrap_or(k)))
+            .cloned()
+            .collect();
+        for name in unknown {
+            map.remove(&name);
+            out.push(
+                Issue::warning(
+                    IssueType::Structure,
+                    "unknown element dropped (Prefer: handling=lenient)",
+                )
+                .at(format!("{path}.{}", printable_name(&name))),
+            );
+        }
+        for (name, child) in map.iter_mut() {
+            // `_birthDate`: the id and extensions of a primitive
+            let (child_def, label) = match name.strip_prefix('_') {
+                Some(_) => ("Element".to_string(), name.as_str()),
+                None => match elements.get(name).and_then(|e| e.type_def.clone()) {
+                    Some(d) => (d, name.as_str()),
+                    None => continue,
+                },
+            };
+            match child {
+                Value::Array(items) => {
+                    for (i, item) in items.iter_mut().enumerate() {
+                        self.drop_unknown_at(&child_def, item, &format!("{path}.{label}[{i}]"), out, depth + 1);
+                    }
+                }
+                item => self.drop_unknown_at(&child_def, item, &format!("{path}.{label}"), out, depth + 1),
+            }
+        }
+    }
+
     fn validate_at(&self, resource_type: &str, resource: &Value, root: &str, out: &mut Vec<Issue>, depth: usize) {
         if depth > 16 {
             out.push(Issue::error(IssueType::TooCostly, "resources are nested too deeply").at(root.to_string()));
@@ -257,6 +320,15 @@ pub fn pointer_to_expression(root: &str, pointer: &str) -> String {
     out
 }
 
+/// An element name as an issue may show it: names are structure, not data, but an unknown one
+/// is whatever the client typed, so it is kept short and printable.
+fn printable_name(name: &str) -> String {
+    name.chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
+        .take(64)
+        .collect()
+}
+
 fn describe(root: &str, pointer: &str, kind: &ValidationErrorKind) -> Vec<Issue> {
     let at = pointer_to_expression(root, pointer);
     let one = |code: IssueType, text: &str| vec![Issue::error(code, text).at(at.clone())];
@@ -264,13 +336,7 @@ fn describe(root: &str, pointer: &str, kind: &ValidationErrorKind) -> Vec<Issue>
         ValidationErrorKind::AdditionalProperties { unexpected } => unexpected
             .iter()
             .map(|name| {
-                // Element names are structure, not data; still, keep them short and printable.
-                let safe: String = name
-                    .chars()
-                    .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
-                    .take(64)
-                    .collect();
-                Issue::error(IssueType::Structure, "unknown element").at(format!("{at}.{safe}"))
+                Issue::error(IssueType::Structure, "unknown element").at(format!("{at}.{}", printable_name(name)))
             })
             .collect(),
         ValidationErrorKind::Required { property } => {
@@ -374,6 +440,53 @@ mod tests {
         assert!(!v().validate("Patient", &p).is_empty());
         let p = json!({"resourceType":"Patient","contained":[{"resourceType":"Organization","name":"x"}]});
         assert!(v().validate("Patient", &p).is_empty());
+    }
+
+    #[test]
+    fn lenient_parsing_drops_only_unknown_elements() {
+        // the US Core example that a public test server serves: Period has no `stop`
+        let mut o = json!({"resourceType":"Observation","status":"final","code":{"text":"x"},
+            "effectivePeriod":{"start":"2020-01-01","stop":"2020-01-02"},
+            "component":[{"code":{"text":"c"},"valueQuantity":{"value":1,"unitt":"SECRET"}}],
+            "_status":{"extension":[{"url":"http://e","valueString":"v"}],"bogus":true},
+            "_nothing":{"id":"x"},
+            "contained":[{"resourceType":"Patient","id":"p","gender":"other","nickname":"SECRET"}],
+            "extension":[{"url":"http://e","valueCodeableConcept":{"text":"t","colour":"red"}}]});
+        let warnings = v().drop_unknown_elements("Observation", &mut o);
+        let mut paths: Vec<&str> = warnings.iter().map(|w| w.expression[0].as_str()).collect();
+        paths.sort_unstable();
+        assert_eq!(
+            paths,
+            [
+                "Observation._nothing",
+                "Observation._status.bogus",
+                "Observation.component[0].valueQuantity.unitt",
+                "Observation.contained[0].nickname",
+                "Observation.effectivePeriod.stop",
+                "Observation.extension[0].valueCodeableConcept.colour",
+            ]
+        );
+        assert!(warnings
+            .iter()
+            .all(|w| w.severity == crate::fhir::IssueSeverity::Warning));
+        assert!(!serde_json::to_string(&warnings).unwrap().contains("SECRET"));
+        // what is left is valid, and keeps everything known
+        assert!(
+            v().validate("Observation", &o).is_empty(),
+            "{:?}",
+            v().validate("Observation", &o)
+        );
+        assert_eq!(o["effectivePeriod"], json!({"start":"2020-01-01"}));
+        assert_eq!(o["_status"]["extension"][0]["valueString"], "v");
+        assert_eq!(o["contained"][0]["gender"], "other");
+        // other errors are not forgiven
+        let mut bad = json!({"resourceType":"Patient","gender":7,"extra":1});
+        assert_eq!(v().drop_unknown_elements("Patient", &mut bad).len(), 1);
+        assert!(!v().validate("Patient", &bad).is_empty());
+        // a valid resource loses nothing
+        let mut ok =
+            json!({"resourceType":"Patient","name":[{"family":"X"}],"_birthDate":{"id":"b"},"birthDate":"1970"});
+        assert!(v().drop_unknown_elements("Patient", &mut ok).is_empty());
     }
 
     #[test]

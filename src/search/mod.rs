@@ -3,6 +3,8 @@
 //! search requests into the store's typed queries (`query`).
 
 pub mod extract;
+pub mod granular;
+pub mod live;
 pub mod query;
 pub mod registry;
 
@@ -22,16 +24,6 @@ pub const BLIND_PREFIX_MAX: usize = 6;
 /// bare value finds (any system), and one for `system|value` (`|value`: no system).
 pub fn blind_token_keys(system: Option<&str>, value: &str) -> [String; 2] {
     [format!("\u{0}any|{value}"), format!("{}|{value}", system.unwrap_or(""))]
-}
-
-/// The blind-index key a token search value looks up: `value` (any system), `|value` (no
-/// system) or `system|value`; `system|` alone has none (a blind index cannot list a system).
-pub fn blind_token_query(query_value: &str) -> Option<String> {
-    match query_value.split_once('|') {
-        None if !query_value.is_empty() => Some(format!("\u{0}any|{query_value}")),
-        Some((s, v)) if !v.is_empty() => Some(format!("{s}|{v}")),
-        _ => None,
-    }
 }
 
 /// The blind-index keys of a PHI string value: the folded whole, and its prefixes shorter than
@@ -354,12 +346,15 @@ mod tests {
         keys.extend(blind_token_keys(Some("urn:s"), "1"));
         keys.extend(blind_token_keys(None, "2"));
         for q in ["urn:s|1", "1", "2", "|2"] {
-            assert!(keys.contains(&blind_token_query(q).unwrap()), "{q}");
+            assert!(keys.contains(&query::blind_token_key(q).unwrap()), "{q}");
         }
-        assert!(!keys.contains(&blind_token_query("|1").unwrap()), "|1 means no system");
-        assert!(!keys.contains(&blind_token_query("urn:x|1").unwrap()));
-        assert_eq!(blind_token_query("|"), None);
-        assert_eq!(blind_token_query("urn:s|"), None);
+        assert!(
+            !keys.contains(&query::blind_token_key("|1").unwrap()),
+            "|1 means no system"
+        );
+        assert!(!keys.contains(&query::blind_token_key("urn:x|1").unwrap()));
+        assert_eq!(query::blind_token_key("|"), None);
+        assert_eq!(query::blind_token_key("urn:s|"), None);
     }
 
     #[test]

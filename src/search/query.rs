@@ -18,6 +18,10 @@ pub enum QueryError {
     NotSupported(&'static str),
     #[error("{0}")]
     Invalid(&'static str),
+    /// A value of a known parameter that cannot be read: named by the parameter's code (from
+    /// the registry, never the client's text), never echoing the value, which may be PHI.
+    #[error("the value of search parameter `{0}` is not valid: {1}")]
+    InvalidValue(String, &'static str),
 }
 
 /// A condition found through blind indexes, checked again on the decrypted resource (the
@@ -112,7 +116,7 @@ fn date_matches(
 /// identifies it (for paging links, without `_page`).
 pub struct ParsedSearch {
     pub query: SearchQuery,
-    /// Under lenient handling: the parameters left out (unknown or malformed), by name.
+    /// Under lenient handling: the unknown parameters left out, by name.
     pub ignored: Vec<(String, QueryError)>,
     pub rechecks: Vec<Recheck>,
     /// Other resource types the search reads through chains and `_has`.
@@ -122,6 +126,34 @@ pub struct ParsedSearch {
     /// `_sort` with an identifying parameter among the keys: the order is made after
     /// decryption, on every key.
     pub memory_sort: Vec<(Arc<SearchParam>, bool)>,
+    /// Chains through an identifying parameter whose blind index only narrows (a name prefix,
+    /// `:contains`, a date range): the caller confirms the chained candidates after decryption
+    /// and puts the confirmed ids in the chain (see [`ChainCheck`]).
+    pub chain_checks: Vec<ChainCheck>,
+}
+
+/// A chain whose target's condition must be confirmed on the decrypted target resources:
+/// `clauses[clause][0]` is the `Cond::Chain`; its `inner` holds the blind-index conditions
+/// (the candidates) until the caller replaces it with the confirmed targets (see
+/// [`ChainCheck::confirmed`]).
+#[derive(Debug, Clone)]
+pub struct ChainCheck {
+    pub clause: usize,
+    pub target_type: String,
+    pub candidates: Vec<Cond>,
+    pub recheck: Recheck,
+}
+
+impl ChainCheck {
+    /// The chain's condition once its candidates are confirmed: any of these ids (none
+    /// confirmed: an id no resource has, so the chain matches nothing).
+    pub fn confirmed(ids: Vec<String>) -> Vec<Cond> {
+        if ids.is_empty() {
+            // ids are never empty: this matches no resource
+            return vec![Cond::Id(String::new())];
+        }
+        ids.into_iter().map(Cond::Id).collect()
+    }
 }
 
 /// `_sort=a,-b`: the parameters and whether each is descending.
@@ -232,6 +264,7 @@ fn reference_target(v: &str) -> (Option<String>, String) {
 /// The conditions of one `key=value` pair on `resource_type`, following chains
 /// (`subject:Patient.name`) and reverse chains (`_has:Observation:patient:code`) into the types
 /// they name, which are added to `types` (the caller must authorize a search of each).
+#[allow(clippy::too_many_arguments)] // the recursion's state: the types reached, the chains to confirm
 fn conds_for(
     registry: &Registry,
     cipher: &Cipher,
@@ -240,6 +273,7 @@ fn conds_for(
     value: &str,
     nested: bool,
     types: &mut std::collections::BTreeSet<String>,
+    chain_checks: &mut Vec<ChainCheck>,
 ) -> Result<(Vec<Cond>, Option<Recheck>), QueryError> {
     if let Some(rest) = key.strip_prefix("_has:") {
         let mut parts = rest.splitn(3, ':');
@@ -255,7 +289,12 @@ fn conds_for(
             ));
         }
         types.insert(source.to_string());
-        let (inner, _) = conds_for(registry, cipher, source, tail, value, true, types)?;
+        let (inner, check) = conds_for(registry, cipher, source, tail, value, true, types, chain_checks)?;
+        if check.is_some() {
+            return Err(QueryError::NotSupported(
+                "this value of an identifying parameter cannot be searched through _has",
+            ));
+        }
         return Ok((
             vec![Cond::Has {
                 source_type: source.to_string(),
@@ -291,7 +330,22 @@ fn conds_for(
             }
         };
         types.insert(target.clone());
-        let (inner, _) = conds_for(registry, cipher, &target, tail, value, true, types)?;
+        let (inner, check) = conds_for(registry, cipher, &target, tail, value, true, types, chain_checks)?;
+        if let Some(recheck) = check {
+            // one level deep: the caller loads the candidates of `target`, confirms them
+            // after decryption, and joins the confirmed ones
+            if nested {
+                return Err(QueryError::NotSupported(
+                    "this value of an identifying parameter cannot be searched through a chain of chains",
+                ));
+            }
+            chain_checks.push(ChainCheck {
+                clause: usize::MAX,
+                target_type: target.clone(),
+                candidates: inner.clone(),
+                recheck,
+            });
+        }
         return Ok((
             vec![Cond::Chain {
                 param: code.to_string(),
@@ -309,7 +363,11 @@ fn conds_for(
         .get(resource_type, code)
         .ok_or(QueryError::UnknownParameter)?
         .clone();
-    let values: Vec<&str> = value.split(',').filter(|v| !v.is_empty()).collect();
+    // R4 escaping: `\,` is a comma inside a value, not between values (see `split_unescaped`)
+    let values: Vec<&str> = split_unescaped(value, ',')
+        .into_iter()
+        .filter(|v| !v.is_empty())
+        .collect();
     if values.is_empty() {
         return Err(QueryError::Invalid("a search parameter needs a value"));
     }
@@ -354,7 +412,7 @@ fn conds_for(
         match (param.kind, modifier) {
             _ if code == "_id" => any.push(Cond::Id(v.to_string())),
             (ParamType::String, None | Some("exact")) if param.phi && param.code == "phonetic" => {
-                let key = super::soundex(v).ok_or(QueryError::Invalid("phonetic needs a word"))?;
+                let key = super::soundex(&unescape(v)).ok_or(QueryError::Invalid("phonetic needs a word"))?;
                 let blinds = vec![blind(&format!("{p}~soundex"), &key)];
                 recheck.push(RecheckTest::BlindAny(blinds.clone()));
                 any.push(Cond::Blind {
@@ -364,7 +422,7 @@ fn conds_for(
                 });
             }
             (ParamType::String, None) if param.phi => {
-                let folded = fold(v);
+                let folded = fold(&unescape(v));
                 let chars: Vec<char> = folded.chars().collect();
                 if chars.len() > super::BLIND_PREFIX_MAX {
                     // the blind prefixes stop here: the candidates are re-checked
@@ -393,13 +451,13 @@ fn conds_for(
                 any.push(Cond::Blind {
                     table: "search_string",
                     param: p.clone(),
-                    blinds: vec![blind(&format!("{p}~full"), &fold(v))],
+                    blinds: vec![blind(&format!("{p}~full"), &fold(&unescape(v)))],
                 });
-                recheck.push(RecheckTest::Exact(v.to_string()));
+                recheck.push(RecheckTest::Exact(unescape(v)));
             }
             (ParamType::String, Some("contains")) if param.phi && param.code != "phonetic" => {
                 // every three-character piece must be there; the candidates are re-checked
-                let folded = fold(v);
+                let folded = fold(&unescape(v));
                 let pieces = super::trigrams(&folded);
                 if pieces.is_empty() {
                     return Err(QueryError::NotSupported(
@@ -415,18 +473,18 @@ fn conds_for(
             }
             (ParamType::String, None) => any.push(Cond::StringPrefix {
                 param: p.clone(),
-                prefix: fold(v),
+                prefix: fold(&unescape(v)),
             }),
             (ParamType::String, Some("contains")) => any.push(Cond::StringContains {
                 param: p.clone(),
-                part: fold(v),
+                part: fold(&unescape(v)),
             }),
             (ParamType::String, Some("exact")) => any.push(Cond::StringExact {
                 param: p.clone(),
-                value: v.to_string(),
+                value: unescape(v),
             }),
             (ParamType::Token, None | Some("not")) if param.phi => {
-                let key = super::blind_token_query(v).ok_or(QueryError::NotSupported(
+                let key = blind_token_key(v).ok_or(QueryError::NotSupported(
                     "system| alone cannot be searched on an identifying parameter",
                 ))?;
                 let blinds = vec![blind(&p, &key)];
@@ -442,8 +500,8 @@ fn conds_for(
                 });
             }
             (ParamType::Token, Some("of-type")) => {
-                let mut parts = v.splitn(3, '|');
-                let (Some(ts), Some(tc), Some(value)) = (parts.next(), parts.next(), parts.next()) else {
+                let parts: Vec<String> = split_unescaped(v, '|').into_iter().map(unescape).collect();
+                let [ts, tc, value] = parts.as_slice() else {
                     return Err(QueryError::Invalid(":of-type takes type-system|type-code|value"));
                 };
                 if tc.is_empty() || value.is_empty() {
@@ -464,7 +522,7 @@ fn conds_for(
             }
             (ParamType::Token, Some("text")) => any.push(Cond::TokenText {
                 param: p.clone(),
-                prefix: fold(v),
+                prefix: fold(&unescape(v)),
             }),
             (ParamType::Token, None | Some("not")) => {
                 let (system, code) = token_value(v);
@@ -496,8 +554,8 @@ fn conds_for(
                 }
             }
             (ParamType::Reference, Some("identifier")) => {
-                let key = super::blind_token_query(v)
-                    .ok_or(QueryError::Invalid(":identifier takes system|value, |value or value"))?;
+                let key =
+                    blind_token_key(v).ok_or(QueryError::Invalid(":identifier takes system|value, |value or value"))?;
                 let name = format!("{p}:identifier");
                 let blinds = vec![blind(&name, &key)];
                 recheck.push(RecheckTest::BlindAny(blinds.clone()));
@@ -508,7 +566,7 @@ fn conds_for(
                 });
             }
             (ParamType::Reference, m) => {
-                let (mut ty, id) = reference_target(v);
+                let (mut ty, id) = reference_target(&unescape(v));
                 if let Some(m) = m {
                     if !m.chars().next().is_some_and(|c| c.is_ascii_uppercase())
                         || !param.targets.iter().any(|t| t == m)
@@ -543,15 +601,15 @@ fn conds_for(
             }
             (ParamType::Uri, None) => any.push(Cond::Uri {
                 param: p.clone(),
-                value: v.to_string(),
+                value: unescape(v),
             }),
             (ParamType::Uri, Some("below")) => any.push(Cond::UriBelow {
                 param: p.clone(),
-                prefix: v.to_string(),
+                prefix: unescape(v),
             }),
             (ParamType::Uri, Some("above")) => any.push(Cond::UriAbove {
                 param: p.clone(),
-                value: v.to_string(),
+                value: unescape(v),
             }),
             (ParamType::Composite, None) => any.push(composite_value(&param, v)?),
             (_, Some(_)) => {
@@ -577,11 +635,10 @@ fn conds_for(
         };
         if nested {
             // a re-check reads the resource the chain reaches, which this search does not
-            // load: exact blind matches stand there unconfirmed; what only narrows is refused
+            // load: exact blind matches stand there unconfirmed; what only narrows goes back to
+            // the chain, whose caller confirms the candidates
             if check.narrows() {
-                return Err(QueryError::NotSupported(
-                    "this value of an identifying parameter cannot be searched through a chain",
-                ));
+                return Ok((any, Some(check)));
             }
             return Ok((any, None));
         }
@@ -590,13 +647,76 @@ fn conds_for(
     Ok((any, None))
 }
 
-/// `system|code`, `|code`, `system|` or `code`.
-fn token_value(v: &str) -> (Option<Option<String>>, Option<String>) {
-    match v.split_once('|') {
-        Some(("", c)) => (Some(None), Some(c.to_string())),
-        Some((s, "")) => (Some(Some(s.to_string())), None),
-        Some((s, c)) => (Some(Some(s.to_string())), Some(c.to_string())),
-        None => (None, Some(v.to_string())),
+/// Splits `v` at every `sep` that no backslash escapes. The pieces keep their escapes, for a
+/// later split at another separator (a composite's `$`, then a token's `|`) and `unescape`.
+pub(crate) fn split_unescaped(v: &str, sep: char) -> Vec<&str> {
+    let mut pieces = Vec::new();
+    let (mut start, mut escaped) = (0, false);
+    for (i, c) in v.char_indices() {
+        if escaped {
+            escaped = false;
+        } else if c == '\\' {
+            escaped = true;
+        } else if c == sep {
+            pieces.push(&v[start..i]);
+            start = i + c.len_utf8();
+        }
+    }
+    pieces.push(&v[start..]);
+    pieces
+}
+
+/// The value a search means: R4's escapes `\,` `\$` `\|` and `\\` stand for the character; any
+/// other backslash is kept as it is.
+fn unescape(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    let mut chars = v.chars().peekable();
+    while let Some(c) = chars.next() {
+        match (c, chars.peek()) {
+            ('\\', Some(&next @ (',' | '$' | '|' | '\\'))) => {
+                out.push(next);
+                chars.next();
+            }
+            _ => out.push(c),
+        }
+    }
+    out
+}
+
+/// The `|` that separates a token's system from its code, if any (not an escaped one).
+fn split_token(v: &str) -> Option<(String, String)> {
+    match split_unescaped(v, '|').as_slice() {
+        [_] => None,
+        [system, rest @ ..] => {
+            // the code is everything after the first separator
+            let code = &v[system.len() + 1..];
+            debug_assert!(!rest.is_empty());
+            Some((unescape(system), unescape(code)))
+        }
+        [] => None,
+    }
+}
+
+/// `system|code`, `|code`, `system|` or `code`, unescaped.
+pub(crate) fn token_value(v: &str) -> (Option<Option<String>>, Option<String>) {
+    match split_token(v) {
+        Some((s, c)) if s.is_empty() => (Some(None), Some(c)),
+        Some((s, c)) if c.is_empty() => (Some(Some(s)), None),
+        Some((s, c)) => (Some(Some(s)), Some(c)),
+        None => (None, Some(unescape(v))),
+    }
+}
+
+/// The blind-index key an identifying token's search value looks up (see
+/// `super::blind_token_keys`): `value` (any system), `|value` (no system) or `system|value`;
+/// `system|` alone has none.
+pub(crate) fn blind_token_key(v: &str) -> Option<String> {
+    match token_value(v) {
+        (None, Some(code)) if !code.is_empty() => Some(super::blind_token_keys(None, &code)[0].clone()),
+        (Some(system), Some(code)) if !code.is_empty() => {
+            Some(super::blind_token_keys(system.as_deref(), &code)[1].clone())
+        }
+        _ => None,
     }
 }
 
@@ -674,17 +794,20 @@ fn num_value(v: &str) -> Result<NumTest, QueryError> {
 
 /// `[prefix]number|system|code` (system and code optional).
 fn quantity_value(v: &str) -> Result<(NumTest, Option<String>, Option<String>), QueryError> {
-    let mut parts = v.splitn(3, '|');
-    let test = num_value(parts.next().unwrap_or("")).map_err(|_| QueryError::Invalid("not a quantity"))?;
-    let system = parts.next().filter(|s| !s.is_empty()).map(str::to_string);
-    let code = parts.next().filter(|s| !s.is_empty()).map(str::to_string);
+    let parts = split_unescaped(v, '|');
+    if parts.len() > 3 {
+        return Err(QueryError::Invalid("a quantity is number|system|code"));
+    }
+    let test = num_value(parts[0]).map_err(|_| QueryError::Invalid("not a quantity"))?;
+    let system = parts.get(1).filter(|s| !s.is_empty()).map(|s| unescape(s));
+    let code = parts.get(2).filter(|s| !s.is_empty()).map(|s| unescape(s));
     Ok((test, system, code))
 }
 
 /// `code$value` (and `$value` again for the three-part ones): each part parsed as its
 /// component's type.
 fn composite_value(param: &SearchParam, v: &str) -> Result<Cond, QueryError> {
-    let parts: Vec<&str> = v.split('$').collect();
+    let parts: Vec<&str> = split_unescaped(v, '$');
     let comps = &param.components;
     if comps.len() < 2 || comps[0].kind != ParamType::Token {
         return Err(QueryError::NotSupported("this composite parameter is not supported"));
@@ -710,7 +833,7 @@ fn composite_value(param: &SearchParam, v: &str) -> Result<Cond, QueryError> {
             let (op, start, end) = date_value(parts[1])?;
             CompositePart::Date { op, start, end }
         }
-        ParamType::String => CompositePart::StringPrefix(fold(parts[1])),
+        ParamType::String => CompositePart::StringPrefix(fold(&unescape(parts[1]))),
         _ => return Err(QueryError::NotSupported("this composite parameter is not supported")),
     };
     let third = match comps.get(2) {
@@ -728,8 +851,29 @@ fn composite_value(param: &SearchParam, v: &str) -> Result<Cond, QueryError> {
 }
 
 /// Builds the search of `resource_type` from its query pairs (`_count`, `_page` and formatting
-/// parameters are the caller's).
+/// parameters are the caller's). A chain whose target must be confirmed after decryption is
+/// refused here: only the search handler confirms chains (see [`parse_confirming_chains`]);
+/// conditional operations and export filters keep to what SQL and exact blind matches decide.
 pub fn parse(
+    registry: &Registry,
+    cipher: &Cipher,
+    resource_type: &str,
+    pairs: &[(String, String)],
+    count: u32,
+    strict: bool,
+) -> Result<ParsedSearch, QueryError> {
+    let parsed = parse_confirming_chains(registry, cipher, resource_type, pairs, count, strict)?;
+    if !parsed.chain_checks.is_empty() {
+        return Err(QueryError::NotSupported(
+            "this value of an identifying parameter cannot be searched through a chain here",
+        ));
+    }
+    Ok(parsed)
+}
+
+/// [`parse`], leaving chains through identifying parameters in [`ParsedSearch::chain_checks`]
+/// for the caller to confirm.
+pub fn parse_confirming_chains(
     registry: &Registry,
     cipher: &Cipher,
     resource_type: &str,
@@ -741,6 +885,7 @@ pub fn parse(
     let mut clauses = Vec::new();
     let mut rechecks = Vec::new();
     let mut types = std::collections::BTreeSet::new();
+    let mut chain_checks = Vec::new();
     let (mut sort, mut memory_sort) = (Vec::new(), Vec::new());
     for (key, value) in pairs {
         let code = key.split([':', '.']).next().unwrap_or("");
@@ -749,12 +894,17 @@ pub fn parse(
             "_count" | "_page" | "_format" | "_pretty" | "_include" | "_revinclude" | "_total" | "_summary"
             | "_elements" => continue,
             "_sort" => {
+                // a bad `_sort` is refused under lenient handling too: ignoring it would answer
+                // in another order than asked, silently
                 let keys = match sort_keys(registry, resource_type, value) {
                     Ok(k) => k,
-                    Err(e @ (QueryError::UnknownParameter | QueryError::Invalid(_))) if !strict => {
-                        ignored.push((key.clone(), e));
-                        continue;
+                    Err(QueryError::UnknownParameter) => {
+                        return Err(QueryError::InvalidValue(
+                            "_sort".into(),
+                            "it names a parameter this type does not have",
+                        ))
                     }
+                    Err(QueryError::Invalid(reason)) => return Err(QueryError::InvalidValue("_sort".into(), reason)),
                     Err(e) => return Err(e),
                 };
                 if keys.iter().any(|(p, _)| p.phi) {
@@ -782,16 +932,40 @@ pub fn parse(
             }
             _ => {}
         }
-        match conds_for(registry, cipher, resource_type, key, value, false, &mut types) {
+        let pending = chain_checks.len();
+        match conds_for(
+            registry,
+            cipher,
+            resource_type,
+            key,
+            value,
+            false,
+            &mut types,
+            &mut chain_checks,
+        ) {
             Ok((any, recheck)) => {
                 rechecks.extend(recheck);
+                for check in &mut chain_checks[pending..] {
+                    check.clause = clauses.len();
+                }
                 clauses.push(any);
             }
-            // lenient handling (the default): an unknown or malformed parameter is left out and
-            // reported; what is known but not supported is always refused (ignoring it would
-            // return more than was asked for)
-            Err(e @ (QueryError::UnknownParameter | QueryError::Invalid(_))) if !strict => {
+            // lenient handling (the default): an unknown parameter is left out and reported.
+            // A known parameter with a value that cannot be read is refused, lenient or not
+            // (leaving it out would widen the result to everything the token may see), and so
+            // is what is known but not supported.
+            Err(e @ QueryError::UnknownParameter) if !strict => {
                 ignored.push((key.clone(), e));
+            }
+            // an empty value (`?gender=`) asks for nothing: left out, as servers commonly do
+            Err(e @ QueryError::Invalid(_)) if !strict && value.is_empty() => {
+                ignored.push((key.clone(), e));
+            }
+            Err(QueryError::Invalid(reason)) => {
+                return Err(match registry.get(resource_type, code) {
+                    Some(param) => QueryError::InvalidValue(param.code.clone(), reason),
+                    None => QueryError::Invalid(reason),
+                })
             }
             Err(e) => return Err(e),
         }
@@ -808,6 +982,7 @@ pub fn parse(
             total: true,
             patient: None,
             nested_patient: None,
+            shared_types: Vec::new(),
             any_compartment: None,
             updated_after: None,
             updated_until: None,
@@ -818,6 +993,7 @@ pub fn parse(
         ignored,
         sort,
         memory_sort,
+        chain_checks,
     })
 }
 
@@ -841,6 +1017,28 @@ pub fn supported(param: &SearchParam) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn escapes_split_and_unescape_as_r4_says() {
+        assert_eq!(split_unescaped(r"a\,b,c", ','), vec![r"a\,b", "c"]);
+        assert_eq!(unescape(r"INC\,THE"), "INC,THE");
+        assert_eq!(unescape(r"a\$b\|c\\d\e"), r"a$b|c\d\e");
+        // an escaped backslash does not escape what follows
+        assert_eq!(split_unescaped(r"a\\,b", ','), vec![r"a\\", "b"]);
+        assert_eq!(
+            token_value(r"http://x|a\|b"),
+            (Some(Some("http://x".into())), Some("a|b".into()))
+        );
+        assert_eq!(token_value(r"a\|b"), (None, Some("a|b".into())));
+        assert_eq!(token_value("|c"), (Some(None), Some("c".into())));
+        assert_eq!(split_unescaped(r"x\$y$gt100", '$'), vec![r"x\$y", "gt100"]);
+        assert_eq!(
+            blind_token_key(r"urn:s|A\,B"),
+            Some(crate::search::blind_token_keys(Some("urn:s"), "A,B")[1].clone())
+        );
+        let (_, system, code) = quantity_value(r"5|http://u\|x|mg").unwrap();
+        assert_eq!((system.as_deref(), code.as_deref()), (Some("http://u|x"), Some("mg")));
+    }
 
     #[test]
     fn numbers_carry_their_precision_and_odd_exponents_do_not_panic() {

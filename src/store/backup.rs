@@ -499,7 +499,7 @@ impl Store {
             }
             Ok(manifest)
         };
-        conn.conn.transaction(run)
+        conn.conn.write_transaction(run)
     }
 }
 

@@ -43,9 +43,54 @@ pub enum ConnectError {
     File(String),
 }
 
+#[derive(Clone)]
 pub struct DbManager {
     url: String,
     backend: Backend,
+    /// What this node's connections have seen of the database servers (shared by the pool and
+    /// the connections opened outside it).
+    servers: std::sync::Arc<ServerTracker>,
+}
+
+/// The database server a node's connections reach, and how often that changed (a failover to
+/// a promoted standby, or a restart) or a connection was lost: the operator's view of a
+/// failover from one node (`/metrics`).
+#[derive(Debug, Default)]
+pub struct ServerTracker {
+    /// Address, port and start time of the server the last new connection reached.
+    current: std::sync::Mutex<Option<String>>,
+    /// New connections that reached another server than the one before.
+    pub changes: std::sync::atomic::AtomicU64,
+    /// Connections found dead (or on a read-only server) and dropped.
+    pub lost: std::sync::atomic::AtomicU64,
+}
+
+impl ServerTracker {
+    fn reached(&self, server: String) {
+        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        if current.as_ref().is_some_and(|c| *c != server) {
+            self.changes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::warn!("the database server changed (failover or restart): new connections reach another server");
+        }
+        *current = Some(server);
+    }
+}
+
+/// Which PostgreSQL server a connection reached: address, port and the server's start time (a
+/// promoted standby, or the same host restarted, differ). Never the URL, which may hold a password.
+fn server_identity(conn: &mut PgConnection) -> Result<String, diesel::result::Error> {
+    use diesel::RunQueryDsl;
+    #[derive(diesel::QueryableByName)]
+    struct Identity {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        server: String,
+    }
+    let id: Identity = diesel::sql_query(
+        "SELECT COALESCE(host(inet_server_addr()), 'local') || ':' || COALESCE(inet_server_port(), 0)::text \
+         || '@' || pg_postmaster_start_time()::text AS server",
+    )
+    .get_result(conn)?;
+    Ok(id.server)
 }
 
 impl std::fmt::Debug for DbManager {
@@ -63,7 +108,12 @@ impl DbManager {
         Ok(DbManager {
             url: url.to_string(),
             backend,
+            servers: Default::default(),
         })
+    }
+    /// What the connections of this manager (and its clones) have seen of the servers.
+    pub fn servers(&self) -> &ServerTracker {
+        &self.servers
     }
     pub fn backend(&self) -> Backend {
         self.backend
@@ -77,7 +127,11 @@ impl DbManager {
     }
     pub fn connect(&self) -> Result<DbConnection, ConnectError> {
         match self.backend {
-            Backend::Postgres => Ok(DbConnection::Pg(PgConnection::establish(&self.url)?)),
+            Backend::Postgres => {
+                let mut conn = PgConnection::establish(&self.url)?;
+                self.servers.reached(server_identity(&mut conn)?);
+                Ok(DbConnection::Pg(conn))
+            }
             Backend::Sqlite => {
                 let path = self.url.trim_start_matches("sqlite://");
                 create_private_file(path)?;
@@ -89,6 +143,38 @@ impl DbManager {
                      PRAGMA foreign_keys = ON; PRAGMA secure_delete = ON;",
                 )?;
                 Ok(DbConnection::Sqlite(c))
+            }
+        }
+    }
+}
+
+impl DbConnection {
+    /// A transaction that writes. On SQLite it begins `IMMEDIATE`: the write lock is taken at
+    /// the start, waiting in the busy handler, so a transaction that reads before it writes is
+    /// never refused at its first write because another connection (the audit writer, the
+    /// deriver, a command-line process) committed in between: SQLite refuses such an upgrade
+    /// at once ("database is locked"), whatever the busy timeout. On PostgreSQL, a transaction.
+    pub fn write_transaction<T, E>(&mut self, f: impl FnOnce(&mut DbConnection) -> Result<T, E>) -> Result<T, E>
+    where
+        E: From<diesel::result::Error>,
+    {
+        use diesel::connection::{AnsiTransactionManager, TransactionManager};
+        type Manager = <DbConnection as Connection>::TransactionManager;
+        let DbConnection::Sqlite(c) = self else {
+            return self.transaction(f);
+        };
+        AnsiTransactionManager::begin_transaction_sql(c, "BEGIN IMMEDIATE")?;
+        match f(self) {
+            Ok(value) => match Manager::commit_transaction(self) {
+                Ok(()) => Ok(value),
+                Err(e) => {
+                    let _ = Manager::rollback_transaction(self);
+                    Err(e.into())
+                }
+            },
+            Err(e) => {
+                let _ = Manager::rollback_transaction(self);
+                Err(e)
             }
         }
     }
@@ -128,6 +214,32 @@ impl r2d2::ManageConnection for DbManager {
         s.conn.batch_execute("SELECT 1").map_err(ConnectError::Query)
     }
     fn has_broken(&self, s: &mut Session) -> bool {
-        s.broken || diesel::r2d2::R2D2Connection::is_broken(&mut s.conn)
+        let broken = s.broken || diesel::r2d2::R2D2Connection::is_broken(&mut s.conn);
+        if broken {
+            self.servers.lost.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        broken
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ServerTracker;
+    use std::sync::atomic::Ordering;
+
+    #[test]
+    fn a_failover_is_a_new_connection_reaching_another_server() {
+        let t = ServerTracker::default();
+        t.reached("127.0.0.1:5432@t1".into());
+        t.reached("127.0.0.1:5432@t1".into());
+        assert_eq!(
+            t.changes.load(Ordering::Relaxed),
+            0,
+            "the first server and reconnections to it"
+        );
+        t.reached("127.0.0.1:5433@t0".into());
+        assert_eq!(t.changes.load(Ordering::Relaxed), 1, "the promoted standby");
+        t.reached("127.0.0.1:5433@t0".into());
+        assert_eq!(t.changes.load(Ordering::Relaxed), 1);
     }
 }

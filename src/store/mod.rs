@@ -15,6 +15,7 @@ pub mod connection;
 pub mod encrypted;
 pub mod export;
 pub mod keys;
+pub mod replica;
 pub mod schema;
 pub mod search_index;
 pub mod search_pages;
@@ -273,6 +274,8 @@ pub struct HistoryQuery {
     pub count: u32,
     /// Only versions in this patient's compartment (filtered in the query, counts included).
     pub patient: Option<String>,
+    /// With `patient`: versions of these shared types that lie in no patient's compartment too.
+    pub shared_types: Vec<String>,
 }
 
 pub struct HistoryPage {
@@ -291,6 +294,11 @@ pub struct Store {
     sqlite_writer: Mutex<()>,
     /// Opens connections outside the pool (the audit writer keeps one of its own).
     manager: DbManager,
+    /// A read replica for searches, history and export (PostgreSQL, `replica_database_url`).
+    replica: Option<replica::Replica>,
+    /// The types patients share, as the `fhirvault.shared` session setting the row-level
+    /// security policy reads (`,Practitioner,Organization,`; empty: none).
+    shared_setting: String,
 }
 
 impl std::fmt::Debug for Store {
@@ -313,12 +321,16 @@ impl StoreError {
         is_unique_violation(self)
     }
 
-    /// The database connection died under the query (server restart, terminated backend).
+    /// The database connection died under the query (server restart, terminated backend,
+    /// failover), or reached a server that takes no writes (a standby, a primary demoted after a
+    /// failover): either way it is no use any more, is dropped, and the request is answered 503.
     pub fn is_lost_connection(&self) -> bool {
         matches!(
             self,
             StoreError::Database(DieselError::DatabaseError(
-                DatabaseErrorKind::ClosedConnection | DatabaseErrorKind::UnableToSendCommand,
+                DatabaseErrorKind::ClosedConnection
+                    | DatabaseErrorKind::UnableToSendCommand
+                    | DatabaseErrorKind::ReadOnlyTransaction,
                 _
             ))
         )
@@ -451,6 +463,7 @@ impl Store {
         }
         warn_if_rls_bypassed(&mut first)?;
         drop(first);
+        let manager_outside_pool = manager.clone();
         let pool = r2d2::Pool::builder()
             .max_size(pool_size)
             .min_idle(Some(pool_size.min(2)))
@@ -464,7 +477,9 @@ impl Store {
             backend,
             cipher,
             sqlite_writer: Mutex::new(()),
-            manager: DbManager::new(database_url)?,
+            manager: manager_outside_pool,
+            replica: None,
+            shared_setting: String::new(),
         })
     }
 
@@ -492,11 +507,28 @@ impl Store {
         }
     }
 
-    /// One round trip to the database (readiness).
-    pub fn ping(&self) -> Result<(), StoreError> {
-        let mut conn = self.pool.get()?;
-        let result = conn.conn.batch_execute("SELECT 1").map_err(StoreError::from);
-        note(&mut conn, result)
+    /// One round trip to the database (readiness): whether it takes writes. A PostgreSQL
+    /// standby (before its promotion, or a demoted primary) answers but does not; neither does
+    /// a server that cannot be reached within two seconds (a load balancer's probe gives up
+    /// sooner than a request would).
+    pub fn writable(&self) -> Result<bool, StoreError> {
+        let mut conn = self.pool.get_timeout(Duration::from_secs(2))?;
+        let result = match &mut conn.conn {
+            DbConnection::Pg(_) => replica::standby_state(&mut conn.conn, "0/0").map(|(standby, _)| !standby),
+            DbConnection::Sqlite(c) => c.batch_execute("SELECT 1").map(|()| true).map_err(StoreError::from),
+        };
+        let result = note(&mut conn, result);
+        if result.as_ref().is_ok_and(|w| !w) {
+            // a connection to a standby is no use for writes: let the pool open another
+            conn.broken = true;
+        }
+        result
+    }
+
+    /// What this node's connections have seen of the database servers (failovers, lost
+    /// connections), for `/metrics`.
+    pub fn servers(&self) -> &connection::ServerTracker {
+        self.manager.servers()
     }
 
     /// Open and idle connections of the pool (metrics).
@@ -512,10 +544,22 @@ impl Store {
         self.cipher.clone()
     }
 
+    /// The types patients share (see `fhir::compartment::PatientCompartment::is_shared`): on
+    /// PostgreSQL, row-level security lets a patient-context session see their versions that lie
+    /// in no patient's compartment.
+    pub fn with_shared_types(mut self, types: &[String]) -> Store {
+        self.shared_setting = if types.is_empty() {
+            String::new()
+        } else {
+            format!(",{},", types.join(","))
+        };
+        self
+    }
+
     /// A pooled connection whose session carries `access` (set only when it changes).
     fn checkout(&self, access: &Access) -> Result<r2d2::PooledConnection<DbManager>, StoreError> {
         let mut conn = self.pool.get()?;
-        apply_access(&mut conn, access)?;
+        apply_access(&mut conn, access, &self.shared_setting)?;
         Ok(conn)
     }
 
@@ -536,7 +580,7 @@ impl Store {
     ) -> Result<T, StoreError> {
         let _guard = self.sqlite_write_guard();
         let mut conn = self.checkout(access)?;
-        let result = conn.conn.transaction(f);
+        let result = conn.conn.write_transaction(f);
         note(&mut conn, result)
     }
 
@@ -612,7 +656,7 @@ impl Store {
         id: &str,
     ) -> Option<Result<StoredVersion, StoreError>> {
         let mut conn = self.pool.try_get()?;
-        if let Err(e) = apply_access(&mut conn, access) {
+        if let Err(e) = apply_access(&mut conn, access, &self.shared_setting) {
             return if e.is_lost_connection() { None } else { Some(Err(e)) };
         }
         match self.read_on(conn, resource_type, id) {
@@ -665,7 +709,7 @@ impl Store {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        let mut conn = self.checkout(access)?;
+        let mut conn = self.checkout_read(access)?;
         let rows = current_rows(&mut conn.conn, resource_type, ids);
         let rows = note(&mut conn, rows)?;
         drop(conn);
@@ -1067,7 +1111,7 @@ impl Store {
 
     /// History, newest first, paged by row id.
     pub fn history(&self, access: &Access, q: &HistoryQuery) -> Result<HistoryPage, StoreError> {
-        let mut conn = self.checkout(access)?;
+        let mut conn = self.checkout_read(access)?;
         let base = || {
             let mut b = rv::table.into_boxed();
             match &q.scope {
@@ -1081,15 +1125,17 @@ impl Store {
                 b = b.filter(rv::last_updated.ge(since));
             }
             if let Some(patient) = &q.patient {
-                b = b.filter(diesel::dsl::exists(
-                    rc::table.filter(
-                        rc::resource_type
-                            .eq(rv::resource_type)
-                            .and(rc::logical_id.eq(rv::logical_id))
-                            .and(rc::version_id.eq(rv::version_id))
-                            .and(rc::patient_id.eq(patient.clone())),
-                    ),
-                ));
+                let same_version = || {
+                    rc::resource_type
+                        .eq(rv::resource_type)
+                        .and(rc::logical_id.eq(rv::logical_id))
+                        .and(rc::version_id.eq(rv::version_id))
+                };
+                let own = diesel::dsl::exists(rc::table.filter(same_version().and(rc::patient_id.eq(patient.clone()))));
+                let shared = rv::resource_type
+                    .eq_any(q.shared_types.clone())
+                    .and(diesel::dsl::not(diesel::dsl::exists(rc::table.filter(same_version()))));
+                b = b.filter(own.or(shared));
             }
             b
         };
@@ -1300,7 +1346,9 @@ fn current_rows(conn: &mut DbConnection, resource_type: &str, ids: &[String]) ->
 /// Gives the session the access context (PostgreSQL; a no-op on SQLite). Session-level rather
 /// than per transaction so that a read stays one round trip; every checkout goes through here,
 /// so a connection never carries a previous request's context into a query.
-fn apply_access(session: &mut connection::Session, access: &Access) -> Result<(), StoreError> {
+/// The shared types (`shared`, see [`Store::with_shared_types`]) are set with it, in the same
+/// statement.
+fn apply_access(session: &mut connection::Session, access: &Access, shared: &str) -> Result<(), StoreError> {
     let DbConnection::Pg(pg) = &mut session.conn else {
         return Ok(());
     };
@@ -1308,11 +1356,14 @@ fn apply_access(session: &mut connection::Session, access: &Access) -> Result<()
     if session.access.as_deref() != Some(setting.as_str()) {
         // Forget the cached context first: if setting it fails, the next checkout sets it again.
         session.access = None;
-        let set = diesel::sql_query("SELECT set_config('fhirvault.access', $1, false)")
-            .bind::<diesel::sql_types::Text, _>(&setting)
-            .execute(pg)
-            .map(|_| ())
-            .map_err(StoreError::from);
+        let set = diesel::sql_query(
+            "SELECT set_config('fhirvault.access', $1, false), set_config('fhirvault.shared', $2, false)",
+        )
+        .bind::<diesel::sql_types::Text, _>(&setting)
+        .bind::<diesel::sql_types::Text, _>(shared)
+        .execute(pg)
+        .map(|_| ())
+        .map_err(StoreError::from);
         note(session, set)?;
         session.access = Some(setting);
     }

@@ -11,6 +11,8 @@ use diesel::sql_types::{BigInt, Binary, Double, Text, Timestamp};
 #[derive(Debug, Clone, PartialEq)]
 pub enum Cond {
     Id(String),
+    /// Every group holds, one condition of each (a granular scope's filter inside a clause).
+    All(Vec<Vec<Cond>>),
     /// Folded value starts with `prefix` (non-PHI strings).
     StringPrefix {
         param: String,
@@ -210,6 +212,9 @@ pub struct SearchQuery {
     pub patient: Option<String>,
     /// Resources reached through chains and `_has` must lie in this patient's compartment.
     pub nested_patient: Option<String>,
+    /// With `patient` or `nested_patient`: resources of these types that lie in no patient's
+    /// compartment match too (the shared resources a patient-context token reads).
+    pub shared_types: Vec<String>,
     /// A compartment search: only resources in this patient's compartment.
     pub compartment: Option<String>,
     /// Bulk export at Patient or Group level: only resources in the compartment of one of
@@ -248,6 +253,8 @@ struct Sql {
     aliases: usize,
     /// Resources reached through chains and `_has` must lie in this patient's compartment.
     patient: Option<String>,
+    /// ... or be of these shared types and in no patient's compartment.
+    shared: Vec<String>,
 }
 
 impl Sql {
@@ -258,6 +265,7 @@ impl Sql {
             binds: Vec::new(),
             aliases: 0,
             patient: q.nested_patient.clone(),
+            shared: q.shared_types.clone(),
         }
     }
 }
@@ -281,14 +289,33 @@ impl Sql {
     fn compartment(&mut self, t: &str) -> String {
         match self.patient.clone() {
             Some(p) => {
-                let ph = self.p(Bind::Text(p));
-                format!(
-                    " AND EXISTS (SELECT 1 FROM resource_compartments cc WHERE cc.resource_type = {t}.resource_type \
-                     AND cc.logical_id = {t}.logical_id AND cc.version_id = {t}.version_id AND cc.patient_id = {ph})"
-                )
+                let shared = self.shared.clone();
+                format!(" AND {}", self.in_compartment(t, &p, &shared))
             }
             None => String::new(),
         }
+    }
+
+    /// The resource row `r` lies in `patient`'s compartment, or is of one of the `shared`
+    /// types and lies in nobody's (its current version, as the row names it).
+    fn in_compartment(&mut self, r: &str, patient: &str, shared: &[String]) -> String {
+        let alias = self.alias("cc");
+        let ph = self.p(Bind::Text(patient.to_string()));
+        let own = format!(
+            "EXISTS (SELECT 1 FROM resource_compartments {alias} WHERE {alias}.resource_type = {r}.resource_type \
+             AND {alias}.logical_id = {r}.logical_id AND {alias}.version_id = {r}.version_id AND {alias}.patient_id = {ph})"
+        );
+        if shared.is_empty() {
+            return own;
+        }
+        let alias = self.alias("cc");
+        let list: Vec<String> = shared.iter().map(|t| self.p(Bind::Text(t.clone()))).collect();
+        format!(
+            "({own} OR ({r}.resource_type IN ({}) AND NOT EXISTS (SELECT 1 FROM resource_compartments {alias} \
+             WHERE {alias}.resource_type = {r}.resource_type AND {alias}.logical_id = {r}.logical_id \
+             AND {alias}.version_id = {r}.version_id)))",
+            list.join(", ")
+        )
     }
 
     /// A number comparison on `col` (binds made in textual order).
@@ -370,6 +397,17 @@ impl Sql {
             Cond::TypeNotIn(types) => {
                 let list: Vec<String> = types.iter().map(|t| self.p(Bind::Text(t.clone()))).collect();
                 format!("{ty} NOT IN ({})", list.join(", "))
+            }
+            Cond::All(groups) if groups.is_empty() => "1 = 1".to_string(),
+            Cond::All(groups) => {
+                let all: Vec<String> = groups
+                    .iter()
+                    .map(|g| {
+                        let any: Vec<String> = g.iter().map(|c| self.cond(c, ty, id, lit)).collect();
+                        format!("({})", any.join(" OR "))
+                    })
+                    .collect();
+                format!("({})", all.join(" AND "))
             }
             Cond::Not(inner) => {
                 let any: Vec<String> = inner.iter().map(|c| self.cond(c, ty, id, lit)).collect();
@@ -751,6 +789,7 @@ pub(super) fn matching_ids(
         binds: Vec::new(),
         aliases: 0,
         patient: None,
+        shared: Vec::new(),
     };
     let mut wheres = vec![
         format!("r.resource_type = {}", sql.p(Bind::Text(resource_type.to_string()))),
@@ -835,6 +874,7 @@ fn index_count(pg: bool, q: &SearchQuery) -> Option<(String, Vec<Bind>)> {
         binds: Vec::new(),
         aliases: 0,
         patient: None,
+        shared: Vec::new(),
     };
     let member = sql.cond(cond, "r.resource_type", "r.logical_id", Some(&q.resource_type));
     // `r.logical_id IN (SELECT x.logical_id FROM …)`: its subquery
@@ -895,12 +935,11 @@ impl Store {
             },
             "r.deleted = false".to_string(),
         ];
-        for patient in q.patient.iter().chain(q.compartment.iter()) {
-            let p = sql.p(Bind::Text(patient.clone()));
-            wheres.push(format!(
-                "EXISTS (SELECT 1 FROM resource_compartments c WHERE c.resource_type = r.resource_type \
-                 AND c.logical_id = r.logical_id AND c.version_id = r.version_id AND c.patient_id = {p})"
-            ));
+        if let Some(patient) = &q.patient {
+            wheres.push(sql.in_compartment("r", patient, &q.shared_types));
+        }
+        if let Some(patient) = &q.compartment {
+            wheres.push(sql.in_compartment("r", patient, &[]));
         }
         if let Some(after) = q.updated_after {
             let p = sql.p(Bind::Ts(after));
@@ -1007,7 +1046,7 @@ impl Store {
     /// content): the rows read in the same statement that selects them, without the compartment
     /// list (Bulk Data export, where one round trip per page is most of the cost).
     pub fn search_contents(&self, access: &Access, q: &SearchQuery) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        let mut conn = self.checkout(access)?;
+        let mut conn = self.checkout_read(access)?;
         let pg = matches!(conn.conn, DbConnection::Pg(_));
         let mut sql = Sql::for_query(pg, q);
         let mut filter = self.search_filter(&mut sql, q);
@@ -1043,7 +1082,7 @@ impl Store {
     /// keys in page order): what `search` costs in the database, without reading or
     /// decrypting the resources. The benches' baseline.
     pub fn search_page_keys(&self, access: &Access, q: &SearchQuery) -> Result<(Option<i64>, Vec<Key>), StoreError> {
-        let mut conn = self.checkout(access)?;
+        let mut conn = self.checkout_read(access)?;
         let pg = matches!(conn.conn, DbConnection::Pg(_));
         let (count_sql, count_binds, page_sql, binds) = self.page_statements(pg, q);
         let result = (|| -> Result<(Option<i64>, Vec<Key>), StoreError> {
@@ -1100,7 +1139,7 @@ impl Store {
         q: &SearchQuery,
         limit: u32,
     ) -> Result<(i64, Vec<(String, String)>), StoreError> {
-        let mut conn = self.checkout(access)?;
+        let mut conn = self.checkout_read(access)?;
         let pg = matches!(conn.conn, DbConnection::Pg(_));
         let mut sql = Sql::for_query(pg, q);
         let mut order = Vec::new();
@@ -1247,6 +1286,7 @@ impl Store {
             binds: Vec::new(),
             aliases: 0,
             patient: None,
+            shared: Vec::new(),
         };
         let rt = match resource_type {
             Some(t) => format!("f.resource_type = {} AND ", sql.p(Bind::Text(t.to_string()))),

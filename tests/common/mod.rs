@@ -3,6 +3,9 @@
 //! a loopback port driven with a blocking HTTP client.
 #![allow(dead_code)]
 
+pub mod node;
+pub mod replication;
+
 use diesel::connection::SimpleConnection;
 use diesel::Connection;
 use fhirvault::config::{Config, ConfigLayer};
@@ -102,6 +105,51 @@ fn pg_cmd(bin: &Path, prog: &str) -> Command {
     }
 }
 
+/// A new PostgreSQL data directory (trust authentication on loopback, replication included).
+fn initdb(bin: &Path, data: &Path) {
+    let out = pg_cmd(bin, "initdb")
+        .args(["-U", "postgres", "--auth=trust", "--no-sync", "-E", "UTF8", "-D"])
+        .arg(data)
+        .output()
+        .expect("running initdb");
+    assert!(
+        out.status.success(),
+        "initdb failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Starts the PostgreSQL server of `data` on 127.0.0.1:`port`, its sockets in `socket_dir` and
+/// its log in `log`. Tests run without fsync (speed; nothing to survive, and a SIGKILL of
+/// PostgreSQL loses nothing the kernel holds); benches set `PG_FSYNC=on` so that commits cost
+/// what they cost in production. `PG_OPTS` adds server options when investigating (e.g.
+/// `-c log_min_duration_statement=1`). A server that replication starts from keeps full-page
+/// writes (a base backup and a standby's replay rely on them).
+fn pg_ctl_start(bin: &Path, data: &Path, port: u16, socket_dir: &Path, log: &Path, replicated: bool) {
+    let fsync = std::env::var("PG_FSYNC").unwrap_or_else(|_| "off".into());
+    let (max_connections, full_page_writes) = if replicated { (200, "on") } else { (400, fsync.as_str()) };
+    let opts = format!(
+        "-c listen_addresses=127.0.0.1 -p {port} -k {} -c max_connections={max_connections} \
+         -c fsync={fsync} -c full_page_writes={full_page_writes} {}",
+        socket_dir.display(),
+        std::env::var("PG_OPTS").unwrap_or_default()
+    );
+    let out = pg_cmd(bin, "pg_ctl")
+        .arg("-D")
+        .arg(data)
+        .args(["-o", &opts, "-l"])
+        .arg(log)
+        .args(["-w", "start"])
+        .output()
+        .expect("running pg_ctl");
+    assert!(
+        out.status.success(),
+        "pg_ctl start failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        std::fs::read_to_string(log).unwrap_or_default()
+    );
+}
+
 pub fn pg() -> &'static PgCluster {
     static PG: OnceLock<PgCluster> = OnceLock::new();
     PG.get_or_init(|| {
@@ -113,34 +161,9 @@ pub fn pg() -> &'static PgCluster {
             assert!(ok, "cannot hand the cluster directory to the postgres user");
         }
         let data = dir.join("data");
-        let out = pg_cmd(&bin, "initdb")
-            .args(["-U", "postgres", "--auth=trust", "--no-sync", "-E", "UTF8", "-D"])
-            .arg(&data)
-            .output()
-            .expect("running initdb");
-        assert!(out.status.success(), "initdb failed: {}", String::from_utf8_lossy(&out.stderr));
+        initdb(&bin, &data);
         let port = free_port();
-        // Tests run without fsync (speed; nothing to survive); benches set PG_FSYNC=on so that
-        // commits cost what they cost in production.
-        let fsync = std::env::var("PG_FSYNC").unwrap_or_else(|_| "off".into());
-        let opts = format!(
-            "-c listen_addresses=127.0.0.1 -p {port} -k {} -c max_connections=400 -c fsync={fsync} -c full_page_writes={fsync}",
-            dir.display()
-        );
-        let out = pg_cmd(&bin, "pg_ctl")
-            .arg("-D")
-            .arg(&data)
-            .args(["-o", &opts, "-l"])
-            .arg(dir.join("log"))
-            .args(["-w", "start"])
-            .output()
-            .expect("running pg_ctl");
-        assert!(
-            out.status.success(),
-            "pg_ctl start failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            std::fs::read_to_string(dir.join("log")).unwrap_or_default()
-        );
+        pg_ctl_start(&bin, &data, port, &dir, &dir.join("log"), false);
         // A watchdog stops and removes the cluster when this test process exits, however it exits.
         let stop = format!(
             "while kill -0 {pid} 2>/dev/null; do sleep 0.5; done; {runas}{pg_ctl} -D {data} -m immediate stop >/dev/null 2>&1; rm -rf {dir}",
@@ -195,6 +218,25 @@ impl PgCluster {
         );
         out.stdout
     }
+}
+
+/// The logical ids of the resource versions a PostgreSQL session may see (row-level security
+/// decides), sorted, each once.
+pub fn visible_ids(c: &mut diesel::PgConnection) -> Vec<String> {
+    use diesel::RunQueryDsl;
+    #[derive(diesel::QueryableByName)]
+    struct Row {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        logical_id: String,
+    }
+    let mut ids: Vec<String> = diesel::sql_query("SELECT DISTINCT logical_id FROM resource_versions")
+        .load::<Row>(c)
+        .unwrap()
+        .into_iter()
+        .map(|r| r.logical_id)
+        .collect();
+    ids.sort();
+    ids
 }
 
 /// A fresh place to store data: a temp dir, plus a database on the chosen backend.
@@ -345,7 +387,17 @@ impl TestServer {
             })
         });
         let (addr, handle) = rx.recv().unwrap();
-        let token = mint(&issuer, "system/*.cruds", None);
+        // the harness acts as an administrator (SearchParameters are theirs to write);
+        // `TestServer::token` mints tokens without roles
+        let token = issuer
+            .issue(&fhirvault::auth::TokenRequest {
+                scope: "system/*.cruds".into(),
+                client_id: Some("test-client".into()),
+                roles: vec!["admin".into()],
+                expires_in: 900,
+                ..Default::default()
+            })
+            .unwrap();
         let mut headers = HeaderMap::new();
         headers.insert("authorization", format!("Bearer {token}").parse().unwrap());
         TestServer {
@@ -425,7 +477,9 @@ pub fn exporter(s: &TestServer) -> std::sync::Arc<fhirvault::bulk::Exporter> {
     let config = std::sync::Arc::new(s.config.clone());
     fhirvault::bulk::Exporter::new(
         s.store.clone(),
-        fhirvault::server::shared_registry(&config).unwrap(),
+        std::sync::Arc::new(
+            fhirvault::server::live_registry(&config, fhirvault::server::shared_registry(&config).unwrap()).unwrap(),
+        ),
         std::sync::Arc::new(Default::default()),
         config,
         fhirvault::server::shared_validator().unwrap(),
@@ -497,6 +551,16 @@ impl Reply {
             )
         })
     }
+    /// The status codes of a batch or transaction response's entries (`"201"` …), in order.
+    pub fn entry_statuses(&self) -> Vec<String> {
+        self.json()["entry"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|e| e["response"]["status"].as_str().unwrap_or("")[..3].to_string())
+            .collect()
+    }
+
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers.get(name).and_then(|v| v.to_str().ok())
     }

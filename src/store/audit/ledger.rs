@@ -8,7 +8,9 @@
 //! search rows). Nothing here is a global lock: nodes append to their own chains side by side.
 
 use super::super::connection::Backend;
-use super::super::schema::{audit_archives as ar, audit_chain as ac, audit_chains as chains, audit_checkpoints as ak};
+use super::super::schema::{
+    audit_archives as ar, audit_chain as ac, audit_chains as chains, audit_checkpoints as ak, audit_events as ae,
+};
 use super::{AuditRow, ChainLink, Checkpoint, GENESIS_HASH};
 use crate::store::{DbConnection, Store, StoreError};
 use diesel::pg::Pg;
@@ -209,6 +211,17 @@ impl AuditSession {
         self.note(store, result)
     }
 
+    /// Event ids among `ids` whose event rows are stored.
+    pub fn stored_events(&mut self, store: &Store, ids: &[String]) -> Result<Vec<String>, StoreError> {
+        let result = (|| {
+            Ok(ae::table
+                .filter(ae::id.eq_any(ids))
+                .select(ae::id)
+                .load(self.conn(store)?)?)
+        })();
+        self.note(store, result)
+    }
+
     /// Event ids among `ids` that some chain already links.
     pub fn linked(&mut self, store: &Store, ids: &[String]) -> Result<Vec<String>, StoreError> {
         let result = (|| {
@@ -234,7 +247,7 @@ impl AuditSession {
         let result = (|| {
             let _guard = store.sqlite_write_guard();
             self.conn(store)?
-                .transaction(|conn| super::index::index_batch(conn, chain, from, to, rows))
+                .write_transaction(|conn| super::index::index_batch(conn, chain, from, to, rows))
         })();
         self.note(store, result)
             .or_else(|e| if e.is_unique_violation() { Ok(false) } else { Err(e) })
@@ -258,7 +271,8 @@ impl AuditSession {
             },
             Backend::Sqlite => {
                 let _guard = store.sqlite_write_guard();
-                self.conn(store)?.transaction(|conn| append_sqlite(conn, rows, links))
+                self.conn(store)?
+                    .write_transaction(|conn| append_sqlite(conn, rows, links))
             }
         };
         self.note(store, result)

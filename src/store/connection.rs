@@ -105,8 +105,12 @@ impl std::fmt::Debug for DbManager {
 impl DbManager {
     pub fn new(url: &str) -> Result<Self, ConnectError> {
         let backend = Backend::of_url(url).ok_or(ConnectError::Scheme)?;
+        let url = match backend {
+            Backend::Postgres if std::env::var_os("PGGSSENCMODE").is_none() => without_gss_probe(url),
+            _ => url.to_string(),
+        };
         Ok(DbManager {
-            url: url.to_string(),
+            url,
             backend,
             servers: Default::default(),
         })
@@ -180,6 +184,22 @@ impl DbConnection {
     }
 }
 
+/// The PostgreSQL URL with `gssencmode=disable` unless it (or `PGGSSENCMODE`) says otherwise.
+/// libpq's default (`prefer`) looks for a Kerberos credential cache before every connection;
+/// that costs a file lookup per connection and, when a background thread connects while the
+/// process exits, aborts it inside the Kerberos library (its mutexes are already destroyed).
+/// GSSAPI encryption is opportunistic under `prefer` and protects nothing that TLS
+/// (`sslmode=verify-full`, docs/deployment.md) does not; a deployment that wants it sets
+/// `gssencmode` in its URL. GSSAPI authentication is not affected.
+fn without_gss_probe(url: &str) -> String {
+    let query = url.split_once('?').map(|(_, q)| q).unwrap_or("");
+    if query.split('&').any(|kv| kv.starts_with("gssencmode=")) {
+        return url.to_string();
+    }
+    let separator = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{separator}gssencmode=disable")
+}
+
 /// Creates the SQLite file readable by its owner only (SQLite gives its -wal and -shm files the
 /// same mode) when it does not exist yet; an existing file is left as the operator set it.
 fn create_private_file(path: &str) -> Result<(), ConnectError> {
@@ -224,8 +244,22 @@ impl r2d2::ManageConnection for DbManager {
 
 #[cfg(test)]
 mod tests {
-    use super::ServerTracker;
+    use super::{without_gss_probe, ServerTracker};
     use std::sync::atomic::Ordering;
+
+    #[test]
+    fn postgres_urls_skip_the_kerberos_probe_unless_they_ask_for_it() {
+        assert_eq!(
+            without_gss_probe("postgres://u@h/db"),
+            "postgres://u@h/db?gssencmode=disable"
+        );
+        assert_eq!(
+            without_gss_probe("postgres://u@h1:1,h2:2/db?target_session_attrs=read-write"),
+            "postgres://u@h1:1,h2:2/db?target_session_attrs=read-write&gssencmode=disable"
+        );
+        let asked = "postgres://u@h/db?sslmode=verify-full&gssencmode=require";
+        assert_eq!(without_gss_probe(asked), asked);
+    }
 
     #[test]
     fn a_failover_is_a_new_connection_reaching_another_server() {

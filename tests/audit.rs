@@ -58,6 +58,7 @@ on_both_backends!(
     verifier_catches_a_node_chain_truncated_or_dropped,
     audit_tables_are_append_only,
     audit_log_search_and_access_report,
+    audit_log_search_takes_the_common_result_parameters,
     archive_exports_before_it_removes_and_keeps_the_chain_verifiable,
 );
 
@@ -520,7 +521,7 @@ fn audit_tables_are_append_only(db: Db) {
     let resources = cs["rest"][0]["resource"].as_array().unwrap();
     let audit = resources.iter().find(|r| r["type"] == "AuditEvent").unwrap();
     assert_eq!(audit["interaction"], json!([{"code": "read"}, {"code": "search-type"}]));
-    assert_eq!(audit["searchParam"].as_array().unwrap().len(), 8);
+    assert_eq!(audit["searchParam"].as_array().unwrap().len(), 10);
     let patient = resources.iter().find(|r| r["type"] == "Patient").unwrap();
     assert!(patient["operation"]
         .as_array()
@@ -634,9 +635,11 @@ fn audit_log_search_and_access_report(db: Db) {
             String::from_utf8(base64::engine::general_purpose::STANDARD.decode(q).unwrap()).unwrap()
         })
         .collect();
-    assert!(queries.iter().any(|q| q == "agent=Practitioner/doc1"), "{queries:?}");
+    // (as the search engine records every query: form-encoded)
+    assert!(queries.iter().any(|q| q == "agent=Practitioner%2Fdoc1"), "{queries:?}");
     let at_rest = s.db.bytes_at_rest();
     assert!(!at_rest.windows(22).any(|w| w == b"agent=Practitioner/doc"));
+    assert!(!at_rest.windows(24).any(|w| w == b"agent=Practitioner%2Fdoc"));
     // p1 sees who accessed their record, and nothing of p2
     let me = s.token("patient/AuditEvent.rs", Some(&p1));
     let me = format!("Bearer {me}");
@@ -658,6 +661,168 @@ fn audit_log_search_and_access_report(db: Db) {
         404
     );
     assert_eq!(s.get_with("/AuditEvent", &[("authorization", &me)]).status, 403);
+}
+
+/// AuditEvent search is the common engine's: `_summary=count`, `_total`, `_sort`, `_elements`,
+/// `_include`, `:missing`, `:not`, compartments and paging behave as for every type, on the rows
+/// the log derives; parameters those rows do not hold are refused by name, and a malformed
+/// value is a 400 as elsewhere.
+fn audit_log_search_takes_the_common_result_parameters(db: Db) {
+    let s = TestServer::start(db);
+    let p1 = s.post("/Patient", &patient("Commonengineone")).json()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let p2 = s.post("/Patient", &patient("Commonenginetwo")).json()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(s.get(&format!("/Patient/{p1}")).status, 200);
+    // the events so far: two creates and a read, all of the default test token
+    let auditor = s
+        .issuer
+        .issue(&fhirvault::auth::TokenRequest {
+            scope: "user/AuditEvent.rs user/Patient.rs".into(),
+            fhir_user: Some("Practitioner/aud2".into()),
+            roles: vec!["auditor".into()],
+            expires_in: 900,
+            ..Default::default()
+        })
+        .unwrap();
+    let aud = format!("Bearer {auditor}");
+    let get = |q: &str| s.get_with(&format!("/AuditEvent?{q}"), &[("authorization", &aud)]);
+    let ok = |q: &str| {
+        let r = get(q);
+        assert_eq!(r.status, 200, "{q}: {}", r.text());
+        r.json()
+    };
+    let ids = |b: &Value| -> Vec<String> {
+        b["entry"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .filter(|e| e["search"]["mode"] == "match")
+            .map(|e| e["resource"]["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    // counted without entries (refused with 400 before)
+    let counted = ok("subtype=create&_summary=count");
+    assert_eq!(counted["total"], 2, "{counted}");
+    assert!(counted.get("entry").is_none());
+    assert_eq!(ok("subtype=create,read&_total=accurate")["total"], 3);
+    assert!(ok("subtype=create&_total=none").get("total").is_none());
+    // newest first by default; _sort orders as asked
+    let newest = ids(&ok("subtype=create,read"));
+    let oldest = ids(&ok("subtype=create,read&_sort=date"));
+    assert_eq!(newest.len(), 3);
+    assert_eq!(newest.iter().rev().cloned().collect::<Vec<_>>(), oldest);
+    assert_eq!(ids(&ok("subtype=create,read&_sort=-date")), newest);
+    let by_subtype = ok("subtype=create,read&_sort=-subtype,date");
+    let first = &by_subtype["entry"][0]["resource"];
+    assert_eq!(first["subtype"][0]["code"], "read", "{by_subtype}");
+    // _elements keeps what was asked (and the mandatory elements)
+    let slim = ok("subtype=read&_elements=type,recorded");
+    let event = &slim["entry"][0]["resource"];
+    assert!(
+        event.get("recorded").is_some() && event.get("outcome").is_none(),
+        "{event}"
+    );
+    // _id, :missing, :not, and every date prefix
+    assert_eq!(ids(&ok(&format!("_id={}", oldest[0]))), vec![oldest[0].clone()]);
+    assert_eq!(ok(&format!("patient=Patient/{p1}&_summary=count"))["total"], 2);
+    assert_eq!(ok(&format!("patient={p2}&_summary=count"))["total"], 1);
+    assert_eq!(ok("subtype=create&patient:missing=true&_summary=count")["total"], 0);
+    assert_eq!(ok("subtype:not=create&subtype=create,read&_summary=count")["total"], 1);
+    assert_eq!(
+        ok("action=http://hl7.org/fhir/audit-event-action|C&subtype=create&_summary=count")["total"],
+        2
+    );
+    assert_eq!(ok("subtype=http://elsewhere|create&_summary=count")["total"], 0);
+    let today = chrono::Utc::now().format("%Y-%m-%d").to_string();
+    assert_eq!(ok(&format!("date=ap{today}&subtype=create&_summary=count"))["total"], 2);
+    assert_eq!(ok("date=sa2000-01-01&subtype=create&_summary=count")["total"], 2);
+    assert_eq!(ok("_lastUpdated=lt2000-01-01&_summary=count")["total"], 0);
+    // a compartment search of the log: the patient's events only
+    let compartment = s.get_with(
+        &format!("/Patient/{p2}/AuditEvent?subtype=create"),
+        &[("authorization", &aud)],
+    );
+    assert_eq!(compartment.status, 200, "{}", compartment.text());
+    assert_eq!(ids(&compartment.json()).len(), 1);
+    // _include reaches the patients the token may read, and no further
+    let included = ok("subtype=create&_include=AuditEvent:patient");
+    let patients: Vec<&Value> = included["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["search"]["mode"] == "include")
+        .collect();
+    assert_eq!(patients.len(), 2, "{included}");
+    assert!(patients.iter().all(|e| e["resource"]["resourceType"] == "Patient"));
+    let log_only = s.token("system/AuditEvent.rs", None);
+    let r = s.get_with(
+        "/AuditEvent?subtype=create&_include=AuditEvent:patient",
+        &[("authorization", &format!("Bearer {log_only}"))],
+    );
+    assert_eq!(r.status, 200);
+    assert!(
+        !r.text().contains("\"Patient\""),
+        "a patient included without a Patient scope"
+    );
+    // paging through the common engine's links
+    let mut url = format!("{}/AuditEvent?subtype=create,read&_count=2", s.base);
+    let mut seen = Vec::new();
+    loop {
+        let r = Reply::from(
+            reqwest::blocking::Client::new()
+                .get(&url)
+                .header("authorization", &aud)
+                .send()
+                .unwrap(),
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+        let page = r.json();
+        seen.extend(ids(&page));
+        match page["link"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["relation"] == "next")
+        {
+            Some(next) => url = next["url"].as_str().unwrap().to_string(),
+            None => break,
+        }
+    }
+    assert_eq!(seen, newest, "pages neither repeat nor skip");
+    // what the log's rows do not hold is refused by name; malformed values are refused
+    for (q, name) in [
+        ("site=main", "site"),
+        ("entity-role=1", "entity-role"),
+        ("address=10.0.0.1", "address"),
+        ("_sort=entity-name", "entity-name"),
+        ("patient.name=Commonengineone", "patient"),
+    ] {
+        let r = get(q);
+        assert_eq!(r.status, 400, "{q}: {}", r.text());
+        assert!(r.text().contains(name), "{q}: {}", r.text());
+    }
+    for q in ["date=garbage", "_count=many", "subtype=create&_sort=nonsense"] {
+        assert_eq!(get(q).status, 400, "{q}");
+    }
+    // still the log's access rule: a clinician's user/*.rs does not open it
+    let doctor = s.token("user/*.rs", None);
+    let r = s.get_with(
+        "/AuditEvent?_summary=count",
+        &[("authorization", &format!("Bearer {doctor}"))],
+    );
+    assert_eq!(r.status, 403);
+    // and in a batch, as alone
+    let batch = json!({"resourceType": "Bundle", "type": "batch", "entry": [
+        {"request": {"method": "GET", "url": "AuditEvent?subtype=create&_summary=count"}}]});
+    let r = s.send("POST", "", Some(&batch), &[("authorization", &aud)]);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["entry"][0]["resource"]["total"], 2, "{}", r.text());
 }
 
 fn archive_exports_before_it_removes_and_keeps_the_chain_verifiable(db: Db) {

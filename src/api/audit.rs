@@ -1,7 +1,7 @@
-//! Reading the audit log over FHIR: `GET AuditEvent/{id}`, AuditEvent search (`date`, `agent`,
-//! `entity`, `patient`, `type`, `subtype`, `action`, `outcome`), and
-//! `GET Patient/{id}/$access-report`, which shows a patient who accessed their record, when and
-//! why, without anyone else's data. Every one of these reads is itself audited by the router.
+//! Reading the audit log over FHIR: `GET AuditEvent/{id}`, and `GET Patient/{id}/$access-report`,
+//! which shows a patient who accessed their record, when and why, without anyone else's data.
+//! AuditEvent search is the common search engine's (`api::search`, answered from the log's own
+//! rows by `store::audit::search`). Every one of these reads is itself audited by the router.
 
 use super::history::PageTokens;
 use super::negotiate::query_pairs;
@@ -9,12 +9,11 @@ use super::trail::Trail;
 use super::{blocking, ApiError, AppState, Format};
 use crate::auth::policy::{authorize_access_report, authorize_audit_log};
 use crate::auth::{Permission, Principal};
-use crate::fhir::resource::{instant, is_valid_id};
+use crate::fhir::resource::instant;
 use crate::fhir::IssueType;
 use crate::store::audit::{event_aad, AuditQuery, StoredAuditEvent};
 use crate::store::now;
 use actix_web::{web, HttpRequest, HttpResponse};
-use chrono::{NaiveDate, NaiveDateTime};
 use serde_json::{json, Value};
 use std::sync::Arc;
 
@@ -38,12 +37,6 @@ pub async fn read(
     Ok(HttpResponse::Ok()
         .content_type(fmt.content_type())
         .body(fmt.render(&value)))
-}
-
-pub async fn search(req: HttpRequest, p: Arc<Principal>, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
-    authorize_audit_log(&p, Permission::Search)?;
-    let query = parse_query(&req, &state)?;
-    list(req, p, state, query, "AuditEvent".into(), None).await
 }
 
 pub async fn access_report(
@@ -80,128 +73,6 @@ fn parse_count(v: &str, state: &AppState) -> Result<u32, ApiError> {
         .parse()
         .map_err(|_| ApiError::bad_request(IssueType::Invalid, "_count must be a non-negative whole number"))?;
     Ok(n.min(state.config.max_page_size))
-}
-
-/// A reference search value: `Type/id`, an absolute URL ending in one, or (with `bare_type`) an id.
-fn reference(v: &str, bare_type: Option<&str>) -> Result<String, ApiError> {
-    let bad = || ApiError::bad_request(IssueType::Invalid, "a reference parameter needs Type/id");
-    let parts: Vec<&str> = v.rsplitn(3, '/').collect();
-    match (parts.as_slice(), bare_type) {
-        ([id, t, ..], _) if is_valid_id(id) && t.chars().next().is_some_and(|c| c.is_ascii_uppercase()) => {
-            Ok(format!("{t}/{id}"))
-        }
-        ([id], Some(t)) if is_valid_id(id) => Ok(format!("{t}/{id}")),
-        _ => Err(bad()),
-    }
-}
-
-/// `system|code` or `code` → code (the codes searched are unique within this server's events).
-fn token(v: &str) -> String {
-    v.rsplit('|').next().unwrap_or(v).to_string()
-}
-
-/// A FHIR date or dateTime (partial allowed) as the range [start, end) it covers.
-fn date_range(v: &str) -> Option<(NaiveDateTime, NaiveDateTime)> {
-    let midnight = |d: NaiveDate| d.and_hms_opt(0, 0, 0);
-    match v.len() {
-        4 => {
-            let y: i32 = v.parse().ok()?;
-            Some((
-                midnight(NaiveDate::from_ymd_opt(y, 1, 1)?)?,
-                midnight(NaiveDate::from_ymd_opt(y + 1, 1, 1)?)?,
-            ))
-        }
-        7 => {
-            let d = NaiveDate::parse_from_str(&format!("{v}-01"), "%Y-%m-%d").ok()?;
-            let next = d.checked_add_months(chrono::Months::new(1))?;
-            Some((midnight(d)?, midnight(next)?))
-        }
-        10 => {
-            let d = NaiveDate::parse_from_str(v, "%Y-%m-%d").ok()?;
-            Some((midnight(d)?, midnight(d.succ_opt()?)?))
-        }
-        _ => {
-            let t = chrono::DateTime::parse_from_rfc3339(v).ok()?.naive_utc();
-            // precision of the value given: a whole second unless fractions were written
-            let width = if v.contains('.') {
-                chrono::Duration::microseconds(1)
-            } else {
-                chrono::Duration::seconds(1)
-            };
-            Some((t, t + width))
-        }
-    }
-}
-
-/// Applies one `date` value (prefix + date) to the query's recorded range.
-fn apply_date(q: &mut AuditQuery, v: &str) -> Result<(), ApiError> {
-    let (prefix, rest) = match v.get(..2) {
-        Some(p @ ("eq" | "ne" | "gt" | "lt" | "ge" | "le" | "sa" | "eb" | "ap")) => (p, &v[2..]),
-        _ => ("eq", v),
-    };
-    let (start, end) = date_range(rest)
-        .ok_or_else(|| ApiError::bad_request(IssueType::Invalid, "date must be a FHIR date or dateTime"))?;
-    let narrow_from =
-        |q: &mut AuditQuery, t: NaiveDateTime| q.recorded_from = Some(q.recorded_from.map_or(t, |f| f.max(t)));
-    let narrow_before =
-        |q: &mut AuditQuery, t: NaiveDateTime| q.recorded_before = Some(q.recorded_before.map_or(t, |b| b.min(t)));
-    match prefix {
-        "eq" => {
-            narrow_from(q, start);
-            narrow_before(q, end);
-        }
-        "ge" => narrow_from(q, start),
-        "gt" | "sa" => narrow_from(q, end),
-        "le" => narrow_before(q, end),
-        "lt" | "eb" => narrow_before(q, start),
-        _ => {
-            return Err(ApiError::bad_request(
-                IssueType::NotSupported,
-                "AuditEvent date supports the prefixes eq, gt, ge, lt, le, sa and eb",
-            ))
-        }
-    }
-    Ok(())
-}
-
-fn parse_query(req: &HttpRequest, state: &AppState) -> Result<AuditQuery, ApiError> {
-    let mut q = AuditQuery {
-        count: state.config.default_page_size,
-        ..Default::default()
-    };
-    for (k, v) in query_pairs(req) {
-        let values = || v.split(',').filter(|s| !s.is_empty());
-        match k.as_str() {
-            "date" => apply_date(&mut q, &v)?,
-            "agent" => {
-                for x in values() {
-                    // a user reference, or a client id or token subject as recorded
-                    q.agents.push(reference(x, None).unwrap_or_else(|_| x.to_string()));
-                }
-            }
-            "entity" => q
-                .entities
-                .extend(values().map(|x| reference(x, None)).collect::<Result<Vec<_>, _>>()?),
-            "patient" => q.patients.extend(
-                values()
-                    .map(|x| reference(x, Some("Patient")))
-                    .collect::<Result<Vec<_>, _>>()?,
-            ),
-            "type" => q.types.extend(values().map(token)),
-            "subtype" => q.subtypes.extend(values().map(token)),
-            "action" => q.actions.extend(values().map(token)),
-            "outcome" => q.outcomes.extend(values().map(token)),
-            "_count" => q.count = parse_count(&v, state)?,
-            "_page" | "_format" | "_pretty" => {}
-            _ => {
-                return Err(ApiError::bad_request(
-                    IssueType::NotSupported,
-                    "AuditEvent search supports date, agent, entity, patient, type, subtype, action and outcome",
-                ))
-            }
-        }
-    }
-    Ok(q)
 }
 
 /// Decrypts a stored event.
@@ -327,35 +198,6 @@ async fn list(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn dates_are_ranges_and_prefixes_narrow_them() {
-        let d = |s: &str| chrono::DateTime::parse_from_rfc3339(s).unwrap().naive_utc();
-        let (a, b) = date_range("2026-11").unwrap();
-        assert_eq!((a, b), (d("2026-11-01T00:00:00Z"), d("2026-12-01T00:00:00Z")));
-        let (a, b) = date_range("2026").unwrap();
-        assert_eq!((a, b), (d("2026-01-01T00:00:00Z"), d("2027-01-01T00:00:00Z")));
-        assert!(date_range("2026-13").is_none() && date_range("yesterday").is_none());
-        let mut q = AuditQuery::default();
-        apply_date(&mut q, "ge2026-11-23").unwrap();
-        apply_date(&mut q, "lt2026-11-24T10:00:00Z").unwrap();
-        assert_eq!(q.recorded_from, Some(d("2026-11-23T00:00:00Z")));
-        assert_eq!(q.recorded_before, Some(d("2026-11-24T10:00:00Z")));
-        let mut q = AuditQuery::default();
-        apply_date(&mut q, "2026-11-23").unwrap();
-        assert_eq!(q.recorded_before, Some(d("2026-11-24T00:00:00Z")));
-        assert!(apply_date(&mut AuditQuery::default(), "ne2026").is_err());
-    }
-
-    #[test]
-    fn references_and_tokens() {
-        assert_eq!(reference("Patient/1", None).unwrap(), "Patient/1");
-        assert_eq!(reference("http://x/fhir/Patient/1", None).unwrap(), "Patient/1");
-        assert_eq!(reference("1", Some("Patient")).unwrap(), "Patient/1");
-        assert!(reference("1", None).is_err());
-        assert_eq!(token("http://hl7.org/fhir/restful-interaction|read"), "read");
-        assert_eq!(token("R"), "R");
-    }
 
     #[test]
     fn a_patient_sees_no_other_patient_nor_the_query() {

@@ -427,7 +427,7 @@ async fn read_entry(
             id,
             version,
         } => crud::vread(req.clone(), p.clone(), resource_type, id, version, state.clone()).await,
-        Interaction::SearchType { resource_type } if resource_type != "AuditEvent" => {
+        Interaction::SearchType { resource_type } => {
             let pairs = super::negotiate::url_decode_pairs(&e.query);
             search::search(
                 req.clone(),

@@ -149,11 +149,10 @@ pub fn document(validator: &Validator, registry: &Registry, base_path: &str) -> 
                 &[],
             )
             .parameters(Some(
-                [
-                    "date", "agent", "entity", "patient", "type", "subtype", "action", "outcome",
-                ]
-                .iter()
-                .map(|p| query_param(p, "AuditEvent search parameter")),
+                crate::store::audit::search::AUDIT_SEARCH_PARAMS
+                    .iter()
+                    .chain(&["_count", "_sort", "_total", "_summary", "_elements", "_include"])
+                    .map(|p| query_param(p, "AuditEvent search parameter")),
             ))
             .response("200", body_response("A searchset Bundle", "Bundle"));
             paths = paths.path(&base, PathItemBuilder::new().operation(HttpMethod::Get, search).build());

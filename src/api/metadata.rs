@@ -24,7 +24,9 @@ pub const TYPE_INTERACTIONS: &[&str] = &[
 /// The system-level interactions routed.
 pub const SYSTEM_INTERACTIONS: &[&str] = &["transaction", "batch", "history-system", "search-system"];
 
-/// AuditEvent is written only by the server: it is read and searched (see `api::audit`).
+/// AuditEvent is written only by the server: it is read (`api::audit`) and searched with the
+/// common engine and result parameters, on the parameters the log's rows hold
+/// (`store::audit::search::AUDIT_SEARCH_PARAMS`; a unit test keeps the two lists equal).
 fn audit_event_capability() -> Value {
     let param = |name: &str, kind: &str, doc: &str| json!({"name": name, "type": kind, "documentation": doc});
     json!({
@@ -40,8 +42,11 @@ fn audit_event_capability() -> Value {
         "conditionalRead": "not-supported",
         "conditionalUpdate": false,
         "conditionalDelete": "not-supported",
+        "searchInclude": ["AuditEvent:agent", "AuditEvent:entity", "AuditEvent:patient"],
         "searchParam": [
-            param("date", "date", "When the event was recorded (prefixes eq, gt, ge, lt, le, sa, eb)"),
+            param("_id", "token", "The event's id"),
+            param("_lastUpdated", "date", "When the event was recorded"),
+            param("date", "date", "When the event was recorded (every prefix)"),
             param("agent", "reference", "Who acted: the user's reference, else the client id or token subject"),
             param("entity", "reference", "A resource the event touched"),
             param("patient", "reference", "A patient whose data the event concerned"),
@@ -411,4 +416,22 @@ pub async fn capabilities(req: HttpRequest, state: web::Data<AppState>) -> Resul
     Ok(HttpResponse::Ok()
         .content_type(fmt.content_type())
         .body(fmt.render_stored(stored)))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_audit_log_declares_the_parameters_its_rows_answer() {
+        let declared: std::collections::BTreeSet<String> = super::audit_event_capability()["searchParam"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["name"].as_str().unwrap().to_string())
+            .collect();
+        let answered = crate::store::audit::search::AUDIT_SEARCH_PARAMS
+            .iter()
+            .map(|p| p.to_string())
+            .collect();
+        assert_eq!(declared, answered);
+    }
 }

@@ -401,7 +401,6 @@ async fn handle(
         Interaction::ConditionalDelete { resource_type } => {
             crud::conditional_delete(req, p, resource_type, state).await
         }
-        Interaction::SearchType { .. } if is_audit => audit::search(req, p, state).await,
         Interaction::SearchType { resource_type } => {
             let pairs = super::negotiate::query_pairs(&req);
             search::search(req, p, search::Target::Type(resource_type), pairs, state).await

@@ -5,7 +5,7 @@
 
 use super::trail::Trail;
 use super::{blocking, ApiError, AppState, Format};
-use crate::auth::policy::authorize;
+use crate::auth::policy::{authorize, authorize_audit_search};
 use crate::auth::{Permission, Principal};
 use crate::fhir::resource::instant;
 use crate::fhir::IssueType;
@@ -225,9 +225,16 @@ pub async fn search(
             unique
         }
     };
+    // the audit log: its own access rule, and its own rows answer the search
+    let audit_log = types.iter().any(|t| t == AUDIT_EVENT);
     let mut decisions = std::collections::HashMap::new();
     for t in &types {
-        decisions.insert(t.clone(), authorize(&p, t, Permission::Search)?);
+        let decision = if t == AUDIT_EVENT {
+            authorize_audit_search(&p, Permission::Search)?
+        } else {
+            authorize(&p, t, Permission::Search)?
+        };
+        decisions.insert(t.clone(), decision);
     }
     // where any type is limited to a compartment, the whole search is (fail closed)
     let restricted = decisions.values().find(|d| d.patient.is_some()).cloned();
@@ -288,6 +295,9 @@ pub async fn search(
     }
     if matches!(target, Target::System | Target::Everything(_)) {
         parsed.query.types = types.clone();
+    }
+    if audit_log {
+        audit_log_supports(&parsed)?;
     }
     if let Target::Everything(pid) = &target {
         parsed.query.compartment = Some(pid.clone());
@@ -363,12 +373,29 @@ pub async fn search(
             return Err(ApiError::Internal);
         }
     }
+    if audit_log {
+        // search rows are derived off the request path: wait for this node's own (other
+        // nodes' events are searchable within a second of their commit)
+        state
+            .auditor
+            .sync_search()
+            .await
+            .map_err(|_| ApiError::AuditUnavailable)?;
+    }
     let labels_bind = state.attributes.label_rules_bind(&p);
     // what the token may see of a stored version: re-checks, compartment, labels and hidden
     // elements, as for every read
     let visible = |v: &StoredVersion| -> Result<Option<Value>, ApiError> {
-        let Some(json) = v.content.clone() else { return Ok(None) };
+        let Some(mut json) = v.content.clone() else {
+            return Ok(None);
+        };
         let t = &v.resource_type;
+        if t == AUDIT_EVENT {
+            // the search's sealed query, opened for whoever may read the log
+            let mut value: Value = serde_json::from_slice(&json).map_err(|_| ApiError::Internal)?;
+            crate::audit::event::reveal_query(&mut value, cipher);
+            json = serde_json::to_vec(&value).map_err(|_| ApiError::Internal)?;
+        }
         let Some(decision) = decisions.get(t) else {
             return Ok(None);
         };
@@ -561,6 +588,37 @@ pub async fn search(
     Ok(HttpResponse::Ok()
         .content_type(fmt.content_type())
         .body(fmt.render(&bundle)))
+}
+
+const AUDIT_EVENT: &str = "AuditEvent";
+
+/// AuditEvent search answers the parameters the audit log's derived rows hold: anything else
+/// is refused (400) by name rather than answered from other rows or ignored.
+fn audit_log_supports(parsed: &crate::search::query::ParsedSearch) -> Result<(), ApiError> {
+    use crate::store::audit::search::{sort_column, unsupported, AUDIT_SEARCH_PARAMS};
+    let refuse = |param: &str| {
+        let name: String = param
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric() || "-_:".contains(*c))
+            .collect();
+        ApiError::BadRequest(vec![crate::fhir::Issue::error(
+            IssueType::NotSupported,
+            format!(
+                "AuditEvent search does not support {name}; it supports {}",
+                AUDIT_SEARCH_PARAMS.join(", ")
+            ),
+        )])
+    };
+    if let Some(param) = unsupported(&parsed.query.clauses) {
+        return Err(refuse(&param));
+    }
+    if let Some((param, _)) = parsed.memory_sort.first() {
+        return Err(refuse(&param.code));
+    }
+    if let Some(key) = parsed.sort.iter().find(|k| sort_column(&k.param).is_none()) {
+        return Err(refuse(&key.param));
+    }
+    Ok(())
 }
 
 /// The most candidates a chain through an identifying parameter confirms (each is read and

@@ -11,11 +11,11 @@ use std::collections::BTreeSet;
 
 use super::AuditError;
 
-const AUDIT_EVENT_TYPE: &str = "http://terminology.hl7.org/CodeSystem/audit-event-type";
-const RESTFUL_INTERACTION: &str = "http://hl7.org/fhir/restful-interaction";
-const DCM: &str = "http://dicom.nema.org/resources/ontology/DCM";
-/// Subtypes of our own for what FHIR and DICOM have no code for (token issue, CLI commands …).
-pub const FHIRVAULT_SUBTYPES: &str = "https://fhirvault.dev/CodeSystem/audit-subtype";
+// The systems of type and subtype are the search's too: it answers `system|code` from the
+// codes the derived rows hold (subtypes of our own for what FHIR and DICOM have no code for:
+// token issue, CLI commands …).
+pub use crate::store::audit::search::FHIRVAULT_SUBTYPES;
+use crate::store::audit::search::{AUDIT_EVENT_TYPE, DCM, RESTFUL_INTERACTION};
 const PARTICIPATION: &str = "http://terminology.hl7.org/CodeSystem/v3-ParticipationType";
 const ACT_REASON: &str = "http://terminology.hl7.org/CodeSystem/v3-ActReason";
 const ENTITY_TYPE: &str = "http://terminology.hl7.org/CodeSystem/audit-entity-type";
@@ -466,6 +466,14 @@ pub fn canonical_json(v: &Value) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_search_knows_the_system_of_every_type_recorded() {
+        for kind in [Kind::Rest("read"), Kind::Security("login"), Kind::Admin("migrate")] {
+            let (system, code, _) = kind.type_coding();
+            assert_eq!(crate::store::audit::search::type_system(code), system);
+        }
+    }
 
     #[test]
     fn canonical_json_sorts_keys_and_drops_whitespace() {

@@ -110,6 +110,19 @@ pub fn authorize_audit_log(principal: &Principal, needed: Permission) -> Result<
     }
 }
 
+/// The decision for searching the audit log with the common search engine: whoever may read
+/// the log ([`authorize_audit_log`]) reads all of it; nobody else any of it (a patient's own
+/// accesses are `$access-report`'s).
+pub fn authorize_audit_search(principal: &Principal, needed: Permission) -> Result<Decision, AuthError> {
+    authorize_audit_log(principal, needed)?;
+    Ok(Decision {
+        unrestricted: true,
+        patient: None,
+        reads: true,
+        filters: Vec::new(),
+    })
+}
+
 /// Whether `principal` may see who accessed `patient_id`'s record (`Patient/{id}/$access-report`):
 /// the patient themself (a `patient/AuditEvent.rs` scope in that patient's context), or whoever
 /// may read the audit log.

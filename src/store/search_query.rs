@@ -227,6 +227,37 @@ pub struct SearchQuery {
     pub updated_until: Option<NaiveDateTime>,
 }
 
+/// The type whose searches the audit log's own rows answer (`store::audit::search`).
+const AUDIT_EVENT: &str = "AuditEvent";
+
+impl SearchQuery {
+    /// A search of every resource of `resource_type`, one default page, counted.
+    pub fn of_type(resource_type: &str) -> SearchQuery {
+        SearchQuery {
+            resource_type: resource_type.to_string(),
+            types: Vec::new(),
+            clauses: Vec::new(),
+            count: 0,
+            after: None,
+            before: None,
+            sort: Vec::new(),
+            total: true,
+            patient: None,
+            nested_patient: None,
+            shared_types: Vec::new(),
+            compartment: None,
+            any_compartment: None,
+            updated_after: None,
+            updated_until: None,
+        }
+    }
+
+    /// A search of the audit log (AuditEvent alone).
+    pub fn is_audit_log(&self) -> bool {
+        self.resource_type == AUDIT_EVENT && self.types.iter().all(|t| t == AUDIT_EVENT)
+    }
+}
+
 pub struct SearchPage {
     pub entries: Vec<StoredVersion>,
     /// The matches (when counted).
@@ -238,7 +269,7 @@ pub struct SearchPage {
 }
 
 #[derive(Clone)]
-enum Bind {
+pub(super) enum Bind {
     Text(String),
     Blob(Vec<u8>),
     Ts(NaiveDateTime),
@@ -246,9 +277,9 @@ enum Bind {
     Int(i64),
 }
 
-struct Sql {
-    pg: bool,
-    binds: Vec<Bind>,
+pub(super) struct Sql {
+    pub(super) pg: bool,
+    pub(super) binds: Vec<Bind>,
     /// Numbers the aliases of nested subqueries so that none shadows another.
     aliases: usize,
     /// Resources reached through chains and `_has` must lie in this patient's compartment.
@@ -259,7 +290,7 @@ struct Sql {
 
 impl Sql {
     /// The SQL being built for a search's filter (its placeholders numbered for `pg`).
-    fn for_query(pg: bool, q: &SearchQuery) -> Sql {
+    pub(super) fn for_query(pg: bool, q: &SearchQuery) -> Sql {
         Sql {
             pg,
             binds: Vec::new(),
@@ -271,7 +302,7 @@ impl Sql {
 }
 
 impl Sql {
-    fn p(&mut self, b: Bind) -> String {
+    pub(super) fn p(&mut self, b: Bind) -> String {
         self.binds.push(b);
         if self.pg {
             format!("${}", self.binds.len())
@@ -280,7 +311,7 @@ impl Sql {
         }
     }
 
-    fn alias(&mut self, base: &str) -> String {
+    pub(super) fn alias(&mut self, base: &str) -> String {
         self.aliases += 1;
         format!("{base}{}", self.aliases)
     }
@@ -339,7 +370,14 @@ impl Sql {
     }
 
     /// A date comparison of the indexed range `[s, e)` with the searched one.
-    fn date_test(&mut self, s: &str, e: &str, op: DateOp, start: NaiveDateTime, end: NaiveDateTime) -> String {
+    pub(super) fn date_test(
+        &mut self,
+        s: &str,
+        e: &str,
+        op: DateOp,
+        start: NaiveDateTime,
+        end: NaiveDateTime,
+    ) -> String {
         // only the bounds a comparison uses are bound (SQLite counts its `?`)
         match op {
             DateOp::Within | DateOp::NotWithin => {
@@ -736,7 +774,7 @@ fn num_op(op: NumOp) -> &'static str {
 }
 
 /// A LIKE pattern matching `text` literally (used with `ESCAPE '\'`).
-fn like_escape(text: &str) -> String {
+pub(super) fn like_escape(text: &str) -> String {
     text.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_")
 }
 
@@ -763,7 +801,7 @@ macro_rules! bind_all {
 }
 
 /// Runs `text` with `binds` on either backend, for rows of `T`.
-fn load_rows<T>(conn: &mut DbConnection, text: &str, binds: &[Bind]) -> Result<Vec<T>, StoreError>
+pub(super) fn load_rows<T>(conn: &mut DbConnection, text: &str, binds: &[Bind]) -> Result<Vec<T>, StoreError>
 where
     T: QueryableByName<diesel::pg::Pg> + QueryableByName<diesel::sqlite::Sqlite> + 'static,
 {
@@ -975,12 +1013,16 @@ impl Store {
     }
 
     /// Runs `text` with `binds` for (type, id) rows.
-    fn key_rows(conn: &mut DbConnection, text: &str, binds: &[Bind]) -> Result<Vec<(String, String)>, StoreError> {
+    pub(super) fn key_rows(
+        conn: &mut DbConnection,
+        text: &str,
+        binds: &[Bind],
+    ) -> Result<Vec<(String, String)>, StoreError> {
         let rows: Vec<KeyRow> = load_rows(conn, text, binds)?;
         Ok(rows.into_iter().map(|r| (r.resource_type, r.logical_id)).collect())
     }
 
-    fn count_rows(conn: &mut DbConnection, text: &str, binds: &[Bind]) -> Result<i64, StoreError> {
+    pub(super) fn count_rows(conn: &mut DbConnection, text: &str, binds: &[Bind]) -> Result<i64, StoreError> {
         let n: CountRow = match conn {
             DbConnection::Pg(c) => {
                 bind_all!(diesel::sql_query(text).into_boxed::<diesel::pg::Pg>(), binds).get_result(c)?
@@ -1082,6 +1124,9 @@ impl Store {
     /// keys in page order): what `search` costs in the database, without reading or
     /// decrypting the resources. The benches' baseline.
     pub fn search_page_keys(&self, access: &Access, q: &SearchQuery) -> Result<(Option<i64>, Vec<Key>), StoreError> {
+        if q.is_audit_log() {
+            return self.audit_page_keys(q);
+        }
         let mut conn = self.checkout_read(access)?;
         let pg = matches!(conn.conn, DbConnection::Pg(_));
         let (count_sql, count_binds, page_sql, binds) = self.page_statements(pg, q);
@@ -1139,6 +1184,9 @@ impl Store {
         q: &SearchQuery,
         limit: u32,
     ) -> Result<(i64, Vec<(String, String)>), StoreError> {
+        if q.is_audit_log() {
+            return self.audit_sorted_keys(q, limit);
+        }
         let mut conn = self.checkout_read(access)?;
         let pg = matches!(conn.conn, DbConnection::Pg(_));
         let mut sql = Sql::for_query(pg, q);
@@ -1194,7 +1242,12 @@ impl Store {
         }
         let mut found: std::collections::HashMap<(String, String), StoredVersion> = Default::default();
         for (t, ids) in by_type {
-            for v in self.read_many(access, t, &ids)? {
+            let versions = if t == AUDIT_EVENT {
+                self.audit_versions(&ids)?
+            } else {
+                self.read_many(access, t, &ids)?
+            };
+            for v in versions {
                 found.insert((v.resource_type.clone(), v.logical_id.clone()), v);
             }
         }
@@ -1224,6 +1277,9 @@ impl Store {
         ids: &[String],
         param: Option<&str>,
     ) -> Result<Vec<(String, Option<String>, String)>, StoreError> {
+        if resource_type == AUDIT_EVENT {
+            return self.audit_references_of(ids, param);
+        }
         self.reference_rows(false, resource_type, ids, param, None)
     }
 

@@ -27,18 +27,10 @@ pub struct SearchRow {
     pub references: std::collections::BTreeSet<(String, String)>,
 }
 
-/// Filters of an AuditEvent search (all ANDed; values within one filter ORed).
+/// `$access-report`: the events naming one of these patients, newest first.
 #[derive(Debug, Clone, Default)]
 pub struct AuditQuery {
-    pub recorded_from: Option<NaiveDateTime>,
-    pub recorded_before: Option<NaiveDateTime>,
-    pub agents: Vec<String>,
-    pub entities: Vec<String>,
     pub patients: Vec<String>,
-    pub types: Vec<String>,
-    pub subtypes: Vec<String>,
-    pub actions: Vec<String>,
-    pub outcomes: Vec<String>,
     /// Newest first; only rows strictly older than this (recorded, id) cursor.
     pub before: Option<(NaiveDateTime, String)>,
     pub count: u32,
@@ -239,45 +231,21 @@ impl Store {
             .load(&mut conn.conn)?)
     }
 
-    /// AuditEvent search: newest first, one page plus one row (to tell whether more follow).
+    /// `$access-report`'s page: newest first, one page plus one row (to tell whether more
+    /// follow). AuditEvent search is the common engine's (`store::audit::search`).
     pub fn search_audit(&self, q: &AuditQuery) -> Result<Vec<StoredAuditEvent>, StoreError> {
         let mut conn = self.checkout(&Access::All)?;
         let mut b = asr::table
             .inner_join(ev::table.on(ev::id.eq(asr::event_id)))
             .into_boxed();
-        if let Some(from) = q.recorded_from {
-            b = b.filter(asr::recorded.ge(from));
-        }
-        if let Some(before) = q.recorded_before {
-            b = b.filter(asr::recorded.lt(before));
-        }
-        if !q.agents.is_empty() {
-            b = b.filter(asr::agent.eq_any(q.agents.clone()));
-        }
-        if !q.types.is_empty() {
-            b = b.filter(asr::type_code.eq_any(q.types.clone()));
-        }
-        if !q.subtypes.is_empty() {
-            b = b.filter(asr::subtype.eq_any(q.subtypes.clone()));
-        }
-        if !q.actions.is_empty() {
-            b = b.filter(asr::action.eq_any(q.actions.clone()));
-        }
-        if !q.outcomes.is_empty() {
-            b = b.filter(asr::outcome.eq_any(q.outcomes.clone()));
-        }
-        for (role, refs) in [("entity", &q.entities), ("patient", &q.patients)] {
-            if !refs.is_empty() {
-                b = b.filter(diesel::dsl::exists(
-                    ae::table.filter(
-                        ae::event_id
-                            .eq(asr::event_id)
-                            .and(ae::role.eq(role))
-                            .and(ae::reference.eq_any(refs.clone())),
-                    ),
-                ));
-            }
-        }
+        b = b.filter(diesel::dsl::exists(
+            ae::table.filter(
+                ae::event_id
+                    .eq(asr::event_id)
+                    .and(ae::role.eq("patient"))
+                    .and(ae::reference.eq_any(q.patients.clone())),
+            ),
+        ));
         if let Some((ts, id)) = &q.before {
             b = b.filter(
                 asr::recorded

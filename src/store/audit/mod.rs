@@ -15,6 +15,7 @@
 
 pub mod index;
 pub mod ledger;
+pub mod search;
 
 use super::encrypted::EncryptedColumn;
 use super::schema::audit_events as ev;

@@ -248,8 +248,18 @@ fn three_nodes_on_one_database_under_load_with_a_node_killed() {
         let version: i64 = got["meta"]["versionId"].as_str().unwrap().parse().unwrap();
         assert!(version >= *v, "Patient/{id}: acknowledged version {v}, found {version}");
     }
-    // search rows are derived within a second; the killed node's leftovers within a sweep
+    // search rows are derived within a second; the killed node's leftovers within a sweep (a
+    // restarted node derives its own from the durable rows: given longer on a loaded machine)
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
     std::thread::sleep(Duration::from_secs(12));
+    while std::time::Instant::now() < deadline
+        && names
+            .iter()
+            .enumerate()
+            .any(|(k, name)| (rest_events_of(&url, name) as u64) < tallies[k].events.load(Ordering::Relaxed))
+    {
+        std::thread::sleep(Duration::from_secs(1));
+    }
     for (k, name) in names.iter().enumerate() {
         let stored = rest_events_of(&url, name) as u64;
         let implied = tallies[k].events.load(Ordering::Relaxed);

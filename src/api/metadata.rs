@@ -54,6 +54,16 @@ fn audit_event_capability() -> Value {
             param("subtype", "token", "The interaction (read, search-type, create …) or command"),
             param("action", "token", "C, R, U, D or E"),
             param("outcome", "token", "0 success, 4 minor failure, 8 serious failure, 12 major failure"),
+            param("site", "token", "The site of the server that recorded the event (source.site)"),
+            param("address", "string", "The client's network address, whole (kept as a blind index: exact match, no :contains)"),
+            param("agent-role", "token", "A role the agent held (the role names fhirvault grants: admin, auditor …)"),
+            param("entity-type", "token", "1 a patient, 2 a resource or a search's query"),
+            param("entity-role", "token", "1 a patient, 24 a search's query"),
+            param("agent-name", "string", "Never recorded by fhirvault (matches no event)"),
+            param("altid", "token", "Never recorded by fhirvault (matches no event)"),
+            param("entity-name", "string", "Never recorded by fhirvault (matches no event)"),
+            param("policy", "uri", "Never recorded by fhirvault (matches no event)"),
+            param("source", "reference", "The observer is recorded by name, not reference (matches no event)"),
         ],
     })
 }

@@ -248,7 +248,7 @@ pub(super) fn unlinked(
 fn open(cipher: &Cipher, ev: &StoredAuditEvent) -> Option<(Vec<u8>, SearchRow)> {
     let plain = cipher.open(&event_aad(&ev.id), &ev.content.0).ok()?;
     let value: serde_json::Value = serde_json::from_slice(&plain).ok()?;
-    let search = search_row_from(&value, ev)?;
+    let search = search_row_from(&value, ev, cipher)?;
     Some((plain, search))
 }
 
@@ -257,8 +257,8 @@ fn search_row_of(cipher: &Cipher, ev: &StoredAuditEvent) -> Option<SearchRow> {
 }
 
 /// The search row an event's content implies.
-pub(super) fn search_row_from(value: &serde_json::Value, ev: &StoredAuditEvent) -> Option<SearchRow> {
-    let c = columns_of(value)?;
+pub(super) fn search_row_from(value: &serde_json::Value, ev: &StoredAuditEvent, cipher: &Cipher) -> Option<SearchRow> {
+    let c = columns_of(value, cipher)?;
     Some(SearchRow {
         event_id: ev.id.clone(),
         recorded: ev.recorded,
@@ -267,6 +267,8 @@ pub(super) fn search_row_from(value: &serde_json::Value, ev: &StoredAuditEvent) 
         action: c.action,
         outcome: c.outcome,
         agent: c.agent,
+        site: c.site,
+        address: c.address,
         references: c.references,
     })
 }

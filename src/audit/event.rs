@@ -15,7 +15,9 @@ use super::AuditError;
 // codes the derived rows hold (subtypes of our own for what FHIR and DICOM have no code for:
 // token issue, CLI commands …).
 pub use crate::store::audit::search::FHIRVAULT_SUBTYPES;
-use crate::store::audit::search::{AUDIT_EVENT_TYPE, DCM, RESTFUL_INTERACTION};
+use crate::store::audit::search::{
+    address_blind, AGENT_ROLE_ROW, AUDIT_EVENT_TYPE, DCM, ENTITY_ROLE_ROW, QUERY_ROLE, RESTFUL_INTERACTION,
+};
 const PARTICIPATION: &str = "http://terminology.hl7.org/CodeSystem/v3-ParticipationType";
 const ACT_REASON: &str = "http://terminology.hl7.org/CodeSystem/v3-ActReason";
 const ENTITY_TYPE: &str = "http://terminology.hl7.org/CodeSystem/audit-entity-type";
@@ -335,6 +337,19 @@ impl AuditRecord {
             content,
             entities,
             patients: self.patients.iter().cloned().collect(),
+            site: source.site.clone(),
+            address: self.agent.network.as_deref().map(|a| address_blind(cipher, a)),
+            facets: self
+                .agent
+                .roles
+                .iter()
+                .map(|r| (AGENT_ROLE_ROW.to_string(), r.clone()))
+                .chain(
+                    self.query
+                        .as_ref()
+                        .map(|_| (ENTITY_ROLE_ROW.to_string(), QUERY_ROLE.to_string())),
+                )
+                .collect(),
         };
         Ok((row, canonical))
     }
@@ -381,8 +396,9 @@ pub fn reveal_query(event: &mut Value, cipher: &Cipher) {
 }
 
 /// The search columns an event's content implies: what `audit verify` compares the stored
-/// columns with, so that editing a column (not only the sealed content) is caught.
-pub fn columns_of(event: &Value) -> Option<Columns> {
+/// columns with, so that editing a column (not only the sealed content) is caught. The cipher
+/// makes the address's blind index.
+pub fn columns_of(event: &Value, cipher: &Cipher) -> Option<Columns> {
     let agent_key = {
         let user = event.pointer("/agent/0/who/reference").and_then(Value::as_str);
         let subject = event.pointer("/agent/0/who/identifier/value").and_then(Value::as_str);
@@ -403,13 +419,31 @@ pub fn columns_of(event: &Value) -> Option<Columns> {
             };
             refs.insert((role.to_string(), versionless(r).to_string()));
         }
+        if e.pointer("/role/code").and_then(Value::as_str) == Some(QUERY_ROLE) {
+            refs.insert((ENTITY_ROLE_ROW.to_string(), QUERY_ROLE.to_string()));
+        }
     }
+    let roles = event.pointer("/agent/0/role").and_then(Value::as_array);
+    for text in roles.into_iter().flatten().filter_map(|r| r.get("text")?.as_str()) {
+        refs.insert((AGENT_ROLE_ROW.to_string(), text.to_string()));
+    }
+    let site = event
+        .pointer("/source/site")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
+    let address = event
+        .pointer("/agent/1/network/address")
+        .and_then(Value::as_str)
+        .map(|a| address_blind(cipher, a));
     Some(Columns {
         type_code,
         subtype,
         action,
         outcome,
         agent: agent_key,
+        site,
+        address,
         references: refs,
     })
 }
@@ -422,7 +456,11 @@ pub struct Columns {
     pub action: String,
     pub outcome: String,
     pub agent: String,
-    /// (role, versionless reference): `patient` for the patients, `entity` for the rest.
+    pub site: String,
+    /// The blind index of the client's network address.
+    pub address: Option<Vec<u8>>,
+    /// (role, versionless reference): `patient` for the patients, `entity` for the rest; and
+    /// the facet rows (agent roles, a search's query entity).
     pub references: BTreeSet<(String, String)>,
 }
 
@@ -523,7 +561,7 @@ mod tests {
         let b64 = base64::engine::general_purpose::STANDARD.encode("name=Zorblax");
         let text = serde_json::to_string(&v).unwrap();
         assert!(!text.contains("Zorblax") && !text.contains(&b64));
-        let c = columns_of(&v).unwrap();
+        let c = columns_of(&v, &cipher).unwrap();
         assert_eq!(
             (
                 c.type_code.as_str(),
@@ -536,6 +574,46 @@ mod tests {
         assert_eq!(c.agent, r.agent.search_key());
         assert!(c.references.contains(&("patient".into(), "Patient/p1".into())));
         assert!(c.references.contains(&("entity".into(), "Observation/1".into())));
+        // the rows the writer hands over without decrypting are those the content implies
+        // (what the deriver stores after a restart, and what `audit verify` compares)
+        let (row, _) = r.seal(&source, &cipher).unwrap();
+        let handed = row.search_row();
+        assert_eq!((&handed.site, &handed.address), (&c.site, &c.address));
+        assert_eq!(handed.references, c.references);
+        assert_eq!(c.site, "test");
+        assert_eq!(c.address, Some(address_blind(&cipher, "10.0.0.1")));
+        assert!(c.references.contains(&(AGENT_ROLE_ROW.into(), "nurse".into())));
+        // entity-type and entity-role as the search answers them from these rows: a patient
+        // is type 1 role 1, a resource type 2 without a role, the query type 2 role 24
+        let coded: Vec<(String, String, Option<String>)> = v["entity"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                let what = if e.get("query").is_some() {
+                    "query".to_string()
+                } else {
+                    e["what"]["reference"]
+                        .as_str()
+                        .unwrap()
+                        .split('/')
+                        .next()
+                        .unwrap()
+                        .to_string()
+                };
+                let role = e["role"]["code"].as_str().map(str::to_string);
+                (what, e["type"]["code"].as_str().unwrap().to_string(), role)
+            })
+            .collect();
+        assert_eq!(
+            coded,
+            vec![
+                ("Patient".into(), "1".into(), Some("1".into())),
+                ("Observation".into(), "2".into(), None),
+                ("query".into(), "2".into(), Some(QUERY_ROLE.into())),
+            ]
+        );
+        assert!(c.references.contains(&(ENTITY_ROLE_ROW.into(), QUERY_ROLE.into())));
         // the resource validates against the R4 schema
         let validator = crate::fhir::Validator::r4().unwrap();
         assert!(

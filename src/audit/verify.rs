@@ -473,7 +473,7 @@ fn check_event(
     if value.get("id").and_then(|v| v.as_str()) != Some(ev.id.as_str()) {
         return Some("its content belongs to another event");
     }
-    let Some(c) = columns_of(&value) else {
+    let Some(c) = columns_of(&value, cipher) else {
         return Some("its content is not an AuditEvent");
     };
     let recorded = value.get("recorded").and_then(|v| v.as_str()).unwrap_or("");
@@ -490,6 +490,8 @@ fn check_event(
         || c.action != s.action
         || c.outcome != s.outcome
         || c.agent != s.agent
+        || c.site != s.site
+        || c.address != s.address
         || s.recorded != ev.recorded
     {
         return Some("its search columns differ from its content");

@@ -26,8 +26,13 @@ use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 
-/// Format 2: the audit ledger's several chains (format 1 backups were made before them).
-const MAGIC: &[u8] = b"FHIRVAULT-BACKUP 2\n";
+/// Format 3: the audit search rows' site and address. Format 2 (the audit ledger's several
+/// chains) still restores: its derived search rows are left out and derived again from the
+/// events. Format 1 backups were made before the chains.
+const MAGIC: &[u8] = b"FHIRVAULT-BACKUP 3\n";
+const MAGIC_2: &[u8] = b"FHIRVAULT-BACKUP 2\n";
+/// The tables derived from the audit events (rebuilt rather than restored from format 2).
+const DERIVED_AUDIT_TABLES: &[&str] = &["audit_search", "audit_entities"];
 const CHUNK: usize = 1 << 20;
 const PAGE: i64 = 5000;
 
@@ -158,7 +163,7 @@ backup_table!(AuditEventRow, audit_events, order: (audit_events::id), {
 });
 backup_table!(AuditSearchRow, audit_search, order: (audit_search::event_id), {
     event_id: String, recorded: NaiveDateTime, type_code: String, subtype: String, action: String, outcome: String,
-    agent: String,
+    agent: String, site: String, #[serde(with = "b64_opt")] address: Option<Vec<u8>>,
 });
 backup_table!(AuditEntityRow, audit_entities, order: (audit_entities::event_id, audit_entities::role, audit_entities::reference), {
     event_id: String, role: String, reference: String,
@@ -360,7 +365,8 @@ impl Store {
     pub fn restore(&self, input: &mut dyn Read, mut progress: impl FnMut(&str, u64)) -> Result<Manifest, BackupError> {
         let mut magic = vec![0u8; MAGIC.len()];
         input.read_exact(&mut magic)?;
-        if magic != MAGIC {
+        let format_2 = magic == MAGIC_2;
+        if magic != MAGIC && !format_2 {
             return Err(BackupError::Damaged("not a fhirvault backup"));
         }
         let mut header_line = Vec::new();
@@ -408,7 +414,9 @@ impl Store {
                                     done: bool|
              -> Result<(), BackupError> {
                 let Some(t) = table else { return Ok(()) };
-                insert_lines(conn, t, batch)?;
+                if !(format_2 && DERIVED_AUDIT_TABLES.contains(&t.as_str())) {
+                    insert_lines(conn, t, batch)?;
+                }
                 batch.clear();
                 progress(t, *rows);
                 if done {
@@ -489,6 +497,14 @@ impl Store {
             let manifest = manifest.ok_or(BackupError::Damaged("the manifest is missing"))?;
             if manifest.backup_id != header.backup_id || manifest.tables != seen {
                 return Err(BackupError::Damaged("the rows do not match the manifest"));
+            }
+            if format_2 {
+                // its search rows were left out: every chain is derived again from its start
+                diesel::sql_query(
+                    "UPDATE audit_index_progress SET indexed_seq = COALESCE((SELECT MAX(a.up_to_seq) \
+                     FROM audit_archives a WHERE a.chain_id = audit_index_progress.chain_id), 0)",
+                )
+                .execute(conn)?;
             }
             // PostgreSQL: the version-row sequence continues after the restored ids
             if let DbConnection::Pg(pg) = conn {

@@ -61,6 +61,8 @@ diesel::table! {
         action -> Text,
         outcome -> Text,
         agent -> Text,
+        site -> Text,
+        address -> Nullable<Binary>,
     }
 }
 

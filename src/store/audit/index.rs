@@ -23,7 +23,12 @@ pub struct SearchRow {
     pub action: String,
     pub outcome: String,
     pub agent: String,
-    /// (role, versionless reference): `patient` for the patients, `entity` for the rest.
+    /// `source.site`.
+    pub site: String,
+    /// The blind index of the client's network address.
+    pub address: Option<Vec<u8>>,
+    /// (role, versionless reference): `patient` for the patients, `entity` for the rest; and
+    /// (role, value) of the facets `search::FACET_ROLES` names.
     pub references: std::collections::BTreeSet<(String, String)>,
 }
 
@@ -35,6 +40,18 @@ pub struct AuditQuery {
     pub before: Option<(NaiveDateTime, String)>,
     pub count: u32,
 }
+
+type DerivedColumns = (
+    String,
+    NaiveDateTime,
+    String,
+    String,
+    String,
+    String,
+    String,
+    String,
+    Option<Vec<u8>>,
+);
 
 /// The search rows of these events (entity rows not filled in).
 pub(super) fn search_rows_by_id(conn: &mut DbConnection, ids: &[String]) -> Result<Vec<SearchRow>, StoreError> {
@@ -48,11 +65,13 @@ pub(super) fn search_rows_by_id(conn: &mut DbConnection, ids: &[String]) -> Resu
             asr::action,
             asr::outcome,
             asr::agent,
+            asr::site,
+            asr::address,
         ))
-        .load::<(String, NaiveDateTime, String, String, String, String, String)>(conn)?
+        .load::<DerivedColumns>(conn)?
         .into_iter()
         .map(
-            |(event_id, recorded, type_code, subtype, action, outcome, agent)| SearchRow {
+            |(event_id, recorded, type_code, subtype, action, outcome, agent, site, address)| SearchRow {
                 event_id,
                 recorded,
                 type_code,
@@ -60,6 +79,8 @@ pub(super) fn search_rows_by_id(conn: &mut DbConnection, ids: &[String]) -> Resu
                 action,
                 outcome,
                 agent,
+                site,
+                address,
                 references: Default::default(),
             },
         )
@@ -117,6 +138,8 @@ fn insert_ignoring_present(conn: &mut DbConnection, rows: &[SearchRow]) -> Resul
                 asr::action.eq(&r.action),
                 asr::outcome.eq(&r.outcome),
                 asr::agent.eq(&r.agent),
+                asr::site.eq(&r.site),
+                asr::address.eq(&r.address),
             ))
             .execute(c)?;
         for (role, reference) in &r.references {
@@ -143,6 +166,8 @@ struct DerivePg {
     actions: Vec<String>,
     outcomes: Vec<String>,
     agents: Vec<String>,
+    sites: Vec<String>,
+    addresses: Vec<Option<Vec<u8>>>,
     entity_ids: Vec<String>,
     roles: Vec<String>,
     references: Vec<String>,
@@ -159,6 +184,8 @@ impl DerivePg {
             actions: rows.iter().map(|r| r.action.clone()).collect(),
             outcomes: rows.iter().map(|r| r.outcome.clone()).collect(),
             agents: rows.iter().map(|r| r.agent.clone()).collect(),
+            sites: rows.iter().map(|r| r.site.clone()).collect(),
+            addresses: rows.iter().map(|r| r.address.clone()).collect(),
             entity_ids: refs().map(|(r, _)| r.event_id.clone()).collect(),
             roles: refs().map(|(_, (role, _))| role.clone()).collect(),
             references: refs().map(|(_, (_, reference))| reference.clone()).collect(),
@@ -168,10 +195,10 @@ impl DerivePg {
 
 impl diesel::query_builder::QueryFragment<diesel::pg::Pg> for DerivePg {
     fn walk_ast<'b>(&'b self, mut out: diesel::query_builder::AstPass<'_, 'b, diesel::pg::Pg>) -> QueryResult<()> {
-        use diesel::sql_types::{Array, Text, Timestamp};
+        use diesel::sql_types::{Array, Bytea, Nullable, Text, Timestamp};
         out.push_sql(
-            "WITH s AS (INSERT INTO audit_search (event_id, recorded, type_code, subtype, action, outcome, agent) \
-             SELECT * FROM unnest(",
+            "WITH s AS (INSERT INTO audit_search (event_id, recorded, type_code, subtype, action, outcome, agent, \
+             site, address) SELECT * FROM unnest(",
         );
         out.push_bind_param::<Array<Text>, _>(&self.ids)?;
         out.push_sql(", ");
@@ -182,10 +209,13 @@ impl diesel::query_builder::QueryFragment<diesel::pg::Pg> for DerivePg {
             &self.actions,
             &self.outcomes,
             &self.agents,
+            &self.sites,
         ] {
             out.push_sql(", ");
             out.push_bind_param::<Array<Text>, _>(texts)?;
         }
+        out.push_sql(", ");
+        out.push_bind_param::<Array<Nullable<Bytea>>, _>(&self.addresses)?;
         out.push_sql(
             ") ON CONFLICT DO NOTHING) INSERT INTO audit_entities (event_id, role, reference) SELECT * FROM unnest(",
         );

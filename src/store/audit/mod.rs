@@ -65,6 +65,12 @@ pub struct AuditRow {
     pub entities: Vec<String>,
     /// Ids of the patients whose data the event concerned.
     pub patients: Vec<String>,
+    /// `source.site`.
+    pub site: String,
+    /// The blind index of the client's network address (`search::address_blind`).
+    pub address: Option<Vec<u8>>,
+    /// Further derived entity rows, (role, value): the agent's roles, a search's query.
+    pub facets: Vec<(String, String)>,
 }
 
 impl AuditRow {
@@ -78,6 +84,8 @@ impl AuditRow {
             action: self.action.clone(),
             outcome: self.outcome.clone(),
             agent: self.agent.clone(),
+            site: self.site.clone(),
+            address: self.address.clone(),
             references: self
                 .entities
                 .iter()
@@ -87,6 +95,7 @@ impl AuditRow {
                         .iter()
                         .map(|p| ("patient".to_string(), format!("Patient/{p}"))),
                 )
+                .chain(self.facets.iter().cloned())
                 .collect(),
         }
     }

@@ -27,19 +27,52 @@ pub const FHIRVAULT_SUBTYPES: &str = "https://fhirvault.dev/CodeSystem/audit-sub
 const ACTION_SYSTEM: &str = "http://hl7.org/fhir/audit-event-action";
 const OUTCOME_SYSTEM: &str = "http://hl7.org/fhir/audit-event-outcome";
 
+/// Derived entity rows that hold an agent's role (its text, as fhirvault records roles).
+pub const AGENT_ROLE_ROW: &str = "agent-role";
+/// The derived entity row of a search's query entity (entity-role 24), value [`QUERY_ROLE`].
+pub const ENTITY_ROLE_ROW: &str = "entity-role";
+pub const QUERY_ROLE: &str = "24";
+/// The entity rows that name a resource (the others are facets).
+const REFERENCE_ROWS: &str = "('entity', 'patient')";
+
+/// The blind index of a client's network address, as the derived row holds it: a patient
+/// app's address may identify the patient, so it is never stored in plaintext.
+pub fn address_blind(cipher: &crate::crypto::Cipher, address: &str) -> Vec<u8> {
+    cipher
+        .blind_index("audit-agent-address", &address.trim().to_lowercase())
+        .to_vec()
+}
+
 /// The AuditEvent search parameters the derived rows answer (with `_id` and `_lastUpdated`).
 pub const AUDIT_SEARCH_PARAMS: &[&str] = &[
     "_id",
     "_lastUpdated",
     "action",
+    "address",
     "agent",
+    "agent-name",
+    "agent-role",
+    "altid",
     "date",
     "entity",
+    "entity-name",
+    "entity-role",
+    "entity-type",
     "outcome",
     "patient",
+    "policy",
+    "site",
+    "source",
     "subtype",
     "type",
 ];
+
+/// Parameters whose elements fhirvault's events never carry (`agent.name`, `agent.altId`,
+/// `agent.policy`, `entity.name`, a `source.observer` reference): a value matches no event,
+/// `:missing=true` every one.
+const NEVER_RECORDED: &[&str] = &["agent-name", "altid", "entity-name", "policy", "source"];
+const ENTITY_TYPE_SYSTEM: &str = "http://terminology.hl7.org/CodeSystem/audit-entity-type";
+const OBJECT_ROLE_SYSTEM: &str = "http://terminology.hl7.org/CodeSystem/object-role";
 
 /// The code system of an AuditEvent.type code fhirvault records (`audit::event` writes them).
 pub fn type_system(code: &str) -> &'static str {
@@ -64,8 +97,20 @@ pub fn unsupported(clauses: &[Vec<Cond>]) -> Option<String> {
         match c {
             Cond::Id(_) => Ok(()),
             Cond::Date { param, .. } if matches!(param.as_str(), "date" | "_lastUpdated") => Ok(()),
-            Cond::Token { param, .. } if matches!(param.as_str(), "action" | "outcome" | "type" | "subtype") => Ok(()),
+            Cond::Token { param, .. }
+                if matches!(
+                    param.as_str(),
+                    "action" | "outcome" | "type" | "subtype" | "site" | "agent-role" | "entity-role" | "entity-type"
+                ) =>
+            {
+                Ok(())
+            }
             Cond::Reference { param, .. } if matches!(param.as_str(), "agent" | "entity" | "patient") => Ok(()),
+            // the address: its blind index holds whole values (a prefix or exact search of a
+            // whole address); `:contains` cannot be answered
+            Cond::StringPrefix { param, .. } | Cond::StringExact { param, .. } if param == "address" => Ok(()),
+            Cond::StringContains { param, .. } if param == "address" => Err("address:contains".into()),
+            c if never_recorded(c) => Ok(()),
             Cond::Missing { param, .. } => known(param),
             Cond::Not(inner) => inner.iter().try_for_each(check),
             Cond::All(groups) => groups.iter().flatten().try_for_each(check),
@@ -92,6 +137,23 @@ pub fn unsupported(clauses: &[Vec<Cond>]) -> Option<String> {
     clauses.iter().flatten().find_map(|c| check(c).err())
 }
 
+/// A condition on a parameter whose element fhirvault's events never carry.
+fn never_recorded(c: &Cond) -> bool {
+    let param = match c {
+        Cond::StringPrefix { param, .. }
+        | Cond::StringExact { param, .. }
+        | Cond::StringContains { param, .. }
+        | Cond::Token { param, .. }
+        | Cond::Reference { param, .. }
+        | Cond::Uri { param, .. }
+        | Cond::UriBelow { param, .. }
+        | Cond::UriAbove { param, .. }
+        | Cond::TokenText { param, .. } => param,
+        _ => return false,
+    };
+    NEVER_RECORDED.contains(&param.as_str())
+}
+
 /// The `audit_search` column a sort key orders by, for the parameters that have one.
 pub fn sort_column(param: &str) -> Option<&'static str> {
     Some(match param {
@@ -102,14 +164,33 @@ pub fn sort_column(param: &str) -> Option<&'static str> {
         "type" => "r.type_code",
         "subtype" => "r.subtype",
         "agent" => "r.agent",
+        "site" => "r.site",
         _ => return None,
     })
 }
 
 impl Sql {
     /// SQL for one condition on the event row `r` of `audit_search`.
-    fn audit_cond(&mut self, c: &Cond) -> String {
+    fn audit_cond(&mut self, c: &Cond, cipher: &crate::crypto::Cipher) -> String {
         match c {
+            c if never_recorded(c) => "1 = 0".to_string(),
+            Cond::StringPrefix { prefix: value, .. } | Cond::StringExact { value, .. } => {
+                format!("r.address = {}", self.p(Bind::Blob(address_blind(cipher, value))))
+            }
+            // source.site is a string: no system
+            Cond::Token { param, system, code } if param == "site" => match (system, code) {
+                (None | Some(None), Some(code)) => format!("r.site = {}", self.p(Bind::Text(code.clone()))),
+                (None | Some(None), None) => "1 = 1".into(),
+                (Some(Some(_)), _) => "1 = 0".into(),
+            },
+            // fhirvault records the role names it grants as the roles' text, without a system
+            Cond::Token { param, system, code } if param == "agent-role" => match system {
+                None | Some(None) => self.facet_exists(AGENT_ROLE_ROW, code.clone()),
+                Some(Some(_)) => "1 = 0".into(),
+            },
+            Cond::Token { param, system, code } if param == "entity-role" || param == "entity-type" => {
+                self.entity_code(param, system.as_ref(), code.as_deref())
+            }
             Cond::Id(v) => format!("r.event_id = {}", self.p(Bind::Text(v.clone()))),
             // an event's time is an instant: the range [recorded, recorded]
             Cond::Date { op, start, end, .. } => self.date_test("r.recorded", "r.recorded", *op, *start, *end),
@@ -120,6 +201,15 @@ impl Sql {
             Cond::Missing { param, missing, .. } => {
                 let present = match param.as_str() {
                     "entity" | "patient" => self.entity_exists(param, None),
+                    "address" => "r.address IS NOT NULL".to_string(),
+                    "agent-role" => self.facet_exists(AGENT_ROLE_ROW, None),
+                    // every event has an entity: a resource, a patient or a query
+                    "entity-role" => format!(
+                        "({} OR {})",
+                        self.entity_exists("patient", None),
+                        self.facet_exists(ENTITY_ROLE_ROW, Some(QUERY_ROLE.into()))
+                    ),
+                    p if NEVER_RECORDED.contains(&p) => "1 = 0".to_string(),
                     // every event has an id, a time, a type, a subtype, an action, an outcome
                     // and an agent
                     _ => "1 = 1".to_string(),
@@ -131,7 +221,7 @@ impl Sql {
                 }
             }
             Cond::Not(inner) => {
-                let any: Vec<String> = inner.iter().map(|c| self.audit_cond(c)).collect();
+                let any: Vec<String> = inner.iter().map(|c| self.audit_cond(c, cipher)).collect();
                 format!("NOT ({})", any.join(" OR "))
             }
             Cond::All(groups) if groups.is_empty() => "1 = 1".to_string(),
@@ -139,7 +229,7 @@ impl Sql {
                 let all: Vec<String> = groups
                     .iter()
                     .map(|g| {
-                        let any: Vec<String> = g.iter().map(|c| self.audit_cond(c)).collect();
+                        let any: Vec<String> = g.iter().map(|c| self.audit_cond(c, cipher)).collect();
                         format!("({})", any.join(" OR "))
                     })
                     .collect();
@@ -215,7 +305,7 @@ impl Sql {
         let role = if param == "patient" {
             format!(" AND {e}.role = 'patient'")
         } else {
-            String::new()
+            format!(" AND {e}.role IN {REFERENCE_ROWS}")
         };
         let of = match reference {
             Some(r) if r.starts_with('%') => format!(" AND {e}.reference LIKE {} ESCAPE '\\'", self.p(Bind::Text(r))),
@@ -225,10 +315,52 @@ impl Sql {
         format!("EXISTS (SELECT 1 FROM audit_entities {e} WHERE {e}.event_id = r.event_id{role}{of})")
     }
 
+    /// The event has a facet row of `role` (with `value`, when given).
+    fn facet_exists(&mut self, role: &str, value: Option<String>) -> String {
+        let e = self.alias("e");
+        let role = self.p(Bind::Text(role.to_string()));
+        let of = match value {
+            Some(v) => format!(" AND {e}.reference = {}", self.p(Bind::Text(v))),
+            None => String::new(),
+        };
+        format!("EXISTS (SELECT 1 FROM audit_entities {e} WHERE {e}.event_id = r.event_id AND {e}.role = {role}{of})")
+    }
+
+    /// `entity-type` and `entity-role`, as fhirvault's events set them (pinned by a test of
+    /// `audit::event`): a patient is type 1 (person) and role 1 (patient); another resource
+    /// type 2 (system object) without a role; a search's query type 2 and role 24 (query).
+    fn entity_code(&mut self, param: &str, system: Option<&Option<String>>, code: Option<&str>) -> String {
+        let expected = if param == "entity-type" {
+            ENTITY_TYPE_SYSTEM
+        } else {
+            OBJECT_ROLE_SYSTEM
+        };
+        if system.is_some_and(|s| s.as_deref() != Some(expected)) {
+            return "1 = 0".into();
+        }
+        let patient = |sql: &mut Sql| sql.entity_exists("patient", None);
+        let query = |sql: &mut Sql| sql.facet_exists(ENTITY_ROLE_ROW, Some(QUERY_ROLE.into()));
+        match (param, code) {
+            ("entity-type", Some("1")) | ("entity-role", Some("1")) => patient(self),
+            ("entity-type", Some("2")) => {
+                let e = self.alias("e");
+                let q = query(self);
+                format!("(EXISTS (SELECT 1 FROM audit_entities {e} WHERE {e}.event_id = r.event_id AND {e}.role = 'entity') OR {q})")
+            }
+            ("entity-role", Some(QUERY_ROLE)) => query(self),
+            (_, None) => {
+                let (p, q) = (patient(self), query(self));
+                let e = self.alias("e");
+                format!("({p} OR {q} OR EXISTS (SELECT 1 FROM audit_entities {e} WHERE {e}.event_id = r.event_id AND {e}.role = 'entity'))")
+            }
+            _ => "1 = 0".into(),
+        }
+    }
+
     /// Every clause of `q` on `r` (AND of ORs), and its restrictions: a compartment (or a
     /// patient-context restriction) is the patient's events; a restriction the log cannot
     /// apply matches nothing (fail closed).
-    fn audit_filter(&mut self, q: &SearchQuery) -> String {
+    fn audit_filter(&mut self, q: &SearchQuery, cipher: &crate::crypto::Cipher) -> String {
         let mut wheres = vec!["1 = 1".to_string()];
         for patient in [&q.compartment, &q.patient].into_iter().flatten() {
             let own = self.entity_exists("patient", Some(format!("Patient/{patient}")));
@@ -244,7 +376,7 @@ impl Sql {
             wheres.push(format!("r.recorded <= {}", self.p(Bind::Ts(until))));
         }
         for clause in &q.clauses {
-            let any: Vec<String> = clause.iter().map(|c| self.audit_cond(c)).collect();
+            let any: Vec<String> = clause.iter().map(|c| self.audit_cond(c, cipher)).collect();
             if !any.is_empty() {
                 wheres.push(format!("({})", any.join(" OR ")));
             }
@@ -281,7 +413,7 @@ impl Store {
         let mut conn = self.checkout(&Access::All)?;
         let pg = matches!(conn.conn, DbConnection::Pg(_));
         let mut sql = Sql::for_query(pg, q);
-        let filter = sql.audit_filter(q);
+        let filter = sql.audit_filter(q, self.cipher());
         let count_binds = sql.binds.clone();
         let count_sql = format!("SELECT COUNT(*) AS n FROM audit_search r WHERE {filter}");
         // page order is descending: "after" a key is an older event
@@ -322,7 +454,7 @@ impl Store {
         let mut conn = self.checkout(&Access::All)?;
         let pg = matches!(conn.conn, DbConnection::Pg(_));
         let mut sql = Sql::for_query(pg, q);
-        let filter = sql.audit_filter(q);
+        let filter = sql.audit_filter(q, self.cipher());
         let count_binds = sql.binds.clone();
         let mut order: Vec<String> = q
             .sort
@@ -394,9 +526,9 @@ impl Store {
         if matches!(param, None | Some("entity") | Some("patient")) {
             let list: Vec<String> = ids.iter().map(|i| sql.p(Bind::Text(i.clone()))).collect();
             let role = if param == Some("patient") {
-                " AND e.role = 'patient'"
+                " AND e.role = 'patient'".to_string()
             } else {
-                ""
+                format!(" AND e.role IN {REFERENCE_ROWS}")
             };
             parts.push(format!(
                 "SELECT e.event_id, e.reference FROM audit_entities e WHERE e.event_id IN ({}){role}",
@@ -446,15 +578,25 @@ mod tests {
             code: Some("x".into()),
         };
         assert_eq!(unsupported(&[vec![token("type")], vec![token("action")]]), None);
+        assert_eq!(unsupported(&[vec![token("type"), token("entity-role")]]), None);
         assert_eq!(
-            unsupported(&[vec![token("type"), token("entity-role")]]),
-            Some("entity-role".into())
+            unsupported(&[vec![token("type"), token("agent-nickname")]]),
+            Some("agent-nickname".into())
         );
-        let string = Cond::StringPrefix {
+        let contains = Cond::StringContains {
             param: "address".into(),
-            prefix: "10".into(),
+            part: "10".into(),
         };
-        assert_eq!(unsupported(&[vec![Cond::Not(vec![string])]]), Some("address".into()));
+        assert_eq!(
+            unsupported(&[vec![Cond::Not(vec![contains])]]),
+            Some("address:contains".into())
+        );
+        let chain = Cond::Chain {
+            param: "patient".into(),
+            target_type: "Patient".into(),
+            inner: Vec::new(),
+        };
+        assert_eq!(unsupported(&[vec![chain]]), Some("patient".into()));
         let date = Cond::Date {
             param: "date".into(),
             op: DateOp::Ge,

@@ -1214,6 +1214,7 @@ fn granular_scopes(db: Db) {
             .get(s.url("/$export?_type=Observation"))
             .header("authorization", &sys)
             .header("prefer", "respond-async")
+            .header("accept", "application/fhir+json")
             .send()
             .unwrap(),
     );

@@ -677,6 +677,7 @@ fn an_export_accepted_on_one_node_runs_on_another() {
         .get(format!("{}/Patient/$export", accepting.base()))
         .bearer_auth(&token)
         .header("prefer", "respond-async")
+        .header("accept", "application/fhir+json")
         .send()
         .unwrap();
     assert_eq!(kicked.status().as_u16(), 202);

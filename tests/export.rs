@@ -11,6 +11,7 @@ use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet};
 
 const ASYNC: (&str, &str) = ("prefer", "respond-async");
+const FHIR_JSON: (&str, &str) = ("accept", "application/fhir+json");
 
 fn layer(file_resources: u64) -> ConfigLayer {
     ConfigLayer {
@@ -182,7 +183,7 @@ fn levels_types_and_filters(db: Db) {
         let subject = o["subject"]["reference"].as_str().unwrap();
         assert!(pop.patients[..3].iter().any(|p| subject == format!("Patient/{p}")));
     }
-    assert_eq!(s.get_with("/Group/nope/$export", &[ASYNC]).status, 404);
+    assert_eq!(s.get_with("/Group/nope/$export", &[ASYNC, FHIR_JSON]).status, 404);
 
     // _typeFilter: only the observations with code 1234-5 (and every patient)
     let manifest = wait(
@@ -263,20 +264,55 @@ fn refusals_and_ownership(db: Db) {
     let r = s.get("/$export");
     assert_eq!(r.status, 400);
     r.outcome();
-    // unsupported format and parameters
-    assert_eq!(s.get_with("/$export?_outputFormat=text/csv", &[ASYNC]).status, 400);
-    assert_eq!(s.get_with("/$export?_elements=id", &[ASYNC]).status, 400);
-    assert_eq!(s.get_with("/$export?_since=yesterday", &[ASYNC]).status, 400);
-    // in the future: refused, naming the parameter
-    let r = s.get_with("/$export?_since=2999-01-01T00:00:00Z", &[ASYNC]);
-    assert_eq!(r.status, 400);
-    assert!(r.text().contains("_since"));
+    // no Accept (sent by hand: the HTTP client adds `*/*`), or one without FHIR JSON: refused,
+    // naming the header
+    let raw = {
+        use std::io::{Read, Write};
+        let mut tcp = std::net::TcpStream::connect(s.addr).unwrap();
+        let path = s.url("/$export");
+        let path = path.split_once(&s.addr.to_string()).unwrap().1;
+        let token = s.token("system/*.rs", None);
+        write!(
+            tcp,
+            "GET {path} HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {token}\r\nPrefer: respond-async\r\n\
+             Connection: close\r\n\r\n",
+            s.addr
+        )
+        .unwrap();
+        let mut answer = String::new();
+        tcp.read_to_string(&mut answer).unwrap();
+        answer
+    };
+    assert!(raw.starts_with("HTTP/1.1 400"), "{raw}");
+    assert!(raw.contains("Accept"), "{raw}");
+    assert_eq!(s.get_with("/$export", &[ASYNC, ("accept", "text/html")]).status, 400);
     assert_eq!(
-        s.get_with("/$export?_typeFilter=Observation%3Fnope%3D1", &[ASYNC])
+        s.get_with("/$export", &[ASYNC, ("accept", "text/html, */*;q=0.1")])
+            .status,
+        202
+    );
+    // unsupported format and parameters
+    assert_eq!(
+        s.get_with("/$export?_outputFormat=text/csv", &[ASYNC, FHIR_JSON])
             .status,
         400
     );
-    assert_eq!(s.get_with("/Patient/$export?_type=Practitioner", &[ASYNC]).status, 400);
+    assert_eq!(s.get_with("/$export?_elements=id", &[ASYNC, FHIR_JSON]).status, 400);
+    assert_eq!(s.get_with("/$export?_since=yesterday", &[ASYNC, FHIR_JSON]).status, 400);
+    // in the future: refused, naming the parameter
+    let r = s.get_with("/$export?_since=2999-01-01T00:00:00Z", &[ASYNC, FHIR_JSON]);
+    assert_eq!(r.status, 400);
+    assert!(r.text().contains("_since"));
+    assert_eq!(
+        s.get_with("/$export?_typeFilter=Observation%3Fnope%3D1", &[ASYNC, FHIR_JSON])
+            .status,
+        400
+    );
+    assert_eq!(
+        s.get_with("/Patient/$export?_type=Practitioner", &[ASYNC, FHIR_JSON])
+            .status,
+        400
+    );
     // a token limited to one patient, or without a scope for a listed type: 403
     let patient_token = s.token("patient/*.rs", Some(&pop.patients[0]));
     let obs_only = s.token("system/Observation.rs", None);
@@ -286,6 +322,7 @@ fn refusals_and_ownership(db: Db) {
                 .get(s.url(path))
                 .bearer_auth(token)
                 .header("prefer", "respond-async")
+                .header("accept", "application/fhir+json")
                 .send()
                 .unwrap(),
         )
@@ -417,4 +454,93 @@ fn resumes_after_a_stop(db: Db) {
     assert!(!s.config.data_dir.join("exports").join(job_id).exists());
 }
 
-on_both_backends!(levels_types_and_filters, refusals_and_ownership, resumes_after_a_stop);
+on_both_backends!(
+    levels_types_and_filters,
+    refusals_and_ownership,
+    resumes_after_a_stop,
+    post_kick_offs_and_patient_lists
+);
+
+/// Bulk Data 2.0 kick-offs by POST with a Parameters body, the `patient` list at Patient and
+/// Group level, several `_type` parameters combined, and a Group without patients.
+fn post_kick_offs_and_patient_lists(db: Db) {
+    let s = TestServer::start_with(db, layer(1000));
+    let pop = populate(&s, 5);
+    let post = |path: &str, params: Value| {
+        s.send(
+            "POST",
+            path,
+            Some(&json!({"resourceType": "Parameters", "parameter": params})),
+            &[ASYNC, FHIR_JSON],
+        )
+    };
+    let exported_by = |r: Reply| {
+        assert_eq!(r.status, 202, "{}", r.text());
+        download(&s, &wait(&s, &common::status_path(&s, &r)).json())
+    };
+    let reference = |p: &str| json!({"name": "patient", "valueReference": {"reference": format!("Patient/{p}")}});
+    let (p0, p1, p4) = (&pop.patients[0], &pop.patients[1], &pop.patients[4]);
+    // Patient level: two patients, their observations, nobody else's
+    let exported = exported_by(post(
+        "/Patient/$export",
+        json!([{"name": "_type", "valueString": "Patient,Observation"}, reference(p0), reference(p4)]),
+    ));
+    assert_eq!(ids_of(&exported, "Patient"), set(&[p0.clone(), p4.clone()]));
+    assert_eq!(ids_of(&exported, "Observation").len(), 4);
+    // with a _typeFilter in the body too
+    let exported = exported_by(post(
+        "/Patient/$export",
+        json!([{"name": "_type", "valueString": "Observation"},
+               {"name": "_typeFilter", "valueString": "Observation?code=http://loinc.org|1234-5"},
+               reference(p0)]),
+    ));
+    assert_eq!(ids_of(&exported, "Observation").len(), 1);
+    // Group level: a member; one who is not is refused
+    let group = format!("/Group/{}/$export", pop.group);
+    let exported = exported_by(post(
+        &group,
+        json!([{"name": "_type", "valueString": "Patient"}, reference(p1)]),
+    ));
+    assert_eq!(ids_of(&exported, "Patient"), set(std::slice::from_ref(p1)));
+    let r = post(&group, json!([reference(p4)]));
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.text().contains("patient"));
+    // refused: a patient at system level, a patient the server does not hold, a body that is
+    // not Parameters
+    assert_eq!(post("/$export", json!([reference(p0)])).status, 400);
+    assert_eq!(post("/Patient/$export", json!([reference("nobody")])).status, 400);
+    let r = s.send(
+        "POST",
+        "/$export",
+        Some(&json!({"resourceType": "Patient"})),
+        &[ASYNC, FHIR_JSON],
+    );
+    assert_eq!(r.status, 400);
+    // the same list by GET
+    let exported = exported_by(s.get_with(
+        &format!("/Patient/$export?_type=Patient&patient=Patient/{p0},Patient/{p1}"),
+        &[ASYNC, FHIR_JSON],
+    ));
+    assert_eq!(ids_of(&exported, "Patient"), set(&[p0.clone(), p1.clone()]));
+    // several _type parameters and comma lists combine
+    let exported = exported_by(s.get_with(
+        "/$export?_type=Patient&_type=Observation,Practitioner",
+        &[ASYNC, FHIR_JSON],
+    ));
+    assert_eq!(ids_of(&exported, "Patient").len(), 5);
+    assert_eq!(ids_of(&exported, "Observation").len(), 10);
+    assert_eq!(
+        ids_of(&exported, "Practitioner"),
+        set(std::slice::from_ref(&pop.practitioner))
+    );
+    // a Group without patient members exports no patient's data
+    let empty = created_id(&s.post(
+        "/Group",
+        &json!({"resourceType": "Group", "type": "person", "actual": true}),
+    ));
+    let exported = exported_by(s.get_with(
+        &format!("/Group/{empty}/$export?_type=Patient,Observation"),
+        &[ASYNC, FHIR_JSON],
+    ));
+    assert!(exported.is_empty(), "{exported:?}");
+}

@@ -547,6 +547,7 @@ fn a_read_replica_serves_searches_and_clients_see_their_own_writes() {
         .bearer_auth(&token)
         .header("accept", "application/fhir+json")
         .header("prefer", "respond-async")
+        .header("accept", "application/fhir+json")
         .send()
         .unwrap();
     assert_eq!(kick.status().as_u16(), 202);

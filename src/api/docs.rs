@@ -480,7 +480,11 @@ pub fn document(validator: &Validator, registry: &Registry, base_path: &str) -> 
             ))
             .parameter(query_param("end", "Care dates to"))
             .parameter(query_param("_since", "Only resources updated since this instant"))
-            .parameter(query_param("_type", "Resource types, comma-separated"))
+            .parameter(query_param("_type", "Resource types, comma-separated (repeatable)"))
+            .parameter(query_param(
+                "patient",
+                "Patient and Group level: only these patients (Patient/[id], comma-separated)",
+            ))
             .parameter(query_param("_count", "Page size"))
             .response("200", body_response("A searchset Bundle", "Bundle"));
             paths = paths.path(
@@ -562,6 +566,7 @@ pub fn document(validator: &Validator, registry: &Registry, base_path: &str) -> 
             op = op.parameter(path_param("id", "The Group's logical id"));
         }
         op.parameter(header_param("Prefer", "respond-async (required)"))
+            .parameter(header_param("Accept", "application/fhir+json (required)"))
             .parameter(query_param("_outputFormat", "application/fhir+ndjson (the default)"))
             .parameter(query_param("_since", "Only resources changed after this instant"))
             .parameter(query_param("_type", "Resource types, comma-separated"))
@@ -576,12 +581,26 @@ pub fn document(validator: &Validator, registry: &Registry, base_path: &str) -> 
                     .build(),
             )
     };
+    // the same by POST, its parameters (and `patient` references) in a Parameters resource
+    let kick_off_post = |id: &str, tag: &str, summary: &str, group: bool| {
+        kick_off(
+            &format!("{id}-post"),
+            tag,
+            &format!("{summary} (Parameters body)"),
+            group,
+        )
+        .request_body(Some(resource_body("Parameters")))
+    };
     paths = paths.path(
         format!("{base_path}/$export"),
         PathItemBuilder::new()
             .operation(
                 HttpMethod::Get,
                 kick_off("export", "system", "Bulk Data export of every resource type", false),
+            )
+            .operation(
+                HttpMethod::Post,
+                kick_off_post("export", "system", "Bulk Data export of every resource type", false),
             )
             .build(),
     );
@@ -597,6 +616,15 @@ pub fn document(validator: &Validator, registry: &Registry, base_path: &str) -> 
                     false,
                 ),
             )
+            .operation(
+                HttpMethod::Post,
+                kick_off_post(
+                    "patient-export",
+                    "Patient",
+                    "Bulk Data export of every patient's compartment",
+                    false,
+                ),
+            )
             .build(),
     );
     paths = paths.path(
@@ -605,6 +633,15 @@ pub fn document(validator: &Validator, registry: &Registry, base_path: &str) -> 
             .operation(
                 HttpMethod::Get,
                 kick_off(
+                    "group-export",
+                    "Group",
+                    "Bulk Data export of the compartments of a Group's members",
+                    true,
+                ),
+            )
+            .operation(
+                HttpMethod::Post,
+                kick_off_post(
                     "group-export",
                     "Group",
                     "Bulk Data export of the compartments of a Group's members",

@@ -64,11 +64,60 @@ fn split_type_filters(value: &str, is_type: impl Fn(&str) -> bool) -> Vec<&str> 
     out
 }
 
-/// `GET [base]/$export`, `GET [base]/Patient/$export`, `GET [base]/Group/[id]/$export`.
+/// Whether the request's `Accept` takes `application/fhir+json` (a wildcard does).
+fn accepts_fhir_json(req: &HttpRequest) -> bool {
+    req.headers()
+        .get_all(actix_web::http::header::ACCEPT)
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|m| m.split(';').next().unwrap_or("").trim().to_ascii_lowercase())
+        .any(|m| matches!(m.as_str(), "application/fhir+json" | "application/*" | "*/*"))
+}
+
+/// A kick-off is a GET (parameters in the query) or a POST (a Parameters resource).
+pub fn kick_off_method(method: &actix_web::http::Method) -> bool {
+    *method == actix_web::http::Method::GET || *method == actix_web::http::Method::POST
+}
+
+/// The parameters of a POST kick-off's Parameters resource, as the query pairs a GET would
+/// send (`patient` references as `patient` pairs): each value is the parameter's one `value[x]`
+/// of the type Bulk Data gives it. A parameter without one is kept with an empty value, which
+/// the checks refuse (or, lenient, report).
+fn parameters_as_pairs(body: &serde_json::Value) -> Result<Vec<(String, String)>, ApiError> {
+    if body.get("resourceType").and_then(|t| t.as_str()) != Some("Parameters") {
+        return Err(bad(
+            IssueType::Invalid,
+            "a POST kick-off's body is a Parameters resource",
+            "Parameters",
+        ));
+    }
+    let mut pairs = Vec::new();
+    for param in body.get("parameter").and_then(|p| p.as_array()).into_iter().flatten() {
+        let Some(name) = param.get("name").and_then(|n| n.as_str()) else {
+            return Err(bad(
+                IssueType::Invalid,
+                "a parameter without a name",
+                "Parameters.parameter",
+            ));
+        };
+        let value = if name == "patient" {
+            param.pointer("/valueReference/reference").and_then(|r| r.as_str())
+        } else {
+            ["valueString", "valueInstant", "valueCode", "valueDateTime", "valueUri"]
+                .iter()
+                .find_map(|k| param.get(*k).and_then(|v| v.as_str()))
+        };
+        pairs.push((name.to_string(), value.unwrap_or("").to_string()));
+    }
+    Ok(pairs)
+}
+
+/// `GET` or `POST [base]/$export`, `[base]/Patient/$export`, `[base]/Group/[id]/$export`.
 pub async fn kick_off(
     req: HttpRequest,
     p: Arc<Principal>,
     level: Level,
+    payload: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     let prefers = |what: &str| super::negotiate::prefers(&req, what);
@@ -80,7 +129,20 @@ pub async fn kick_off(
             "Prefer",
         ));
     }
-    let pairs = super::negotiate::query_pairs(&req);
+    // Bulk Data: the kick-off names the format of the OperationOutcomes it may be answered
+    // with; only FHIR JSON is offered
+    if !accepts_fhir_json(&req) {
+        return Err(bad(
+            IssueType::Required,
+            "a Bulk Data kick-off needs Accept: application/fhir+json",
+            "Accept",
+        ));
+    }
+    let mut pairs = super::negotiate::query_pairs(&req);
+    if req.method() == actix_web::http::Method::POST {
+        let (_, body) = super::negotiate::read_json_body(&req, payload, state.config.max_body_bytes, false).await?;
+        pairs.extend(parameters_as_pairs(&body)?);
+    }
     let trail = Trail::of(&req)?;
     // the query as received, sealed in the audit event (a `_typeFilter` may carry PHI)
     trail.query(
@@ -94,8 +156,27 @@ pub async fn kick_off(
     let mut listed: Vec<String> = Vec::new();
     let mut since = None;
     let mut filters: Vec<(String, String)> = Vec::new();
+    // `patient`: only these patients' compartments (Patient and Group level)
+    let mut only_patients: Vec<String> = Vec::new();
     for (k, v) in &pairs {
         match k.as_str() {
+            "patient" if level == Level::System => {
+                return Err(bad(
+                    IssueType::NotSupported,
+                    "patient applies to Patient and Group level exports only",
+                    "patient",
+                ))
+            }
+            "patient" => {
+                for reference in v.split(',').map(str::trim) {
+                    let id = reference
+                        .rsplit_once("Patient/")
+                        .map(|(_, id)| id)
+                        .filter(|id| crate::fhir::resource::is_valid_id(id))
+                        .ok_or_else(|| bad(IssueType::Invalid, "patient takes Patient/[id] references", "patient"))?;
+                    only_patients.push(id.to_string());
+                }
+            }
             "_outputFormat" if !OUTPUT_FORMATS.contains(&v.as_str()) => {
                 return Err(bad(
                     IssueType::NotSupported,
@@ -147,7 +228,7 @@ pub async fn kick_off(
             _ if strict => {
                 return Err(bad(
                     IssueType::NotSupported,
-                    "this server's $export takes _outputFormat, _since, _type and _typeFilter",
+                    "this server's $export takes _outputFormat, _since, _type, _typeFilter and patient",
                     "parameter",
                 ))
             }
@@ -210,9 +291,29 @@ pub async fn kick_off(
             return Err(ApiError::Forbidden);
         }
     }
+    only_patients.sort();
+    only_patients.dedup();
+    if !only_patients.is_empty() {
+        // a patient this server does not hold is an error (Bulk Data: SHOULD), not a silent gap
+        let st = state.clone();
+        let ids = only_patients.clone();
+        let found = blocking(move || {
+            st.store
+                .read_many(&Access::All, "Patient", &ids)
+                .map_err(ApiError::from)
+        })
+        .await?;
+        if found.iter().filter(|v| !v.deleted).count() != only_patients.len() {
+            return Err(bad(
+                IssueType::NotFound,
+                "patient names a patient this server does not hold",
+                "patient",
+            ));
+        }
+    }
     let patients = match &level {
         Level::System => None,
-        Level::Patient => Some(Vec::new()),
+        Level::Patient => Some(only_patients.clone()),
         Level::Group(id) => {
             let d = authorize(&p, "Group", Permission::Read)?;
             if !d.unrestricted {
@@ -231,7 +332,22 @@ pub async fn kick_off(
                 .filter_map(|r| r.strip_prefix("Patient/"))
                 .map(str::to_string)
                 .collect();
-            Some(members)
+            if only_patients.is_empty() && members.is_empty() {
+                // a group without patient members exports no patient's data: an empty list
+                // would mean every patient's compartment, so it names a patient nobody is
+                // (an id is never empty)
+                Some(vec![String::new()])
+            } else if only_patients.is_empty() {
+                Some(members)
+            } else if only_patients.iter().all(|p| members.contains(p)) {
+                Some(only_patients.clone())
+            } else {
+                return Err(bad(
+                    IssueType::Invalid,
+                    "patient names a patient who is not a member of the group",
+                    "patient",
+                ));
+            }
         }
     };
     let job_id = uuid::Uuid::new_v4().simple().to_string();

@@ -373,7 +373,8 @@ fn requirement_gaps(required: &Value, ours: &Value) -> Vec<String> {
 }
 
 /// What the three `$export` operations take and how they answer.
-const BULK_EXPORT_DOC: &str = "Bulk Data Access 2.0 export (Prefer: respond-async): _outputFormat \
+const BULK_EXPORT_DOC: &str = "Bulk Data Access 2.0 export by GET or POST (a Parameters body; Prefer: respond-async, \
+    Accept: application/fhir+json): patient (Patient and Group level), _outputFormat \
     (application/fhir+ndjson), _since, _type, _typeFilter. 202 with Content-Location: poll it \
     ($export-status, X-Progress, Retry-After) for the manifest, DELETE it to cancel. Files are NDJSON, \
     encrypted at rest, served only to the client that started the job while its token grants their \

@@ -206,7 +206,7 @@ impl Interaction {
             ["_search"] => only(*method == Method::POST, Interaction::SearchSystem),
             ["metadata"] => only(get, Interaction::Capabilities),
             ["_history"] => only(get, Interaction::HistorySystem),
-            ["$export"] => only(get, Interaction::BulkExport),
+            ["$export"] => only(get || *method == Method::POST, Interaction::BulkExport),
             ["$export-status", job] => only(
                 get || *method == Method::DELETE,
                 Interaction::BulkStatus { job: job.to_string() },
@@ -443,7 +443,7 @@ async fn handle(
         }
         Interaction::Patch { resource_type, id } => crud::patch(req, p, resource_type, id, payload, state).await,
         Interaction::Bundle => bundle::process(req, p, payload, state).await,
-        Interaction::BulkExport => export::kick_off(req, p, export::Level::System, state).await,
+        Interaction::BulkExport => export::kick_off(req, p, export::Level::System, payload, state).await,
         Interaction::Operation {
             resource_type,
             id,
@@ -458,15 +458,15 @@ async fn handle(
             resource_type,
             id: None,
             name,
-        } if resource_type == "Patient" && name == "$export" && req.method() == actix_web::http::Method::GET => {
-            export::kick_off(req, p, export::Level::Patient, state).await
+        } if resource_type == "Patient" && name == "$export" && export::kick_off_method(req.method()) => {
+            export::kick_off(req, p, export::Level::Patient, payload, state).await
         }
         Interaction::Operation {
             resource_type,
             id: Some(id),
             name,
-        } if resource_type == "Group" && name == "$export" && req.method() == actix_web::http::Method::GET => {
-            export::kick_off(req, p, export::Level::Group(id), state).await
+        } if resource_type == "Group" && name == "$export" && export::kick_off_method(req.method()) => {
+            export::kick_off(req, p, export::Level::Group(id), payload, state).await
         }
         Interaction::BulkStatus { job } if req.method() == actix_web::http::Method::DELETE => {
             export::cancel(req, p, job, state).await

@@ -496,7 +496,10 @@ pub fn status_path(s: &TestServer, kicked_off: &Reply) -> String {
 
 /// Kicks off a Bulk export (`Prefer: respond-async`); returns its status URL's path.
 pub fn export_kick_off(s: &TestServer, path: &str) -> String {
-    let r = s.get_with(path, &[("prefer", "respond-async")]);
+    let r = s.get_with(
+        path,
+        &[("prefer", "respond-async"), ("accept", "application/fhir+json")],
+    );
     assert_eq!(r.status, 202, "{path}: {}", r.text());
     status_path(s, &r)
 }

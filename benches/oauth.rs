@@ -152,7 +152,7 @@ fn bench_backend(db: Db, secs: u64, conc: usize) -> Value {
                 .into_iter()
                 .map(|(k, v)| (k.to_string(), v))
                 .collect();
-            server.token(&f, None, &token_url).unwrap();
+            server.token(&f, None, &token_url, &|_| true).unwrap();
             audit_floor(&s, CLIENT);
         },
     );

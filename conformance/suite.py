@@ -59,7 +59,8 @@ from jwcrypto import jwk as jw_jwk, jwt as jw_jwt
 import pyotp
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-AREAS = ["crud", "search", "bundles", "smart-client", "smart-launch", "examples", "fhirpath", "validate", "external-idp", "r4-validity"]
+AREAS = ["crud", "search", "bundles", "smart-client", "smart-launch", "bulk-data", "examples", "fhirpath", "validate",
+         "external-idp", "r4-validity"]
 
 
 class Results:
@@ -709,6 +710,127 @@ def area_smart_launch(server, token):
     RESULTS.check("smart-launch", "backend services RS384 and ES384 (jwcrypto)", backend_services)
 
 
+def area_bulk_data(server, token):
+    """Bulk Data 2.0 with backend-services clients of its own (private_key_jwt, RS384 and ES384):
+    the token endpoint's edge cases, then GET and POST kick-offs at every level, polling, the
+    manifest, downloads, cancellation, and each refusal."""
+    base, root = server.base, server.root
+    token_url = f"{root}/auth/token"
+    admin = session(token)
+    family = "Bulkfam" + os.urandom(4).hex()
+    pids = []
+    for i in range(3):
+        r = admin.post(f"{base}/Patient", json={"resourceType": "Patient", "name": [{"family": f"{family}{i}"}]})
+        pids.append(r.json()["id"])
+        admin.post(f"{base}/Observation", json={"resourceType": "Observation", "status": "final",
+                                                "code": {"text": "bulk"}, "subject": {"reference": f"Patient/{pids[-1]}"}})
+    group = admin.post(f"{base}/Group", json={"resourceType": "Group", "type": "person", "actual": True,
+                                              "member": [{"entity": {"reference": f"Patient/{p}"}} for p in pids[:2]]}).json()["id"]
+
+    for alg, key in (("RS384", jw_jwk.JWK.generate(kty="RSA", size=2048)),
+                     ("ES384", jw_jwk.JWK.generate(kty="EC", crv="P-384"))):
+        cid = f"suite-bulk-{alg.lower()}"
+        key["kid"] = key.thumbprint()
+        jwks = os.path.join(server.dir, f"{cid}.jwks.json")
+        with open(jwks, "w") as f:
+            f.write(json.dumps({"keys": [json.loads(key.export_public())]}))
+        server.admin("client", "add", cid, "--type", "confidential", "--jwks", jwks,
+                     "--scope", "system/Patient.rs system/Observation.rs system/Group.rs")
+
+        def assertion(header_extra=None):
+            now = int(time.time())
+            header = {"alg": alg, "kid": key["kid"], "typ": "JWT"}
+            header.update(header_extra or {})
+            t = jw_jwt.JWT(header=header, claims={"iss": cid, "sub": cid, "aud": token_url, "exp": now + 240,
+                                                  "jti": os.urandom(12).hex()})
+            t.make_signed_token(key)
+            return t.serialize()
+
+        def grant(scope, signed=None):
+            return requests.post(token_url, data={
+                "grant_type": "client_credentials", "scope": scope,
+                "client_assertion_type": "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+                "client_assertion": signed or assertion()})
+
+        def token_edges(alg=alg):
+            for scope in ("system/Patient.rs system/Nosuchtype.rs", "system/Patient.cud"):
+                r = grant(scope)
+                expect(r.status_code == 400 and r.json()["error"] == "invalid_scope", f"{alg} {scope}: {r.status_code}")
+            signed = assertion()
+            expect(grant("system/Patient.write", signed).json().get("error") == "invalid_scope", "unregistered write")
+            expect(grant("system/Patient.rs", signed).status_code == 200, "the assertion survives a refused scope")
+            r = grant("system/Patient.rs", signed)
+            expect(r.status_code == 401 and r.json()["error"] == "invalid_client", f"{alg} replay: {r.status_code}")
+            r = grant("system/Patient.rs", assertion({"jku": "http://127.0.0.1:9/keys.json"}))
+            expect(r.status_code == 401 and r.json()["error"] == "invalid_client", f"{alg} foreign jku: {r.status_code}")
+
+        RESULTS.check("bulk-data", f"{alg} token endpoint: invalid_scope, replay, jku", token_edges)
+        access = grant("system/Patient.rs system/Observation.rs system/Group.rs").json()["access_token"]
+        bulk = session(access)
+        kick = {"Prefer": "respond-async", "Accept": "application/fhir+json"}
+
+        def run(r):
+            expect(r.status_code == 202, f"kick-off: {r.status_code} {r.text[:200]}")
+            status = r.headers["Content-Location"]
+            for _ in range(300):
+                s = bulk.get(status)
+                if s.status_code != 202:
+                    break
+                time.sleep(0.1)
+            expect(s.status_code == 200, f"manifest: {s.status_code}")
+            manifest = s.json()
+            expect(manifest["requiresAccessToken"] is True and "transactionTime" in manifest, "manifest fields")
+            found = {}
+            for out in manifest["output"]:
+                d = bulk.get(out["url"], headers={"Accept": "application/fhir+ndjson"})
+                expect(d.status_code == 200, f"download: {d.status_code}")
+                lines = [json.loads(x) for x in d.text.splitlines() if x]
+                expect(len(lines) == out["count"], "count matches the lines")
+                found.setdefault(out["type"], set()).update(x["id"] for x in lines)
+            return status, found
+
+        def get_levels():
+            _, found = run(bulk.get(f"{base}/$export", params={"_type": "Patient,Observation"}, headers=kick))
+            expect(set(pids) <= found.get("Patient", set()), "system level: every patient")
+            _, found = run(bulk.get(f"{base}/Group/{group}/$export", params={"_type": "Patient"}, headers=kick))
+            expect(found.get("Patient", set()) == set(pids[:2]), "group level: its members")
+
+        def post_with_patients():
+            params = {"resourceType": "Parameters", "parameter": [
+                {"name": "_type", "valueString": "Patient"},
+                {"name": "_type", "valueString": "Observation"},
+                {"name": "patient", "valueReference": {"reference": f"Patient/{pids[2]}"}}]}
+            status, found = run(bulk.post(f"{base}/Patient/$export", json=params,
+                                          headers={**kick, "Content-Type": "application/fhir+json"}))
+            expect(found.get("Patient") == {pids[2]}, "patient list")
+            expect(len(found.get("Observation", set())) == 1, "the patient's observation")
+            expect(bulk.delete(status).status_code == 202, "cancel")
+            gone = bulk.get(status)
+            expect(gone.status_code == 404 and gone.json()["resourceType"] == "OperationOutcome", "404 after delete")
+
+        def refusals():
+            cases = [
+                ("no respond-async", bulk.get(f"{base}/$export", headers={"Accept": "application/fhir+json"})),
+                ("no Accept", bulk.get(f"{base}/$export", headers={"Prefer": "respond-async", "Accept": None})),
+                ("_since in the future", bulk.get(f"{base}/$export", params={"_since": "2999-01-01T00:00:00Z"}, headers=kick)),
+                ("unsupported parameter", bulk.get(f"{base}/$export", params={"_nonsense": "1"}, headers=kick)),
+                ("patient at system level", bulk.post(f"{base}/$export", json={"resourceType": "Parameters", "parameter": [
+                    {"name": "patient", "valueReference": {"reference": f"Patient/{pids[0]}"}}]},
+                    headers={**kick, "Content-Type": "application/fhir+json"})),
+                ("a patient outside the group", bulk.post(f"{base}/Group/{group}/$export", json={"resourceType": "Parameters",
+                    "parameter": [{"name": "patient", "valueReference": {"reference": f"Patient/{pids[2]}"}}]},
+                    headers={**kick, "Content-Type": "application/fhir+json"})),
+            ]
+            for what, r in cases:
+                expect(r.status_code == 400 and r.json()["resourceType"] == "OperationOutcome", f"{what}: {r.status_code}")
+            r = bulk.get(f"{base}/$export", params={"_type": "Practitioner"}, headers=kick)
+            expect(r.status_code == 403, f"a type the token may not read: {r.status_code}")
+
+        RESULTS.check("bulk-data", f"{alg} GET kick-offs (system, Group)", get_levels)
+        RESULTS.check("bulk-data", f"{alg} POST kick-off with patient, cancel, 404 after", post_with_patients)
+        RESULTS.check("bulk-data", f"{alg} refusals", refusals)
+
+
 def area_fhirpath(base, token):
     s = session(token)
     cases = json.load(open(ROOT / "tests" / "data" / "patch" / "fhir-patch-tests.json"))
@@ -743,6 +865,7 @@ def run_backend(name, binary, examples_dir, database_url=None):
         area_bundles(server.base, token)
         area_smart_client(server.base, token)
         area_smart_launch(server, token)
+        area_bulk_data(server, token)
         area_fhirpath(server.base, token)
         area_examples(server.base, token, examples_dir)
         if name == "sqlite":

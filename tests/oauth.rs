@@ -556,6 +556,21 @@ fn assertion(
     jti: &str,
     aud: Option<&str>,
 ) -> String {
+    assertion_naming(s, client, alg, key, exp_in, jti, aud, None)
+}
+
+/// An assertion whose header names a `jku` (where its key would be published).
+#[allow(clippy::too_many_arguments)]
+fn assertion_naming(
+    s: &TestServer,
+    client: &str,
+    alg: Algorithm,
+    key: &str,
+    exp_in: i64,
+    jti: &str,
+    aud: Option<&str>,
+    jku: Option<&str>,
+) -> String {
     let pem = std::fs::read(format!("{}/tests/data/oauth/{key}.pem", env!("CARGO_MANIFEST_DIR"))).unwrap();
     let enc = match alg {
         Algorithm::RS384 | Algorithm::RS256 => EncodingKey::from_rsa_pem(&pem).unwrap(),
@@ -563,6 +578,7 @@ fn assertion(
     };
     let mut h = Header::new(alg);
     h.kid = Some(key.into());
+    h.jku = jku.map(str::to_string);
     let now = now() as i64;
     let token_url = format!("{}/auth/token", root(s));
     jsonwebtoken::encode(
@@ -609,6 +625,39 @@ fn backend_services_private_key_jwt(db: Db) {
         // the same assertion again: a replay
         let (status, body) = client_credentials(&s, &a, "system/Patient.rs");
         assert_eq!((status, body["error"].as_str()), (401, Some("invalid_client")));
+        // scopes naming an unknown type, or writes the client was not registered for:
+        // invalid_scope, and the assertion is not spent (its jti is checked after the scope)
+        let fresh = assertion(&s, key, alg, key, 240, &format!("scope-{key}"), None);
+        for scope in [
+            "system/Patient.rs system/Nosuchtype.rs",
+            "system/Patient.cud",
+            "system/Patient.write",
+        ] {
+            let (status, body) = client_credentials(&s, &fresh, scope);
+            assert_eq!(
+                (status, body["error"].as_str()),
+                (400, Some("invalid_scope")),
+                "{scope}"
+            );
+        }
+        assert_eq!(client_credentials(&s, &fresh, "system/Patient.rs").0, 200);
+        let (status, body) = client_credentials(&s, &fresh, "system/Patient.rs");
+        assert_eq!((status, body["error"].as_str()), (401, Some("invalid_client")));
+        // a jku that is not the client's registered JWKS URL: refused, and never fetched
+        let trap = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        trap.set_nonblocking(true).unwrap();
+        let elsewhere = format!("http://{}/keys.json", trap.local_addr().unwrap());
+        let named = assertion_naming(&s, key, alg, key, 240, &format!("jku-{key}"), None, Some(&elsewhere));
+        let (status, body) = client_credentials(&s, &named, "system/Patient.rs");
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (401, Some("invalid_client")),
+            "{body}"
+        );
+        assert!(
+            matches!(trap.accept(), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+            "the jku was fetched"
+        );
         // exp more than five minutes ahead, another audience, an expired one
         let far = assertion(&s, key, alg, key, 600, &format!("far-{key}"), None);
         assert_eq!(client_credentials(&s, &far, "system/Patient.rs").0, 401);
@@ -655,7 +704,7 @@ fn backend_services_private_key_jwt(db: Db) {
             client_type: "confidential".into(),
             secret_hash: None,
             jwks: None,
-            jwks_uri: Some(jwks_uri),
+            jwks_uri: Some(jwks_uri.clone()),
             redirect_uris: String::new(),
             scopes: "system/Patient.rs".into(),
             disabled: false,
@@ -674,6 +723,18 @@ fn backend_services_private_key_jwt(db: Db) {
         );
         assert_eq!(client_credentials(&s, &a, "system/Patient.rs").0, 200);
     }
+    // a jku naming the registered JWKS URL is accepted
+    let named = assertion_naming(
+        &s,
+        "by-url",
+        Algorithm::RS384,
+        "client-rs384",
+        240,
+        "url-jku",
+        None,
+        Some(&jwks_uri),
+    );
+    assert_eq!(client_credentials(&s, &named, "system/Patient.rs").0, 200);
     assert_eq!(
         fetches.load(std::sync::atomic::Ordering::SeqCst),
         1,

@@ -1073,7 +1073,8 @@ pub async fn token(req: HttpRequest, state: web::Data<AppState>, body: web::Byte
         .cloned()
         .or_else(|| basic.as_ref().map(|b| b.0.clone()));
     let s2 = srv.clone();
-    let result = blocking(move || Ok(s2.token(&form, basic, &token_url))).await?;
+    let types = state.resource_types.clone();
+    let result = blocking(move || Ok(s2.token(&form, basic, &token_url, &|t| types.contains(t)))).await?;
     match result {
         Ok(issued) => {
             let (subject, user, client, patient) = (

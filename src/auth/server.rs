@@ -357,6 +357,41 @@ fn covered(requested: &str, allowed: &[&str]) -> bool {
     })
 }
 
+/// A client assertion's `jti`, recorded as used once the request is accepted.
+struct AssertionUse {
+    client_id: String,
+    jti: String,
+    exp: i64,
+}
+
+/// What a backend service may not ask for: a resource scope naming a type this server does not
+/// have, or a write scope its registration does not cover (`invalid_scope`; read scopes beyond
+/// the registration are left out of the grant, as RFC 6749 lets a server narrow).
+fn backend_scopes_acceptable(
+    requested: &str,
+    client: &ClientRow,
+    is_type: &dyn Fn(&str) -> bool,
+) -> Result<(), OAuthError> {
+    let allowed: Vec<&str> = client.scopes.split_whitespace().collect();
+    for token in requested.split_whitespace() {
+        let Some(scope) = ScopeSet::parse(token, |_| true).resources.into_iter().next() else {
+            continue;
+        };
+        if scope.resource_type.as_deref().is_some_and(|t| !is_type(t)) {
+            return Err(OAuthError::InvalidScope(
+                "a requested scope names an unknown resource type",
+            ));
+        }
+        let writes = scope.permissions.create || scope.permissions.update || scope.permissions.delete;
+        if writes && !covered(token, &allowed) {
+            return Err(OAuthError::InvalidScope(
+                "a requested write scope is not registered for this client",
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// The requested scopes the client may have, in the order asked, without duplicates.
 fn allowed_scopes<'a>(requested: &'a str, client: &ClientRow) -> Vec<&'a str> {
     let allowed: Vec<&str> = client.scopes.split_whitespace().collect();
@@ -713,12 +748,40 @@ impl AuthServer {
         basic: Option<(String, String)>,
         token_url: &str,
     ) -> Result<ClientRow, OAuthError> {
+        let (client, assertion) = self.authenticate_client_deferred(form, basic, token_url)?;
+        if let Some(used) = assertion {
+            self.first_use(&used)?;
+        }
+        Ok(client)
+    }
+
+    /// Records an assertion's `jti` as used: a second use is refused (`invalid_client`).
+    fn first_use(&self, used: &AssertionUse) -> Result<(), OAuthError> {
+        if !self
+            .store
+            .auth_assertion_first_use(&used.client_id, &used.jti, at(used.exp + 5))?
+        {
+            return Err(OAuthError::InvalidClient("the assertion's jti was used before"));
+        }
+        Ok(())
+    }
+
+    /// [`AuthServer::authenticate_client`] without recording a client assertion's `jti`: the
+    /// caller records it ([`AuthServer::first_use`]) once the rest of the request is checked.
+    fn authenticate_client_deferred(
+        &self,
+        form: &HashMap<String, String>,
+        basic: Option<(String, String)>,
+        token_url: &str,
+    ) -> Result<(ClientRow, Option<AssertionUse>), OAuthError> {
         let get = |k: &str| form.get(k).map(String::as_str).filter(|v| !v.is_empty());
         if let Some(assertion) = get("client_assertion") {
             if get("client_assertion_type") != Some(JWT_BEARER) {
                 return Err(OAuthError::InvalidClient("unsupported client_assertion_type"));
             }
-            return self.verify_assertion(assertion, get("client_id"), token_url);
+            return self
+                .verify_assertion(assertion, get("client_id"), token_url)
+                .map(|(c, used)| (c, Some(used)));
         }
         let (client_id, secret) = match (&basic, get("client_id")) {
             (Some((id, secret)), _) => (id.as_str(), Some(secret.as_str())),
@@ -731,8 +794,8 @@ impl AuthServer {
             .filter(|c| !c.disabled)
             .ok_or(OAuthError::InvalidClient("client authentication failed"))?;
         match (&client.secret_hash, secret) {
-            (Some(hash), Some(secret)) if verify_password(secret, hash) => Ok(client),
-            (None, None) if client.client_type == "public" => Ok(client),
+            (Some(hash), Some(secret)) if verify_password(secret, hash) => Ok((client, None)),
+            (None, None) if client.client_type == "public" => Ok((client, None)),
             _ => Err(OAuthError::InvalidClient("client authentication failed")),
         }
     }
@@ -774,7 +837,7 @@ impl AuthServer {
         assertion: &str,
         form_client: Option<&str>,
         token_url: &str,
-    ) -> Result<ClientRow, OAuthError> {
+    ) -> Result<(ClientRow, AssertionUse), OAuthError> {
         let bad = OAuthError::InvalidClient("the client assertion is not valid");
         let header = jsonwebtoken::decode_header(assertion)
             .map_err(|_| OAuthError::InvalidClient("malformed client assertion"))?;
@@ -801,6 +864,16 @@ impl AuthServer {
             .auth_client(client_id)?
             .filter(|c| !c.disabled && c.client_type == "confidential")
             .ok_or(OAuthError::InvalidClient("client authentication failed"))?;
+        // a `jku` names where the signing key lives: only the client's registered JWKS URL may
+        // (it is never fetched from the header: that would let anyone name a key, and reach
+        // any address from this server)
+        if let Some(jku) = &header.jku {
+            if client.jwks_uri.as_deref() != Some(jku.as_str()) {
+                return Err(OAuthError::InvalidClient(
+                    "the assertion's jku is not the client's registered JWKS URL",
+                ));
+            }
+        }
         let keys = self.client_keys(&client)?;
         let candidates: Vec<&Value> = keys["keys"]
             .as_array()
@@ -842,10 +915,12 @@ impl AuthServer {
             .as_str()
             .filter(|j| !j.is_empty())
             .ok_or(OAuthError::InvalidClient("the assertion has no jti"))?;
-        if !self.store.auth_assertion_first_use(client_id, jti, at(exp + 5))? {
-            return Err(OAuthError::InvalidClient("the assertion's jti was used before"));
-        }
-        Ok(client)
+        let used = AssertionUse {
+            client_id: client_id.to_string(),
+            jti: jti.to_string(),
+            exp,
+        };
+        Ok((client, used))
     }
 
     /// The token endpoint.
@@ -854,13 +929,22 @@ impl AuthServer {
         form: &HashMap<String, String>,
         basic: Option<(String, String)>,
         token_url: &str,
+        is_type: &dyn Fn(&str) -> bool,
     ) -> Result<Issued, OAuthError> {
         let get = |k: &str| form.get(k).map(String::as_str).filter(|v| !v.is_empty());
         let grant = get("grant_type").ok_or(OAuthError::InvalidRequest("grant_type is required"))?;
         if !matches!(grant, "authorization_code" | "refresh_token" | "client_credentials") {
             return Err(OAuthError::UnsupportedGrantType);
         }
-        let client = self.authenticate_client(form, basic, token_url)?;
+        let (client, assertion) = self.authenticate_client_deferred(form, basic, token_url)?;
+        // a backend service's scopes are checked before its assertion is spent: a refused scope
+        // is `invalid_scope`, a replayed assertion `invalid_client` whatever it asks
+        if grant == "client_credentials" {
+            backend_scopes_acceptable(get("scope").unwrap_or(""), &client, is_type)?;
+        }
+        if let Some(used) = assertion {
+            self.first_use(&used)?;
+        }
         match grant {
             "authorization_code" => self.redeem_code(&client, form),
             "refresh_token" => self.refresh(&client, form),

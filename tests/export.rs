@@ -297,7 +297,19 @@ fn refusals_and_ownership(db: Db) {
             .status,
         400
     );
-    assert_eq!(s.get_with("/$export?_elements=id", &[ASYNC, FHIR_JSON]).status, 400);
+    assert_eq!(
+        s.get_with("/$export?_elements=no.such.thing", &[ASYNC, FHIR_JSON])
+            .status,
+        400
+    );
+    assert_eq!(
+        s.get_with(
+            "/$export?includeAssociatedData=LatestProvenanceResources",
+            &[ASYNC, FHIR_JSON]
+        )
+        .status,
+        400
+    );
     assert_eq!(s.get_with("/$export?_since=yesterday", &[ASYNC, FHIR_JSON]).status, 400);
     // in the future: refused, naming the parameter
     let r = s.get_with("/$export?_since=2999-01-01T00:00:00Z", &[ASYNC, FHIR_JSON]);
@@ -458,8 +470,76 @@ on_both_backends!(
     levels_types_and_filters,
     refusals_and_ownership,
     resumes_after_a_stop,
-    post_kick_offs_and_patient_lists
+    post_kick_offs_and_patient_lists,
+    elements_and_lenient_handling
 );
+
+/// `_elements` keeps the listed and mandatory elements (SUBSETTED); under
+/// `Prefer: handling=lenient` what is not supported is left out and reported in the manifest's
+/// error file, by name.
+fn elements_and_lenient_handling(db: Db) {
+    let s = TestServer::start_with(db, layer(1000));
+    let pop = populate(&s, 3);
+    let status = common::export_kick_off(&s, "/$export?_type=Patient,Observation&_elements=Patient.gender,status");
+    let manifest = wait(&s, &status).json();
+    assert_eq!(manifest["error"], json!([]));
+    let exported = download(&s, &manifest);
+    assert_eq!(ids_of(&exported, "Patient"), set(&pop.patients));
+    for v in exported.values() {
+        assert!(v.get("name").is_none() && v.get("subject").is_none(), "{v}");
+        assert!(v["meta"]["tag"].to_string().contains("SUBSETTED"), "{v}");
+        if v["resourceType"] == "Patient" {
+            assert_eq!(v["gender"], "female");
+        } else {
+            // status as listed, code because Observation requires it
+            assert_eq!(v["status"], "final");
+            assert!(v.get("code").is_some());
+        }
+    }
+    // lenient: an unsupported parameter, associated data and a filter it cannot apply are
+    // left out and reported; the export runs without them
+    let lenient = ("prefer", "respond-async, handling=lenient");
+    let r = s.get_with(
+        "/$export?_type=Observation&includeAssociatedData=LatestProvenanceResources&_nonsense=Secretvalue\
+         &_typeFilter=Observation%3Fnope%3D1",
+        &[lenient, FHIR_JSON],
+    );
+    assert_eq!(r.status, 202, "{}", r.text());
+    let manifest = wait(&s, &common::status_path(&s, &r)).json();
+    assert_eq!(ids_of(&download(&s, &manifest), "Observation"), set(&pop.observations));
+    let errors = manifest["error"].as_array().unwrap();
+    assert_eq!(errors.len(), 1, "{manifest}");
+    assert_eq!(errors[0]["type"], "OperationOutcome");
+    let r = Reply::from(s.client.get(errors[0]["url"].as_str().unwrap()).send().unwrap());
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("content-type"), Some("application/fhir+ndjson"));
+    let text = r.text();
+    let outcomes: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(outcomes.len(), 3, "{text}");
+    assert!(outcomes.iter().all(|o| o["resourceType"] == "OperationOutcome"));
+    for name in ["includeAssociatedData", "_nonsense", "_typeFilter"] {
+        assert!(text.contains(name), "{name}: {text}");
+    }
+    assert!(!text.contains("Secretvalue"), "a value in the error file");
+    // another client cannot read it
+    let other = s
+        .issuer
+        .issue(&fhirvault::auth::TokenRequest {
+            scope: "system/*.rs".into(),
+            client_id: Some("another-client".into()),
+            expires_in: 900,
+            ..Default::default()
+        })
+        .unwrap();
+    let r = Reply::from(
+        reqwest::blocking::Client::new()
+            .get(errors[0]["url"].as_str().unwrap())
+            .bearer_auth(other)
+            .send()
+            .unwrap(),
+    );
+    assert_eq!(r.status, 404);
+}
 
 /// Bulk Data 2.0 kick-offs by POST with a Parameters body, the `patient` list at Patient and
 /// Group level, several `_type` parameters combined, and a Group without patients.

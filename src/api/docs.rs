@@ -485,6 +485,10 @@ pub fn document(validator: &Validator, registry: &Registry, base_path: &str) -> 
                 "patient",
                 "Patient and Group level: only these patients (Patient/[id], comma-separated)",
             ))
+            .parameter(query_param(
+                "_elements",
+                "[type.]element names: only these (and the mandatory) elements, marked SUBSETTED",
+            ))
             .parameter(query_param("_count", "Page size"))
             .response("200", body_response("A searchset Bundle", "Bundle"));
             paths = paths.path(

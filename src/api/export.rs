@@ -14,6 +14,9 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use serde_json::json;
 use std::sync::Arc;
 
+/// The name of a job's error file (what lenient handling left out) in its download URL.
+const ERRORS_FILE: &str = "errors";
+
 /// The level an export runs at.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Level {
@@ -158,8 +161,34 @@ pub async fn kick_off(
     let mut filters: Vec<(String, String)> = Vec::new();
     // `patient`: only these patients' compartments (Patient and Group level)
     let mut only_patients: Vec<String> = Vec::new();
+    let mut elements: Vec<String> = Vec::new();
+    // lenient handling: what was left out, by name (reported in the manifest's error file)
+    let mut ignored: Vec<String> = Vec::new();
     for (k, v) in &pairs {
         match k.as_str() {
+            "_elements" => {
+                for e in v.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+                    let (t, name) = e.split_once('.').map_or((None, e), |(t, n)| (Some(t), n));
+                    let valid_name = !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric());
+                    if !valid_name || t.is_some_and(|t| !is_type(t)) {
+                        return Err(bad(
+                            IssueType::Invalid,
+                            "_elements takes [type.]element names",
+                            "_elements",
+                        ));
+                    }
+                    elements.push(e.to_string());
+                }
+            }
+            // no associated data (Provenance) is offered: refused, or left out when lenient
+            "includeAssociatedData" if strict => {
+                return Err(bad(
+                    IssueType::NotSupported,
+                    "includeAssociatedData is not supported (send Prefer: handling=lenient to export without it)",
+                    "includeAssociatedData",
+                ))
+            }
+            "includeAssociatedData" => ignored.push("includeAssociatedData: not supported".into()),
             "patient" if level == Level::System => {
                 return Err(bad(
                     IssueType::NotSupported,
@@ -222,17 +251,33 @@ pub async fn kick_off(
                             "_typeFilter",
                         ));
                     }
+                    let fp: Vec<(String, String)> = form_urlencoded::parse(q.as_bytes()).into_owned().collect();
+                    if !strict
+                        && crate::search::query::parse(&state.search.current(), state.store.cipher(), t, &fp, 1, true)
+                            .is_err()
+                    {
+                        // lenient: a filter this server cannot apply is left out, by its type
+                        ignored.push(format!("_typeFilter on {t}: not supported"));
+                        continue;
+                    }
                     filters.push((t.to_string(), q.to_string()));
                 }
             }
             _ if strict => {
                 return Err(bad(
                     IssueType::NotSupported,
-                    "this server's $export takes _outputFormat, _since, _type, _typeFilter and patient",
+                    "this server's $export takes _outputFormat, _since, _type, _typeFilter, _elements and patient",
                     "parameter",
                 ))
             }
-            _ => {}
+            other => {
+                let name: String = other
+                    .chars()
+                    .filter(|c| c.is_ascii_alphanumeric() || "_-".contains(*c))
+                    .take(64)
+                    .collect();
+                ignored.push(format!("{name}: not supported"));
+            }
         }
     }
     // what the level may export: every type, or those of the patient compartment
@@ -368,6 +413,8 @@ pub async fn kick_off(
         since,
         type_filters: filters,
         principal: JobPrincipal::of(&p),
+        elements,
+        ignored,
     };
     let st = state.clone();
     let id = job_id.clone();
@@ -452,12 +499,20 @@ pub async fn status(
                     })
                 })
                 .collect();
+            // what lenient handling left out: one OperationOutcome file
+            let errors: Vec<serde_json::Value> = if request.ignored.is_empty() {
+                Vec::new()
+            } else {
+                vec![
+                    json!({"type": "OperationOutcome", "url": format!("{base}/$export-file/{}/{ERRORS_FILE}", job.id)}),
+                ]
+            };
             let manifest = json!({
                 "transactionTime": job.transaction_time.and_utc().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
                 "request": request.request_url,
                 "requiresAccessToken": true,
                 "output": output,
-                "error": [],
+                "error": errors,
             });
             let mut res = HttpResponse::Ok();
             if let Some(exp) = job.expires_at {
@@ -499,6 +554,21 @@ pub async fn file(
     let job = own_job(&state, &p, job).await?;
     if job.status != JobStatus::Completed {
         return Err(ApiError::NotFound("no such export file"));
+    }
+    if file == ERRORS_FILE {
+        let st = state.clone();
+        let j = job.clone();
+        let request = blocking(move || st.exporter.open_request(&j).map_err(ApiError::from)).await?;
+        if request.ignored.is_empty() {
+            return Err(ApiError::NotFound("no such export file"));
+        }
+        let mut body = Vec::new();
+        for what in &request.ignored {
+            let outcome = OperationOutcome::single(Issue::warning(IssueType::NotSupported, format!("ignored: {what}")));
+            serde_json::to_writer(&mut body, &outcome).map_err(|_| ApiError::Internal)?;
+            body.push(b'\n');
+        }
+        return Ok(HttpResponse::Ok().content_type("application/fhir+ndjson").body(body));
     }
     let seq: i32 = file.parse().map_err(|_| ApiError::NotFound("no such export file"))?;
     let st = state.clone();

@@ -116,6 +116,27 @@ pub struct JobRequest {
     /// `_typeFilter`: (type, query string); several for one type are alternatives.
     pub type_filters: Vec<(String, String)>,
     pub principal: JobPrincipal,
+    /// `_elements`: `[type.]element`; a type none of them names is exported whole.
+    #[serde(default)]
+    pub elements: Vec<String>,
+    /// What lenient handling left out at kick-off (parameter names and reasons, never values):
+    /// reported in the manifest's `error` file.
+    #[serde(default)]
+    pub ignored: Vec<String>,
+}
+
+impl JobRequest {
+    /// The elements `_elements` keeps of type `t` (empty: the whole resource).
+    pub fn elements_of(&self, t: &str) -> Vec<String> {
+        self.elements
+            .iter()
+            .filter_map(|e| match e.split_once('.') {
+                Some((rt, name)) if rt == t => Some(name.to_string()),
+                Some(_) => None,
+                None => Some(e.clone()),
+            })
+            .collect()
+    }
 }
 
 /// Who may poll a job and download its files: the subject and client that started it.
@@ -379,6 +400,7 @@ impl Exporter {
             let mut last_id = after.clone();
             if let Some(decision) = decision {
                 let mut queries = self.queries(req, job, t)?;
+                let keep = req.elements_of(t);
                 if let Some(clause) = decision.filter_clause(t) {
                     for (q, _) in &mut queries {
                         q.clauses.push(clause.clone());
@@ -389,7 +411,7 @@ impl Exporter {
                 let limit = self.config.export_file_resources;
                 loop {
                     let want = (limit - count).min(u64::from(PAGE)) as u32;
-                    let page = self.page(&principal, &queries, t, last_id.as_deref(), want)?;
+                    let page = self.page(&principal, &queries, t, last_id.as_deref(), want, &keep)?;
                     if page.is_empty() {
                         break;
                     }
@@ -451,6 +473,7 @@ impl Exporter {
         t: &str,
         after: Option<&str>,
         want: u32,
+        keep: &[String],
     ) -> Result<Page, ExportError> {
         // each search's page, in the database's order; `None`: a candidate the re-checks refused
         let mut pages: Vec<Vec<(String, Option<Vec<u8>>)>> = Vec::with_capacity(queries.len());
@@ -509,7 +532,15 @@ impl Exporter {
         for (id, json) in taken {
             // hidden elements masked, labelled resources left out, as for any read by the token
             if let Some(json) = json.and_then(|j| self.attributes.shape_stored(principal, t, j)) {
-                lines.push((id, one_line(json)));
+                if keep.is_empty() {
+                    lines.push((id, one_line(json)));
+                } else {
+                    // `_elements`: the listed and mandatory elements, marked SUBSETTED
+                    let mut value: serde_json::Value =
+                        serde_json::from_slice(&json).map_err(|_| ExportError::Filter)?;
+                    crate::fhir::summary::elements(&mut value, keep);
+                    lines.push((id, serde_json::to_vec(&value).map_err(|_| ExportError::Filter)?));
+                }
             }
         }
         Ok(Page { lines, last })

@@ -321,8 +321,7 @@ fn refusals_and_ownership(db: Db) {
         400
     );
     assert_eq!(
-        s.get_with("/Patient/$export?_type=Practitioner", &[ASYNC, FHIR_JSON])
-            .status,
+        s.get_with("/Patient/$export?_type=Bundle", &[ASYNC, FHIR_JSON]).status,
         400
     );
     // a token limited to one patient, or without a scope for a listed type: 403
@@ -609,6 +608,17 @@ fn post_kick_offs_and_patient_lists(db: Db) {
     ));
     assert_eq!(ids_of(&exported, "Patient").len(), 5);
     assert_eq!(ids_of(&exported, "Observation").len(), 10);
+    assert_eq!(
+        ids_of(&exported, "Practitioner"),
+        set(std::slice::from_ref(&pop.practitioner))
+    );
+    // Patient and Group level: _type may name a shared type (in no patient's compartment),
+    // exported as a patient-context token reads it
+    let exported = exported_by(s.get_with(
+        &format!("/Group/{}/$export?_type=Patient,Practitioner", pop.group),
+        &[ASYNC, FHIR_JSON],
+    ));
+    assert_eq!(ids_of(&exported, "Patient"), set(&pop.patients[..3]));
     assert_eq!(
         ids_of(&exported, "Practitioner"),
         set(std::slice::from_ref(&pop.practitioner))

@@ -289,7 +289,22 @@ pub async fn kick_off(
         }
         Level::Patient | Level::Group(_) => state.compartment.types(),
     };
-    if listed.iter().any(|t| !in_scope.contains(t) || t == "AuditEvent") {
+    // Patient and Group level: `_type` may also name a shared type (Practitioner,
+    // Organization, Medication, Location …: in no patient's compartment), which is exported as
+    // a patient-context token reads it (the shared-resources rule): every resource of the type
+    // that lies in no patient's compartment. Without `_type`, the compartment types alone.
+    let shared: Vec<String> = match &level {
+        Level::System => Vec::new(),
+        Level::Patient | Level::Group(_) => listed
+            .iter()
+            .filter(|t| !in_scope.contains(t) && state.compartment.is_shared(t))
+            .cloned()
+            .collect(),
+    };
+    if listed
+        .iter()
+        .any(|t| (!in_scope.contains(t) && !shared.contains(t)) || t == "AuditEvent")
+    {
         return Err(bad(
             IssueType::NotSupported,
             "_type names a type this export level does not cover",
@@ -415,6 +430,7 @@ pub async fn kick_off(
         principal: JobPrincipal::of(&p),
         elements,
         ignored,
+        shared,
     };
     let st = state.clone();
     let id = job_id.clone();

@@ -123,6 +123,10 @@ pub struct JobRequest {
     /// reported in the manifest's `error` file.
     #[serde(default)]
     pub ignored: Vec<String>,
+    /// Patient and Group level: the shared types `_type` named (resources in no patient's
+    /// compartment, exported as a patient-context token reads them: all of them).
+    #[serde(default)]
+    pub shared: Vec<String>,
 }
 
 impl JobRequest {
@@ -359,7 +363,11 @@ impl Exporter {
                 .map_err(|_| ExportError::Filter)?;
             let mut q = parsed.query;
             q.total = false;
-            q.any_compartment = req.patients.clone();
+            if req.shared.iter().any(|s| s == t) {
+                q.outside_compartments = true;
+            } else {
+                q.any_compartment = req.patients.clone();
+            }
             // what changed after `_since`, as it stood at kick-off
             q.updated_after = since;
             q.updated_until = Some(job.transaction_time);

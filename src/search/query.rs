@@ -986,6 +986,7 @@ pub fn parse_confirming_chains(
             any_compartment: None,
             updated_after: None,
             updated_until: None,
+            outside_compartments: false,
             compartment: None,
         },
         rechecks,

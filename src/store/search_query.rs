@@ -225,6 +225,9 @@ pub struct SearchQuery {
     /// row itself rather than through the `_lastUpdated` index.
     pub updated_after: Option<NaiveDateTime>,
     pub updated_until: Option<NaiveDateTime>,
+    /// Only resources in no patient's compartment (the shared resources a Patient or Group
+    /// level Bulk export adds when `_type` names a shared type).
+    pub outside_compartments: bool,
 }
 
 /// The type whose searches the audit log's own rows answer (`store::audit::search`).
@@ -249,6 +252,7 @@ impl SearchQuery {
             any_compartment: None,
             updated_after: None,
             updated_until: None,
+            outside_compartments: false,
         }
     }
 
@@ -986,6 +990,13 @@ impl Store {
         if let Some(until) = q.updated_until {
             let p = sql.p(Bind::Ts(until));
             wheres.push(format!("r.last_updated <= {p}"));
+        }
+        if q.outside_compartments {
+            wheres.push(
+                "NOT EXISTS (SELECT 1 FROM resource_compartments c WHERE c.resource_type = r.resource_type \
+                 AND c.logical_id = r.logical_id AND c.version_id = r.version_id)"
+                    .to_string(),
+            );
         }
         if let Some(patients) = &q.any_compartment {
             let of = if patients.is_empty() {

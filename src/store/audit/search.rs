@@ -366,7 +366,7 @@ impl Sql {
             let own = self.entity_exists("patient", Some(format!("Patient/{patient}")));
             wheres.push(own);
         }
-        if q.any_compartment.is_some() || q.nested_patient.is_some() {
+        if q.any_compartment.is_some() || q.nested_patient.is_some() || q.outside_compartments {
             wheres.push("1 = 0".into());
         }
         if let Some(after) = q.updated_after {

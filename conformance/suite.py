@@ -112,6 +112,17 @@ def _validating_send(self, request, **kwargs):
     """Every response the clients receive: a FHIR JSON body must be valid R4."""
     response = _original_send(self, request, **kwargs)
     ctype = response.headers.get("content-type", "")
+    if "ndjson" in ctype and response.content:
+        # Bulk Data files: one resource per line, each valid R4
+        for line in response.text.splitlines():
+            if not line:
+                continue
+            try:
+                validate_r4(json.loads(line))
+                RESULTS.ok("r4-validity")
+            except Exception as e:
+                RESULTS.fail("r4-validity", f"{BACKEND['name']} {request.method} {request.path_url[:80]}: {str(e)[:300]}")
+        return response
     if "json" in ctype and response.content:
         try:
             body = response.json()

@@ -21,6 +21,9 @@ Areas:
                 consent with the patient picker) and reads the patient; refresh rotation (a spent refresh
                 token revokes its grant) and revocation; a backend service signing its own RS384 and ES384
                 assertions with jwcrypto (PyPI) searches, and a replayed assertion is refused
+  bulk-data     Bulk Data 2.0 with RS384 and ES384 backend-services clients of its own: token endpoint
+                edge cases (invalid_scope, replay, foreign jku), GET and POST kick-offs, patient lists,
+                manifests and downloads, cancellation, and each refusal
   external-idp  oidc-provider (npm, a certified OpenID provider) on loopback as fhirvault's external
                 issuer (the built-in authorization server off: the SMART configuration and the
                 CapabilityStatement name the provider): its client-credentials JWTs are accepted with

@@ -52,16 +52,23 @@ fn openapi_document_matches_capabilities_and_the_committed_copy() {
     let cs = s.get("/metadata").json();
     // Bulk Data export: listed in both, at each level, with its parameters
     assert_eq!(cs["rest"][0]["operation"][0]["name"], "export");
-    for t in ["Patient", "Group"] {
+    // under Bulk Data 2.0's name, and under 1.0's for older clients' discovery, one definition
+    for (t, legacy, definition) in [
+        ("Patient", "patient-export", "patient-export"),
+        ("Group", "group-export", "group-export"),
+    ] {
         let res = common::capability_of(&cs, t);
-        assert!(
-            res["operation"]
-                .as_array()
-                .unwrap()
+        let ops = res["operation"].as_array().unwrap();
+        for name in ["export", legacy] {
+            let op = ops
                 .iter()
-                .any(|o| o["name"] == "export"),
-            "{t}"
-        );
+                .find(|o| o["name"] == name)
+                .unwrap_or_else(|| panic!("{t} {name}"));
+            assert_eq!(
+                op["definition"],
+                format!("http://hl7.org/fhir/uv/bulkdata/OperationDefinition/{definition}")
+            );
+        }
     }
     for path in ["/fhir/$export", "/fhir/Patient/$export", "/fhir/Group/{id}/$export"] {
         let names: BTreeSet<&str> = doc["paths"][path]["get"]["parameters"]

@@ -200,6 +200,10 @@ pub fn capability_statement(
                     "name": "export",
                     "definition": "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/patient-export",
                     "documentation": BULK_EXPORT_DOC
+                }, {
+                    "name": "patient-export",
+                    "definition": "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/patient-export",
+                    "documentation": BULK_EXPORT_LEGACY_NAME
                 }]);
             }
             if t == "Group" {
@@ -207,6 +211,10 @@ pub fn capability_statement(
                     "name": "export",
                     "definition": "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/group-export",
                     "documentation": BULK_EXPORT_DOC
+                }, {
+                    "name": "group-export",
+                    "definition": "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/group-export",
+                    "documentation": BULK_EXPORT_LEGACY_NAME
                 }]);
             }
             let profiles = structures.profiles_of(t);
@@ -371,6 +379,13 @@ fn requirement_gaps(required: &Value, ours: &Value) -> Vec<String> {
     }
     gaps
 }
+
+/// Bulk Data 2.0 declares the Patient and Group exports under the name `export`; clients of
+/// Bulk Data 1.0 look them up as `patient-export` and `group-export`: a second entry each, with
+/// the same definition, so that discovery by either name finds them.
+const BULK_EXPORT_LEGACY_NAME: &str =
+    "The same operation under its Bulk Data 1.0 name, for discovery: it is invoked as \
+    $export (see the entry named export).";
 
 /// What the three `$export` operations take and how they answer.
 const BULK_EXPORT_DOC: &str = "Bulk Data Access 2.0 export by GET or POST (a Parameters body; Prefer: respond-async, \

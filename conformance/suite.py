@@ -749,7 +749,7 @@ def area_bulk_data(server, token):
         with open(jwks, "w") as f:
             f.write(json.dumps({"keys": [json.loads(key.export_public())]}))
         server.admin("client", "add", cid, "--type", "confidential", "--jwks", jwks,
-                     "--scope", "system/Patient.rs system/Observation.rs system/Group.rs")
+                     "--scope", "system/Patient.rs system/Observation.rs system/Group.rs system/Provenance.rs")
 
         def assertion(header_extra=None):
             now = int(time.time())
@@ -839,10 +839,40 @@ def area_bulk_data(server, token):
                 expect(r.status_code == 400 and r.json()["resourceType"] == "OperationOutcome", f"{what}: {r.status_code}")
             r = bulk.get(f"{base}/$export", params={"_type": "Practitioner"}, headers=kick)
             expect(r.status_code == 403, f"a type the token may not read: {r.status_code}")
+            r = bulk.get(f"{base}/$export", params={"_type": "Patient", "includeAssociatedData": "CustomValue"},
+                         headers=kick)
+            expect(r.status_code == 400, f"an includeAssociatedData value not defined: {r.status_code}")
+            r = bulk.get(f"{base}/$export", params={"_type": "Patient",
+                                                    "includeAssociatedData": "RelevantProvenanceResources"},
+                         headers=kick)
+            expect(r.status_code == 403, f"associated Provenance without reading it: {r.status_code}")
+
+        def associated_provenance():
+            prov = admin.post(f"{base}/Provenance", json={
+                "resourceType": "Provenance", "recorded": "2024-01-01T00:00:00Z",
+                "target": [{"reference": f"Patient/{pids[0]}"}],
+                "agent": [{"who": {"display": "suite"}}]}).json()["id"]
+            reader = session(grant("system/Patient.rs system/Group.rs system/Provenance.rs").json()["access_token"])
+            r = reader.get(f"{base}/Group/{group}/$export", headers=kick,
+                           params={"_type": "Patient", "includeAssociatedData": "RelevantProvenanceResources"})
+            expect(r.status_code == 202, f"kick-off: {r.status_code} {r.text[:200]}")
+            status = r.headers["Content-Location"]
+            for _ in range(300):
+                m = reader.get(status)
+                if m.status_code != 202:
+                    break
+                time.sleep(0.1)
+            expect(m.status_code == 200, f"manifest: {m.status_code}")
+            outs = [o for o in m.json()["output"] if o["type"] == "Provenance"]
+            ids = set()
+            for o in outs:
+                ids.update(json.loads(x)["id"] for x in reader.get(o["url"], headers={"Accept": "application/fhir+ndjson"}).text.splitlines() if x)
+            expect(prov in ids, "the member's Provenance is exported")
 
         RESULTS.check("bulk-data", f"{alg} GET kick-offs (system, Group)", get_levels)
         RESULTS.check("bulk-data", f"{alg} POST kick-off with patient, cancel, 404 after", post_with_patients)
         RESULTS.check("bulk-data", f"{alg} refusals", refusals)
+        RESULTS.check("bulk-data", f"{alg} includeAssociatedData (Provenance)", associated_provenance)
 
 
 def area_fhirpath(base, token):

@@ -304,7 +304,7 @@ fn refusals_and_ownership(db: Db) {
     );
     assert_eq!(
         s.get_with(
-            "/$export?includeAssociatedData=LatestProvenanceResources",
+            "/$export?includeAssociatedData=http://example.org/custom-associated",
             &[ASYNC, FHIR_JSON]
         )
         .status,
@@ -470,8 +470,116 @@ on_both_backends!(
     refusals_and_ownership,
     resumes_after_a_stop,
     post_kick_offs_and_patient_lists,
-    elements_and_lenient_handling
+    elements_and_lenient_handling,
+    associated_provenance
 );
+
+/// `includeAssociatedData`: the Provenance of the exported resources (all of it, or the last
+/// recorded per resource), whatever compartment it lies in, never that of a resource the
+/// export leaves out, and none twice when Provenance is an exported type as well.
+fn associated_provenance(db: Db) {
+    let s = TestServer::start_with(db, layer(2));
+    let pop = populate(&s, 4);
+    // the group's first patient: one observation made preliminary (a _typeFilter leaves it out)
+    let left_out = &pop.observations[1];
+    let mut obs = s.get(&format!("/Observation/{left_out}")).json();
+    obs["status"] = json!("preliminary");
+    assert_eq!(s.put(&format!("/Observation/{left_out}"), &obs).status, 200);
+    let provenance = |targets: &[String], recorded: &str| {
+        created_id(&s.post(
+            "/Provenance",
+            &json!({"resourceType": "Provenance", "recorded": recorded,
+                    "target": targets.iter().map(|t| json!({"reference": t})).collect::<Vec<_>>(),
+                    "agent": [{"who": {"reference": format!("Practitioner/{}", pop.practitioner)}}]}),
+        ))
+    };
+    let o = |i: usize| format!("Observation/{}", pop.observations[i]);
+    let older = provenance(&[o(0)], "2020-01-01T00:00:00Z");
+    // later, in another time zone, versioned and absolute references
+    let newer = provenance(
+        &[format!("{}/_history/1", o(0)), format!("{}/{}", s.base, o(2))],
+        "2021-01-01T02:00:00+02:00",
+    );
+    let of_left_out = provenance(&[o(1)], "2022-01-01T00:00:00Z");
+    let of_patient = provenance(&[format!("Patient/{}", pop.patients[0])], "2022-01-01T00:00:00Z");
+    // the fourth patient is not in the group
+    let outside_group = provenance(&[o(6)], "2022-01-01T00:00:00Z");
+    let filter = "_typeFilter=Observation%3Fstatus%3Dfinal";
+    let exported = |path: &str| download(&s, &wait(&s, &common::export_kick_off(&s, path)).json());
+
+    let all = exported(&format!(
+        "/$export?_type=Observation&{filter}&includeAssociatedData=RelevantProvenanceResources"
+    ));
+    assert_eq!(ids_of(&all, "Observation").len(), 7);
+    assert_eq!(
+        ids_of(&all, "Provenance"),
+        set(&[older.clone(), newer.clone(), outside_group.clone()])
+    );
+    // the last recorded of each observation's: the newer for the first, the one of the third
+    // (the same), the only one of the seventh
+    let latest = exported(&format!(
+        "/$export?_type=Observation&{filter}&includeAssociatedData=LatestProvenanceResources"
+    ));
+    assert_eq!(
+        ids_of(&latest, "Provenance"),
+        set(&[newer.clone(), outside_group.clone()])
+    );
+    // Group level: only the members' resources, and so only their Provenance
+    let group = exported(&format!(
+        "/Group/{}/$export?_type=Observation,Patient&includeAssociatedData=RelevantProvenanceResources",
+        pop.group
+    ));
+    assert_eq!(
+        ids_of(&group, "Provenance"),
+        set(&[older.clone(), newer.clone(), of_left_out.clone(), of_patient.clone()])
+    );
+    // Provenance as a type too: each written once (`download` asserts it), what the type
+    // selects and what is associated
+    let both = exported("/$export?_type=Observation,Provenance&includeAssociatedData=LatestProvenanceResources");
+    assert_eq!(
+        ids_of(&both, "Provenance"),
+        set(&[older, newer, of_left_out, of_patient, outside_group])
+    );
+    // POST, with both values: the broader wins
+    let r = s.send(
+        "POST",
+        "/$export",
+        Some(&json!({"resourceType": "Parameters", "parameter": [
+            {"name": "_type", "valueString": "Patient"},
+            {"name": "includeAssociatedData", "valueCode": "LatestProvenanceResources"},
+            {"name": "includeAssociatedData", "valueCode": "RelevantProvenanceResources"}]})),
+        &[ASYNC, FHIR_JSON],
+    );
+    assert_eq!(r.status, 202, "{}", r.text());
+    let posted = download(&s, &wait(&s, &common::status_path(&s, &r)).json());
+    assert_eq!(ids_of(&posted, "Provenance").len(), 1);
+    // a token that does not read Provenance: refused, or (lenient) exported without it
+    let token = s
+        .issuer
+        .issue(&fhirvault::auth::TokenRequest {
+            scope: "system/Observation.rs".into(),
+            client_id: Some("observations-only".into()),
+            expires_in: 900,
+            ..Default::default()
+        })
+        .unwrap();
+    let kick_off = |prefer: &str| {
+        Reply::from(
+            reqwest::blocking::Client::new()
+                .get(format!(
+                    "{}/$export?_type=Observation&includeAssociatedData=RelevantProvenanceResources",
+                    s.base
+                ))
+                .bearer_auth(&token)
+                .header("prefer", prefer)
+                .header("accept", "application/fhir+json")
+                .send()
+                .unwrap(),
+        )
+    };
+    assert_eq!(kick_off("respond-async").status, 403);
+    assert_eq!(kick_off("respond-async, handling=lenient").status, 202);
+}
 
 /// `_elements` keeps the listed and mandatory elements (SUBSETTED); under
 /// `Prefer: handling=lenient` what is not supported is left out and reported in the manifest's
@@ -499,7 +607,7 @@ fn elements_and_lenient_handling(db: Db) {
     // left out and reported; the export runs without them
     let lenient = ("prefer", "respond-async, handling=lenient");
     let r = s.get_with(
-        "/$export?_type=Observation&includeAssociatedData=LatestProvenanceResources&_nonsense=Secretvalue\
+        "/$export?_type=Observation&includeAssociatedData=CustomAssociated&_nonsense=Secretvalue\
          &_typeFilter=Observation%3Fnope%3D1",
         &[lenient, FHIR_JSON],
     );

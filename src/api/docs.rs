@@ -578,6 +578,15 @@ pub fn document(validator: &Validator, registry: &Registry, base_path: &str) -> 
                 "_typeFilter",
                 "[type]?[search parameters]: only the resources of that type the search selects",
             ))
+            .parameter(query_param(
+                "_elements",
+                "[type.]element names: only these (and mandatory) elements, marked SUBSETTED",
+            ))
+            .parameter(query_param(
+                "includeAssociatedData",
+                "LatestProvenanceResources (the last recorded Provenance of each exported resource) or \
+                 RelevantProvenanceResources (every Provenance targeting one)",
+            ))
             .response(
                 "202",
                 ResponseBuilder::new()

@@ -164,6 +164,8 @@ pub async fn kick_off(
     let mut elements: Vec<String> = Vec::new();
     // lenient handling: what was left out, by name (reported in the manifest's error file)
     let mut ignored: Vec<String> = Vec::new();
+    // `includeAssociatedData`: the broader of the values given
+    let mut associated: Option<crate::bulk::Associated> = None;
     for (k, v) in &pairs {
         match k.as_str() {
             "_elements" => {
@@ -180,15 +182,23 @@ pub async fn kick_off(
                     elements.push(e.to_string());
                 }
             }
-            // no associated data (Provenance) is offered: refused, or left out when lenient
-            "includeAssociatedData" if strict => {
-                return Err(bad(
-                    IssueType::NotSupported,
-                    "includeAssociatedData is not supported (send Prefer: handling=lenient to export without it)",
-                    "includeAssociatedData",
-                ))
+            // Provenance of the exported resources (the latest of each, or all); a custom value
+            // this server does not define is refused, or left out when lenient
+            "includeAssociatedData" => {
+                for value in v.split(',').map(str::trim).filter(|v| !v.is_empty()) {
+                    match crate::bulk::Associated::parse(value) {
+                        Some(a) => associated = associated.max(Some(a)),
+                        None if strict => {
+                            return Err(bad(
+                                IssueType::NotSupported,
+                                "includeAssociatedData takes LatestProvenanceResources or RelevantProvenanceResources",
+                                "includeAssociatedData",
+                            ))
+                        }
+                        None => ignored.push("includeAssociatedData: a value this server does not define".into()),
+                    }
+                }
             }
-            "includeAssociatedData" => ignored.push("includeAssociatedData: not supported".into()),
             "patient" if level == Level::System => {
                 return Err(bad(
                     IssueType::NotSupported,
@@ -351,6 +361,23 @@ pub async fn kick_off(
             return Err(ApiError::Forbidden);
         }
     }
+    // associated Provenance: read as the export's types are (every patient's); the
+    // Provenance the export selects as a type of its own joins the associated ones in one pass
+    // after the other types, so that none is written twice
+    let mut types = types;
+    let mut provenance_type = false;
+    if associated.is_some() {
+        if !may_export("Provenance") {
+            if strict {
+                return Err(ApiError::Forbidden);
+            }
+            ignored.push("includeAssociatedData: the token does not read Provenance".into());
+            associated = None;
+        } else if let Some(at) = types.iter().position(|t| t == "Provenance") {
+            types.remove(at);
+            provenance_type = true;
+        }
+    }
     only_patients.sort();
     only_patients.dedup();
     if !only_patients.is_empty() {
@@ -431,6 +458,8 @@ pub async fn kick_off(
         elements,
         ignored,
         shared,
+        associated,
+        provenance_type,
     };
     let st = state.clone();
     let id = job_id.clone();

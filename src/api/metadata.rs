@@ -390,8 +390,9 @@ const BULK_EXPORT_LEGACY_NAME: &str =
 /// What the three `$export` operations take and how they answer.
 const BULK_EXPORT_DOC: &str = "Bulk Data Access 2.0 export by GET or POST (a Parameters body; Prefer: respond-async, \
     Accept: application/fhir+json): patient (Patient and Group level), _outputFormat \
-    (application/fhir+ndjson), _since, _type, _typeFilter, _elements; with Prefer: handling=lenient what is not \
-    supported (includeAssociatedData among it) is left out and named in the manifest's error file. \
+    (application/fhir+ndjson), _since, _type, _typeFilter, _elements, includeAssociatedData \
+    (LatestProvenanceResources, RelevantProvenanceResources); with Prefer: handling=lenient what is not \
+    supported is left out and named in the manifest's error file. \
     202 with Content-Location: poll it \
     ($export-status, X-Progress, Retry-After) for the manifest, DELETE it to cancel. Files are NDJSON, \
     encrypted at rest, served only to the client that started the job while its token grants their \

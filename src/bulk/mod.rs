@@ -20,7 +20,7 @@ use crate::crypto::stream::{SealedReader, SealedWriter, StreamError};
 use crate::crypto::{Aad, Cipher, Sealed};
 use crate::search::query::Recheck;
 use crate::store::export::{ExportFile, ExportJob};
-use crate::store::search_query::SearchQuery;
+use crate::store::search_query::{Cond, SearchQuery};
 use crate::store::{Access, Store, StoreError};
 use chrono::NaiveDateTime;
 use serde::{Deserialize, Serialize};
@@ -101,6 +101,58 @@ impl JobPrincipal {
     }
 }
 
+/// `includeAssociatedData`: which Provenance of the exported resources the export adds.
+/// Ordered by breadth: the relevant ones include the latest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Associated {
+    /// For each exported resource, the Provenance recorded last that targets it.
+    Latest,
+    /// Every Provenance that targets an exported resource.
+    Relevant,
+}
+
+impl Associated {
+    /// The value's Bulk Data name; `None` for a (custom) value this server does not define.
+    pub fn parse(value: &str) -> Option<Associated> {
+        match value {
+            "LatestProvenanceResources" => Some(Associated::Latest),
+            "RelevantProvenanceResources" => Some(Associated::Relevant),
+            _ => None,
+        }
+    }
+}
+
+/// For each target (type, id): its last recorded Provenance's `recorded` and id.
+type LatestByTarget = std::collections::HashMap<(String, String), (i64, String)>;
+
+/// The type associated data is made of.
+const PROVENANCE: &str = "Provenance";
+
+/// The resources a Provenance targets, as (type, id): relative, absolute and versioned
+/// references alike (the version does not matter: the export writes current versions).
+fn targets_of(provenance: &serde_json::Value) -> Vec<(String, String)> {
+    provenance["target"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|t| t["reference"].as_str())
+        .filter_map(|r| {
+            let r = r.split_once("/_history/").map_or(r, |(head, _)| head);
+            let (head, id) = r.rsplit_once('/')?;
+            let t = head.rsplit('/').next()?;
+            Some((t.to_string(), id.to_string()))
+        })
+        .collect()
+}
+
+/// A Provenance's `recorded` instant, comparable across time zones (unreadable: earliest).
+fn recorded_of(provenance: &serde_json::Value) -> i64 {
+    provenance["recorded"]
+        .as_str()
+        .and_then(|r| chrono::DateTime::parse_from_rfc3339(r).ok())
+        .map_or(i64::MIN, |at| at.timestamp_micros())
+}
+
 /// What a job exports, fixed at kick-off.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct JobRequest {
@@ -127,6 +179,14 @@ pub struct JobRequest {
     /// compartment, exported as a patient-context token reads them: all of them).
     #[serde(default)]
     pub shared: Vec<String>,
+    /// `includeAssociatedData`: Provenance of the exported resources, written after every
+    /// type in a pass of its own.
+    #[serde(default)]
+    pub associated: Option<Associated>,
+    /// With `associated`: Provenance was an exported type too (taken out of `types`; the
+    /// associated pass writes what its queries select as well, so nothing is written twice).
+    #[serde(default)]
+    pub provenance_type: bool,
 }
 
 impl JobRequest {
@@ -381,12 +441,15 @@ impl Exporter {
     pub fn write_next_file(&self, job: &ExportJob, req: &JobRequest) -> Result<Option<ExportFile>, ExportError> {
         let files = self.store.export_files(&job.id)?;
         let seq = files.last().map_or(1, |f| f.seq + 1);
+        // a pass per type, then associated Provenance in one of its own
+        let passes = req.types.len() + usize::from(req.associated.is_some());
         let (mut type_index, mut after) = match files.last() {
             Some(f) => (
                 req.types
                     .iter()
                     .position(|t| *t == f.resource_type)
-                    .unwrap_or(req.types.len()),
+                    .or_else(|| (req.associated.is_some() && f.resource_type == PROVENANCE).then_some(req.types.len()))
+                    .unwrap_or(passes),
                 Some(f.last_id.clone()),
             ),
             None => (0, None),
@@ -396,8 +459,9 @@ impl Exporter {
         std::fs::create_dir_all(self.job_dir(&job.id))?;
         let path = self.file_path(&job.id, seq);
         let partial = path.with_extension("part");
-        while type_index < req.types.len() {
-            let t = &req.types[type_index];
+        while type_index < passes {
+            let associated_pass = type_index >= req.types.len();
+            let t = req.types.get(type_index).map_or(PROVENANCE, String::as_str);
             // the token may have lost nothing since kick-off (it is the same scopes), but a
             // type it may not read is never written
             // (granular scopes: only what their filters admit, as a condition of every query)
@@ -407,7 +471,11 @@ impl Exporter {
             let mut count: u64 = 0;
             let mut last_id = after.clone();
             if let Some(decision) = decision {
-                let mut queries = self.queries(req, job, t)?;
+                let mut queries = if associated_pass {
+                    vec![(self.every_provenance(job), Vec::new())]
+                } else {
+                    self.queries(req, job, t)?
+                };
                 let keep = req.elements_of(t);
                 if let Some(clause) = decision.filter_clause(t) {
                     for (q, _) in &mut queries {
@@ -419,7 +487,11 @@ impl Exporter {
                 let limit = self.config.export_file_resources;
                 loop {
                     let want = (limit - count).min(u64::from(PAGE)) as u32;
-                    let page = self.page(&principal, &queries, t, last_id.as_deref(), want, &keep)?;
+                    let page = if associated_pass {
+                        self.associated_page(&principal, req, job, &queries[0].0, last_id.as_deref(), want, &keep)?
+                    } else {
+                        self.page(&principal, &queries, t, last_id.as_deref(), want, &keep)?
+                    };
                     if page.is_empty() {
                         break;
                     }
@@ -454,7 +526,7 @@ impl Exporter {
                     std::fs::rename(&partial, &path)?;
                     let file = ExportFile {
                         seq,
-                        resource_type: t.clone(),
+                        resource_type: t.to_string(),
                         resource_count: count as i64,
                         last_id: last_id.unwrap_or_default(),
                     };
@@ -536,6 +608,19 @@ impl Exporter {
             out
         };
         let last = taken.last().map(|(id, _)| id.clone());
+        let lines = self.lines(principal, t, taken, keep)?;
+        Ok(Page { lines, last })
+    }
+
+    /// The NDJSON lines of the resources shown (`None`: refused by a re-check), shaped as a
+    /// read by the token would be and cut to `_elements`.
+    fn lines(
+        &self,
+        principal: &Principal,
+        t: &str,
+        taken: Vec<(String, Option<Vec<u8>>)>,
+        keep: &[String],
+    ) -> Result<Vec<(String, Vec<u8>)>, ExportError> {
         let mut lines = Vec::new();
         for (id, json) in taken {
             // hidden elements masked, labelled resources left out, as for any read by the token
@@ -551,7 +636,191 @@ impl Exporter {
                 }
             }
         }
-        Ok(Page { lines, last })
+        Ok(lines)
+    }
+
+    /// Every Provenance as it stood at the job's transaction time, in any compartment or none
+    /// (a Provenance is associated by its targets, not by its own compartment).
+    fn every_provenance(&self, job: &ExportJob) -> SearchQuery {
+        let mut q = SearchQuery::of_type(PROVENANCE);
+        q.total = false;
+        q.updated_until = Some(job.transaction_time);
+        q
+    }
+
+    /// The associated pass's next page: of the Provenance after `after` (in id order, at most
+    /// `want` looked at), those that target a resource the export writes (for `Latest`, that
+    /// are the last recorded of such a resource's Provenance), and those the export selects as
+    /// a type of its own.
+    #[allow(clippy::too_many_arguments)]
+    fn associated_page(
+        &self,
+        principal: &Principal,
+        req: &JobRequest,
+        job: &ExportJob,
+        provenance: &SearchQuery,
+        after: Option<&str>,
+        want: u32,
+        keep: &[String],
+    ) -> Result<Page, ExportError> {
+        let mut q = provenance.clone();
+        q.count = want;
+        q.after = after.map(|id| (PROVENANCE.to_string(), id.to_string()));
+        let rows = self.store.search_contents(&Access::All, &q)?;
+        let Some(last) = rows.last().map(|(id, _)| id.clone()) else {
+            return Ok(Page {
+                lines: Vec::new(),
+                last: None,
+            });
+        };
+        let mut candidates = Vec::with_capacity(rows.len());
+        let mut asked: std::collections::BTreeMap<&str, std::collections::BTreeSet<String>> = Default::default();
+        for (id, json) in rows {
+            let value: serde_json::Value = serde_json::from_slice(&json).map_err(|_| ExportError::Filter)?;
+            let targets: Vec<(String, String)> = targets_of(&value)
+                .into_iter()
+                .filter(|(t, _)| req.types.contains(t))
+                .collect();
+            for (t, target) in &targets {
+                if let Some(t) = req.types.iter().find(|x| *x == t) {
+                    asked.entry(t.as_str()).or_default().insert(target.clone());
+                }
+            }
+            candidates.push((id, json, targets));
+        }
+        // which targets the export writes: its own queries, restricted to them
+        let mut exported: std::collections::HashSet<(String, String)> = Default::default();
+        for (t, ids) in asked {
+            let ids: Vec<String> = ids.into_iter().collect();
+            for id in self.selected(principal, req, job, t, &ids)? {
+                exported.insert((t.to_string(), id));
+            }
+        }
+        let typed = if req.provenance_type {
+            let ids: Vec<String> = candidates.iter().map(|(id, _, _)| id.clone()).collect();
+            self.selected(principal, req, job, PROVENANCE, &ids)?
+        } else {
+            Default::default()
+        };
+        let latest = match req.associated {
+            Some(Associated::Latest) => {
+                let mut targets: Vec<(String, String)> = exported.iter().cloned().collect();
+                targets.sort();
+                Some(self.latest_provenance(provenance, &targets)?)
+            }
+            _ => None,
+        };
+        let taken = candidates
+            .into_iter()
+            .filter(|(id, _, targets)| {
+                typed.contains(id)
+                    || targets.iter().any(|r| {
+                        exported.contains(r)
+                            && latest
+                                .as_ref()
+                                .is_none_or(|l| l.get(r).is_some_and(|(_, last_id)| last_id == id))
+                    })
+            })
+            .map(|(id, json, _)| (id, Some(json)))
+            .collect();
+        let lines = self.lines(principal, PROVENANCE, taken, keep)?;
+        Ok(Page {
+            lines,
+            last: Some(last),
+        })
+    }
+
+    /// Of `ids` of type `t`, those the job writes: its queries for the type (compartments,
+    /// `_since`, `_typeFilter`, the token's granular filters and labels) restricted to them.
+    fn selected(
+        &self,
+        principal: &Principal,
+        req: &JobRequest,
+        job: &ExportJob,
+        t: &str,
+        ids: &[String],
+    ) -> Result<std::collections::HashSet<String>, ExportError> {
+        let mut out = std::collections::HashSet::new();
+        let Some(decision) = crate::auth::policy::authorize(principal, t, crate::auth::scope::Permission::Read)
+            .ok()
+            .filter(|d| d.reaches_every_patient())
+        else {
+            return Ok(out);
+        };
+        let queries = self.queries(req, job, t)?;
+        for chunk in ids.chunks(PAGE as usize) {
+            for (q, rechecks) in &queries {
+                let mut q = q.clone();
+                q.count = chunk.len() as u32;
+                q.clauses.push(chunk.iter().map(|id| Cond::Id(id.clone())).collect());
+                if let Some(clause) = decision.filter_clause(t) {
+                    q.clauses.push(clause);
+                }
+                for (id, json) in self.store.search_contents(&Access::All, &q)? {
+                    if out.contains(&id) {
+                        continue;
+                    }
+                    if !rechecks.is_empty() {
+                        let value: serde_json::Value =
+                            serde_json::from_slice(&json).map_err(|_| ExportError::Filter)?;
+                        if !rechecks.iter().all(|r| r.holds(&value, self.cipher())) {
+                            continue;
+                        }
+                    }
+                    // a resource the token's labels hide is not written, nor is its Provenance
+                    if self.attributes.shape_stored(principal, t, json).is_some() {
+                        out.insert(id);
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// For each of `targets`, the id of the Provenance (of those `provenance` selects) recorded
+    /// last that targets it, with its `recorded` instant (ties: the greater id).
+    fn latest_provenance(
+        &self,
+        provenance: &SearchQuery,
+        targets: &[(String, String)],
+    ) -> Result<LatestByTarget, ExportError> {
+        // references per query: one EXISTS each, kept to a size either database plans well
+        const TARGETS_PER_QUERY: usize = 100;
+        let mut latest = LatestByTarget::default();
+        for chunk in targets.chunks(TARGETS_PER_QUERY) {
+            let mut q = provenance.clone();
+            q.count = PAGE;
+            q.clauses.push(
+                chunk
+                    .iter()
+                    .map(|(t, id)| Cond::Reference {
+                        param: "target".into(),
+                        target_type: Some(t.clone()),
+                        id: id.clone(),
+                    })
+                    .collect(),
+            );
+            loop {
+                let rows = self.store.search_contents(&Access::All, &q)?;
+                for (id, json) in &rows {
+                    let value: serde_json::Value = serde_json::from_slice(json).map_err(|_| ExportError::Filter)?;
+                    let at = recorded_of(&value);
+                    for r in targets_of(&value).into_iter().filter(|r| chunk.contains(r)) {
+                        let slot = latest.entry(r).or_insert((i64::MIN, String::new()));
+                        if (at, id) > (slot.0, &slot.1) {
+                            *slot = (at, id.clone());
+                        }
+                    }
+                }
+                match rows.last() {
+                    Some((id, _)) if rows.len() as u32 >= PAGE => {
+                        q.after = Some((PROVENANCE.to_string(), id.clone()));
+                    }
+                    _ => break,
+                }
+            }
+        }
+        Ok(latest)
     }
 
     /// Opens one file of a job for reading, chunk by chunk.

@@ -158,6 +158,7 @@ fn levels_types_and_filters(db: Db) {
         assert_eq!(&s.get(&format!("/{t}/{id}")).json(), v);
     }
     // the kick-off, each poll and each download were audited (at least one event each)
+    s.auditor.flush_blocking().unwrap();
     let audit_after = s.db.count("SELECT COUNT(*) AS n FROM audit_events");
     assert!(audit_after - audit_before >= 1 + 1 + manifest["output"].as_array().unwrap().len() as i64);
 

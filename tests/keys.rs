@@ -184,6 +184,8 @@ fn rotation(s: &TestServer, env: &[(&str, String)]) {
         sealed.key_version()
     };
 
+    // every event in the database (SQLite journals reads' events first)
+    s.auditor.flush_blocking().unwrap();
     let out = run(s, env, &["keys", "rotate"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(

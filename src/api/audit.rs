@@ -27,7 +27,21 @@ pub async fn read(
     let fmt = Format::negotiate(&req)?;
     let st = state.clone();
     let ids = vec![id.clone()];
-    let (events, _) = blocking(move || st.store.audit_events_by_id(&ids).map_err(ApiError::from)).await?;
+    let (mut events, _) = blocking(move || st.store.audit_events_by_id(&ids).map_err(ApiError::from)).await?;
+    if events.is_empty() {
+        // an event this node recorded a moment ago may not have reached the database yet
+        // (SQLite journals them first): wait for it once, then look again
+        state
+            .auditor
+            .sync_search()
+            .await
+            .map_err(|_| ApiError::AuditUnavailable)?;
+        let st = state.clone();
+        let ids = vec![id.clone()];
+        events = blocking(move || st.store.audit_events_by_id(&ids).map_err(ApiError::from))
+            .await?
+            .0;
+    }
     let ev = events
         .into_iter()
         .next()

@@ -11,6 +11,7 @@
 //!   chain that verifies and a log that search sees whole.
 
 use super::event::columns_of;
+use super::journal::Batch;
 use super::writer::{append_linked, Pending};
 use super::AuditError;
 use crate::crypto::Cipher;
@@ -28,6 +29,10 @@ use tokio::sync::oneshot;
 /// (benches/audit.rs): 200 ms in 256-row transactions held the ledger at 0.51 of the floor,
 /// 500 ms in 2000-row transactions at 0.68 (each index page is written once for many rows).
 const INTERVAL: Duration = Duration::from_millis(500);
+/// SQLite (journal): batches are moved and derived this often. A single node, whose every
+/// AuditEvent search and read waits for its own events first: the interval only sets how
+/// many rows share a transaction (and its index pages), not what search sees.
+const JOURNAL_INTERVAL: Duration = Duration::from_millis(1000);
 /// How often other nodes' chains are looked after.
 const SWEEP: Duration = Duration::from_secs(10);
 /// Events of another node's chain younger than this are left to that node.
@@ -36,8 +41,13 @@ const ADOPT_AFTER: chrono::Duration = chrono::Duration::seconds(5);
 const BATCH: usize = 2000;
 
 pub(super) enum Derived {
-    /// A batch the writer committed to `chain`: `(seq, search row)` in order.
-    Appended { chain: i64, rows: Vec<(i64, SearchRow)> },
+    /// A batch the writer committed to `chain`: `(seq, search row)` in order; on SQLite the
+    /// batch itself too, journaled, to move into the database first.
+    Appended {
+        chain: i64,
+        rows: Vec<(i64, SearchRow)>,
+        to_move: Option<Batch>,
+    },
     /// Answer once everything handed over before is stored.
     Sync(oneshot::Sender<Result<(), AuditError>>),
 }
@@ -58,6 +68,18 @@ pub(super) struct Deriver {
     /// Chains of nodes that are gone whose leftovers were all taken care of: skipped until
     /// their claim is seen held again (their node came back, and may die again).
     pub settled: std::collections::HashSet<i64>,
+    /// SQLite: journaled batches not moved into the database yet, in seq order.
+    pub to_move: Vec<Batch>,
+    /// SQLite: where the last seq moved is published (the writer empties journal segments
+    /// up to it); `None` on PostgreSQL.
+    pub moved: Option<Arc<AtomicI64>>,
+    /// Set while moving fails (the database refuses the events): the writer fails closed.
+    pub move_failing: Arc<std::sync::atomic::AtomicBool>,
+    /// SQLite: the session batches are moved with (commits that wait for the disk: the
+    /// journal may be emptied once they are done).
+    pub move_session: AuditSession,
+    /// SQLite: checkpoints are signed here, after the batches they cover were moved.
+    pub checkpointer: Option<super::writer::Checkpointer>,
 }
 
 impl Deriver {
@@ -65,7 +87,12 @@ impl Deriver {
         loop {
             let mut syncs = Vec::new();
             let mut open = true;
-            let deadline = Instant::now() + INTERVAL;
+            let deadline = Instant::now()
+                + if self.moved.is_some() {
+                    JOURNAL_INTERVAL
+                } else {
+                    INTERVAL
+                };
             // gather for one interval, or until someone waits for it
             while syncs.is_empty() {
                 let left = deadline.saturating_duration_since(Instant::now());
@@ -89,6 +116,9 @@ impl Deriver {
                 let _ = s.send(result.as_ref().map(|_| ()).map_err(|_| AuditError::Unavailable));
             }
             if !open {
+                if let Some(cp) = &mut self.checkpointer {
+                    cp.sign_if_due(&self.store, &mut self.move_session, true);
+                }
                 return;
             }
             if self.last_sweep.is_none_or(|t| t.elapsed() >= SWEEP) {
@@ -102,13 +132,54 @@ impl Deriver {
 
     fn take(&mut self, msg: Derived, syncs: &mut Vec<oneshot::Sender<Result<(), AuditError>>>) {
         match msg {
-            Derived::Appended { chain, rows } => self.pending.entry(chain).or_default().extend(rows),
+            Derived::Appended { chain, rows, to_move } => {
+                self.to_move.extend(to_move);
+                self.pending.entry(chain).or_default().extend(rows)
+            }
             Derived::Sync(s) => syncs.push(s),
         }
     }
 
+    /// SQLite: moves journaled batches into the database, in one durable transaction per
+    /// [`BATCH`] events or so, and publishes how far the database now holds this chain.
+    fn move_journaled(&mut self) -> Result<(), AuditError> {
+        while !self.to_move.is_empty() {
+            let mut rows = Vec::new();
+            let mut links = Vec::new();
+            let mut taken = 0;
+            for b in &self.to_move {
+                if !links.is_empty() && links.len() + b.links.len() > BATCH {
+                    break;
+                }
+                rows.extend(b.rows.iter().cloned());
+                links.extend(b.links.iter().cloned());
+                taken += 1;
+            }
+            if let Err(e) = self.move_session.append(&self.store, &rows, &links) {
+                // the writer refuses new events until the database takes these (fail closed)
+                self.move_failing.store(true, Ordering::Release);
+                return Err(e.into());
+            }
+            self.move_failing.store(false, Ordering::Release);
+            let last: Option<i64> = links.last().map(|l: &crate::store::audit::ChainLink| l.seq);
+            self.to_move.drain(..taken);
+            if let (Some(moved), Some(seq)) = (&self.moved, last) {
+                moved.store(seq, Ordering::Release);
+            }
+            if let Some(cp) = &mut self.checkpointer {
+                cp.since += links.len() as u64;
+            }
+        }
+        if let Some(cp) = &mut self.checkpointer {
+            cp.sign_if_due(&self.store, &mut self.move_session, false);
+        }
+        Ok(())
+    }
+
     /// Stores what was handed over, chain by chain; gaps are derived from the database.
     fn store_pending(&mut self) -> Result<(), AuditError> {
+        // journaled events reach the database before their search rows
+        self.move_journaled()?;
         let mut chains: Vec<i64> = self.pending.keys().copied().collect();
         let own = self.chain.load(Ordering::Relaxed);
         if !chains.contains(&own) {

@@ -20,6 +20,7 @@ pub mod checkpoint;
 mod deriver;
 pub mod event;
 pub mod export;
+pub mod journal;
 pub mod verify;
 mod writer;
 
@@ -71,6 +72,8 @@ pub struct Auditor {
     enabled: bool,
     /// Requests that will hand in an event soon (the writer waits briefly for them).
     in_flight: Arc<AtomicUsize>,
+    /// SQLite: events are durable in the journal first, in the database once moved.
+    journaled: bool,
 }
 
 /// Counts a request as under way until dropped: the writer batches its event with others'.
@@ -110,24 +113,78 @@ impl Auditor {
         let (derived_tx, derived_rx) = std::sync::mpsc::channel();
         let mut w = Writer {
             store: store.clone(),
-            key,
-            file,
-            policy,
+            checkpointer: Some(writer::Checkpointer {
+                key,
+                file,
+                policy,
+                last: Instant::now(),
+                since: 0,
+            }),
+            idle: policy.every,
             stats: stats.clone(),
             node: node.to_string(),
             chain: chain.clone(),
-            last_checkpoint: Instant::now(),
-            since_checkpoint: 0,
             retry_links: Vec::new(),
             in_flight: in_flight.clone(),
             session,
             head: None,
             derived: derived_tx.clone(),
             confirm_links_until: None,
+            journaled: None,
         };
+        // SQLite: what the journal made durable and the database does not hold yet goes in
+        // first; then the writer journals (see `journal`)
+        let moved = Arc::new(AtomicI64::new(0));
+        let move_failing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let journal_paths = store
+            .sqlite_path()
+            .map(|db| journal::segment_paths(db, chain.load(Ordering::Relaxed)));
+        if let Some(paths) = &journal_paths {
+            let own = chain.load(Ordering::Relaxed);
+            let mut replayed = replay_journal(&store, &mut w.session, own, paths)?;
+            // a process that stopped under another node name (the default name has the
+            // port in it) left its chain's journal: moved in by whoever takes that chain next
+            let db = store.sqlite_path().unwrap_or_default().to_string();
+            let mut others = crate::store::audit::AuditSession::default();
+            for other in store.audit_chains()?.into_iter().map(|c| c.id).filter(|c| *c != own) {
+                let other_paths = journal::segment_paths(&db, other);
+                let waiting = other_paths
+                    .iter()
+                    .any(|p| std::fs::metadata(p).is_ok_and(|m| m.len() > 0));
+                if waiting && others.try_hold(&store, other)? {
+                    let moved = replay_journal(&store, &mut others, other, &other_paths);
+                    others.release(&store, other);
+                    replayed += moved?;
+                }
+            }
+            if replayed > 0 {
+                tracing::warn!(
+                    events = replayed,
+                    "moved journaled audit events into the database after an interruption"
+                );
+            }
+        }
         let recovered = w.recover(&cipher)?;
         if recovered > 0 {
             tracing::warn!(events = recovered, "linked audit events stored before an interruption");
+        }
+        let mut deriver_checkpoints = None;
+        if let Some(paths) = &journal_paths {
+            // the recovery's own links are committed: sign over them now, then hand signing
+            // to the deriver (checkpoints cover what the database holds)
+            if let Some(mut cp) = w.checkpointer.take() {
+                cp.sign_if_due(&store, &mut w.session, true);
+                deriver_checkpoints = Some(cp);
+            }
+            let head = w.session.head(&store, chain.load(Ordering::Relaxed))?;
+            moved.store(head.seq, Ordering::Release);
+            w.head = Some(head);
+            w.journaled = Some(writer::Journaled {
+                journal: journal::Journal::open_empty(paths)
+                    .map_err(|e| AuditError::Io(format!("audit journal: {e}")))?,
+                moved: moved.clone(),
+                failing: move_failing.clone(),
+            });
         }
         let (tx, rx) = std::sync::mpsc::channel();
         let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
@@ -147,7 +204,13 @@ impl Auditor {
             positions: Default::default(),
             last_sweep: None,
             settled: Default::default(),
+            to_move: Vec::new(),
+            moved: journal_paths.is_some().then_some(moved),
+            move_session: Default::default(),
+            checkpointer: deriver_checkpoints,
+            move_failing,
         };
+        let journaled = journal_paths.is_some();
         let deriver = spawn("audit-deriver", Box::new(move || d.run(derived_rx)))?;
         Ok(Auditor {
             sender: RwLock::new(Some(tx)),
@@ -159,6 +222,7 @@ impl Auditor {
             threads: Mutex::new(vec![writer, deriver]),
             enabled: true,
             in_flight,
+            journaled,
         })
     }
 
@@ -175,6 +239,7 @@ impl Auditor {
             threads: Mutex::new(Vec::new()),
             enabled: false,
             in_flight: Arc::new(AtomicUsize::new(0)),
+            journaled: false,
         }
     }
 
@@ -217,6 +282,7 @@ impl Auditor {
             threads: Mutex::new(threads),
             enabled: true,
             in_flight: Arc::new(AtomicUsize::new(0)),
+            journaled: false,
         })
     }
 
@@ -326,6 +392,10 @@ impl Auditor {
     /// (events of other nodes are searchable within a second of their commit).
     pub async fn sync_search(&self) -> Result<(), AuditError> {
         self.flush().await?;
+        if self.journaled {
+            // the flush waited for the deriver already
+            return Ok(());
+        }
         let Some(rx) = self.ask_deriver()? else { return Ok(()) };
         rx.await.map_err(|_| AuditError::Unavailable)?
     }
@@ -333,6 +403,9 @@ impl Auditor {
     /// [`Auditor::sync_search`] for threads outside the async runtime.
     pub fn sync_search_blocking(&self) -> Result<(), AuditError> {
         self.flush_blocking()?;
+        if self.journaled {
+            return Ok(());
+        }
         let Some(rx) = self.ask_deriver()? else { return Ok(()) };
         rx.blocking_recv().map_err(|_| AuditError::Unavailable)?
     }
@@ -351,14 +424,20 @@ impl Auditor {
         Ok(Some(rx))
     }
 
-    /// Waits until everything queued so far is committed.
+    /// Waits until everything queued so far is committed (and, journaled, in the database).
     pub async fn flush(&self) -> Result<(), AuditError> {
         if !self.enabled {
             return Ok(());
         }
         let (ack, rx) = oneshot::channel();
         self.send(Job::Flush(ack))?;
-        rx.await.map_err(|_| AuditError::Unavailable)?
+        rx.await.map_err(|_| AuditError::Unavailable)??;
+        if self.journaled {
+            if let Some(rx) = self.ask_deriver()? {
+                rx.await.map_err(|_| AuditError::Unavailable)??;
+            }
+        }
+        Ok(())
     }
 
     /// [`Auditor::flush`] for threads outside the async runtime.
@@ -368,7 +447,13 @@ impl Auditor {
         }
         let (ack, rx) = oneshot::channel();
         self.send(Job::Flush(ack))?;
-        rx.blocking_recv().map_err(|_| AuditError::Unavailable)?
+        rx.blocking_recv().map_err(|_| AuditError::Unavailable)??;
+        if self.journaled {
+            if let Some(rx) = self.ask_deriver()? {
+                rx.blocking_recv().map_err(|_| AuditError::Unavailable)??;
+            }
+        }
+        Ok(())
     }
 
     /// Stops the writer after it has committed what is queued (and signed a last checkpoint),
@@ -388,6 +473,41 @@ impl Drop for Auditor {
     fn drop(&mut self) {
         self.shutdown();
     }
+}
+
+/// Moves the journal's batches beyond the chain's head in the database into it, in one
+/// transaction, then empties the journal. The batches must continue the chain exactly (seq
+/// and hash): anything else is refused, and the node does not start, rather than guess.
+fn replay_journal(
+    store: &Store,
+    session: &mut crate::store::audit::AuditSession,
+    chain: i64,
+    paths: &[std::path::PathBuf; 2],
+) -> Result<usize, AuditError> {
+    let io = |e: std::io::Error| AuditError::Io(format!("audit journal: {e}"));
+    let batches = journal::read_all(paths).map_err(io)?;
+    let head = session.head(store, chain)?;
+    let (mut rows, mut links) = (Vec::new(), Vec::new());
+    let (mut next, mut prev) = (head.seq + 1, head.hash.clone());
+    for b in batches.into_iter().filter(|b| b.last_seq() > head.seq) {
+        for l in &b.links {
+            if l.chain_id != chain || l.seq != next || l.prev_hash != prev {
+                return Err(AuditError::Io(format!(
+                    "the audit journal does not continue chain {chain} at seq {next}: \
+                     run `fhirvault audit verify`; the journal files are left as they are"
+                )));
+            }
+            next += 1;
+            prev = l.hash.clone();
+        }
+        rows.extend(b.rows);
+        links.extend(b.links);
+    }
+    if !links.is_empty() {
+        session.append(store, &rows, &links)?;
+    }
+    journal::clear(paths).map_err(io)?;
+    Ok(links.len())
 }
 
 /// Builds a write's event inside its transaction (the store calls [`WriteAudit::record`]).

@@ -99,38 +99,9 @@ pub(super) fn append_linked(
     for r in rows.iter_mut() {
         r.chain_id = chain;
     }
-    let mut prev = head.hash.clone();
-    let mut seq = head.seq;
-    let links: Vec<ChainLink> = order
-        .iter()
-        .map(|p| {
-            seq += 1;
-            let hash = link_hash(&prev, &p.canonical).to_vec();
-            ChainLink {
-                chain_id: chain,
-                seq,
-                event_id: p.event_id.clone(),
-                prev_hash: std::mem::replace(&mut prev, hash.clone()),
-                hash,
-            }
-        })
-        .collect();
+    let links = links_after(chain, head, order);
     match session.append(store, rows, &links) {
-        Ok(()) => {
-            let new_head = links.last().map_or_else(
-                || head.clone(),
-                |l| ChainHead {
-                    seq: l.seq,
-                    hash: l.hash.clone(),
-                },
-            );
-            let derived = links
-                .iter()
-                .zip(order.drain(..))
-                .map(|(l, p)| (l.seq, p.search))
-                .collect();
-            Ok((new_head, derived))
-        }
+        Ok(()) => Ok(linked(head, &links, order)),
         Err(e) if e.is_unique_violation() => {
             let stored: Vec<String> = order
                 .iter()
@@ -145,19 +116,68 @@ pub(super) fn append_linked(
     }
 }
 
+/// The links that append `order` to `chain` after `head`.
+fn links_after(chain: i64, head: &ChainHead, order: &[Pending]) -> Vec<ChainLink> {
+    let mut prev = head.hash.clone();
+    let mut seq = head.seq;
+    order
+        .iter()
+        .map(|p| {
+            seq += 1;
+            let hash = link_hash(&prev, &p.canonical).to_vec();
+            ChainLink {
+                chain_id: chain,
+                seq,
+                event_id: p.event_id.clone(),
+                prev_hash: std::mem::replace(&mut prev, hash.clone()),
+                hash,
+            }
+        })
+        .collect()
+}
+
+/// After `links` were appended: the new head, and the search rows of `order` by seq.
+fn linked(head: &ChainHead, links: &[ChainLink], order: &mut Vec<Pending>) -> (ChainHead, Vec<(i64, SearchRow)>) {
+    let new_head = links.last().map_or_else(
+        || head.clone(),
+        |l| ChainHead {
+            seq: l.seq,
+            hash: l.hash.clone(),
+        },
+    );
+    let derived = links
+        .iter()
+        .zip(order.drain(..))
+        .map(|(l, p)| (l.seq, p.search))
+        .collect();
+    (new_head, derived)
+}
+
+/// SQLite: batches are made durable in the journal (see [`super::journal`]) and moved into
+/// the database by the deriver.
+pub(super) struct Journaled {
+    pub journal: super::journal::Journal,
+    /// The last seq of this chain the database holds (the deriver moves, then sets it).
+    pub moved: Arc<AtomicI64>,
+    /// Set by the deriver while the database refuses the events it moves.
+    pub failing: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Journaled events not in the database yet beyond which the writer refuses more: the
+/// deriver is not keeping up (or not running), and the journal must not grow without end.
+const MAX_UNMOVED: i64 = 500_000;
+
 pub(super) struct Writer {
     pub store: Arc<Store>,
-    pub key: CheckpointKey,
-    pub file: CheckpointFile,
-    pub policy: CheckpointPolicy,
+    /// `None` in journal mode: the deriver signs them, once it has moved what they cover.
+    pub checkpointer: Option<Checkpointer>,
+    /// How long the writer waits for a first event (then checks for a due checkpoint).
+    pub idle: Duration,
     pub stats: Arc<WriterStats>,
     /// This node's name (its chain's, see [`AuditSession::claim`]).
     pub node: String,
     /// The chain this node appends to, shared with the handlers (write events name it).
     pub chain: Arc<AtomicI64>,
-    /// When the last checkpoint was signed, and events appended since.
-    pub last_checkpoint: Instant,
-    pub since_checkpoint: u64,
     /// Links whose batch failed, tried again with the next one.
     pub retry_links: Vec<Pending>,
     /// Audited requests under way (see [`super::InFlight`]).
@@ -170,6 +190,8 @@ pub(super) struct Writer {
     /// Until then, links of writes' events are appended only if their events are stored: see
     /// [`Writer::drop_lost_links`].
     pub confirm_links_until: Option<Instant>,
+    /// SQLite: the journal batches go to instead of a commit each.
+    pub journaled: Option<Journaled>,
 }
 
 /// How long after re-claiming its chain on a new connection the writer confirms that the
@@ -180,7 +202,7 @@ const CONFIRM_LINKS_WINDOW: Duration = Duration::from_secs(30);
 impl Writer {
     pub(super) fn run(mut self, rx: Receiver<Job>) {
         loop {
-            let first = match rx.recv_timeout(self.policy.every) {
+            let first = match rx.recv_timeout(self.idle) {
                 Ok(job) => Some(job),
                 Err(RecvTimeoutError::Timeout) => None,
                 Err(RecvTimeoutError::Disconnected) => break,
@@ -194,7 +216,8 @@ impl Writer {
                 .fetch_add(lingering.elapsed().as_micros() as u64, Ordering::Relaxed);
             self.process(jobs);
         }
-        // shutting down: leave a checkpoint on the last event
+        // shutting down: leave a checkpoint on the last event (journaled ones: the deriver
+        // signs it once it has moved them)
         self.process_with(Vec::new(), true);
     }
 
@@ -331,19 +354,33 @@ impl Writer {
         if !order.is_empty() {
             let n = order.len() as u64;
             let appending = Instant::now();
-            let result = self.append(&mut rows, &mut order);
+            let result = if self.journaled.is_some() {
+                self.journal(&mut rows, &mut order)
+            } else {
+                self.append(&mut rows, &mut order)
+                    .map(|(chain, derived)| (chain, derived, None))
+            };
             self.stats
                 .commit_micros
                 .fetch_add(appending.elapsed().as_micros() as u64, Ordering::Relaxed);
             match result {
-                Ok((chain, derived)) => {
+                Ok((chain, derived, to_move)) => {
                     self.stats.commits.fetch_add(1, Ordering::Relaxed);
                     self.stats.events.fetch_add(n, Ordering::Relaxed);
-                    self.since_checkpoint += n;
-                    let _ = self.derived.send(Derived::Appended { chain, rows: derived });
+                    if let Some(cp) = &mut self.checkpointer {
+                        cp.since += n;
+                    }
+                    let _ = self.derived.send(Derived::Appended {
+                        chain,
+                        rows: derived,
+                        to_move,
+                    });
                 }
                 Err(e) => {
-                    self.head = None;
+                    // (the journal's head is this writer's: the database's lags behind it)
+                    if self.journaled.is_none() {
+                        self.head = None;
+                    }
                     self.stats.failed_batches.fetch_add(1, Ordering::Relaxed);
                     tracing::error!(error = %e, events = rows.len(), "audit batch could not be committed");
                     // links name events already stored: keep them for the next batch
@@ -364,14 +401,53 @@ impl Writer {
         for a in acks {
             let _ = a.send(Ok(()));
         }
-        let time_due = self.last_checkpoint.elapsed() >= self.policy.every;
-        let pending = self.since_checkpoint > 0;
-        if pending && (final_checkpoint || time_due || self.since_checkpoint >= self.policy.every_events) {
-            self.checkpoint();
+        if let Some(cp) = &mut self.checkpointer {
+            cp.sign_if_due(&self.store, &mut self.session, final_checkpoint);
         }
         for f in flushes {
             let _ = f.send(Ok(()));
         }
+    }
+
+    /// Journal mode: links `order` after the head this writer holds (the database's may lag
+    /// behind it: it is read only when nothing journaled is waiting to be moved) and makes
+    /// the batch durable in the journal. On an error nothing is journaled and the head stays.
+    #[allow(clippy::type_complexity)]
+    fn journal(
+        &mut self,
+        rows: &mut Vec<AuditRow>,
+        order: &mut Vec<Pending>,
+    ) -> Result<(i64, Vec<(i64, SearchRow)>, Option<super::journal::Batch>), StoreError> {
+        let chain = self.chain.load(Ordering::Relaxed);
+        let head = match &self.head {
+            Some(h) => h.clone(),
+            None => self.session.head(&self.store, chain)?,
+        };
+        for r in rows.iter_mut() {
+            r.chain_id = chain;
+        }
+        let batch = super::journal::Batch {
+            rows: std::mem::take(rows),
+            links: links_after(chain, &head, order),
+        };
+        let Some(j) = self.journaled.as_mut() else {
+            return Err(StoreError::Lock("no audit journal".into()));
+        };
+        // fail closed when journaled events do not reach the database
+        let moved = j.moved.load(Ordering::Acquire);
+        if j.failing.load(Ordering::Acquire) || head.seq - moved > MAX_UNMOVED {
+            *rows = batch.rows;
+            return Err(StoreError::Lock(
+                "journaled audit events are not reaching the database".into(),
+            ));
+        }
+        if let Err(e) = j.journal.append(&batch, moved) {
+            *rows = batch.rows;
+            return Err(StoreError::Lock(format!("audit journal: {e}")));
+        }
+        let (new_head, derived) = linked(&head, &batch.links, order);
+        self.head = Some(new_head);
+        Ok((chain, derived, Some(batch)))
     }
 
     /// Appends with a few retries: a lost connection (claimed again) or a link some adopting
@@ -407,12 +483,33 @@ impl Writer {
             }
         }
     }
+}
 
-    /// Signs the heads of every chain (this one's as just committed) and stores the checkpoint
-    /// in the database and the checkpoint file. A failure is logged and tried again later: the
-    /// events themselves are durable and chained.
-    fn checkpoint(&mut self) {
-        let heads = match self.session.all_heads(&self.store) {
+/// Signs checkpoints of every chain's head as the database holds them, by the policy: the
+/// writer after its commits, or (SQLite, journal) the deriver after it has moved batches in.
+pub(super) struct Checkpointer {
+    pub key: CheckpointKey,
+    pub file: CheckpointFile,
+    pub policy: CheckpointPolicy,
+    /// When the last checkpoint was signed, and events made durable since.
+    pub last: Instant,
+    pub since: u64,
+}
+
+impl Checkpointer {
+    /// Signs one if events arrived since the last and the policy (or `last_one`) says so.
+    pub fn sign_if_due(&mut self, store: &Store, session: &mut AuditSession, last_one: bool) {
+        let due = last_one || self.last.elapsed() >= self.policy.every || self.since >= self.policy.every_events;
+        if self.since > 0 && due {
+            self.sign(store, session);
+        }
+    }
+
+    /// Signs the heads of every chain and stores the checkpoint in the database and the
+    /// checkpoint file. A failure is logged and tried again later: the events themselves are
+    /// durable and chained.
+    fn sign(&mut self, store: &Store, session: &mut AuditSession) {
+        let heads = match session.all_heads(store) {
             Ok(h) => h,
             Err(e) => {
                 tracing::error!(error = %e, "audit checkpoint: the chain heads could not be read");
@@ -420,15 +517,15 @@ impl Writer {
             }
         };
         let cp = self.key.sign(&heads, crate::store::now());
-        if let Err(e) = self.session.insert_checkpoint(&self.store, &cp) {
+        if let Err(e) = session.insert_checkpoint(store, &cp) {
             tracing::error!(error = %e, "audit checkpoint could not be stored");
             return;
         }
         if let Err(e) = self.file.append(&cp) {
             tracing::error!(error = %e, "audit checkpoint could not be written to the checkpoint file");
         }
-        self.last_checkpoint = Instant::now();
-        self.since_checkpoint = 0;
+        self.last = Instant::now();
+        self.since = 0;
     }
 }
 

@@ -10,6 +10,7 @@ pub mod bulk;
 pub mod config;
 pub mod crypto;
 pub mod fhir;
+pub mod import;
 pub mod search;
 pub mod secret_file;
 pub mod server;

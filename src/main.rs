@@ -119,6 +119,23 @@ enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// Import NDJSON files (plain or gzip; a Bulk Data export, Synthea) and Bundles (batch,
+    /// transaction, collection) through the same write path as the API (validation, indexing,
+    /// encryption, an AuditEvent per resource), with progress. May run beside a server.
+    Import {
+        /// Files, or directories of `.ndjson`, `.json` (and `.gz`) files.
+        #[arg(value_name = "PATH", required = true)]
+        paths: Vec<PathBuf>,
+        #[arg(long, value_enum, default_value = "auto")]
+        format: fhirvault::import::Format,
+        /// `stop`: a file with refused input is not applied, and the import stops; `skip`:
+        /// refused lines are reported and the rest imported.
+        #[arg(long, value_enum, default_value = "stop")]
+        on_error: fhirvault::import::OnError,
+        /// Continue an interrupted import of the same files after its last committed chunk.
+        #[arg(long)]
+        resume: bool,
+    },
     /// The built-in authorization server's users, clients and EHR launches.
     Admin {
         #[command(subcommand)]
@@ -274,6 +291,46 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let config = load_config(&cli.common, None)?;
             let store = open_store(&config, false)?;
             admin::run(&config, &store, command)
+        }
+        Command::Import {
+            paths,
+            format,
+            on_error,
+            resume,
+        } => {
+            let config = load_config(&cli.common, None)?;
+            let state = fhirvault::server::build_command_state(config.clone())?;
+            let store = state.store.clone();
+            let auditor = state.auditor.clone();
+            let opts = fhirvault::import::Options {
+                paths,
+                format,
+                on_error,
+                resume,
+            };
+            let result = actix_web::rt::System::new().block_on(fhirvault::import::run(state, opts));
+            // every resource's event is in the ledger before the summary is
+            auditor.flush_blocking().context("the audit ledger")?;
+            auditor.shutdown();
+            let mut record = cli_record(Kind::Admin("import"), Action::Create);
+            let summary = match &result {
+                Ok(summary) => summary,
+                Err(e) => {
+                    record.outcome_desc = Some("import stopped".into());
+                    audit_now(&config, &store, &record)?;
+                    anyhow::bail!("{e}");
+                }
+            };
+            let created: u64 = summary.by_type.values().map(|t| t.created).sum();
+            let updated: u64 = summary.by_type.values().map(|t| t.updated).sum();
+            record.outcome_desc = Some(format!(
+                "import of {} files: {created} created, {updated} updated, {} refused",
+                summary.files,
+                summary.refusals.len()
+            ));
+            audit_now(&config, &store, &record)?;
+            print!("{}", summary.table());
+            Ok(())
         }
         Command::Backup { out } => {
             let config = load_config(&cli.common, None)?;

@@ -222,6 +222,18 @@ pub fn open_issuer(config: &Config) -> anyhow::Result<crate::auth::Issuer> {
 
 /// Everything `serve` needs, built from the configuration.
 pub fn build_state(config: Config) -> anyhow::Result<AppState> {
+    build_state_as(config, true)
+}
+
+/// The state a command that drives the API in-process (`fhirvault import`) runs on: the same
+/// store, validation, policies and audit as `serve`, appending to the command line's own audit
+/// chain; it may run beside a server on the same database (SQLite too), and starts no export
+/// runners, reloaders or authorization server.
+pub fn build_command_state(config: Config) -> anyhow::Result<AppState> {
+    build_state_as(config, false)
+}
+
+fn build_state_as(config: Config, serving: bool) -> anyhow::Result<AppState> {
     let config = Arc::new(config);
     let cipher = open_cipher(&config)?;
     let validator = shared_validator()?;
@@ -240,16 +252,27 @@ pub fn build_state(config: Config) -> anyhow::Result<AppState> {
     let providers = crate::auth::oidc::Providers::discover_all(&config.oidc_providers)
         .context("configuration setting `oidc_provider`")?;
     // SQLite serves one node: a second process serving the same database is refused
-    let single_node = store
-        .claim_single_node()
-        .context("the SQLite database is in use by another server")?;
-    let auditor = Arc::new(open_auditor(&config, &store, &config.node_name)?);
+    let single_node = if serving {
+        store
+            .claim_single_node()
+            .context("the SQLite database is in use by another server")?
+    } else {
+        None
+    };
+    let node = if serving {
+        config.node_name.clone()
+    } else {
+        cli_node_name(&config)
+    };
+    let auditor = Arc::new(open_auditor(&config, &store, &node)?);
     let registry = shared_registry(&config)?;
     check_search_index(&store, &registry)?;
     let registry = Arc::new(live_registry(&config, registry)?);
     // the SearchParameters stored through the API, now and as any node changes them
     refresh_search_parameters(&store, &registry);
-    start_search_parameter_reloader(&registry, &store);
+    if serving {
+        start_search_parameter_reloader(&registry, &store);
+    }
     let structures = shared_structures(&config)?;
     let state = AppState::new(
         config,
@@ -265,6 +288,9 @@ pub fn build_state(config: Config) -> anyhow::Result<AppState> {
     );
     let mut state = state;
     state.single_node = single_node.map(Arc::new);
+    if !serving {
+        return Ok(state);
+    }
     if state.config.auth_server {
         if state.config.public_url.is_none() && !state.config.listen.ip().is_loopback() {
             // the token endpoint's own URL (the `aud` of client assertions) would come from each

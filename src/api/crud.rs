@@ -90,6 +90,13 @@ pub(super) fn check_body(state: &AppState, resource_type: &str, body: &mut Map<S
     Ok(())
 }
 
+/// What a create or update of `body` would refuse before touching the database (the same
+/// checks, [`check_body`]): for commands that check their input before writing any of it.
+pub fn precheck(state: &AppState, resource_type: &str, body: &Map<String, Value>) -> Result<(), ApiError> {
+    let mut body = body.clone();
+    check_body(state, resource_type, &mut body)
+}
+
 /// `validate_profiles_on_write`: a resource declaring profiles the server knows must meet them
 /// (and the R4 definitions); one that fails is refused with every error (422). Profiles the
 /// server does not know are not checked.

@@ -308,7 +308,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 on_error,
                 resume,
             };
-            let result = actix_web::rt::System::new().block_on(fhirvault::import::run(state, opts));
+            let result = fhirvault::import::run(state, opts);
             // every resource's event is in the ledger before the summary is
             auditor.flush_blocking().context("the audit ledger")?;
             auditor.shutdown();

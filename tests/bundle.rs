@@ -626,4 +626,60 @@ on_both_backends!(
     bundle_limits,
     bundle_entries_are_authorized_and_audited,
     patch_json_and_fhirpath,
+    transaction_puts_of_new_ids,
 );
+
+/// PUTs of ids nobody holds are written with the transaction's creates (one multi-row INSERT):
+/// 201, history says PUT, the reference to one of them by its fullUrl resolves, and a second
+/// PUT of the same id in the same transaction updates what the first created.
+fn transaction_puts_of_new_ids(db: Db) {
+    let s = TestServer::start(db);
+    let existing = s.put("/Patient/put-old", &json!({"resourceType": "Patient", "id": "put-old"}));
+    assert_eq!(existing.status, 201);
+    let put = |id: &str, resource: Value| {
+        let t = resource["resourceType"].as_str().unwrap().to_string();
+        json!({"fullUrl": format!("urn:uuid:{id}"), "resource": resource, "request": {"method": "PUT", "url": format!("{t}/{id}")}})
+    };
+    let b = bundle(
+        "transaction",
+        vec![
+            put(
+                "5b2a6c1e-0000-4000-8000-000000000001",
+                json!({"resourceType": "Patient", "id": "5b2a6c1e-0000-4000-8000-000000000001", "gender": "male"}),
+            ),
+            put(
+                "5b2a6c1e-0000-4000-8000-000000000002",
+                json!({"resourceType": "Observation", "id": "5b2a6c1e-0000-4000-8000-000000000002", "status": "final", "code": {"text": "x"},
+                "subject": {"reference": "urn:uuid:5b2a6c1e-0000-4000-8000-000000000001"}}),
+            ),
+            put(
+                "put-old",
+                json!({"resourceType": "Patient", "id": "put-old", "active": true}),
+            ),
+            json!({"resource": {"resourceType": "Patient", "id": "5b2a6c1e-0000-4000-8000-000000000001", "gender": "female"},
+                   "request": {"method": "PUT", "url": "Patient/5b2a6c1e-0000-4000-8000-000000000001"}}),
+        ],
+    );
+    let r = send_bundle(&s, &b);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(statuses(&r), vec!["201 Created", "201 Created", "200 OK", "200 OK"]);
+    let p = s.get("/Patient/5b2a6c1e-0000-4000-8000-000000000001").json();
+    assert_eq!(
+        (p["gender"].as_str(), p["meta"]["versionId"].as_str()),
+        (Some("female"), Some("2"))
+    );
+    let o = s.get("/Observation/5b2a6c1e-0000-4000-8000-000000000002").json();
+    assert_eq!(
+        o["subject"]["reference"],
+        "Patient/5b2a6c1e-0000-4000-8000-000000000001"
+    );
+    let h = s
+        .get("/Observation/5b2a6c1e-0000-4000-8000-000000000002/_history")
+        .json();
+    assert_eq!(h["entry"][0]["request"]["method"], "PUT", "{h}");
+    // found by search like any create (its index rows were written)
+    let found = s
+        .get("/Observation?subject=Patient/5b2a6c1e-0000-4000-8000-000000000001")
+        .json();
+    assert_eq!(found["total"], 1, "{found}");
+}

@@ -1,6 +1,8 @@
 //! What the benches share: a lean HTTP client, a throughput loop and the test data.
 #![allow(dead_code)]
 
+pub mod raw;
+
 use serde_json::json;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -225,6 +227,8 @@ fn smoke_sizes() {
         ("BENCH_CONC", "4"),
         ("BENCH_SCALE_SMALL", "500"),
         ("BENCH_SCALE_LARGE", "2000"),
+        ("BENCH_IMPORT_SMALL", "100"),
+        ("BENCH_IMPORT_LARGE", "300"),
     ] {
         if std::env::var(k).is_err() {
             std::env::set_var(k, v);

@@ -19,9 +19,12 @@
 //!   of a create: [`crate::api::crud::precheck`]): with `--on-error stop` a file with a refused
 //!   line is not applied at all; with `skip` the rest of it is. A refusal names the file, the line
 //!   (or entry) and the reason, never the content.
-//! * `--resume`: after each committed chunk the position is recorded (`DATA_DIR/imports/`); a
-//!   resumed import starts after it, and drops from the first chunk what a kill between its commit
-//!   and the record left already stored (same content), so nothing is imported twice.
+//! * Work runs on several workers, each with the application on its own runtime, as the
+//!   server's own workers do: checks, parsing, validation, encryption and indexing of several
+//!   chunks side by side while others commit (each chunk its own transaction).
+//! * `--resume`: the position recorded (`DATA_DIR/imports/`) is the last line before which every
+//!   chunk committed; a resumed import starts after it, and drops from the chunks that were in
+//!   flight what a kill left stored already (same content), so nothing is imported twice.
 
 use crate::api::AppState;
 use serde_json::{json, Map, Value};
@@ -327,6 +330,83 @@ fn failed_entry(outcome: &Value) -> Option<usize> {
     })
 }
 
+/// What one chunk's commit did: (type, created) per written resource, and (line, type,
+/// reason) per entry the server refused (`--on-error skip`).
+#[derive(Default)]
+struct Written {
+    written: Vec<(String, bool)>,
+    refused: Vec<(u64, String, String)>,
+}
+
+enum CommitError {
+    Io(String),
+    /// The server refused an entry, and the import stops there (`--on-error stop`).
+    Refused {
+        line: u64,
+        reason: String,
+    },
+}
+
+/// Writes `items` in one transaction (or batch) through the application: with `skip`, an
+/// entry the server refuses is set aside and the rest sent again.
+async fn commit(
+    call: &Call,
+    base: &str,
+    bearer: &str,
+    kind: &str,
+    mut items: Vec<Item>,
+    on_error: OnError,
+) -> Result<Written, CommitError> {
+    let mut out = Written::default();
+    while !items.is_empty() {
+        let entries: Vec<&Value> = items.iter().map(|i| &i.entry).collect();
+        let body = serde_json::to_vec(&json!({"resourceType": "Bundle", "type": kind, "entry": entries}))
+            .map_err(|e| CommitError::Io(e.to_string()))?;
+        let req = actix_web::test::TestRequest::post()
+            .uri(base)
+            .insert_header(("authorization", bearer))
+            .insert_header(("content-type", "application/fhir+json"))
+            .insert_header(("accept", "application/fhir+json"))
+            .set_payload(body);
+        let (status, bytes) = call(req).await.map_err(CommitError::Io)?;
+        let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        if status == 200 {
+            let results = body["entry"].as_array().cloned().unwrap_or_default();
+            for (item, result) in items.into_iter().zip(results) {
+                let code = result["response"]["status"].as_str().unwrap_or("");
+                if code.starts_with("201") || code.starts_with("200") {
+                    out.written.push((item.resource_type, code.starts_with("201")));
+                } else {
+                    // a batch entry's own failure
+                    let reason = outcome_text(&result["response"]["outcome"]);
+                    out.refused.push((item.line, item.resource_type, reason));
+                }
+            }
+            return Ok(out);
+        }
+        let reason = outcome_text(&body);
+        match failed_entry(&body).filter(|i| *i < items.len()) {
+            Some(at) if status < 500 && on_error == OnError::Skip => {
+                let item = items.remove(at);
+                out.refused.push((item.line, item.resource_type, reason));
+            }
+            Some(at) => {
+                return Err(CommitError::Refused {
+                    line: items[at].line,
+                    reason,
+                })
+            }
+            None => {
+                return Err(CommitError::Refused {
+                    line: items[0].line,
+                    reason: format!("{status}: {reason}"),
+                })
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Terminal progress: resources and bytes of the total, rate, time left; one plain line per
 /// file when the output is not a terminal.
 struct Meter {
@@ -385,11 +465,229 @@ type Call = Box<
     ) -> futures_util::future::LocalBoxFuture<'static, Result<(u16, actix_web::web::Bytes), String>>,
 >;
 
-/// The importer: the server's application in-process, and its token.
+/// Work for the workers: lines to check, or to write (NDJSON lines, parsed by the worker, or a
+/// Bundle's entries built already).
+enum Job {
+    Check(Vec<(u64, String)>),
+    Write {
+        seq: u64,
+        kind: &'static str,
+        items: Vec<Item>,
+        lines: Vec<(u64, String)>,
+        /// After a resumed position: leave out what is stored already (see `drop_stored`).
+        recheck: bool,
+    },
+}
+
+enum Done {
+    Checked(Vec<(u64, String, String)>),
+    Wrote {
+        seq: u64,
+        result: Result<Written, CommitError>,
+        already: Vec<String>,
+    },
+}
+
+/// Workers, each with the server's application in-process on its own runtime (as the
+/// server's own workers are): parsing, validation, encryption and indexing of several chunks
+/// run side by side on every core while others commit.
+struct Workers {
+    jobs: Option<std::sync::mpsc::SyncSender<Job>>,
+    done: std::sync::mpsc::Receiver<Done>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Workers {
+    fn start(state: actix_web::web::Data<AppState>, n: usize, on_error: OnError) -> Result<Workers, ImportError> {
+        let (jobs_tx, jobs_rx) = std::sync::mpsc::sync_channel::<Job>(n);
+        let jobs_rx = Arc::new(std::sync::Mutex::new(jobs_rx));
+        let (done_tx, done) = std::sync::mpsc::channel();
+        let mut threads = Vec::new();
+        for k in 0..n {
+            let (state, jobs_rx, done_tx) = (state.clone(), jobs_rx.clone(), done_tx.clone());
+            let spawned = std::thread::Builder::new()
+                .name(format!("import-{k}"))
+                .spawn(move || worker(state, jobs_rx, done_tx, on_error))
+                .map_err(|e| ImportError::Io(format!("import worker: {e}")))?;
+            threads.push(spawned);
+        }
+        Ok(Workers {
+            jobs: Some(jobs_tx),
+            done,
+            threads,
+        })
+    }
+
+    fn send(&self, job: Job) -> Result<(), ImportError> {
+        self.jobs
+            .as_ref()
+            .and_then(|j| j.send(job).ok())
+            .ok_or_else(|| ImportError::Io("the import workers stopped".into()))
+    }
+
+    fn next(&self) -> Result<Done, ImportError> {
+        self.done
+            .recv()
+            .map_err(|_| ImportError::Io("the import workers stopped".into()))
+    }
+}
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        self.jobs.take();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+fn worker(
+    state: actix_web::web::Data<AppState>,
+    jobs: Arc<std::sync::Mutex<std::sync::mpsc::Receiver<Job>>>,
+    done: std::sync::mpsc::Sender<Done>,
+    on_error: OnError,
+) {
+    actix_web::rt::System::new().block_on(async move {
+        let service = std::rc::Rc::new(actix_web::test::init_service(crate::api::app(state.clone())).await);
+        let call: Call = Box::new(move |req: actix_web::test::TestRequest| {
+            use actix_web::dev::Service;
+            let service = service.clone();
+            Box::pin(async move {
+                let resp = service.call(req.to_request()).await.map_err(|e| e.to_string())?;
+                let status = resp.status().as_u16();
+                let body = actix_web::body::to_bytes(resp.into_body())
+                    .await
+                    .map_err(|_| "the response could not be read".to_string())?;
+                Ok((status, body))
+            })
+        });
+        let base = state.config.base_path.clone();
+        let mut token: (String, Instant) = (String::new(), Instant::now() - Duration::from_secs(3600));
+        loop {
+            let job = {
+                let rx = jobs.lock().unwrap_or_else(|p| p.into_inner());
+                rx.recv()
+            };
+            let Ok(job) = job else { return };
+            let reply = match job {
+                Job::Check(lines) => Done::Checked(
+                    lines
+                        .into_iter()
+                        .filter_map(|(n, line)| check_line(&state, &line).map(|(t, why)| (n, t, why)))
+                        .collect(),
+                ),
+                Job::Write {
+                    seq,
+                    kind,
+                    mut items,
+                    lines,
+                    recheck,
+                } => {
+                    items.extend(
+                        lines
+                            .into_iter()
+                            .filter_map(|(n, line)| match serde_json::from_str(&line) {
+                                Ok(Value::Object(r)) => {
+                                    let t = r.get("resourceType").and_then(Value::as_str).unwrap_or("").to_string();
+                                    Some(Item {
+                                        line: n,
+                                        entry: entry_for(r, &t, None),
+                                        resource_type: t,
+                                    })
+                                }
+                                _ => None,
+                            }),
+                    );
+                    let already = if recheck {
+                        drop_stored(&state, &mut items)
+                    } else {
+                        Vec::new()
+                    };
+                    let bearer = match bearer(&state, &mut token) {
+                        Ok(b) => b,
+                        Err(e) => {
+                            let _ = done.send(Done::Wrote {
+                                seq,
+                                result: Err(CommitError::Io(e.to_string())),
+                                already,
+                            });
+                            continue;
+                        }
+                    };
+                    let result = if items.is_empty() {
+                        Ok(Written::default())
+                    } else {
+                        commit(&call, &base, &bearer, kind, items, on_error).await
+                    };
+                    Done::Wrote { seq, result, already }
+                }
+            };
+            if done.send(reply).is_err() {
+                return;
+            }
+        }
+    });
+}
+
+/// The import's own token (`system/*.cu`, client `fhirvault-import`), minted again each minute.
+fn bearer(state: &AppState, token: &mut (String, Instant)) -> Result<String, ImportError> {
+    if token.1.elapsed() > Duration::from_secs(60) {
+        let t = state
+            .issuer
+            .issue(&crate::auth::TokenRequest {
+                scope: "system/*.cu".into(),
+                client_id: Some("fhirvault-import".into()),
+                subject: Some("fhirvault-import".into()),
+                expires_in: 300,
+                ..Default::default()
+            })
+            .map_err(|e| ImportError::Io(format!("import token: {e}")))?;
+        *token = (t, Instant::now());
+    }
+    Ok(format!("Bearer {}", token.0))
+}
+
+/// Why a line would be refused: (its type, the reason), or `None`.
+fn check_line(state: &AppState, line: &str) -> Option<(String, String)> {
+    match serde_json::from_str::<Value>(line) {
+        Ok(Value::Object(r)) => refused(state, &r).map(|why| {
+            let t = r.get("resourceType").and_then(Value::as_str).unwrap_or("(none)");
+            (t.to_string(), why)
+        }),
+        Ok(_) => Some(("(none)".into(), "not a JSON object".into())),
+        Err(e) => Some(("(none)".into(), format!("not JSON (column {})", e.column()))),
+    }
+}
+
+/// A resumed import's first chunks: what is stored already with the same content is left out
+/// (its commit happened, its record did not). Returns the types of what was left out.
+fn drop_stored(state: &AppState, items: &mut Vec<Item>) -> Vec<String> {
+    let mut already = Vec::new();
+    items.retain(|item| {
+        let stored = item.entry["resource"]["id"].as_str().and_then(|id| {
+            match state.store.read(&crate::store::Access::All, &item.resource_type, id) {
+                Ok(v) if !v.deleted => v.content.and_then(|c| serde_json::from_slice::<Value>(&c).ok()),
+                _ => None,
+            }
+        });
+        let same = stored.is_some_and(|s| comparable(s) == comparable(item.entry["resource"].clone()));
+        if same {
+            already.push(item.resource_type.clone());
+        }
+        !same
+    });
+    already
+}
+
+/// Lines per check job, and chunks in flight per worker.
+const CHECK_LINES: usize = 1000;
+const IN_FLIGHT_PER_WORKER: usize = 2;
+
+/// The importer: its workers, and what it has done.
 struct Importer {
     state: actix_web::web::Data<AppState>,
-    call: Call,
-    token: (String, Instant),
+    workers: Workers,
+    in_flight_max: usize,
     on_error: OnError,
     summary: Summary,
     progress: Progress,
@@ -397,22 +695,10 @@ struct Importer {
 }
 
 /// Runs an import to its end (or the first error with `--on-error stop`).
-pub async fn run(state: AppState, opts: Options) -> Result<Summary, ImportError> {
+pub fn run(state: AppState, opts: Options) -> Result<Summary, ImportError> {
     let files = expand(&opts.paths)?;
     let state = actix_web::web::Data::new(state);
-    let service = std::rc::Rc::new(actix_web::test::init_service(crate::api::app(state.clone())).await);
-    let call: Call = Box::new(move |req: actix_web::test::TestRequest| {
-        use actix_web::dev::Service;
-        let service = service.clone();
-        Box::pin(async move {
-            let resp = service.call(req.to_request()).await.map_err(|e| e.to_string())?;
-            let status = resp.status().as_u16();
-            let body = actix_web::body::to_bytes(resp.into_body())
-                .await
-                .map_err(|_| "the response could not be read".to_string())?;
-            Ok((status, body))
-        })
-    });
+    let n = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(2, 8);
     let total_bytes = files
         .iter()
         .map(|f| std::fs::metadata(f).map(|m| m.len()).unwrap_or(0))
@@ -431,9 +717,9 @@ pub async fn run(state: AppState, opts: Options) -> Result<Summary, ImportError>
         (false, None) => Position::default(),
     };
     let mut im = Importer {
-        token: (String::new(), Instant::now() - Duration::from_secs(3600)),
+        workers: Workers::start(state.clone(), n, opts.on_error)?,
         state,
-        call,
+        in_flight_max: n * IN_FLIGHT_PER_WORKER,
         on_error: opts.on_error,
         summary: Summary::default(),
         progress,
@@ -463,9 +749,9 @@ pub async fn run(state: AppState, opts: Options) -> Result<Summary, ImportError>
             Format::Auto => is_bundle(file)?,
         };
         if bundle {
-            im.bundle_file(i, file, after > 0).await?;
+            im.bundle_file(i, file, after > 0)?;
         } else {
-            im.ndjson_file(i, file, after).await?;
+            im.ndjson_file(i, file, after)?;
         }
         im.progress.save(Position {
             file: i,
@@ -493,39 +779,21 @@ fn is_bundle(file: &Path) -> Result<bool, ImportError> {
     Ok(true)
 }
 
+/// Chunks of one file sent and not yet all committed: which are done, and the last line of
+/// each, so that the recorded position never passes a chunk still in flight.
+#[derive(Default)]
+struct Window {
+    sent: u64,
+    in_flight: usize,
+    /// seq → last line, for chunks done beyond the contiguous prefix
+    done: BTreeMap<u64, u64>,
+    /// the next seq the contiguous prefix waits for, and its last line so far
+    next: u64,
+    recorded_line: u64,
+    last_lines: BTreeMap<u64, u64>,
+}
+
 impl Importer {
-    fn bearer(&mut self) -> Result<String, ImportError> {
-        if self.token.1.elapsed() > Duration::from_secs(60) {
-            let t = self
-                .state
-                .issuer
-                .issue(&crate::auth::TokenRequest {
-                    scope: "system/*.cu".into(),
-                    client_id: Some("fhirvault-import".into()),
-                    subject: Some("fhirvault-import".into()),
-                    expires_in: 300,
-                    ..Default::default()
-                })
-                .map_err(|e| ImportError::Io(format!("import token: {e}")))?;
-            self.token = (t, Instant::now());
-        }
-        Ok(format!("Bearer {}", self.token.0))
-    }
-
-    /// Sends one Bundle through the application; its status and parsed body.
-    async fn send(&mut self, kind: &str, entries: &[Value]) -> Result<(u16, Value), ImportError> {
-        let body = serde_json::to_vec(&json!({"resourceType": "Bundle", "type": kind, "entry": entries}))
-            .map_err(|e| ImportError::Io(e.to_string()))?;
-        let req = actix_web::test::TestRequest::post()
-            .uri(&self.state.config.base_path)
-            .insert_header(("authorization", self.bearer()?))
-            .insert_header(("content-type", "application/fhir+json"))
-            .insert_header(("accept", "application/fhir+json"))
-            .set_payload(body);
-        let (status, bytes) = (self.call)(req).await.map_err(ImportError::Io)?;
-        Ok((status, serde_json::from_slice(&bytes).unwrap_or(Value::Null)))
-    }
-
     fn refuse(&mut self, file: &Path, line: u64, t: &str, reason: String) {
         let name = file.display().to_string();
         if self.meter.terminal {
@@ -540,108 +808,137 @@ impl Importer {
         });
     }
 
-    /// Writes `items` in one transaction (or batch): with `skip`, an entry the server refuses
-    /// is reported and the rest sent again. Returns the items' results counted.
-    async fn write(&mut self, file: &Path, kind: &str, mut items: Vec<Item>) -> Result<(), ImportError> {
-        while !items.is_empty() {
-            let entries: Vec<Value> = items.iter().map(|i| i.entry.clone()).collect();
-            let (status, body) = self.send(kind, &entries).await?;
-            if status == 200 {
-                let results = body["entry"].as_array().cloned().unwrap_or_default();
-                for (item, result) in items.iter().zip(results) {
-                    let code = result["response"]["status"].as_str().unwrap_or("");
-                    if code.starts_with("201") {
-                        self.summary.tally(&item.resource_type).created += 1;
-                    } else if code.starts_with("200") {
-                        self.summary.tally(&item.resource_type).updated += 1;
-                    } else {
-                        // a batch entry's own failure
-                        let reason = outcome_text(&result["response"]["outcome"]);
-                        self.refuse(file, item.line, &item.resource_type.clone(), reason);
-                        continue;
-                    }
-                    self.meter.resources += 1;
-                }
-                return Ok(());
-            }
-            let reason = outcome_text(&body);
-            match failed_entry(&body).filter(|i| *i < items.len()) {
-                Some(at) if status < 500 && self.on_error == OnError::Skip => {
-                    let item = items.remove(at);
-                    self.refuse(file, item.line, &item.resource_type, reason);
-                }
-                Some(at) => {
-                    return Err(ImportError::Server {
-                        file: file.display().to_string(),
-                        line: items[at].line,
-                        reason,
-                    })
-                }
-                None => {
-                    return Err(ImportError::Server {
-                        file: file.display().to_string(),
-                        line: items[0].line,
-                        reason: format!("{status}: {reason}"),
-                    })
-                }
-            }
+    /// Counts one committed chunk; an entry the server refused ends the import with `stop`.
+    fn count(
+        &mut self,
+        file: &Path,
+        result: Result<Written, CommitError>,
+        already: Vec<String>,
+    ) -> Result<(), ImportError> {
+        for t in already {
+            self.summary.tally(&t).already += 1;
         }
-        Ok(())
-    }
-
-    /// A resumed import's first chunk: what is stored already with the same content is left
-    /// out (its commit happened, its record did not).
-    fn drop_stored(&mut self, items: &mut Vec<Item>) -> Result<(), ImportError> {
-        let store = self.state.store.clone();
-        let mut kept = Vec::with_capacity(items.len());
-        for item in items.drain(..) {
-            let id = item.entry["resource"]["id"].as_str().map(str::to_string);
-            let stored = match &id {
-                Some(id) => match store.read(&crate::store::Access::All, &item.resource_type, id) {
-                    Ok(v) if !v.deleted => v.content.and_then(|c| serde_json::from_slice::<Value>(&c).ok()),
-                    _ => None,
-                },
-                None => None,
-            };
-            if stored.is_some_and(|s| comparable(s) == comparable(item.entry["resource"].clone())) {
-                self.summary.tally(&item.resource_type).already += 1;
+        let written = result.map_err(|e| match e {
+            CommitError::Io(e) => ImportError::Io(e),
+            CommitError::Refused { line, reason } => ImportError::Server {
+                file: file.display().to_string(),
+                line,
+                reason,
+            },
+        })?;
+        for (t, created) in written.written {
+            let tally = self.summary.tally(&t);
+            if created {
+                tally.created += 1;
             } else {
-                kept.push(item);
+                tally.updated += 1;
             }
+            self.meter.resources += 1;
         }
-        *items = kept;
+        for (line, t, reason) in written.refused {
+            self.refuse(file, line, &t, reason);
+        }
         Ok(())
     }
 
-    async fn ndjson_file(&mut self, index: usize, file: &Path, after: u64) -> Result<(), ImportError> {
-        // 1. the whole file checked before any of it is written
-        let mut refused_lines: HashSet<u64> = HashSet::new();
+    /// Waits for one job's answer: a write is counted and the window's position moves on.
+    fn receive(&mut self, index: usize, file: &Path, w: &mut Window) -> Result<(), ImportError> {
+        match self.workers.next()? {
+            Done::Wrote { seq, result, already } => {
+                w.in_flight -= 1;
+                let counted = self.count(file, result, already);
+                if let Some(last) = w.last_lines.remove(&seq) {
+                    w.done.insert(seq, last);
+                }
+                let mut moved = false;
+                while let Some(last) = w.done.remove(&w.next) {
+                    w.recorded_line = last;
+                    w.next += 1;
+                    moved = true;
+                }
+                if moved && counted.is_ok() {
+                    self.progress.save(Position {
+                        file: index,
+                        line: w.recorded_line,
+                    })?;
+                }
+                counted
+            }
+            Done::Checked(_) => Err(ImportError::Io("an unexpected check result".into())),
+        }
+    }
+
+    /// Sends a chunk to write, waiting while the window is full.
+    fn write(
+        &mut self,
+        index: usize,
+        file: &Path,
+        w: &mut Window,
+        job: Job,
+        last_line: u64,
+    ) -> Result<(), ImportError> {
+        while w.in_flight >= self.in_flight_max {
+            self.receive(index, file, w)?;
+        }
+        let Job::Write { seq, .. } = &job else {
+            return Err(ImportError::Io("not a write".into()));
+        };
+        w.last_lines.insert(*seq, last_line);
+        w.sent += 1;
+        w.in_flight += 1;
+        self.workers.send(job)
+    }
+
+    /// Waits for every chunk in flight; the first error (after all answered) is returned.
+    fn drain(&mut self, index: usize, file: &Path, w: &mut Window) -> Result<(), ImportError> {
+        let mut first = Ok(());
+        while w.in_flight > 0 {
+            let r = self.receive(index, file, w);
+            if first.is_ok() {
+                first = r;
+            }
+        }
+        first
+    }
+
+    fn ndjson_file(&mut self, index: usize, file: &Path, after: u64) -> Result<(), ImportError> {
+        // 1. the whole file checked before any of it is written (by the workers, side by side)
+        let mut refusals: Vec<(u64, String, String)> = Vec::new();
         let mut reader = open(file, Arc::new(AtomicU64::new(0)))?;
-        let mut line = String::new();
         let mut n = 0u64;
-        let mut refusals = Vec::new();
+        let mut batch = Vec::new();
+        let mut pending = 0usize;
         loop {
-            line.clear();
-            if reader.read_line(&mut line).map_err(io(file))? == 0 {
+            let mut line = String::new();
+            let eof = reader.read_line(&mut line).map_err(io(file))? == 0;
+            if !eof {
+                n += 1;
+                if n > after && !line.trim().is_empty() {
+                    batch.push((n, line));
+                }
+            }
+            if batch.len() >= CHECK_LINES || (eof && !batch.is_empty()) {
+                while pending >= self.in_flight_max {
+                    if let Done::Checked(r) = self.workers.next()? {
+                        refusals.extend(r);
+                    }
+                    pending -= 1;
+                }
+                self.workers.send(Job::Check(std::mem::take(&mut batch)))?;
+                pending += 1;
+            }
+            if eof {
                 break;
             }
-            n += 1;
-            if n <= after || line.trim().is_empty() {
-                continue;
-            }
-            let reason = match serde_json::from_str::<Value>(&line) {
-                Ok(Value::Object(r)) => refused(&self.state, &r).map(|why| {
-                    let t = r.get("resourceType").and_then(Value::as_str).unwrap_or("(none)");
-                    (t.to_string(), why)
-                }),
-                Ok(_) => Some(("(none)".into(), "not a JSON object".into())),
-                Err(e) => Some(("(none)".into(), format!("not JSON (column {})", e.column()))),
-            };
-            if let Some((t, why)) = reason {
-                refused_lines.insert(n);
-                refusals.push((n, t, why));
-            }
         }
+        while pending > 0 {
+            if let Done::Checked(r) = self.workers.next()? {
+                refusals.extend(r);
+            }
+            pending -= 1;
+        }
+        refusals.sort_by_key(|(n, _, _)| *n);
+        let refused_lines: HashSet<u64> = refusals.iter().map(|(n, _, _)| *n).collect();
         for (n, t, why) in refusals {
             self.refuse(file, n, &t, why);
         }
@@ -650,54 +947,52 @@ impl Importer {
                 file: file.display().to_string(),
             });
         }
-        // 2. written in chunks, each recorded once committed
+        // 2. written in chunks side by side; the position recorded as chunks commit in order
         let read = Arc::new(AtomicU64::new(0));
         let mut reader = open(file, read.clone())?;
         let mut n = 0u64;
-        let mut items: Vec<Item> = Vec::new();
+        let mut lines: Vec<(u64, String)> = Vec::new();
         let mut bytes = 0usize;
-        let mut first_chunk = after > 0;
-        loop {
-            line.clear();
-            let eof = reader.read_line(&mut line).map_err(io(file))? == 0;
-            if !eof {
-                n += 1;
-                if n > after && !line.trim().is_empty() && !refused_lines.contains(&n) {
-                    if let Ok(Value::Object(r)) = serde_json::from_str::<Value>(&line) {
-                        let t = r.get("resourceType").and_then(Value::as_str).unwrap_or("").to_string();
+        // after a resumed position, the chunks that were in flight may have committed unrecorded
+        let mut recheck = if after > 0 { self.in_flight_max } else { 0 };
+        let mut w = Window {
+            recorded_line: after,
+            ..Default::default()
+        };
+        let result = (|| -> Result<(), ImportError> {
+            loop {
+                let mut line = String::new();
+                let eof = reader.read_line(&mut line).map_err(io(file))? == 0;
+                if !eof {
+                    n += 1;
+                    if n > after && !line.trim().is_empty() && !refused_lines.contains(&n) {
                         bytes += line.len();
-                        items.push(Item {
-                            line: n,
-                            entry: entry_for(r, &t, None),
-                            resource_type: t,
-                        });
+                        lines.push((n, line));
                     }
                 }
-            }
-            if items.len() >= CHUNK || bytes >= CHUNK_BYTES || (eof && !items.is_empty()) {
-                let last = n;
-                let mut chunk = std::mem::take(&mut items);
-                bytes = 0;
-                if first_chunk {
-                    self.drop_stored(&mut chunk)?;
-                    first_chunk = false;
+                if lines.len() >= CHUNK || bytes >= CHUNK_BYTES || (eof && !lines.is_empty()) {
+                    let job = Job::Write {
+                        seq: w.sent,
+                        kind: "transaction",
+                        items: Vec::new(),
+                        lines: std::mem::take(&mut lines),
+                        recheck: recheck > 0,
+                    };
+                    recheck = recheck.saturating_sub(1);
+                    bytes = 0;
+                    self.write(index, file, &mut w, job, n)?;
+                    self.meter.draw(read.load(Ordering::Relaxed), false);
                 }
-                if !chunk.is_empty() {
-                    self.write(file, "transaction", chunk).await?;
+                if eof {
+                    return Ok(());
                 }
-                self.progress.save(Position {
-                    file: index,
-                    line: last,
-                })?;
-                self.meter.draw(read.load(Ordering::Relaxed), false);
             }
-            if eof {
-                return Ok(());
-            }
-        }
+        })();
+        let drained = self.drain(index, file, &mut w);
+        result.and(drained)
     }
 
-    async fn bundle_file(&mut self, index: usize, file: &Path, resumed: bool) -> Result<(), ImportError> {
+    fn bundle_file(&mut self, index: usize, file: &Path, resumed: bool) -> Result<(), ImportError> {
         let mut text = Vec::new();
         open(file, Arc::new(AtomicU64::new(0)))?
             .read_to_end(&mut text)
@@ -754,7 +1049,7 @@ impl Importer {
             let method = e["request"]["method"].as_str().unwrap_or("POST").to_string();
             let conditional = e["request"].get("ifNoneExist").is_some()
                 || e["request"]["url"].as_str().is_some_and(|u| u.contains('?'));
-            // a create carrying its id (or a urn:uuid) keeps it: written with PUT
+            // a create carrying a urn:uuid keeps it as its id: written with PUT
             if r.get("id").is_none() {
                 if let Some(uuid) = full_url.as_deref().and_then(|u| u.strip_prefix("urn:uuid:")) {
                     if method == "POST" && !conditional && crate::fhir::resource::is_valid_id(uuid) {
@@ -762,15 +1057,17 @@ impl Importer {
                     }
                 }
             }
-            if let Some(why) = refused(&self.state, &r) {
+            if let Some(why) = refused(&self.workers_state(), &r) {
                 refusals.push((line, t, why));
                 continue;
             }
-            let entry = if method == "POST" && !conditional || kind == "transaction" && e.get("request").is_none() {
+            let entry = if method == "POST" && !conditional {
                 entry_for(r, &t, full_url)
             } else {
                 // as the Bundle asks (a conditional create, an update, a delete …)
-                e.as_object_mut().map(|o| o.insert("resource".into(), Value::Object(r)));
+                if let Some(o) = e.as_object_mut() {
+                    o.insert("resource".into(), Value::Object(r));
+                }
                 e
             };
             items.push(Item {
@@ -786,17 +1083,21 @@ impl Importer {
         if refused_any && self.on_error == OnError::Stop {
             return self.refused_file(&name);
         }
-        if resumed {
-            self.drop_stored(&mut items)?;
-        }
-        if !items.is_empty() {
-            self.write(file, kind, items).await?;
-        }
-        self.progress.save(Position {
-            file: index,
-            line: u64::MAX,
-        })?;
-        Ok(())
+        let mut w = Window::default();
+        let job = Job::Write {
+            seq: 0,
+            kind,
+            items,
+            lines: Vec::new(),
+            recheck: resumed,
+        };
+        let sent = self.write(index, file, &mut w, job, u64::MAX);
+        let drained = self.drain(index, file, &mut w);
+        sent.and(drained)
+    }
+
+    fn workers_state(&self) -> actix_web::web::Data<AppState> {
+        self.state.clone()
     }
 
     fn refused_file(&self, name: &str) -> Result<(), ImportError> {

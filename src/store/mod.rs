@@ -211,6 +211,8 @@ pub struct NewResource {
     pub resource_type: String,
     pub id: String,
     pub content: Content,
+    /// `Put`: a `PUT` that creates (the client chose the id).
+    pub method: CreateMethod,
 }
 
 /// How a new resource came to be, as history reports it.
@@ -1640,7 +1642,10 @@ impl StoreTx<'_> {
                     rv::version_id.eq(1i64),
                     rv::last_updated.eq(ts),
                     rv::deleted.eq(false),
-                    rv::method.eq("POST"),
+                    rv::method.eq(match it.method {
+                        CreateMethod::Post => "POST",
+                        CreateMethod::Put => "PUT",
+                    }),
                     rv::key_version.eq(key_version),
                     rv::content.eq(content),
                     rv::content_sha256.eq(digest),
@@ -1686,6 +1691,25 @@ impl StoreTx<'_> {
     pub fn resolve(&mut self, resource_type: &str, cond: &Condition, limit: usize) -> Result<Vec<String>, StoreError> {
         self.store.lock_condition(self.conn, resource_type, cond)?;
         self.store.matching_ids(self.conn, resource_type, cond, limit)
+    }
+
+    /// Of `ids` of `resource_type`, those stored (current or deleted) as this transaction
+    /// sees them: one query per thousand.
+    pub fn existing_ids(
+        &mut self,
+        resource_type: &str,
+        ids: &[String],
+    ) -> Result<std::collections::HashSet<String>, StoreError> {
+        let mut out = std::collections::HashSet::new();
+        for chunk in ids.chunks(1000) {
+            let found: Vec<String> = cur::table
+                .filter(cur::resource_type.eq(resource_type))
+                .filter(cur::logical_id.eq_any(chunk))
+                .select(cur::logical_id)
+                .load(self.conn)?;
+            out.extend(found);
+        }
+        Ok(out)
     }
 
     /// The current version as this transaction sees it (its own writes included).

@@ -104,7 +104,11 @@ fn an_export_imported_gives_back_every_resource(db: Db) {
     assert!(table.contains("Observation") && table.contains("total"), "{table}");
     // not a terminal: a plain progress line per file
     let progress = String::from_utf8_lossy(&out.stderr).to_string();
-    assert_eq!(progress.lines().filter(|l| l.contains(" resources in ")).count(), manifest["output"].as_array().unwrap().len(), "{progress}");
+    assert_eq!(
+        progress.lines().filter(|l| l.contains(" resources in ")).count(),
+        manifest["output"].as_array().unwrap().len(),
+        "{progress}"
+    );
     assert!(
         table
             .lines()

@@ -27,17 +27,7 @@ use support::raw::{build_rows, insert_rows, Rows};
 use support::{env_num, LeanClient};
 
 fn synthea() -> Vec<Value> {
-    let dir = tempfile::tempdir().unwrap();
-    let tgz = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/testdata/synthea-r4-60-patients.tgz");
-    let ok = std::process::Command::new("tar")
-        .arg("xzf")
-        .arg(&tgz)
-        .arg("-C")
-        .arg(dir.path())
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "could not unpack {}", tgz.display());
+    let dir = common::synthea_dir();
     let mut files: Vec<_> = std::fs::read_dir(dir.path())
         .unwrap()
         .map(|e| e.unwrap().path())

@@ -8,7 +8,7 @@ mod common;
 
 use common::{Db, Reply, TestServer};
 use serde_json::{json, Value};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
 fn bin(s: &TestServer) -> Command {
@@ -155,24 +155,10 @@ fn rewrite(v: &mut Value, ids: &std::collections::HashMap<String, String>) {
     }
 }
 
-fn synthea_dir() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    let tgz = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/testdata/synthea-r4-60-patients.tgz");
-    assert!(Command::new("tar")
-        .arg("xzf")
-        .arg(&tgz)
-        .arg("-C")
-        .arg(dir.path())
-        .status()
-        .unwrap()
-        .success());
-    dir
-}
-
 /// The 60 Synthea patients (transaction Bundles, references by urn:uuid fullUrls): every
 /// resource stored under its id, the same after the references are rewritten.
 fn the_synthea_patients_go_in_whole(db: Db) {
-    let dir = synthea_dir();
+    let dir = common::synthea_dir();
     let s = TestServer::start_with(
         db,
         fhirvault::config::ConfigLayer {

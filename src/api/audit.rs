@@ -17,6 +17,16 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use serde_json::{json, Value};
 use std::sync::Arc;
 
+/// Waits until this node's own events are in the database and derived, so that an
+/// AuditEvent read or search on this node sees everything it recorded before.
+pub(super) async fn own_events_settled(state: &AppState) -> Result<(), ApiError> {
+    state
+        .auditor
+        .sync_search()
+        .await
+        .map_err(|_| ApiError::AuditUnavailable)
+}
+
 pub async fn read(
     req: HttpRequest,
     p: Arc<Principal>,
@@ -25,22 +35,16 @@ pub async fn read(
 ) -> Result<HttpResponse, ApiError> {
     authorize_audit_log(&p, Permission::Read)?;
     let fmt = Format::negotiate(&req)?;
-    let st = state.clone();
-    let ids = vec![id.clone()];
-    let (mut events, _) = blocking(move || st.store.audit_events_by_id(&ids).map_err(ApiError::from)).await?;
+    let lookup = || {
+        let (st, ids) = (state.clone(), vec![id.clone()]);
+        blocking(move || st.store.audit_events_by_id(&ids).map_err(ApiError::from))
+    };
+    let mut events = lookup().await?.0;
     if events.is_empty() {
         // an event this node recorded a moment ago may not have reached the database yet
         // (SQLite journals them first): wait for it once, then look again
-        state
-            .auditor
-            .sync_search()
-            .await
-            .map_err(|_| ApiError::AuditUnavailable)?;
-        let st = state.clone();
-        let ids = vec![id.clone()];
-        events = blocking(move || st.store.audit_events_by_id(&ids).map_err(ApiError::from))
-            .await?
-            .0;
+        own_events_settled(&state).await?;
+        events = lookup().await?.0;
     }
     let ev = events
         .into_iter()
@@ -160,11 +164,7 @@ async fn list(
     let count = query.count as usize;
     // search rows are derived off the request path: wait for this node's own (other nodes'
     // events are searchable within a second of their commit)
-    state
-        .auditor
-        .sync_search()
-        .await
-        .map_err(|_| ApiError::AuditUnavailable)?;
+    own_events_settled(&state).await?;
     let st = state.clone();
     let rows = blocking(move || st.store.search_audit(&query).map_err(ApiError::from)).await?;
     let has_more = rows.len() > count;

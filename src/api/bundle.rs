@@ -645,14 +645,7 @@ fn apply(
         if let (Interaction::Create { resource_type: t }, None) = (&e.interaction, &cond) {
             let mut body = e.resource.take().ok_or(ApiError::Internal)?;
             let decision = crud::check_create(state, p, t, &mut body).map_err(in_entry(e.index))?;
-            let access = decision.access();
-            if creates.access.as_ref() != Some(&access) {
-                creates.flush(tx, audits, &mut results)?;
-                tx.set_access(&access)
-                    .map_err(ApiError::from)
-                    .map_err(in_entry(e.index))?;
-                creates.access = Some(access);
-            }
+            creates.switch_to(decision.access(), tx, audits, &mut results, e.index)?;
             let content = content_for(state, t, &mut body, &e.new_id, 1, creates.ts);
             creates.pending.push((
                 i,
@@ -674,14 +667,7 @@ fn apply(
                 let (decision, may_create) =
                     crud::check_update(state, p, t, id, &mut body).map_err(in_entry(e.index))?;
                 if may_create && !crud::update_needs_stored(state, p, &decision, t) {
-                    let access = decision.access();
-                    if creates.access.as_ref() != Some(&access) {
-                        creates.flush(tx, audits, &mut results)?;
-                        tx.set_access(&access)
-                            .map_err(ApiError::from)
-                            .map_err(in_entry(e.index))?;
-                        creates.access = Some(access);
-                    }
+                    creates.switch_to(decision.access(), tx, audits, &mut results, e.index)?;
                     let content = content_for(state, t, &mut body, id, 1, creates.ts);
                     creates.pending.push((
                         i,
@@ -719,6 +705,26 @@ struct Creates {
 }
 
 impl Creates {
+    /// Pending creates are written under the access they were checked with: a create checked
+    /// under another first writes those, then switches the transaction to its own.
+    fn switch_to(
+        &mut self,
+        access: Access,
+        tx: &mut StoreTx<'_>,
+        audits: &mut [TxAudit],
+        results: &mut Vec<(usize, EntryResult)>,
+        index: usize,
+    ) -> Result<(), ApiError> {
+        if self.access.as_ref() != Some(&access) {
+            self.flush(tx, audits, results)?;
+            tx.set_access(&access)
+                .map_err(ApiError::from)
+                .map_err(in_entry(index))?;
+            self.access = Some(access);
+        }
+        Ok(())
+    }
+
     fn flush(
         &mut self,
         tx: &mut StoreTx<'_>,

@@ -376,11 +376,7 @@ pub async fn search(
     if audit_log {
         // search rows are derived off the request path: wait for this node's own (other
         // nodes' events are searchable within a second of their commit)
-        state
-            .auditor
-            .sync_search()
-            .await
-            .map_err(|_| ApiError::AuditUnavailable)?;
+        super::audit::own_events_settled(&state).await?;
     }
     let labels_bind = state.attributes.label_rules_bind(&p);
     // what the token may see of a stored version: re-checks, compartment, labels and hidden

@@ -601,3 +601,20 @@ pub fn r4_examples() -> Vec<(String, Value)> {
     out.sort_by(|a, b| a.0.cmp(&b.0));
     out
 }
+
+/// The 60 Synthea patients of ../shared/testdata (transaction Bundles), unpacked into a
+/// directory of their own.
+pub fn synthea_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let tgz = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/testdata/synthea-r4-60-patients.tgz");
+    let ok = std::process::Command::new("tar")
+        .arg("xzf")
+        .arg(&tgz)
+        .arg("-C")
+        .arg(dir.path())
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "could not unpack {}", tgz.display());
+    dir
+}

@@ -186,7 +186,12 @@ impl Deriver {
             chains.push(own);
         }
         for chain in chains {
-            if self.pending.get(&chain).is_some_and(|p| !p.is_empty()) || !self.positions.contains_key(&chain) {
+            if chain == own && !self.positions.contains_key(&chain) {
+                // first pass of a (re)started node: its own gap, up to the chain's head, at
+                // once rather than when its next events arrive
+                let head = self.session.head(&self.store, chain)?.seq;
+                self.derive(chain, Some(head))?;
+            } else if self.pending.get(&chain).is_some_and(|p| !p.is_empty()) || !self.positions.contains_key(&chain) {
                 self.derive(chain, None)?;
             }
         }

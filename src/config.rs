@@ -98,6 +98,13 @@ pub struct ConfigLayer {
     pub refresh_absolute_secs: Option<u64>,
     pub login_max_failures: Option<u32>,
     pub login_lockout_secs: Option<u64>,
+    pub subscription_workers: Option<usize>,
+    /// Networks (CIDR) where subscription endpoints may be although they are internal.
+    pub subscription_allowed_networks: Option<Vec<String>>,
+    pub subscription_full_resource: Option<bool>,
+    pub subscription_ca_file: Option<PathBuf>,
+    pub subscription_max_failures: Option<u32>,
+    pub subscription_retry_base_ms: Option<u64>,
 }
 
 impl ConfigLayer {
@@ -188,6 +195,20 @@ impl ConfigLayer {
                 "AUDIT_RETENTION_DAYS" => layer.audit_retention_days = Some(parse_num(&value)?),
                 "AUDIT_SITE" => layer.audit_site = Some(value),
                 "NODE_NAME" => layer.node_name = Some(value),
+                "SUBSCRIPTION_WORKERS" => layer.subscription_workers = Some(parse_num(&value)? as usize),
+                "SUBSCRIPTION_ALLOWED_NETWORKS" => {
+                    layer.subscription_allowed_networks = Some(
+                        value
+                            .split(',')
+                            .map(|s| s.trim().to_string())
+                            .filter(|s| !s.is_empty())
+                            .collect(),
+                    )
+                }
+                "SUBSCRIPTION_FULL_RESOURCE" => layer.subscription_full_resource = Some(parse_bool(&key, &value)?),
+                "SUBSCRIPTION_CA_FILE" => layer.subscription_ca_file = Some(value.into()),
+                "SUBSCRIPTION_MAX_FAILURES" => layer.subscription_max_failures = Some(parse_num(&value)? as u32),
+                "SUBSCRIPTION_RETRY_BASE_MS" => layer.subscription_retry_base_ms = Some(parse_num(&value)?),
                 "SEARCH_PHI_PARAMETERS" => {
                     layer.search_phi_parameters = Some(
                         value
@@ -296,7 +317,13 @@ impl ConfigLayer {
             refresh_idle_secs,
             refresh_absolute_secs,
             login_max_failures,
-            login_lockout_secs
+            login_lockout_secs,
+            subscription_workers,
+            subscription_allowed_networks,
+            subscription_full_resource,
+            subscription_ca_file,
+            subscription_max_failures,
+            subscription_retry_base_ms
         );
         self
     }
@@ -446,6 +473,62 @@ pub struct Config {
     pub login_max_failures: i32,
     /// … for this long [default 900].
     pub login_lockout_secs: i64,
+    /// Threads delivering subscription notifications on this node [default 1; 0: this node
+    /// records matches and leaves delivery to others].
+    pub subscription_workers: usize,
+    /// Networks where subscription endpoints may be although they are internal (loopback,
+    /// private, link-local …), which are otherwise refused (SSRF) [default: none].
+    pub subscription_allowed_networks: Vec<IpNetwork>,
+    /// Whether subscriptions may carry whole resources (`full-resource`, R4 payloads) rather
+    /// than ids [default false].
+    pub subscription_full_resource: bool,
+    /// PEM certificates trusted for subscription endpoints besides the public roots.
+    pub subscription_ca_file: Option<PathBuf>,
+    /// Failed deliveries in a row before a subscription goes to `error` [default 10].
+    pub subscription_max_failures: u32,
+    /// The first retry's delay; each next one doubles, up to 5 minutes [default 1000].
+    pub subscription_retry_base_ms: u64,
+}
+
+/// An address range, `10.0.0.0/8` or `::1/128` (a bare address is the one address).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpNetwork {
+    pub addr: std::net::IpAddr,
+    pub prefix: u8,
+}
+
+impl IpNetwork {
+    pub fn parse(text: &str) -> Option<IpNetwork> {
+        let (a, p) = match text.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (text, None),
+        };
+        let addr: std::net::IpAddr = a.trim().parse().ok()?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match p {
+            Some(p) => p.trim().parse::<u8>().ok().filter(|p| *p <= max)?,
+            None => max,
+        };
+        Some(IpNetwork { addr, prefix })
+    }
+
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        let bits = |ip: std::net::IpAddr| -> (u128, u32) {
+            match ip {
+                std::net::IpAddr::V4(v) => (u32::from(v) as u128, 32),
+                std::net::IpAddr::V6(v) => match v.to_ipv4_mapped() {
+                    Some(v4) => (u32::from(v4) as u128, 32),
+                    None => (u128::from(v), 128),
+                },
+            }
+        };
+        let ((net, width), (addr, w2)) = (bits(self.addr), bits(ip));
+        if width != w2 {
+            return false;
+        }
+        let shift = width - self.prefix.min(width as u8) as u32;
+        shift == width || (net >> shift) == (addr >> shift)
+    }
 }
 
 /// The certificate chain and private key files of the server's TLS endpoint.
@@ -777,7 +860,32 @@ impl Config {
         if !(1..=86_400).contains(&login_lockout_secs) {
             return Err(cerr("login_lockout_secs", "must be between 1 and 86400"));
         }
+        let mut subscription_allowed_networks = Vec::new();
+        for n in layer.subscription_allowed_networks.unwrap_or_default() {
+            subscription_allowed_networks.push(
+                IpNetwork::parse(&n)
+                    .ok_or_else(|| cerr("subscription_allowed_networks", "entries are addresses or CIDR ranges"))?,
+            );
+        }
+        let subscription_workers = layer.subscription_workers.unwrap_or(1);
+        if subscription_workers > 16 {
+            return Err(cerr("subscription_workers", "must be between 0 and 16"));
+        }
+        let subscription_max_failures = layer.subscription_max_failures.unwrap_or(10);
+        if !(1..=100).contains(&subscription_max_failures) {
+            return Err(cerr("subscription_max_failures", "must be between 1 and 100"));
+        }
+        let subscription_retry_base_ms = layer.subscription_retry_base_ms.unwrap_or(1000);
+        if !(10..=60_000).contains(&subscription_retry_base_ms) {
+            return Err(cerr("subscription_retry_base_ms", "must be between 10 and 60000"));
+        }
         Ok(Config {
+            subscription_workers,
+            subscription_allowed_networks,
+            subscription_full_resource: layer.subscription_full_resource.unwrap_or(false),
+            subscription_ca_file: layer.subscription_ca_file,
+            subscription_max_failures,
+            subscription_retry_base_ms,
             auth_server: layer.auth_server.unwrap_or(true),
             auth_mfa_required: layer.auth_mfa_required.unwrap_or(true),
             session_idle_secs: session_idle_secs as i64,

@@ -15,6 +15,7 @@ pub mod search;
 pub mod secret_file;
 pub mod server;
 pub mod store;
+pub mod subscription;
 pub mod telemetry;
 pub mod tls;
 

@@ -288,6 +288,8 @@ fn build_state_as(config: Config, serving: bool) -> anyhow::Result<AppState> {
     );
     let mut state = state;
     state.single_node = single_node.map(Arc::new);
+    // the subscriptions stored now: writes from here on are matched against them
+    state.refresh_subscriptions();
     if !serving {
         return Ok(state);
     }
@@ -305,6 +307,21 @@ fn build_state_as(config: Config, serving: bool) -> anyhow::Result<AppState> {
         state.auth_server = Some(server);
     }
     state.exporter.start_runners();
+    let delivery = Arc::new(crate::subscription::deliver::Delivery {
+        store: state.store.clone(),
+        search: state.search.clone(),
+        compartment: state.compartment.clone(),
+        attributes: state.attributes.clone(),
+        auditor: state.auditor.clone(),
+        config: state.config.clone(),
+        validator: state.validator.clone(),
+        subscriptions: state.subscriptions.clone(),
+        revoked: state.auth_server.as_ref().map(|s| s.revoked.clone()),
+        node: state.config.node_name.clone(),
+        roots: crate::subscription::deliver::Delivery::load_roots(&state.config)?,
+    });
+    delivery.start();
+    state.delivery = Some(delivery);
     Ok(state)
 }
 

@@ -61,6 +61,10 @@ pub struct AppState {
     pub auth_server: Option<Arc<crate::auth::server::AuthServer>>,
     /// Bulk Data export jobs (their runners are started by `server::build_state`).
     pub exporter: Arc<crate::bulk::Exporter>,
+    /// The subscriptions every write is matched against (set as the store's watch).
+    pub subscriptions: Arc<crate::subscription::Subscriptions>,
+    /// This node's notification delivery (started by `server::build_state` when serving).
+    pub delivery: Option<Arc<crate::subscription::deliver::Delivery>>,
     /// Request counters and latency histograms (`/metrics`).
     pub metrics: ops::Metrics,
     /// The CapabilityStatement, rendered at start-up and again when the search parameters change.
@@ -101,7 +105,11 @@ impl AppState {
         let rate_limit = config.rate_limit_per_minute;
         let registry = search.current();
         let capability = metadata::capability_statement(&config, &providers, &validator, &registry, &structures);
+        let subscriptions = Arc::new(crate::subscription::Subscriptions::default());
+        store.set_watch(subscriptions.clone());
         AppState {
+            subscriptions,
+            delivery: None,
             config,
             store,
             validator,
@@ -126,6 +134,33 @@ impl AppState {
             openapi: Default::default(),
             single_node: None,
             draining: Default::default(),
+        }
+    }
+
+    /// What reading a Subscription resource needs (its search against the registry current now).
+    pub fn subscription_context<'a>(
+        &'a self,
+        registry: &'a crate::search::Registry,
+        is_type: &'a dyn Fn(&str) -> bool,
+    ) -> crate::subscription::SpecContext<'a> {
+        crate::subscription::SpecContext {
+            registry,
+            cipher: self.store.cipher(),
+            is_type,
+            full_resource_allowed: self.config.subscription_full_resource,
+            allowed_networks: &self.config.subscription_allowed_networks,
+        }
+    }
+
+    /// Rebuilds this node's active subscriptions (after a write of one here).
+    pub fn refresh_subscriptions(&self) {
+        let registry = self.search.current();
+        let is_type = |t: &str| self.validator.is_resource_type(t);
+        if let Err(e) = self
+            .subscriptions
+            .refresh(&self.store, &self.subscription_context(&registry, &is_type))
+        {
+            tracing::warn!(error = %e, "reading the stored Subscriptions failed");
         }
     }
 

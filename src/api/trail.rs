@@ -21,6 +21,9 @@ struct State {
     committed: bool,
     /// Tells the audit writer that this request's event is on its way.
     in_flight: Option<crate::audit::InFlight>,
+    /// The token's grant, serialized, when the request may write a Subscription (it becomes
+    /// the subscription's owner).
+    owner: Option<String>,
 }
 
 /// Shared between the router and the handler through the request's extensions.
@@ -60,6 +63,7 @@ impl Trail {
             record,
             committed: false,
             in_flight: Some(state.auditor.in_flight()),
+            owner: None,
         })));
         req.extensions_mut().insert(trail.clone());
         trail
@@ -89,6 +93,13 @@ impl Trail {
             p.purpose_of_use.clone().filter(|purpose| purpose != "BTG")
         };
         a.patient_context = p.patient.clone();
+        // only a request that may write a Subscription (of that type, or a Bundle) needs it
+        if matches!(
+            s.record.resource_type.as_deref(),
+            None | Some(crate::store::subscription::SUBSCRIPTION)
+        ) {
+            s.owner = Some(crate::auth::Grant::of(p).to_json());
+        }
     }
 
     /// What the request touched, replacing the reference it named (a versioned reference once
@@ -117,7 +128,8 @@ impl Trail {
 
     /// The hook for a write transaction, prefilled with what is known so far.
     pub fn for_write(&self, state: &AppState) -> TxAudit {
-        state.auditor.for_write(self.0.borrow().record.clone())
+        let s = self.0.borrow();
+        state.auditor.for_write(s.record.clone()).with_owner(s.owner.clone())
     }
 
     /// What a Bundle turned out to be (`batch` or `transaction`): the request's own event's subtype.
@@ -139,7 +151,14 @@ impl Trail {
 
     /// The write hook of one Bundle entry: its own AuditEvent, inside the entry's transaction.
     pub fn for_entry(&self, state: &AppState, interaction: &Interaction) -> TxAudit {
-        state.auditor.for_write(self.entry_record(interaction))
+        let owner = match interaction.resource_type() {
+            Some(crate::store::subscription::SUBSCRIPTION) => self.0.borrow().owner.clone(),
+            _ => None,
+        };
+        state
+            .auditor
+            .for_write(self.entry_record(interaction))
+            .with_owner(owner)
     }
 
     /// Records that a Bundle entry failed (its transaction, and the event in it, rolled back).
@@ -163,11 +182,17 @@ impl Trail {
     /// After a Bundle's entries committed: their events go into the chain.
     pub fn entries_committed(&self, state: &AppState, txs: Vec<TxAudit>) {
         let search_parameters = txs.iter().any(|tx| tx.resource_type() == Some("SearchParameter"));
+        let subscriptions = txs
+            .iter()
+            .any(|tx| tx.resource_type() == Some(crate::store::subscription::SUBSCRIPTION));
         for tx in txs {
             state.auditor.link_committed(tx);
         }
         if search_parameters {
             crate::server::refresh_search_parameters(&state.store, &state.search);
+        }
+        if subscriptions {
+            state.refresh_subscriptions();
         }
     }
 
@@ -178,7 +203,12 @@ impl Trail {
         s.in_flight = None;
         drop(s);
         let search_parameter = tx.resource_type() == Some("SearchParameter");
+        let subscription = tx.resource_type() == Some(crate::store::subscription::SUBSCRIPTION);
         state.auditor.link_committed(tx);
+        // a Subscription written here is matched against the next write at once
+        if subscription {
+            state.refresh_subscriptions();
+        }
         // a SearchParameter written here is searchable, and indexed by the next write, at once
         if search_parameter {
             crate::server::refresh_search_parameters(&state.store, &state.search);

@@ -88,6 +88,9 @@ pub enum Kind {
     Security(&'static str),
     /// Administration from the command line (`migrate`, `audit-verify`, `audit-export` …).
     Admin(&'static str),
+    /// A subscription notification sent to an endpoint outside the server (`notify`): data
+    /// leaving the server, recorded as an export.
+    Notify,
 }
 
 impl Kind {
@@ -96,6 +99,7 @@ impl Kind {
             Kind::Rest(_) => (AUDIT_EVENT_TYPE, "rest", "Restful Operation"),
             Kind::Security(_) => (DCM, "110114", "User Authentication"),
             Kind::Admin(_) => (DCM, "110100", "Application Activity"),
+            Kind::Notify => (DCM, "110106", "Export"),
         }
     }
 
@@ -103,6 +107,7 @@ impl Kind {
         match self {
             Kind::Rest(code) => (RESTFUL_INTERACTION, code),
             Kind::Security(code) | Kind::Admin(code) => (FHIRVAULT_SUBTYPES, code),
+            Kind::Notify => (FHIRVAULT_SUBTYPES, "notify"),
         }
     }
 }

@@ -373,6 +373,7 @@ impl Auditor {
             chain: self.chain.clone(),
             sealed: None,
             enabled: self.enabled,
+            owner: None,
         }
     }
 
@@ -521,9 +522,17 @@ pub struct TxAudit {
     /// search row.
     sealed: Option<Pending>,
     enabled: bool,
+    /// The writing client's grant (see `WriteAudit::owner`).
+    owner: Option<String>,
 }
 
 impl TxAudit {
+    /// The grant of the client writing, for a Subscription it writes.
+    pub fn with_owner(mut self, owner: Option<String>) -> TxAudit {
+        self.owner = owner;
+        self
+    }
+
     /// The resource type the write touched, if one.
     pub fn resource_type(&self) -> Option<&str> {
         self.template.resource_type.as_deref()
@@ -536,6 +545,10 @@ impl TxAudit {
 }
 
 impl WriteAudit for TxAudit {
+    fn owner(&self) -> Option<String> {
+        self.owner.clone()
+    }
+
     fn record(&mut self, facts: &WriteFacts<'_>) -> Result<AuditRow, StoreError> {
         let mut r = self.template.clone();
         r.id = uuid::Uuid::now_v7().to_string();

@@ -75,6 +75,77 @@ pub fn jwt_error(e: &jsonwebtoken::errors::Error) -> AuthError {
     })
 }
 
+/// What a token grants, kept beyond the token: a subscription's notifications are filtered by
+/// the grant of the client that wrote it, as it stands at each delivery (the scopes recorded
+/// here, the client and user still enabled, the token not revoked).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Grant {
+    pub subject: String,
+    /// `system`, `user` or `patient`.
+    pub kind: String,
+    pub scopes: String,
+    pub patient: Option<String>,
+    pub fhir_user: Option<String>,
+    pub client_id: Option<String>,
+    pub roles: Vec<String>,
+    /// The token it was granted with (a revocation of it withdraws the grant).
+    pub token_id: String,
+}
+
+impl Grant {
+    pub fn of(p: &Principal) -> Grant {
+        Grant {
+            subject: p.subject.clone(),
+            kind: match p.kind {
+                PrincipalKind::System => "system",
+                PrincipalKind::User => "user",
+                PrincipalKind::Patient => "patient",
+            }
+            .into(),
+            scopes: p.scopes.raw.join(" "),
+            patient: p.patient.clone(),
+            fhir_user: p.fhir_user.clone(),
+            client_id: p.client_id.clone(),
+            roles: p.roles.clone(),
+            token_id: p.token_id.clone(),
+        }
+    }
+
+    pub fn to_json(&self) -> String {
+        // a struct of strings always serializes
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    pub fn from_json(json: &str) -> Option<Grant> {
+        serde_json::from_str(json).ok()
+    }
+
+    /// The principal the grant acts as (granular scope filters compiled against `registry`;
+    /// never break-glass).
+    pub fn principal(&self, registry: &crate::search::Registry, is_type: impl Fn(&str) -> bool) -> Principal {
+        let mut scopes = ScopeSet::parse(&self.scopes, is_type);
+        scopes.compile_filters(registry);
+        Principal {
+            subject: self.subject.clone(),
+            kind: match self.kind.as_str() {
+                "system" => PrincipalKind::System,
+                "user" => PrincipalKind::User,
+                _ => PrincipalKind::Patient,
+            },
+            scopes,
+            patient: self.patient.clone(),
+            fhir_user: self.fhir_user.clone(),
+            client_id: self.client_id.clone(),
+            amr: Vec::new(),
+            roles: self.roles.clone(),
+            break_glass: false,
+            purpose_of_use: None,
+            token_id: self.token_id.clone(),
+            expires_at: 0,
+        }
+    }
+}
+
 /// Who a request acts for, from a validated token.
 #[derive(Debug, Clone)]
 pub struct Principal {

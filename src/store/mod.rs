@@ -20,6 +20,7 @@ pub mod schema;
 pub mod search_index;
 pub mod search_pages;
 pub mod search_query;
+pub mod subscription;
 
 pub use connection::{Backend, DbConnection, DbManager};
 
@@ -167,6 +168,11 @@ pub struct WriteFacts<'a> {
 /// its AuditEvent commit together or not at all (implemented by `crate::audit`).
 pub trait WriteAudit: Send {
     fn record(&mut self, facts: &WriteFacts<'_>) -> Result<audit::AuditRow, StoreError>;
+    /// The grant of the client writing (serialized by `crate::auth::Grant`): a Subscription
+    /// it writes is filtered by it. `None` for the server's own writes.
+    fn owner(&self) -> Option<String> {
+        None
+    }
     /// False only where auditing is switched off (benchmark baselines).
     fn enabled(&self) -> bool {
         true
@@ -301,6 +307,8 @@ pub struct Store {
     /// The types patients share, as the `fhirvault.shared` session setting the row-level
     /// security policy reads (`,Practitioner,Organization,`; empty: none).
     shared_setting: String,
+    /// What subscriptions a write concerns (set once by the server; `None`: nobody watches).
+    watch: std::sync::OnceLock<Arc<dyn subscription::WriteWatch>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -382,7 +390,9 @@ fn grant_server_role(owner: &mut DbConnection, server: &mut DbConnection) -> Res
          GRANT SELECT, INSERT, UPDATE ON search_settings TO {ident}; \
          GRANT SELECT, INSERT, UPDATE, DELETE ON export_jobs, export_files TO {ident}; \
          GRANT SELECT, INSERT, UPDATE, DELETE ON auth_users, auth_clients, auth_sessions, auth_codes, \
-               auth_refresh_tokens, auth_launches, auth_assertions, auth_revoked_tokens TO {ident};"
+               auth_refresh_tokens, auth_launches, auth_assertions, auth_revoked_tokens TO {ident}; \
+         GRANT SELECT, INSERT, UPDATE, DELETE ON subscription_state, subscription_outbox TO {ident}; \
+         GRANT USAGE, SELECT ON SEQUENCE subscription_outbox_id_seq TO {ident};"
     ))?;
     Ok(())
 }
@@ -482,6 +492,7 @@ impl Store {
             manager: manager_outside_pool,
             replica: None,
             shared_setting: String::new(),
+            watch: std::sync::OnceLock::new(),
         })
     }
 
@@ -582,8 +593,60 @@ impl Store {
     ) -> Result<T, StoreError> {
         let _guard = self.sqlite_write_guard();
         let mut conn = self.checkout(access)?;
+        subscription::begin();
         let result = conn.conn.write_transaction(f);
+        if subscription::matched() && result.is_ok() {
+            if let Some(watch) = self.watch.get() {
+                watch.committed();
+            }
+        }
         note(&mut conn, result)
+    }
+
+    /// Sets what decides which subscriptions each write concerns (once, at start-up).
+    pub fn set_watch(&self, watch: Arc<dyn subscription::WriteWatch>) {
+        let _ = self.watch.set(watch);
+    }
+
+    /// After a write in its transaction: a Subscription written by a client takes that client
+    /// as its owner, and every subscription the write concerns gets it in its outbox.
+    #[allow(clippy::too_many_arguments)]
+    fn watched(
+        &self,
+        conn: &mut DbConnection,
+        resource_type: &str,
+        id: &str,
+        version_id: i64,
+        event: subscription::ChangeEvent,
+        content: Option<&Content>,
+        audit: &dyn WriteAudit,
+        ts: NaiveDateTime,
+    ) -> Result<(), StoreError> {
+        if resource_type == subscription::SUBSCRIPTION {
+            match content {
+                None => subscription::record_deleted(conn, id, ts)?,
+                Some(c) => {
+                    if let Some(owner) = audit.owner() {
+                        let status = serde_json::from_slice::<serde_json::Value>(&c.json)
+                            .ok()
+                            .filter(|v| v["status"] == "off")
+                            .map_or("requested", |_| "off");
+                        subscription::record_owner(conn, id, &owner, status, ts)?;
+                    }
+                }
+            }
+        }
+        if let Some(watch) = self.watch.get() {
+            let change = subscription::Change {
+                resource_type,
+                id,
+                version_id,
+                event,
+                search: content.map(|c| c.search.as_slice()).unwrap_or(&[]),
+            };
+            subscription::record_matches(conn, watch.as_ref(), &change, ts)?;
+        }
+        Ok(())
     }
 
     /// Decrypts a version's content and checks it against its stored SHA-256.
@@ -851,6 +914,16 @@ impl Store {
         };
         self.append_version(conn, resource_type, id, 1, ts, method, Some(&content), sealed)?;
         self.replace_index(conn, resource_type, id, Some(&content), true)?;
+        self.watched(
+            conn,
+            resource_type,
+            id,
+            1,
+            subscription::ChangeEvent::Create,
+            Some(&content),
+            audit,
+            ts,
+        )?;
         record_write(
             conn,
             audit,
@@ -956,6 +1029,12 @@ impl Store {
         let sealed = self.seal(resource_type, id, version, Some(&content))?;
         self.append_version(conn, resource_type, id, version, ts, "PUT", Some(&content), sealed)?;
         self.replace_index(conn, resource_type, id, Some(&content), created)?;
+        let event = if created {
+            subscription::ChangeEvent::Create
+        } else {
+            subscription::ChangeEvent::Update
+        };
+        self.watched(conn, resource_type, id, version, event, Some(&content), audit, ts)?;
         record_write(
             conn,
             audit,
@@ -1099,6 +1178,16 @@ impl Store {
         };
         let patients = self.append_version(conn, resource_type, id, version, ts, "DELETE", None, (None, None, None))?;
         self.replace_index(conn, resource_type, id, None, false)?;
+        self.watched(
+            conn,
+            resource_type,
+            id,
+            version,
+            subscription::ChangeEvent::Delete,
+            None,
+            audit,
+            ts,
+        )?;
         record_write(
             conn,
             audit,
@@ -1660,6 +1749,16 @@ impl StoreTx<'_> {
         search_index::insert_many(self.conn, &index)?;
         let mut events = Vec::with_capacity(items.len());
         for (it, audit) in items.iter().zip(audits) {
+            self.store.watched(
+                self.conn,
+                &it.resource_type,
+                &it.id,
+                1,
+                subscription::ChangeEvent::Create,
+                Some(&it.content),
+                &*audit,
+                ts,
+            )?;
             let facts = WriteFacts {
                 resource_type: &it.resource_type,
                 id: &it.id,

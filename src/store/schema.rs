@@ -261,3 +261,34 @@ diesel::table! {
 }
 
 diesel::allow_tables_to_appear_in_same_query!(auth_users, auth_sessions);
+
+diesel::table! {
+    subscription_state (subscription_id) {
+        subscription_id -> Text,
+        owner -> Text,
+        status -> Text,
+        events_since_start -> BigInt,
+        failures -> Integer,
+        next_attempt_at -> Nullable<Timestamp>,
+        lease_owner -> Nullable<Text>,
+        lease_until -> Nullable<Timestamp>,
+        last_sent_at -> Nullable<Timestamp>,
+        last_error -> Nullable<Text>,
+        updated_at -> Timestamp,
+    }
+}
+
+diesel::table! {
+    subscription_outbox (id) {
+        id -> BigInt,
+        subscription_id -> Text,
+        resource_type -> Text,
+        logical_id -> Text,
+        version_id -> BigInt,
+        event -> Text,
+        recorded -> Timestamp,
+        event_number -> Nullable<BigInt>,
+        sent_at -> Nullable<Timestamp>,
+        dropped -> Bool,
+    }
+}

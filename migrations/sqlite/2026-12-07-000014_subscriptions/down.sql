@@ -1,0 +1,2 @@
+DROP TABLE subscription_outbox;
+DROP TABLE subscription_state;

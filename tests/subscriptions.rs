@@ -1,0 +1,465 @@
+//! Subscriptions (issue 24): R4 rest-hook and Backport topic subscriptions delivered to a real
+//! endpoint the test runs on loopback, in order, with retries; endpoints refused before any
+//! connection; notifications filtered by the owner's grant. Each on SQLite and on PostgreSQL.
+
+mod common;
+
+use common::{Db, TestServer};
+use fhirvault::config::ConfigLayer;
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// One request the endpoint received.
+#[derive(Debug, Clone)]
+struct Received {
+    method: String,
+    path: String,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+/// A plain HTTP endpoint on loopback that records what it receives and answers with the
+/// status set (200 unless told otherwise).
+struct Endpoint {
+    port: u16,
+    received: Arc<Mutex<Vec<Received>>>,
+    status: Arc<AtomicU16>,
+    connections: Arc<AtomicUsize>,
+}
+
+impl Endpoint {
+    fn start() -> Endpoint {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let status = Arc::new(AtomicU16::new(200));
+        let connections = Arc::new(AtomicUsize::new(0));
+        let (r, s, c) = (received.clone(), status.clone(), connections.clone());
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                c.fetch_add(1, Ordering::SeqCst);
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut line = String::new();
+                if reader.read_line(&mut line).is_err() {
+                    continue;
+                }
+                let mut parts = line.split_whitespace();
+                let (method, path) = (
+                    parts.next().unwrap_or("").to_string(),
+                    parts.next().unwrap_or("").to_string(),
+                );
+                let mut headers = Vec::new();
+                let mut length = 0usize;
+                loop {
+                    let mut h = String::new();
+                    if reader.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
+                        break;
+                    }
+                    if let Some((k, v)) = h.trim_end().split_once(':') {
+                        if k.eq_ignore_ascii_case("content-length") {
+                            length = v.trim().parse().unwrap_or(0);
+                        }
+                        headers.push((k.to_ascii_lowercase(), v.trim().to_string()));
+                    }
+                }
+                let mut body = vec![0; length];
+                let _ = reader.read_exact(&mut body);
+                let code = s.load(Ordering::SeqCst);
+                if code == 200 {
+                    r.lock().unwrap().push(Received {
+                        method,
+                        path,
+                        headers,
+                        body,
+                    });
+                }
+                let _ = write!(
+                    stream,
+                    "HTTP/1.1 {code} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                );
+            }
+        });
+        Endpoint {
+            port,
+            received,
+            status,
+            connections,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/hook", self.port)
+    }
+
+    fn received(&self) -> Vec<Received> {
+        self.received.lock().unwrap().clone()
+    }
+
+    /// Waits until `ready` holds for what was received.
+    fn wait_for(&self, what: &str, ready: impl Fn(&[Received]) -> bool) -> Vec<Received> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let got = self.received();
+            if ready(&got) {
+                return got;
+            }
+            assert!(Instant::now() < deadline, "timed out waiting for {what}: {got:#?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+fn json_of(r: &Received) -> Value {
+    serde_json::from_slice(&r.body).unwrap()
+}
+
+/// The SubscriptionStatus of a notification Bundle.
+fn status_of(bundle: &Value) -> &Value {
+    &bundle["entry"][0]["resource"]
+}
+
+fn param<'a>(status: &'a Value, name: &str) -> Option<&'a Value> {
+    status["parameter"].as_array()?.iter().find(|p| p["name"] == name)
+}
+
+fn notification_type(bundle: &Value) -> String {
+    param(status_of(bundle), "type").unwrap()["valueCode"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// (event number, focus reference) of every event of the notifications received.
+fn events(received: &[Received]) -> Vec<(i64, Option<String>)> {
+    let mut out = Vec::new();
+    for r in received {
+        let b = json_of(r);
+        for p in status_of(&b)["parameter"].as_array().unwrap() {
+            if p["name"] != "notification-event" {
+                continue;
+            }
+            let parts = p["part"].as_array().unwrap();
+            let number = parts.iter().find(|x| x["name"] == "event-number").unwrap()["valueString"]
+                .as_str()
+                .unwrap()
+                .parse()
+                .unwrap();
+            let focus = parts
+                .iter()
+                .find(|x| x["name"] == "focus")
+                .map(|x| x["valueReference"]["reference"].as_str().unwrap().to_string());
+            out.push((number, focus));
+        }
+    }
+    out
+}
+
+fn layer() -> ConfigLayer {
+    ConfigLayer {
+        subscription_allowed_networks: Some(vec!["127.0.0.1/32".into()]),
+        subscription_retry_base_ms: Some(50),
+        subscription_max_failures: Some(30),
+        ..Default::default()
+    }
+}
+
+const TOPIC: &str = "https://fhirvault.dev/SubscriptionTopic/Observation";
+const BACKPORT: &str = "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/";
+
+fn backport_subscription(endpoint: &str, filter: &str) -> Value {
+    json!({
+        "resourceType": "Subscription",
+        "meta": {"profile": [format!("{BACKPORT}backport-subscription")]},
+        "status": "requested",
+        "reason": "test",
+        "criteria": TOPIC,
+        "_criteria": {"extension": [{"url": format!("{BACKPORT}backport-filter-criteria"), "valueString": filter}]},
+        "channel": {
+            "type": "rest-hook",
+            "endpoint": endpoint,
+            "payload": "application/fhir+json",
+            "_payload": {"extension": [{"url": format!("{BACKPORT}backport-payload-content"), "valueCode": "id-only"}]},
+            "header": ["X-Test: yes"]
+        }
+    })
+}
+
+fn observation(patient: &str, code: &str, category: &str) -> Value {
+    json!({
+        "resourceType": "Observation",
+        "status": "final",
+        "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category", "code": category}]}],
+        "code": {"coding": [{"system": "http://loinc.org", "code": code}]},
+        "subject": {"reference": format!("Patient/{patient}")}
+    })
+}
+
+fn created(r: common::Reply) -> String {
+    assert_eq!(r.status, 201, "{}", r.text());
+    r.json()["id"].as_str().unwrap().to_string()
+}
+
+fn wait_status(s: &TestServer, id: &str, want: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let got = s.get(&format!("/Subscription/{id}")).json()["status"].clone();
+        if got == want {
+            return;
+        }
+        assert!(Instant::now() < deadline, "subscription status {got}, wanted {want}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A Backport subscription: handshake, then creates, updates and deletes of the filtered
+/// patient's Observations in order with numbers that never skip, nothing of another patient;
+/// an R4 subscription without payload gets a ping per matching write.
+fn backport_and_r4_notifications(db: Db) {
+    let s = TestServer::start_with(db, layer());
+    let a = created(s.post("/Patient", &json!({"resourceType": "Patient"})));
+    let b = created(s.post("/Patient", &json!({"resourceType": "Patient"})));
+    let hook = Endpoint::start();
+    let sub = created(s.post(
+        "/Subscription",
+        &backport_subscription(&hook.url(), &format!("Observation?patient=Patient/{a}")),
+    ));
+    let got = hook.wait_for("the handshake", |r| !r.is_empty());
+    assert_eq!(notification_type(&json_of(&got[0])), "handshake");
+    assert!(got[0].headers.iter().any(|(k, v)| k == "x-test" && v == "yes"));
+    wait_status(&s, &sub, "active");
+
+    let mine = created(s.post("/Observation", &observation(&a, "1234-5", "laboratory")));
+    let theirs = created(s.post("/Observation", &observation(&b, "1234-5", "laboratory")));
+    let mut changed = observation(&a, "1234-5", "laboratory");
+    changed["id"] = json!(mine);
+    changed["status"] = json!("amended");
+    assert_eq!(s.put(&format!("/Observation/{mine}"), &changed).status, 200);
+    assert!(s.delete(&format!("/Observation/{mine}")).status < 300);
+    assert!(s.delete(&format!("/Observation/{theirs}")).status < 300);
+
+    let got = hook.wait_for("three events", |r| events(r).len() >= 3);
+    std::thread::sleep(Duration::from_millis(500));
+    let got_all = hook.received();
+    let evs = events(&got_all);
+    assert_eq!(evs.len(), 3, "{evs:?}");
+    let numbers: Vec<i64> = evs.iter().map(|e| e.0).collect();
+    assert_eq!(numbers, vec![1, 2, 3]);
+    for (_, focus) in &evs {
+        assert!(focus.as_deref().unwrap().ends_with(&format!("/Observation/{mine}")));
+    }
+    let text: String = got_all
+        .iter()
+        .map(|r| String::from_utf8_lossy(&r.body).to_string())
+        .collect();
+    assert!(!text.contains(&theirs), "another patient's resource was notified");
+    let methods: Vec<String> = got
+        .iter()
+        .skip(1)
+        .flat_map(|r| {
+            json_of(r)["entry"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .skip(1)
+                .map(|e| e["request"]["method"].as_str().unwrap().to_string())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert_eq!(methods, vec!["POST", "PUT", "DELETE"]);
+    for r in got_all.iter().skip(1) {
+        let b = json_of(r);
+        assert_eq!(b["type"], "history");
+        assert_eq!(notification_type(&b), "event-notification");
+        // id-only: no resource in any entry but the status
+        assert!(b["entry"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .skip(1)
+            .all(|e| e.get("resource").is_none()));
+    }
+
+    // R4: criteria a search; no payload: a POST without a body per notification
+    let ping = Endpoint::start();
+    let r4 = created(s.post(
+        "/Subscription",
+        &json!({
+            "resourceType": "Subscription", "status": "requested", "reason": "r4",
+            "criteria": "Observation?code=http://loinc.org|9999-9",
+            "channel": {"type": "rest-hook", "endpoint": ping.url()}
+        }),
+    ));
+    ping.wait_for("the R4 handshake", |r| r.len() == 1);
+    wait_status(&s, &r4, "active");
+    created(s.post("/Observation", &observation(&a, "1111-1", "laboratory")));
+    created(s.post("/Observation", &observation(&a, "9999-9", "laboratory")));
+    let got = ping.wait_for("a ping", |r| r.len() == 2);
+    assert_eq!(got[1].method, "POST");
+    assert_eq!(got[1].path, "/hook");
+    assert!(got[1].body.is_empty());
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        ping.received().len(),
+        2,
+        "a write the criteria does not match was notified"
+    );
+
+    // every attempt is on the ledger
+    let audit = s.get("/AuditEvent?subtype=https://fhirvault.dev/CodeSystem/audit-subtype|notify&_summary=count");
+    assert_eq!(audit.status, 200, "{}", audit.text());
+    assert!(audit.json()["total"].as_i64().unwrap() >= 6, "{}", audit.text());
+}
+
+/// Endpoints are refused when they are written, before any connection: plain http to anything
+/// but loopback, internal addresses not allowed, credentials in the URL, unknown topics,
+/// criteria the matcher cannot answer, and full resources unless the server allows them.
+fn endpoints_and_criteria_refused(db: Db) {
+    let s = TestServer::start(db);
+    let hook = Endpoint::start();
+    let refused = |endpoint: &str, criteria: &str, payload: Option<&str>| {
+        let mut sub = json!({
+            "resourceType": "Subscription", "status": "requested", "reason": "x",
+            "criteria": criteria,
+            "channel": {"type": "rest-hook", "endpoint": endpoint}
+        });
+        if let Some(p) = payload {
+            sub["channel"]["payload"] = json!(p);
+        }
+        let r = s.post("/Subscription", &sub);
+        assert_eq!(r.status, 400, "{endpoint} {criteria}: {}", r.text());
+        r.outcome()
+    };
+    // loopback is internal: refused without subscription_allowed_networks, and never contacted
+    refused(&hook.url(), "Observation", None);
+    refused("https://10.1.2.3/hook", "Observation", None);
+    refused("https://169.254.169.254/latest", "Observation", None);
+    refused("https://[::1]/hook", "Observation", None);
+    refused("https://[fd00::1]/hook", "Observation", None);
+    refused("http://example.org/hook", "Observation", None);
+    refused("https://user:secret@example.org/hook", "Observation", None);
+    refused("ftp://example.org/hook", "Observation", None);
+    refused("https://example.org/hook", "Observation?subject.name=x", None);
+    refused(
+        "https://example.org/hook",
+        "Observation?_has:Provenance:target:agent=x",
+        None,
+    );
+    refused("https://example.org/hook", "NoSuchType?x=1", None);
+    refused("https://example.org/hook", "https://example.org/topic/none", None);
+    let o = refused("https://example.org/hook", "Observation", Some("application/fhir+json"));
+    assert!(o.to_string().contains("subscription_full_resource"), "{o}");
+    assert_eq!(hook.connections.load(Ordering::SeqCst), 0);
+    // a public https endpoint is accepted as written (the name is checked again at delivery)
+    let ok = s.post(
+        "/Subscription",
+        &json!({"resourceType": "Subscription", "status": "active", "reason": "x", "criteria": "Observation",
+                "channel": {"type": "rest-hook", "endpoint": "https://example.org/hook"}}),
+    );
+    assert_eq!(ok.status, 201, "{}", ok.text());
+    assert_eq!(ok.json()["status"], "requested", "the server sets the status");
+}
+
+/// The endpoint down: deliveries are retried with backoff and arrive in order once it is back,
+/// numbers never skipping; the failed attempts are on the ledger.
+fn retried_across_downtime(db: Db) {
+    let s = TestServer::start_with(db, layer());
+    let a = created(s.post("/Patient", &json!({"resourceType": "Patient"})));
+    let hook = Endpoint::start();
+    let sub = created(s.post(
+        "/Subscription",
+        &backport_subscription(&hook.url(), &format!("Observation?subject=Patient/{a}")),
+    ));
+    hook.wait_for("the handshake", |r| !r.is_empty());
+    wait_status(&s, &sub, "active");
+    hook.status.store(503, Ordering::SeqCst);
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        ids.push(created(
+            s.post("/Observation", &observation(&a, "1234-5", "laboratory")),
+        ));
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(hook.received().len(), 1, "delivered while the endpoint was down");
+    hook.status.store(200, Ordering::SeqCst);
+    let got = hook.wait_for("five events", |r| events(r).len() >= 5);
+    let evs = events(&got);
+    let numbers: Vec<i64> = evs.iter().map(|e| e.0).collect();
+    assert_eq!(numbers, vec![1, 2, 3, 4, 5]);
+    let foci: Vec<String> = evs
+        .iter()
+        .map(|e| e.1.clone().unwrap().rsplit('/').next().unwrap().to_string())
+        .collect();
+    assert_eq!(foci, ids, "in the order written");
+    let failed =
+        s.get("/AuditEvent?subtype=https://fhirvault.dev/CodeSystem/audit-subtype|notify&outcome=8&_summary=count");
+    assert!(failed.json()["total"].as_i64().unwrap() >= 1, "{}", failed.text());
+}
+
+/// Notifications are filtered by the owner's grant at delivery: a granular scope leaves out
+/// what it does not reach (without a number), and a disabled client's subscription stops.
+fn filtered_by_the_owners_grant(db: Db) {
+    let s = TestServer::start_with(db, layer());
+    let a = created(s.post("/Patient", &json!({"resourceType": "Patient"})));
+    let hook = Endpoint::start();
+    let token = s.token(
+        "user/Observation.rs?category=http://terminology.hl7.org/CodeSystem/observation-category|laboratory user/Subscription.cruds",
+        None,
+    );
+    let bearer = format!("Bearer {token}");
+    let body = backport_subscription(&hook.url(), "Observation?code=http://loinc.org|1234-5");
+    let r = s
+        .client
+        .post(s.url("/Subscription"))
+        .header("authorization", bearer.as_str())
+        .header("content-type", "application/fhir+json")
+        .body(serde_json::to_vec(&body).unwrap())
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 201);
+    let sub = r.json::<Value>().unwrap()["id"].as_str().unwrap().to_string();
+    hook.wait_for("the handshake", |r| !r.is_empty());
+    wait_status(&s, &sub, "active");
+    let vital = created(s.post("/Observation", &observation(&a, "1234-5", "vital-signs")));
+    let lab = created(s.post("/Observation", &observation(&a, "1234-5", "laboratory")));
+    let got = hook.wait_for("the lab event", |r| !events(r).is_empty());
+    std::thread::sleep(Duration::from_millis(500));
+    let evs = events(&hook.received());
+    assert_eq!(evs.len(), 1, "{evs:?}");
+    assert_eq!(evs[0].0, 1, "the left-out event took no number");
+    assert!(evs[0].1.as_deref().unwrap().ends_with(&lab));
+    let text: String = got
+        .iter()
+        .map(|r| String::from_utf8_lossy(&r.body).to_string())
+        .collect();
+    assert!(!text.contains(&vital));
+
+    // the token revoked (as RFC 7009 revocation stores it): the subscription goes off and
+    // nothing more is sent
+    use base64::Engine;
+    let claims: Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(token.split('.').nth(1).unwrap())
+            .unwrap(),
+    )
+    .unwrap();
+    let jti = claims["jti"].as_str().unwrap();
+    s.store
+        .auth_revoke_access_token(jti, fhirvault::store::now() + chrono::Duration::minutes(15))
+        .unwrap();
+    wait_status(&s, &sub, "off");
+    let before = hook.received().len();
+    created(s.post("/Observation", &observation(&a, "1234-5", "laboratory")));
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(hook.received().len(), before, "delivered after the grant was withdrawn");
+}
+
+on_both_backends!(
+    backport_and_r4_notifications,
+    endpoints_and_criteria_refused,
+    retried_across_downtime,
+    filtered_by_the_owners_grant,
+);

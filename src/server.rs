@@ -317,7 +317,7 @@ fn build_state_as(config: Config, serving: bool) -> anyhow::Result<AppState> {
         validator: state.validator.clone(),
         subscriptions: state.subscriptions.clone(),
         revoked: state.auth_server.as_ref().map(|s| s.revoked.clone()),
-        node: state.config.node_name.clone(),
+        node: format!("{}#{}", state.config.node_name, state.auditor.chain_id()),
         roots: crate::subscription::deliver::Delivery::load_roots(&state.config)?,
     });
     delivery.start();

@@ -267,7 +267,8 @@ fn three_nodes_on_one_database_under_load_with_a_node_killed() {
             // the requests in flight when it was killed may or may not have left an event
             assert!(
                 stored >= implied && stored <= implied + 3 * 3,
-                "node b: {stored} events for {implied} answered requests"
+                "node b: {stored} events for {implied} answered requests; its log ends:\n{}",
+                nodes[1].logs().lines().rev().take(40).collect::<Vec<_>>().join("\n")
             );
         } else {
             assert_eq!(stored, implied, "exactly one AuditEvent per request on node {k}");

@@ -688,7 +688,7 @@ fn capability_statement(db: Db) {
 /// Every official example (one per resource type) is created, read back and equal to what was
 /// sent apart from `id` and `meta.versionId`/`meta.lastUpdated`.
 fn official_examples_round_trip(db: Db) {
-    let s = TestServer::start(db);
+    let s = TestServer::start_with(db, common::examples_layer());
     let mut examples = common::r4_examples();
     // R4 ships no example for these types; minimal valid instances stand in.
     for extra in [

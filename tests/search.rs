@@ -702,7 +702,7 @@ fn query_value(v: &fhirvault::search::IndexValue) -> Option<String> {
 /// Every parameter the CapabilityStatement lists, on every type with an official example that
 /// has the element: searching by the example's own value finds the example, on both backends.
 fn every_parameter_finds_the_official_example(db: Db) {
-    let s = TestServer::start(db);
+    let s = TestServer::start_with(db, common::examples_layer());
     let registry = fhirvault::search::Registry::r4().unwrap();
     let mut searched = 0;
     let mut failures = Vec::new();

@@ -8,7 +8,7 @@ use common::{Db, TestServer};
 use fhirvault::config::ConfigLayer;
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Read, Write};
-use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -28,59 +28,97 @@ struct Endpoint {
     received: Arc<Mutex<Vec<Received>>>,
     status: Arc<AtomicU16>,
     connections: Arc<AtomicUsize>,
+    /// How long each answer waits.
+    delay_ms: Arc<AtomicU64>,
+    tls: bool,
+}
+
+/// Reads one request from `stream`, records it (when answering 200) and answers.
+fn serve_one(
+    stream: &mut (impl Read + Write),
+    received: &Mutex<Vec<Received>>,
+    status: &AtomicU16,
+    delay_ms: &AtomicU64,
+) {
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    if reader.read_line(&mut line).is_err() {
+        return;
+    }
+    let mut parts = line.split_whitespace();
+    let (method, path) = (
+        parts.next().unwrap_or("").to_string(),
+        parts.next().unwrap_or("").to_string(),
+    );
+    let mut headers = Vec::new();
+    let mut length = 0usize;
+    loop {
+        let mut h = String::new();
+        if reader.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
+            break;
+        }
+        if let Some((k, v)) = h.trim_end().split_once(':') {
+            if k.eq_ignore_ascii_case("content-length") {
+                length = v.trim().parse().unwrap_or(0);
+            }
+            headers.push((k.to_ascii_lowercase(), v.trim().to_string()));
+        }
+    }
+    let mut body = vec![0; length];
+    let _ = reader.read_exact(&mut body);
+    std::thread::sleep(Duration::from_millis(delay_ms.load(Ordering::SeqCst)));
+    let code = status.load(Ordering::SeqCst);
+    if code == 200 {
+        received.lock().unwrap().push(Received {
+            method,
+            path,
+            headers,
+            body,
+        });
+    }
+    let stream = reader.into_inner();
+    let _ = write!(
+        stream,
+        "HTTP/1.1 {code} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    let _ = stream.flush();
 }
 
 impl Endpoint {
     fn start() -> Endpoint {
+        Endpoint::start_with(None)
+    }
+
+    /// With `tls`, https with that server configuration.
+    fn start_with(tls: Option<Arc<rustls::ServerConfig>>) -> Endpoint {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let received = Arc::new(Mutex::new(Vec::new()));
         let status = Arc::new(AtomicU16::new(200));
         let connections = Arc::new(AtomicUsize::new(0));
-        let (r, s, c) = (received.clone(), status.clone(), connections.clone());
+        let delay_ms = Arc::new(AtomicU64::new(0));
+        let is_tls = tls.is_some();
+        let (r, s, c, d) = (received.clone(), status.clone(), connections.clone(), delay_ms.clone());
         std::thread::spawn(move || {
             for stream in listener.incoming() {
-                let Ok(mut stream) = stream else { continue };
+                let Ok(stream) = stream else { continue };
                 c.fetch_add(1, Ordering::SeqCst);
-                let mut reader = BufReader::new(stream.try_clone().unwrap());
-                let mut line = String::new();
-                if reader.read_line(&mut line).is_err() {
-                    continue;
-                }
-                let mut parts = line.split_whitespace();
-                let (method, path) = (
-                    parts.next().unwrap_or("").to_string(),
-                    parts.next().unwrap_or("").to_string(),
-                );
-                let mut headers = Vec::new();
-                let mut length = 0usize;
-                loop {
-                    let mut h = String::new();
-                    if reader.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
-                        break;
+                let (r, s, d, tls) = (r.clone(), s.clone(), d.clone(), tls.clone());
+                std::thread::spawn(move || match tls {
+                    Some(config) => {
+                        let Ok(conn) = rustls::ServerConnection::new(config) else {
+                            return;
+                        };
+                        let mut tls = rustls::StreamOwned::new(conn, stream);
+                        serve_one(&mut tls, &r, &s, &d);
+                        tls.conn.send_close_notify();
+                        let _ = tls.flush();
                     }
-                    if let Some((k, v)) = h.trim_end().split_once(':') {
-                        if k.eq_ignore_ascii_case("content-length") {
-                            length = v.trim().parse().unwrap_or(0);
-                        }
-                        headers.push((k.to_ascii_lowercase(), v.trim().to_string()));
+                    None => {
+                        let mut stream = stream;
+                        serve_one(&mut stream, &r, &s, &d);
                     }
-                }
-                let mut body = vec![0; length];
-                let _ = reader.read_exact(&mut body);
-                let code = s.load(Ordering::SeqCst);
-                if code == 200 {
-                    r.lock().unwrap().push(Received {
-                        method,
-                        path,
-                        headers,
-                        body,
-                    });
-                }
-                let _ = write!(
-                    stream,
-                    "HTTP/1.1 {code} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-                );
+                });
             }
         });
         Endpoint {
@@ -88,11 +126,14 @@ impl Endpoint {
             received,
             status,
             connections,
+            delay_ms,
+            tls: is_tls,
         }
     }
 
     fn url(&self) -> String {
-        format!("http://127.0.0.1:{}/hook", self.port)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}/hook", self.port)
     }
 
     fn received(&self) -> Vec<Received> {
@@ -318,7 +359,14 @@ fn backport_and_r4_notifications(db: Db) {
 /// but loopback, internal addresses not allowed, credentials in the URL, unknown topics,
 /// criteria the matcher cannot answer, and full resources unless the server allows them.
 fn endpoints_and_criteria_refused(db: Db) {
-    let s = TestServer::start(db);
+    // no workers: the public endpoint accepted below is never resolved or contacted
+    let s = TestServer::start_with(
+        db,
+        ConfigLayer {
+            subscription_workers: Some(0),
+            ..Default::default()
+        },
+    );
     let hook = Endpoint::start();
     let refused = |endpoint: &str, criteria: &str, payload: Option<&str>| {
         let mut sub = json!({
@@ -457,9 +505,351 @@ fn filtered_by_the_owners_grant(db: Db) {
     assert_eq!(hook.received().len(), before, "delivered after the grant was withdrawn");
 }
 
+fn get_as(s: &TestServer, token: &str, path: &str) -> (u16, Value) {
+    let r = reqwest::blocking::Client::new()
+        .get(s.url(path))
+        .bearer_auth(token)
+        .send()
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().unwrap_or(Value::Null))
+}
+
+fn post_as(s: &TestServer, token: &str, path: &str, body: &Value) -> (u16, Value) {
+    let r = reqwest::blocking::Client::new()
+        .post(s.url(path))
+        .bearer_auth(token)
+        .header("content-type", "application/fhir+json")
+        .body(serde_json::to_vec(body).unwrap())
+        .send()
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().unwrap_or(Value::Null))
+}
+
+/// `$status` and `$events`, heartbeats, `error` after failures in a row, and `off`.
+fn status_events_heartbeat_error_and_off(db: Db) {
+    let s = TestServer::start_with(
+        db,
+        ConfigLayer {
+            subscription_max_failures: Some(3),
+            ..layer()
+        },
+    );
+    let a = created(s.post("/Patient", &json!({"resourceType": "Patient"})));
+    let hook = Endpoint::start();
+    let mut body = backport_subscription(&hook.url(), &format!("Observation?patient=Patient/{a}"));
+    body["channel"]["extension"] =
+        json!([{"url": format!("{BACKPORT}backport-heartbeat-period"), "valueUnsignedInt": 1}]);
+    let sub = created(s.post("/Subscription", &body));
+    hook.wait_for("the handshake", |r| !r.is_empty());
+    wait_status(&s, &sub, "active");
+    let first = created(s.post("/Observation", &observation(&a, "1234-5", "laboratory")));
+    let second = created(s.post("/Observation", &observation(&a, "1234-5", "laboratory")));
+    hook.wait_for("two events", |r| events(r).len() >= 2);
+    hook.wait_for("a heartbeat", |r| {
+        r.iter().any(|x| notification_type(&json_of(x)) == "heartbeat")
+    });
+
+    let st = s.get(&format!("/Subscription/{sub}/$status"));
+    assert_eq!(st.status, 200, "{}", st.text());
+    let st = st.json();
+    assert_eq!(st["type"], "searchset");
+    let params = &st["entry"][0]["resource"];
+    assert_eq!(param(params, "type").unwrap()["valueCode"], "query-status");
+    assert_eq!(param(params, "status").unwrap()["valueCode"], "active");
+    assert_eq!(
+        param(params, "events-since-subscription-start").unwrap()["valueString"],
+        "2"
+    );
+    assert_eq!(s.get(&format!("/Subscription/$status?id={sub}")).json()["total"], 1);
+
+    let ev = s.get(&format!(
+        "/Subscription/{sub}/$events?eventsSinceNumber=1&eventsUntilNumber=2"
+    ));
+    assert_eq!(ev.status, 200, "{}", ev.text());
+    let ev = ev.json();
+    assert_eq!(ev["type"], "history");
+    assert_eq!(notification_type(&ev), "query-event");
+    let listed: Vec<String> = ev["entry"].as_array().unwrap()[1..]
+        .iter()
+        .map(|e| e["fullUrl"].as_str().unwrap().rsplit('/').next().unwrap().to_string())
+        .collect();
+    assert_eq!(listed, vec![first.clone(), second.clone()]);
+    let bad = s.get(&format!("/Subscription/{sub}/$events?eventsSinceNumber=x"));
+    assert_eq!(bad.status, 400);
+    // another patient's app sees neither the subscription nor its events
+    let other = s.token("patient/*.rs", Some("someone-else"));
+    assert_eq!(get_as(&s, &other, &format!("/Subscription/{sub}/$status")).0, 404);
+    assert_eq!(get_as(&s, &other, &format!("/Subscription/{sub}/$events")).0, 404);
+
+    // the endpoint fails for good: `error` after three failures in a row
+    hook.status.store(500, Ordering::SeqCst);
+    created(s.post("/Observation", &observation(&a, "1234-5", "laboratory")));
+    wait_status(&s, &sub, "error");
+    let st = s.get(&format!("/Subscription/{sub}/$status")).json();
+    assert_eq!(
+        param(&st["entry"][0]["resource"], "status").unwrap()["valueCode"],
+        "error"
+    );
+
+    // the owner asks again: handshake, active; then turns it off and nothing more is sent
+    hook.status.store(200, Ordering::SeqCst);
+    let mut again = s.get(&format!("/Subscription/{sub}")).json();
+    again["status"] = json!("requested");
+    assert_eq!(s.put(&format!("/Subscription/{sub}"), &again).status, 200);
+    wait_status(&s, &sub, "active");
+    let mut off = s.get(&format!("/Subscription/{sub}")).json();
+    off["status"] = json!("off");
+    let r = s.put(&format!("/Subscription/{sub}"), &off);
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["status"], "off");
+    std::thread::sleep(Duration::from_millis(300));
+    let before = hook.received().len();
+    created(s.post("/Observation", &observation(&a, "1234-5", "laboratory")));
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        hook.received().len(),
+        before,
+        "sent after the subscription was turned off"
+    );
+}
+
+/// A patient-context app subscribes to its own patient's data only: a subscription about
+/// another patient alone is refused; one that names her and another is hers, and delivers
+/// only what her grant reaches.
+fn patient_context_subscription(db: Db) {
+    let s = TestServer::start_with(db, layer());
+    let a = created(s.post("/Patient", &json!({"resourceType": "Patient"})));
+    let b = created(s.post("/Patient", &json!({"resourceType": "Patient"})));
+    let hook = Endpoint::start();
+    let token = s.token("patient/Observation.rs patient/Subscription.cruds", Some(&a));
+    let (status, _) = post_as(
+        &s,
+        &token,
+        "/Subscription",
+        &backport_subscription(&hook.url(), &format!("Observation?patient=Patient/{b}")),
+    );
+    assert!(status == 403 || status == 404, "{status}");
+    let (status, body) = post_as(
+        &s,
+        &token,
+        "/Subscription",
+        &backport_subscription(&hook.url(), &format!("Observation?patient=Patient/{a},Patient/{b}")),
+    );
+    assert_eq!(status, 201, "{body}");
+    let sub = body["id"].as_str().unwrap().to_string();
+    hook.wait_for("the handshake", |r| !r.is_empty());
+    wait_status(&s, &sub, "active");
+    let (status, _) = get_as(&s, &token, &format!("/Subscription/{sub}"));
+    assert_eq!(status, 200, "she reads her subscription back");
+    let theirs = created(s.post("/Observation", &observation(&b, "1234-5", "laboratory")));
+    let mine = created(s.post("/Observation", &observation(&a, "1234-5", "laboratory")));
+    hook.wait_for("her event", |r| !events(r).is_empty());
+    std::thread::sleep(Duration::from_millis(800));
+    let all = hook.received();
+    let evs = events(&all);
+    assert_eq!(evs.len(), 1, "{evs:?}");
+    assert_eq!(evs[0].0, 1);
+    assert!(evs[0].1.as_deref().unwrap().ends_with(&mine));
+    let text: String = all
+        .iter()
+        .map(|r| String::from_utf8_lossy(&r.body).to_string())
+        .collect();
+    assert!(
+        !text.contains(&theirs),
+        "another patient's data reached a patient's subscription"
+    );
+    let (_, events_listed) = get_as(&s, &token, &format!("/Subscription/{sub}/$events"));
+    assert!(!events_listed.to_string().contains(&theirs));
+}
+
+/// Makes a CA and a certificate for 127.0.0.1 signed by it (openssl).
+fn test_ca(dir: &std::path::Path) {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    };
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"];
+    let mut ca = vec!["req", "-x509"];
+    ca.extend(ec);
+    ca.extend([
+        "-days",
+        "1",
+        "-subj",
+        "/CN=fhirvault test CA",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign",
+    ]);
+    run(&ca);
+    let mut csr = vec!["req"];
+    csr.extend(ec);
+    csr.extend(["-subj", "/CN=127.0.0.1", "-keyout", "key.pem", "-out", "req.csr"]);
+    run(&csr);
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+    )
+    .unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "req.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "1",
+        "-extfile",
+        "ext.cnf",
+        "-out",
+        "cert.pem",
+    ]);
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.join("key.pem"), std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
+/// An https endpoint whose certificate a test CA signed: delivered when the CA is trusted
+/// (`subscription_ca_file`), never when it is not.
+fn https_endpoint_with_a_test_ca(db: Db) {
+    let dir = tempfile::tempdir().unwrap();
+    test_ca(dir.path());
+    let tls = fhirvault::tls::ReloadableCert::load(&dir.path().join("cert.pem"), &dir.path().join("key.pem"))
+        .unwrap()
+        .server_config()
+        .unwrap();
+    let tls = Arc::new(tls);
+    let s = TestServer::start_with(
+        db,
+        ConfigLayer {
+            subscription_ca_file: Some(dir.path().join("ca.pem")),
+            ..layer()
+        },
+    );
+    let a = created(s.post("/Patient", &json!({"resourceType": "Patient"})));
+    let hook = Endpoint::start_with(Some(tls.clone()));
+    assert!(hook.url().starts_with("https://"));
+    let sub = created(s.post(
+        "/Subscription",
+        &backport_subscription(&hook.url(), &format!("Observation?patient=Patient/{a}")),
+    ));
+    hook.wait_for("the handshake over TLS", |r| !r.is_empty());
+    wait_status(&s, &sub, "active");
+    let obs = created(s.post("/Observation", &observation(&a, "1234-5", "laboratory")));
+    let got = hook.wait_for("the event over TLS", |r| !events(r).is_empty());
+    assert!(events(&got)[0].1.as_deref().unwrap().ends_with(&obs));
+
+    // a server that does not trust the CA sends nothing there
+    let untrusting = TestServer::start_with(db, layer());
+    let hook2 = Endpoint::start_with(Some(tls));
+    let sub2 = created(untrusting.post(
+        "/Subscription",
+        &backport_subscription(&hook2.url(), "Observation?code=http://loinc.org|1234-5"),
+    ));
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(hook2.received().is_empty());
+    assert!(hook2.connections.load(Ordering::SeqCst) >= 1, "it tried");
+    let st = untrusting.get(&format!("/Subscription/{sub2}/$status")).json();
+    assert_eq!(
+        param(&st["entry"][0]["resource"], "status").unwrap()["valueCode"],
+        "requested"
+    );
+}
+
+/// The real binary killed with SIGKILL while it delivers: restarted, it delivers every event at
+/// least once, each number always with the same resource, first receipts in order.
+fn killed_mid_delivery(db: Db) {
+    use common::node::{token, Node};
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let url = match db {
+        Db::Sqlite => format!("sqlite://{}", dir.path().join("fhirvault.db").display()),
+        Db::Postgres => {
+            let pg = common::pg();
+            pg.url(&pg.create_db())
+        }
+    };
+    let hook = Endpoint::start();
+    hook.delay_ms.store(200, Ordering::SeqCst);
+    let env = [
+        ("FHIRVAULT_SUBSCRIPTION_ALLOWED_NETWORKS", "127.0.0.1/32"),
+        ("FHIRVAULT_SUBSCRIPTION_RETRY_BASE_MS", "50"),
+    ];
+    let mut node = Node::start_with(&data, &url, common::free_port(), "a", &env);
+    let token = token(&data, &url);
+    let http = reqwest::blocking::Client::new();
+    let post = |path: &str, body: &Value| -> String {
+        let r = http
+            .post(format!("{}{path}", node_base(&node)))
+            .bearer_auth(&token)
+            .header("content-type", "application/fhir+json")
+            .body(serde_json::to_vec(body).unwrap())
+            .send()
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 201);
+        r.json::<Value>().unwrap()["id"].as_str().unwrap().to_string()
+    };
+    let a = post("/Patient", &json!({"resourceType": "Patient"}));
+    let mut body = backport_subscription(&hook.url(), &format!("Observation?patient=Patient/{a}"));
+    body["channel"]["extension"] = json!([{"url": format!("{BACKPORT}backport-max-count"), "valuePositiveInt": 1}]);
+    post("/Subscription", &body);
+    hook.wait_for("the handshake", |r| !r.is_empty());
+    let written: Vec<String> = (0..20)
+        .map(|_| post("/Observation", &observation(&a, "1234-5", "laboratory")))
+        .collect();
+    hook.wait_for("a few events", |r| events(r).len() >= 3);
+    node.kill();
+    let delivered_before = events(&hook.received()).len();
+    assert!(delivered_before < 20, "the kill came too late to test anything");
+    node.spawn(&data, &url);
+    let got = hook.wait_for("every event after the restart", |r| {
+        let numbers: std::collections::BTreeSet<i64> = events(r).iter().map(|e| e.0).collect();
+        numbers.len() >= 20
+    });
+    let evs = events(&got);
+    let mut by_number = std::collections::BTreeMap::new();
+    let mut first_seen = Vec::new();
+    for (n, focus) in &evs {
+        let id = focus.clone().unwrap().rsplit('/').next().unwrap().to_string();
+        if let Some(prev) = by_number.insert(*n, id.clone()) {
+            assert_eq!(prev, id, "event {n} sent again with another resource");
+        } else {
+            first_seen.push(*n);
+        }
+    }
+    assert_eq!(
+        first_seen,
+        (1..=20).collect::<Vec<i64>>(),
+        "first receipts out of order"
+    );
+    let foci: Vec<String> = by_number.values().cloned().collect();
+    assert_eq!(foci, written);
+}
+
+fn node_base(node: &common::node::Node) -> String {
+    node.base()
+}
+
 on_both_backends!(
     backport_and_r4_notifications,
     endpoints_and_criteria_refused,
     retried_across_downtime,
     filtered_by_the_owners_grant,
+    status_events_heartbeat_error_and_off,
+    patient_context_subscription,
+    https_endpoint_with_a_test_ca,
+    killed_mid_delivery,
 );

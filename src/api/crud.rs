@@ -95,7 +95,7 @@ pub(super) fn check_body(state: &AppState, resource_type: &str, body: &mut Map<S
 
 /// A Subscription must be one this server can deliver (criteria, channel, endpoint); its status
 /// is the server's to set: `requested` (the handshake makes it `active`), unless the client
-/// turns it `off`.
+/// writes it `off` or `error` (neither is delivered).
 fn check_subscription(state: &AppState, body: &mut Map<String, Value>) -> Result<(), ApiError> {
     let registry = state.search.current();
     let is_type = |t: &str| state.validator.is_resource_type(t);
@@ -103,7 +103,7 @@ fn check_subscription(state: &AppState, body: &mut Map<String, Value>) -> Result
     let id = body.get("id").and_then(Value::as_str).unwrap_or("").to_string();
     as_value(body, |v| crate::subscription::read_spec(&ctx, &id, v))
         .map_err(|e| ApiError::BadRequest(vec![Issue::error(IssueType::NotSupported, e.reason).at(e.at)]))?;
-    if body.get("status").and_then(Value::as_str) != Some("off") {
+    if !matches!(body.get("status").and_then(Value::as_str), Some("off" | "error")) {
         body.insert("status".into(), Value::String("requested".into()));
     }
     Ok(())

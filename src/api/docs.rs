@@ -496,6 +496,71 @@ pub fn document(validator: &Validator, registry: &Registry, base_path: &str) -> 
                 PathItemBuilder::new().operation(HttpMethod::Get, everything).build(),
             );
         }
+        if t == "Subscription" {
+            let scopes = || vec!["user/Subscription.r".into(), "system/Subscription.r".into()];
+            let status = |id: String, instance: bool| {
+                let op = with_errors(
+                    operation(
+                        id,
+                        t,
+                        "Where subscriptions stand: a searchset Bundle of SubscriptionStatus Parameters".into(),
+                        scopes(),
+                    ),
+                    &[(
+                        "404",
+                        "No such subscription, or not one the token may read (OperationOutcome)",
+                    )],
+                );
+                let op = if instance {
+                    op.parameter(path_param("id", "The subscription's logical id"))
+                } else {
+                    op.parameter(query_param("id", "Subscription ids, comma-separated (repeatable)"))
+                };
+                op.response("200", body_response("A searchset Bundle", "Bundle"))
+            };
+            paths = paths.path(
+                format!("{base}/{{id}}/$status"),
+                PathItemBuilder::new()
+                    .operation(HttpMethod::Get, status("subscription-status".into(), true))
+                    .operation(HttpMethod::Post, status("subscription-status-post".into(), true))
+                    .build(),
+            );
+            paths = paths.path(
+                format!("{base}/$status"),
+                PathItemBuilder::new()
+                    .operation(HttpMethod::Get, status("subscriptions-status".into(), false))
+                    .build(),
+            );
+            let events = |id: String| {
+                with_errors(
+                    operation(
+                        id,
+                        t,
+                        "A subscription's past events by number, as a notification Bundle".into(),
+                        scopes(),
+                    ),
+                    &[(
+                        "404",
+                        "No such subscription, or not one the token may read (OperationOutcome)",
+                    )],
+                )
+                .parameter(path_param("id", "The subscription's logical id"))
+                .parameter(query_param("eventsSinceNumber", "The first event number"))
+                .parameter(query_param("eventsUntilNumber", "The last event number"))
+                .parameter(query_param("content", "empty, id-only or full-resource"))
+                .response(
+                    "200",
+                    body_response("A history Bundle, the SubscriptionStatus first", "Bundle"),
+                )
+            };
+            paths = paths.path(
+                format!("{base}/{{id}}/$events"),
+                PathItemBuilder::new()
+                    .operation(HttpMethod::Get, events("subscription-events".into()))
+                    .operation(HttpMethod::Post, events("subscription-events-post".into()))
+                    .build(),
+            );
+        }
     }
     // the patient compartment, and the system level
     let compartment = with_errors(

@@ -217,7 +217,32 @@ pub fn capability_statement(
                     "documentation": BULK_EXPORT_LEGACY_NAME
                 }]);
             }
-            let profiles = structures.profiles_of(t);
+            if t == "Subscription" {
+                r["operation"] = json!([{
+                    "name": "status",
+                    "definition": "http://hl7.org/fhir/uv/subscriptions-backport/OperationDefinition/backport-subscription-status",
+                    "documentation": "GET or POST Subscription/[id]/$status, or Subscription/$status?id=: the \
+                        SubscriptionStatus of each subscription the token may read (status, events since start, last error)."
+                }, {
+                    "name": "events",
+                    "definition": "http://hl7.org/fhir/uv/subscriptions-backport/OperationDefinition/backport-subscription-events",
+                    "documentation": "GET or POST Subscription/[id]/$events (eventsSinceNumber, eventsUntilNumber, content): \
+                        past events by number, kept seven days after delivery, each resource only as far as the token reaches."
+                }]);
+                r["documentation"] = json!(
+                    "R4 rest-hook subscriptions (criteria a search; without payload a POST without a body, with \
+                     application/fhir+json a PUT of each resource to [endpoint]/[type]/[id] where the server allows whole \
+                     resources) and the Subscriptions R5 Backport (topics below, filter criteria, content empty, id-only \
+                     or full-resource, heartbeat, timeout, max count). Handshake before active; error after repeated \
+                     failures. Notifications are filtered by the grant of the client that wrote the subscription, as it \
+                     stands at delivery; endpoints are https (http to loopback only) and never internal addresses unless \
+                     the server allows them."
+                );
+            }
+            let mut profiles = structures.profiles_of(t);
+            if t == "Subscription" {
+                profiles.push(format!("{}backport-subscription", crate::subscription::BACKPORT));
+            }
             if !profiles.is_empty() {
                 r["supportedProfile"] = json!(profiles);
             }
@@ -260,6 +285,15 @@ pub fn capability_statement(
                 "definition": "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/export",
                 "documentation": BULK_EXPORT_DOC
             }],
+            // the SubscriptionTopics offered: "a resource of type T was created, updated or
+            // deleted", filterable by T's search parameters
+            "extension": validator
+                .resource_types()
+                .map(|t| json!({
+                    "url": format!("{}capabilitystatement-subscriptiontopic-canonical", crate::subscription::BACKPORT),
+                    "valueCanonical": format!("{}{t}", crate::subscription::TOPIC_BASE),
+                }))
+                .collect::<Vec<_>>(),
         }],
         "instantiates": ["http://hl7.org/fhir/uv/bulkdata/CapabilityStatement/bulk-data"],
     });

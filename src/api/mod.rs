@@ -15,6 +15,7 @@ mod pages;
 pub mod route;
 pub mod search;
 pub mod smart;
+mod subscriptions;
 pub mod trail;
 mod validate;
 

@@ -5,7 +5,7 @@
 //! database read behind a `GET [type]/[id]`.
 
 use super::trail::Trail;
-use super::{audit, bundle, crud, export, history, metadata, search, validate, ApiError, AppState};
+use super::{audit, bundle, crud, export, history, metadata, search, subscriptions, validate, ApiError, AppState};
 use crate::fhir::resource::is_valid_id;
 use crate::fhir::{Issue, IssueType};
 use actix_web::http::Method;
@@ -309,6 +309,10 @@ fn existing_id(id: &str) -> Result<String, ApiError> {
     }
 }
 
+fn get_or_post(req: &HttpRequest) -> bool {
+    matches!(*req.method(), Method::GET | Method::POST)
+}
+
 /// The one handler for everything under the FHIR base path. Every request but `metadata`
 /// yields exactly one AuditEvent (a write's inside its own transaction), allowed or not.
 pub async fn dispatch(
@@ -473,6 +477,20 @@ async fn handle(
         }
         Interaction::BulkStatus { job } => export::status(req, p, job, state).await,
         Interaction::BulkFile { job, file } => export::file(req, p, job, file, state).await,
+        Interaction::Operation {
+            resource_type,
+            id,
+            name,
+        } if resource_type == "Subscription" && name == "$status" && get_or_post(&req) => {
+            subscriptions::status(req, p, id, state).await
+        }
+        Interaction::Operation {
+            resource_type,
+            id: Some(id),
+            name,
+        } if resource_type == "Subscription" && name == "$events" && get_or_post(&req) => {
+            subscriptions::events(req, p, id, state).await
+        }
         Interaction::Operation { .. } => Err(ApiError::NotFound("unknown operation")),
     };
     if matches!(result, Err(ApiError::Forbidden)) {

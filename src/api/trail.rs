@@ -110,6 +110,13 @@ impl Trail {
         s.record.patients.extend(patients.iter().cloned());
     }
 
+    /// One more entity the request touched (after [`Trail::touched`]).
+    pub fn also_touched(&self, reference: String, patients: &[String]) {
+        let mut s = self.0.borrow_mut();
+        s.record.entities.push(reference);
+        s.record.patients.extend(patients.iter().cloned());
+    }
+
     /// The patients whose data a listing returned.
     pub fn returned_patients<'a>(&self, patients: impl IntoIterator<Item = &'a String>) {
         self.0

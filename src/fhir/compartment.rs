@@ -147,6 +147,9 @@ impl PatientCompartment {
     /// The ids of the patients whose compartment holds this resource.
     pub fn patients_of(&self, resource_type: &str, resource: &Value) -> BTreeSet<String> {
         let mut out = BTreeSet::new();
+        if resource_type == "Subscription" {
+            return subscription_patients(resource);
+        }
         if resource_type == "Patient" {
             if let Some(id) = resource.get("id").and_then(Value::as_str) {
                 out.insert(id.to_string());
@@ -173,6 +176,45 @@ impl PatientCompartment {
         }
         out
     }
+}
+
+/// A Subscription belongs to the patients its search names (R4 `criteria`, or the Backport's
+/// filter criteria): `patient=`, `subject=Patient/…`, and so on, or `Patient?_id=`. The R4
+/// CompartmentDefinition leaves Subscription out; placing it with the patients it is about lets
+/// a patient-context app subscribe to its own patient's data (and read its subscription back),
+/// and nobody's else, through the same compartment rule as every write (and row-level security).
+fn subscription_patients(resource: &Value) -> BTreeSet<String> {
+    let mut searches: Vec<&str> = resource["criteria"].as_str().into_iter().collect();
+    searches.extend(
+        resource["_criteria"]["extension"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|e| {
+                e["url"]
+                    .as_str()
+                    .is_some_and(|u| u.ends_with("/backport-filter-criteria"))
+            })
+            .filter_map(|e| e["valueString"].as_str()),
+    );
+    let mut out = BTreeSet::new();
+    for search in searches {
+        let Some((t, query)) = search.split_once('?') else {
+            continue;
+        };
+        for (key, value) in form_urlencoded::parse(query.as_bytes()) {
+            let code = key.split(':').next().unwrap_or("");
+            for v in value.split(',') {
+                let id = match code {
+                    "_id" if t == "Patient" => Some(v.to_string()).filter(|v| super::resource::is_valid_id(v)),
+                    "patient" if super::resource::is_valid_id(v) => Some(v.to_string()),
+                    _ => patient_id(v),
+                };
+                out.extend(id);
+            }
+        }
+    }
+    out
 }
 
 /// `Observation.subject.where(resolve() is Patient)` → `["subject"]`, for the given type only.

@@ -627,10 +627,14 @@ impl Store {
                 None => subscription::record_deleted(conn, id, ts)?,
                 Some(c) => {
                     if let Some(owner) = audit.owner() {
-                        let status = serde_json::from_slice::<serde_json::Value>(&c.json)
-                            .ok()
-                            .filter(|v| v["status"] == "off")
-                            .map_or("requested", |_| "off");
+                        // what the client may set: `off`, `error` (neither delivers) or
+                        // `requested` (`crate::api::crud` writes `active` as `requested`)
+                        let value = serde_json::from_slice::<serde_json::Value>(&c.json).unwrap_or_default();
+                        let status = match value["status"].as_str() {
+                            Some("off") => "off",
+                            Some("error") => "error",
+                            _ => "requested",
+                        };
                         subscription::record_owner(conn, id, &owner, status, ts)?;
                     }
                 }

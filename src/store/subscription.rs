@@ -274,6 +274,21 @@ impl Store {
         super::note(&mut conn, result)
     }
 
+    /// Frees every lease `node` holds (a restarted node's, before its workers start).
+    pub fn release_subscription_leases(&self, node: &str) -> Result<(), StoreError> {
+        let _guard = self.sqlite_write_guard();
+        let mut conn = self.checkout(&Access::All)?;
+        let result = diesel::update(ss::table.filter(ss::lease_owner.eq(node)))
+            .set((
+                ss::lease_owner.eq(None::<String>),
+                ss::lease_until.eq(None::<NaiveDateTime>),
+            ))
+            .execute(&mut conn.conn)
+            .map(|_| ())
+            .map_err(StoreError::from);
+        super::note(&mut conn, result)
+    }
+
     /// The first `limit` undelivered events of a subscription, in outbox order.
     pub fn pending_events(&self, id: &str, limit: i64) -> Result<Vec<OutboxEvent>, StoreError> {
         let mut conn = self.checkout(&Access::All)?;

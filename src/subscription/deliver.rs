@@ -89,6 +89,12 @@ impl Delivery {
     /// Starts the workers and the refresher (every two seconds: what other nodes wrote, grants
     /// withdrawn, old delivered events).
     pub fn start(self: &Arc<Self>) {
+        // this node restarted: what it held before it died is free at once (the name is this
+        // process's own: a node name with its audit chain, which no live process shares)
+        if let Err(e) = self.store.release_subscription_leases(&self.node) {
+            tracing::warn!(error = %e, "releasing this node's subscription leases failed");
+        }
+        self.refresh();
         for n in 0..self.config.subscription_workers {
             let me = Arc::downgrade(self);
             let spawned = std::thread::Builder::new()
@@ -149,7 +155,7 @@ impl Delivery {
             if !(due.status == "requested" || due.pending || heartbeat) {
                 continue;
             }
-            let until = now + Duration::seconds(spec.timeout_secs as i64 * 3 + 10);
+            let until = now + Duration::seconds(spec.timeout_secs as i64 * 2 + 5);
             if !self.store.claim_subscription(&due.id, &self.node, until)? {
                 continue;
             }
@@ -306,40 +312,14 @@ impl Delivery {
         Ok(())
     }
 
-    /// Whether the owner may see the event's resource now, and what of it the notification
-    /// carries; `None` when not (or when a deletion's filter does not hold for the version
-    /// deleted, or an identifying parameter's blind match is not confirmed).
     fn visible(&self, p: &Principal, spec: &Spec, e: &OutboxEvent) -> Option<Seen> {
-        let decision = authorize(p, &e.resource_type, Permission::Read).ok()?;
-        let deleted = e.event == ChangeEvent::Delete.as_str();
-        let version = if deleted { e.version_id - 1 } else { e.version_id };
-        let stored = self
-            .store
-            .vread(&decision.access(), &e.resource_type, &e.logical_id, version)
-            .ok()?;
-        let mut value: Value = serde_json::from_slice(stored.content.as_deref()?).ok()?;
-        if !decision.admits(&self.compartment, &e.resource_type, &e.logical_id, Some(&value))
-            || !self.attributes.labels_allow(p, &value)
-        {
-            return None;
-        }
-        if deleted {
-            let rows = crate::search::index_rows(&self.search.current(), self.store.cipher(), &e.resource_type, &value);
-            if !super::matcher::holds(&spec.clauses, &e.resource_type, &e.logical_id, &rows) {
-                return None;
-            }
-        }
-        if !spec.rechecks.iter().all(|r| r.holds(&value, self.store.cipher())) {
-            return None;
-        }
-        let resource = (spec.payload == Payload::FullResource && !deleted).then(|| {
-            self.attributes.mask(p, &e.resource_type, &mut value);
-            value
-        });
-        Some(Seen {
-            resource,
-            patients: stored.patients,
-        })
+        let viewer = Viewer {
+            store: &self.store,
+            compartment: &self.compartment,
+            attributes: &self.attributes,
+            registry: &self.search.current(),
+        };
+        viewer.visible(p, spec, e)
     }
 
     /// A client for the endpoint: its name resolved here, every address checked (internal
@@ -545,7 +525,53 @@ impl Delivery {
 }
 
 /// What the owner may see of an event's resource.
-struct Seen {
-    resource: Option<Value>,
-    patients: Vec<String>,
+pub struct Seen {
+    pub resource: Option<Value>,
+    pub patients: Vec<String>,
+}
+
+/// Decides what a principal may see of an event (deliveries: the owner; `$events`: the caller).
+pub struct Viewer<'a> {
+    pub store: &'a Store,
+    pub compartment: &'a crate::fhir::compartment::PatientCompartment,
+    pub attributes: &'a crate::auth::attributes::AttributePolicy,
+    pub registry: &'a crate::search::Registry,
+}
+
+impl Viewer<'_> {
+    /// Whether `p` may see the event's resource now, and what of it a notification carries;
+    /// `None` when not (or when a deletion's filter does not hold for the version deleted, or
+    /// an identifying parameter's blind match is not confirmed).
+    pub fn visible(&self, p: &Principal, spec: &Spec, e: &OutboxEvent) -> Option<Seen> {
+        let decision = authorize(p, &e.resource_type, Permission::Read).ok()?;
+        let deleted = e.event == ChangeEvent::Delete.as_str();
+        let version = if deleted { e.version_id - 1 } else { e.version_id };
+        let stored = self
+            .store
+            .vread(&decision.access(), &e.resource_type, &e.logical_id, version)
+            .ok()?;
+        let mut value: Value = serde_json::from_slice(stored.content.as_deref()?).ok()?;
+        if !decision.admits(self.compartment, &e.resource_type, &e.logical_id, Some(&value))
+            || !self.attributes.labels_allow(p, &value)
+        {
+            return None;
+        }
+        if deleted {
+            let rows = crate::search::index_rows(self.registry, self.store.cipher(), &e.resource_type, &value);
+            if !super::matcher::holds(&spec.clauses, &e.resource_type, &e.logical_id, &rows) {
+                return None;
+            }
+        }
+        if !spec.rechecks.iter().all(|r| r.holds(&value, self.store.cipher())) {
+            return None;
+        }
+        let resource = (spec.payload == Payload::FullResource && !deleted).then(|| {
+            self.attributes.mask(p, &e.resource_type, &mut value);
+            value
+        });
+        Some(Seen {
+            resource,
+            patients: stored.patients,
+        })
+    }
 }

@@ -528,6 +528,16 @@ pub fn mint(issuer: &fhirvault::auth::Issuer, scope: &str, patient: Option<&str>
         .unwrap()
 }
 
+/// Settings for a server that stores the official examples as they are: their Subscriptions
+/// ask for whole resources, and nothing is delivered (their endpoint is on the internet).
+pub fn examples_layer() -> ConfigLayer {
+    ConfigLayer {
+        subscription_full_resource: Some(true),
+        subscription_workers: Some(0),
+        ..Default::default()
+    }
+}
+
 /// A response, read whole.
 pub struct Reply {
     pub status: u16,

@@ -18,6 +18,8 @@ use diesel::prelude::*;
 use diesel::query_builder::{AstPass, QueryFragment, QueryId};
 use diesel::sql_types::{Array, BigInt, Binary, Integer, Text, Timestamp};
 
+/// How long a starting node waits for its own chain while another process holds it.
+const OWN_CHAIN_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 /// The class of fhirvault's advisory locks on chains (PostgreSQL's two-key form: class, chain).
 const CHAIN_LOCK_CLASS: i32 = 0x6676_6175;
 
@@ -157,7 +159,16 @@ impl AuditSession {
             };
             let registered = self.conn(store).and_then(|c| register_chain(c, &name));
             let chain = self.note(store, registered)?;
-            if self.try_hold(store, chain)? {
+            // another node's deriver may be linking the leftovers of this node's chain (it takes
+            // free chains for that, and lets go within moments): the node's own chain is worth a
+            // short wait, or a restarted node would append to `node#2` from then on
+            let mut held = self.try_hold(store, chain)?;
+            let deadline = std::time::Instant::now() + OWN_CHAIN_WAIT;
+            while !held && n == 1 && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                held = self.try_hold(store, chain)?;
+            }
+            if held {
                 if n > 1 {
                     tracing::warn!(
                         chain = chain,

@@ -976,6 +976,22 @@ mod tests {
     use super::*;
 
     #[test]
+    fn ip_networks_contain_their_addresses() {
+        let n = IpNetwork::parse("10.0.0.0/8").unwrap();
+        assert!(n.contains("10.255.1.2".parse().unwrap()));
+        assert!(!n.contains("11.0.0.1".parse().unwrap()));
+        assert!(n.contains("::ffff:10.1.1.1".parse().unwrap()));
+        let one = IpNetwork::parse("::1").unwrap();
+        assert!(one.contains("::1".parse().unwrap()));
+        assert!(!one.contains("::2".parse().unwrap()));
+        assert!(IpNetwork::parse("0.0.0.0/0")
+            .unwrap()
+            .contains("8.8.8.8".parse().unwrap()));
+        assert!(IpNetwork::parse("10.0.0.0/33").is_none());
+        assert!(IpNetwork::parse("nonsense").is_none());
+    }
+
+    #[test]
     fn defaults() {
         let c = Config::resolve(ConfigLayer::default()).unwrap();
         assert_eq!(c.listen.to_string(), "127.0.0.1:8080");

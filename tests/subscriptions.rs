@@ -843,6 +843,97 @@ fn node_base(node: &common::node::Node) -> String {
     node.base()
 }
 
+/// The matcher answers a criteria exactly as a search does: for every pair of stored
+/// resource and query, the in-memory test on the resource's index rows agrees with whether the
+/// search (the same parser, SQL on the index tables) finds it.
+fn matcher_agrees_with_search(db: Db) {
+    let s = TestServer::start(db);
+    let a = created(s.post("/Patient", &json!({"resourceType": "Patient", "name": [{"family": "Agreement", "given": ["Ann"]}], "birthDate": "1970-05-06", "gender": "female"})));
+    let b = created(s.post(
+        "/Patient",
+        &json!({"resourceType": "Patient", "name": [{"family": "Other"}], "birthDate": "1991-01-01", "gender": "male"}),
+    ));
+    let mut obs = Vec::new();
+    for (i, (p, code, cat, value, date)) in [
+        (&a, "1234-5", "laboratory", 7.2, "2024-01-05T10:00:00Z"),
+        (&a, "9999-9", "vital-signs", 120.0, "2023-12-31"),
+        (&b, "1234-5", "laboratory", 6.9, "2024-02-01"),
+        (&b, "4444-4", "survey", 1.0, "2022-06"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut o = observation(p, code, cat);
+        o["valueQuantity"] =
+            json!({"value": value, "unit": "mmol/L", "system": "http://unitsofmeasure.org", "code": "mmol/L"});
+        o["effectiveDateTime"] = json!(date);
+        if i == 3 {
+            o["status"] = json!("preliminary");
+        }
+        obs.push(created(s.post("/Observation", &o)));
+    }
+    let queries = [
+        "".to_string(),
+        format!("patient={a}"),
+        format!("subject=Patient/{b}"),
+        "code=http://loinc.org|1234-5".into(),
+        "code=1234-5,4444-4".into(),
+        "code:not=1234-5".into(),
+        "category=laboratory&status=final".into(),
+        "status=preliminary".into(),
+        "value-quantity=gt7".into(),
+        "value-quantity=le7||mmol/L".into(),
+        "date=ge2024-01-01".into(),
+        "date=lt2023".into(),
+        "date=2024-01".into(),
+        "code:missing=false".into(),
+        "value-concept:missing=true".into(),
+        format!("_id={}", obs[2]),
+        format!("patient={a}&code=9999-9"),
+        "code:text=x".into(),
+    ];
+    let registry = fhirvault::server::shared_registry(&s.config).unwrap();
+    let patient_queries = [
+        "family=agreement".to_string(),
+        "family=agree".into(),
+        "family:exact=Agreement".into(),
+        "family:contains=reem".into(),
+        "name=ann".into(),
+        "birthdate=1970-05-06".into(),
+        "birthdate=gt1980".into(),
+        "gender=female".into(),
+        "gender:not=female".into(),
+    ];
+    let mut cases: Vec<(&str, &String, &Vec<String>)> = Vec::new();
+    let patients = vec![a.clone(), b.clone()];
+    for q in &queries {
+        cases.push(("Observation", q, &obs));
+    }
+    for q in &patient_queries {
+        cases.push(("Patient", q, &patients));
+    }
+    let cipher = s.store.cipher();
+    for (t, q, ids) in cases {
+        let found: std::collections::BTreeSet<String> = s.get(&format!("/{t}?{q}&_count=100")).json()["entry"]
+            .as_array()
+            .map(|e| {
+                e.iter()
+                    .map(|e| e["resource"]["id"].as_str().unwrap().to_string())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let pairs: Vec<(String, String)> = form_urlencoded::parse(q.as_bytes()).into_owned().collect();
+        let parsed = fhirvault::search::query::parse(&registry, cipher, t, &pairs, 10, true).unwrap();
+        for id in ids {
+            let stored = s.get(&format!("/{t}/{id}")).json();
+            let rows = fhirvault::search::index_rows(&registry, cipher, t, &stored);
+            let matched = fhirvault::subscription::matcher::holds(&parsed.query.clauses, t, id, &rows)
+                && parsed.rechecks.iter().all(|r| r.holds(&stored, cipher));
+            assert_eq!(matched, found.contains(id), "{t}?{q} on {id}");
+        }
+    }
+}
+
 on_both_backends!(
     backport_and_r4_notifications,
     endpoints_and_criteria_refused,
@@ -852,4 +943,5 @@ on_both_backends!(
     patient_context_subscription,
     https_endpoint_with_a_test_ca,
     killed_mid_delivery,
+    matcher_agrees_with_search,
 );

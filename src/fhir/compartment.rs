@@ -240,6 +240,30 @@ fn patient_id(reference: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_subscription_belongs_to_the_patients_its_search_names() {
+        let c = PatientCompartment::r4().unwrap();
+        let r4 = serde_json::json!({"resourceType": "Subscription", "criteria": "Observation?patient=1&code=x"});
+        assert_eq!(
+            c.patients_of("Subscription", &r4).into_iter().collect::<Vec<_>>(),
+            ["1"]
+        );
+        let backport = serde_json::json!({"resourceType": "Subscription", "criteria": "https://t/x",
+            "_criteria": {"extension": [{"url": "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-filter-criteria",
+                "valueString": "Encounter?subject=Patient/2,Patient/3&status=finished"}]}});
+        assert_eq!(
+            c.patients_of("Subscription", &backport).into_iter().collect::<Vec<_>>(),
+            ["2", "3"]
+        );
+        let own = serde_json::json!({"resourceType": "Subscription", "criteria": "Patient?_id=4"});
+        assert_eq!(
+            c.patients_of("Subscription", &own).into_iter().collect::<Vec<_>>(),
+            ["4"]
+        );
+        let nobody = serde_json::json!({"resourceType": "Subscription", "criteria": "Observation?code=x"});
+        assert!(c.patients_of("Subscription", &nobody).is_empty());
+    }
     use serde_json::json;
 
     fn c() -> PatientCompartment {

@@ -494,3 +494,57 @@ impl WriteWatch for Subscriptions {
         self.kick();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::IpNetwork;
+
+    #[test]
+    fn internal_addresses_are_refused_unless_allowed() {
+        for ip in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "100.64.0.1",
+            "0.0.0.0",
+            "224.0.0.1",
+            "240.0.0.1",
+            "192.0.2.1",
+            "198.18.0.1",
+            "::1",
+            "::",
+            "fd00::1",
+            "fe80::1",
+            "::ffff:127.0.0.1",
+            "::ffff:10.0.0.1",
+            "2001:db8::1",
+        ] {
+            assert!(is_internal(ip.parse().unwrap()), "{ip}");
+        }
+        for ip in ["93.184.216.34", "8.8.8.8", "2606:4700::1111"] {
+            assert!(!is_internal(ip.parse().unwrap()), "{ip}");
+        }
+        let loopback = [IpNetwork::parse("127.0.0.0/8").unwrap()];
+        assert!(address_allowed("127.0.0.2".parse().unwrap(), &loopback));
+        assert!(!address_allowed("10.0.0.1".parse().unwrap(), &loopback));
+    }
+
+    #[test]
+    fn endpoints_are_checked_as_written() {
+        let none: &[IpNetwork] = &[];
+        let lo = [IpNetwork::parse("127.0.0.1").unwrap()];
+        assert!(check_endpoint("https://example.org/hook", none).is_ok());
+        assert!(check_endpoint("http://example.org/hook", none).is_err());
+        assert!(check_endpoint("http://127.0.0.1:9/hook", none).is_err());
+        assert!(check_endpoint("http://127.0.0.1:9/hook", &lo).is_ok());
+        assert!(check_endpoint("http://localhost:9/hook", &lo).is_ok());
+        assert!(check_endpoint("https://[::1]/hook", &lo).is_err());
+        assert!(check_endpoint("https://a:b@example.org/", none).is_err());
+        assert!(check_endpoint("https://example.org/#x", none).is_err());
+        assert!(check_endpoint("ftp://example.org/", none).is_err());
+        assert!(check_endpoint("not a url", none).is_err());
+    }
+}

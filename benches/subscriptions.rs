@@ -63,9 +63,15 @@ fn endpoint() -> (u16, Arc<Mutex<Received>>) {
                 let _ = reader.read_exact(&mut body);
                 let at = Instant::now();
                 let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
-                let Ok(bundle) = serde_json::from_slice::<Value>(&body) else { return };
+                let Ok(bundle) = serde_json::from_slice::<Value>(&body) else {
+                    return;
+                };
                 let mut got = r.lock().unwrap();
-                for p in bundle["entry"][0]["resource"]["parameter"].as_array().into_iter().flatten() {
+                for p in bundle["entry"][0]["resource"]["parameter"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                {
                     if p["name"] == "type" && p["valueCode"] == "handshake" {
                         got.handshakes += 1;
                     }
@@ -126,7 +132,10 @@ fn subscribe(s: &TestServer, port: u16, received: &Mutex<Received>, n: usize, ma
             .iter()
             .map(|i| json!({"resource": make(*i), "request": {"method": "POST", "url": "Subscription"}}))
             .collect();
-        let r = s.post("", &json!({"resourceType": "Bundle", "type": "transaction", "entry": entries}));
+        let r = s.post(
+            "",
+            &json!({"resourceType": "Bundle", "type": "transaction", "entry": entries}),
+        );
         assert_eq!(r.status, 200, "{}", r.text());
     }
     let _ = port;
@@ -193,7 +202,10 @@ fn bench_backend(db: Db, secs: u64, conc: usize) -> Value {
         }
         let ratio = rate / base;
         eprintln!("  {db:?}: creates c{conc} with {label:>16}: {rate:>7.0}/s  ratio to none {ratio:.2}");
-        rates.insert(label.into(), json!({"subscriptions": n, "creates_per_sec": rate, "ratio_to_none": ratio}));
+        rates.insert(
+            label.into(),
+            json!({"subscriptions": n, "creates_per_sec": rate, "ratio_to_none": ratio}),
+        );
     }
 
     // latency: one subscription every create matches, four clients pausing 5 ms
@@ -230,7 +242,11 @@ fn bench_backend(db: Db, secs: u64, conc: usize) -> Value {
     let got = received.lock().unwrap();
     let mut latencies: Vec<f64> = answered
         .iter()
-        .filter_map(|(id, at)| got.arrivals.get(id).map(|r| r.saturating_duration_since(*at).as_secs_f64() * 1000.0))
+        .filter_map(|(id, at)| {
+            got.arrivals
+                .get(id)
+                .map(|r| r.saturating_duration_since(*at).as_secs_f64() * 1000.0)
+        })
         .collect();
     latencies.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let (p50, p99) = (percentile(&latencies, 0.5), percentile(&latencies, 0.99));

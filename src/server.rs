@@ -319,6 +319,7 @@ fn build_state_as(config: Config, serving: bool) -> anyhow::Result<AppState> {
         revoked: state.auth_server.as_ref().map(|s| s.revoked.clone()),
         node: format!("{}#{}", state.config.node_name, state.auditor.chain_id()),
         roots: crate::subscription::deliver::Delivery::load_roots(&state.config)?,
+        fingerprint: Default::default(),
     });
     delivery.start();
     state.delivery = Some(delivery);

@@ -200,22 +200,20 @@ pub async fn events(
             attributes: &st.attributes,
             registry: &registry,
         };
-        let events: Vec<Event> = stored
-            .iter()
-            .map(|e| {
-                let seen = viewer.visible(&pp, &spec, e);
-                Event {
-                    number: e.event_number.unwrap_or_default(),
-                    resource_type: e.resource_type.clone(),
-                    id: e.logical_id.clone(),
-                    event: ChangeEvent::parse(&e.event),
-                    recorded: e.recorded,
-                    visible: seen.is_some(),
-                    patients: seen.as_ref().map(|s| s.patients.clone()).unwrap_or_default(),
-                    resource: seen.and_then(|s| s.resource),
-                }
-            })
-            .collect();
+        let mut events = Vec::with_capacity(stored.len());
+        for e in &stored {
+            let seen = viewer.visible(&pp, &spec, e)?;
+            events.push(Event {
+                number: e.event_number.unwrap_or_default(),
+                resource_type: e.resource_type.clone(),
+                id: e.logical_id.clone(),
+                event: ChangeEvent::parse(&e.event),
+                recorded: e.recorded,
+                visible: seen.is_some(),
+                patients: seen.as_ref().map(|s| s.patients.clone()).unwrap_or_default(),
+                resource: seen.and_then(|s| s.resource),
+            });
+        }
         Ok((spec, row, events))
     })
     .await?;

@@ -202,6 +202,31 @@ impl Store {
         super::note(&mut conn, result)
     }
 
+    /// Every subscription's state (the periodic check of their owners' grants).
+    pub fn subscription_states(&self) -> Result<Vec<SubscriptionState>, StoreError> {
+        let mut conn = self.checkout(&Access::All)?;
+        let result = ss::table
+            .select(SubscriptionState::as_select())
+            .load(&mut conn.conn)
+            .map_err(StoreError::from);
+        super::note(&mut conn, result)
+    }
+
+    /// What changes whenever a resource of `resource_type` is created, updated or deleted:
+    /// their number and the last write's time (one indexed query), so that a node rebuilds
+    /// what it derives from them only when they changed.
+    pub fn type_fingerprint(&self, resource_type: &str) -> Result<(i64, Option<NaiveDateTime>), StoreError> {
+        use super::schema::resources as cur;
+        use diesel::dsl::{count_star, max};
+        let mut conn = self.checkout(&Access::All)?;
+        let result = cur::table
+            .filter(cur::resource_type.eq(resource_type))
+            .select((count_star(), max(cur::last_updated)))
+            .first(&mut conn.conn)
+            .map_err(StoreError::from);
+        super::note(&mut conn, result)
+    }
+
     /// Subscriptions a worker could take now (at most `limit`, those waiting longest first).
     pub fn due_subscriptions(&self, limit: i64) -> Result<Vec<DueSubscription>, StoreError> {
         let now = super::now();

@@ -11,10 +11,11 @@ use crate::audit::event::{Action, Agent, AuditRecord, Kind as AuditKind, Outcome
 use crate::auth::policy::authorize;
 use crate::auth::{Grant, Permission, Principal};
 use crate::store::subscription::{ChangeEvent, OutboxEvent};
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 use chrono::Duration;
 use openidconnect::reqwest;
 use serde_json::Value;
+use std::collections::HashMap;
 use std::net::ToSocketAddrs;
 use std::sync::Arc;
 
@@ -33,7 +34,13 @@ pub struct Delivery {
     pub node: String,
     /// Certificates trusted for endpoints besides the public roots (`subscription_ca_file`).
     pub roots: Vec<reqwest::Certificate>,
+    /// What the active subscriptions were last built from (Subscriptions stored, last write,
+    /// search parameter registry).
+    pub fingerprint: std::sync::Mutex<Option<Fingerprint>>,
 }
+
+/// See [`Delivery::fingerprint`].
+pub type Fingerprint = (i64, Option<chrono::NaiveDateTime>, usize);
 
 /// How a delivery attempt ended.
 enum Sent {
@@ -72,7 +79,24 @@ impl Delivery {
 
     /// Rebuilds this node's active subscriptions from the database.
     pub fn refresh(&self) {
+        self.fingerprint.lock().unwrap_or_else(|p| p.into_inner()).take();
+        self.refresh_if_changed();
+    }
+
+    /// Rebuilds them when a Subscription was written since the last time (or the search
+    /// parameters changed): the periodic check costs one indexed query.
+    fn refresh_if_changed(&self) {
         let registry = self.search.current();
+        let Ok(written) = self.store.type_fingerprint(crate::store::subscription::SUBSCRIPTION) else {
+            return;
+        };
+        let now = (written.0, written.1, Arc::as_ptr(&registry) as usize);
+        let mut last = self.fingerprint.lock().unwrap_or_else(|p| p.into_inner());
+        if *last == Some(now) {
+            return;
+        }
+        *last = Some(now);
+        drop(last);
         let is_type = |t: &str| self.validator.is_resource_type(t);
         let ctx = SpecContext {
             registry: &registry,
@@ -83,6 +107,7 @@ impl Delivery {
         };
         if let Err(e) = self.subscriptions.refresh(&self.store, &ctx) {
             tracing::warn!(error = %e, "reading the stored Subscriptions failed");
+            self.fingerprint.lock().unwrap_or_else(|p| p.into_inner()).take();
         }
     }
 
@@ -121,7 +146,7 @@ impl Delivery {
                 loop {
                     std::thread::sleep(std::time::Duration::from_secs(2));
                     let Some(me) = me.upgrade() else { return };
-                    me.refresh();
+                    me.refresh_if_changed();
                     me.withdraw_lapsed_grants();
                     if purged.elapsed() > std::time::Duration::from_secs(3600) {
                         purged = std::time::Instant::now();
@@ -184,22 +209,35 @@ impl Delivery {
     }
 
     /// Turns off the subscriptions whose owners' grants were withdrawn (also checked before
-    /// every delivery; this catches a revocation before it leaves the revocation list).
+    /// every delivery; this catches a revocation before it leaves the revocation list). One
+    /// query for the states, one per distinct owner.
     fn withdraw_lapsed_grants(&self) {
-        let ids: Vec<String> = {
-            let active = self.subscriptions.active.read().unwrap_or_else(|p| p.into_inner());
-            active.by_id.keys().cloned().collect()
+        let states = match self.store.subscription_states() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the subscriptions' states failed");
+                return;
+            }
         };
-        for id in ids {
-            let Ok(Some(state)) = self.store.subscription_state(&id) else {
-                continue;
-            };
-            if state.status == "off" || state.status == "error" {
+        let mut verdicts: HashMap<String, bool> = HashMap::new();
+        for state in states {
+            if state.status != "requested" && state.status != "active" {
                 continue;
             }
-            let holds = Grant::from_json(&state.owner).map(|g| self.grant_holds(&g));
-            if matches!(holds, Some(Ok(false)) | None) {
-                self.withdraw(&id);
+            let holds = match verdicts.get(&state.owner) {
+                Some(h) => *h,
+                None => {
+                    let h = match Grant::from_json(&state.owner).map(|g| self.grant_holds(&g)) {
+                        Some(Ok(h)) => h,
+                        Some(Err(_)) => continue,
+                        None => false,
+                    };
+                    verdicts.insert(state.owner.clone(), h);
+                    h
+                }
+            };
+            if !holds {
+                self.withdraw(&state.subscription_id);
             }
         }
     }
@@ -246,7 +284,7 @@ impl Delivery {
         let mut kept: Vec<(OutboxEvent, Option<Seen>)> = Vec::new();
         let mut dropped = Vec::new();
         for e in pending {
-            let seen = self.visible(&principal, spec, &e);
+            let seen = self.visible(&principal, spec, &e)?;
             if seen.is_none() && e.event_number.is_none() {
                 dropped.push(e.id);
             } else {
@@ -292,7 +330,7 @@ impl Delivery {
         match sent {
             Sent::Ok => {
                 self.store.delivered(&spec.id, ids)?;
-                if handshake || spec.status != "active" {
+                if handshake {
                     self.set_resource_status(&spec.id, "active");
                 }
             }
@@ -312,7 +350,7 @@ impl Delivery {
         Ok(())
     }
 
-    fn visible(&self, p: &Principal, spec: &Spec, e: &OutboxEvent) -> Option<Seen> {
+    fn visible(&self, p: &Principal, spec: &Spec, e: &OutboxEvent) -> Result<Option<Seen>, StoreError> {
         let viewer = Viewer {
             store: &self.store,
             compartment: &self.compartment,
@@ -517,7 +555,11 @@ impl Delivery {
         match written {
             Ok(_) => {
                 self.auditor.link_committed(tx);
-                self.refresh();
+                // requested and active are matched alike: only a subscription leaving them
+                // changes what this node matches
+                if status != "active" {
+                    self.refresh();
+                }
             }
             Err(e) => tracing::warn!(error = %e, "updating a Subscription's status failed"),
         }
@@ -542,36 +584,51 @@ impl Viewer<'_> {
     /// Whether `p` may see the event's resource now, and what of it a notification carries;
     /// `None` when not (or when a deletion's filter does not hold for the version deleted, or
     /// an identifying parameter's blind match is not confirmed).
-    pub fn visible(&self, p: &Principal, spec: &Spec, e: &OutboxEvent) -> Option<Seen> {
-        let decision = authorize(p, &e.resource_type, Permission::Read).ok()?;
+    /// A failure of the database is an error (the event waits for the next attempt), never a
+    /// reason to leave the event out.
+    pub fn visible(&self, p: &Principal, spec: &Spec, e: &OutboxEvent) -> Result<Option<Seen>, StoreError> {
+        let Ok(decision) = authorize(p, &e.resource_type, Permission::Read) else {
+            return Ok(None);
+        };
         let deleted = e.event == ChangeEvent::Delete.as_str();
         let version = if deleted { e.version_id - 1 } else { e.version_id };
-        let stored = self
+        let stored = match self
             .store
             .vread(&decision.access(), &e.resource_type, &e.logical_id, version)
-            .ok()?;
-        let mut value: Value = serde_json::from_slice(stored.content.as_deref()?).ok()?;
+        {
+            Ok(v) => v,
+            // outside the grant's compartment (row-level security), or gone
+            Err(StoreError::NotFound | StoreError::Gone { .. }) => return Ok(None),
+            Err(other) => return Err(other),
+        };
+        let Some(mut value) = stored
+            .content
+            .as_deref()
+            .and_then(|c| serde_json::from_slice::<Value>(c).ok())
+        else {
+            return Ok(None);
+        };
         if !decision.admits(self.compartment, &e.resource_type, &e.logical_id, Some(&value))
             || !self.attributes.labels_allow(p, &value)
         {
-            return None;
+            return Ok(None);
         }
         if deleted {
             let rows = crate::search::index_rows(self.registry, self.store.cipher(), &e.resource_type, &value);
             if !super::matcher::holds(&spec.clauses, &e.resource_type, &e.logical_id, &rows) {
-                return None;
+                return Ok(None);
             }
         }
         if !spec.rechecks.iter().all(|r| r.holds(&value, self.store.cipher())) {
-            return None;
+            return Ok(None);
         }
         let resource = (spec.payload == Payload::FullResource && !deleted).then(|| {
             self.attributes.mask(p, &e.resource_type, &mut value);
             value
         });
-        Some(Seen {
+        Ok(Some(Seen {
             resource,
             patients: stored.patients,
-        })
+        }))
     }
 }

@@ -478,9 +478,11 @@ impl WriteWatch for Subscriptions {
         let Some(specs) = active.by_type.get(change.resource_type) else {
             return Vec::new();
         };
+        let now = crate::store::now();
         specs
             .iter()
             .filter(|s| s.events.contains(&change.event))
+            .filter(|s| s.end.is_none_or(|end| now < end))
             .filter(|s| {
                 // a deletion has no rows: its filter is checked on the deleted version at delivery
                 change.event == ChangeEvent::Delete

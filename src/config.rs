@@ -473,8 +473,8 @@ pub struct Config {
     pub login_max_failures: i32,
     /// … for this long [default 900].
     pub login_lockout_secs: i64,
-    /// Threads delivering subscription notifications on this node [default 1; 0: this node
-    /// records matches and leaves delivery to others].
+    /// Threads delivering subscription notifications on this node [default 2: a slow endpoint
+    /// holds one; 0: this node records matches and leaves delivery to others].
     pub subscription_workers: usize,
     /// Networks where subscription endpoints may be although they are internal (loopback,
     /// private, link-local …), which are otherwise refused (SSRF) [default: none].
@@ -867,7 +867,7 @@ impl Config {
                     .ok_or_else(|| cerr("subscription_allowed_networks", "entries are addresses or CIDR ranges"))?,
             );
         }
-        let subscription_workers = layer.subscription_workers.unwrap_or(1);
+        let subscription_workers = layer.subscription_workers.unwrap_or(2);
         if subscription_workers > 16 {
             return Err(cerr("subscription_workers", "must be between 0 and 16"));
         }

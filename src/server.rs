@@ -320,6 +320,7 @@ fn build_state_as(config: Config, serving: bool) -> anyhow::Result<AppState> {
         node: format!("{}#{}", state.config.node_name, state.auditor.chain_id()),
         roots: crate::subscription::deliver::Delivery::load_roots(&state.config)?,
         fingerprint: Default::default(),
+        serving: Default::default(),
     });
     delivery.start();
     state.delivery = Some(delivery);

@@ -338,7 +338,17 @@ fn backport_and_r4_notifications(db: Db) {
     wait_status(&s, &r4, "active");
     created(s.post("/Observation", &observation(&a, "1111-1", "laboratory")));
     created(s.post("/Observation", &observation(&a, "9999-9", "laboratory")));
-    let got = ping.wait_for("a ping", |r| r.len() == 2);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while ping.received().len() < 2 {
+        // (more than two fails below)
+        assert!(
+            Instant::now() < deadline,
+            "no ping; the subscription's status: {}",
+            s.get(&format!("/Subscription/{r4}/$status")).text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let got = ping.received();
     assert_eq!(got[1].method, "POST");
     assert_eq!(got[1].path, "/hook");
     assert!(got[1].body.is_empty());
@@ -563,6 +573,16 @@ fn status_events_heartbeat_error_and_off(db: Db) {
         "2"
     );
     assert_eq!(s.get(&format!("/Subscription/$status?id={sub}")).json()["total"], 1);
+    // without ids: every subscription the caller may read
+    assert_eq!(s.get("/Subscription/$status").json()["total"], 1);
+    let hers = s.token("patient/Subscription.rs", Some(&a));
+    assert_eq!(
+        get_as(&s, &hers, "/Subscription/$status").1["total"],
+        1,
+        "hers: it names her"
+    );
+    let other_patient = s.token("patient/Subscription.rs", Some("someone-else"));
+    assert_eq!(get_as(&s, &other_patient, "/Subscription/$status").1["total"], 0);
 
     let ev = s.get(&format!(
         "/Subscription/{sub}/$events?eventsSinceNumber=1&eventsUntilNumber=2"

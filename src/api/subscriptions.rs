@@ -45,6 +45,32 @@ fn readable(state: &AppState, p: &Principal, id: &str) -> Result<Spec, ApiError>
     Ok(spec)
 }
 
+/// The ids of the Subscriptions the caller may read (at most 1,000).
+fn readable_ids(state: &AppState, p: &Principal) -> Result<Vec<String>, ApiError> {
+    let decision = authorize(p, SUBSCRIPTION, Permission::Search)?;
+    let registry = state.search.current();
+    let parsed = crate::search::query::parse(&registry, state.store.cipher(), SUBSCRIPTION, &[], 1000, true)
+        .map_err(|_| ApiError::Internal)?;
+    let mut q = parsed.query;
+    q.total = false;
+    if let crate::store::Access::Patient(patient) = decision.access() {
+        q.patient = Some(patient);
+    }
+    if let Some(clause) = decision.filter_clause(SUBSCRIPTION) {
+        q.clauses.push(clause);
+    }
+    let page = state.store.search_contents(&decision.access(), &q)?;
+    Ok(page
+        .into_iter()
+        .filter(|(id, json)| {
+            serde_json::from_slice::<Value>(json).is_ok_and(|v| {
+                decision.admits(&state.compartment, SUBSCRIPTION, id, Some(&v)) && state.attributes.labels_allow(p, &v)
+            })
+        })
+        .map(|(id, _)| id)
+        .collect())
+}
+
 fn topic_of(spec: &Spec) -> String {
     match &spec.flavor {
         Flavor::Backport { topic } => topic.clone(),
@@ -75,17 +101,13 @@ pub async fn status(
             .flat_map(|(_, v)| v.split(',').map(str::to_string).collect::<Vec<_>>())
             .collect(),
     };
-    if ids.is_empty() {
-        return Err(ApiError::bad_request(
-            IssueType::Required,
-            "$status needs a subscription id",
-        ));
-    }
     let trail = Trail::of(&req)?;
     let base = state.base_url(&req);
     let st = state.clone();
     let pp = p.clone();
     let found = blocking(move || {
+        // without ids: every subscription the caller may read (the operation's definition)
+        let ids = if ids.is_empty() { readable_ids(&st, &pp)? } else { ids };
         let mut out = Vec::new();
         for id in ids {
             let spec = readable(&st, &pp, &id)?;

@@ -292,3 +292,5 @@ diesel::table! {
         dropped -> Bool,
     }
 }
+
+diesel::allow_tables_to_appear_in_same_query!(subscription_state, subscription_outbox);

@@ -227,42 +227,78 @@ impl Store {
         super::note(&mut conn, result)
     }
 
-    /// Subscriptions a worker could take now (at most `limit`, those waiting longest first).
-    pub fn due_subscriptions(&self, limit: i64) -> Result<Vec<DueSubscription>, StoreError> {
+    /// Subscriptions a worker could take now (not leased, not waiting to retry): those
+    /// waiting for their handshake or with undelivered events (at most `limit`), and those of
+    /// `heartbeats` that are active (whether a heartbeat is due is the caller's to say).
+    pub fn due_subscriptions(
+        &self,
+        node: &str,
+        limit: i64,
+        heartbeats: &[String],
+    ) -> Result<Vec<DueSubscription>, StoreError> {
         let now = super::now();
         let mut conn = self.checkout(&Access::All)?;
         let result = (|| -> Result<Vec<DueSubscription>, StoreError> {
-            let rows: Vec<(String, String, Option<NaiveDateTime>)> = ss::table
+            // a lease of this node's is its own to take again (one it failed to give back)
+            let free = ss::lease_until
+                .is_null()
+                .or(ss::lease_until.lt(now))
+                .or(ss::lease_owner.eq(node));
+            let due = ss::next_attempt_at.is_null().or(ss::next_attempt_at.le(now));
+            let pending = diesel::dsl::exists(
+                so::table
+                    .filter(so::subscription_id.eq(ss::subscription_id))
+                    .filter(so::sent_at.is_null().and(diesel::dsl::not(so::dropped))),
+            );
+            let rows: Vec<(String, String, Option<NaiveDateTime>, bool)> = ss::table
                 .filter(ss::status.eq_any(["requested", "active"]))
-                .filter(ss::lease_until.is_null().or(ss::lease_until.lt(now)))
-                .filter(ss::next_attempt_at.is_null().or(ss::next_attempt_at.le(now)))
-                .order(ss::last_sent_at.asc())
-                .select((ss::subscription_id, ss::status, ss::last_sent_at))
+                .filter(free)
+                .filter(due)
+                .filter(ss::status.eq("requested").or(pending))
+                .select((ss::subscription_id, ss::status, ss::last_sent_at, pending))
                 .limit(limit)
                 .load(&mut conn.conn)?;
-            let ids: Vec<&String> = rows.iter().map(|r| &r.0).collect();
-            let pending: std::collections::HashSet<String> = so::table
-                .filter(so::subscription_id.eq_any(&ids))
-                .filter(so::sent_at.is_null().and(so::dropped.eq(false)))
-                .select(so::subscription_id)
-                .distinct()
-                .load::<String>(&mut conn.conn)?
+            let mut out: Vec<DueSubscription> = rows
                 .into_iter()
-                .collect();
-            Ok(rows
-                .into_iter()
-                .map(|(id, status, last_sent_at)| DueSubscription {
-                    pending: pending.contains(&id),
+                .map(|(id, status, last_sent_at, pending)| DueSubscription {
                     id,
                     status,
+                    pending,
                     last_sent_at,
                 })
-                .collect())
+                .collect();
+            if !heartbeats.is_empty() {
+                let beating: Vec<(String, Option<NaiveDateTime>)> = ss::table
+                    .filter(ss::subscription_id.eq_any(heartbeats))
+                    .filter(ss::status.eq("active"))
+                    .filter(
+                        ss::lease_until
+                            .is_null()
+                            .or(ss::lease_until.lt(now))
+                            .or(ss::lease_owner.eq(node)),
+                    )
+                    .filter(ss::next_attempt_at.is_null().or(ss::next_attempt_at.le(now)))
+                    .select((ss::subscription_id, ss::last_sent_at))
+                    .load(&mut conn.conn)?;
+                for (id, last_sent_at) in beating {
+                    if !out.iter().any(|d| d.id == id) {
+                        out.push(DueSubscription {
+                            id,
+                            status: "active".into(),
+                            pending: false,
+                            last_sent_at,
+                        });
+                    }
+                }
+            }
+            Ok(out)
         })();
         super::note(&mut conn, result)
     }
 
-    /// Takes the lease of a subscription until `until`, if nobody holds it (and it is not off).
+    /// Takes the lease of a subscription until `until`, if nobody else holds it (and it is not
+    /// off). A node takes its own lease again: its workers never serve one subscription at once
+    /// (`subscription::deliver`), so a lease of its own is one it failed to give back.
     pub fn claim_subscription(&self, id: &str, node: &str, until: NaiveDateTime) -> Result<bool, StoreError> {
         let now = super::now();
         let _guard = self.sqlite_write_guard();
@@ -271,7 +307,12 @@ impl Store {
             ss::table
                 .filter(ss::subscription_id.eq(id))
                 .filter(ss::status.eq_any(["requested", "active"]))
-                .filter(ss::lease_until.is_null().or(ss::lease_until.lt(now))),
+                .filter(
+                    ss::lease_until
+                        .is_null()
+                        .or(ss::lease_until.lt(now))
+                        .or(ss::lease_owner.eq(node)),
+                ),
         )
         .set((ss::lease_owner.eq(node), ss::lease_until.eq(until)))
         .execute(&mut conn.conn)
@@ -319,7 +360,7 @@ impl Store {
         let mut conn = self.checkout(&Access::All)?;
         let result = so::table
             .filter(so::subscription_id.eq(id))
-            .filter(so::sent_at.is_null().and(so::dropped.eq(false)))
+            .filter(so::sent_at.is_null().and(diesel::dsl::not(so::dropped)))
             .order(so::id.asc())
             .limit(limit)
             .select(OutboxEvent::as_select())

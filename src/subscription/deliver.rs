@@ -37,6 +37,8 @@ pub struct Delivery {
     /// What the active subscriptions were last built from (Subscriptions stored, last write,
     /// search parameter registry).
     pub fingerprint: std::sync::Mutex<Option<Fingerprint>>,
+    /// The subscriptions this node's workers are serving now.
+    pub serving: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 /// See [`Delivery::fingerprint`].
@@ -165,7 +167,16 @@ impl Delivery {
     /// One pass over the subscriptions that may have work.
     fn round(&self) -> Result<(), crate::store::StoreError> {
         let now = crate::store::now();
-        for due in self.store.due_subscriptions(100)? {
+        let heartbeats: Vec<String> = {
+            let active = self.subscriptions.active.read().unwrap_or_else(|p| p.into_inner());
+            active
+                .by_id
+                .values()
+                .filter(|s| s.heartbeat_secs.is_some())
+                .map(|s| s.id.clone())
+                .collect()
+        };
+        for due in self.store.due_subscriptions(&self.node, 100, &heartbeats)? {
             let Some(spec) = self.subscriptions.get(&due.id) else {
                 continue;
             };
@@ -180,12 +191,27 @@ impl Delivery {
             if !(due.status == "requested" || due.pending || heartbeat) {
                 continue;
             }
-            let until = now + Duration::seconds(spec.timeout_secs as i64 * 2 + 5);
-            if !self.store.claim_subscription(&due.id, &self.node, until)? {
+            // one worker of this node at a time per subscription (the lease keeps other nodes off)
+            if !self
+                .serving
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(due.id.clone())
+            {
                 continue;
             }
-            let result = self.serve(&spec);
-            self.store.release_subscription(&due.id, &self.node)?;
+            let until = now + Duration::seconds(spec.timeout_secs as i64 * 2 + 5);
+            let result = match self.store.claim_subscription(&due.id, &self.node, until) {
+                Ok(true) => {
+                    let served = self.serve(&spec);
+                    // a lease not given back is taken again by this node's next round
+                    let released = self.store.release_subscription(&due.id, &self.node);
+                    served.and(released)
+                }
+                Ok(false) => Ok(()),
+                Err(e) => Err(e),
+            };
+            self.serving.lock().unwrap_or_else(|p| p.into_inner()).remove(&due.id);
             result?;
         }
         Ok(())
@@ -275,6 +301,17 @@ impl Delivery {
         }
         let pending = self.store.pending_events(&spec.id, spec.max_count as i64)?;
         if pending.is_empty() {
+            // what looked due may have been delivered by another worker meanwhile: a heartbeat
+            // only when one is due by the state as it stands now
+            let now = crate::store::now();
+            let beat_due = spec.heartbeat_secs.is_some_and(|secs| {
+                state
+                    .last_sent_at
+                    .is_none_or(|at| now - at >= Duration::seconds(secs as i64))
+            });
+            if !beat_due {
+                return Ok(());
+            }
             let sent = self.send(spec, Kind::Heartbeat, "active", state.events_since_start, &[]);
             self.audit(&grant, spec, &[], &sent, Kind::Heartbeat);
             return self.settle(spec, state.failures, sent, &[], false);

@@ -36,5 +36,7 @@ CREATE TABLE subscription_outbox (
     sent_at         TIMESTAMP,
     dropped         BOOLEAN NOT NULL DEFAULT FALSE
 );
-CREATE INDEX subscription_outbox_pending ON subscription_outbox (subscription_id, id);
+-- what waits for delivery, in order (delivered rows stay for `$events` and are not in it)
+CREATE INDEX subscription_outbox_pending ON subscription_outbox (subscription_id, id)
+    WHERE sent_at IS NULL AND NOT dropped;
 CREATE UNIQUE INDEX subscription_outbox_numbers ON subscription_outbox (subscription_id, event_number);

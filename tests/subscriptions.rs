@@ -30,6 +30,8 @@ struct Endpoint {
     connections: Arc<AtomicUsize>,
     /// How long each answer waits.
     delay_ms: Arc<AtomicU64>,
+    /// A `Location` to send with the answer (a redirect, with a 3xx status).
+    location: Arc<Mutex<Option<String>>>,
     tls: bool,
 }
 
@@ -39,6 +41,7 @@ fn serve_one(
     received: &Mutex<Vec<Received>>,
     status: &AtomicU16,
     delay_ms: &AtomicU64,
+    location: &Mutex<Option<String>>,
 ) {
     let mut reader = BufReader::new(stream);
     let mut line = String::new();
@@ -77,9 +80,13 @@ fn serve_one(
         });
     }
     let stream = reader.into_inner();
+    let location = match &*location.lock().unwrap() {
+        Some(l) => format!("Location: {l}\r\n"),
+        None => String::new(),
+    };
     let _ = write!(
         stream,
-        "HTTP/1.1 {code} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        "HTTP/1.1 {code} X\r\n{location}Content-Length: 0\r\nConnection: close\r\n\r\n"
     );
     let _ = stream.flush();
 }
@@ -97,26 +104,33 @@ impl Endpoint {
         let status = Arc::new(AtomicU16::new(200));
         let connections = Arc::new(AtomicUsize::new(0));
         let delay_ms = Arc::new(AtomicU64::new(0));
+        let location = Arc::new(Mutex::new(None));
         let is_tls = tls.is_some();
-        let (r, s, c, d) = (received.clone(), status.clone(), connections.clone(), delay_ms.clone());
+        let (r, s, c, d, l) = (
+            received.clone(),
+            status.clone(),
+            connections.clone(),
+            delay_ms.clone(),
+            location.clone(),
+        );
         std::thread::spawn(move || {
             for stream in listener.incoming() {
                 let Ok(stream) = stream else { continue };
                 c.fetch_add(1, Ordering::SeqCst);
-                let (r, s, d, tls) = (r.clone(), s.clone(), d.clone(), tls.clone());
+                let (r, s, d, l, tls) = (r.clone(), s.clone(), d.clone(), l.clone(), tls.clone());
                 std::thread::spawn(move || match tls {
                     Some(config) => {
                         let Ok(conn) = rustls::ServerConnection::new(config) else {
                             return;
                         };
                         let mut tls = rustls::StreamOwned::new(conn, stream);
-                        serve_one(&mut tls, &r, &s, &d);
+                        serve_one(&mut tls, &r, &s, &d, &l);
                         tls.conn.send_close_notify();
                         let _ = tls.flush();
                     }
                     None => {
                         let mut stream = stream;
-                        serve_one(&mut stream, &r, &s, &d);
+                        serve_one(&mut stream, &r, &s, &d, &l);
                     }
                 });
             }
@@ -127,6 +141,7 @@ impl Endpoint {
             status,
             connections,
             delay_ms,
+            location,
             tls: is_tls,
         }
     }
@@ -337,10 +352,9 @@ fn backport_and_r4_notifications(db: Db) {
     ping.wait_for("the R4 handshake", |r| r.len() == 1);
     wait_status(&s, &r4, "active");
     created(s.post("/Observation", &observation(&a, "1111-1", "laboratory")));
-    created(s.post("/Observation", &observation(&a, "9999-9", "laboratory")));
+    let pinged = created(s.post("/Observation", &observation(&a, "9999-9", "laboratory")));
     let deadline = Instant::now() + Duration::from_secs(30);
     while ping.received().len() < 2 {
-        // (more than two fails below)
         assert!(
             Instant::now() < deadline,
             "no ping; the subscription's status: {}",
@@ -358,6 +372,18 @@ fn backport_and_r4_notifications(db: Db) {
         2,
         "a write the criteria does not match was notified"
     );
+    // a transaction's writes are matched like any; a deletion is notified too
+    let tx = s.post(
+        "",
+        &json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+            {"resource": observation(&a, "9999-9", "laboratory"), "request": {"method": "POST", "url": "Observation"}},
+            {"resource": observation(&a, "1111-1", "laboratory"), "request": {"method": "POST", "url": "Observation"}}
+        ]}),
+    );
+    assert_eq!(tx.status, 200, "{}", tx.text());
+    ping.wait_for("the transaction's ping", |r| r.len() >= 3);
+    assert!(s.delete(&format!("/Observation/{pinged}")).status < 300);
+    ping.wait_for("the deletion's ping", |r| r.len() >= 4);
 
     // every attempt is on the ledger
     let audit = s.get("/AuditEvent?subtype=https://fhirvault.dev/CodeSystem/audit-subtype|notify&_summary=count");
@@ -954,6 +980,100 @@ fn matcher_agrees_with_search(db: Db) {
     }
 }
 
+/// A client disabled in the built-in authorization server: its subscriptions go off. And an
+/// endpoint that redirects is not followed (the target never hears of it).
+fn disabled_client_and_redirects(db: Db) {
+    let s = TestServer::start_with(db, layer());
+    let a = created(s.post("/Patient", &json!({"resourceType": "Patient"})));
+    s.store
+        .auth_client_add(&fhirvault::store::auth::ClientRow {
+            client_id: "subscriber".into(),
+            name: "Subscriber".into(),
+            client_type: "confidential".into(),
+            secret_hash: None,
+            jwks: None,
+            jwks_uri: None,
+            redirect_uris: String::new(),
+            scopes: "system/*.cruds".into(),
+            disabled: false,
+            created_at: fhirvault::store::now(),
+        })
+        .unwrap();
+    let token = s
+        .issuer
+        .issue(&fhirvault::auth::TokenRequest {
+            scope: "system/Observation.rs system/Subscription.cruds".into(),
+            client_id: Some("subscriber".into()),
+            expires_in: 900,
+            ..Default::default()
+        })
+        .unwrap();
+    let hook = Endpoint::start();
+    let (status, body) = post_as(
+        &s,
+        &token,
+        "/Subscription",
+        &backport_subscription(&hook.url(), &format!("Observation?patient=Patient/{a}")),
+    );
+    assert_eq!(status, 201, "{body}");
+    let sub = body["id"].as_str().unwrap().to_string();
+    hook.wait_for("the handshake", |r| !r.is_empty());
+    wait_status(&s, &sub, "active");
+    assert!(s.store.auth_client_disable("subscriber").unwrap());
+    wait_status(&s, &sub, "off");
+    let before = hook.received().len();
+    created(s.post("/Observation", &observation(&a, "1234-5", "laboratory")));
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(hook.received().len(), before, "delivered after the client was disabled");
+
+    // a redirect is a failure, never followed
+    let target = Endpoint::start();
+    let redirecting = Endpoint::start();
+    redirecting.status.store(307, Ordering::SeqCst);
+    *redirecting.location.lock().unwrap() = Some(target.url());
+    let sub = created(s.post(
+        "/Subscription",
+        &backport_subscription(&redirecting.url(), &format!("Observation?patient=Patient/{a}")),
+    ));
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(redirecting.connections.load(Ordering::SeqCst) >= 1, "it tried");
+    assert_eq!(
+        target.connections.load(Ordering::SeqCst),
+        0,
+        "the redirect was followed"
+    );
+    let st = s.get(&format!("/Subscription/{sub}/$status")).json();
+    assert_eq!(
+        param(&st["entry"][0]["resource"], "status").unwrap()["valueCode"],
+        "requested"
+    );
+}
+
+/// `full-resource`, where the server allows it: the resource as its owner may read it.
+fn full_resource_payloads(db: Db) {
+    let s = TestServer::start_with(
+        db,
+        ConfigLayer {
+            subscription_full_resource: Some(true),
+            ..layer()
+        },
+    );
+    let a = created(s.post("/Patient", &json!({"resourceType": "Patient"})));
+    let hook = Endpoint::start();
+    let mut body = backport_subscription(&hook.url(), &format!("Observation?patient=Patient/{a}"));
+    body["channel"]["_payload"]["extension"][0]["valueCode"] = json!("full-resource");
+    let sub = created(s.post("/Subscription", &body));
+    hook.wait_for("the handshake", |r| !r.is_empty());
+    wait_status(&s, &sub, "active");
+    let obs = created(s.post("/Observation", &observation(&a, "1234-5", "laboratory")));
+    let got = hook.wait_for("the event", |r| !events(r).is_empty());
+    let bundle = json_of(&got[1]);
+    let entry = &bundle["entry"][1];
+    assert_eq!(entry["resource"]["id"], obs.as_str());
+    assert_eq!(entry["resource"]["code"]["coding"][0]["code"], "1234-5");
+    assert_eq!(entry["request"]["method"], "POST");
+}
+
 on_both_backends!(
     backport_and_r4_notifications,
     endpoints_and_criteria_refused,
@@ -964,4 +1084,6 @@ on_both_backends!(
     https_endpoint_with_a_test_ca,
     killed_mid_delivery,
     matcher_agrees_with_search,
+    disabled_client_and_redirects,
+    full_resource_payloads,
 );

@@ -472,9 +472,9 @@ impl Delivery {
                         .send(),
                 )
             }
+            // R4 with a payload: the resource PUT to [endpoint]/[type]/[id], a deletion DELETEd
             Flavor::R4 if spec.payload == Payload::FullResource && kind == Kind::EventNotification => {
                 for e in events.iter().filter(|e| e.visible) {
-                    let Some(resource) = &e.resource else { continue };
                     let mut target = url.clone();
                     target.set_path(&format!(
                         "{}/{}/{}",
@@ -482,13 +482,15 @@ impl Delivery {
                         e.resource_type,
                         e.id
                     ));
-                    let body = serde_json::to_vec(resource).unwrap_or_default();
-                    let sent = outcome(
-                        with_headers(client.put(target))
+                    let request = match (&e.resource, e.event) {
+                        (_, ChangeEvent::Delete) => client.delete(target),
+                        (Some(resource), _) => client
+                            .put(target)
                             .header("Content-Type", "application/fhir+json")
-                            .body(body)
-                            .send(),
-                    );
+                            .body(serde_json::to_vec(resource).unwrap_or_default()),
+                        (None, _) => continue,
+                    };
+                    let sent = outcome(with_headers(request).send());
                     if let Sent::Failed(_) = sent {
                         return sent;
                     }

@@ -55,10 +55,9 @@ impl Payload {
 /// The flavour of a subscription.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Flavor {
-    /// R4: `criteria` is the search; notified of creates and updates.
+    /// R4: `criteria` is the search.
     R4,
-    /// The Backport IG: `criteria` is a topic, the search its filter; creates, updates and
-    /// deletes.
+    /// The Backport IG: `criteria` is a topic, the search its filter.
     Backport { topic: String },
 }
 
@@ -255,10 +254,9 @@ pub fn read_spec(ctx: &SpecContext<'_>, id: &str, resource: &Value) -> Result<Sp
             "this server sends ids, not whole resources (subscription_full_resource)",
         ));
     }
-    let events = match flavor {
-        Flavor::R4 => vec![ChangeEvent::Create, ChangeEvent::Update],
-        Flavor::Backport { .. } => vec![ChangeEvent::Create, ChangeEvent::Update, ChangeEvent::Delete],
-    };
+    // R4 and the Backport alike: creates, updates and deletes (a deletion's filter is checked
+    // on the version deleted)
+    let events = vec![ChangeEvent::Create, ChangeEvent::Update, ChangeEvent::Delete];
     let end = resource["end"]
         .as_str()
         .and_then(|e| chrono::DateTime::parse_from_rfc3339(e).ok())
@@ -365,8 +363,84 @@ pub fn check_endpoint(endpoint: &str, allowed: &[crate::config::IpNetwork]) -> R
 /// The active subscriptions of this node, by resource type: what writes are matched against.
 #[derive(Default)]
 struct Active {
-    by_type: HashMap<String, Vec<Arc<Spec>>>,
+    by_type: HashMap<String, TypeIndex>,
     by_id: HashMap<String, Arc<Spec>>,
+}
+
+/// The subscriptions on one resource type, found by what a write's index rows hold: most
+/// criteria require one reference (`patient=…`) or code among a few, so a write is tested
+/// against the subscriptions keyed by its own references and codes, and the rest, rather than
+/// against every subscription on the type.
+#[derive(Default)]
+struct TypeIndex {
+    all: Vec<Arc<Spec>>,
+    keyed: HashMap<(String, String), Vec<Arc<Spec>>>,
+    unkeyed: Vec<Arc<Spec>>,
+}
+
+/// The key of a reference or token row (or condition).
+fn row_key(param: &str, kind: char, value: &str) -> (String, String) {
+    (param.to_string(), format!("{kind}|{value}"))
+}
+
+/// Keys one of which every version the criteria match holds: those of a clause whose every
+/// alternative is a reference to one id, or a token with a code.
+fn criteria_keys(clauses: &[Vec<Cond>]) -> Option<Vec<(String, String)>> {
+    clauses.iter().find_map(|any| {
+        any.iter()
+            .map(|c| match c {
+                Cond::Reference { param, id, .. } => Some(row_key(param, 'r', id)),
+                Cond::Token {
+                    param,
+                    code: Some(code),
+                    ..
+                } => Some(row_key(param, 't', code)),
+                _ => None,
+            })
+            .collect::<Option<Vec<_>>>()
+            .filter(|keys| !keys.is_empty())
+    })
+}
+
+impl TypeIndex {
+    fn add(&mut self, spec: Arc<Spec>) {
+        match criteria_keys(&spec.clauses) {
+            Some(keys) => {
+                for k in keys {
+                    self.keyed.entry(k).or_default().push(spec.clone());
+                }
+            }
+            None => self.unkeyed.push(spec.clone()),
+        }
+        self.all.push(spec);
+    }
+
+    /// The subscriptions that may match a version with these rows (each once).
+    fn candidates<'a>(&'a self, rows: &[crate::store::search_index::SearchRow]) -> Vec<&'a Arc<Spec>> {
+        use crate::store::search_index::SearchRow;
+        let mut out: Vec<&Arc<Spec>> = self.unkeyed.iter().collect();
+        if self.keyed.is_empty() {
+            return out;
+        }
+        let mut seen = std::collections::HashSet::new();
+        for row in rows {
+            let key = match row {
+                SearchRow::Reference { param, target_id, .. } => row_key(param, 'r', target_id),
+                SearchRow::Token {
+                    param,
+                    code: Some(code),
+                    ..
+                } => row_key(param, 't', code),
+                _ => continue,
+            };
+            for spec in self.keyed.get(&key).into_iter().flatten() {
+                if seen.insert(Arc::as_ptr(spec)) {
+                    out.push(spec);
+                }
+            }
+        }
+        out
+    }
 }
 
 /// The subscriptions every write is matched against, and the signal that wakes delivery.
@@ -438,7 +512,7 @@ impl Subscriptions {
                             .by_type
                             .entry(spec.resource_type.clone())
                             .or_default()
-                            .push(spec.clone());
+                            .add(spec.clone());
                         active.by_id.insert(id, spec);
                     }
                     // written under other settings (or search parameters) than those now
@@ -475,16 +549,21 @@ impl Subscriptions {
 impl WriteWatch for Subscriptions {
     fn matches(&self, change: &Change<'_>) -> Vec<String> {
         let active = self.active.read().unwrap_or_else(|p| p.into_inner()).clone();
-        let Some(specs) = active.by_type.get(change.resource_type) else {
+        let Some(index) = active.by_type.get(change.resource_type) else {
             return Vec::new();
         };
         let now = crate::store::now();
-        specs
-            .iter()
+        // a deletion has no rows: every subscription on the type that takes deletions gets it,
+        // its filter checked on the deleted version at delivery
+        let candidates: Vec<&Arc<Spec>> = match change.event {
+            ChangeEvent::Delete => index.all.iter().collect(),
+            _ => index.candidates(change.search),
+        };
+        candidates
+            .into_iter()
             .filter(|s| s.events.contains(&change.event))
             .filter(|s| s.end.is_none_or(|end| now < end))
             .filter(|s| {
-                // a deletion has no rows: its filter is checked on the deleted version at delivery
                 change.event == ChangeEvent::Delete
                     || matcher::holds(&s.clauses, change.resource_type, change.id, change.search)
             })

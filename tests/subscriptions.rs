@@ -1074,6 +1074,79 @@ fn full_resource_payloads(db: Db) {
     assert_eq!(entry["request"]["method"], "POST");
 }
 
+/// Two processes on one PostgreSQL database: writes on either node are matched (a Subscription
+/// written on one reaches the other within its refresh), one node's workers or the other's
+/// deliver, in order; the node holding the lease is killed mid-delivery and the other takes
+/// over when the lease expires.
+#[test]
+fn two_nodes_share_delivery() {
+    use common::node::{token, Node};
+    let pg = common::pg();
+    let url = pg.url(&pg.create_db());
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let hook = Endpoint::start();
+    hook.delay_ms.store(150, Ordering::SeqCst);
+    let env = [
+        ("FHIRVAULT_SUBSCRIPTION_ALLOWED_NETWORKS", "127.0.0.1/32"),
+        ("FHIRVAULT_SUBSCRIPTION_RETRY_BASE_MS", "50"),
+    ];
+    let mut a = Node::start_with(&data, &url, common::free_port(), "a", &env);
+    let b = Node::start_with(&data, &url, common::free_port(), "b", &env);
+    let token = token(&data, &url);
+    let http = reqwest::blocking::Client::new();
+    let post = |base: &str, path: &str, body: &Value| -> String {
+        let r = http
+            .post(format!("{base}{path}"))
+            .bearer_auth(&token)
+            .header("content-type", "application/fhir+json")
+            .body(serde_json::to_vec(body).unwrap())
+            .send()
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 201);
+        r.json::<Value>().unwrap()["id"].as_str().unwrap().to_string()
+    };
+    let patient = post(&a.base(), "/Patient", &json!({"resourceType": "Patient"}));
+    let mut body = backport_subscription(&hook.url(), &format!("Observation?patient=Patient/{patient}"));
+    body["channel"]["extension"] = json!([
+        {"url": format!("{BACKPORT}backport-max-count"), "valuePositiveInt": 1},
+        {"url": format!("{BACKPORT}backport-timeout"), "valueUnsignedInt": 2}
+    ]);
+    post(&a.base(), "/Subscription", &body);
+    hook.wait_for("the handshake", |r| !r.is_empty());
+    // node b learns of it within its refresh
+    std::thread::sleep(Duration::from_secs(3));
+    let written: Vec<String> = (0..16)
+        .map(|i| {
+            let base = if i % 2 == 0 { b.base() } else { a.base() };
+            post(&base, "/Observation", &observation(&patient, "1234-5", "laboratory"))
+        })
+        .collect();
+    hook.wait_for("a few events", |r| events(r).len() >= 2);
+    a.kill();
+    let got = hook.wait_for("every event, node b delivering", |r| {
+        let numbers: std::collections::BTreeSet<i64> = events(r).iter().map(|e| e.0).collect();
+        numbers.len() >= 16
+    });
+    let mut by_number = std::collections::BTreeMap::new();
+    let mut first_seen = Vec::new();
+    for (n, focus) in events(&got) {
+        let id = focus.unwrap().rsplit('/').next().unwrap().to_string();
+        if let Some(prev) = by_number.insert(n, id.clone()) {
+            assert_eq!(prev, id, "event {n} sent again with another resource");
+        } else {
+            first_seen.push(n);
+        }
+    }
+    assert_eq!(
+        first_seen,
+        (1..=16).collect::<Vec<i64>>(),
+        "first receipts out of order"
+    );
+    assert_eq!(by_number.values().cloned().collect::<Vec<_>>(), written);
+    drop(b);
+}
+
 on_both_backends!(
     backport_and_r4_notifications,
     endpoints_and_criteria_refused,

@@ -1088,10 +1088,12 @@ fn the_writer_reconnects_and_keeps_its_chain() {
     let s = TestServer::start(Db::Postgres);
     assert_eq!(s.get("/Patient/before").status, 404);
     let chain = s.auditor.chain_id();
-    // the backend holding the chain's advisory lock is the writer's
+    // the backend holding the chain's advisory lock is the writer's (advisory locks are per
+    // database: other tests' servers hold the same keys in theirs)
     let killed = s.db.count(&format!(
         "SELECT COUNT(pg_terminate_backend(pid)) AS n FROM pg_locks \
-         WHERE locktype = 'advisory' AND classid = {} AND objid = {chain}",
+         WHERE locktype = 'advisory' AND classid = {} AND objid = {chain} \
+         AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
         0x6676_6175
     ));
     assert_eq!(killed, 1, "the writer's connection holds the chain");
@@ -1101,7 +1103,8 @@ fn the_writer_reconnects_and_keeps_its_chain() {
     assert_eq!(s.auditor.chain_id(), chain, "the same chain, claimed again");
     assert_eq!(
         s.db.count(&format!(
-            "SELECT COUNT(*) AS n FROM pg_locks WHERE locktype = 'advisory' AND classid = {} AND objid = {chain}",
+            "SELECT COUNT(*) AS n FROM pg_locks WHERE locktype = 'advisory' AND classid = {} AND objid = {chain} \
+             AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
             0x6676_6175
         )),
         1

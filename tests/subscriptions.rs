@@ -395,6 +395,38 @@ fn backport_and_r4_notifications(db: Db) {
 /// but loopback, internal addresses not allowed, credentials in the URL, unknown topics,
 /// criteria the matcher cannot answer, and full resources unless the server allows them.
 fn endpoints_and_criteria_refused(db: Db) {
+    // (the topics and operations are advertised)
+    {
+        let s = TestServer::start_with(
+            db,
+            ConfigLayer {
+                subscription_workers: Some(0),
+                ..Default::default()
+            },
+        );
+        let cs = s.get("/metadata").json();
+        let sub = common::capability_of(&cs, "Subscription");
+        let topics: Vec<&str> = sub["extension"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| {
+                e["url"]
+                    .as_str()
+                    .unwrap()
+                    .ends_with("capabilitystatement-subscriptiontopic-canonical")
+            })
+            .map(|e| e["valueCanonical"].as_str().unwrap())
+            .collect();
+        assert!(topics.contains(&TOPIC), "{topics:?}");
+        let ops: Vec<&str> = sub["operation"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|o| o["name"].as_str().unwrap())
+            .collect();
+        assert!(ops.contains(&"status") && ops.contains(&"events"), "{ops:?}");
+    }
     // no workers: the public endpoint accepted below is never resolved or contacted
     let s = TestServer::start_with(
         db,

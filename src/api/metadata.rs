@@ -218,6 +218,17 @@ pub fn capability_statement(
                 }]);
             }
             if t == "Subscription" {
+                // the SubscriptionTopics offered: "a resource of type T was created, updated or
+                // deleted", filterable by T's search parameters
+                r["extension"] = validator
+                    .resource_types()
+                    .map(|t| {
+                        json!({
+                            "url": format!("{}capabilitystatement-subscriptiontopic-canonical", crate::subscription::BACKPORT),
+                            "valueCanonical": format!("{}{t}", crate::subscription::TOPIC_BASE),
+                        })
+                    })
+                    .collect();
                 r["operation"] = json!([{
                     "name": "status",
                     "definition": "http://hl7.org/fhir/uv/subscriptions-backport/OperationDefinition/backport-subscription-status",
@@ -285,15 +296,6 @@ pub fn capability_statement(
                 "definition": "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/export",
                 "documentation": BULK_EXPORT_DOC
             }],
-            // the SubscriptionTopics offered: "a resource of type T was created, updated or
-            // deleted", filterable by T's search parameters
-            "extension": validator
-                .resource_types()
-                .map(|t| json!({
-                    "url": format!("{}capabilitystatement-subscriptiontopic-canonical", crate::subscription::BACKPORT),
-                    "valueCanonical": format!("{}{t}", crate::subscription::TOPIC_BASE),
-                }))
-                .collect::<Vec<_>>(),
         }],
         "instantiates": ["http://hl7.org/fhir/uv/bulkdata/CapabilityStatement/bulk-data"],
     });

@@ -1106,6 +1106,91 @@ fn full_resource_payloads(db: Db) {
     assert_eq!(entry["request"]["method"], "POST");
 }
 
+/// Full resources carry what the owner may read: elements a policy hides from it are masked
+/// (and the resource marked SUBSETTED), and a resource whose security label it lacks is left out.
+fn full_resource_payloads_are_masked_and_labels_hold(db: Db) {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.toml");
+    std::fs::write(
+        &policy,
+        r#"
+[[element_rule]]
+resource = "Observation"
+hide = ["note"]
+exempt_roles = ["registrar"]
+
+[[label_rule]]
+system = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
+code = "HIV"
+require_roles = ["hiv-care"]
+"#,
+    )
+    .unwrap();
+    let s = TestServer::start_with(
+        db,
+        ConfigLayer {
+            subscription_full_resource: Some(true),
+            policy_file: Some(policy),
+            ..layer()
+        },
+    );
+    let a = created(s.post("/Patient", &json!({"resourceType": "Patient"})));
+    let hook = Endpoint::start();
+    // the owner: a clinician without the exempting or the label's role
+    let token = s.token("user/Observation.rs user/Subscription.cruds", None);
+    let mut body = backport_subscription(&hook.url(), &format!("Observation?patient=Patient/{a}"));
+    body["channel"]["_payload"]["extension"][0]["valueCode"] = json!("full-resource");
+    let (status, created_sub) = post_as(&s, &token, "/Subscription", &body);
+    assert_eq!(status, 201, "{created_sub}");
+    let sub = created_sub["id"].as_str().unwrap().to_string();
+    hook.wait_for("the handshake", |r| !r.is_empty());
+    wait_status(&s, &sub, "active");
+    let mut labelled = observation(&a, "1234-5", "laboratory");
+    labelled["meta"] =
+        json!({"security": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "HIV"}]});
+    // written by someone the label and the rule exempt
+    let exempt = s
+        .issuer
+        .issue(&fhirvault::auth::TokenRequest {
+            scope: "system/*.cruds".into(),
+            client_id: Some("test-client".into()),
+            roles: vec!["hiv-care".into(), "registrar".into()],
+            expires_in: 900,
+            ..Default::default()
+        })
+        .unwrap();
+    let write = |body: &Value| {
+        let (status, v) = post_as(&s, &exempt, "/Observation", body);
+        assert_eq!(status, 201, "{v}");
+        v["id"].as_str().unwrap().to_string()
+    };
+    let hidden = write(&labelled);
+    let mut noted = observation(&a, "1234-5", "laboratory");
+    noted["note"] = json!([{"text": "NOTE-SENTINEL"}]);
+    let masked = write(&noted);
+    let got = hook.wait_for("the event", |r| !events(r).is_empty());
+    std::thread::sleep(Duration::from_millis(800));
+    let all = hook.received();
+    let evs = events(&all);
+    assert_eq!(evs.len(), 1, "{evs:?}");
+    assert!(evs[0].1.as_deref().unwrap().ends_with(&masked));
+    let text: String = all
+        .iter()
+        .map(|r| String::from_utf8_lossy(&r.body).to_string())
+        .collect();
+    assert!(
+        !text.contains(&hidden),
+        "a labelled resource reached an owner without the label's role"
+    );
+    assert!(!text.contains("NOTE-SENTINEL"), "a hidden element reached the owner");
+    let entry = &json_of(&got[got.len() - 1])["entry"][1];
+    assert_eq!(entry["resource"]["id"], masked.as_str());
+    assert!(
+        entry["resource"]["meta"]["tag"].to_string().contains("SUBSETTED"),
+        "{entry}"
+    );
+}
+
 /// Two processes on one PostgreSQL database: writes on either node are matched (a Subscription
 /// written on one reaches the other within its refresh), one node's workers or the other's
 /// deliver, in order; the node holding the lease is killed mid-delivery and the other takes
@@ -1191,4 +1276,5 @@ on_both_backends!(
     matcher_agrees_with_search,
     disabled_client_and_redirects,
     full_resource_payloads,
+    full_resource_payloads_are_masked_and_labels_hold,
 );

@@ -7,6 +7,7 @@ pub mod api;
 pub mod audit;
 pub mod auth;
 pub mod bulk;
+pub mod compliance;
 pub mod config;
 pub mod crypto;
 pub mod fhir;

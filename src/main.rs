@@ -7,7 +7,7 @@ use fhirvault::audit::{Action, Agent, AuditRecord, Kind, Outcome};
 use fhirvault::config::{Config, ConfigLayer};
 use fhirvault::store::Store;
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 mod admin;
@@ -114,6 +114,11 @@ enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
+    /// Evidence for the HIPAA Security Rule's technical safeguards, from this deployment.
+    Compliance {
+        #[command(subcommand)]
+        command: ComplianceCommand,
+    },
     /// The audit ledger: verify its chain, export it, archive what is past retention.
     Audit {
         #[command(subcommand)]
@@ -191,6 +196,27 @@ enum AuditCommand {
     Archive {
         #[arg(long, value_name = "FILE")]
         out: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum ComplianceCommand {
+    /// For each standard and implementation specification of 45 CFR 164.312, the live evidence
+    /// and a verdict (pass, attention, fail) with its reason: row-level security, accounts,
+    /// lifetimes, keys, the audit chains verified against the signed checkpoints, retention,
+    /// the second factor, TLS. Read-only (it records its own AuditEvent). Exits 1 when a check
+    /// fails.
+    Report {
+        /// The start of the period the report covers (2026-01-01 or an instant) [default: 30
+        /// days ago].
+        #[arg(long, value_name = "WHEN")]
+        since: Option<String>,
+        /// `html` (one self-contained file that prints) or `json` (for GRC tools).
+        #[arg(long, default_value = "html")]
+        format: String,
+        /// Output file [default: standard output].
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
     },
 }
 
@@ -397,6 +423,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let config = load_config(&cli.common, None)?;
             keys_command(&config, command)
         }
+        Command::Compliance {
+            command: ComplianceCommand::Report { since, format, out },
+        } => {
+            let config = load_config(&cli.common, None)?;
+            compliance_report(&config, since.as_deref(), &format, out.as_deref())
+        }
         Command::Migrate => {
             let config = load_config(&cli.common, None)?;
             fhirvault::telemetry::init(config.log_format);
@@ -492,6 +524,64 @@ fn parse_since(s: &str) -> anyhow::Result<chrono::NaiveDateTime> {
     let d = chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d")
         .map_err(|_| anyhow::anyhow!("--since must be a date (2026-01-01) or an instant (2026-01-01T00:00:00Z)"))?;
     Ok(d.and_hms_opt(0, 0, 0).expect("midnight exists"))
+}
+
+fn compliance_report(config: &Config, since: Option<&str>, format: &str, out: Option<&Path>) -> anyhow::Result<()> {
+    anyhow::ensure!(format == "html" || format == "json", "--format: html or json");
+    let now = fhirvault::store::now();
+    let since = match since {
+        Some(s) => parse_since(s)?,
+        None => now - chrono::Duration::days(30),
+    };
+    let store = open_store(config, false)?;
+    let keys = fhirvault::server::open_keys(config)?;
+    let (key, file) = fhirvault::server::audit_checkpointing(config)?;
+    eprintln!("checking the technical safeguards (the audit chains are verified end to end)");
+    let inputs = fhirvault::compliance::Inputs {
+        config,
+        store: &store,
+        keys: &keys,
+        checkpoint_key: &key,
+        checkpoint_files: &[file],
+        since,
+        now,
+    };
+    let report = fhirvault::compliance::report(&inputs, |n| eprintln!("  {n} audit records verified"))?;
+    let failed: Vec<String> = report
+        .sections
+        .iter()
+        .flat_map(|s| s.checks.iter().map(move |c| (s, c)))
+        .filter(|(_, c)| c.verdict == fhirvault::compliance::Verdict::Fail)
+        .map(|(s, c)| format!("{} {}", s.citation, c.name))
+        .collect();
+    let bytes = match format {
+        "json" => serde_json::to_vec_pretty(&report.to_json())?,
+        _ => fhirvault::compliance::html::render(&report).into_bytes(),
+    };
+    let mut record = cli_record(Kind::Admin("compliance-report"), Action::Read);
+    record.outcome_desc = Some(format!("{} checks failed", failed.len()));
+    audit_now(config, &store, &record)?;
+    match out {
+        Some(path) => {
+            use std::io::Write;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(path)
+                .with_context(|| format!("creating {}", path.display()))?;
+            f.write_all(&bytes)?;
+            f.sync_all()?;
+            eprintln!("report written to {}", path.display());
+        }
+        None => {
+            use std::io::Write;
+            std::io::stdout().write_all(&bytes)?;
+        }
+    }
+    anyhow::ensure!(failed.is_empty(), "checks failed: {}", failed.join("; "));
+    Ok(())
 }
 
 fn keys_command(config: &Config, command: KeysCommand) -> anyhow::Result<()> {

@@ -15,10 +15,13 @@ pub mod connection;
 pub mod encrypted;
 pub mod export;
 pub mod keys;
+pub mod migrate;
 pub mod replica;
 pub mod schema;
 pub mod search_index;
 pub mod search_pages;
+use migrate::{grant_server_role, warn_if_rls_bypassed};
+pub use migrate::{run_migrations, RlsBinding};
 pub mod search_query;
 pub mod subscription;
 
@@ -29,7 +32,6 @@ use chrono::{NaiveDateTime, Timelike, Utc};
 use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
-use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 use encrypted::EncryptedColumn;
 use schema::{resource_compartments as rc, resource_versions as rv, resources as cur};
 use std::collections::BTreeSet;
@@ -47,9 +49,6 @@ macro_rules! per_backend {
         }
     };
 }
-
-const SQLITE_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/sqlite");
-const PG_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/postgres");
 
 /// The table name bound into the AAD of resource content.
 pub const VERSIONS_TABLE: &str = "resource_versions";
@@ -362,88 +361,6 @@ fn is_unique_violation(e: &StoreError) -> bool {
         e,
         StoreError::Database(DieselError::DatabaseError(DatabaseErrorKind::UniqueViolation, _))
     )
-}
-
-/// The owner grants the server's role row access (PostgreSQL): no DDL, no ownership;
-/// versions, compartments and the audit ledger are insert-only (archiving audit rows needs the owner).
-fn grant_server_role(owner: &mut DbConnection, server: &mut DbConnection) -> Result<(), StoreError> {
-    let (DbConnection::Pg(owner), DbConnection::Pg(server)) = (owner, server) else {
-        return Ok(());
-    };
-    #[derive(QueryableByName)]
-    struct Role {
-        #[diesel(sql_type = diesel::sql_types::Text)]
-        name: String,
-    }
-    let role: Role = diesel::sql_query("SELECT current_user::text AS name").get_result(server)?;
-    let ident = format!("\"{}\"", role.name.replace('"', "\"\""));
-    owner.batch_execute(&format!(
-        "GRANT SELECT, INSERT, UPDATE, DELETE ON resources TO {ident}; \
-         GRANT SELECT, INSERT ON resource_versions, resource_compartments TO {ident}; \
-         GRANT USAGE, SELECT ON SEQUENCE resource_versions_id_seq TO {ident}; \
-         GRANT SELECT, INSERT ON audit_events, audit_search, audit_entities, audit_chains, audit_chain, \
-               audit_checkpoints TO {ident}; \
-         GRANT SELECT, INSERT, UPDATE ON audit_index_progress TO {ident}; \
-         GRANT SELECT ON audit_archives TO {ident}; \
-         GRANT SELECT, INSERT, DELETE ON search_string, search_token, search_date, search_reference, \
-               search_number, search_quantity, search_uri, search_composite, search_pages TO {ident}; \
-         GRANT SELECT, INSERT, UPDATE ON search_settings TO {ident}; \
-         GRANT SELECT, INSERT, UPDATE, DELETE ON export_jobs, export_files TO {ident}; \
-         GRANT SELECT, INSERT, UPDATE, DELETE ON auth_users, auth_clients, auth_sessions, auth_codes, \
-               auth_refresh_tokens, auth_launches, auth_assertions, auth_revoked_tokens TO {ident}; \
-         GRANT SELECT, INSERT, UPDATE, DELETE ON subscription_state, subscription_outbox TO {ident}; \
-         GRANT USAGE, SELECT ON SEQUENCE subscription_outbox_id_seq TO {ident};"
-    ))?;
-    Ok(())
-}
-
-/// Says at start-up when PostgreSQL's row-level security cannot bind the server's role.
-fn warn_if_rls_bypassed(conn: &mut DbConnection) -> Result<(), StoreError> {
-    let DbConnection::Pg(pg) = conn else { return Ok(()) };
-    #[derive(QueryableByName)]
-    struct Bypass {
-        #[diesel(sql_type = diesel::sql_types::Bool)]
-        bypass: bool,
-    }
-    let b: Bypass = diesel::sql_query(
-        "SELECT (r.rolsuper OR r.rolbypassrls OR t.tableowner = current_user) AS bypass \
-         FROM pg_roles r, pg_tables t WHERE r.rolname = current_user AND t.tablename = 'resource_versions'",
-    )
-    .get_result(pg)?;
-    if b.bypass {
-        tracing::warn!(
-            "row-level security does not bind this database role (superuser, BYPASSRLS or table owner): \
-             serve as a dedicated role and run migrations with migration_database_url"
-        );
-    }
-    Ok(())
-}
-
-/// The advisory lock several nodes starting at once take around migrations (PostgreSQL).
-const MIGRATION_LOCK: i64 = 0x6676_6d69_6772;
-
-/// Runs the migrations of the backend `conn` is on. On PostgreSQL, nodes starting at once
-/// take turns (a session advisory lock): the first applies them, the others find none pending.
-pub fn run_migrations(conn: &mut DbConnection) -> Result<Vec<String>, StoreError> {
-    let applied = match conn {
-        DbConnection::Pg(c) => {
-            diesel::sql_query("SELECT pg_advisory_lock($1)")
-                .bind::<diesel::sql_types::BigInt, _>(MIGRATION_LOCK)
-                .execute(c)?;
-            let applied = c
-                .run_pending_migrations(PG_MIGRATIONS)
-                .map(|v| v.iter().map(|m| m.to_string()).collect::<Vec<_>>());
-            diesel::sql_query("SELECT pg_advisory_unlock($1)")
-                .bind::<diesel::sql_types::BigInt, _>(MIGRATION_LOCK)
-                .execute(c)?;
-            applied
-        }
-        DbConnection::Sqlite(c) => c
-            .run_pending_migrations(SQLITE_MIGRATIONS)
-            .map(|v| v.iter().map(|m| m.to_string()).collect::<Vec<_>>()),
-    }
-    .map_err(|e| StoreError::Migration(e.to_string()))?;
-    Ok(applied)
 }
 
 impl Store {

@@ -297,6 +297,18 @@ impl Store {
         index::search_rows_by_id(&mut conn.conn, ids)
     }
 
+    /// When the oldest stored event was recorded (none: an empty log), and how many were
+    /// recorded at or after `since`.
+    pub fn audit_oldest_and_since(&self, since: NaiveDateTime) -> Result<(Option<NaiveDateTime>, i64), StoreError> {
+        let mut conn = self.checkout(&Access::All)?;
+        let oldest: Option<NaiveDateTime> = ev::table.select(diesel::dsl::min(ev::recorded)).first(&mut conn.conn)?;
+        let recent: i64 = ev::table
+            .filter(ev::recorded.ge(since))
+            .count()
+            .get_result(&mut conn.conn)?;
+        Ok((oldest, recent))
+    }
+
     /// The number of stored events (chained or not).
     pub fn audit_event_count(&self) -> Result<i64, StoreError> {
         let mut conn = self.checkout(&Access::All)?;

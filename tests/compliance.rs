@@ -1,0 +1,163 @@
+//! `fhirvault compliance report` (issue 25, point 1 in part): run from the shell against a
+//! deployment's configuration and database, a verdict and its reason per check of 45 CFR
+//! 164.312, as JSON and as one self-contained HTML file; audited; exits 1 when a check fails.
+//! On SQLite and on PostgreSQL (as the tables' owner, where row-level security does not bind,
+//! and as a dedicated role, where it does).
+
+mod common;
+
+use common::{node::bin, pg, Db, TestDb};
+use serde_json::Value;
+use std::path::Path;
+
+fn run(data: &Path, url: &str, env: &[(&str, &str)], args: &[&str]) -> std::process::Output {
+    bin()
+        .args(args)
+        .arg("--data-dir")
+        .arg(data)
+        .arg("--database-url")
+        .arg(url)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap()
+}
+
+fn check<'a>(report: &'a Value, citation: &str, name: &str) -> &'a Value {
+    report["sections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["citation"] == citation)
+        .unwrap_or_else(|| panic!("no section {citation}"))["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("no check {name} in {citation}"))
+}
+
+fn report_on(db: Db) {
+    let t = TestDb::new(db);
+    let data = t.dir.path().join("data");
+    let url = t.database_url.clone();
+    assert!(run(&data, &url, &[], &["migrate"]).status.success());
+    let out = run(
+        &data,
+        &url,
+        &[],
+        &["admin", "user", "add", "officer", "--role", "auditor"],
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let json_path = t.dir.path().join("report.json");
+    let out = run(
+        &data,
+        &url,
+        &[],
+        &[
+            "compliance",
+            "report",
+            "--format",
+            "json",
+            "--out",
+            json_path.to_str().unwrap(),
+        ],
+    );
+    let report: Value = serde_json::from_slice(&std::fs::read(&json_path).unwrap()).unwrap();
+    for citation in [
+        "164.312(a)(1)",
+        "164.312(a)(2)(iii)",
+        "164.312(a)(2)(iv)",
+        "164.312(b)",
+        "164.312(d)",
+        "164.312(e)(1)",
+    ] {
+        assert!(
+            report["sections"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|s| s["citation"] == citation),
+            "{citation} missing"
+        );
+    }
+    let chains = check(&report, "164.312(b)", "audit chains verified end to end");
+    assert_eq!(chains["verdict"], "pass", "{chains}");
+    let accounts = check(
+        &report,
+        "164.312(a)(1)",
+        "accounts of the built-in authorization server",
+    );
+    assert_eq!(accounts["evidence"]["users"][0]["username"], "officer");
+    let mfa = check(&report, "164.312(d)", "accounts without a second factor");
+    assert_eq!(mfa["verdict"], "attention", "the officer has not enrolled yet: {mfa}");
+    let rls = check(&report, "164.312(a)(1)", "row-level security binds the serving role");
+    match db {
+        Db::Sqlite => {
+            assert_eq!(rls["verdict"], "attention", "{rls}");
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        }
+        Db::Postgres => {
+            // the test connects as the tables' owner: row-level security does not bind it
+            assert_eq!(rls["verdict"], "fail", "{rls}");
+            assert!(!out.status.success());
+            assert!(String::from_utf8_lossy(&out.stderr).contains("164.312(a)(1)"));
+            // served as a dedicated role, with migrations as the owner: it binds
+            let name = t.pg_name.clone().unwrap();
+            let role = format!("app_{name}");
+            pg().admin(&format!("CREATE ROLE {role} LOGIN NOSUPERUSER NOBYPASSRLS"));
+            let owner = pg().url(&name);
+            let out = run(
+                &data,
+                &pg().url_as(&role, &name),
+                &[("FHIRVAULT_MIGRATION_DATABASE_URL", owner.as_str())],
+                &["migrate"],
+            );
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            let out = run(
+                &data,
+                &pg().url_as(&role, &name),
+                &[("FHIRVAULT_MIGRATION_DATABASE_URL", owner.as_str())],
+                &["compliance", "report", "--format", "json"],
+            );
+            let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+            let rls = check(&report, "164.312(a)(1)", "row-level security binds the serving role");
+            assert_eq!(rls["verdict"], "pass", "{rls}");
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        }
+    }
+
+    // the HTML: one file, no script, nothing fetched from elsewhere
+    let html_path = t.dir.path().join("report.html");
+    let _ = run(
+        &data,
+        &url,
+        &[],
+        &["compliance", "report", "--out", html_path.to_str().unwrap()],
+    );
+    let html = std::fs::read_to_string(&html_path).unwrap();
+    assert!(html.starts_with("<!DOCTYPE html>"));
+    assert!(html.contains("164.312(b)") && html.contains("Audit controls"));
+    for forbidden in ["<script", "src=", "href=", "@import", "url("] {
+        assert!(!html.contains(forbidden), "{forbidden} in the report");
+    }
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&html_path).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+
+    // each run is on the ledger
+    let out = run(&data, &url, &[], &["audit", "export", "--format", "ndjson"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.matches("compliance-report").count() >= 2, "{text}");
+}
+
+#[test]
+fn compliance_report_on_sqlite() {
+    report_on(Db::Sqlite);
+}
+
+#[test]
+fn compliance_report_on_postgres() {
+    report_on(Db::Postgres);
+}

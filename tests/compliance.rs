@@ -161,3 +161,63 @@ fn compliance_report_on_sqlite() {
 fn compliance_report_on_postgres() {
     report_on(Db::Postgres);
 }
+
+/// The listener's certificate: a certificate that expires within 30 days needs attention, one
+/// that expired fails the report.
+#[test]
+fn certificate_expiry_is_reported() {
+    let t = TestDb::new(Db::Sqlite);
+    let data = t.dir.path().join("data");
+    let url = t.database_url.clone();
+    assert!(run(&data, &url, &[], &["migrate"]).status.success());
+    let make = |days: &str, name: &str| {
+        let out = std::process::Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+            ])
+            .args(["-days", days, "-subj", "/CN=fhirvault.test"])
+            .arg("-keyout")
+            .arg(t.dir.path().join(format!("{name}.key")))
+            .arg("-out")
+            .arg(t.dir.path().join(format!("{name}.pem")))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        use std::os::unix::fs::PermissionsExt;
+        let key = t.dir.path().join(format!("{name}.key"));
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        (t.dir.path().join(format!("{name}.pem")), key)
+    };
+    let verdict_for = |cert: &Path, key: &Path| -> (Value, bool) {
+        let out = run(
+            &data,
+            &url,
+            &[
+                ("FHIRVAULT_TLS_CERT_FILE", cert.to_str().unwrap()),
+                ("FHIRVAULT_TLS_KEY_FILE", key.to_str().unwrap()),
+            ],
+            &["compliance", "report", "--format", "json"],
+        );
+        let report: Value =
+            serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&out.stderr)));
+        (
+            check(&report, "164.312(e)(1)", "the server's certificate").clone(),
+            out.status.success(),
+        )
+    };
+    let (cert, key) = make("400", "long");
+    let (c, _) = verdict_for(&cert, &key);
+    assert_eq!(c["verdict"], "pass", "{c}");
+    assert!(c["evidence"]["subject"].as_str().unwrap().contains("fhirvault.test"));
+    let (cert, key) = make("10", "short");
+    let (c, ok) = verdict_for(&cert, &key);
+    assert_eq!(c["verdict"], "attention", "{c}");
+    assert!(c["reason"].as_str().unwrap().contains("expires in"));
+    assert!(ok, "attention is not a failure");
+}

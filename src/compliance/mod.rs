@@ -117,7 +117,7 @@ pub fn report(inputs: &Inputs<'_>, progress: impl FnMut(u64)) -> anyhow::Result<
         encryption(inputs),
         audit_controls(inputs, progress)?,
         authentication(inputs)?,
-        transmission(config),
+        transmission(config, inputs.now),
     ];
     Ok(Report {
         generated: instant(&inputs.now),
@@ -444,8 +444,77 @@ fn authentication(inputs: &Inputs<'_>) -> anyhow::Result<Section> {
     })
 }
 
-/// 164.312(e)(1): TLS on the listener, and to the database.
-fn transmission(config: &Config) -> Section {
+/// The listener's certificate: when it expires (30 days or less: attention; past: fail).
+fn certificate(path: &std::path::Path, now: NaiveDateTime) -> Check {
+    use x509_cert::der::DecodePem;
+    let name = "the server's certificate";
+    let pem = match std::fs::read(path) {
+        Ok(p) => p,
+        Err(_) => return check(name, Verdict::Fail, "the certificate file cannot be read", Value::Null),
+    };
+    // the first certificate of the chain is the server's own
+    let first = String::from_utf8_lossy(&pem)
+        .split_inclusive("-----END CERTIFICATE-----")
+        .next()
+        .map(str::trim)
+        .map(str::to_string)
+        .unwrap_or_default();
+    let Ok(cert) = x509_cert::Certificate::from_pem(first.as_bytes()) else {
+        return check(
+            name,
+            Verdict::Fail,
+            "the certificate file holds no readable certificate",
+            Value::Null,
+        );
+    };
+    let validity = &cert.tbs_certificate.validity;
+    let to_naive = |t: &x509_cert::time::Time| {
+        chrono::DateTime::from_timestamp(t.to_unix_duration().as_secs() as i64, 0).map(|d| d.naive_utc())
+    };
+    let (Some(not_before), Some(not_after)) = (to_naive(&validity.not_before), to_naive(&validity.not_after)) else {
+        return check(
+            name,
+            Verdict::Fail,
+            "the certificate's validity cannot be read",
+            Value::Null,
+        );
+    };
+    let days = (not_after - now).num_days();
+    let evidence = json!({
+        "subject": cert.tbs_certificate.subject.to_string(),
+        "issuer": cert.tbs_certificate.issuer.to_string(),
+        "not_before": instant(&not_before),
+        "not_after": instant(&not_after),
+    });
+    if not_after <= now {
+        check(
+            name,
+            Verdict::Fail,
+            format!("expired {}", instant(&not_after)),
+            evidence,
+        )
+    } else if days <= 30 {
+        check(
+            name,
+            Verdict::Attention,
+            format!(
+                "expires in {days} days ({}): renew it (the server reloads it on SIGHUP)",
+                instant(&not_after)
+            ),
+            evidence,
+        )
+    } else {
+        check(
+            name,
+            Verdict::Pass,
+            format!("valid until {} ({days} days)", instant(&not_after)),
+            evidence,
+        )
+    }
+}
+
+/// 164.312(e)(1): TLS on the listener (and its certificate), and to the database.
+fn transmission(config: &Config, now: NaiveDateTime) -> Section {
     let listener = match (&config.tls, config.behind_tls_proxy, config.listen.ip().is_loopback()) {
         (Some(_), _, _) => check(
             "TLS on the listener",
@@ -473,6 +542,9 @@ fn transmission(config: &Config) -> Section {
         ),
     };
     let mut checks = vec![listener];
+    if let Some(tls) = &config.tls {
+        checks.push(certificate(&tls.cert, now));
+    }
     if config.is_postgres() {
         let url = &config.database_url;
         let verify_full = url.contains("sslmode=verify-full");

@@ -88,6 +88,8 @@ fn report_on(db: Db) {
         "accounts of the built-in authorization server",
     );
     assert_eq!(accounts["evidence"]["users"][0]["username"], "officer");
+    let review = check(&report, "164.312(a)(1)", "access review: accounts unused for 90 days");
+    assert_eq!(review["verdict"], "pass", "a new account is not yet unused: {review}");
     let mfa = check(&report, "164.312(d)", "accounts without a second factor");
     assert_eq!(mfa["verdict"], "attention", "the officer has not enrolled yet: {mfa}");
     let rls = check(&report, "164.312(a)(1)", "row-level security binds the serving role");
@@ -125,6 +127,21 @@ fn report_on(db: Db) {
             assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         }
     }
+
+    // an account made 100 days ago and never used since is one to review
+    let old = match db {
+        Db::Sqlite => "datetime('now', '-100 days')",
+        Db::Postgres => "now() - interval '100 days'",
+    };
+    t.exec(&format!(
+        "UPDATE auth_users SET created_at = {old} WHERE username = 'officer'"
+    ))
+    .unwrap();
+    let out = run(&data, &url, &[], &["compliance", "report", "--format", "json"]);
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let review = check(&report, "164.312(a)(1)", "access review: accounts unused for 90 days");
+    assert_eq!(review["verdict"], "attention", "{review}");
+    assert_eq!(review["evidence"]["users"][0]["username"], "officer");
 
     // the HTML: one file, no script, nothing fetched from elsewhere
     let html_path = t.dir.path().join("report.html");

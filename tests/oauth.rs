@@ -622,6 +622,12 @@ fn backend_services_private_key_jwt(db: Db) {
         let t = body["access_token"].as_str().unwrap();
         assert_eq!(bearer_get(&s, t, "/Patient"), 200);
         assert_eq!(bearer_get(&s, t, "/Observation"), 403);
+        // the access review's record of the client's last token
+        let (_, clients) = s.store.auth_last_use().unwrap();
+        assert!(
+            clients.iter().any(|(id, last)| id == key && last.is_some()),
+            "{clients:?}"
+        );
         // the same assertion again: a replay
         let (status, body) = client_credentials(&s, &a, "system/Patient.rs");
         assert_eq!((status, body["error"].as_str()), (401, Some("invalid_client")));

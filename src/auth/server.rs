@@ -215,6 +215,9 @@ pub struct AuthServer {
     http: openidconnect::reqwest::blocking::Client,
     jwks_by_uri: Mutex<HashMap<String, (Instant, Value)>>,
     pub revoked: Arc<RevokedTokens>,
+    /// When this node last recorded each client's use (`auth_clients.last_token_at`, written
+    /// at most once an hour per client and node: an access review needs days, not seconds).
+    client_use_noted: Mutex<HashMap<String, Instant>>,
 }
 
 impl std::fmt::Debug for AuthServer {
@@ -442,6 +445,7 @@ impl AuthServer {
             dummy_hash: hash_password(&new_secret())?,
             http,
             jwks_by_uri: Mutex::new(HashMap::new()),
+            client_use_noted: Mutex::new(HashMap::new()),
             revoked: Arc::new(RevokedTokens::default()),
         })
     }
@@ -1053,6 +1057,7 @@ impl AuthServer {
             purpose_of_use: None,
             btg_reason: None,
         })?;
+        self.note_client_use(&client.client_id);
         let mut body = json!({
             "access_token": token, "token_type": "Bearer", "expires_in": expires_in, "scope": scope,
         });
@@ -1145,6 +1150,7 @@ impl AuthServer {
             expires_in,
             ..TokenRequest::default()
         })?;
+        self.note_client_use(&client.client_id);
         Ok(Issued {
             body: json!({"access_token": token, "token_type": "Bearer", "expires_in": expires_in, "scope": scope}),
             client_id: client.client_id.clone(),
@@ -1153,6 +1159,25 @@ impl AuthServer {
             patient: None,
             event: "token-issue",
         })
+    }
+
+    /// Records that a client was issued a token (for the access review), once an hour.
+    fn note_client_use(&self, client_id: &str) {
+        const EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
+        {
+            let mut noted = self.client_use_noted.lock().unwrap_or_else(|p| p.into_inner());
+            if noted.get(client_id).is_some_and(|at| at.elapsed() < EVERY) {
+                return;
+            }
+            noted.insert(client_id.to_string(), Instant::now());
+        }
+        if let Err(e) = self.store.auth_client_used(client_id) {
+            tracing::warn!(error = %e, "recording a client's last token failed");
+            self.client_use_noted
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(client_id);
+        }
     }
 
     /// RFC 7662: what a token is, to an authenticated client (or the bearer of a valid token).

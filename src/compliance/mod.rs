@@ -190,6 +190,50 @@ fn access_control(inputs: &Inputs<'_>) -> anyhow::Result<Section> {
             })).collect::<Vec<_>>(),
         }),
     ));
+    // access review: accounts nobody used for 90 days (never, or last long ago)
+    let (user_use, client_use) = inputs.store.auth_last_use()?;
+    let cutoff = inputs.now - chrono::Duration::days(90);
+    let active_user = |name: &str| users.iter().any(|u| u.username == name && !u.disabled);
+    let active_client = |id: &str| clients.iter().any(|c| c.client_id == id && !c.disabled);
+    let created_user = |name: &str| users.iter().find(|u| u.username == name).map(|u| u.created_at);
+    let created_client = |id: &str| clients.iter().find(|c| c.client_id == id).map(|c| c.created_at);
+    // an account made within the 90 days is not yet unused
+    let stale_users: Vec<Value> = user_use
+        .iter()
+        .filter(|(name, last)| {
+            active_user(name) && last.unwrap_or_else(|| created_user(name).unwrap_or(inputs.now)) < cutoff
+        })
+        .map(|(name, last)| json!({"username": name, "last_sign_in": last.as_ref().map(instant)}))
+        .collect();
+    let stale_clients: Vec<Value> = client_use
+        .iter()
+        .filter(|(id, last)| {
+            active_client(id) && last.unwrap_or_else(|| created_client(id).unwrap_or(inputs.now)) < cutoff
+        })
+        .map(|(id, last)| json!({"client_id": id, "last_token": last.as_ref().map(instant)}))
+        .collect();
+    let unused = stale_users.len() + stale_clients.len();
+    checks.push(check(
+        "access review: accounts unused for 90 days",
+        if unused == 0 {
+            Verdict::Pass
+        } else {
+            Verdict::Attention
+        },
+        if unused == 0 {
+            "every active account signed in or was issued a token within 90 days (or is newer)".to_string()
+        } else {
+            format!("{unused} active accounts unused for 90 days: disable those no longer needed")
+        },
+        json!({
+            "users": stale_users,
+            "clients": stale_clients,
+            "last_use": {
+                "users": user_use.iter().map(|(n, t)| json!({"username": n, "last_sign_in": t.as_ref().map(instant)})).collect::<Vec<_>>(),
+                "clients": client_use.iter().map(|(c, t)| json!({"client_id": c, "last_token": t.as_ref().map(instant)})).collect::<Vec<_>>(),
+            },
+        }),
+    ));
     Ok(Section {
         citation: "164.312(a)(1)".into(),
         title: "Access control".into(),

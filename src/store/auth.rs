@@ -270,7 +270,11 @@ impl Store {
     pub fn auth_user_login_succeeded(&self, id: &str) -> Result<(), StoreError> {
         self.auth_exec(|c| {
             diesel::update(au::table.find(id))
-                .set((au::failed_logins.eq(0), au::locked_until.eq(None::<NaiveDateTime>)))
+                .set((
+                    au::failed_logins.eq(0),
+                    au::locked_until.eq(None::<NaiveDateTime>),
+                    au::last_sign_in_at.eq(super::now()),
+                ))
                 .execute(c)
         })
         .map(|_| ())
@@ -313,6 +317,34 @@ impl Store {
 
     pub fn auth_clients(&self) -> Result<Vec<ClientRow>, StoreError> {
         self.auth_read(|c| Ok(ac::table.order(ac::client_id).select(ClientRow::as_select()).load(c)?))
+    }
+
+    /// Records that `client_id` was issued a token now.
+    pub fn auth_client_used(&self, client_id: &str) -> Result<(), StoreError> {
+        self.auth_exec(|c| {
+            diesel::update(ac::table.find(client_id))
+                .set(ac::last_token_at.eq(super::now()))
+                .execute(c)
+        })
+        .map(|_| ())
+    }
+
+    /// When each user last signed in and each client was last issued a token (access review).
+    #[allow(clippy::type_complexity)]
+    pub fn auth_last_use(
+        &self,
+    ) -> Result<
+        (
+            Vec<(String, Option<NaiveDateTime>)>,
+            Vec<(String, Option<NaiveDateTime>)>,
+        ),
+        StoreError,
+    > {
+        self.auth_read(|c| {
+            let users = au::table.select((au::username, au::last_sign_in_at)).load(c)?;
+            let clients = ac::table.select((ac::client_id, ac::last_token_at)).load(c)?;
+            Ok((users, clients))
+        })
     }
 
     /// Disables a client and revokes its refresh tokens. False if there is no such client.

@@ -171,6 +171,7 @@ diesel::table! {
         failed_logins -> Integer,
         locked_until -> Nullable<Timestamp>,
         created_at -> Timestamp,
+        last_sign_in_at -> Nullable<Timestamp>,
     }
 }
 
@@ -186,6 +187,7 @@ diesel::table! {
         scopes -> Text,
         disabled -> Bool,
         created_at -> Timestamp,
+        last_token_at -> Nullable<Timestamp>,
     }
 }
 

@@ -7,9 +7,9 @@ use super::{blocking, trail::Trail, ApiError, AppState};
 use crate::auth::policy::authorize;
 use crate::auth::{Permission, Principal};
 use crate::fhir::IssueType;
-use crate::store::subscription::{ChangeEvent, SUBSCRIPTION};
-use crate::subscription::deliver::Viewer;
-use crate::subscription::notification::{self, Event, Header, Kind};
+use crate::store::subscription::SUBSCRIPTION;
+use crate::subscription::deliver::{event_of, Viewer};
+use crate::subscription::notification::{self, Header, Kind};
 use crate::subscription::{Flavor, Payload, Spec};
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde_json::{json, Value};
@@ -225,16 +225,7 @@ pub async fn events(
         let mut events = Vec::with_capacity(stored.len());
         for e in &stored {
             let seen = viewer.visible(&pp, &spec, e)?;
-            events.push(Event {
-                number: e.event_number.unwrap_or_default(),
-                resource_type: e.resource_type.clone(),
-                id: e.logical_id.clone(),
-                event: ChangeEvent::parse(&e.event),
-                recorded: e.recorded,
-                visible: seen.is_some(),
-                patients: seen.as_ref().map(|s| s.patients.clone()).unwrap_or_default(),
-                resource: seen.and_then(|s| s.resource),
-            });
+            events.push(event_of(e, seen));
         }
         Ok((spec, row, events))
     })

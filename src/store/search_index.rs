@@ -89,7 +89,8 @@ enum Bind {
 }
 
 impl SearchRow {
-    fn table(&self) -> &'static str {
+    /// The index table the row belongs in.
+    pub fn table(&self) -> &'static str {
         match self {
             SearchRow::String { .. } => "search_string",
             SearchRow::Token { .. } => "search_token",

@@ -121,7 +121,7 @@ impl Delivery {
         if let Err(e) = self.store.release_subscription_leases(&self.node) {
             tracing::warn!(error = %e, "releasing this node's subscription leases failed");
         }
-        self.refresh();
+        // (the node's set was read when its state was built, just before)
         for n in 0..self.config.subscription_workers {
             let me = Arc::downgrade(self);
             let spawned = std::thread::Builder::new()
@@ -337,16 +337,7 @@ impl Delivery {
         let events: Vec<Event> = outbox
             .iter()
             .zip(kept)
-            .map(|(e, (_, seen))| Event {
-                number: e.event_number.unwrap_or_default(),
-                resource_type: e.resource_type.clone(),
-                id: e.logical_id.clone(),
-                event: ChangeEvent::parse(&e.event),
-                recorded: e.recorded,
-                visible: seen.is_some(),
-                patients: seen.as_ref().map(|s| s.patients.clone()).unwrap_or_default(),
-                resource: seen.and_then(|s| s.resource),
-            })
+            .map(|(e, (_, seen))| event_of(e, seen))
             .collect();
         let sent = self.send(spec, Kind::EventNotification, "active", counter, &events);
         self.audit(&grant, spec, &events, &sent, Kind::EventNotification);
@@ -602,6 +593,20 @@ impl Delivery {
             }
             Err(e) => tracing::warn!(error = %e, "updating a Subscription's status failed"),
         }
+    }
+}
+
+/// An outbox event as a notification carries it, given what its recipient may see of it.
+pub fn event_of(e: &OutboxEvent, seen: Option<Seen>) -> Event {
+    Event {
+        number: e.event_number.unwrap_or_default(),
+        resource_type: e.resource_type.clone(),
+        id: e.logical_id.clone(),
+        event: ChangeEvent::parse(&e.event),
+        recorded: e.recorded,
+        visible: seen.is_some(),
+        patients: seen.as_ref().map(|s| s.patients.clone()).unwrap_or_default(),
+        resource: seen.and_then(|s| s.resource),
     }
 }
 

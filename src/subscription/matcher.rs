@@ -76,19 +76,6 @@ fn param_of(row: &SearchRow) -> &str {
     }
 }
 
-fn table_of(row: &SearchRow) -> &'static str {
-    match row {
-        SearchRow::String { .. } => "search_string",
-        SearchRow::Token { .. } => "search_token",
-        SearchRow::Date { .. } => "search_date",
-        SearchRow::Reference { .. } => "search_reference",
-        SearchRow::Number { .. } => "search_number",
-        SearchRow::Quantity { .. } => "search_quantity",
-        SearchRow::Uri { .. } => "search_uri",
-        SearchRow::Composite { .. } => "search_composite",
-    }
-}
-
 fn blind_of(row: &SearchRow) -> Option<&[u8]> {
     match row {
         SearchRow::String { blind, .. } | SearchRow::Token { blind, .. } | SearchRow::Date { blind, .. } => {
@@ -123,11 +110,11 @@ fn cond(c: &Cond, ty: &str, id: &str, rows: &[SearchRow]) -> bool {
             _ => false,
         }),
         Cond::Blind { table, param, blinds } => of(param)
-            .filter(|r| table_of(r) == *table)
+            .filter(|r| r.table() == *table)
             .any(|r| blind_of(r).is_some_and(|b| blinds.iter().any(|w| w.as_slice() == b))),
         Cond::BlindAll { table, param, blinds } => blinds.iter().all(|w| {
             of(param)
-                .filter(|r| table_of(r) == *table)
+                .filter(|r| r.table() == *table)
                 .any(|r| blind_of(r) == Some(w.as_slice()))
         }),
         Cond::Token { param, system, code } => of(param).any(|r| match r {
@@ -244,7 +231,7 @@ fn cond(c: &Cond, ty: &str, id: &str, rows: &[SearchRow]) -> bool {
             _ => false,
         }),
         Cond::Missing { param, table, missing } => {
-            let present = of(param).any(|r| table_of(r) == *table);
+            let present = of(param).any(|r| r.table() == *table);
             present != *missing
         }
         Cond::Chain { .. } | Cond::Has { .. } => false,

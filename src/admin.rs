@@ -295,6 +295,11 @@ fn client(config: &Config, store: &Arc<Store>, command: ClientCommand) -> anyhow
             jwks_uri,
         } => {
             anyhow::ensure!(
+                client_id != fhirvault::auth::console::CONSOLE_CLIENT_ID,
+                "the client id {} is the console's own; choose another",
+                fhirvault::auth::console::CONSOLE_CLIENT_ID
+            );
+            anyhow::ensure!(
                 !client_id.is_empty()
                     && client_id.len() <= 128
                     && client_id.chars().all(|c| c.is_ascii_graphic() && c != ':'),

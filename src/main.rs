@@ -289,15 +289,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                      search parameters of the scope's type (category, code, status …), not on `*`"
                 );
             }
+            let break_glass = purpose_of_use.as_deref() == Some("BTG");
+            if break_glass {
+                anyhow::ensure!(
+                    user.is_some() && reason.as_deref().is_some_and(|r| !r.trim().is_empty()),
+                    "a break-glass token (--purpose-of-use BTG) needs --user and a --reason"
+                );
+            }
             let issuer = fhirvault::server::open_issuer(&config)?;
             let (token_user, token_patient) = (user.clone(), patient.clone());
-            let token = issuer.issue(&fhirvault::auth::TokenRequest {
+            let (btg_client, btg_reason) = (client.clone(), reason.clone());
+            let expires_in = expires_in.unwrap_or(config.max_token_lifetime_secs);
+            let (token, token_id) = issuer.issue_with_id(&fhirvault::auth::TokenRequest {
                 scope,
                 patient,
                 fhir_user: user,
                 client_id: client,
                 subject: None,
-                expires_in: expires_in.unwrap_or(config.max_token_lifetime_secs),
+                expires_in,
                 amr,
                 roles: role,
                 purpose_of_use,
@@ -305,6 +314,32 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             })?;
             let store = open_store(&config, false)?;
             let mut record = cli_record(Kind::Security("token-issue"), Action::Execute);
+            if break_glass {
+                // the use is listed for review with its reason, sealed; the token's own event
+                // says only that it was a break-glass token
+                let issued = fhirvault::store::now();
+                let window = expires_in.min(config.break_glass_secs);
+                let fhir_user = token_user.clone().unwrap_or_default();
+                let sealed = fhirvault::store::break_glass::seal_reason(
+                    store.cipher(),
+                    &token_id,
+                    btg_reason.as_deref().unwrap_or_default(),
+                )?;
+                store
+                    .break_glass_add(&fhirvault::store::break_glass::BreakGlassRow {
+                        token_id: token_id.clone(),
+                        issued_at: issued,
+                        expires_at: issued + chrono::Duration::seconds(window),
+                        subject: fhir_user.clone(),
+                        fhir_user,
+                        client_id: btg_client,
+                        reason: sealed,
+                        reviewed_at: None,
+                        reviewed_by: None,
+                    })
+                    .context("recording the break-glass use")?;
+                record.outcome_desc = Some("break-glass token".into());
+            }
             if let Some(u) = token_user {
                 record.entities.push(u);
             }
@@ -622,8 +657,8 @@ fn keys_command(config: &Config, command: KeysCommand) -> anyhow::Result<()> {
     let store = open_store(config, true)?;
     let mut record = cli_record(Kind::Admin("key-rotate"), Action::Update);
     let result = store.reencrypt(|n| eprintln!("  {n} rows re-encrypted")).and_then(|n| {
-        // the sign-in second factors are sealed with the content key too
-        Ok(n + fhirvault::auth::server::reencrypt_totp_secrets(&store)?)
+        // the sign-in second factors and the break-glass reasons are sealed with the content key too
+        Ok(n + fhirvault::auth::server::reencrypt_totp_secrets(&store)? + store.break_glass_reencrypt()?)
     });
     let usage = store.key_usage();
     let mut retired = Vec::new();

@@ -3,6 +3,7 @@
 
 pub mod audit;
 mod bundle;
+mod console;
 pub mod crud;
 pub mod docs;
 pub mod error;
@@ -389,6 +390,16 @@ pub fn app(
                 .route("/userinfo", web::get().to(smart::userinfo))
                 .route("/userinfo", web::post().to(smart::userinfo))
                 .route("/static/fhirvault.css", web::get().to(smart::stylesheet)),
+        )
+        .service(
+            // the compliance console: server-rendered like the sign-in pages, the same discipline
+            web::scope("/console")
+                .wrap(DefaultHeaders::new().add((
+                    header::CONTENT_SECURITY_POLICY,
+                    "default-src 'none'; style-src 'self'; img-src 'self'; base-uri 'none'; \
+                     form-action 'self'; frame-ancestors 'none'",
+                )))
+                .configure(console::routes),
         )
         .service(
             web::scope(&base)

@@ -38,8 +38,22 @@ code.secret{display:block;font-size:1.1rem;letter-spacing:.1em;word-break:break-
 ul.scopes{padding-left:1.2rem}\
 fieldset{border:1px solid #c5cbd3;border-radius:4px;margin-top:1rem}\
 fieldset label{font-weight:400;margin-top:.3rem}\
+.skip{position:absolute;left:-999rem}.skip:focus{left:1rem;top:.5rem;background:#fff;padding:.4rem}\
+body.console header{display:flex;justify-content:space-between;align-items:center;padding:.5rem 1.5rem;background:#1b2a41;color:#fff}\
+body.console header .brand{font-weight:700;margin:0}body.console header button{margin-top:0}\
+body.console nav ul{display:flex;flex-wrap:wrap;gap:1.2rem;list-style:none;margin:0;padding:.6rem 1.5rem;background:#e3e8ef}\
+body.console nav a{color:#1b2a41}body.console nav a[aria-current=page]{font-weight:700}\
+main.wide{max-width:80rem;margin:1.5rem auto}\
+table{border-collapse:collapse;width:100%;margin:1rem 0;font-size:.9rem}caption{text-align:left;font-weight:600;padding:.3rem 0}\
+th,td{border:1px solid #c5cbd3;padding:.35rem .5rem;text-align:left;vertical-align:top}th{background:#eef1f5}\
+form.filters{display:grid;grid-template-columns:repeat(auto-fill,minmax(11rem,1fr));gap:.2rem 1rem;align-items:end}\
+form.filters label{margin-top:.4rem}form.filters input,form.filters select{width:100%;box-sizing:border-box;padding:.45rem;font-size:.95rem}\
+form.inline{display:inline}form.inline button{margin:0 .3rem .2rem 0;padding:.3rem .7rem;font-size:.9rem}\
+.notice{border-left:4px solid #1f7a3a;background:#e7f5ea;padding:.6rem .8rem}\
+.pass{color:#05631d}.attention{color:#8a5a00}.fail{color:#a00}pre{white-space:pre-wrap;font-size:.75rem;margin:0}\
 @media (prefers-color-scheme:dark){body{background:#14171b;color:#e6e9ed}main{background:#1d2126}\
-code.secret{background:#2a3038}.note{color:#aab2bc}.alert{background:#3a1d1b}button.secondary{background:#1d2126}}";
+code.secret{background:#2a3038}.note{color:#aab2bc}.alert{background:#3a1d1b}button.secondary{background:#1d2126}\
+th{background:#2a3038}body.console nav ul{background:#2a3038}body.console nav a{color:#e6e9ed}.notice{background:#1d3a24}}";
 
 fn page(title: &str, body: &str) -> String {
     format!(
@@ -65,19 +79,23 @@ fn hidden(name: &str, value: &str) -> String {
     )
 }
 
-/// The sign-in form.
-pub fn login(client_name: &str, request: &str, error: Option<&str>) -> String {
+/// The sign-in form: for an app (named), or for the console (`None`).
+pub fn login(client_name: Option<&str>, request: &str, error: Option<&str>) -> String {
+    let intro = match client_name {
+        Some(name) => format!("<strong>{}</strong> asks to connect to your health records.", esc(name)),
+        None => "Sign in to the <strong>fhirvault console</strong>, for auditors and administrators.".to_string(),
+    };
     page(
         "Sign in",
         &format!(
-            "<h1>Sign in</h1><p><strong>{}</strong> asks to connect to your health records.</p>{}\
+            "<h1>Sign in</h1><p>{}</p>{}\
              <form method=\"post\" action=\"/auth/login\">{}\
              <label for=\"username\">Username</label>\
              <input id=\"username\" name=\"username\" type=\"text\" autocomplete=\"username\" required autofocus>\
              <label for=\"password\">Password</label>\
              <input id=\"password\" name=\"password\" type=\"password\" autocomplete=\"current-password\" required>\
              <button type=\"submit\">Sign in</button></form>",
-            esc(client_name),
+            intro,
             alert(error),
             hidden("request", request),
         ),
@@ -226,7 +244,7 @@ mod tests {
 
     #[test]
     fn everything_placed_in_a_page_is_escaped() {
-        let html = login("<script>alert(1)</script>", "\"><img src=x>", Some("a & b"));
+        let html = login(Some("<script>alert(1)</script>"), "\"><img src=x>", Some("a & b"));
         assert!(!html.contains("<script>alert"));
         assert!(!html.contains("<img src=x>"));
         assert!(html.contains("&lt;script&gt;") && html.contains("a &amp; b"));

@@ -8,6 +8,7 @@
 use super::pages::{self, Consent, PatientChoice};
 use super::{blocking, ApiError, AppState};
 use crate::audit::{Action, Agent, AuditRecord, Kind, Outcome};
+use crate::auth::console::{is_console, CONSOLE_HOME};
 use crate::auth::server::{AuthServer, AuthorizeFailure, AuthzRequest, OAuthError};
 use crate::store::auth::UserRow;
 use actix_web::http::header::{self, HeaderValue};
@@ -237,7 +238,7 @@ fn too_many(retry_after: u64, page: bool) -> HttpResponse {
     resp
 }
 
-fn session_cookie(req: &HttpRequest) -> Option<String> {
+pub(super) fn session_cookie(req: &HttpRequest) -> Option<String> {
     let header = req.headers().get(header::COOKIE)?.to_str().ok()?;
     header.split(';').find_map(|kv| {
         let (k, v) = kv.trim().split_once('=')?;
@@ -253,7 +254,9 @@ fn set_cookie(state: &AppState, resp: &mut HttpResponse, value: &str, max_age: O
             .public_url
             .as_deref()
             .is_some_and(|u| u.starts_with("https://"));
-    let mut cookie = format!("{SESSION_COOKIE}={value}; Path=/auth; HttpOnly; SameSite=Lax");
+    // the whole origin: the sign-in pages (`/auth`) and the console (`/console`) share it; the
+    // FHIR API never reads it (bearer tokens only)
+    let mut cookie = format!("{SESSION_COOKIE}={value}; Path=/; HttpOnly; SameSite=Lax");
     if secure {
         cookie.push_str("; Secure");
     }
@@ -265,7 +268,7 @@ fn set_cookie(state: &AppState, resp: &mut HttpResponse, value: &str, max_age: O
     }
 }
 
-fn user_agent(user: &UserRow, client_id: Option<&str>) -> impl FnOnce(&mut Agent) {
+pub(super) fn user_agent(user: &UserRow, client_id: Option<&str>) -> impl FnOnce(&mut Agent) {
     let (id, fhir_user, roles) = (user.id.clone(), user.fhir_user.clone(), user.roles.clone());
     let client = client_id.map(str::to_string);
     move |a: &mut Agent| {
@@ -482,10 +485,10 @@ pub async fn authorize(req: HttpRequest, state: web::Data<AppState>) -> Result<H
             }
         }
     }
-    Ok(html(StatusCode::OK, pages::login(&authz.client_name, &sealed, None)))
+    Ok(html(StatusCode::OK, login_page(&authz, &sealed, None)))
 }
 
-fn internal(e: OAuthError) -> ApiError {
+pub(super) fn internal(e: OAuthError) -> ApiError {
     tracing::error!(error = %e, "authorization server error");
     ApiError::Internal
 }
@@ -509,6 +512,15 @@ fn expired_page() -> HttpResponse {
             "This sign-in took too long or was already used. Go back to the application and start again.",
         ),
     )
+}
+
+/// The sign-in form of an app's request, or of the console's.
+pub(super) fn login_page(authz: &AuthzRequest, sealed: &str, error: Option<&str>) -> String {
+    if is_console(authz) {
+        pages::login(None, sealed, error)
+    } else {
+        pages::login(Some(&authz.client_name), sealed, error)
+    }
 }
 
 const LOGIN_FAILED: &str = "The username or password is incorrect, or the account is locked.";
@@ -548,7 +560,7 @@ pub async fn login(req: HttpRequest, state: web::Data<AppState>, body: web::Byte
         }
         return Ok(html(
             StatusCode::UNAUTHORIZED,
-            pages::login(&authz.client_name, &sealed, Some(LOGIN_FAILED)),
+            login_page(&authz, &sealed, Some(LOGIN_FAILED)),
         ));
     };
     let needs_factor = state.config.auth_mfa_required || user.totp_secret.is_some();
@@ -656,7 +668,7 @@ async fn form_step(
 }
 
 /// Whether a session has signed in completely (the second factor too, where one is needed).
-fn signed_in(state: &AppState, session: &crate::store::auth::SessionRow, user: &UserRow) -> bool {
+pub(super) fn signed_in(state: &AppState, session: &crate::store::auth::SessionRow, user: &UserRow) -> bool {
     session.mfa_done || (!state.config.auth_mfa_required && user.totp_secret.is_none())
 }
 
@@ -876,6 +888,10 @@ async fn consent_page(
     query: &str,
     error: Option<&str>,
 ) -> Result<HttpResponse, ApiError> {
+    // the console asks for no consent and is issued nothing: the signed-in session is its grant
+    if is_console(authz) {
+        return Ok(see_other(CONSOLE_HOME));
+    }
     let picker = if authz.needs_patient_choice(user) {
         let choices = {
             let (st, u, a, q) = (state.clone(), user.clone(), authz.clone(), query.to_string());
@@ -974,6 +990,9 @@ pub async fn consent(req: HttpRequest, state: web::Data<AppState>, body: web::By
     };
     if !signed_in(&state, &session, &user) {
         return Ok(expired_page());
+    }
+    if is_console(&authz) {
+        return Ok(see_other(CONSOLE_HOME));
     }
     if form.get("decision").map(String::as_str) != Some("allow") {
         if let Err(page) = audit_user(

@@ -188,6 +188,11 @@ impl Issuer {
 
     /// Signs a new access token. Lifetimes above the configured maximum are refused.
     pub fn issue(&self, req: &TokenRequest) -> Result<String, AuthError> {
+        Ok(self.issue_with_id(req)?.0)
+    }
+
+    /// Signs a token as [`Issuer::issue`] does, and returns its id (`jti`) with it.
+    pub fn issue_with_id(&self, req: &TokenRequest) -> Result<(String, String), AuthError> {
         if req.expires_in <= 0 || req.expires_in > self.max_lifetime {
             return Err(AuthError::Setup(format!(
                 "expires-in must be between 1 and {} seconds (max_token_lifetime_secs)",
@@ -221,7 +226,9 @@ impl Issuer {
         let mut header = Header::new(Algorithm::ES256);
         header.kid = Some(self.kid.clone());
         header.typ = Some("at+jwt".into());
-        jsonwebtoken::encode(&header, &claims, &self.encoding).map_err(|_| AuthError::Setup("signing failed".into()))
+        let token = jsonwebtoken::encode(&header, &claims, &self.encoding)
+            .map_err(|_| AuthError::Setup("signing failed".into()))?;
+        Ok((token, claims.jti))
     }
 
     /// Validates a bearer token and returns who it speaks for.

@@ -17,6 +17,7 @@
 
 pub mod alert;
 pub mod attributes;
+pub mod console;
 pub mod issuer;
 pub mod limiter;
 pub mod oidc;

@@ -29,7 +29,8 @@ const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::URL
 /// The longest a client assertion may live (SMART Backend Services: five minutes).
 const ASSERTION_MAX_SECS: i64 = 300;
 /// How long an authorization request may sit on the login and consent pages.
-const REQUEST_SECS: i64 = 600;
+/// How long a sign-in may take, from the authorize request to consent.
+pub const REQUEST_SECS: i64 = 600;
 const CODE_SECS: i64 = 60;
 const JWT_BEARER: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
 const JWKS_URI_CACHE: Duration = Duration::from_secs(300);

@@ -26,6 +26,17 @@ vertical-align:top;text-align:left}.pass{color:#05631d}.attention{color:#8a5a00}
 pre{white-space:pre-wrap;font-size:.75rem;margin:0}@media print{body{margin:0}h2{break-after:avoid}\
 tr{break-inside:avoid}}";
 
+/// The Content-Security-Policy of the report served as a file: its one inline style, allowed by
+/// its hash, and nothing else.
+pub static CSP: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    use base64::Engine;
+    use sha2::Digest;
+    let hash = base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(STYLE.as_bytes()));
+    format!(
+        "default-src 'none'; style-src 'sha256-{hash}'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    )
+});
+
 /// Renders the report.
 pub fn render(report: &Report) -> String {
     let mut h = String::new();

@@ -6,6 +6,7 @@
 //! What is checked is what the deployment itself can show; a check this version cannot make is
 //! absent, never guessed (docs/hipaa.md lists, per row, the report's check).
 
+mod activity;
 pub mod html;
 
 use crate::config::Config;
@@ -113,11 +114,13 @@ pub fn report(inputs: &Inputs<'_>, progress: impl FnMut(u64)) -> anyhow::Result<
     let config = inputs.config;
     let sections = vec![
         access_control(inputs)?,
+        activity::emergency_access(inputs)?,
         automatic_logoff(config),
         encryption(inputs),
         audit_controls(inputs, progress)?,
         authentication(inputs)?,
         transmission(config, inputs.now),
+        activity::backups(inputs)?,
     ];
     Ok(Report {
         generated: instant(&inputs.now),
@@ -481,6 +484,7 @@ fn authentication(inputs: &Inputs<'_>) -> anyhow::Result<Section> {
             "locked_now": locked,
         }),
     ));
+    checks.push(activity::sign_in_bursts(inputs)?);
     Ok(Section {
         citation: "164.312(d)".into(),
         title: "Person or entity authentication".into(),

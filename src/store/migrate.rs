@@ -37,7 +37,8 @@ pub(super) fn grant_server_role(owner: &mut DbConnection, server: &mut DbConnect
          GRANT SELECT, INSERT, UPDATE, DELETE ON auth_users, auth_clients, auth_sessions, auth_codes, \
                auth_refresh_tokens, auth_launches, auth_assertions, auth_revoked_tokens TO {ident}; \
          GRANT SELECT, INSERT, UPDATE, DELETE ON subscription_state, subscription_outbox TO {ident}; \
-         GRANT USAGE, SELECT ON SEQUENCE subscription_outbox_id_seq TO {ident};"
+         GRANT USAGE, SELECT ON SEQUENCE subscription_outbox_id_seq TO {ident}; \
+         GRANT SELECT, INSERT, UPDATE ON break_glass_uses TO {ident};"
     ))?;
     Ok(())
 }

@@ -11,6 +11,7 @@
 pub mod audit;
 pub mod auth;
 pub mod backup;
+pub mod break_glass;
 pub mod connection;
 pub mod encrypted;
 pub mod export;

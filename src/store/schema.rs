@@ -296,3 +296,17 @@ diesel::table! {
 }
 
 diesel::allow_tables_to_appear_in_same_query!(subscription_state, subscription_outbox);
+
+diesel::table! {
+    break_glass_uses (token_id) {
+        token_id -> Text,
+        issued_at -> Timestamp,
+        expires_at -> Timestamp,
+        subject -> Text,
+        fhir_user -> Text,
+        client_id -> Nullable<Text>,
+        reason -> Binary,
+        reviewed_at -> Nullable<Timestamp>,
+        reviewed_by -> Nullable<Text>,
+    }
+}

@@ -3,6 +3,7 @@
 //! a loopback port driven with a blocking HTTP client.
 #![allow(dead_code)]
 
+pub mod browser;
 pub mod node;
 pub mod replication;
 

@@ -309,6 +309,62 @@ impl Store {
         Ok((oldest, recent))
     }
 
+    /// The events of one subtype recorded at or after `since`, oldest first, at most `limit`,
+    /// decrypted (from the derived rows: a server's events are there within a second of their
+    /// commit).
+    pub fn audit_events_of_subtype(
+        &self,
+        subtype: &str,
+        since: NaiveDateTime,
+        limit: i64,
+    ) -> Result<Vec<serde_json::Value>, StoreError> {
+        let mut conn = self.checkout(&Access::All)?;
+        let stored: Vec<StoredAuditEvent> = ev::table
+            .inner_join(asr::table.on(asr::event_id.eq(ev::id)))
+            .filter(asr::subtype.eq(subtype).and(asr::recorded.ge(since)))
+            .order(asr::event_id.asc())
+            .limit(limit)
+            .select(StoredAuditEvent::as_select())
+            .load(&mut conn.conn)?;
+        Ok(self.open_events(&stored))
+    }
+
+    fn open_events(&self, stored: &[StoredAuditEvent]) -> Vec<serde_json::Value> {
+        let cipher = self.cipher();
+        stored
+            .iter()
+            .filter_map(|e| {
+                let plain = cipher.open(&event_aad(&e.id), &e.content.0).ok()?;
+                serde_json::from_slice(&plain).ok()
+            })
+            .collect()
+    }
+
+    /// The events of one agent (the search key: a user's reference) recorded in `[from, to]`,
+    /// oldest first, at most `limit`, decrypted.
+    pub fn audit_events_of_agent(
+        &self,
+        agent: &str,
+        from: NaiveDateTime,
+        to: NaiveDateTime,
+        limit: i64,
+    ) -> Result<Vec<serde_json::Value>, StoreError> {
+        let mut conn = self.checkout(&Access::All)?;
+        let stored: Vec<StoredAuditEvent> = ev::table
+            .inner_join(asr::table.on(asr::event_id.eq(ev::id)))
+            .filter(
+                asr::agent
+                    .eq(agent)
+                    .and(asr::recorded.ge(from))
+                    .and(asr::recorded.le(to)),
+            )
+            .order(asr::event_id.asc())
+            .limit(limit)
+            .select(StoredAuditEvent::as_select())
+            .load(&mut conn.conn)?;
+        Ok(self.open_events(&stored))
+    }
+
     /// The number of stored events (chained or not).
     pub fn audit_event_count(&self) -> Result<i64, StoreError> {
         let mut conn = self.checkout(&Access::All)?;

@@ -12,7 +12,8 @@
 // second sign-in that asks for the TOTP code. Exits non-zero with the reason on any failure.
 import { chromium } from 'playwright-core';
 import { execFileSync } from 'node:child_process';
-import { createHash, createHmac, randomBytes } from 'node:crypto';
+import { createHash, randomBytes } from 'node:crypto';
+import { base32Decode, totp } from './totp.mjs';
 import { createServer } from 'node:http';
 import { mkdirSync } from 'node:fs';
 
@@ -25,23 +26,6 @@ const cli = (args, input) =>
   execFileSync(binary, ['--data-dir', dataDir, ...args], { input, encoding: 'utf8', stdio: ['pipe', 'pipe', 'pipe'] });
 
 const b64url = (buf) => buf.toString('base64').replace(/\+/g, '-').replace(/\//g, '_').replace(/=+$/, '');
-function base32Decode(text) {
-  const alphabet = 'ABCDEFGHIJKLMNOPQRSTUVWXYZ234567';
-  let bits = '';
-  for (const c of text.replace(/\s+/g, '')) bits += alphabet.indexOf(c).toString(2).padStart(5, '0');
-  const bytes = [];
-  for (let i = 0; i + 8 <= bits.length; i += 8) bytes.push(parseInt(bits.slice(i, i + 8), 2));
-  return Buffer.from(bytes);
-}
-// RFC 6238 (SHA-1, 6 digits, 30 s), at time `t` seconds
-function totp(secret, t) {
-  const counter = Buffer.alloc(8);
-  counter.writeBigUInt64BE(BigInt(Math.floor(t / 30)));
-  const h = createHmac('sha1', secret).update(counter).digest();
-  const o = h[h.length - 1] & 15;
-  return String((h.readUInt32BE(o) & 0x7fffffff) % 1_000_000).padStart(6, '0');
-}
-
 // the app's redirect URI: a loopback listener that records the callback
 const callbacks = [];
 const app = createServer((req, res) => {

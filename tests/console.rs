@@ -226,7 +226,7 @@ fn console(db: Db) {
     let uses = officer.get("/console/break-glass");
     assert_eq!(uses.status, 200, "{}", uses.body);
     assert!(uses.body.contains(REASON) && uses.body.contains("Practitioner/er-doc"));
-    assert!(uses.body.contains(">1 requests</a>"), "{}", uses.body);
+    assert!(uses.body.contains(">1 request</a>"), "{}", uses.body);
     let token = uses.hidden().get("token").cloned().expect("a review form");
     let officer_csrf = csrf(&uses);
     let forged = officer.post("/console/break-glass/review", &[("token", &token), ("csrf", "forged")]);

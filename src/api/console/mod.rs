@@ -304,9 +304,10 @@ async fn break_glass(req: HttpRequest, state: web::Data<AppState>) -> Result<Htt
             esc(u.client_id.as_deref().unwrap_or("-")),
             reason,
             format!(
-                "<a href=\"{}\">{requests}{} requests</a>",
+                "<a href=\"{}\">{requests}{} request{}</a>",
                 esc(&audit_link),
-                if *more { "+" } else { "" }
+                if *more { "+" } else { "" },
+                if *requests == 1 && !*more { "" } else { "s" }
             ),
             review,
         ]);
@@ -414,7 +415,10 @@ async fn accounts(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpRe
             };
             let mut actions = String::new();
             let name = u.username.as_str();
-            if u.disabled {
+            if name == officer.user.username {
+                // an admin does not lock themselves out from here
+                actions.push_str("<span class=\"note\">your account</span>");
+            } else if u.disabled {
                 actions.push_str(&pages::action_button(
                     "/console/users/enable",
                     "Enable",
@@ -429,7 +433,7 @@ async fn accounts(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpRe
                     csrf,
                 ));
             }
-            if u.totp_secret.is_some() {
+            if u.totp_secret.is_some() && name != officer.user.username {
                 actions.push_str(&pages::action_button(
                     "/console/users/reset-mfa",
                     &format!("Reset second factor of {name}"),

@@ -10,6 +10,8 @@ use common::{node::bin, pg, Db, TestDb};
 use serde_json::Value;
 use std::path::Path;
 
+const BTG_REASON: &str = "cardiac arrest in the waiting room";
+
 fn run(data: &Path, url: &str, env: &[(&str, &str)], args: &[&str]) -> std::process::Output {
     bin()
         .args(args)
@@ -48,6 +50,39 @@ fn report_on(db: Db) {
         &["admin", "user", "add", "officer", "--role", "auditor"],
     );
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // a break-glass token: its use is listed with its reason
+    let out = run(
+        &data,
+        &url,
+        &[],
+        &[
+            "token",
+            "--scope",
+            "user/*.rs",
+            "--user",
+            "Practitioner/er-doc",
+            "--purpose-of-use",
+            "BTG",
+            "--reason",
+            BTG_REASON,
+        ],
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let refused = run(
+        &data,
+        &url,
+        &[],
+        &[
+            "token",
+            "--scope",
+            "user/*.rs",
+            "--user",
+            "Practitioner/er-doc",
+            "--purpose-of-use",
+            "BTG",
+        ],
+    );
+    assert!(!refused.status.success(), "break-glass without a reason is refused");
     let json_path = t.dir.path().join("report.json");
     let out = run(
         &data,
@@ -65,6 +100,7 @@ fn report_on(db: Db) {
     let report: Value = serde_json::from_slice(&std::fs::read(&json_path).unwrap()).unwrap();
     for citation in [
         "164.312(a)(1)",
+        "164.312(a)(2)(ii)",
         "164.312(a)(2)(iii)",
         "164.312(a)(2)(iv)",
         "164.312(b)",
@@ -92,6 +128,15 @@ fn report_on(db: Db) {
     assert_eq!(review["verdict"], "pass", "a new account is not yet unused: {review}");
     let mfa = check(&report, "164.312(d)", "accounts without a second factor");
     assert_eq!(mfa["verdict"], "attention", "the officer has not enrolled yet: {mfa}");
+    let uses = check(&report, "164.312(a)(2)(ii)", "break-glass uses in the period");
+    assert_eq!(uses["verdict"], "attention", "not reviewed yet: {uses}");
+    assert_eq!(uses["evidence"]["uses"].as_array().unwrap().len(), 1, "{uses}");
+    assert_eq!(uses["evidence"]["uses"][0]["reason"], BTG_REASON);
+    assert_eq!(uses["evidence"]["uses"][0]["user"], "Practitioner/er-doc");
+    let backups = check(&report, "164.308(a)(7)(ii)(A)", "backups written");
+    assert_eq!(backups["verdict"], "attention", "none yet: {backups}");
+    let bursts = check(&report, "164.312(d)", "failed sign-in bursts");
+    assert_eq!(bursts["verdict"], "pass", "{bursts}");
     let rls = check(&report, "164.312(a)(1)", "row-level security binds the serving role");
     match db {
         Db::Sqlite => {
@@ -124,6 +169,9 @@ fn report_on(db: Db) {
             let report: Value = serde_json::from_slice(&out.stdout).unwrap();
             let rls = check(&report, "164.312(a)(1)", "row-level security binds the serving role");
             assert_eq!(rls["verdict"], "pass", "{rls}");
+            // the serving role reads the break-glass uses (and their sealed reasons) too
+            let uses = check(&report, "164.312(a)(2)(ii)", "break-glass uses in the period");
+            assert_eq!(uses["evidence"]["uses"][0]["reason"], BTG_REASON);
             assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         }
     }

@@ -289,6 +289,26 @@ fn console(db: Db) {
     assert_eq!(r.location.as_deref(), Some("/console/accounts?done=self"));
     assert!(!s.store.auth_user_by_name("chief").unwrap().unwrap().disabled);
 
+    // a backup (from the shell: the running server derives the CLI's events into the search rows)
+    let out = bin()
+        .arg("--data-dir")
+        .arg(&data)
+        .arg("--database-url")
+        .arg(&s.db.database_url)
+        .args(["backup", "--out"])
+        .arg(s.db.dir.path().join("console.fvbackup"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while events(&s, "backup").is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the backup's event was never derived"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+
     // the compliance report: in the console, and downloaded
     let page = chief.get("/console/report");
     assert_eq!(page.status, 200, "{}", page.body);
@@ -333,6 +353,8 @@ fn console(db: Db) {
         "pass",
         "the chains verify"
     );
+    let backups = section("164.308(a)(7)(ii)(A)");
+    assert_eq!(backups["checks"][0]["verdict"], "pass", "{backups}");
     let r = http
         .get(format!("http://{}/console/report/download?format=html", s.addr))
         .header("cookie", chief.cookie.clone().unwrap())

@@ -15,7 +15,6 @@ use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use reqwest::blocking::Client;
 use serde_json::{json, Value};
 use sha2::Digest;
-use std::collections::HashMap;
 
 const REDIRECT: &str = "http://127.0.0.1:9/callback";
 const APP: &str = "test-app";

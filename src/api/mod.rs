@@ -5,6 +5,7 @@ pub mod audit;
 mod bundle;
 mod console;
 pub mod crud;
+pub mod discovery;
 pub mod docs;
 pub mod error;
 mod export;
@@ -15,6 +16,7 @@ pub mod ops;
 mod pages;
 pub mod route;
 pub mod search;
+mod sign_in;
 pub mod smart;
 mod subscriptions;
 pub mod trail;
@@ -367,8 +369,8 @@ pub fn app(
                 .service(docs::swagger_ui()),
         )
         // the discovery documents at the root and under the FHIR base (SMART clients look there)
-        .configure(smart::well_known)
-        .route("/.well-known/jwks.json", web::get().to(smart::jwks))
+        .configure(discovery::well_known)
+        .route("/.well-known/jwks.json", web::get().to(discovery::jwks))
         .service(
             // the sign-in pages: one same-origin stylesheet, no scripts, never framed
             web::scope("/auth")
@@ -376,20 +378,20 @@ pub fn app(
                     header::CONTENT_SECURITY_POLICY,
                     "default-src 'none'; style-src 'self'; img-src 'self'; base-uri 'none'; frame-ancestors 'none'",
                 )))
-                .route("/authorize", web::get().to(smart::authorize))
-                .route("/login", web::post().to(smart::login))
-                .route("/mfa", web::post().to(smart::mfa))
-                .route("/mfa/enrol", web::post().to(smart::enrol))
-                .route("/consent", web::get().to(smart::consent_search))
-                .route("/consent", web::post().to(smart::consent))
-                .route("/logout", web::post().to(smart::logout))
+                .route("/authorize", web::get().to(sign_in::authorize))
+                .route("/login", web::post().to(sign_in::login))
+                .route("/mfa", web::post().to(sign_in::mfa))
+                .route("/mfa/enrol", web::post().to(sign_in::enrol))
+                .route("/consent", web::get().to(sign_in::consent_search))
+                .route("/consent", web::post().to(sign_in::consent))
+                .route("/logout", web::post().to(sign_in::logout))
                 .route("/token", web::post().to(smart::token))
                 .route("/introspect", web::post().to(smart::introspect))
                 .route("/revoke", web::post().to(smart::revoke))
-                .route("/jwks", web::get().to(smart::jwks))
+                .route("/jwks", web::get().to(discovery::jwks))
                 .route("/userinfo", web::get().to(smart::userinfo))
                 .route("/userinfo", web::post().to(smart::userinfo))
-                .route("/static/fhirvault.css", web::get().to(smart::stylesheet)),
+                .route("/static/fhirvault.css", web::get().to(sign_in::stylesheet)),
         )
         .service(
             // the compliance console: server-rendered like the sign-in pages, the same discipline
@@ -403,7 +405,7 @@ pub fn app(
         )
         .service(
             web::scope(&base)
-                .configure(smart::well_known)
+                .configure(discovery::well_known)
                 .default_service(web::to(route::dispatch)),
         )
         .default_service(web::to(not_found))

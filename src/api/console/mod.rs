@@ -11,8 +11,8 @@
 mod audit_log;
 mod pages;
 
-use super::smart;
 use super::{blocking, ApiError, AppState};
+use super::{sign_in, smart};
 use crate::audit::{Action, Agent, AuditRecord, Kind, Outcome};
 use crate::auth::console::{sign_in_request, ConsoleAction, ConsoleRole, CONSOLE_CLIENT_ID, CONSOLE_HOME};
 use crate::store::auth::UserRow;
@@ -91,7 +91,7 @@ async fn gate(
     };
     let (s2, c2) = (srv.clone(), cookie.clone());
     let found = blocking(move || s2.session(&c2).map_err(smart::internal)).await?;
-    let Some((_, user)) = found.filter(|(s, u)| smart::signed_in(state, s, u) && !u.disabled) else {
+    let Some((_, user)) = found.filter(|(s, u)| sign_in::signed_in(state, s, u) && !u.disabled) else {
         return Ok(Err(see_other(SIGN_IN)));
     };
     let role = ConsoleRole::of(&user.roles);
@@ -197,7 +197,7 @@ async fn sign_in(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     };
     let request = sign_in_request(chrono::Utc::now().timestamp());
     let sealed = srv.seal_request(&request).map_err(|_| ApiError::Internal)?;
-    Ok(html(StatusCode::OK, smart::login_page(&request, &sealed, None)))
+    Ok(html(StatusCode::OK, sign_in::login_page(&request, &sealed, None)))
 }
 
 /// `GET /console`: what needs attention.

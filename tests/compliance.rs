@@ -227,6 +227,63 @@ fn compliance_report_on_postgres() {
     report_on(Db::Postgres);
 }
 
+/// `fhirvault restore --drill`: a backup restored into a scratch database and its audit log
+/// verified, the drill recorded here; the report's "last verified restore" follows the last
+/// drill (a damaged backup fails it), and the scratch database is removed either way.
+fn restore_drill_on(db: Db) {
+    let t = TestDb::new(db);
+    let data = t.dir.path().join("data");
+    let url = t.database_url.clone();
+    assert!(run(&data, &url, &[], &["migrate"]).status.success());
+    let out = run(&data, &url, &[], &["token", "--scope", "system/*.rs"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let file = t.dir.path().join("drill.fvbackup");
+    let out = run(&data, &url, &[], &["backup", "--out", file.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = run(&data, &url, &[], &["restore", "--drill", file.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("restore drill passed"));
+    let report = |name: &str| -> Value {
+        let out = run(&data, &url, &[], &["compliance", "report", "--format", "json"]);
+        let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+        check(&report, "164.308(a)(7)(ii)(A)", name).clone()
+    };
+    let drill = report("last verified restore");
+    assert_eq!(drill["verdict"], "pass", "{drill}");
+    assert_eq!(report("backups written")["verdict"], "pass");
+    // a damaged backup: the drill fails, and says so in the report
+    let mut bytes = std::fs::read(&file).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x40;
+    let damaged = t.dir.path().join("damaged.fvbackup");
+    std::fs::write(&damaged, &bytes).unwrap();
+    let out = run(&data, &url, &[], &["restore", "--drill", damaged.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("damaged"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let drill = report("last verified restore");
+    assert_eq!(drill["verdict"], "fail", "{drill}");
+    let left: Vec<_> = std::fs::read_dir(&data)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("restore-drill-"))
+        .collect();
+    assert!(left.is_empty(), "the scratch databases are removed");
+}
+
+#[test]
+fn restore_drill_on_sqlite() {
+    restore_drill_on(Db::Sqlite);
+}
+
+#[test]
+fn restore_drill_on_postgres() {
+    restore_drill_on(Db::Postgres);
+}
+
 /// The listener's certificate: a certificate that expires within 30 days needs attention, one
 /// that expired fails the report.
 #[test]

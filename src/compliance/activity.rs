@@ -167,8 +167,8 @@ pub fn sign_in_bursts(inputs: &Inputs<'_>) -> anyhow::Result<Check> {
     ))
 }
 
-/// Backups written (by `fhirvault backup`, audited in this database) and restores: the most
-/// recent of each on record.
+/// Backups written (by `fhirvault backup`) and restore drills (`fhirvault restore --drill`), both
+/// audited in this database: the most recent of each on record.
 pub fn backups(inputs: &Inputs<'_>) -> anyhow::Result<Section> {
     let long_ago = inputs.now - chrono::Duration::days(365 * 7);
     let newest = |subtype: &str| -> anyhow::Result<Option<Value>> {
@@ -186,7 +186,6 @@ pub fn backups(inputs: &Inputs<'_>) -> anyhow::Result<Section> {
         })
     };
     let backup = newest("backup")?;
-    let restore = newest("restore")?;
     let age_days = backup
         .as_ref()
         .and_then(|b| b.get("recorded").and_then(Value::as_str))
@@ -204,25 +203,45 @@ pub fn backups(inputs: &Inputs<'_>) -> anyhow::Result<Section> {
         },
         json!({"last_backup": backup.as_ref().map(summary)}),
     );
-    let restore_check = check(
-        "restores on record",
-        if restore.is_some() {
-            Verdict::Pass
-        } else {
-            Verdict::Attention
+    let drill = newest("restore-drill")?;
+    let restored_here = newest("restore")?;
+    let drill_age = drill
+        .as_ref()
+        .and_then(|d| d.get("recorded").and_then(Value::as_str))
+        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+        .map(|t| (inputs.now - t.naive_utc()).num_days());
+    let drill_failed = drill
+        .as_ref()
+        .is_some_and(|d| d.get("outcome").and_then(Value::as_str) != Some("0"));
+    let drill_check = check(
+        "last verified restore",
+        match (drill_failed, drill_age) {
+            (true, _) => Verdict::Fail,
+            (false, Some(d)) if d <= 90 => Verdict::Pass,
+            _ => Verdict::Attention,
         },
-        if restore.is_some() {
-            "this database was restored from a backup; its audit chains are verified above (164.312(b))".to_string()
-        } else {
-            "no restore is on record here: a restore drill runs on a scratch deployment (`fhirvault restore`, then \
-             `fhirvault audit verify`), whose own report shows it"
-                .to_string()
+        match (drill_failed, drill_age) {
+            (true, _) => {
+                "the last restore drill failed: the backup did not restore or its audit log did not verify".into()
+            }
+            (false, Some(d)) => format!(
+                "the last restore drill (a backup restored into a scratch database and its audit chains verified) \
+                 passed {d} days ago (attention past 90)"
+            ),
+            (false, None) => {
+                "no restore drill is on record: `fhirvault restore --drill FILE` restores a backup into a \
+                              scratch database, verifies it and records the result here"
+                    .into()
+            }
         },
-        json!({"last_restore": restore.as_ref().map(summary)}),
+        json!({
+            "last_drill": drill.as_ref().map(summary),
+            "last_restore_into_this_database": restored_here.as_ref().map(summary),
+        }),
     );
     Ok(Section {
         citation: "164.308(a)(7)(ii)(A)".into(),
         title: "Data backup (administrative safeguard, for completeness)".into(),
-        checks: vec![backup_check, restore_check],
+        checks: vec![backup_check, drill_check],
     })
 }

@@ -19,8 +19,8 @@ pub mod stream;
 
 pub use keyfile::{KeyFile, Wrapping};
 
-use aes_gcm::aead::{Aead, KeyInit, Payload};
-use aes_gcm::{Aes256Gcm, Nonce};
+use aes_gcm::aead::{AeadInOut, KeyInit};
+use aes_gcm::{Aes256Gcm, Nonce, Tag};
 use hkdf::Hkdf;
 use hmac::{Hmac, Mac};
 use rand::RngCore;
@@ -247,22 +247,22 @@ impl Cipher {
 }
 
 fn seal_with(version: u32, key: &Aes256Gcm, aad: &Aad<'_>, plaintext: &[u8]) -> Result<Sealed, CryptoError> {
+    // A fresh random 96-bit nonce from the thread's CSPRNG (ChaCha12, seeded from the OS and
+    // reseeded from it periodically and after a fork): no system call per seal. Random nonces
+    // stay unique far beyond what one key version seals (2^32 messages keeps the collision
+    // probability under 2^-32; keys rotate long before).
     let mut nonce = [0u8; 12];
-    rand::rngs::OsRng.fill_bytes(&mut nonce);
+    rand::thread_rng().fill_bytes(&mut nonce);
     let aad = aad.encode();
-    let ct = key
-        .encrypt(
-            &Nonce::from(nonce),
-            Payload {
-                msg: plaintext,
-                aad: &aad,
-            },
-        )
-        .map_err(|_| CryptoError::TooLarge)?;
-    let mut out = Vec::with_capacity(HEADER_LEN + ct.len());
+    // one buffer, encrypted in place: header, then the ciphertext, then the tag
+    let mut out = Vec::with_capacity(HEADER_LEN + plaintext.len() + TAG_LEN);
     out.extend_from_slice(&version.to_be_bytes());
     out.extend_from_slice(&nonce);
-    out.extend_from_slice(&ct);
+    out.extend_from_slice(plaintext);
+    let tag = key
+        .encrypt_inout_detached(&Nonce::from(nonce), &aad, (&mut out[HEADER_LEN..]).into())
+        .map_err(|_| CryptoError::TooLarge)?;
+    out.extend_from_slice(&tag);
     Ok(Sealed(out))
 }
 
@@ -273,14 +273,23 @@ fn open_with(key: &Aes256Gcm, aad: &Aad<'_>, sealed: &Sealed) -> Result<Vec<u8>,
     }
     let mut nonce = [0u8; 12];
     nonce.copy_from_slice(&bytes[4..HEADER_LEN]);
-    key.decrypt(
+    let (body, tag) = bytes[HEADER_LEN..].split_at(bytes.len() - HEADER_LEN - TAG_LEN);
+    let mut tag_bytes = [0u8; TAG_LEN];
+    tag_bytes.copy_from_slice(tag);
+    let mut plain = body.to_vec();
+    match key.decrypt_inout_detached(
         &Nonce::from(nonce),
-        Payload {
-            msg: &bytes[HEADER_LEN..],
-            aad: &aad.encode(),
-        },
-    )
-    .map_err(|_| CryptoError::Authentication)
+        &aad.encode(),
+        (&mut plain[..]).into(),
+        &Tag::from(tag_bytes),
+    ) {
+        Ok(()) => Ok(plain),
+        Err(_) => {
+            // what was decrypted is not authentic: wiped, never returned
+            zeroize::Zeroize::zeroize(&mut plain);
+            Err(CryptoError::Authentication)
+        }
+    }
 }
 
 /// SHA-256 of a byte string (used over canonical plaintext for integrity checks).
@@ -309,6 +318,41 @@ pub fn test_cipher() -> Cipher {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The layout against an independent AES-GCM (Python's `cryptography`, OpenSSL underneath):
+    /// what was sealed before a change of crate version still opens, and a seal opens there.
+    #[test]
+    fn ciphertext_matches_an_independent_aes_gcm() {
+        let key = Aes256Gcm::new(&[7u8; 32].into());
+        let aad = Aad {
+            table: "resource_versions",
+            resource_type: "Patient",
+            logical_id: "pt-1",
+            version_id: 3,
+        };
+        let hex = "00000001000102030405060708090a0b63a39b156e66ac3b14d7b1e5923d4ec0c36cd7fa7107194534b32e9b\
+                   6522b4deabac303adbf65ed3d28d";
+        let bytes: Vec<u8> = (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+            .collect();
+        let sealed = Sealed::from_stored(bytes);
+        assert_eq!(
+            open_with(&key, &aad, &sealed).unwrap(),
+            br#"{"resourceType":"Patient"}"#
+        );
+        // and a fresh seal round-trips, with a nonce of its own each time
+        let a = seal_with(1, &key, &aad, b"x").unwrap();
+        let b = seal_with(1, &key, &aad, b"x").unwrap();
+        assert_ne!(a.as_bytes()[4..16], b.as_bytes()[4..16]);
+        assert_eq!(open_with(&key, &aad, &a).unwrap(), b"x");
+        let mut tampered = a.as_bytes().to_vec();
+        *tampered.last_mut().unwrap() ^= 1;
+        assert!(matches!(
+            open_with(&key, &aad, &Sealed::from_stored(tampered)),
+            Err(CryptoError::Authentication)
+        ));
+    }
 
     struct Fixed(Vec<(u32, [u8; 32])>, u32);
     impl KeyProvider for Fixed {

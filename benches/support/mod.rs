@@ -1,6 +1,7 @@
 //! What the benches share: a lean HTTP client, a throughput loop and the test data.
 #![allow(dead_code)]
 
+pub mod crud;
 pub mod raw;
 
 use serde_json::json;
@@ -23,8 +24,33 @@ impl LeanClient {
         LeanClient {
             stream: std::io::BufReader::with_capacity(64 * 1024, s),
             host: addr.to_string(),
-            auth: format!("Authorization: Bearer {token}\r\n"),
+            auth: if token.is_empty() {
+                String::new()
+            } else {
+                format!("Authorization: Bearer {token}\r\n")
+            },
         }
+    }
+
+    /// A client of the FHIR server at `base` (`http://host:port/path`; plain HTTP), with a bearer
+    /// token or none (`""`); also returns the base's path (`/path`, or `""`).
+    pub fn connect_url(base: &str, token: &str) -> (LeanClient, String) {
+        let rest = base
+            .strip_prefix("http://")
+            .expect("the target must be an http:// URL (put a TLS gateway's plain side in front)");
+        let (authority, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], rest[i..].trim_end_matches('/').to_string()),
+            None => (rest, String::new()),
+        };
+        use std::net::ToSocketAddrs;
+        let addr = authority
+            .to_socket_addrs()
+            .ok()
+            .and_then(|mut a| a.next())
+            .unwrap_or_else(|| panic!("cannot resolve {authority}"));
+        let mut c = LeanClient::connect(addr, token);
+        c.host = authority.to_string();
+        (c, path)
     }
 
     /// Sends a request and returns the status, discarding the body.
@@ -45,7 +71,10 @@ impl LeanClient {
         keep: bool,
     ) -> (u16, Option<serde_json::Value>) {
         use std::io::{BufRead, Read, Write};
-        let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {}\r\n{}", self.host, self.auth);
+        let mut req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\nAccept: application/fhir+json\r\n{}",
+            self.host, self.auth
+        );
         if let Some(b) = body {
             req.push_str(&format!(
                 "Content-Type: application/fhir+json\r\nContent-Length: {}\r\n",
@@ -66,6 +95,7 @@ impl LeanClient {
             .and_then(|s| s.parse().ok())
             .expect("status line");
         let mut len = 0usize;
+        let mut chunked = false;
         loop {
             line.clear();
             self.stream.read_line(&mut line).unwrap();
@@ -75,11 +105,33 @@ impl LeanClient {
             if let Some((k, v)) = line.split_once(':') {
                 if k.eq_ignore_ascii_case("content-length") {
                     len = v.trim().parse().unwrap();
+                } else if k.eq_ignore_ascii_case("transfer-encoding") && v.to_ascii_lowercase().contains("chunked") {
+                    chunked = true;
                 }
             }
         }
         let mut sink = vec![0u8; len];
-        self.stream.read_exact(&mut sink).unwrap();
+        if chunked {
+            // other servers answer in chunks: size line, data, CRLF; a zero size ends it
+            sink.clear();
+            loop {
+                line.clear();
+                self.stream.read_line(&mut line).unwrap();
+                let size = usize::from_str_radix(line.trim().split(';').next().unwrap_or("0"), 16).unwrap();
+                if size == 0 {
+                    line.clear();
+                    self.stream.read_line(&mut line).unwrap();
+                    break;
+                }
+                let start = sink.len();
+                sink.resize(start + size, 0);
+                self.stream.read_exact(&mut sink[start..]).unwrap();
+                line.clear();
+                self.stream.read_line(&mut line).unwrap();
+            }
+        } else {
+            self.stream.read_exact(&mut sink).unwrap();
+        }
         (status, if keep { serde_json::from_slice(&sink).ok() } else { None })
     }
 }

@@ -847,6 +847,54 @@ fn blind_matches_are_always_rechecked(db: Db) {
     assert_eq!(ids(&s, "/Patient?identifier:not=Q1"), Vec::<String>::new());
 }
 
+on_both_backends!(rechecked_pages_are_filled);
+
+/// Names longer than their blind prefixes are matched on the prefix and re-checked after
+/// decryption: when most candidates fail the re-check, a page still holds the matches (read on
+/// past the first page of candidates), never an empty page with the match further on, and paging
+/// through gives every match once.
+fn rechecked_pages_are_filled(db: Db) {
+    let s = TestServer::start(db);
+    for i in 0..60 {
+        put(
+            &s,
+            &format!("/Patient/fill-{i:02}"),
+            json!({"resourceType": "Patient", "id": format!("fill-{i:02}"), "name": [{"family": format!("Fillprefix{i:02}")}]}),
+        );
+    }
+    // one match among 60 candidates sharing the six-character prefix
+    assert_eq!(
+        in_order(&s, "/Patient?family=Fillprefix42&_count=5"),
+        vec!["fill-42".to_string()],
+        "the first page holds the match"
+    );
+    // ten matches, three a page: every page full but the last, each match once
+    let mut seen = Vec::new();
+    let mut r = s.get("/Patient?family=Fillprefix4&_count=3");
+    loop {
+        assert_eq!(r.status, 200, "{}", r.text());
+        let bundle = r.json();
+        let page: Vec<String> = bundle["entry"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .map(|e| e["resource"]["id"].as_str().unwrap().to_string())
+            .collect();
+        let next = link(&bundle, "next");
+        if next.is_some() {
+            assert_eq!(page.len(), 3, "a page before the last is full: {page:?}");
+        }
+        seen.extend(page);
+        match next {
+            Some(url) => r = s.get(url.strip_prefix(&s.base).unwrap()),
+            None => break,
+        }
+    }
+    let expected: Vec<String> = (40..50).map(|i| format!("fill-{i}")).collect();
+    assert_eq!(seen, expected);
+}
+
 on_both_backends!(patient_everything);
 
 /// `Patient/[id]/$everything`: the compartment as a paged searchset, with start/end on care

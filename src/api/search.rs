@@ -444,9 +444,12 @@ pub async fn search(
         let st = state.clone();
         let query = parsed.query.clone();
         let acc = access.clone();
-        let page = blocking(move || st.store.search(&acc, &query).map_err(ApiError::from)).await?;
+        let mut page = blocking(move || st.store.search(&acc, &query).map_err(ApiError::from)).await?;
         total = page.total;
         let backward = matches!(cursor, Cursor::Before(..));
+        if !backward && !count_only && !parsed.rechecks.is_empty() {
+            page = fill_page(&state, &access, parsed.query.clone(), page, count as usize, &visible).await?;
+        }
         let first = page.keys.first().cloned();
         let last = page.keys.last().cloned();
         let next = match (&last, backward || page.more) {
@@ -587,6 +590,62 @@ pub async fn search(
 }
 
 const AUDIT_EVENT: &str = "AuditEvent";
+
+/// The most candidates one page of a re-checked search reads on to fill itself.
+const FILL_CANDIDATES_MAX: usize = 1_000;
+
+/// A page of a search whose candidates are re-checked after decryption (a name longer than its
+/// blind prefixes, `:contains`, …): some candidates do not match, so a page of candidates may
+/// hold fewer matches than asked, or none while matches lie further on. Reads on after the page's
+/// last candidate until it holds `count` matches, the candidates run out, or
+/// [`FILL_CANDIDATES_MAX`] were read; the page then ends at its last match (or, when the bound
+/// stopped it, at the last candidate read), so the next page starts right after.
+async fn fill_page(
+    state: &web::Data<AppState>,
+    access: &crate::store::Access,
+    mut query: crate::store::search_query::SearchQuery,
+    mut page: crate::store::search_query::SearchPage,
+    count: usize,
+    visible: &impl Fn(&StoredVersion) -> Result<Option<Value>, ApiError>,
+) -> Result<crate::store::search_query::SearchPage, ApiError> {
+    let mut entries = Vec::new();
+    let mut matches = 0;
+    let mut read = 0;
+    loop {
+        let mut taken = page.entries.len();
+        for (i, v) in page.entries.iter().enumerate() {
+            if visible(v)?.is_some() {
+                matches += 1;
+                if matches == count {
+                    taken = i + 1;
+                    break;
+                }
+            }
+        }
+        read += page.entries.len();
+        let rest = page.entries.split_off(taken);
+        entries.append(&mut page.entries);
+        let more = page.more || !rest.is_empty();
+        if matches == count || !page.more || read >= FILL_CANDIDATES_MAX {
+            let keys = entries
+                .iter()
+                .map(|v| (v.resource_type.clone(), v.logical_id.clone()))
+                .collect();
+            return Ok(crate::store::search_query::SearchPage {
+                entries,
+                total: page.total,
+                keys,
+                more,
+            });
+        }
+        query.after = entries.last().map(|v| (v.resource_type.clone(), v.logical_id.clone()));
+        query.total = false;
+        let (st, q, acc) = (state.clone(), query.clone(), access.clone());
+        let total = page.total;
+        page = blocking(move || st.store.search(&acc, &q).map_err(ApiError::from)).await?;
+        page.total = total;
+    }
+}
 
 /// AuditEvent search answers the parameters the audit log's derived rows hold: anything else
 /// is refused (400) by name rather than answered from other rows or ignored.

@@ -117,7 +117,10 @@ fn family(i: u64) -> String {
         name.push_str(&(i >> 16).to_string());
     }
     let mut chars = name.chars();
-    chars.next().map(|c| c.to_ascii_uppercase().to_string() + chars.as_str()).unwrap_or_default()
+    chars
+        .next()
+        .map(|c| c.to_ascii_uppercase().to_string() + chars.as_str())
+        .unwrap_or_default()
 }
 
 /// A generated patient with a family name of its own (what `Patient?family=` looks for).

@@ -11,19 +11,11 @@
 // → the code exchanged with its PKCE verifier → the patient read with the access token; then a
 // second sign-in that asks for the TOTP code. Exits non-zero with the reason on any failure.
 import { chromium } from 'playwright-core';
-import { execFileSync } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
-import { base32Decode, totp } from './totp.mjs';
+import { base32Decode, setup, totp } from './browser-support.mjs';
 import { createServer } from 'node:http';
-import { mkdirSync } from 'node:fs';
 
-const [binary, dataDir, baseArg, shotsArg] = process.argv.slice(2);
-const root = (baseArg || 'http://127.0.0.1:8080').replace(/\/$/, '');
-const fhir = `${root}/fhir`;
-const shots = shotsArg || 'conformance/screenshots';
-mkdirSync(shots, { recursive: true });
-const cli = (args, input) =>
-  execFileSync(binary, ['--data-dir', dataDir, ...args], { input, encoding: 'utf8', stdio: ['pipe', 'pipe', 'pipe'] });
+const { root, fhir, shots, cli } = setup(process.argv);
 
 const b64url = (buf) => buf.toString('base64').replace(/\+/g, '-').replace(/\//g, '_').replace(/=+$/, '');
 // the app's redirect URI: a loopback listener that records the callback

@@ -12,18 +12,11 @@
 // checked: the use's reason and its review are in it); the admin signs in and disables the
 // client; the user without a role gets 403 pages. Exits non-zero with the reason on any failure.
 import { chromium } from 'playwright-core';
-import { execFileSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { mkdirSync, readFileSync } from 'node:fs';
-import { base32Decode, totp } from './totp.mjs';
+import { readFileSync } from 'node:fs';
+import { base32Decode, setup, totp } from './browser-support.mjs';
 
-const [binary, dataDir, baseArg, shotsArg] = process.argv.slice(2);
-const root = (baseArg || 'http://127.0.0.1:8080').replace(/\/$/, '');
-const fhir = `${root}/fhir`;
-const shots = shotsArg || 'conformance/screenshots';
-mkdirSync(shots, { recursive: true });
-const cli = (args, input) =>
-  execFileSync(binary, ['--data-dir', dataDir, ...args], { input, encoding: 'utf8', stdio: ['pipe', 'pipe', 'pipe'] });
+const { root, fhir, shots, cli } = setup(process.argv);
 
 const suffix = randomBytes(3).toString('hex');
 const password = `console password ${randomBytes(6).toString('hex')}`;

@@ -17,15 +17,7 @@ fn patient(name: &str) -> Value {
 
 /// Every stored event, through the API (newest first), with the default system token.
 fn events(s: &TestServer) -> Vec<Value> {
-    let r = s.get("/AuditEvent?_count=1000");
-    assert_eq!(r.status, 200, "{}", r.text());
-    r.json()["entry"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
-        .into_iter()
-        .map(|e| e["resource"].clone())
-        .collect()
+    s.audit_events("?_count=1000")
 }
 
 fn without_token(s: &TestServer, path: &str, token: Option<&str>) -> Reply {

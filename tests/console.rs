@@ -53,15 +53,7 @@ fn csrf(page: &Page) -> String {
 }
 
 fn events(s: &TestServer, subtype: &str) -> Vec<Value> {
-    let r = s.get(&format!("/AuditEvent?subtype={subtype}&_count=100"));
-    assert_eq!(r.status, 200, "{}", r.text());
-    r.json()["entry"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
-        .into_iter()
-        .map(|e| e["resource"].clone())
-        .collect()
+    s.audit_events(&format!("?subtype={subtype}&_count=100"))
 }
 
 fn console(db: Db) {

@@ -10,6 +10,12 @@ use std::collections::BTreeMap;
 /// The most events of one kind a check reads (named in its evidence when reached).
 const EVENTS_MAX: i64 = 50_000;
 
+/// When an AuditEvent was recorded.
+fn recorded(ev: &Value) -> Option<chrono::NaiveDateTime> {
+    let text = ev.get("recorded")?.as_str()?;
+    Some(chrono::DateTime::parse_from_rfc3339(text).ok()?.naive_utc())
+}
+
 /// 164.312(a)(2)(ii): the emergency access procedure, and every use of it in the period.
 pub fn emergency_access(inputs: &Inputs<'_>) -> anyhow::Result<Section> {
     let config = inputs.config;
@@ -90,12 +96,7 @@ pub fn sign_in_bursts(inputs: &Inputs<'_>) -> anyhow::Result<Check> {
     // address → (time, who was tried) in time order
     let mut by_address: BTreeMap<String, Vec<(chrono::NaiveDateTime, String)>> = BTreeMap::new();
     for ev in &failures {
-        let Some(at) = ev
-            .get("recorded")
-            .and_then(Value::as_str)
-            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
-            .map(|t| t.naive_utc())
-        else {
+        let Some(at) = recorded(ev) else {
             continue;
         };
         let address = ev
@@ -186,11 +187,7 @@ pub fn backups(inputs: &Inputs<'_>) -> anyhow::Result<Section> {
         })
     };
     let backup = newest("backup")?;
-    let age_days = backup
-        .as_ref()
-        .and_then(|b| b.get("recorded").and_then(Value::as_str))
-        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
-        .map(|t| (inputs.now - t.naive_utc()).num_days());
+    let age_days = backup.as_ref().and_then(recorded).map(|t| (inputs.now - t).num_days());
     let backup_check = check(
         "backups written",
         match age_days {
@@ -205,11 +202,7 @@ pub fn backups(inputs: &Inputs<'_>) -> anyhow::Result<Section> {
     );
     let drill = newest("restore-drill")?;
     let restored_here = newest("restore")?;
-    let drill_age = drill
-        .as_ref()
-        .and_then(|d| d.get("recorded").and_then(Value::as_str))
-        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
-        .map(|t| (inputs.now - t.naive_utc()).num_days());
+    let drill_age = drill.as_ref().and_then(recorded).map(|t| (inputs.now - t).num_days());
     let drill_failed = drill
         .as_ref()
         .is_some_and(|d| d.get("outcome").and_then(Value::as_str) != Some("0"));

@@ -418,6 +418,20 @@ impl TestServer {
         }
     }
 
+    /// The stored AuditEvents a search of the log finds (`?` and what follows), with the
+    /// harness's system token.
+    pub fn audit_events(&self, query: &str) -> Vec<Value> {
+        let r = self.get(&format!("/AuditEvent{query}"));
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.json()["entry"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|e| e["resource"].clone())
+            .collect()
+    }
+
     /// A token from the server's issuer.
     pub fn token(&self, scope: &str, patient: Option<&str>) -> String {
         mint(&self.issuer, scope, patient)

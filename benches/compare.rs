@@ -16,7 +16,8 @@
 //! ```
 //!
 //! Settings: `COMPARE_PATIENTS` (1,000; each with 2 Observations), `COMPARE_SECS` (10),
-//! `COMPARE_CONC` (16). A request that does not succeed counts as failed (and is not a request
+//! `COMPARE_CONC` (16), `COMPARE_BACKENDS` (in-process: `sqlite`, `postgres`; both by default).
+//! A request that does not succeed counts as failed (and is not a request
 //! per second); a workload with failures says so.
 
 #[path = "../tests/common/mod.rs"]
@@ -230,15 +231,43 @@ fn run(target: &Target, patients: u64, secs: u64, conc: usize) -> Value {
         ok(status) && bundle.is_some_and(|b| b["entry"].as_array().is_some_and(|e| e.len() == 2))
     });
     report("Observation?subject=", f, 1.0);
+    let commits_before = sqlite_commits(target);
+    let mut writes_per_commit = None;
     let f = workload(target, conc, secs, |c, base, rng| {
         let body = patient(patients + rng.below(1_000_000)).to_string();
         c.request("POST", &format!("{base}/Patient"), Some(body.as_bytes())) == 201
     });
     report("create Patient", f, 1.0);
+    // fhirvault on SQLite: how many creates each commit (each flush to disk) held
+    if let (Some(before), Some(after)) = (commits_before, sqlite_commits(target)) {
+        let per_commit = (after.1 - before.1) / (after.0 - before.0).max(1.0);
+        eprintln!("  {:<28} {per_commit:>8.1} writes per commit", "");
+        writes_per_commit = Some(per_commit);
+    }
     let f = workload(target, conc, secs, |c, base, _| crud_iteration(c, base, &seeds).is_ok());
     report("CRUD iteration (36 requests)", f, 36.0);
+    if let Some(per_commit) = writes_per_commit {
+        if let Some(row) = rows.iter_mut().find(|r| r["workload"] == "create Patient") {
+            row["writes_per_commit"] = json!(per_commit);
+        }
+    }
     json!({"target": target.name, "url": target.url, "patients": patients, "concurrency": conc,
            "seconds": secs, "workloads": rows})
+}
+
+/// The commits of fhirvault's shared SQLite write transaction and the writes they held, from
+/// the target's `/metrics` (beside its FHIR base); `None` for any other server or backend.
+fn sqlite_commits(target: &Target) -> Option<(f64, f64)> {
+    let root = target.url.trim_end_matches('/').trim_end_matches("/fhir");
+    let text = reqwest::blocking::get(format!("{root}/metrics")).ok()?.text().ok()?;
+    let value = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse::<f64>().ok())
+    };
+    Some((
+        value("fhirvault_sqlite_write_commits_total")?,
+        value("fhirvault_sqlite_writes_total")?,
+    ))
 }
 
 /// fhirvault in-process on `db`, as shipped (default settings, the default pool of 16 where the
@@ -278,7 +307,12 @@ fn main() {
             runs.push(run(&target, patients, secs, conc));
         }
         Err(_) => {
+            // COMPARE_BACKENDS=sqlite (or postgres) runs one of them
+            let only = std::env::var("COMPARE_BACKENDS").unwrap_or_default().to_lowercase();
             for db in [common::Db::Sqlite, common::Db::Postgres] {
+                if !only.is_empty() && !only.contains(&format!("{db:?}").to_lowercase()) {
+                    continue;
+                }
                 let (_server, target) = fhirvault_target(db);
                 runs.push(run(&target, patients, secs, conc));
             }

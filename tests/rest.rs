@@ -181,6 +181,67 @@ fn concurrent_updates_never_lose_a_write(db: Db) {
     assert_eq!(h["total"], 1 + threads * per_thread);
 }
 
+/// Clients update one resource at once without If-Match, so that the version each prepared
+/// before its turn (SQLite builds it outside the write lock) is often taken by another: every
+/// update gets its own version, its content says that version, and versions and their times
+/// rise together.
+fn concurrent_blind_updates_number_and_time_versions_in_order(db: Db) {
+    let s = TestServer::start(db);
+    let mut p = patient("Blind");
+    p["id"] = json!("blind");
+    assert_eq!(s.put("/Patient/blind", &p).status, 201);
+    let threads = 8;
+    let per_thread = 4;
+    let versions: Vec<i64> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let (s, p) = (&s, &p);
+                scope.spawn(move || {
+                    (0..per_thread)
+                        .map(|i| {
+                            let mut body = p.clone();
+                            body["gender"] = json!(if (t + i) % 2 == 0 { "male" } else { "female" });
+                            let r = s.put("/Patient/blind", &body);
+                            assert_eq!(r.status, 200, "{}", r.text());
+                            let v = r.json()["meta"]["versionId"].as_str().unwrap().parse::<i64>().unwrap();
+                            assert_eq!(r.header("etag"), Some(format!("W/\"{v}\"").as_str()));
+                            v
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles.into_iter().flat_map(|h| h.join().unwrap()).collect()
+    });
+    let all: BTreeSet<i64> = versions.iter().copied().collect();
+    assert_eq!(
+        all,
+        (2..=1 + (threads * per_thread) as i64).collect(),
+        "versions lost or shared"
+    );
+    let h = s
+        .get(&format!("/Patient/blind/_history?_count={}", threads * per_thread + 1))
+        .json();
+    let entries = h["entry"].as_array().unwrap();
+    assert_eq!(entries.len(), threads * per_thread + 1);
+    let mut later: Option<(i64, String)> = None;
+    for e in entries {
+        // newest first
+        let meta = &e["resource"]["meta"];
+        let v = meta["versionId"].as_str().unwrap().parse::<i64>().unwrap();
+        let at = meta["lastUpdated"].as_str().unwrap().to_string();
+        assert_eq!(
+            s.get(&format!("/Patient/blind/_history/{v}")).json()["meta"]["versionId"],
+            v.to_string()
+        );
+        if let Some((lv, lat)) = &later {
+            assert_eq!(*lv, v + 1, "history out of order");
+            assert!(*lat >= at, "version {lv} ({lat}) is older than version {v} ({at})");
+        }
+        later = Some((v, at));
+    }
+}
+
 fn conditional_create(db: Db) {
     let s = TestServer::start(db);
     let mut p = patient("Cond");
@@ -887,6 +948,7 @@ on_both_backends!(
     crud_lifecycle,
     update_rules,
     concurrent_updates_never_lose_a_write,
+    concurrent_blind_updates_number_and_time_versions_in_order,
     conditional_create,
     conditional_create_is_race_free,
     conditional_update_and_delete,

@@ -246,6 +246,21 @@ pub async fn metrics(req: actix_web::HttpRequest, state: web::Data<AppState>) ->
             ),
         ]);
     }
+    if state.store.backend() == crate::store::Backend::Sqlite {
+        let writes = state.store.group_commit_stats();
+        gauges.extend([
+            (
+                "fhirvault_sqlite_write_commits_total",
+                "Commits of SQLite's shared write transaction (each waits for the disk), since start.",
+                writes.commits as f64,
+            ),
+            (
+                "fhirvault_sqlite_writes_total",
+                "Writes those commits held (writes per commit: this over the commits), since start.",
+                writes.writes as f64,
+            ),
+        ]);
+    }
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4")
         .body(state.metrics.render(&gauges))

@@ -5,8 +5,9 @@
 //! SHA-256 of the stored plaintext, key version); `resources` holds the current version of each
 //! logical resource and is what optimistic locking and uniqueness work on.
 //!
-//! SQLite allows one writer at a time: writes on SQLite are serialized in-process by a mutex so
-//! that they never spin on `SQLITE_BUSY`; reads go through the pool in parallel (WAL).
+//! SQLite allows one writer at a time: writes on SQLite take turns in-process (so that they
+//! never spin on `SQLITE_BUSY`) inside a shared transaction that commits once for the writes
+//! waiting together ([`group_commit`]); reads go through the pool in parallel (WAL).
 
 pub mod audit;
 pub mod auth;
@@ -15,6 +16,7 @@ pub mod break_glass;
 pub mod connection;
 pub mod encrypted;
 pub mod export;
+pub mod group_commit;
 pub mod keys;
 pub mod migrate;
 pub mod replica;
@@ -36,7 +38,7 @@ use diesel::result::{DatabaseErrorKind, Error as DieselError};
 use encrypted::EncryptedColumn;
 use schema::{resource_compartments as rc, resource_versions as rv, resources as cur};
 use std::collections::BTreeSet;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Runs one Diesel query expression on the concrete connection behind a [`DbConnection`].
@@ -203,6 +205,24 @@ fn record_write(
     audit::insert_events(conn, std::slice::from_ref(&row))
 }
 
+/// Inserts an AuditEvent built before the write's transaction (see [`record_write`]).
+fn insert_recorded(conn: &mut DbConnection, audit: &dyn WriteAudit, row: &audit::AuditRow) -> Result<(), StoreError> {
+    if !audit.enabled() {
+        return Ok(());
+    }
+    audit::insert_events(conn, std::slice::from_ref(row))
+}
+
+/// A version built, sealed and audited before its transaction (see [`Store::prepare_update`]).
+struct PreparedVersion {
+    version: i64,
+    created: bool,
+    ts: NaiveDateTime,
+    content: Content,
+    sealed: SealedVersion,
+    event: audit::AuditRow,
+}
+
 /// The outcome of a successful write.
 #[derive(Debug, Clone)]
 pub struct Written {
@@ -299,7 +319,8 @@ pub struct Store {
     pool: Pool,
     backend: Backend,
     cipher: Arc<Cipher>,
-    sqlite_writer: Mutex<()>,
+    /// SQLite's one writer, whose transactions concurrent writes share.
+    sqlite_writer: group_commit::SqliteWriter,
     /// Opens connections outside the pool (the audit writer keeps one of its own).
     manager: DbManager,
     /// A read replica for searches, history and export (PostgreSQL, `replica_database_url`).
@@ -406,7 +427,7 @@ impl Store {
             pool,
             backend,
             cipher,
-            sqlite_writer: Mutex::new(()),
+            sqlite_writer: Default::default(),
             manager: manager_outside_pool,
             replica: None,
             shared_setting: String::new(),
@@ -496,29 +517,41 @@ impl Store {
 
     /// Held while writing on SQLite, which takes one writer at a time: this process's writers
     /// queue here rather than in SQLite's busy handler. `None` on PostgreSQL.
-    fn sqlite_write_guard(&self) -> Option<std::sync::MutexGuard<'_, ()>> {
+    /// Any batch of writes still open is committed first.
+    fn sqlite_write_guard(&self) -> Option<std::sync::MutexGuard<'_, group_commit::WriterState>> {
         match self.backend {
-            Backend::Sqlite => Some(self.sqlite_writer.lock().unwrap_or_else(|p| p.into_inner())),
+            Backend::Sqlite => Some(self.sqlite_writer.exclusive()),
             Backend::Postgres => None,
         }
     }
 
-    /// Runs `f` in one write transaction (serialized on SQLite).
+    /// Writes on SQLite so far and the commits they shared (see [`group_commit`]).
+    pub fn group_commit_stats(&self) -> group_commit::GroupCommitStats {
+        self.sqlite_writer.stats()
+    }
+
+    /// Runs `f` in one write transaction: on PostgreSQL its own; on SQLite a savepoint of a
+    /// transaction shared with the writes waiting beside it, answered after that commits.
     fn write_tx<T>(
         &self,
         access: &Access,
         f: impl FnOnce(&mut DbConnection) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let _guard = self.sqlite_write_guard();
-        let mut conn = self.checkout(access)?;
         subscription::begin();
-        let result = conn.conn.write_transaction(f);
+        let result = match self.backend {
+            Backend::Sqlite => self.sqlite_writer.write(&self.manager, f),
+            Backend::Postgres => {
+                let mut conn = self.checkout(access)?;
+                let result = conn.conn.write_transaction(f);
+                note(&mut conn, result)
+            }
+        };
         if subscription::matched() && result.is_ok() {
             if let Some(watch) = self.watch.get() {
                 watch.committed();
             }
         }
-        note(&mut conn, result)
+        result
     }
 
     /// Sets what decides which subscriptions each write concerns (once, at start-up).
@@ -772,8 +805,30 @@ impl Store {
         // A new resource is version 1: its content is built and encrypted before the
         // transaction, so the write lock (SQLite's single writer) is held for the SQL only.
         let (ts, content, sealed) = self.first_version(resource_type, id, make)?;
+        // So is its AuditEvent, unless a condition may turn the create into a match.
+        let event = match condition {
+            None => Some(audit.record(&WriteFacts {
+                resource_type,
+                id,
+                version_id: Some(1),
+                effect: WriteEffect::Created,
+                patients: &content.compartments,
+            })?),
+            Some(_) => None,
+        };
         self.write_tx(access, |conn| {
-            self.create_in_tx(conn, resource_type, id, method, condition, ts, content, sealed, audit)
+            self.create_in_tx(
+                conn,
+                resource_type,
+                id,
+                method,
+                condition,
+                ts,
+                content,
+                sealed,
+                event,
+                audit,
+            )
         })
     }
 
@@ -801,6 +856,7 @@ impl Store {
         ts: NaiveDateTime,
         content: Content,
         sealed: SealedVersion,
+        event: Option<audit::AuditRow>,
         audit: &mut dyn WriteAudit,
     ) -> Result<CreateOutcome, StoreError> {
         if let Some(cond) = condition {
@@ -846,15 +902,18 @@ impl Store {
             audit,
             ts,
         )?;
-        record_write(
-            conn,
-            audit,
-            resource_type,
-            id,
-            Some(1),
-            WriteEffect::Created,
-            &content.compartments,
-        )?;
+        match event {
+            Some(row) => insert_recorded(conn, audit, &row)?,
+            None => record_write(
+                conn,
+                audit,
+                resource_type,
+                id,
+                Some(1),
+                WriteEffect::Created,
+                &content.compartments,
+            )?,
+        }
         Ok(CreateOutcome::Created(Written {
             version_id: 1,
             last_updated: ts,
@@ -903,19 +962,75 @@ impl Store {
         make: impl Fn(i64, NaiveDateTime) -> Content,
         audit: &mut dyn WriteAudit,
     ) -> Result<Written, StoreError> {
+        // On SQLite, whose one writer every write waits for, the new version is built, sealed
+        // and audited before the turn, for the version that is likely next.
+        let mut prepared = match self.backend {
+            Backend::Sqlite => self.prepare_update(access, resource_type, id, if_match, may_create, &make, audit)?,
+            Backend::Postgres => None,
+        };
         // A concurrent update-as-create of the same new id makes one of two INSERTs fail on
         // the primary key; the loser retries, and then finds the row and updates it.
         let mut attempts = 0;
         loop {
             attempts += 1;
+            let prepared = prepared.take();
             let result = self.write_tx(access, |conn| {
-                self.update_in_tx(conn, resource_type, id, if_match, may_create, &make, audit)
+                self.update_in_tx(conn, resource_type, id, if_match, may_create, &make, prepared, audit)
             });
             match result {
                 Err(e) if attempts < 3 && is_unique_violation(&e) => continue,
                 other => return other,
             }
         }
+    }
+
+    /// The version an update will most likely write (the current one's successor, or the
+    /// first), built, sealed and with its AuditEvent, read and made outside any transaction.
+    /// `None` where the update cannot succeed as things stand (the transaction says why).
+    #[allow(clippy::too_many_arguments)]
+    fn prepare_update(
+        &self,
+        access: &Access,
+        resource_type: &str,
+        id: &str,
+        if_match: Option<i64>,
+        may_create: bool,
+        make: &dyn Fn(i64, NaiveDateTime) -> Content,
+        audit: &mut dyn WriteAudit,
+    ) -> Result<Option<PreparedVersion>, StoreError> {
+        let current = {
+            let mut conn = self.checkout(access)?;
+            let current = current_version(&mut conn.conn, resource_type, id);
+            note(&mut conn, current)?
+        };
+        let (version, created) = match (current, if_match) {
+            (Some((v, _)), None) => (v + 1, false),
+            (Some((v, _)), Some(m)) if m == v => (v + 1, false),
+            (None, None) if may_create => (1, true),
+            _ => return Ok(None),
+        };
+        let ts = now();
+        let content = make(version, ts);
+        let sealed = self.seal(resource_type, id, version, Some(&content))?;
+        let event = audit.record(&WriteFacts {
+            resource_type,
+            id,
+            version_id: Some(version),
+            effect: if created {
+                WriteEffect::Created
+            } else {
+                WriteEffect::Updated
+            },
+            patients: &content.compartments,
+        })?;
+        Ok(Some(PreparedVersion {
+            version,
+            created,
+            ts,
+            content,
+            sealed,
+            event,
+        }))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -927,55 +1042,91 @@ impl Store {
         if_match: Option<i64>,
         may_create: bool,
         make: &dyn Fn(i64, NaiveDateTime) -> Content,
+        prepared: Option<PreparedVersion>,
         audit: &mut dyn WriteAudit,
     ) -> Result<Written, StoreError> {
-        let ts = now();
-        // A deleted resource is brought back by an update: its numbering continues, so a
-        // version id is never reused.
-        let bumped = bump_current(conn, resource_type, id, if_match, false, ts)?;
-        let (version, created) = match bumped {
-            Some(v) => (v, false),
-            None => {
-                if if_match.is_some() {
-                    let current = current_version(conn, resource_type, id)?.map(|(v, _)| v);
-                    return Err(StoreError::VersionConflict { current });
-                }
-                if !may_create {
-                    return Err(StoreError::CreateNotAllowed);
-                }
-                insert_current(conn, resource_type, id, ts)?;
-                (1, true)
+        // What was prepared holds when the current version is still the one it was made for
+        // (its time is then later than that version's); otherwise it is built again, now.
+        let foreseen = match &prepared {
+            Some(p) if p.created => {
+                // another create of this id in between fails this one on the primary key,
+                // and `update` tries again without what was prepared
+                insert_current(conn, resource_type, id, p.ts)?;
+                Some((p.ts, 1, true))
+            }
+            Some(p) => {
+                bump_current(conn, resource_type, id, Some(p.version - 1), false, p.ts)?.map(|(v, at)| (at, v, false))
+            }
+            None => None,
+        };
+        let (ts, version, created) = match foreseen {
+            Some(f) => f,
+            None => self.next_version(conn, resource_type, id, if_match, may_create)?,
+        };
+        let (content, sealed, event) = match prepared {
+            Some(p) if (p.version, p.created, p.ts) == (version, created, ts) => (p.content, p.sealed, Some(p.event)),
+            _ => {
+                let content = make(version, ts);
+                let sealed = self.seal(resource_type, id, version, Some(&content))?;
+                (content, sealed, None)
             }
         };
-        let content = make(version, ts);
-        let sealed = self.seal(resource_type, id, version, Some(&content))?;
         self.append_version(conn, resource_type, id, version, ts, "PUT", Some(&content), sealed)?;
         self.replace_index(conn, resource_type, id, Some(&content), created)?;
-        let event = if created {
+        let change = if created {
             subscription::ChangeEvent::Create
         } else {
             subscription::ChangeEvent::Update
         };
-        self.watched(conn, resource_type, id, version, event, Some(&content), audit, ts)?;
-        record_write(
-            conn,
-            audit,
-            resource_type,
-            id,
-            Some(version),
-            if created {
-                WriteEffect::Created
-            } else {
-                WriteEffect::Updated
-            },
-            &content.compartments,
-        )?;
+        self.watched(conn, resource_type, id, version, change, Some(&content), audit, ts)?;
+        match event {
+            Some(row) => insert_recorded(conn, audit, &row)?,
+            None => record_write(
+                conn,
+                audit,
+                resource_type,
+                id,
+                Some(version),
+                if created {
+                    WriteEffect::Created
+                } else {
+                    WriteEffect::Updated
+                },
+                &content.compartments,
+            )?,
+        }
         Ok(Written {
             version_id: version,
             last_updated: ts,
             created,
             json: content.json,
         })
+    }
+
+    /// Makes the next version of a resource current (a deleted one's numbering continues, so
+    /// a version id is never reused), or its first when it does not exist and may be created:
+    /// the time, version and whether it was created.
+    fn next_version(
+        &self,
+        conn: &mut DbConnection,
+        resource_type: &str,
+        id: &str,
+        if_match: Option<i64>,
+        may_create: bool,
+    ) -> Result<(NaiveDateTime, i64, bool), StoreError> {
+        let ts = now();
+        if let Some((v, at)) = bump_current(conn, resource_type, id, if_match, false, ts)? {
+            return Ok((at, v, false));
+        }
+        if if_match.is_some() {
+            let current = current_version(conn, resource_type, id)?.map(|(v, _)| v);
+            return Err(StoreError::VersionConflict { current });
+        }
+        if !may_create {
+            return Err(StoreError::CreateNotAllowed);
+        }
+        insert_current(conn, resource_type, id, ts)?;
+        Ok((ts, 1, true))
     }
 
     /// A conditional update (`PUT [type]?…`): the one match is updated; with none, the
@@ -1027,6 +1178,7 @@ impl Store {
             if_match,
             true,
             &|v, ts| make(&id, v, ts),
+            None,
             audit,
         )?;
         Ok((id, written))
@@ -1087,9 +1239,8 @@ impl Store {
         if_match: Option<i64>,
         audit: &mut dyn WriteAudit,
     ) -> Result<DeleteOutcome, StoreError> {
-        let ts = now();
-        let bumped = bump_current(conn, resource_type, id, if_match, true, ts)?;
-        let Some(version) = bumped else {
+        let bumped = bump_current(conn, resource_type, id, if_match, true, now())?;
+        let Some((version, ts)) = bumped else {
             if if_match.is_some() {
                 if let Some((v, false)) = current_version(conn, resource_type, id)? {
                     return Err(StoreError::VersionConflict { current: Some(v) });
@@ -1407,24 +1558,48 @@ fn bump_current(
     if_match: Option<i64>,
     delete: bool,
     ts: NaiveDateTime,
-) -> Result<Option<i64>, StoreError> {
-    let mut q = diesel::update(cur::table)
-        .filter(cur::resource_type.eq(resource_type).and(cur::logical_id.eq(id)))
-        .into_boxed();
-    if let Some(v) = if_match {
-        q = q.filter(cur::version_id.eq(v));
+) -> Result<Option<(i64, NaiveDateTime)>, StoreError> {
+    macro_rules! bump {
+        ($c:expr, $last_updated:expr) => {{
+            let mut q = diesel::update(cur::table)
+                .filter(cur::resource_type.eq(resource_type).and(cur::logical_id.eq(id)))
+                .into_boxed();
+            if let Some(v) = if_match {
+                q = q.filter(cur::version_id.eq(v));
+            }
+            if delete {
+                q = q.filter(cur::deleted.eq(false));
+            }
+            q.set((
+                cur::version_id.eq(cur::version_id + 1),
+                cur::last_updated.eq($last_updated),
+                cur::deleted.eq(delete),
+            ))
+            .returning((cur::version_id, cur::last_updated))
+            .get_result($c)
+            .optional()?
+        }};
     }
-    if delete {
-        q = q.filter(cur::deleted.eq(false));
-    }
-    Ok(q.set((
-        cur::version_id.eq(cur::version_id + 1),
-        cur::last_updated.eq(ts),
-        cur::deleted.eq(delete),
-    ))
-    .returning(cur::version_id)
-    .get_result(conn)
-    .optional()?)
+    Ok(match conn {
+        // Concurrent writers of one resource take its time before they queue for its row: the
+        // one that waited may hold the earlier time. A version is never older than the one it
+        // follows (history and `_since` rely on that): at least a microsecond after it.
+        DbConnection::Pg(c) => bump!(
+            c,
+            greatest(
+                ts,
+                cur::last_updated + diesel::pg::data_types::PgInterval::from_microseconds(1)
+            )
+        ),
+        // SQLite's writes take turns, each with its time taken in its turn (or prepared for the
+        // version it found current, which is then older)
+        DbConnection::Sqlite(c) => bump!(c, ts),
+    })
+}
+
+diesel::define_sql_function! {
+    /// PostgreSQL's `GREATEST` of two timestamps.
+    fn greatest(a: diesel::sql_types::Timestamp, b: diesel::sql_types::Timestamp) -> diesel::sql_types::Timestamp;
 }
 
 /// The current version and deleted flag of a resource, if it was ever written.
@@ -1530,6 +1705,7 @@ impl StoreTx<'_> {
             ts,
             content,
             sealed,
+            None,
             audit,
         )
     }
@@ -1544,7 +1720,7 @@ impl StoreTx<'_> {
         audit: &mut dyn WriteAudit,
     ) -> Result<Written, StoreError> {
         self.store
-            .update_in_tx(self.conn, resource_type, id, if_match, may_create, make, audit)
+            .update_in_tx(self.conn, resource_type, id, if_match, may_create, make, None, audit)
     }
 
     pub fn delete(

@@ -1,0 +1,504 @@
+//! SQLite's one writer, shared: concurrent writes of this process share commits.
+//!
+//! SQLite takes one writing transaction at a time, and with `synchronous = FULL` each commit
+//! waits for the disk. Serialized one by one, every write would pay its own flush. Here the
+//! writes take turns on one connection inside one open transaction instead: each runs in a
+//! savepoint of its own (a write that fails rolls back alone and answers its own error), and
+//! the transaction commits once for all of them — when no other write is waiting for its turn,
+//! or when the batch is full. A write is acknowledged only after that commit, after the flush,
+//! so durability is what it was: nothing is answered before it is on disk.
+//!
+//! While a commit waits for the disk, the writes that arrive queue for their turn; the next
+//! batch holds all of them. Batches form by themselves under load and cost nothing without it
+//! (a lone write commits at once).
+//!
+//! Writers that use their own connections (the audit ledger, the authorization server's
+//! tables, subscriptions) take [`SqliteWriter::exclusive`], which first commits any batch left
+//! open, so that SQLite's write lock is free for them.
+
+use super::connection::DbManager;
+use super::{DbConnection, StoreError};
+use diesel::connection::{AnsiTransactionManager, SimpleConnection, TransactionManager};
+use diesel::result::{DatabaseErrorKind, Error as DieselError};
+use diesel::Connection;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+
+/// The most writes one commit holds: the first of a batch waits for the last, so this bounds
+/// the latency a batch adds.
+const MAX_BATCH: usize = 64;
+
+type Manager = <DbConnection as Connection>::TransactionManager;
+
+/// The writer of a SQLite store: its connection, the batch its open transaction holds, and
+/// how many writes wait for their turn.
+#[derive(Default)]
+pub struct SqliteWriter {
+    state: Mutex<WriterState>,
+    /// Writes that asked for their turn and have not finished it. While any do, the write
+    /// whose turn ends leaves the transaction open for them; the last one commits.
+    waiting: AtomicUsize,
+    /// Commits of batches, and the writes they held (`/metrics`, the benches).
+    commits: AtomicU64,
+    writes: AtomicU64,
+}
+
+/// Held while a write takes its turn (or while an exclusive writer works).
+#[derive(Default)]
+pub struct WriterState {
+    /// The connection the batches are written on (outside the pool: its page cache stays warm
+    /// with the pages writes touch).
+    conn: Option<DbConnection>,
+    batch: Option<Batch>,
+}
+
+/// The open transaction and the writes it holds.
+struct Batch {
+    writes: usize,
+    done: Arc<Done>,
+}
+
+/// How a batch ended, for the writes that wait for it.
+#[derive(Default)]
+struct Done {
+    outcome: Mutex<Option<Result<(), SharedError>>>,
+    ended: Condvar,
+}
+
+/// Why a batch did not commit, given to each of its writes.
+#[derive(Debug, Clone)]
+struct SharedError {
+    kind: Option<DatabaseErrorKind>,
+    message: String,
+}
+
+impl SharedError {
+    fn of(e: &StoreError) -> SharedError {
+        match e {
+            StoreError::Database(DieselError::DatabaseError(kind, info)) => SharedError {
+                kind: Some(*kind),
+                message: info.message().to_string(),
+            },
+            other => SharedError {
+                kind: None,
+                message: other.to_string(),
+            },
+        }
+    }
+
+    fn error(&self) -> StoreError {
+        StoreError::Database(DieselError::DatabaseError(
+            self.kind.unwrap_or(DatabaseErrorKind::Unknown),
+            Box::new(format!("the shared commit failed: {}", self.message)),
+        ))
+    }
+}
+
+/// Figures of the batches so far.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GroupCommitStats {
+    pub commits: u64,
+    pub writes: u64,
+}
+
+impl SqliteWriter {
+    fn lock(&self) -> MutexGuard<'_, WriterState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn stats(&self) -> GroupCommitStats {
+        GroupCommitStats {
+            commits: self.commits.load(Ordering::Relaxed),
+            writes: self.writes.load(Ordering::Relaxed),
+        }
+    }
+
+    /// SQLite's write lock for a writer on a connection of its own: any open batch is
+    /// committed first (its writes are answered), and no batch opens while this is held.
+    pub fn exclusive(&self) -> MutexGuard<'_, WriterState> {
+        let mut state = self.lock();
+        self.end_batch(&mut state);
+        state
+    }
+
+    /// Runs `write` in a savepoint of the shared transaction and returns its result once the
+    /// transaction has committed. A write that fails is rolled back alone (the others commit);
+    /// when the commit itself fails, every write of the batch gets that error.
+    pub fn write<T>(
+        &self,
+        manager: &DbManager,
+        write: impl FnOnce(&mut DbConnection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        let mut state = self.lock();
+        let turn = self.take_turn(&mut state, manager, write);
+        // The last write waiting (or the one that fills the batch) commits; the others leave
+        // the transaction open for the writes queued behind them.
+        let last = self.waiting.fetch_sub(1, Ordering::SeqCst) == 1;
+        let full = state.batch.as_ref().is_some_and(|b| b.writes >= MAX_BATCH);
+        if last || full {
+            self.end_batch(&mut state);
+        }
+        drop(state);
+        match turn {
+            Turn::Written(value, done) => match done.wait() {
+                Ok(()) => Ok(value),
+                Err(e) => Err(e.error()),
+            },
+            Turn::Failed(e) => Err(e),
+            Turn::Panicked(payload) => std::panic::resume_unwind(payload),
+        }
+    }
+
+    /// One write's turn: into the open transaction (opening one if none is), in a savepoint.
+    fn take_turn<T>(
+        &self,
+        state: &mut WriterState,
+        manager: &DbManager,
+        write: impl FnOnce(&mut DbConnection) -> Result<T, StoreError>,
+    ) -> Turn<T> {
+        if let Err(e) = self.open_batch(state, manager) {
+            return Turn::Failed(e);
+        }
+        let Some(conn) = state.conn.as_mut() else {
+            return Turn::Failed(StoreError::Lock("the SQLite writer has no connection".into()));
+        };
+        if let Err(e) = conn.batch_execute("SAVEPOINT fhirvault_write") {
+            let e = StoreError::from(e);
+            self.abort_batch(state, &e);
+            return Turn::Failed(e);
+        }
+        // A panic inside the write must not leave the batch open with its writers waiting: it
+        // fails the batch, and is raised again once the lock is released.
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| write(conn)));
+        let end = match &result {
+            Ok(Ok(_)) => conn.batch_execute("RELEASE fhirvault_write"),
+            // SQLite rolls a whole transaction back by itself on some errors (disk full, I/O):
+            // then the savepoint is gone, the rollback to it fails, and the batch is aborted.
+            Ok(Err(_)) => conn.batch_execute("ROLLBACK TO fhirvault_write; RELEASE fhirvault_write"),
+            Err(_) => Err(DieselError::RollbackTransaction),
+        };
+        match (result, end) {
+            (Ok(Ok(value)), Ok(())) => match state.batch.as_mut() {
+                Some(batch) => {
+                    batch.writes += 1;
+                    Turn::Written(value, batch.done.clone())
+                }
+                None => Turn::Failed(StoreError::Lock("the SQLite writer lost its transaction".into())),
+            },
+            (Ok(Err(e)), Ok(())) => Turn::Failed(e),
+            (Ok(Ok(_)), Err(end)) => {
+                let e = StoreError::from(end);
+                self.abort_batch(state, &e);
+                Turn::Failed(e)
+            }
+            (Ok(Err(e)), Err(_)) => {
+                self.abort_batch(state, &e);
+                Turn::Failed(e)
+            }
+            (Err(payload), _) => {
+                self.abort_batch(
+                    state,
+                    &StoreError::Lock("a write in the shared transaction panicked".into()),
+                );
+                Turn::Panicked(payload)
+            }
+        }
+    }
+
+    /// Opens the shared transaction if none is open (and the connection if there is none).
+    fn open_batch(&self, state: &mut WriterState, manager: &DbManager) -> Result<(), StoreError> {
+        if state.batch.is_some() {
+            return Ok(());
+        }
+        if state.conn.is_none() {
+            state.conn = Some(manager.connect()?);
+        }
+        let Some(DbConnection::Sqlite(c)) = state.conn.as_mut() else {
+            return Err(StoreError::Lock("the SQLite writer is not on SQLite".into()));
+        };
+        // IMMEDIATE: the write lock is taken now, waiting in the busy handler for another
+        // process (a command-line tool), never refused at a first write (see
+        // `DbConnection::write_transaction`).
+        if let Err(e) = AnsiTransactionManager::begin_transaction_sql(c, "BEGIN IMMEDIATE") {
+            // a connection that cannot begin is not trusted again
+            state.conn = None;
+            return Err(e.into());
+        }
+        state.batch = Some(Batch {
+            writes: 0,
+            done: Arc::default(),
+        });
+        Ok(())
+    }
+
+    /// Commits the open batch, if any, and tells its writes how it ended.
+    fn end_batch(&self, state: &mut WriterState) {
+        let Some(batch) = state.batch.take() else {
+            return;
+        };
+        let outcome = match state.conn.as_mut() {
+            Some(conn) => Manager::commit_transaction(conn).map_err(|e| SharedError::of(&e.into())),
+            None => Err(SharedError::of(&StoreError::Lock(
+                "the SQLite writer lost its connection".into(),
+            ))),
+        };
+        if outcome.is_err() {
+            // diesel rolled back what it could; the connection is opened afresh next time
+            state.conn = None;
+        } else {
+            self.commits.fetch_add(1, Ordering::Relaxed);
+            self.writes.fetch_add(batch.writes as u64, Ordering::Relaxed);
+        }
+        batch.done.end(outcome);
+    }
+
+    /// Rolls the open batch back: every write it held gets `cause`.
+    fn abort_batch(&self, state: &mut WriterState, cause: &StoreError) {
+        let Some(batch) = state.batch.take() else {
+            return;
+        };
+        if let Some(conn) = state.conn.as_mut() {
+            if Manager::rollback_transaction(conn).is_err() {
+                state.conn = None;
+            }
+        }
+        batch.done.end(Err(SharedError::of(cause)));
+    }
+}
+
+enum Turn<T> {
+    /// Written in the batch; answered when the batch ends.
+    Written(T, Arc<Done>),
+    /// Rolled back (alone, or with its batch).
+    Failed(StoreError),
+    Panicked(Box<dyn std::any::Any + Send>),
+}
+
+impl Done {
+    fn end(&self, outcome: Result<(), SharedError>) {
+        *self.outcome.lock().unwrap_or_else(|p| p.into_inner()) = Some(outcome);
+        self.ended.notify_all();
+    }
+
+    fn wait(&self) -> Result<(), SharedError> {
+        let mut outcome = self.outcome.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(o) = outcome.as_ref() {
+                return o.clone();
+            }
+            outcome = self.ended.wait(outcome).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use diesel::RunQueryDsl;
+    use std::time::{Duration, Instant};
+
+    struct Db {
+        _dir: tempfile::TempDir,
+        manager: DbManager,
+    }
+
+    /// A SQLite file with a table of values, and one whose foreign key is checked at commit.
+    fn db() -> Db {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("w.db").display());
+        let manager = DbManager::new(&url).unwrap();
+        manager
+            .connect()
+            .unwrap()
+            .batch_execute(
+                "CREATE TABLE v (n INTEGER PRIMARY KEY); \
+                 CREATE TABLE late (n INTEGER REFERENCES v (n) DEFERRABLE INITIALLY DEFERRED);",
+            )
+            .unwrap();
+        Db { _dir: dir, manager }
+    }
+
+    fn insert(conn: &mut DbConnection, n: i64) -> Result<(), StoreError> {
+        diesel::sql_query(format!("INSERT INTO v (n) VALUES ({n})")).execute(conn)?;
+        Ok(())
+    }
+
+    /// The values stored, read on a connection of its own (what another reader sees).
+    fn stored(manager: &DbManager) -> Vec<i64> {
+        #[derive(diesel::QueryableByName)]
+        struct N {
+            #[diesel(sql_type = diesel::sql_types::BigInt)]
+            n: i64,
+        }
+        let rows: Vec<N> = diesel::sql_query("SELECT n FROM v ORDER BY n")
+            .load(&mut manager.connect().unwrap())
+            .unwrap();
+        rows.into_iter().map(|r| r.n).collect()
+    }
+
+    impl SqliteWriter {
+        fn waiting(&self) -> usize {
+            self.waiting.load(Ordering::SeqCst)
+        }
+    }
+
+    /// Starts `writes` on threads while the writer is held, so that all of them are queued
+    /// when it is let go; returns each one's result in order.
+    fn queued<T: Send + 'static>(
+        writer: &Arc<SqliteWriter>,
+        manager: &DbManager,
+        writes: Vec<Box<dyn FnOnce(&mut DbConnection) -> Result<T, StoreError> + Send>>,
+    ) -> Vec<std::thread::Result<Result<T, StoreError>>> {
+        let held = writer.exclusive();
+        let count = writes.len();
+        let threads: Vec<_> = writes
+            .into_iter()
+            .map(|w| {
+                let (writer, manager) = (writer.clone(), manager.clone());
+                std::thread::spawn(move || writer.write(&manager, w))
+            })
+            .collect();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while writer.waiting() < count {
+            assert!(Instant::now() < deadline, "the writes never queued");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        drop(held);
+        threads.into_iter().map(|t| t.join()).collect()
+    }
+
+    #[test]
+    fn writes_waiting_together_share_one_commit_and_are_answered_after_it() {
+        let db = db();
+        let writer = Arc::new(SqliteWriter::default());
+        let writes = (0..16)
+            .map(|n| {
+                let manager = db.manager.clone();
+                Box::new(move |c: &mut DbConnection| {
+                    insert(c, n)?;
+                    Ok(manager)
+                }) as Box<dyn FnOnce(&mut DbConnection) -> Result<DbManager, StoreError> + Send>
+            })
+            .collect();
+        for (n, result) in queued(&writer, &db.manager, writes).into_iter().enumerate() {
+            // once answered, the write is committed: another connection sees it
+            let manager = result.unwrap().unwrap();
+            assert!(
+                stored(&manager).contains(&(n as i64)),
+                "write {n} answered before its commit"
+            );
+        }
+        assert_eq!(writer.stats(), GroupCommitStats { commits: 1, writes: 16 });
+        assert_eq!(stored(&db.manager), (0..16).collect::<Vec<_>>());
+        // a lone write commits at once
+        writer.write(&db.manager, |c| insert(c, 100)).unwrap();
+        assert_eq!(writer.stats(), GroupCommitStats { commits: 2, writes: 17 });
+        assert!(stored(&db.manager).contains(&100));
+    }
+
+    #[test]
+    fn a_failing_write_rolls_back_alone() {
+        let db = db();
+        writer_write(&db, |c| insert(c, 5));
+        let writer = Arc::new(SqliteWriter::default());
+        let writes: Vec<Box<dyn FnOnce(&mut DbConnection) -> Result<(), StoreError> + Send>> = vec![
+            Box::new(|c| insert(c, 1)),
+            // writes one row, then fails: the row goes with it
+            Box::new(|c| {
+                insert(c, 2)?;
+                Err(StoreError::Abandoned)
+            }),
+            // a constraint refuses it (5 exists)
+            Box::new(|c| insert(c, 5)),
+            Box::new(|c| insert(c, 3)),
+        ];
+        let results = queued(&writer, &db.manager, writes);
+        assert!(results[0].as_ref().unwrap().is_ok());
+        assert!(matches!(results[1].as_ref().unwrap(), Err(StoreError::Abandoned)));
+        assert!(results[2]
+            .as_ref()
+            .unwrap()
+            .as_ref()
+            .is_err_and(super::super::StoreError::is_unique_violation));
+        assert!(results[3].as_ref().unwrap().is_ok());
+        assert_eq!(stored(&db.manager), vec![1, 3, 5]);
+        assert_eq!(writer.stats(), GroupCommitStats { commits: 1, writes: 2 });
+    }
+
+    fn writer_write(db: &Db, f: impl FnOnce(&mut DbConnection) -> Result<(), StoreError>) {
+        SqliteWriter::default().write(&db.manager, f).unwrap();
+    }
+
+    #[test]
+    fn when_the_commit_fails_every_write_of_the_batch_is_told_and_nothing_is_stored() {
+        let db = db();
+        let writer = Arc::new(SqliteWriter::default());
+        let writes: Vec<Box<dyn FnOnce(&mut DbConnection) -> Result<(), StoreError> + Send>> = vec![
+            Box::new(|c| insert(c, 1)),
+            // a foreign key checked only at COMMIT: the whole batch fails there
+            Box::new(|c| {
+                diesel::sql_query("INSERT INTO late (n) VALUES (999)").execute(c)?;
+                Ok(())
+            }),
+            Box::new(|c| insert(c, 2)),
+        ];
+        for result in queued(&writer, &db.manager, writes) {
+            let e = result.unwrap().unwrap_err();
+            assert!(e.to_string().contains("the shared commit failed"), "{e}");
+        }
+        assert!(stored(&db.manager).is_empty());
+        assert_eq!(writer.stats(), GroupCommitStats::default());
+        // the writer goes on
+        writer.write(&db.manager, |c| insert(c, 7)).unwrap();
+        assert_eq!(stored(&db.manager), vec![7]);
+    }
+
+    #[test]
+    fn a_write_that_panics_fails_its_batch_without_leaving_it_open() {
+        let db = db();
+        let writer = Arc::new(SqliteWriter::default());
+        let writes: Vec<Box<dyn FnOnce(&mut DbConnection) -> Result<(), StoreError> + Send>> = vec![
+            Box::new(|c| insert(c, 1)),
+            Box::new(|_| panic!("a bug in a write")),
+            Box::new(|c| insert(c, 2)),
+        ];
+        let results = queued(&writer, &db.manager, writes);
+        assert!(results[0].as_ref().unwrap().is_err(), "its batch was rolled back");
+        assert!(results[1].is_err(), "the panic reaches its own thread");
+        assert!(
+            results[2].as_ref().unwrap().is_ok(),
+            "a write after it starts a new batch"
+        );
+        assert_eq!(stored(&db.manager), vec![2]);
+    }
+
+    #[test]
+    fn an_exclusive_writer_commits_the_open_batch_first() {
+        let db = db();
+        let writer = Arc::new(SqliteWriter::default());
+        // as if another write were queued: the first leaves its batch open and waits
+        writer.waiting.fetch_add(1, Ordering::SeqCst);
+        let first = {
+            let (writer, manager) = (writer.clone(), db.manager.clone());
+            std::thread::spawn(move || writer.write(&manager, |c| insert(c, 1)))
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while writer.lock().batch.as_ref().map_or(0, |b| b.writes) < 1 {
+            assert!(Instant::now() < deadline, "the write never ran");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        assert!(!first.is_finished(), "not answered before its commit");
+        assert!(stored(&db.manager).is_empty());
+        // the exclusive writer commits that batch (its write is answered), and then its own
+        // connection can write
+        let guard = writer.exclusive();
+        first.join().unwrap().unwrap();
+        assert_eq!(stored(&db.manager), vec![1]);
+        let mut own = db.manager.connect().unwrap();
+        own.write_transaction(|c| insert(c, 2)).unwrap();
+        drop(guard);
+        assert_eq!(stored(&db.manager), vec![1, 2]);
+        writer.waiting.fetch_sub(1, Ordering::SeqCst);
+    }
+}

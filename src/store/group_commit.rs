@@ -28,6 +28,14 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 /// the latency a batch adds.
 const MAX_BATCH: usize = 64;
 
+/// The writer connection's settings (beside `DbManager::connect`'s): a 64 MiB page cache, and
+/// no automatic checkpoint (see [`SqliteWriter::start_checkpointer`]).
+const WRITER_PRAGMAS: &str = "PRAGMA cache_size = -65536; PRAGMA wal_autocheckpoint = 0;";
+const CACHE_PRAGMA: &str = "PRAGMA cache_size = -65536;";
+
+/// How often the checkpointer copies the write-ahead log into the database.
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+
 type Manager = <DbConnection as Connection>::TransactionManager;
 
 /// The writer of a SQLite store: its connection, the batch its open transaction holds, and
@@ -41,6 +49,8 @@ pub struct SqliteWriter {
     /// Commits of batches, and the writes they held (`/metrics`, the benches).
     commits: AtomicU64,
     writes: AtomicU64,
+    /// Keeps the checkpointer running (it ends when this is dropped with the writer).
+    checkpointer: std::sync::OnceLock<std::sync::mpsc::Sender<()>>,
 }
 
 /// Held while a write takes its turn (or while an exclusive writer works).
@@ -212,7 +222,16 @@ impl SqliteWriter {
             return Ok(());
         }
         if state.conn.is_none() {
-            state.conn = Some(manager.connect()?);
+            let mut conn = manager.connect()?;
+            // A page cache that holds the index pages writes touch (a write of a Patient adds a
+            // hundred blind-index rows at random places); and no checkpoint inside a commit:
+            // the checkpointer copies the log into the database beside the writes.
+            conn.batch_execute(if self.start_checkpointer(manager) {
+                WRITER_PRAGMAS
+            } else {
+                CACHE_PRAGMA
+            })?;
+            state.conn = Some(conn);
         }
         let Some(DbConnection::Sqlite(c)) = state.conn.as_mut() else {
             return Err(StoreError::Lock("the SQLite writer is not on SQLite".into()));
@@ -230,6 +249,45 @@ impl SqliteWriter {
             done: Arc::default(),
         });
         Ok(())
+    }
+
+    /// Starts the thread that checkpoints the write-ahead log (once per writer): a `PASSIVE`
+    /// checkpoint every [`CHECKPOINT_EVERY`], which neither waits for nor blocks the writer or
+    /// the readers, so the copying of the log into the database (and its flush) is off the
+    /// writes' path. Connections of other writers keep SQLite's automatic checkpoints.
+    /// False if it could not be started (commits then checkpoint themselves).
+    fn start_checkpointer(&self, manager: &DbManager) -> bool {
+        if self.checkpointer.get().is_some() {
+            return true;
+        }
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let manager = manager.clone();
+        let spawned = std::thread::Builder::new()
+            .name("sqlite-checkpoint".into())
+            .spawn(move || {
+                let mut conn = None;
+                while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(CHECKPOINT_EVERY) {
+                    if conn.is_none() {
+                        conn = manager.connect().ok();
+                    }
+                    if let Some(c) = conn.as_mut() {
+                        if let Err(e) = c.batch_execute("PRAGMA wal_checkpoint(PASSIVE)") {
+                            tracing::warn!(error = %e, "SQLite checkpoint failed; retried");
+                            conn = None;
+                        }
+                    }
+                }
+            });
+        match spawned {
+            Ok(_) => {
+                let _ = self.checkpointer.set(tx);
+                true
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "no SQLite checkpointer: commits checkpoint themselves");
+                false
+            }
+        }
     }
 
     /// Commits the open batch, if any, and tells its writes how it ended.
@@ -471,6 +529,32 @@ mod tests {
             "a write after it starts a new batch"
         );
         assert_eq!(stored(&db.manager), vec![2]);
+    }
+
+    #[test]
+    fn the_log_is_copied_into_the_database_beside_the_writes() {
+        let db = db();
+        let writer = SqliteWriter::default();
+        let path = db.manager.sqlite_path().unwrap().to_string();
+        let size = || std::fs::metadata(&path).unwrap().len();
+        let before = size();
+        // about 4 MiB: four times what SQLite's own automatic checkpoint would wait for, which
+        // the writer's connection does not do
+        writer
+            .write(&db.manager, |c| {
+                c.batch_execute(
+                    "CREATE TABLE blobs (b BLOB); \
+                     WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 4000) \
+                     INSERT INTO blobs SELECT randomblob(1000) FROM n;",
+                )?;
+                Ok(())
+            })
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while size() < before + 3_000_000 {
+            assert!(Instant::now() < deadline, "the log was never checkpointed");
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     #[test]

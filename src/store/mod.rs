@@ -525,6 +525,14 @@ impl Store {
         }
     }
 
+    /// Runs `f` as one write of SQLite's shared write transaction (see [`group_commit`]).
+    pub(crate) fn sqlite_shared_write<T>(
+        &self,
+        f: impl FnOnce(&mut DbConnection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        self.sqlite_writer.write(&self.manager, f)
+    }
+
     /// Writes on SQLite so far and the commits they shared (see [`group_commit`]).
     pub fn group_commit_stats(&self) -> group_commit::GroupCommitStats {
         self.sqlite_writer.stats()

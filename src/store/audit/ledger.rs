@@ -255,11 +255,14 @@ impl AuditSession {
         to: i64,
         rows: &[super::SearchRow],
     ) -> Result<bool, StoreError> {
-        let result = (|| {
-            let _guard = store.sqlite_write_guard();
-            self.conn(store)?
-                .write_transaction(|conn| super::index::index_batch(conn, chain, from, to, rows))
-        })();
+        let result = match store.backend() {
+            // in a savepoint of SQLite's shared write transaction (see `store::group_commit`)
+            Backend::Sqlite => store.sqlite_shared_write(|conn| super::index::index_batch(conn, chain, from, to, rows)),
+            Backend::Postgres => (|| {
+                self.conn(store)?
+                    .write_transaction(|conn| super::index::index_batch(conn, chain, from, to, rows))
+            })(),
+        };
         self.note(store, result)
             .or_else(|e| if e.is_unique_violation() { Ok(false) } else { Err(e) })
     }
@@ -280,11 +283,9 @@ impl AuditSession {
                     .map_err(StoreError::from),
                 DbConnection::Sqlite(_) => unreachable_backend(),
             },
-            Backend::Sqlite => {
-                let _guard = store.sqlite_write_guard();
-                self.conn(store)?
-                    .write_transaction(|conn| append_sqlite(conn, rows, links))
-            }
+            // in a savepoint of SQLite's shared write transaction: on the writer's connection,
+            // whose page cache another connection's commit would empty, and sharing its commits
+            Backend::Sqlite => store.sqlite_shared_write(|conn| append_sqlite(conn, rows, links)),
         };
         self.note(store, result)
     }

@@ -811,11 +811,66 @@ where
 {
     Ok(match conn {
         DbConnection::Pg(c) => bind_all!(diesel::sql_query(text).into_boxed::<diesel::pg::Pg>(), binds).load(c)?,
-        DbConnection::Sqlite(c) => {
-            bind_all!(diesel::sql_query(text).into_boxed::<diesel::sqlite::Sqlite>(), binds).load(c)?
-        }
+        DbConnection::Sqlite(c) => SqlitePrepared::of(
+            text,
+            bind_all!(diesel::sql_query(text).into_boxed::<diesel::sqlite::Sqlite>(), binds),
+        )
+        .load(c)?,
     })
 }
+
+/// How many shapes of search statement SQLite keeps prepared (see [`SqlitePrepared`]).
+const MAX_PREPARED_SHAPES: usize = 128;
+
+/// A search statement SQLite keeps prepared on its connection. Its text repeats for every search
+/// of one shape (which parameters, modifiers, how many values; the values are binds), and parsing
+/// and planning it anew was a fifth of a search's time. Diesel keeps every statement it may cache
+/// for the connection's life, so only the first [`MAX_PREPARED_SHAPES`] shapes this process
+/// meets are kept: a client sending endless new shapes cannot grow memory (those are parsed each
+/// time, as all were before). PostgreSQL is left as it was: a kept statement there would also
+/// keep a generic plan, chosen without the values.
+struct SqlitePrepared<Q> {
+    query: Q,
+    keep: bool,
+}
+
+impl<Q> SqlitePrepared<Q> {
+    fn of(text: &str, query: Q) -> SqlitePrepared<Q> {
+        use std::hash::{Hash, Hasher};
+        static SHAPES: std::sync::Mutex<Option<std::collections::HashSet<u64>>> = std::sync::Mutex::new(None);
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        text.hash(&mut hasher);
+        let shape = hasher.finish();
+        let mut shapes = SHAPES.lock().unwrap_or_else(|p| p.into_inner());
+        let shapes = shapes.get_or_insert_with(Default::default);
+        let keep = shapes.contains(&shape) || (shapes.len() < MAX_PREPARED_SHAPES && shapes.insert(shape));
+        SqlitePrepared { query, keep }
+    }
+}
+
+impl<Q> diesel::query_builder::QueryId for SqlitePrepared<Q> {
+    type QueryId = ();
+    // keyed by its text in the statement cache
+    const HAS_STATIC_QUERY_ID: bool = false;
+}
+
+impl<Q> diesel::query_builder::Query for SqlitePrepared<Q> {
+    type SqlType = diesel::sql_types::Untyped;
+}
+
+impl<Q: diesel::query_builder::QueryFragment<diesel::sqlite::Sqlite>>
+    diesel::query_builder::QueryFragment<diesel::sqlite::Sqlite> for SqlitePrepared<Q>
+{
+    fn walk_ast<'b>(&'b self, out: diesel::query_builder::AstPass<'_, 'b, diesel::sqlite::Sqlite>) -> QueryResult<()> {
+        self.query.walk_ast(out)
+    }
+
+    fn is_safe_to_cache_prepared(&self, _: &diesel::sqlite::Sqlite) -> QueryResult<bool> {
+        Ok(self.keep)
+    }
+}
+
+impl<Q, Conn> RunQueryDsl<Conn> for SqlitePrepared<Q> {}
 
 /// Ids of current resources of `resource_type` meeting every clause, in id order, at most
 /// `limit`: a conditional write's search, on the write transaction's connection.
@@ -1038,9 +1093,11 @@ impl Store {
             DbConnection::Pg(c) => {
                 bind_all!(diesel::sql_query(text).into_boxed::<diesel::pg::Pg>(), binds).get_result(c)?
             }
-            DbConnection::Sqlite(c) => {
-                bind_all!(diesel::sql_query(text).into_boxed::<diesel::sqlite::Sqlite>(), binds).get_result(c)?
-            }
+            DbConnection::Sqlite(c) => SqlitePrepared::of(
+                text,
+                bind_all!(diesel::sql_query(text).into_boxed::<diesel::sqlite::Sqlite>(), binds),
+            )
+            .get_result(c)?,
         };
         Ok(n.n)
     }
@@ -1379,5 +1436,31 @@ impl Store {
         }
         let rows: Result<Vec<RefRow>, StoreError> = load_rows(&mut conn.conn, &text, &sql.binds);
         super::note(&mut conn, rows)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use diesel::query_builder::QueryFragment;
+
+    /// Search statements are kept prepared on SQLite, but only so many shapes of them: a client
+    /// inventing new ones cannot make every connection keep more.
+    #[test]
+    fn sqlite_keeps_a_bounded_number_of_search_shapes_prepared() {
+        let sqlite = diesel::sqlite::Sqlite;
+        let first = SqlitePrepared::of("SELECT 1 AS kept_shape", ());
+        assert!(first.keep);
+        let kept = (0..MAX_PREPARED_SHAPES + 10)
+            .filter(|i| SqlitePrepared::of(&format!("SELECT {i} AS invented_shape"), ()).keep)
+            .count();
+        assert!(kept <= MAX_PREPARED_SHAPES, "{kept} shapes kept");
+        assert!(!SqlitePrepared::of("SELECT 2 AS one_too_many", ()).keep);
+        // what was kept stays kept
+        let again = SqlitePrepared::of("SELECT 1 AS kept_shape", diesel::sql_query("SELECT 1 AS kept_shape"));
+        assert!(again.keep);
+        assert!(QueryFragment::<diesel::sqlite::Sqlite>::is_safe_to_cache_prepared(&again, &sqlite).unwrap());
+        // a raw query by itself is never cached
+        assert!(!QueryFragment::<diesel::sqlite::Sqlite>::is_safe_to_cache_prepared(&again.query, &sqlite).unwrap());
     }
 }

@@ -28,10 +28,11 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 /// the latency a batch adds.
 const MAX_BATCH: usize = 64;
 
-/// The writer connection's settings (beside `DbManager::connect`'s): a 64 MiB page cache, and
-/// no automatic checkpoint (see [`SqliteWriter::start_checkpointer`]).
-const WRITER_PRAGMAS: &str = "PRAGMA cache_size = -65536; PRAGMA wal_autocheckpoint = 0;";
-const CACHE_PRAGMA: &str = "PRAGMA cache_size = -65536;";
+/// The writer connection's settings (beside `DbManager::connect`'s): a 64 MiB page cache; the
+/// savepoints' journal (a copy of each page a write changes first) in memory rather than in a
+/// temporary file; and no automatic checkpoint (see [`SqliteWriter::start_checkpointer`]).
+const WRITER_PRAGMAS: &str = "PRAGMA cache_size = -65536; PRAGMA temp_store = MEMORY; PRAGMA wal_autocheckpoint = 0;";
+const CACHE_PRAGMA: &str = "PRAGMA cache_size = -65536; PRAGMA temp_store = MEMORY;";
 
 /// How often the checkpointer copies the write-ahead log into the database.
 const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(250);

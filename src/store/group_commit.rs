@@ -396,6 +396,9 @@ mod tests {
         rows.into_iter().map(|r| r.n).collect()
     }
 
+    /// A write a test queues.
+    type Write<T> = Box<dyn FnOnce(&mut DbConnection) -> Result<T, StoreError> + Send>;
+
     impl SqliteWriter {
         fn waiting(&self) -> usize {
             self.waiting.load(Ordering::SeqCst)
@@ -407,7 +410,7 @@ mod tests {
     fn queued<T: Send + 'static>(
         writer: &Arc<SqliteWriter>,
         manager: &DbManager,
-        writes: Vec<Box<dyn FnOnce(&mut DbConnection) -> Result<T, StoreError> + Send>>,
+        writes: Vec<Write<T>>,
     ) -> Vec<std::thread::Result<Result<T, StoreError>>> {
         let held = writer.exclusive();
         let count = writes.len();
@@ -437,7 +440,7 @@ mod tests {
                 Box::new(move |c: &mut DbConnection| {
                     insert(c, n)?;
                     Ok(manager)
-                }) as Box<dyn FnOnce(&mut DbConnection) -> Result<DbManager, StoreError> + Send>
+                }) as Write<DbManager>
             })
             .collect();
         for (n, result) in queued(&writer, &db.manager, writes).into_iter().enumerate() {
@@ -461,7 +464,7 @@ mod tests {
         let db = db();
         writer_write(&db, |c| insert(c, 5));
         let writer = Arc::new(SqliteWriter::default());
-        let writes: Vec<Box<dyn FnOnce(&mut DbConnection) -> Result<(), StoreError> + Send>> = vec![
+        let writes: Vec<Write<()>> = vec![
             Box::new(|c| insert(c, 1)),
             // writes one row, then fails: the row goes with it
             Box::new(|c| {
@@ -493,7 +496,7 @@ mod tests {
     fn when_the_commit_fails_every_write_of_the_batch_is_told_and_nothing_is_stored() {
         let db = db();
         let writer = Arc::new(SqliteWriter::default());
-        let writes: Vec<Box<dyn FnOnce(&mut DbConnection) -> Result<(), StoreError> + Send>> = vec![
+        let writes: Vec<Write<()>> = vec![
             Box::new(|c| insert(c, 1)),
             // a foreign key checked only at COMMIT: the whole batch fails there
             Box::new(|c| {
@@ -517,7 +520,7 @@ mod tests {
     fn a_write_that_panics_fails_its_batch_without_leaving_it_open() {
         let db = db();
         let writer = Arc::new(SqliteWriter::default());
-        let writes: Vec<Box<dyn FnOnce(&mut DbConnection) -> Result<(), StoreError> + Send>> = vec![
+        let writes: Vec<Write<()>> = vec![
             Box::new(|c| insert(c, 1)),
             Box::new(|_| panic!("a bug in a write")),
             Box::new(|c| insert(c, 2)),

@@ -1110,28 +1110,41 @@ fn the_writer_reconnects_and_keeps_its_chain() {
 /// real binary is killed with SIGKILL while four clients read, and on restart every read
 /// that was answered has its AuditEvent in the database (moved from the journal), and the
 /// chain verifies.
-#[test]
-fn killed_sqlite_node_loses_no_acknowledged_read_event() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    let bin = env!("CARGO_BIN_EXE_fhirvault");
-    let cli = |args: &[&str]| {
-        let mut full = vec!["--data-dir", data.to_str().unwrap()];
+/// The real binary on a SQLite data directory of its own, started and stopped by the tests.
+struct Binary {
+    dir: tempfile::TempDir,
+    data: std::path::PathBuf,
+}
+
+impl Binary {
+    fn new() -> Binary {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        Binary { dir, data }
+    }
+
+    fn cli(&self, args: &[&str]) -> std::process::Output {
+        let mut full = vec!["--data-dir", self.data.to_str().unwrap()];
         full.extend_from_slice(args);
-        std::process::Command::new(bin).args(&full).output().unwrap()
-    };
-    let start = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_fhirvault"))
+            .args(&full)
+            .output()
+            .unwrap()
+    }
+
+    /// Starts a server; its FHIR base once it answers.
+    fn start(&self) -> (std::process::Child, String) {
         let port = common::free_port();
-        let child = std::process::Command::new(bin)
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_fhirvault"))
             .args([
                 "--data-dir",
-                data.to_str().unwrap(),
+                self.data.to_str().unwrap(),
                 "--listen",
                 &format!("127.0.0.1:{port}"),
                 "serve",
             ])
             .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(dir.path().join(format!("server-{port}.log"))).unwrap())
+            .stderr(std::fs::File::create(self.dir.path().join(format!("server-{port}.log"))).unwrap())
             .spawn()
             .unwrap();
         let base = format!("http://127.0.0.1:{port}/fhir");
@@ -1141,7 +1154,99 @@ fn killed_sqlite_node_loses_no_acknowledged_read_event() {
         });
         assert!(up, "server did not start");
         (child, base)
-    };
+    }
+
+    fn token(&self) -> String {
+        let token = String::from_utf8(self.cli(&["token", "--scope", "system/*.cruds"]).stdout).unwrap();
+        format!("Bearer {}", token.trim())
+    }
+}
+
+fn sigkill(child: &mut std::process::Child) {
+    assert!(std::process::Command::new("kill")
+        .args(["-KILL", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let _ = child.wait();
+}
+
+/// SQLite's writes share commits, and each is answered only after the commit that holds it: the
+/// real binary is killed with SIGKILL while eight clients create, and after a restart every
+/// create that was answered 201 is there, and the audit chains verify.
+#[test]
+fn killed_sqlite_node_keeps_every_acknowledged_write() {
+    let bin = Binary::new();
+    let (mut child, base) = bin.start();
+    let auth = bin.token();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writers: Vec<_> = (0..8)
+        .map(|k| {
+            let (base, auth, stop) = (base.clone(), auth.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let client = reqwest::blocking::Client::new();
+                let mut acknowledged = Vec::new();
+                let mut i = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    i += 1;
+                    let body = json!({"resourceType": "Patient", "name": [{"family": format!("Killed{k}x{i}")}]});
+                    match client
+                        .post(format!("{base}/Patient"))
+                        .header("authorization", &auth)
+                        .header("content-type", "application/fhir+json")
+                        .body(body.to_string())
+                        .send()
+                    {
+                        Ok(r) if r.status() == 201 => {
+                            let created: Value = r.json().unwrap();
+                            acknowledged.push(created["id"].as_str().unwrap().to_string());
+                        }
+                        Ok(r) => panic!("unexpected {}", r.status()),
+                        Err(_) => break, // the server is gone
+                    }
+                }
+                acknowledged
+            })
+        })
+        .collect();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    sigkill(&mut child);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let acknowledged: Vec<String> = writers.into_iter().flat_map(|w| w.join().unwrap()).collect();
+    assert!(
+        acknowledged.len() > 20,
+        "only {} creates before the kill",
+        acknowledged.len()
+    );
+    let (mut again, base) = bin.start();
+    let client = reqwest::blocking::Client::new();
+    let lost: Vec<&String> = acknowledged
+        .iter()
+        .filter(|id| {
+            let r = client
+                .get(format!("{base}/Patient/{id}"))
+                .header("authorization", &auth)
+                .send()
+                .unwrap();
+            r.status() != 200
+        })
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "{} of {} acknowledged creates lost: {lost:?}",
+        lost.len(),
+        acknowledged.len()
+    );
+    let _ = std::process::Command::new("kill").arg(again.id().to_string()).status();
+    let _ = again.wait();
+    let out = bin.cli(&["audit", "verify"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn killed_sqlite_node_loses_no_acknowledged_read_event() {
+    let bin = Binary::new();
+    let (dir, data, cli, start) = (&bin.dir, &bin.data, |args: &[&str]| bin.cli(args), || bin.start());
     let (mut child, base) = start();
     let token = String::from_utf8(cli(&["token", "--scope", "system/*.cruds"]).stdout).unwrap();
     let auth = format!("Bearer {}", token.trim());

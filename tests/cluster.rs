@@ -639,6 +639,44 @@ fn shared_state_holds_across_nodes() {
         let (_, none) = send(b, "GET", "/Patient?identifier=urn:race|Neverstored", None, &[]);
         assert_eq!(none["total"], 0, "the refused creates stored nothing");
     }
+    // updates of one resource without If-Match raced from every node: each gets its own
+    // version, and a version is never older than the one before it (the bump's GREATEST, in
+    // the database, holds across processes)
+    let mut blind = with_identifier("blind");
+    blind["id"] = json!("blind-race");
+    assert_eq!(
+        send(&bases[0], "PUT", "/Patient/blind-race", Some(blind.clone()), &[]).0,
+        201
+    );
+    let statuses: Vec<u16> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..12)
+            .map(|k| {
+                let (base, body) = (bases[k % 3].clone(), blind.clone());
+                let send = &send;
+                scope.spawn(move || send(&base, "PUT", "/Patient/blind-race", Some(body), &[]).0)
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    let (_, history) = send(&bases[1], "GET", "/Patient/blind-race/_history?_count=20", None, &[]);
+    let times: Vec<(i64, String)> = history["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            let meta = &e["resource"]["meta"];
+            (
+                meta["versionId"].as_str().unwrap().parse().unwrap(),
+                meta["lastUpdated"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(times.len(), 13, "{times:?}");
+    for pair in times.windows(2) {
+        assert_eq!(pair[0].0, pair[1].0 + 1, "{times:?}");
+        assert!(pair[0].1 > pair[1].1, "a version older than the one before: {times:?}");
+    }
     for n in nodes.iter_mut() {
         n.stop();
     }

@@ -1246,10 +1246,8 @@ fn killed_sqlite_node_keeps_every_acknowledged_write() {
 #[test]
 fn killed_sqlite_node_loses_no_acknowledged_read_event() {
     let bin = Binary::new();
-    let (dir, data, cli, start) = (&bin.dir, &bin.data, |args: &[&str]| bin.cli(args), || bin.start());
-    let (mut child, base) = start();
-    let token = String::from_utf8(cli(&["token", "--scope", "system/*.cruds"]).stdout).unwrap();
-    let auth = format!("Bearer {}", token.trim());
+    let (mut child, base) = bin.start();
+    let auth = bin.token();
     let answered = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let readers: Vec<_> = (0..4)
@@ -1278,12 +1276,7 @@ fn killed_sqlite_node_loses_no_acknowledged_read_event() {
         .collect();
     // past the deriver's first moves, then in the middle of the next interval
     std::thread::sleep(std::time::Duration::from_millis(1700));
-    assert!(std::process::Command::new("kill")
-        .args(["-KILL", &child.id().to_string()])
-        .status()
-        .unwrap()
-        .success());
-    let _ = child.wait();
+    sigkill(&mut child);
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     for r in readers {
         r.join().unwrap();
@@ -1291,7 +1284,7 @@ fn killed_sqlite_node_loses_no_acknowledged_read_event() {
     let answered = answered.load(std::sync::atomic::Ordering::Relaxed);
     assert!(answered > 20, "only {answered} reads before the kill");
     // what was journaled and not moved at the kill
-    let db_file = data.join("fhirvault.db");
+    let db_file = bin.data.join("fhirvault.db");
     let db = db_file.to_str().unwrap();
     let journaled: u64 = (1..=2)
         .map(|chain| {
@@ -1321,13 +1314,13 @@ fn killed_sqlite_node_loses_no_acknowledged_read_event() {
     };
     assert!(events() < answered, "the database alone lacks answered reads' events");
     // restart: the journal is moved in before the node serves
-    let (again, _) = start();
+    let (again, _) = bin.start();
     let _ = std::process::Command::new("kill").arg(again.id().to_string()).status();
     let mut again = again;
     let _ = again.wait();
     // every answered read (and those whose answer the kill cut off) is in the log
     let stored = events();
-    let logs: String = std::fs::read_dir(dir.path())
+    let logs: String = std::fs::read_dir(bin.dir.path())
         .unwrap()
         .filter_map(|e| e.ok())
         .filter(|e| e.file_name().to_string_lossy().ends_with(".log"))
@@ -1337,6 +1330,6 @@ fn killed_sqlite_node_loses_no_acknowledged_read_event() {
         stored >= answered,
         "{stored} events in the database for {answered} answered reads ({journaled} journaled at the kill): {logs}"
     );
-    let out = cli(&["audit", "verify"]);
+    let out = bin.cli(&["audit", "verify"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
